@@ -1,0 +1,30 @@
+"""Shared test set-up.
+
+Triton kernels run in the interpreter on machines without CUDA: ``TRITON_INTERPRET=1`` must be set
+before any module that defines ``@triton.jit`` kernels is imported, so it is set here, at conftest import.
+On a CUDA machine the variable is left alone and the kernels compile for the GPU.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+GOLDEN = Path(__file__).parent / "golden"
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error ||a - b|| / ||b||, computed in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return GOLDEN
