@@ -1,0 +1,321 @@
+"""The FLUX.1 autoencoder that BAGEL uses for image latents (reference doc sections 1.4 and 2.4).
+
+Module and parameter names equal the keys of the official ``ae.safetensors``, so the file loads with
+``load_state_dict(strict=True)`` and no renaming. Shapes in docstrings: B batch, C channels, H/W pixels,
+h/w latent positions (H / downsample).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import VAEParams
+from .errors import CheckpointError, InputError
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+def _swish(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(x)
+
+
+class ResnetBlock(nn.Module):
+    """x' + conv2(swish(norm2(conv1(swish(norm1(x)))))); x' is a 1x1 projection of x when channels change."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = _norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = _norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        # The checkpoint has nin_shortcut only where the width changes; an identity has no key.
+        self.nin_shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, C_in, H, W] -> [B, C_out, H, W]."""
+        h = self.conv1(_swish(self.norm1(x)))
+        h = self.conv2(_swish(self.norm2(h)))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention of width C over all h*w positions, with a residual connection."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = _norm(channels)
+        self.q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.k = nn.Conv2d(channels, channels, kernel_size=1)
+        self.v = nn.Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, C, H, W] -> [B, C, H, W]."""
+        b, c, hh, ww = x.shape
+        n = self.norm(x)
+        # [B, C, H, W] -> [B, 1, H*W, C]: one head whose width is all C channels (SDPA scale 1/sqrt(C)).
+        q, k, v = (proj(n).reshape(b, 1, c, hh * ww).transpose(-1, -2) for proj in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v)
+        a = a.transpose(-1, -2).reshape(b, c, hh, ww)
+        return x + self.proj_out(a)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: zero-pad right and bottom by one, then a 3x3 stride-2 conv without padding."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, C, H, W] -> [B, C, H/2, W/2]."""
+        # Asymmetric padding (right/bottom only) is what the weights were trained with; padding=1 would shift
+        # every output pixel by half an input pixel.
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, C, H, W] -> [B, C, 2H, 2W]."""
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Mid(nn.Module):
+    """Resnet, attention, resnet at the lowest resolution (``mid.block_1``, ``mid.attn_1``, ``mid.block_2``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class _Level(nn.Module):
+    """One resolution level: ``block.{j}`` resnet blocks, then an optional ``downsample`` / ``upsample``.
+
+    FLUX also registers an empty ``attn`` list per level; it holds no parameters, so it is left out.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, num_blocks: int, resample: nn.Module | None, kind: str
+    ):
+        super().__init__()
+        self.block = nn.ModuleList(
+            ResnetBlock(in_channels if j == 0 else out_channels, out_channels) for j in range(num_blocks)
+        )
+        # The attribute name is the checkpoint key: "downsample" in the encoder, "upsample" in the decoder.
+        self.kind = kind
+        if resample is not None:
+            setattr(self, kind, resample)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for blk in self.block:
+            x = blk(x)
+        resample = getattr(self, self.kind, None)
+        return x if resample is None else resample(x)
+
+
+class Encoder(nn.Module):
+    """Image [B, in_channels, H, W] -> moments [B, 2*z_channels, H/d, W/d] (mean || logvar), d = downsample."""
+
+    def __init__(self, p: VAEParams):
+        super().__init__()
+        widths = [p.ch * m for m in p.ch_mult]
+        self.conv_in = nn.Conv2d(p.in_channels, p.ch, kernel_size=3, padding=1)
+        levels, c_in = [], p.ch
+        for i, c_out in enumerate(widths):
+            last = i == len(widths) - 1
+            levels.append(_Level(c_in, c_out, p.num_res_blocks, None if last else Downsample(c_out), "downsample"))
+            c_in = c_out
+        self.down = nn.ModuleList(levels)
+        self.mid = _Mid(c_in)
+        self.norm_out = _norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, 2 * p.z_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(_swish(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent [B, z_channels, h, w] -> image [B, in_channels, h*d, w*d].
+
+    ``up.{k}`` is indexed by resolution level (same as the encoder's ``down.{k}``), but runs from the lowest
+    resolution, ``up.{L-1}``, down to ``up.0``. Each level has num_res_blocks + 1 blocks.
+    """
+
+    def __init__(self, p: VAEParams):
+        super().__init__()
+        widths = [p.ch * m for m in p.ch_mult]
+        c_in = widths[-1]
+        self.conv_in = nn.Conv2d(p.z_channels, c_in, kernel_size=3, padding=1)
+        self.mid = _Mid(c_in)
+        levels: list[_Level] = [None] * len(widths)  # type: ignore[list-item]
+        for i in reversed(range(len(widths))):
+            c_out = widths[i]
+            levels[i] = _Level(c_in, c_out, p.num_res_blocks + 1, Upsample(c_out) if i > 0 else None, "upsample")
+            c_in = c_out
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, p.in_channels, kernel_size=3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(_swish(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Module):
+    """FLUX autoencoder with BAGEL's latent normalisation ``z = scale * (sample - shift)``.
+
+    Runs in the dtype and on the device of its parameters (the official app runs it in fp32 on the CPU).
+    """
+
+    def __init__(self, params: VAEParams):
+        super().__init__()
+        self.params = params
+        self.encoder = Encoder(params)
+        self.decoder = Decoder(params)
+
+    def _check_image(self, x: Tensor) -> None:
+        p = self.params
+        if x.ndim != 4 or x.shape[1] != p.in_channels:
+            raise InputError(f"VAE encode expects images [B, {p.in_channels}, H, W], got {tuple(x.shape)}")
+        d = p.downsample
+        if x.shape[2] % d or x.shape[3] % d:
+            raise InputError(f"VAE encode needs H and W divisible by {d}, got {x.shape[2]}x{x.shape[3]}")
+
+    def encode(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Encode images to normalised latents.
+
+        Args:
+            x: [B, in_channels, H, W] in [-1, 1]; H and W divisible by ``params.downsample``.
+            generator: CPU generator for the posterior sample; ``None`` returns the posterior mean.
+        Returns:
+            z: [B, z_channels, H/d, W/d] in the module's dtype.
+        """
+        self._check_image(x)
+        w = self.encoder.conv_in.weight
+        moments = self.encoder(x.to(device=w.device, dtype=w.dtype))
+        mean, logvar = moments.float().chunk(2, dim=1)
+        if generator is None:
+            sample = mean
+        else:
+            # The reference draws randn_like(mean) from the CPU generator in fp32 (doc section 6, item 22).
+            # Drawing on the CPU and moving keeps the seed stream identical on any device. The reference
+            # (BAGEL's copy of FLUX's DiagonalGaussian) does not clamp logvar, so neither do we.
+            eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device="cpu").to(mean.device)
+            sample = mean + torch.exp(0.5 * logvar) * eps
+        z = self.params.scale_factor * (sample - self.params.shift_factor)
+        return z.to(w.dtype)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Decode normalised latents.
+
+        Args:
+            z: [B, z_channels, h, w].
+        Returns:
+            images [B, in_channels, h*d, w*d], nominally in [-1, 1] (not clamped).
+        """
+        p = self.params
+        if z.ndim != 4 or z.shape[1] != p.z_channels:
+            raise InputError(f"VAE decode expects latents [B, {p.z_channels}, h, w], got {tuple(z.shape)}")
+        w = self.decoder.conv_in.weight
+        z = z.to(device=w.device, dtype=w.dtype)
+        return self.decoder(z / p.scale_factor + p.shift_factor)
+
+
+def _shape(shapes: dict[str, tuple[int, ...]], key: str, ndim: int, source: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise CheckpointError(f"{source}: missing key {key!r} (needed to infer the VAE hyper-parameters)")
+    s = tuple(shapes[key])
+    if len(s) != ndim:
+        raise CheckpointError(f"{source}: {key!r} has shape {list(s)}, expected {ndim} dimensions")
+    return s
+
+
+def vae_params_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> VAEParams:
+    """Infer the VAE hyper-parameters from the tensor shapes of ``ae.safetensors``.
+
+    Args:
+        shapes: checkpoint key -> tensor shape.
+        source: the file name, used as the prefix of error messages.
+    Raises:
+        CheckpointError: a needed key is missing or the shapes contradict each other.
+    """
+    ch, in_channels = _shape(shapes, "encoder.conv_in.weight", 4, source)[:2]
+    levels = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    if not levels:
+        raise CheckpointError(f"{source}: missing key 'encoder.down.0.block.0.conv1.weight' (no encoder levels)")
+    if levels != list(range(len(levels))):
+        raise CheckpointError(f"{source}: encoder levels are {levels}, expected 0..{len(levels) - 1} without gaps")
+    ch_mult = []
+    for i in levels:
+        out = _shape(shapes, f"encoder.down.{i}.block.0.conv1.weight", 4, source)[0]
+        if out % ch:
+            raise CheckpointError(
+                f"{source}: encoder.down.{i}.block.0.conv1.weight has {out} output channels, "
+                f"not a multiple of ch={ch} (from encoder.conv_in.weight)"
+            )
+        ch_mult.append(out // ch)
+    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    num_res_blocks = len(blocks)
+    if blocks != set(range(num_res_blocks)):
+        raise CheckpointError(
+            f"{source}: encoder.down.0 has blocks {sorted(blocks)}, expected 0..{num_res_blocks - 1}"
+        )
+    z_channels = _shape(shapes, "decoder.conv_in.weight", 4, source)[1]
+    moments = _shape(shapes, "encoder.conv_out.weight", 4, source)[0]
+    if moments != 2 * z_channels:
+        raise CheckpointError(
+            f"{source}: encoder.conv_out.weight has {moments} output channels, expected 2 * z_channels = "
+            f"{2 * z_channels} (z_channels from decoder.conv_in.weight)"
+        )
+    out_channels = _shape(shapes, "decoder.conv_out.weight", 4, source)[0]
+    if out_channels != in_channels:
+        raise CheckpointError(
+            f"{source}: decoder.conv_out.weight has {out_channels} output channels but the encoder takes "
+            f"{in_channels} (encoder.conv_in.weight)"
+        )
+    for i, m in enumerate(ch_mult):
+        if (ch * m) % 32:
+            raise CheckpointError(
+                f"{source}: level {i} has {ch * m} channels, not divisible by the 32 GroupNorm groups"
+            )
+    return VAEParams(
+        ch=ch,
+        ch_mult=tuple(ch_mult),
+        num_res_blocks=num_res_blocks,
+        z_channels=z_channels,
+        in_channels=in_channels,
+    )
+
+
+def expected_vae_shapes(params: VAEParams) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of an :class:`AutoEncoder` built from ``params``, with its shape."""
+    with torch.device("meta"):
+        model = AutoEncoder(params)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}

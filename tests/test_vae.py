@@ -1,0 +1,125 @@
+"""The FLUX autoencoder: hyper-parameter inference, checkpoint layout, posterior sampling, and the decoder
+against images decoded by the official code (tests/golden/outputs)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import GOLDEN, rel_l2
+from safetensors.torch import load_file
+
+from bagel_rt.config import VAEParams
+from bagel_rt.errors import CheckpointError, InputError
+from bagel_rt.transforms import tensor_to_image, unpatchify
+from bagel_rt.vae import AutoEncoder, expected_vae_shapes, vae_params_from_shapes
+
+AE_FILE = GOLDEN / "tiny-a" / "ae.safetensors"
+TINY = VAEParams(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=2, z_channels=16, in_channels=3)
+
+
+@pytest.fixture(scope="module")
+def state_dict() -> dict[str, torch.Tensor]:
+    return load_file(AE_FILE)
+
+
+@pytest.fixture(scope="module")
+def shapes(state_dict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+@pytest.fixture(scope="module")
+def ae(state_dict) -> AutoEncoder:
+    model = AutoEncoder(TINY)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def test_params_inferred_from_shapes(shapes):
+    assert vae_params_from_shapes(shapes, "ae.safetensors") == TINY
+
+
+def test_state_dict_matches_checkpoint(shapes):
+    model_shapes = {k: tuple(v.shape) for k, v in AutoEncoder(TINY).state_dict().items()}
+    assert len(shapes) == 240
+    assert model_shapes == shapes
+    assert expected_vae_shapes(TINY) == shapes
+
+
+def test_full_size_layout():
+    # Reference doc section 2.4: the released ae.safetensors has 244 tensors.
+    shapes = expected_vae_shapes(VAEParams())
+    assert len(shapes) == 244
+    assert shapes["encoder.down.1.block.0.nin_shortcut.weight"] == (256, 128, 1, 1)
+    assert shapes["decoder.up.0.block.0.nin_shortcut.weight"] == (128, 256, 1, 1)
+    assert shapes["decoder.up.3.upsample.conv.weight"] == (512, 512, 3, 3)
+    assert "encoder.down.3.downsample.conv.weight" not in shapes
+    assert "decoder.up.0.upsample.conv.weight" not in shapes
+    assert vae_params_from_shapes(shapes, "ae") == VAEParams()
+
+
+def test_missing_key_is_named(shapes):
+    broken = {k: v for k, v in shapes.items() if k != "encoder.conv_in.weight"}
+    with pytest.raises(CheckpointError, match=r"ae\.safetensors: missing key 'encoder\.conv_in\.weight'"):
+        vae_params_from_shapes(broken, "ae.safetensors")
+
+
+def test_inconsistent_moments_channels(shapes):
+    broken = dict(shapes)
+    broken["encoder.conv_out.weight"] = (16, 64, 3, 3)
+    with pytest.raises(CheckpointError, match=r"encoder\.conv_out\.weight has 16 output channels.*32"):
+        vae_params_from_shapes(broken, "ae.safetensors")
+
+
+def test_encode_decode_shapes(ae):
+    x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        z = ae.encode(x, torch.Generator().manual_seed(1))
+        y = ae.decode(z)
+    assert z.shape == (2, 16, 4, 6) and z.dtype == torch.float32
+    assert y.shape == (2, 3, 32, 48)
+    assert torch.isfinite(z).all() and torch.isfinite(y).all()
+
+
+def test_encode_rejects_bad_size(ae):
+    with pytest.raises(InputError, match="divisible by 8"):
+        ae.encode(torch.zeros(1, 3, 30, 32), None)
+
+
+def test_posterior_sample_follows_seed(ae):
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    p = ae.params
+    with torch.no_grad():
+        z1 = ae.encode(x, torch.Generator().manual_seed(42))
+        z2 = ae.encode(x, torch.Generator().manual_seed(42))
+        z_mean = ae.encode(x, None)
+        mean, logvar = ae.encoder(x).chunk(2, dim=1)
+    assert torch.equal(z1, z2)
+    torch.testing.assert_close(z_mean, p.scale_factor * (mean - p.shift_factor))
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(42))
+    expected = p.scale_factor * (mean + torch.exp(0.5 * logvar) * eps - p.shift_factor)
+    torch.testing.assert_close(z1, expected)
+    assert not torch.allclose(z1, z_mean)
+    # The draw consumes exactly numel(mean) normals from the generator, in that order.
+    g = torch.Generator().manual_seed(42)
+    with torch.no_grad():
+        ae.encode(x, g)
+    follow = torch.Generator().manual_seed(42)
+    torch.randn(mean.shape, generator=follow)
+    assert torch.equal(torch.randn(4, generator=g), torch.randn(4, generator=follow))
+
+
+@pytest.mark.parametrize("case, height, width", [("t2i_256", 256, 256), ("t2i_192x320_channel", 192, 320)])
+def test_decoder_matches_reference_image(ae, case, height, width):
+    golden = load_file(GOLDEN / "outputs" / f"{case}.safetensors")
+    h, w = height // 16, width // 16
+    # Final latents in token layout [h*w, 2*2*16] -> [16, 2h, 2w] (reference doc section 4.6).
+    z = unpatchify(golden["latents"], h, w, 2, 16)
+    with torch.no_grad():
+        x = ae.decode(z[None])[0]
+    image = torch.from_numpy(np.asarray(tensor_to_image(x)).copy())
+    ref = golden["image"]
+    assert image.shape == ref.shape == (height, width, 3)
+    diff = (image.int() - ref.int()).abs()
+    # The reference decoded in fp32 on the CPU too; only pixels sitting on a truncation boundary may flip.
+    assert diff.max() <= 1
+    assert (diff > 0).float().mean() < 1e-3
+    assert rel_l2(image.float(), ref.float()) < 1e-3
