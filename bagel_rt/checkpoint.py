@@ -1,0 +1,139 @@
+"""Reading checkpoints: safetensors headers, strict key/shape checks, memory-mapped loading.
+
+Tensors go from the memory-mapped file straight to the target device and dtype, one at a time, into a
+model built on the meta device (``load_state_dict(assign=True)``): no second full copy of the weights is
+ever held in RAM. Every failure a user can cause (missing file, truncated or corrupt file, wrong keys,
+shapes or dtypes, a directory of another model) raises :class:`CheckpointError` naming the file and key.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .errors import CheckpointError
+
+_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_FLOAT = {"BF16", "F16", "F32", "F64"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """What a safetensors file declares, validated against its size (truncation is caught here)."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v.shape for k, v in self.tensors.items()}
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file without reading its data."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100_000_000):
+            raise CheckpointError(f"{path}: not a safetensors file or truncated (header length {n}, "
+                                  f"file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    end = 0
+    for key, info in header.items():
+        try:
+            dtype, shape, (a, b) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}") from None
+        tensors[key] = TensorInfo(dtype, shape, b - a)
+        end = max(end, b)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated: the header describes {8 + n + end} bytes but the file has "
+                              f"{size} (re-download or re-convert it)")
+    return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in meta.items()})
+
+
+def check_keys(header: SafetensorsHeader, expected: dict[str, tuple[int, ...]], what: str) -> None:
+    """Strict check: every expected key present with its shape, nothing unexpected; floats only.
+
+    The message lists every missing, unexpected and mismatched key (first 20 of each, with counts).
+    """
+    got = header.shapes()
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    if missing and len(missing) > 0.5 * len(expected):
+        raise CheckpointError(
+            f"{header.path}: does not hold {what}: {len(missing)} of {len(expected)} expected tensors are "
+            f"missing (e.g. {missing[0]!r}) and {len(unexpected)} are unexpected"
+            + (f" (e.g. {unexpected[0]!r})" if unexpected else ""))
+    wrong = [f"{k}: file {list(got[k])}, expected {list(s)}" for k, s in expected.items()
+             if k in got and tuple(got[k]) != tuple(s)]
+    bad_dtype = [f"{k}: {header.tensors[k].dtype}" for k in expected
+                 if k in got and header.tensors[k].dtype not in _FLOAT]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                         ("not a float dtype", bad_dtype)):
+        if items:
+            shown = "; ".join(items[:20]) + (f"; ... ({len(items) - 20} more)" if len(items) > 20 else "")
+            parts.append(f"{len(items)} {label}: {shown}")
+    if parts:
+        raise CheckpointError(f"{header.path}: does not match {what}: " + " | ".join(parts))
+
+
+def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def load_into(module: nn.Module, header: SafetensorsHeader, device: torch.device | str,
+              dtype: torch.dtype | None, progress=None) -> None:
+    """Materialise ``module`` (built on the meta device) from the file, tensor by tensor.
+
+    Each tensor is read from the memory map, moved to ``device`` and cast to ``dtype`` (``None`` keeps the
+    file's dtype), then assigned. ``progress`` is an optional callable taking the number of bytes done.
+    """
+    device = torch.device(device)
+    state = {}
+    # safetensors reads straight into device memory for CUDA; on the CPU it returns mmap-backed tensors
+    open_dev = str(device) if device.type == "cuda" else "cpu"
+    try:
+        with safe_open(str(header.path), framework="pt", device=open_dev) as f:
+            for key in module.state_dict().keys():
+                t = f.get_tensor(key)
+                if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                    t = t.to(dtype)
+                state[key] = t.to(device)
+                if progress is not None:
+                    progress(header.tensors[key].nbytes)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error type for corrupt data
+        raise CheckpointError(f"{header.path}: cannot be read ({str(e).splitlines()[0]})") from None
+    module.load_state_dict(state, strict=True, assign=True)

@@ -1,0 +1,266 @@
+"""Sessions: the three CFG contexts of a conversation, extended turn by turn (reference doc 4.4).
+
+A :class:`Session` owns ``gen`` (everything so far), ``cfg_text`` (``gen`` as it was before the last text:
+the text-unconditional branch) and ``cfg_img`` (all texts, no images: the image-unconditional branch),
+and updates them exactly as the official ``interleave_inference`` does:
+
+* text:  ``cfg_text := gen`` (before the text), then the text goes into ``gen`` and ``cfg_img``;
+* image: VAE block (unless understanding-only) then ViT block into ``gen``; ``cfg_text := gen``;
+* think: a system prompt first into ``gen`` and ``cfg_img``; before an image, a planning text is decoded
+  from ``gen`` and appended to ``gen`` only.
+
+Earlier turns are never prefilled again: each call extends the cached contexts.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .cache import Context
+from .errors import InputError
+from .sampler import CFGSettings, denoise
+from .transforms import (
+    VAE_RESIZE,
+    VIT_RESIZE,
+    image_to_tensor,
+    patchify,
+    resize_image,
+    tensor_to_image,
+    to_rgb,
+    unpatchify,
+)
+
+SYSTEM_PROMPT_GEN = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here "
+    "</think> image here"
+)
+SYSTEM_PROMPT_VLM = (
+    "You should first think about the reasoning process in the mind and then provide the user with the "
+    "answer. \nThe reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning "
+    "process here </think> answer here"
+)
+
+
+@dataclass
+class Result:
+    """What a request produced.
+
+    Attributes:
+        image: the generated/edited image (PIL RGB), or None for text-only requests.
+        text: the answer (understanding) or the planning text (think mode), else None.
+        latents: [h*w, 64] float32 final latents in token layout (image requests).
+        token_ids: the decoded tokens in order, including the final ``<|im_end|>`` when decoding stopped on it.
+        seed: the seed actually used.
+        velocities: [steps, h*w, 64] float32 combined velocities, when requested with ``record=True``.
+        logits: [n, vocab] float32 logits of each decoding step, when requested with ``record=True``.
+    """
+
+    image: Image.Image | None = None
+    text: str | None = None
+    latents: Tensor | None = None
+    token_ids: list[int] | None = None
+    seed: int = 0
+    velocities: Tensor | None = None
+    logits: Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+
+class Session:
+    """A multi-turn context set. Create with :meth:`bagel_rt.pipeline.Bagel.session`.
+
+    Args:
+        think: prefill the think-mode system prompt (generation variant unless ``understanding_only``).
+        understanding_only: images get only a ViT block (no VAE block, no CFG contexts), as the official
+            ``understanding_output=True`` path; such a session cannot generate images.
+        seed: seeds the CPU generator that supplies, in order, each input image's VAE posterior noise and
+            the initial latent noise; and the device generator used for sampled text.
+    """
+
+    def __init__(self, bagel, think: bool = False, understanding_only: bool = False, seed: int | None = None):
+        self.bagel, self.model = bagel, bagel.model
+        self.seed = secrets.randbits(62) if seed is None else int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.text_generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
+        self.for_generation = not understanding_only
+        self.gen: Context = self.model.new_context()
+        self.cfg_text: Context = self.model.new_context()
+        self.cfg_img: Context = self.model.new_context()
+        self.image_shapes: tuple[int, int] | None = None
+        self._images = 0
+        if think:
+            prompt = SYSTEM_PROMPT_GEN if self.for_generation else SYSTEM_PROMPT_VLM
+            self._prefill_text(self.gen, prompt)
+            if self.for_generation:
+                self._prefill_text(self.cfg_img, prompt)
+
+    # -- building the contexts ---------------------------------------------------------------------------
+    def _prefill_text(self, ctx: Context, text: str) -> None:
+        ids = self.bagel.tokenizer.frame(text)
+        self.model.prefill_text(ctx, ids)
+        ctx.history += (("text", tuple(ids)),)
+
+    def add_text(self, text: str) -> None:
+        """Append a text turn (``cfg_text`` becomes the context before it)."""
+        if not isinstance(text, str):
+            raise InputError(f"expected a text string, got {type(text).__name__}")
+        if self.for_generation:
+            self.cfg_text = self.gen.fork()
+        self._prefill_text(self.gen, text)
+        if self.for_generation:
+            self._prefill_text(self.cfg_img, text)
+
+    def add_image(self, image: Image.Image) -> Image.Image:
+        """Append an image turn: VAE block (generation sessions) then ViT block. Returns the resized image.
+
+        The image is converted to RGB and resized with the VAE rule (max 1024, min 512, stride 16); the ViT
+        sees a second resize of that image (max 980, min 224, stride 14), as in the reference.
+        """
+        if not isinstance(image, Image.Image):
+            raise InputError(f"expected a PIL image, got {type(image).__name__}")
+        img = resize_image(to_rgb(image), *VAE_RESIZE)
+        self._images += 1
+        key = self._images
+        if self.for_generation:
+            x = image_to_tensor(img)[None].to(self.model.device)
+            z = self.bagel.vae.encode(x, self.generator)[0]  # [16, H/8, W/8]
+            p, ds = self.model.params.latent_patch_size, self.model.params.latent_downsample
+            h, w = img.height // ds, img.width // ds
+            self.model.prefill_vae(self.gen, patchify(z[:, : h * p, : w * p], p), h, w)
+            self.gen.history += (("vae", key),)
+        vit_img = resize_image(img, *VIT_RESIZE)
+        self.model.prefill_vit(self.gen, image_to_tensor(vit_img))
+        self.gen.history += (("vit", key),)
+        self.image_shapes = (img.height, img.width)
+        if self.for_generation:
+            self.cfg_text = self.gen.fork()
+        return img
+
+    def add(self, item) -> None:
+        """Append a string or a PIL image."""
+        if isinstance(item, str):
+            self.add_text(item)
+        elif isinstance(item, Image.Image):
+            self.add_image(item)
+        else:
+            raise InputError(f"inputs must be strings or PIL images, got {type(item).__name__}")
+
+    # -- text ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def gen_text(self, max_length: int = 512, do_sample: bool = False, temperature: float = 0.3,
+                 record: bool = False, progress: bool = False, desc: str = "decoding") -> Result:
+        """Decode from a copy of ``gen``: feed ``<|im_start|>``, stop at ``<|im_end|>`` or ``max_length``."""
+        if max_length < 1:
+            raise InputError(f"max_think_token_n / max_new_tokens must be >= 1, got {max_length}")
+        if do_sample and not temperature > 0:
+            raise InputError(f"text_temperature must be > 0 when sampling, got {temperature}")
+        tok, sp = self.bagel.tokenizer, self.model.special
+        ctx = self.gen.fork(extra=max_length)
+        seq, predicted, logits_rec = [sp.bos], [], []
+        bar = _bar(max_length, desc, progress)
+        for step in range(max_length):
+            logits = self.model.decode_step(ctx, seq[-1])
+            if record:
+                logits_rec.append(logits.float().cpu())
+            if do_sample:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                nxt = int(torch.multinomial(probs, 1, generator=self.text_generator))
+            else:
+                nxt = int(torch.argmax(logits))
+            predicted.append(nxt)
+            if bar:
+                bar.update(1)
+            if nxt == sp.eos or step == max_length - 1:
+                break
+            seq.append(nxt)
+        if bar:
+            bar.close()
+        text = tok.decode(seq).split("<|im_end|>")[0].split("<|im_start|>")[1]
+        return Result(text=text, token_ids=predicted, seed=self.seed,
+                      logits=torch.stack(logits_rec) if record else None)
+
+    def think(self, max_length: int = 1024, do_sample: bool = False, temperature: float = 0.3,
+              record: bool = False, progress: bool = False) -> Result:
+        """Decode a planning text and append it to ``gen`` only (think mode before an image)."""
+        res = self.gen_text(max_length, do_sample, temperature, record, progress, desc="thinking")
+        self._prefill_text(self.gen, res.text)
+        return res
+
+    # -- images -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def gen_image(self, image_shapes: tuple[int, int] | None = None, cfg: CFGSettings | None = None,
+                  num_timesteps: int = 50, timestep_shift: float = 3.0, noise: Tensor | None = None,
+                  record: bool = False, progress: bool = False) -> Result:
+        """Denoise an image conditioned on the three contexts and decode it with the VAE.
+
+        Args:
+            image_shapes: (H, W) in pixels, multiples of 16 up to 1024 (default: the last input image's size).
+            noise: optional [h*w, 64] initial latents; otherwise drawn from the session's CPU generator.
+        """
+        if not self.for_generation:
+            raise InputError("this session was created for understanding only; it cannot generate images")
+        cfg = cfg or CFGSettings()
+        H, W = check_image_shape(image_shapes or self.image_shapes or (1024, 1024), self.model.params)
+        ds = self.model.params.latent_downsample
+        h, w = H // ds, W // ds
+        n, c = h * w, self.model.params.patch_latent_dim
+        if noise is None:
+            noise = torch.randn((n, c), generator=self.generator, dtype=torch.float32)
+        elif tuple(noise.shape) != (n, c):
+            raise InputError(f"noise has shape {list(noise.shape)}, expected [{n}, {c}] for {H}x{W}")
+        ctxs = {"cond": self.gen, "text": self.cfg_text, "img": self.cfg_img}
+        vel = lambda branch, x, t: self.model.velocity(ctxs[branch], x, t, h, w)
+        vels = []
+        bar = _bar(num_timesteps, "denoising", progress)
+
+        def on_step(i, v):
+            if record:
+                vels.append(v.float().cpu())
+            if bar:
+                bar.update(1)
+
+        x = denoise(vel, noise.to(self.model.device), num_timesteps, timestep_shift, cfg,
+                    text_is_cond=self.cfg_text.history == self.gen.history,
+                    img_is_cond=self.cfg_img.history == self.gen.history, on_step=on_step)
+        if bar:
+            bar.set_description("decoding")
+        image = self.decode_latents(x, h, w)
+        if bar:
+            bar.update(1)
+            bar.close()
+        return Result(image=image, latents=x.float().cpu(), seed=self.seed,
+                      velocities=torch.stack(vels) if record else None)
+
+    def decode_latents(self, latents: Tensor, h: int, w: int) -> Image.Image:
+        """Final latents [h*w, 64] (token layout) -> PIL image of (16h, 16w) via the VAE (fp32)."""
+        p = self.model.params
+        z = unpatchify(latents.float(), h, w, p.latent_patch_size, p.latent_channels)
+        vae = self.bagel.vae
+        img = vae.decode(z[None].to(next(vae.parameters()).device, torch.float32))
+        return tensor_to_image(img[0].cpu())
+
+
+def check_image_shape(shape, params) -> tuple[int, int]:
+    """Validate (H, W): integers, multiples of 16, between 16 and the model's maximum side (1024)."""
+    try:
+        H, W = (int(v) for v in shape)
+    except (TypeError, ValueError):
+        raise InputError(f"image_shapes must be (height, width), got {shape!r}") from None
+    ds, mx = params.latent_downsample, params.max_image_side
+    for name, v in (("height", H), ("width", W)):
+        if v % ds or not (ds <= v <= mx):
+            raise InputError(f"image {name} {v} must be a multiple of {ds} between {ds} and {mx}")
+    return H, W
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)

@@ -1,0 +1,106 @@
+"""Text tokenizer: the checkpoint's Qwen2 byte-level BPE through the ``tokenizers`` library.
+
+``tokenizer.json`` is used when present; otherwise ``vocab.json`` + ``merges.txt`` (+ the added tokens of
+``tokenizer_config.json``) are assembled into the same pipeline the slow Qwen2 tokenizer implements: NFC
+normalisation, Qwen2's split regex, byte-level mapping, BPE. Input text is NFC-normalised here in every
+case, as the official (slow) tokenizer does, so a ``tokenizer.json`` without a normalizer behaves the same.
+Special tokens are looked up by string, never by id.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from .errors import CheckpointError
+from .model import SpecialTokens
+
+# Qwen2's pre-tokenisation pattern (a fact of the published tokenizer, needed for the vocab+merges path).
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPECIAL_STRINGS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+
+
+class TextTokenizer:
+    """Encode/decode text and frame segments as ``<|im_start|> ... <|im_end|>`` (no chat roles)."""
+
+    def __init__(self, tok: Tokenizer, source: str):
+        self.tok = tok
+        ids = []
+        for s in SPECIAL_STRINGS:
+            i = tok.token_to_id(s)
+            if i is None:
+                raise CheckpointError(f"{source}: special token {s!r} is missing (BAGEL needs {SPECIAL_STRINGS})")
+            ids.append(i)
+        self.special = SpecialTokens(*ids)
+
+    @classmethod
+    def from_dir(cls, path: Path) -> TextTokenizer:
+        """Load from a checkpoint directory (``tokenizer.json``, else ``vocab.json`` + ``merges.txt``)."""
+        tj = path / "tokenizer.json"
+        if tj.is_file():
+            try:
+                return cls(Tokenizer.from_file(str(tj)), str(tj))
+            except Exception as e:  # the tokenizers library raises plain Exceptions for parse errors
+                raise CheckpointError(f"{tj}: cannot be read as a tokenizer ({str(e).splitlines()[0]})") from None
+        vocab, merges = path / "vocab.json", path / "merges.txt"
+        if not (vocab.is_file() and merges.is_file()):
+            raise CheckpointError(f"{path}: no tokenizer found (need tokenizer.json, or vocab.json + merges.txt)")
+        try:
+            bpe = models.BPE.from_file(str(vocab), str(merges))
+        except Exception as e:
+            msg = str(e).splitlines()[0]
+            raise CheckpointError(f"{vocab}: cannot be read with {merges.name} ({msg})") from None
+        tok = Tokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        added = _added_tokens(path)
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in added])
+        for t, want in added:  # ids come from the order of addition: make sure they are the configured ones
+            if want is not None and tok.token_to_id(t) != want:
+                raise CheckpointError(f"{path / 'tokenizer_config.json'}: added token {t!r} has id {want}, but "
+                                      f"vocab.json implies {tok.token_to_id(t)}; the files do not belong together")
+        return cls(tok, str(path))
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of ``text`` (NFC-normalised), without framing tokens."""
+        return self.tok.encode(unicodedata.normalize("NFC", text), add_special_tokens=False).ids
+
+    def frame(self, text: str) -> list[int]:
+        """``[<|im_start|>] + encode(text) + [<|im_end|>]``: one text segment of a context."""
+        return [self.special.bos, *self.encode(text), self.special.eos]
+
+    def decode(self, ids: list[int]) -> str:
+        """Decode ids, keeping special tokens (the reference splits on them afterwards)."""
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+
+def _added_tokens(path: Path) -> list[tuple[str, int | None]]:
+    """Added tokens of ``tokenizer_config.json`` in id order, then any missing BAGEL framing token."""
+    entries: list[tuple[str, int | None]] = []
+    cfg = path / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
+        table = data.get("added_tokens_decoder") or {}
+        for key in sorted(table, key=lambda k: int(k) if str(k).isdigit() else 1 << 62):
+            entry = table[key]
+            if isinstance(entry, dict) and entry.get("content"):
+                entries.append((entry["content"], int(key) if str(key).isdigit() else None))
+    names = {n for n, _ in entries}
+    entries += [(s, None) for s in SPECIAL_STRINGS if s not in names]
+    return entries
