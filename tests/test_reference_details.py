@@ -31,9 +31,9 @@ def test_sincos_table_layout_x_first_sin_first():
     torch.testing.assert_close(row[d // 2:], torch.from_numpy(sincos_1d(d // 2, np.array([r]))[0]).float())
     # sin first, then cos; omega_k = 10000^(-k/(D/4))
     k, pos = 1, 2.0
-    assert math.isclose(float(sincos_1d(8, np.array([pos]))[0, k]), math.sin(pos * 10000 ** (-k / 4)), rel_tol=1e-9)
-    assert math.isclose(float(sincos_1d(8, np.array([pos]))[0, 4 + k]), math.cos(pos * 10000 ** (-k / 4)),
-                        rel_tol=1e-9)
+    row = sincos_1d(8, np.array([pos]))[0]
+    assert math.isclose(float(row[k]), math.sin(pos * 10000 ** (-k / 4)), rel_tol=1e-9)
+    assert math.isclose(float(row[4 + k]), math.cos(pos * 10000 ** (-k / 4)), rel_tol=1e-9)
 
 
 def test_checkpoint_tables_are_the_reference_sincos():
@@ -162,7 +162,6 @@ def test_markers_use_und_expert(pipe):
 def test_t2i_image_branch_dedup_is_exact(pipe):
     """With cfg_img_scale 1.5 the text-to-image image-unconditional context equals the conditional one:
     reusing v_c is bit-identical to computing that branch, and saves one forward per guided step."""
-    kw = dict(image_shapes=(64, 64), num_timesteps=6, cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0))
     calls = []
     orig = pipe.model.velocity
 
@@ -174,8 +173,7 @@ def test_t2i_image_branch_dedup_is_exact(pipe):
     try:
         s = pipe.session(seed=3)
         s.add_text("A red bagel.")
-        fast = s.gen_image(cfg=CFGSettings(4.0, 1.5, (0.4, 1.0)), **{k: kw[k] for k in ("num_timesteps",)},
-                           image_shapes=kw["image_shapes"])
+        fast = s.gen_image(cfg=CFGSettings(4.0, 1.5, (0.4, 1.0)), num_timesteps=6, image_shapes=(64, 64))
         n_fast = len(calls)
         calls.clear()
         s2 = pipe.session(seed=3)

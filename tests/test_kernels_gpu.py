@@ -1,0 +1,160 @@
+"""Kernels against their references in bf16 at BAGEL-7B-MoT's real shapes (hidden 3584, 28 / 4 heads,
+head_dim 128, FFN 18944, 1024x1024 image = 4096 latent tokens + 2 markers). Needs a CUDA GPU."""
+
+import math
+
+import pytest
+import torch
+from bagel_rt.kernels import (
+    add_rms_norm,
+    add_rms_norm_ref,
+    cfg_euler,
+    cfg_euler_ref,
+    qk_norm_rope,
+    qk_norm_rope_ref,
+    rms_norm,
+    rms_norm_ref,
+    swiglu,
+    swiglu_ref,
+    varlen_attention,
+    varlen_attention_ref,
+)
+from test_kernels import assert_close
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+BF16 = torch.bfloat16
+M_GEN = 4098  # 64 x 64 latent tokens + 2 markers
+HIDDEN, FFN, HQ, HK, D = 3584, 18944, 28, 4, 128
+MAX_REL = 1e-2  # relative RMS error allowed for bf16 outputs
+
+
+def randn(*shape, dtype=BF16, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+def cu_seqlens(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+
+
+@pytest.mark.parametrize("M", [1, 3, M_GEN])
+def test_rms_norm_bf16(M):
+    torch.manual_seed(0)
+    x, w = randn(M, HIDDEN, scale=3.0), randn(HIDDEN)
+    ref, out = rms_norm_ref(x, w, 1e-6), rms_norm(x, w, 1e-6)
+    assert_close("rms_norm", ref, out, MAX_REL)
+    # same rounding order as the reference: almost all elements bit-identical
+    assert (ref != out).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("M", [1, M_GEN])
+def test_add_rms_norm_bf16(M):
+    torch.manual_seed(1)
+    x, r, w = randn(M, HIDDEN), randn(M, HIDDEN, scale=4.0), randn(HIDDEN)
+    (n_ref, r_ref), (n_out, r_out) = add_rms_norm_ref(x, r, w, 1e-6), add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(r_out, r_ref)
+    assert_close("add_rms_norm.normed", n_ref, n_out, MAX_REL)
+
+
+@pytest.mark.parametrize("M", [1, M_GEN])
+def test_qk_norm_rope_bf16(M):
+    torch.manual_seed(2)
+    qkv = randn(M, (HQ + 2 * HK) * D, scale=2.0)
+    q, k = qkv[:, : HQ * D].view(M, HQ, D), qkv[:, HQ * D: (HQ + HK) * D].view(M, HK, D)
+    qw, kw = randn(D), randn(D)
+    inv_freq = 1e6 ** (-torch.arange(0, D, 2, device="cuda").float() / D)
+    ang = torch.arange(M, device="cuda").float()[:, None] * inv_freq[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    cos, sin = ang.cos().to(BF16), ang.sin().to(BF16)
+    args = (q, k, qw, kw, cos, sin, 1e-6, BF16)
+    (q_ref, k_ref), (q_out, k_out) = qk_norm_rope_ref(*args), qk_norm_rope(*args)
+    assert_close("qk_norm_rope.q", q_ref, q_out, MAX_REL)
+    assert_close("qk_norm_rope.k", k_ref, k_out, MAX_REL)
+
+
+@pytest.mark.parametrize("M", [1, M_GEN])
+def test_swiglu_bf16(M):
+    torch.manual_seed(3)
+    gate_up = randn(M, 2 * FFN, scale=3.0)
+    gate, up = gate_up[:, :FFN], gate_up[:, FFN:]
+    assert_close("swiglu", swiglu_ref(gate, up), swiglu(gate, up), MAX_REL)
+
+
+@pytest.mark.parametrize("renorm_type", ["global", "channel", "text_channel"])
+@pytest.mark.parametrize("text_scale, img_scale, renorm_min", [(4.0, 1.0, 0.0), (4.0, 2.0, 0.0), (4.0, 1.5, 0.3),
+                                                               (1.0, 2.0, 0.0)])
+def test_cfg_euler_bf16_velocities(renorm_type, text_scale, img_scale, renorm_min):
+    torch.manual_seed(4)
+    N, C = 4096, 64
+    x, v_c = randn(N, C, dtype=torch.float32), randn(N, C)
+    f = torch.linspace(0, 1, N, device="cuda")[:, None]
+    v_t, v_i = (v_c.float() + f * randn(N, C, dtype=torch.float32)).to(BF16), randn(N, C)
+    args = (x, v_c, v_t, v_i, text_scale, img_scale, renorm_type, renorm_min, 0.0196)
+    (x_ref, v_ref), (x_out, v_out) = cfg_euler_ref(*args), cfg_euler(*args)
+    assert_close("cfg_euler.v", v_ref, v_out, 1e-5)
+    assert_close("cfg_euler.x", x_ref, x_out, 1e-5)
+
+
+def test_cfg_euler_cuda_graph_replay_with_dt_tensor():
+    torch.manual_seed(5)
+    N, C = 4096, 64
+    x, v_c, v_t = randn(N, C, dtype=torch.float32), randn(N, C), randn(N, C)
+    dt = torch.full((1,), 0.1, device="cuda")
+    cfg_euler(x, v_c, v_t, None, 4.0, 1.0, "global", 0.0, dt)  # compile outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        x_new, v = cfg_euler(x, v_c, v_t, None, 4.0, 1.0, "global", 0.0, dt)
+    dt.fill_(0.05)
+    g.replay()
+    x_ref, v_ref = cfg_euler_ref(x, v_c, v_t, None, 4.0, 1.0, "global", 0.0, 0.05)
+    assert_close("cfg_euler.graph.x", x_ref, x_new, 1e-5)
+
+
+def attention_case(Lq, Lk, causal, max_rel=MAX_REL, **kw):
+    q = randn(sum(Lq), HQ, D)
+    k, v = randn(sum(Lk), HK, D, scale=2.0), randn(sum(Lk), HK, D)
+    args = (q, k, v, cu_seqlens(Lq), cu_seqlens(Lk), causal, 1 / math.sqrt(D))
+    out = varlen_attention(*args, **kw)
+    ref = varlen_attention_ref(*args)
+    assert_close(f"varlen_attention Lq={Lq} Lk={Lk} causal={causal} {kw}", ref, out, max_rel)
+
+
+def test_attention_cfg_branches_denoise():
+    """Three CFG branches, one packed call: each 4098-token block against its own cache plus itself."""
+    torch.manual_seed(6)
+    attention_case((M_GEN,) * 3, (4150 + M_GEN, 40 + M_GEN, 4150 + M_GEN), causal=False)
+
+
+def test_attention_text_prefill_causal():
+    """Text prefill against a cache in front (bottom-right causal), including a long image context."""
+    torch.manual_seed(7)
+    attention_case((37, 515, 1), (4150 + 37, 515, 9000), causal=True)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 8])
+def test_attention_decode(num_splits):
+    torch.manual_seed(8)
+    attention_case((1,), (2000,), causal=True, num_splits=num_splits)
+    attention_case((1, 1, 1), (2000, 1, 777), causal=True, num_splits=num_splits)
+
+
+def test_attention_long_context():
+    torch.manual_seed(9)
+    attention_case((M_GEN,), (14000,), causal=False, max_seqlen_q=M_GEN, max_seqlen_k=14000)
+
+
+def test_attention_decode_cuda_graph():
+    """Decode with a fixed number of splits is graph-capturable; the key length can change between replays."""
+    torch.manual_seed(10)
+    q, k, v = randn(1, HQ, D), randn(3000, HK, D), randn(3000, HK, D)
+    cu_q, cu_k = cu_seqlens([1]), cu_seqlens([2000])
+    call = lambda: varlen_attention(q, k, v, cu_q, cu_k, True, 1 / math.sqrt(D), max_seqlen_q=1,  # noqa: E731
+                                    max_seqlen_k=3000, num_splits=8)
+    call()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = call()
+    cu_k[1] = 2500
+    g.replay()
+    ref = varlen_attention_ref(q, k[:2500], v[:2500], cu_q, cu_seqlens([2500]), True, 1 / math.sqrt(D))
+    assert_close("varlen_attention.graph", ref, out, MAX_REL)
