@@ -40,14 +40,21 @@ class TextTokenizer:
         self.special = SpecialTokens(*ids)
 
     @classmethod
+    def from_file(cls, path: Path) -> TextTokenizer:
+        """Load one ``tokenizer.json`` file."""
+        try:
+            return cls(Tokenizer.from_file(str(path)), str(path))
+        except CheckpointError:
+            raise
+        except Exception as e:  # the tokenizers library raises plain Exceptions for parse errors
+            raise CheckpointError(f"{path}: cannot be read as a tokenizer ({str(e).splitlines()[0]})") from None
+
+    @classmethod
     def from_dir(cls, path: Path) -> TextTokenizer:
         """Load from a checkpoint directory (``tokenizer.json``, else ``vocab.json`` + ``merges.txt``)."""
         tj = path / "tokenizer.json"
         if tj.is_file():
-            try:
-                return cls(Tokenizer.from_file(str(tj)), str(tj))
-            except Exception as e:  # the tokenizers library raises plain Exceptions for parse errors
-                raise CheckpointError(f"{tj}: cannot be read as a tokenizer ({str(e).splitlines()[0]})") from None
+            return cls.from_file(tj)
         vocab, merges = path / "vocab.json", path / "merges.txt"
         if not (vocab.is_file() and merges.is_file()):
             raise CheckpointError(f"{path}: no tokenizer found (need tokenizer.json, or vocab.json + merges.txt)")
