@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
 
 import bagel_rt
@@ -12,7 +13,6 @@ from bagel_rt.checkpoint import read_header
 from bagel_rt.errors import CheckpointError
 from bagel_rt.loader import read_params
 from bagel_rt.tiny import write_tiny_checkpoint
-from conftest import GOLDEN
 
 
 @pytest.fixture(scope="module")
