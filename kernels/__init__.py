@@ -1,0 +1,22 @@
+"""Triton kernels of bagel-rt. Each public launcher has a plain-PyTorch ``*_ref`` twin with the same signature."""
+
+from .attention import varlen_attention, varlen_attention_ref
+from .cfg_euler import cfg_euler, cfg_euler_ref
+from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from .rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
+from .swiglu import swiglu, swiglu_ref
+
+__all__ = [
+    "add_rms_norm",
+    "add_rms_norm_ref",
+    "cfg_euler",
+    "cfg_euler_ref",
+    "qk_norm_rope",
+    "qk_norm_rope_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "swiglu",
+    "swiglu_ref",
+    "varlen_attention",
+    "varlen_attention_ref",
+]

@@ -1,0 +1,249 @@
+"""Time every bagel-rt Triton kernel against the best alternatives at BAGEL-7B-MoT's real shapes.
+
+Providers: ``triton`` (ours), ``eager`` (the ``*_ref`` function), ``compile`` (``torch.compile`` of the ref),
+and for attention ``sdpa_flash`` (PyTorch SDPA restricted to its flash backend, one call per sequence, with
+a bottom-right causal mask object where needed) and ``flash_attn`` (``flash_attn_varlen_func``, if installed).
+Times are medians of ``triton.testing.do_bench``. One JSON line per (kernel, shape) goes to ``--out``.
+
+    python benchmarks/bench_kernels.py --out benchmarks/results/kernels.jsonl [--only attention,swiglu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+HIDDEN, FFN, HQ, HK, D = 3584, 18944, 28, 4, 128
+M_GEN = 4098  # 1024x1024 image: 4096 latent tokens + 2 markers
+BF16 = torch.bfloat16
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def randn(*shape, dtype=BF16, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+def cu_seqlens(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+
+
+def bench(fn: Callable[[], object], graph: bool) -> float:
+    import triton.testing
+
+    if graph:  # replay a CUDA graph of the call: no Python / launch overhead (what a captured runtime sees)
+        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def try_bench(fn: Callable[[], object], graph: bool) -> float | None:
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return bench(fn, graph)
+    except Exception as e:  # a provider that cannot run a shape is reported as missing, not fatal
+        print(f"    (provider failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})", file=sys.stderr)
+        return None
+
+
+# ------------------------------------------------------------------ cases: name, shape, {provider: fn}, bytes
+
+
+def cases_rms_norm(K):
+    for M in (1, M_GEN, 3 * M_GEN):
+        x, r, w = randn(M, HIDDEN), randn(M, HIDDEN), randn(HIDDEN)
+        ref_c = torch.compile(K.rms_norm_ref)
+        yield "rms_norm", {"M": M, "N": HIDDEN}, {
+            "triton": lambda x=x, w=w: K.rms_norm(x, w, 1e-6),
+            "eager": lambda x=x, w=w: K.rms_norm_ref(x, w, 1e-6),
+            "compile": lambda x=x, w=w, f=ref_c: f(x, w, 1e-6),
+        }, 2 * x.numel() * 2
+        add_c = torch.compile(K.add_rms_norm_ref)
+        yield "add_rms_norm", {"M": M, "N": HIDDEN}, {
+            "triton": lambda x=x, r=r, w=w: K.add_rms_norm(x, r, w, 1e-6),
+            "eager": lambda x=x, r=r, w=w: K.add_rms_norm_ref(x, r, w, 1e-6),
+            "compile": lambda x=x, r=r, w=w, f=add_c: f(x, r, w, 1e-6),
+        }, 4 * x.numel() * 2
+
+
+def cases_qk_norm_rope(K):
+    for M in (1, M_GEN, 3 * M_GEN):
+        qkv = randn(M, (HQ + 2 * HK) * D)
+        q, k = qkv[:, : HQ * D].view(M, HQ, D), qkv[:, HQ * D: (HQ + HK) * D].view(M, HK, D)
+        qw, kw, cos, sin = randn(D), randn(D), randn(M, D), randn(M, D)
+        args = (q, k, qw, kw, cos, sin, 1e-6, BF16)
+        ref_c = torch.compile(K.qk_norm_rope_ref)
+        yield "qk_norm_rope", {"M": M, "Hq": HQ, "Hk": HK, "D": D}, {
+            "triton": lambda a=args: K.qk_norm_rope(*a),
+            "eager": lambda a=args: K.qk_norm_rope_ref(*a),
+            "compile": lambda a=args, f=ref_c: f(*a),
+        }, 2 * (HQ + HK) * D * M * 2 + 4 * M * D * 2
+
+
+def cases_swiglu(K):
+    for M in (1, M_GEN, 3 * M_GEN):
+        gate_up = randn(M, 2 * FFN)
+        g, u = gate_up[:, :FFN], gate_up[:, FFN:]
+        ref_c = torch.compile(K.swiglu_ref)
+        yield "swiglu", {"M": M, "I": FFN}, {
+            "triton": lambda g=g, u=u: K.swiglu(g, u),
+            "eager": lambda g=g, u=u: K.swiglu_ref(g, u),
+            "compile": lambda g=g, u=u, f=ref_c: f(g, u),
+        }, 3 * M * FFN * 2
+
+
+def cases_cfg_euler(K):
+    N, C = 4096, 64
+    x, v_c, v_t, v_i = randn(N, C, dtype=torch.float32), randn(N, C), randn(N, C), randn(N, C)
+    for renorm_type in ("global", "channel", "text_channel"):
+        for img_scale in (1.0, 2.0):
+            args = (x, v_c, v_t, v_i, 4.0, img_scale, renorm_type, 0.0, 0.02)
+            ref_c = torch.compile(K.cfg_euler_ref)
+            yield "cfg_euler", {"N": N, "C": C, "renorm": renorm_type, "img_scale": img_scale}, {
+                "triton": lambda a=args: K.cfg_euler(*a),
+                "eager": lambda a=args: K.cfg_euler_ref(*a),
+                "compile": lambda a=args, f=ref_c: f(*a),
+            }, N * C * (4 + 2 * 3 + 8)
+
+
+def sdpa_flash_loop(q, k, v, lq, lk, causal, scale):
+    """One SDPA call per sequence, flash backend only, GQA via enable_gqa; bottom-right causal mask object."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    outs, iq, ik = [], 0, 0
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        for a, b in zip(lq, lk):
+            qb = q[iq:iq + a].transpose(0, 1)[None]
+            kb, vb = k[ik:ik + b].transpose(0, 1)[None], v[ik:ik + b].transpose(0, 1)[None]
+            if causal and a != b:
+                mask = causal_lower_right(a, b)
+                out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale,
+                                                                       enable_gqa=True)
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale,
+                                                                       enable_gqa=True)
+            outs.append(out[0].transpose(0, 1))
+            iq, ik = iq + a, ik + b
+    return torch.cat(outs)
+
+
+def cases_attention(K):
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
+    shapes = [
+        ("denoise 3 CFG branches, t2i", (M_GEN,) * 3, (4150 + M_GEN, 40 + M_GEN, 4150 + M_GEN), False),
+        ("denoise 3 CFG branches, edit 9k ctx", (M_GEN,) * 3, (9000 + M_GEN, 4600 + M_GEN, 4400 + M_GEN), False),
+        ("denoise 1 branch, 14k keys", (M_GEN,), (14000,), False),
+        ("image prefill 4098 vs cache", (M_GEN,), (40 + M_GEN,), False),
+        ("text prefill 37 tok vs 4k cache", (37,), (4150 + 37,), True),
+        ("text prefill 512 tok vs 9k cache", (512,), (9000 + 512,), True),
+        ("decode Lk=2000", (1,), (2000,), True),
+        ("decode Lk=9000", (1,), (9000,), True),
+    ]
+    scale = 1 / math.sqrt(D)
+    for label, lq, lk, causal in shapes:
+        q = randn(sum(lq), HQ, D)
+        k, v = randn(sum(lk), HK, D), randn(sum(lk), HK, D)
+        cq, ck = cu_seqlens(lq), cu_seqlens(lk)
+        mq, mk = max(lq), max(lk)
+        providers = {
+            "triton": lambda q=q, k=k, v=v, cq=cq, ck=ck, c=causal, mq=mq, mk=mk: K.varlen_attention(
+                q, k, v, cq, ck, c, scale, max_seqlen_q=mq, max_seqlen_k=mk),
+            "sdpa_flash": lambda q=q, k=k, v=v, lq=lq, lk=lk, c=causal: sdpa_flash_loop(q, k, v, lq, lk, c, scale),
+        }
+        if flash_attn_varlen_func is not None:
+            providers["flash_attn"] = lambda q=q, k=k, v=v, cq=cq, ck=ck, c=causal, mq=mq, mk=mk: (
+                flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, softmax_scale=scale, causal=c))
+        flops = sum(4 * a * b * HQ * D for a, b in zip(lq, lk))  # non-causal count (flash-attn convention)
+        yield "varlen_attention", {"case": label, "Lq": list(lq), "Lk": list(lk), "causal": causal}, providers, (
+            flops, "flop")
+
+
+GROUPS = {
+    "rms_norm": cases_rms_norm,
+    "qk_norm_rope": cases_qk_norm_rope,
+    "swiglu": cases_swiglu,
+    "cfg_euler": cases_cfg_euler,
+    "attention": cases_attention,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="append one JSON line per result to this file")
+    parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated subset of {list(GROUPS)}")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    parser.add_argument("--graph", action="store_true",
+                        help="time CUDA-graph replays (excludes launch overhead; matters for small shapes)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.",
+              file=sys.stderr)
+        return 2
+    import triton
+
+    from bagel_rt import kernels as K
+
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": args.commit or git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timing": "cuda_graph_replay" if args.graph else "do_bench",
+    }
+    print(f"# {meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}  "
+          f"timing {meta['timing']} (median ms)")
+    print(f"{'kernel':<18}{'shape':<62}{'provider':>12}{'ms':>10}{'speedup':>9}{'rate':>14}")
+    out_file = args.out.open("a") if args.out else None
+    torch.manual_seed(0)
+    for group in args.only.split(","):
+        for name, shape, providers, work in GROUPS[group](K):
+            if args.no_compile:
+                providers.pop("compile", None)
+            ms = {p: try_bench(fn, args.graph) for p, fn in providers.items()}
+            others = [t for p, t in ms.items() if p != "triton" and t is not None]
+            best_other = min(others) if others else None
+            speedup = best_other / ms["triton"] if best_other and ms["triton"] else None
+            name_s, shape_s = name, json.dumps(shape, separators=(",", ":"))
+            for p, t in ms.items():
+                rate = ""
+                if t is not None and isinstance(work, tuple):
+                    rate = f"{work[0] / t / 1e9:.0f} TFLOP/s"
+                elif t is not None:
+                    rate = f"{work / t / 1e6:.0f} GB/s"
+                sp = f"{speedup:.2f}x" if p == "triton" and speedup else ""
+                t_s = f"{t:.4f}" if t is not None else "n/a"
+                print(f"{name_s:<18}{shape_s[:60]:<62}{p:>12}{t_s:>10}{sp:>9}{rate:>14}")
+                name_s, shape_s = "", ""  # print the kernel and shape on the first row only
+            record = {**meta, "kernel": name, "shape": shape, "ms": ms, "best_alternative_ms": best_other,
+                      "speedup_vs_best": speedup}
+            if out_file:
+                out_file.write(json.dumps(record) + "\n")
+                out_file.flush()
+    if out_file:
+        out_file.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

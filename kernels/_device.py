@@ -1,0 +1,46 @@
+"""Small device helpers shared by the kernel launchers.
+
+Nothing here runs at import time: every question is asked when a launcher calls it, so importing
+``bagel_rt.kernels`` on a CPU-only machine never touches a driver.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    The variable must be set before the kernel modules are imported; reading it again at launch time is
+    consistent with that as long as nobody changes it in between.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def cuda_capability(device: torch.device | int | None = None) -> tuple[int, int] | None:
+    """(major, minor) of the CUDA device, or None without CUDA (or while interpreting)."""
+    if is_interpreting() or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def has_capability(major: int, minor: int = 0, device: torch.device | int | None = None) -> bool:
+    """True when the CUDA device is at least compute capability ``major.minor`` (9.0 = Hopper)."""
+    cap = cuda_capability(device)
+    return cap is not None and cap >= (major, minor)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int | None:
+    """Number of streaming multiprocessors of a CUDA device (cached), None for CPU / interpreter."""
+    if is_interpreting() or device.type != "cuda":
+        return None
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,133 @@
+"""RMSNorm (Qwen2 flavour) and fused residual-add + RMSNorm.
+
+Qwen2RMSNorm normalises in fp32, casts the result back to the input dtype and only then multiplies by the
+weight, in the input dtype. The kernels reproduce exactly that rounding order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Reference RMSNorm. x: [M, N], weight: [N] (same dtype as x) -> [M, N] in x.dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Reference residual add + RMSNorm. x, residual: [M, N] -> (rms_norm(x + residual), x + residual)."""
+    new_residual = x + residual
+    return rms_norm_ref(new_residual, weight, eps), new_residual
+
+
+def _settings(n: int) -> tuple[int, int]:
+    """One row per program: the block covers the whole row; more warps for longer rows."""
+    block_n = triton.next_power_of_2(n)
+    assert block_n <= 65536, f"rows of {n} elements are too long for a single-block RMSNorm"
+    num_warps = 16 if block_n >= 16384 else 8 if block_n >= 2048 else 4
+    return block_n, num_warps
+
+
+@triton.jit
+def _rms_norm_row(b_x, p_w, o_n, m_n, N, eps):
+    # b_x: [BLOCK_N] fp32 row (zeros past N); returns the normed row in fp32, already rounded as Qwen does
+    b_rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=0) / N + eps)
+    # [BLOCK_N]
+    b_w = tl.load(p_w + o_n, mask=m_n, other=0.0)
+    # normalise in fp32, round to the input dtype, then multiply by the weight in the input dtype
+    b_y = (b_x * b_rstd).to(b_w.dtype)
+    return (b_y.to(tl.float32) * b_w.to(tl.float32)).to(b_w.dtype)
+
+
+@triton.jit
+def _rms_norm_kernel(x, w, y, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr):
+    i_m = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    # [BLOCK_N]
+    b_x = tl.load(x + i_m * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_y = _rms_norm_row(b_x, w, o_n, m_n, N, eps)
+    tl.store(y + i_m * stride_y + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x, r, w, y, r_out, stride_x, stride_r, stride_y, stride_ro, N, eps,
+                         BLOCK_N: tl.constexpr):
+    i_m = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    # [BLOCK_N]
+    b_x = tl.load(x + i_m * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
+    # [BLOCK_N]
+    b_r = tl.load(r + i_m * stride_r + o_n, mask=m_n, other=0.0).to(tl.float32)
+    # the new residual is rounded to the activation dtype first; the norm reads the rounded value
+    b_h = (b_x + b_r).to(r_out.dtype.element_ty)
+    tl.store(r_out + i_m * stride_ro + o_n, b_h, mask=m_n)
+    b_y = _rms_norm_row(b_h.to(tl.float32), w, o_n, m_n, N, eps)
+    tl.store(y + i_m * stride_y + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+
+
+def _check(x: Tensor, weight: Tensor) -> None:
+    assert x.dim() == 2, f"x must be [M, N], got {tuple(x.shape)}"
+    assert x.stride(-1) == 1, "x rows must be contiguous"
+    assert weight.shape == (x.shape[1],) and weight.is_contiguous(), "weight must be a contiguous [N]"
+    assert weight.dtype == x.dtype, f"weight dtype {weight.dtype} != x dtype {x.dtype}"
+    assert weight.device == x.device
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim, Qwen2 rounding order, one read and one write of x.
+
+    Args:
+        x: [M, N] activations (bf16 / fp16 / fp32), rows contiguous (any row stride).
+        weight: [N], same dtype as x.
+        eps: added to mean(x^2).
+    Returns:
+        [M, N] in x.dtype: ``weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)``.
+
+    Memory passes removed: the fp32 upcast copy, the separate squared-mean reduction pass and the separate
+    weight multiply (eager PyTorch reads / writes the row 4-5 times).
+    """
+    _check(x, weight)
+    M, N = x.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    block_n, num_warps = _settings(N)
+    _rms_norm_kernel[(M,)](x, weight, y, x.stride(0), y.stride(0), N, eps, BLOCK_N=block_n, num_warps=num_warps)
+    return y
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Residual add fused with RMSNorm.
+
+    Args:
+        x: [M, N] block output (bf16 / fp16 / fp32), rows contiguous.
+        residual: [M, N] residual stream, same dtype as x.
+        weight: [N], same dtype as x.
+        eps: added to mean(h^2).
+    Returns:
+        (normed, new_residual), both [M, N] in x.dtype, with ``new_residual = x + residual`` (rounded to
+        x.dtype) and ``normed = rms_norm(new_residual, weight, eps)``.
+
+    Memory passes removed: the add's write + re-read of the new residual before the norm, plus everything
+    :func:`rms_norm` removes (2 reads and 2 writes in total).
+    """
+    _check(x, weight)
+    assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
+    M, N = x.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    r_out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y, r_out
+    block_n, num_warps = _settings(N)
+    _add_rms_norm_kernel[(M,)](
+        x, residual, weight, y, r_out, x.stride(0), residual.stride(0), y.stride(0), r_out.stride(0), N, eps,
+        BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y, r_out
