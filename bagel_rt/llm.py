@@ -76,8 +76,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
         i = torch.arange(lq, device=q.device)[:, None]
         j = torch.arange(lk, device=q.device)[None, :]
         mask = j <= (lk - lq) + i
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
-    return out.transpose(0, 1)
+    # 4-D [1, heads, L, D]: SDPA's flash/efficient kernels need a batch and a head dimension (3-D inputs fall
+    # back to the math kernel, which materialises the whole score matrix).
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask)
+    return out[0].transpose(0, 1)
 
 
 class SelfAttention(nn.Module):

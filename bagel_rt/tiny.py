@@ -93,6 +93,8 @@ def write_tiny_checkpoint(path: str | Path, seed: int = 0, overwrite: bool = Fal
     path = Path(path).expanduser()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; refusing to replace a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

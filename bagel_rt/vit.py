@@ -35,10 +35,10 @@ class ViTAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x [N, C] tokens of one image -> [N, C]."""
         n = x.shape[0]
-        q, k, v = (proj(x).view(n, self.num_heads, self.head_dim).transpose(0, 1)
+        q, k, v = (proj(x).view(1, n, self.num_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        o = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(o.transpose(0, 1).reshape(n, -1))
+        o = F.scaled_dot_product_attention(q, k, v)  # 4-D so SDPA can pick a fused kernel
+        return self.out_proj(o[0].transpose(0, 1).reshape(n, -1))
 
 
 class ViTMLP(nn.Module):
