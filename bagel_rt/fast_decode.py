@@ -1,0 +1,444 @@
+"""Fast text decoding (``triton`` backend): the und-expert decode step on fused kernels, as a CUDA graph.
+
+:func:`decode_step_kernels` is the kernel twin of :meth:`bagel_rt.model.BagelModel.decode_step`: one token
+through the und expert, with every per-token quantity on the device (token id, RoPE position and cache
+length are [1] tensors), so the whole step can be captured once and replayed. Per layer it runs
+
+    add+RMSNorm -> q/k/v GEMV -> [bias + q/k RMSNorm + RoPE + K/V cache write] -> split-K attention
+    -> o GEMV -> add+RMSNorm -> gate/up GEMVs -> SwiGLU -> down GEMV
+
+where the bracket is one small kernel of this file (:func:`qkv_rope_cache`) and the GEMVs are cuBLAS
+(``F.linear``; a quantized module's own forward if the projections were swapped). With ``fuse_qkv`` the
+three projections read one concatenated copy of their weights (one GEMV instead of three; 0.9 GB extra at
+full size).
+
+:class:`GraphDecoder` owns a static KV cache, the static [1] inputs and one CUDA graph per mode (greedy /
+sampled) for its capacity. The greedy graph also takes the argmax, writes it as the next input token and
+into a device list of predicted ids, and advances position and length, so replays chain on the GPU with no
+host involvement; the host reads the predicted ids every ``check_every`` tokens to stop at ``<|im_end|>``
+(steps past the stop token are wasted, never visible: they only write scratch rows). Sampling copies the
+logits out of the graph and draws with ``torch.multinomial`` eagerly, exactly as the torch path does.
+Without CUDA (or with ``use_graphs=False``) the same step runs eagerly, in place on the context's cache.
+
+Numerics against the torch backend (DESIGN section 3, within bf16 noise): q/k RMSNorm + RoPE in fp32 (the
+torch und path uses the activation dtype), the q/k/v bias added in fp32 to the bf16-rounded GEMV output on
+the fused path, SwiGLU rounded once, fp32 online softmax.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+
+from bagel_rt.kernels import add_rms_norm, qk_norm_rope_ref, rms_norm, swiglu, varlen_attention
+
+from .cache import Context, KVCache
+from .embeddings import rope_cos_sin
+from .errors import InputError
+
+CAPACITY_STEP = 1024  # the static cache grows in these steps (a new capacity means a new capture)
+WARMUP_STEPS = 2  # eager steps on a side stream before a capture: Triton compiles and autotunes there
+
+
+# -- the fused q/k/v epilogue: bias + q/k RMSNorm + RoPE (fp32) + K/V cache write at a device row -------------
+
+
+def qkv_rope_cache_ref(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, q_weight: Tensor, k_weight: Tensor,
+                       cos: Tensor, sin: Tensor, eps: float, k_cache: Tensor, v_cache: Tensor,
+                       length: Tensor) -> Tensor:
+    """Reference of :func:`qkv_rope_cache` (same arguments; writes the cache rows too)."""
+    Hq, D = q.shape
+    Hk = k.shape[0]
+    if bias is not None:
+        bq, bk, bv = bias.float().split([Hq * D, Hk * D, Hk * D])
+        q = (q.float() + bq.view(Hq, D)).to(q.dtype)
+        k = (k.float() + bk.view(Hk, D)).to(k.dtype)
+        v = (v.float() + bv.view(Hk, D)).to(v.dtype)
+    q_out, k_out = qk_norm_rope_ref(q[None], k[None], q_weight, k_weight, cos.view(1, D), sin.view(1, D), eps,
+                                    q.dtype)
+    row = int(length)
+    k_cache[row] = k_out[0]
+    v_cache[row] = v
+    return q_out
+
+
+@triton.jit
+def _norm_rope_head(p_x, p_b, p_w, o_d, b_cos1, b_cos2, b_sin1, b_sin2, eps, HALF: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+    # one head [2 * HALF] at p_x (+ bias at p_b) -> its RMS-normed, weighted, rotated halves in fp32
+    # [HALF] each
+    b_x1 = tl.load(p_x + o_d).to(tl.float32)
+    b_x2 = tl.load(p_x + HALF + o_d).to(tl.float32)
+    if HAS_BIAS:  # the projection output is rounded to the activation dtype, as nn.Linear returns it
+        b_x1 = (b_x1 + tl.load(p_b + o_d).to(tl.float32)).to(p_x.dtype.element_ty).to(tl.float32)
+        b_x2 = (b_x2 + tl.load(p_b + HALF + o_d).to(tl.float32)).to(p_x.dtype.element_ty).to(tl.float32)
+    b_rstd = tl.rsqrt((tl.sum(b_x1 * b_x1, axis=0) + tl.sum(b_x2 * b_x2, axis=0)) / (2 * HALF) + eps)
+    b_n1 = b_x1 * b_rstd * tl.load(p_w + o_d).to(tl.float32)
+    b_n2 = b_x2 * b_rstd * tl.load(p_w + HALF + o_d).to(tl.float32)
+    return b_n1 * b_cos1 - b_n2 * b_sin1, b_n2 * b_cos2 + b_n1 * b_sin2
+
+
+@triton.jit
+def _qkv_rope_cache_kernel(q, k, v, bias, q_w, k_w, cos, sin, q_out, k_cache, v_cache, length,
+                           stride_kc, stride_vc, Hq, Hk, eps, HALF: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # one program per head of the token: q heads [0, Hq), k heads [Hq, Hq + Hk), v heads [Hq + Hk, Hq + 2 Hk)
+    i_h = tl.program_id(0)
+    o_d = tl.arange(0, HALF)
+    row = tl.load(length).to(tl.int64)  # cache row of the new token
+    p_b = bias + i_h * (2 * HALF)  # the fused bias is laid out [q heads | k heads | v heads] like i_h
+    # [HALF] each; the tables are stored in the activation dtype (as the reference rounds them)
+    b_cos1 = tl.load(cos + o_d).to(tl.float32)
+    b_cos2 = tl.load(cos + HALF + o_d).to(tl.float32)
+    b_sin1 = tl.load(sin + o_d).to(tl.float32)
+    b_sin2 = tl.load(sin + HALF + o_d).to(tl.float32)
+    if i_h < Hq:
+        b_y1, b_y2 = _norm_rope_head(q + i_h * (2 * HALF), p_b, q_w, o_d, b_cos1, b_cos2, b_sin1, b_sin2, eps,
+                                     HALF, HAS_BIAS)
+        p_y = q_out + i_h * (2 * HALF)
+        tl.store(p_y + o_d, b_y1.to(q_out.dtype.element_ty))
+        tl.store(p_y + HALF + o_d, b_y2.to(q_out.dtype.element_ty))
+    elif i_h < Hq + Hk:
+        j = i_h - Hq
+        b_y1, b_y2 = _norm_rope_head(k + j * (2 * HALF), p_b, k_w, o_d, b_cos1, b_cos2, b_sin1, b_sin2, eps,
+                                     HALF, HAS_BIAS)
+        p_y = k_cache + row * stride_kc + j * (2 * HALF)
+        tl.store(p_y + o_d, b_y1.to(q_out.dtype.element_ty))
+        tl.store(p_y + HALF + o_d, b_y2.to(q_out.dtype.element_ty))
+    else:
+        j = i_h - Hq - Hk
+        # [HALF] each
+        b_v1 = tl.load(v + j * (2 * HALF) + o_d).to(tl.float32)
+        b_v2 = tl.load(v + j * (2 * HALF) + HALF + o_d).to(tl.float32)
+        if HAS_BIAS:
+            b_v1 += tl.load(p_b + o_d).to(tl.float32)
+            b_v2 += tl.load(p_b + HALF + o_d).to(tl.float32)
+        p_y = v_cache + row * stride_vc + j * (2 * HALF)
+        tl.store(p_y + o_d, b_v1.to(q_out.dtype.element_ty))
+        tl.store(p_y + HALF + o_d, b_v2.to(q_out.dtype.element_ty))
+
+
+def qkv_rope_cache(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, q_weight: Tensor, k_weight: Tensor,
+                   cos: Tensor, sin: Tensor, eps: float, k_cache: Tensor, v_cache: Tensor,
+                   length: Tensor) -> Tensor:
+    """One decode token's q/k/v epilogue in one launch.
+
+    Args:
+        q: [Hq, D], k, v: [Hk, D] projection outputs (each contiguous; views into one fused row are fine).
+        bias: [(Hq + 2 Hk) * D] fused q/k/v bias added here (fp32 add, rounded like a Linear output), or None
+            when the projections already added it.
+        q_weight, k_weight: [D] per-head RMSNorm weights.
+        cos, sin: [1, D] RoPE tables of the token's position, in the activation dtype.
+        eps: RMSNorm epsilon.
+        k_cache, v_cache: this layer's [capacity, Hk, D] buffers; row ``length`` receives the token's
+            normed + rotated key and its value.
+        length: [1] int32 on the device, the cache row to write.
+    Returns:
+        [1, Hq, D] normed + rotated queries in q.dtype.
+
+    Memory passes removed: the bias add's write/re-read, the separate q/k norm + RoPE output of k and the
+    two ``index_copy_`` launches into the cache (three launches become one).
+    """
+    Hq, D = q.shape
+    Hk = k.shape[0]
+    half = D // 2
+    assert D % 2 == 0 and triton.next_power_of_2(half) == half, f"head_dim {D} must be 2 * a power of 2"
+    assert k.shape == (Hk, D) and v.shape == (Hk, D), f"k {tuple(k.shape)} / v {tuple(v.shape)} vs D {D}"
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    assert q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype
+    assert bias is None or (bias.shape == ((Hq + 2 * Hk) * D,) and bias.is_contiguous())
+    assert q_weight.shape == (D,) and k_weight.shape == (D,)
+    assert q_weight.is_contiguous() and k_weight.is_contiguous()
+    assert cos.numel() == D and sin.numel() == D and cos.is_contiguous() and sin.is_contiguous()
+    for c in (k_cache, v_cache):
+        assert c.dim() == 3 and c.shape[1:] == (Hk, D) and c.stride(2) == 1 and c.stride(1) == D
+    assert length.dtype == torch.int32 and length.numel() == 1 and length.device == q.device
+    q_out = torch.empty((1, Hq, D), dtype=q.dtype, device=q.device)
+    _qkv_rope_cache_kernel[(Hq + 2 * Hk,)](
+        q, k, v, bias if bias is not None else q, q_weight, k_weight, cos, sin, q_out, k_cache, v_cache, length,
+        k_cache.stride(0), v_cache.stride(0), Hq, Hk, eps, HALF=half, HAS_BIAS=bias is not None, num_warps=1,
+    )
+    return q_out
+
+
+# -- the und weights a decode step reads ------------------------------------------------------------------
+
+
+@dataclass
+class UndLayer:
+    """The und-expert tensors and modules one decoder layer reads when decoding.
+
+    ``qkv_weight`` is a fused [(Hq + 2 Hk) * D, hidden] copy of the q/k/v weights (None: call the q/k/v
+    modules, which then add their own biases); ``qkv_bias`` is the fused bias the epilogue kernel adds
+    (fused path only).
+    """
+
+    attn_norm: Tensor
+    mlp_norm: Tensor
+    q_norm: Tensor
+    k_norm: Tensor
+    attn: nn.Module
+    mlp: nn.Module
+    qkv_weight: Tensor | None = None
+    qkv_bias: Tensor | None = None
+
+
+def und_layers(model, fuse_qkv: bool = False) -> list[UndLayer]:
+    """Collect every layer's und weights; ``fuse_qkv`` concatenates plain ``nn.Linear`` q/k/v weights."""
+    out = []
+    for layer in model.language_model.model.layers:
+        a = layer.self_attn
+        lw = UndLayer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, a.q_norm.weight,
+                      a.k_norm.weight, a, layer.mlp)
+        projs = (a.q_proj, a.k_proj, a.v_proj)
+        if fuse_qkv and all(type(m) is nn.Linear and m.bias is not None for m in projs):
+            lw.qkv_weight = torch.cat([m.weight for m in projs]).contiguous()
+            lw.qkv_bias = torch.cat([m.bias for m in projs]).contiguous()
+        out.append(lw)
+    return out
+
+
+# -- one decode step --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, length: Tensor,
+                        layers: list[UndLayer] | None = None, num_splits: int | None = None) -> Tensor:
+    """One und-mode decoding step on the fused kernels (the twin of ``BagelModel.decode_step``).
+
+    Host-sync free and allocation-stable, so it can be captured in a CUDA graph.
+
+    Args:
+        model: the :class:`bagel_rt.model.BagelModel`.
+        cache: the KV cache; this token's key/value go to row ``length`` (capacity must exceed it) and the
+            attention covers rows ``[0, length + 1)``. ``cache.length`` is not touched.
+        token: [1] int64 input token id, on the model's device.
+        pos: [1] int64 RoPE position of the token.
+        length: [1] int32 number of valid cache rows before this token.
+        layers: the gathered und weights (:func:`und_layers`); default: unfused, gathered now.
+        num_splits: attention key splits (flash-decoding); None = the kernel's heuristic for a cache of
+            ``cache.capacity`` keys (the split bounds themselves follow the actual length on the device).
+    Returns:
+        [vocab] logits in the model dtype. ``token``, ``pos`` and ``length`` are not advanced.
+    """
+    lm = model.language_model
+    p = lm.params
+    Hq, Hk, D, eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
+    layers = layers if layers is not None else und_layers(model)
+    dev, dt = token.device, cache.dtype
+    x = lm.model.embed_tokens(token)  # [1, H]
+    cos, sin = rope_cos_sin(pos, D, p.rope_theta, dt)  # [1, D] each, rounded to dt like the reference
+    cu_q = torch.arange(2, dtype=torch.int32, device=dev)  # [0, 1]
+    cu_k = F.pad(length + 1, (1, 0))  # [0, length + 1]
+    sm_scale = 1.0 / math.sqrt(D)
+    residual, delta = x, None
+    for i, lw in enumerate(layers):
+        if delta is None:
+            h = rms_norm(x, lw.attn_norm, eps)
+        else:
+            h, residual = add_rms_norm(delta, residual, lw.attn_norm, eps)
+        a = lw.attn
+        if lw.qkv_weight is not None:
+            qkv = F.linear(h, lw.qkv_weight)[0]
+            q, k, v = qkv.split([Hq * D, Hk * D, Hk * D])
+        else:
+            q, k, v = a.q_proj(h)[0], a.k_proj(h)[0], a.v_proj(h)[0]
+        k_buf, v_buf = cache.layer(i)
+        q = qkv_rope_cache(q.view(Hq, D), k.view(Hk, D), v.view(Hk, D), lw.qkv_bias, lw.q_norm, lw.k_norm, cos,
+                           sin, eps, k_buf, v_buf, length)
+        o = varlen_attention(q, k_buf, v_buf, cu_q, cu_k, True, sm_scale, 1, cache.capacity, num_splits)
+        h, residual = add_rms_norm(a.o_proj(o.view(1, Hq * D)), residual, lw.mlp_norm, eps)
+        mlp = lw.mlp
+        delta = mlp.down_proj(swiglu(mlp.gate_proj(h), mlp.up_proj(h)))
+    h, _ = add_rms_norm(delta, residual, lm.model.norm.weight, eps)
+    return lm.lm_head(h)[0]
+
+
+# -- the decoder ------------------------------------------------------------------------------------------
+
+
+class GraphDecoder:
+    """Text decoding of one model with :func:`decode_step_kernels`, replayed as a CUDA graph per token.
+
+    Keep one per model and reuse it: the fused weights, the static cache and the graphs are built once (a
+    larger context capacity than any seen before costs one new capture). The graphs bake in the weights'
+    addresses: build a new decoder after replacing or moving the model's weights.
+
+    Args:
+        model: the :class:`bagel_rt.model.BagelModel`.
+        use_graphs: capture and replay CUDA graphs (CUDA only; otherwise the step runs eagerly).
+        fuse_qkv: one GEMV over a concatenated copy of the q/k/v weights (plain ``nn.Linear`` only).
+        check_every: read the predicted ids (and stop) every this many tokens; default 8 on CUDA, 1 else.
+        num_splits: attention key splits, None = heuristic (see :func:`decode_step_kernels`).
+    """
+
+    def __init__(self, model, use_graphs: bool = True, fuse_qkv: bool = True, check_every: int | None = None,
+                 num_splits: int | None = None):
+        self.model = model
+        self.device, self.dtype = model.device, model.dtype
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = use_graphs and on_cuda
+        self.check_every = check_every or (8 if on_cuda else 1)
+        self.num_splits = num_splits
+        self.layers = und_layers(model, fuse_qkv)
+        i64 = dict(dtype=torch.long, device=self.device)
+        # static per-token state (graph inputs/outputs): all [1] device tensors
+        self.token = torch.zeros(1, **i64)  # input token id
+        self.pos = torch.zeros(1, **i64)  # its RoPE position
+        self.length = torch.zeros(1, dtype=torch.int32, device=self.device)  # cache rows before it
+        self.step = torch.zeros(1, **i64)  # greedy: index of the next predicted id in ``ids``
+        self.ids = torch.zeros(0, **i64)  # predicted ids of the current request
+        self.cache: KVCache | None = None  # graph mode: the static cache the graphs read and write
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # greedy? -> (graph, logits)
+        self.pool = None
+
+    # -- one step, eager or captured -----------------------------------------------------------------------
+    def _step(self, cache: KVCache, greedy: bool) -> Tensor:
+        logits = decode_step_kernels(self.model, cache, self.token, self.pos, self.length, self.layers,
+                                     self.num_splits)
+        self.pos.add_(1)
+        self.length.add_(1)
+        if greedy:  # the prediction becomes the next input, and is recorded for the host
+            self.token.copy_(torch.argmax(logits))
+            self.ids.index_copy_(0, self.step, self.token)
+            self.step.add_(1)
+        return logits
+
+    def _static_cache(self, need: int) -> KVCache:
+        """The static cache, reallocated (and the graphs dropped) when ``need`` rows do not fit."""
+        if self.cache is None or self.cache.capacity < need:
+            self.graphs.clear()
+            self.pool = self.cache = None
+            p = self.model.params.llm
+            cap = -(-need // CAPACITY_STEP) * CAPACITY_STEP
+            self.cache = KVCache(p.num_layers, p.num_kv_heads, p.head_dim, self.device, self.dtype, cap)
+            self.ids = torch.zeros(self.cache.capacity, dtype=torch.long, device=self.device)
+        return self.cache
+
+    def _capture(self, greedy: bool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        cache = self.cache
+        for t in (self.token, self.pos, self.length, self.step):
+            t.zero_()
+        # warm-up on a side stream: Triton compiles (and autotunes) here, never inside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_STEPS):
+                self._step(cache, greedy)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._step(cache, greedy)
+        return graph, logits
+
+    def _runner(self, cache: KVCache, greedy: bool):
+        if not self.use_graphs:
+            return lambda: self._step(cache, greedy)
+        if greedy not in self.graphs:
+            self.graphs[greedy] = self._capture(greedy)
+        graph, logits = self.graphs[greedy]
+
+        def replay() -> Tensor:
+            graph.replay()
+            return logits
+
+        return replay
+
+    # -- a request ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, ctx: Context, max_length: int, do_sample: bool = False, temperature: float = 0.3,
+                 generator: torch.Generator | None = None, record: bool = False,
+                 stop_tokens: tuple[int, ...] | None = None) -> tuple[list[int], Tensor | None]:
+        """Decode from ``ctx`` like ``Session.gen_text``: feed ``<|im_start|>``, stop at ``<|im_end|>``.
+
+        Args:
+            ctx: the context to decode from (``gen_text`` passes a fork). It is extended in place: the fed
+                tokens (``<|im_start|>`` and every prediction but the last) are cached, and ``ctx.rope``
+                advances by the number of steps, exactly as ``decode_step`` would leave it.
+            max_length: at most this many predicted tokens.
+            do_sample: draw from softmax(logits / temperature) with ``generator`` instead of the argmax.
+            generator: a generator on the model's device (sampling only).
+            record: also return each step's logits.
+            stop_tokens: ids that end decoding (default: ``<|im_end|>``; ``()`` never stops early).
+        Returns:
+            (predicted ids including the final stop token, [n, vocab] float32 CPU logits or None).
+        """
+        if max_length < 1:
+            raise InputError(f"max_think_token_n / max_new_tokens must be >= 1, got {max_length}")
+        if do_sample and not temperature > 0:
+            raise InputError(f"text_temperature must be > 0 when sampling, got {temperature}")
+        sp = self.model.special
+        stops = {sp.eos} if stop_tokens is None else set(stop_tokens)
+        start, rope = ctx.length, ctx.rope
+        if self.use_graphs:
+            cache = self._static_cache(start + max_length)
+            run = self._runner(cache, greedy=not do_sample)  # a capture's warm-up writes scratch rows: copy after
+            cache.k[:, :start].copy_(ctx.cache.k[:, :start])
+            cache.v[:, :start].copy_(ctx.cache.v[:, :start])
+        else:
+            ctx.cache.reserve(max_length)
+            cache = ctx.cache
+            if self.ids.numel() < max_length:
+                self.ids = torch.zeros(max_length, dtype=torch.long, device=self.device)
+            run = self._runner(cache, greedy=not do_sample)
+        self.token.fill_(sp.bos)
+        self.pos.fill_(rope)
+        self.length.fill_(start)
+        self.step.zero_()
+        predicted: list[int] = []
+        logits_rec: list[Tensor] = []
+        done, stopped = 0, False
+        while not stopped and done < max_length:
+            n = min(self.check_every, max_length - done)
+            for j in range(n):
+                logits = run()
+                if record:
+                    logits_rec.append(logits.float().cpu())
+                if do_sample:
+                    probs = torch.softmax(logits.float() / temperature, dim=-1)
+                    nxt = torch.multinomial(probs, 1, generator=generator)
+                    self.token.copy_(nxt)
+                    self.ids[done + j: done + j + 1].copy_(nxt)
+            for t in self.ids[done: done + n].tolist():  # the one host sync per chunk
+                predicted.append(t)
+                if t in stops:
+                    stopped = True
+                    break
+            done += n
+        used = len(predicted)  # tokens fed = steps taken up to the stop token
+        if self.use_graphs:
+            ctx.cache.reserve(used)
+            ctx.cache.k[:, start: start + used].copy_(cache.k[:, start: start + used])
+            ctx.cache.v[:, start: start + used].copy_(cache.v[:, start: start + used])
+        ctx.cache.length = start + used
+        ctx.rope = rope + used
+        return predicted, (torch.stack(logits_rec[:used]) if record else None)
+
+
+def fast_gen_text(source, ctx: Context, max_length: int, do_sample: bool = False, temperature: float = 0.3,
+                  generator: torch.Generator | None = None,
+                  record: bool = False) -> tuple[list[int], Tensor | None]:
+    """``Session.gen_text``'s decode loop on the triton backend.
+
+    Args:
+        source: a :class:`GraphDecoder` (reused: graphs are captured once), or a ``Session``, ``Bagel`` or
+            ``BagelModel`` (a new decoder is built for this call; CUDA graphs unless ``bagel.use_graphs`` is
+            False).
+        ctx: the context to decode from (extended in place; pass a fork with room for ``max_length``).
+        Other arguments: as :meth:`GraphDecoder.generate`.
+    Returns:
+        (predicted ids including the final ``<|im_end|>`` when decoding stopped on it, [n, vocab] float32 CPU
+        logits when ``record`` else None).
+    """
+    if not isinstance(source, GraphDecoder):
+        bagel = getattr(source, "bagel", source)  # Session -> Bagel
+        model = getattr(bagel, "model", bagel)  # Bagel -> BagelModel
+        source = GraphDecoder(model, use_graphs=getattr(bagel, "use_graphs", True))
+    return source.generate(ctx, max_length, do_sample, temperature, generator, record)
