@@ -31,6 +31,7 @@ from ._device import is_interpreting, num_sms
 CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
@@ -93,20 +94,20 @@ def _attn_block(acc, m_i, l_i, b_q, k, v, start_n, bos_k, Lk, diag, o_qi, o_n, o
         b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)
     else:
         b_k = tl.load(p_k)
-    # [BLOCK_M, BLOCK_N]
-    b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
+    # [BLOCK_M, BLOCK_N] raw scores; the scale is applied inside exp2's argument (one FMA per score)
+    b_s = tl.dot(b_q, tl.trans(b_k))
     if MASKED:
         m_s = m_k[None, :]
         if CAUSAL:
             m_s = m_s & (o_k[None, :] <= diag + o_qi[:, None])
         b_s = tl.where(m_s, b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=1) * qk_scale)
         # a row can have seen no key yet (-inf everywhere): subtract 0 instead of -inf to avoid NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
-        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=1) * qk_scale)
         m_use = m_new
-    b_p = tl.math.exp2(b_s - m_use[:, None])
+    b_p = tl.math.exp2(b_s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(b_p, axis=1)
     if MASKED:
@@ -246,8 +247,9 @@ def varlen_attention(
         cu_seqlens_k: [B+1] int32, cumulative key lengths (cu[B] = Mk).
         causal: bottom-right aligned causal mask (query i sees keys j <= Lk - Lq + i); False = full.
         sm_scale: softmax scale, usually 1 / sqrt(D).
-        max_seqlen_q, max_seqlen_k: max lengths over the sequences. Pass them to avoid a host sync (needed
-            for CUDA-graph capture); if None they are read from the cu_seqlens tensors.
+        max_seqlen_q, max_seqlen_k: max lengths over the sequences, or upper bounds of them (e.g. the cache
+            capacity, so that a captured CUDA graph stays valid while lengths grow). Pass them to avoid a host
+            sync (needed for CUDA-graph capture); if None they are read from the cu_seqlens tensors.
         num_splits: split the keys into this many slices (flash-decoding); None = heuristic, 1 = never.
     Returns:
         [Mq, Hq, D] in q.dtype, contiguous. Query rows that see no key (Lk = 0, or causal with Lk < Lq)
