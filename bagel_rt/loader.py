@@ -40,7 +40,7 @@ def read_params(path: Path) -> BagelParams:
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-         progress: bool = False):
+         progress: bool = False, backend: str = "auto"):
     """Load a BAGEL checkpoint directory.
 
     Args:
@@ -50,6 +50,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         dtype: dtype of the LLM/ViT weights and activations (default bf16, as the official app). The VAE
             stays fp32, as in the reference.
         progress: show a progress bar over the bytes loaded.
+        backend: "torch" (reference ops, any device), "triton" (batched CFG, fused kernels, CUDA graphs) or
+            "auto" (triton on CUDA, torch elsewhere).
     Returns:
         a :class:`bagel_rt.pipeline.Bagel` pipeline.
     """
@@ -80,7 +82,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         bar.close()
     model.eval()
     vae.eval()
-    return Bagel(model, vae, tokenizer, path=path, load_seconds=time.perf_counter() - t0)
+    return Bagel(model, vae, tokenizer, path=path, load_seconds=time.perf_counter() - t0, backend=backend)
 
 
 def _bytes_bar(total: int, enabled: bool):

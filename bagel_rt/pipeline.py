@@ -39,9 +39,25 @@ class Bagel:
         tokenizer: the :class:`bagel_rt.tokenizer.TextTokenizer`.
     """
 
-    def __init__(self, model, vae, tokenizer, path: Path | None = None, load_seconds: float = 0.0):
+    def __init__(self, model, vae, tokenizer, path: Path | None = None, load_seconds: float = 0.0,
+                 backend: str = "auto"):
         self.model, self.vae, self.tokenizer = model, vae, tokenizer
         self.path, self.load_seconds = path, load_seconds
+        self.backend = resolve_backend(backend, model.device)
+        #: capture CUDA graphs on the triton backend (turned off only to compare or debug)
+        self.use_graphs = True
+        self._decoder = None
+        #: the last captured denoiser, reused while the request shapes stay the same (see bagel_rt.fast)
+        self.fast_cache: dict = {}
+
+    @property
+    def decoder(self):
+        """The triton backend's text decoder (built on first use; keeps its captured CUDA graphs)."""
+        if self._decoder is None:
+            from .fast_decode import GraphDecoder
+
+            self._decoder = GraphDecoder(self.model, use_graphs=self.use_graphs)
+        return self._decoder
 
     @property
     def device(self) -> torch.device:
@@ -132,6 +148,18 @@ class Bagel:
         return self.interleave(inputs, think=think, understanding_output=True, max_think_token_n=max_think_token_n,
                                do_sample=do_sample, text_temperature=text_temperature, seed=seed, record=record,
                                progress=progress)
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" means triton on CUDA, torch elsewhere. triton off CUDA runs the kernels in the interpreter."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
 
 
 def open_image(image: Image.Image | str | Path) -> Image.Image:

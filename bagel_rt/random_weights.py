@@ -43,7 +43,7 @@ def random_module(module_fn, device, dtype: torch.dtype, seed: int):
 
 
 def random_bagel(name_or_params: str | BagelParams = "bagel-7b-mot", device="cuda", dtype=torch.bfloat16,
-                 seed: int = 0):
+                 seed: int = 0, backend: str = "auto"):
     """A :class:`bagel_rt.pipeline.Bagel` of the given configuration with random weights.
 
     Uses the embedded tiny tokenizer (its ids are valid rows of any BAGEL embedding); the VAE is fp32.
@@ -59,4 +59,4 @@ def random_bagel(name_or_params: str | BagelParams = "bagel-7b-mot", device="cud
     device = torch.device(device)
     model = random_module(lambda: BagelModel(params, tokenizer.special), device, dtype, seed)
     vae = random_module(lambda: AutoEncoder(params.vae), device, torch.float32, seed + 1)
-    return Bagel(model, vae, tokenizer, path=None)
+    return Bagel(model, vae, tokenizer, path=None, backend=backend)

@@ -161,6 +161,13 @@ class Session:
             raise InputError(f"text_temperature must be > 0 when sampling, got {temperature}")
         tok, sp = self.bagel.tokenizer, self.model.special
         ctx = self.gen.fork(extra=max_length)
+        if self.bagel.backend == "triton":
+            from .fast_decode import fast_gen_text
+
+            predicted, logits = fast_gen_text(self.bagel.decoder, ctx, max_length, do_sample, temperature,
+                                              self.text_generator, record)
+            text = tok.decode([sp.bos, *predicted[:-1]]).split("<|im_end|>")[0].split("<|im_start|>")[1]
+            return Result(text=text, token_ids=predicted, seed=self.seed, logits=logits)
         seq, predicted, logits_rec = [sp.bos], [], []
         bar = _bar(max_length, desc, progress)
         for step in range(max_length):
@@ -224,9 +231,17 @@ class Session:
             if bar:
                 bar.update(1)
 
-        x = denoise(vel, noise.to(self.model.device), num_timesteps, timestep_shift, cfg,
-                    text_is_cond=self.cfg_text.history == self.gen.history,
-                    img_is_cond=self.cfg_img.history == self.gen.history, on_step=on_step)
+        dedup = dict(text_is_cond=self.cfg_text.history == self.gen.history,
+                     img_is_cond=self.cfg_img.history == self.gen.history)
+        if self.bagel.backend == "triton":
+            from .fast import denoise_packed
+
+            x = denoise_packed(self.model, ctxs, noise, h, w, num_timesteps, timestep_shift, cfg,
+                               use_graphs=self.bagel.use_graphs, on_step=on_step,
+                               cache=self.bagel.fast_cache, **dedup)
+        else:
+            x = denoise(vel, noise.to(self.model.device), num_timesteps, timestep_shift, cfg, on_step=on_step,
+                        **dedup)
         if bar:
             bar.set_description("decoding")
         image = self.decode_latents(x, h, w)

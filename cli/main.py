@@ -116,6 +116,9 @@ model_options = _options(
                  help="Where the model runs (cpu, cuda, cuda:1, ...)."),
     click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16",
                  help="Weights and activations of the LLM and ViT (the VAE always runs in fp32)."),
+    click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto",
+                 help="torch: reference PyTorch ops; triton: batched CFG, fused Triton kernels and CUDA graphs; "
+                      "auto: triton on CUDA, torch elsewhere."),
     click.option("--no-progress", is_flag=True, help="Hide the progress bars (stderr)."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text."),
 )
@@ -225,7 +228,8 @@ def _load(o: dict):
         click.echo(f"note: no --model given; using the embedded tiny BAGEL at {path}"
                    f"{' (created now)' if created else ''} (random weights: outputs are noise; "
                    "use --model DIR for the real checkpoint)", err=True)
-    return bagel_rt.load(path, device=o["device"], dtype=DTYPES[o["dtype"]], progress=not o["no_progress"])
+    return bagel_rt.load(path, device=o["device"], dtype=DTYPES[o["dtype"]], progress=not o["no_progress"],
+                         backend=o["backend"])
 
 
 def _seed(o: dict) -> int:
@@ -381,6 +385,62 @@ def info(directory: Path, as_json: bool):
     """
     d = checkpoint_info(directory)
     click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
+
+
+@cli.command()
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Checkpoint to benchmark (default: --random-weights 7b on CUDA, the tiny model on CPU).")
+@click.option("--random-weights", type=click.Choice(["7b", "tiny"]), default=None,
+              help="Build the model with random weights on the device instead of loading one: 7b is the real "
+                   "BAGEL-7B-MoT configuration (29 GB of bf16 weights, built directly on the GPU).")
+@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto",
+              help="Backend to time (auto: triton on CUDA).")
+@click.option("--tasks", default="t2i,edit,decode", show_default=True,
+              help="Comma-separated: t2i (text-to-image), edit, decode (greedy text).")
+@click.option("--size", type=_Side(), default=1024, help="Image side for t2i and the edit input.")
+@click.option("--steps", type=click.IntRange(min=2), default=50, help="Denoising steps (num_timesteps).")
+@click.option("--runs", type=click.IntRange(min=1), default=3, help="Timed runs per task (median reported).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, help="Untimed warm-up runs (reported apart).")
+@click.option("--tokens", type=click.IntRange(min=1), default=256, help="Tokens to decode for the decode task.")
+@click.option("--compare-torch", is_flag=True,
+              help="Also run the torch backend in the same process: speed ratio and relative L2 of final latents.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Append the JSON lines to this file.")
+@click.option("--commit", default=None, help="Commit id to record (default: git rev-parse HEAD).")
+@click.option("--device", default=None, callback=_check_device, show_default="cuda if available, else cpu")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16")
+def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
+          device, dtype):
+    """Time text-to-image, editing and decoding (app defaults): seconds per image and per step, tokens/s, peak
+    GPU memory, achieved TFLOP/s and its share of the measured bf16 matmul peak. One JSON line per result
+    on stdout (and appended to --out)."""
+    from bagel_rt.bench import run_bench
+    from bagel_rt.random_weights import random_bagel
+    from bagel_rt.tiny import TINY_PARAMS
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    bad = [t for t in task_list if t not in ("t2i", "edit", "decode")]
+    if bad:
+        raise InputError(f"unknown task(s) {', '.join(bad)}; choose from t2i, edit, decode")
+    if model_dir is not None and random_weights is not None:
+        raise InputError("give either --model or --random-weights, not both")
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if model_dir is None and random_weights is None:
+        random_weights = "7b" if dev.startswith("cuda") else "tiny"
+    if random_weights == "7b" and not dev.startswith("cuda"):
+        raise InputError("--random-weights 7b needs a CUDA GPU (29 GB of weights); use --random-weights tiny")
+    if random_weights:
+        pipe = random_bagel("bagel-7b-mot" if random_weights == "7b" else TINY_PARAMS, device=dev,
+                            dtype=DTYPES[dtype], backend=backend)
+    else:
+        pipe = bagel_rt.load(model_dir, device=dev, dtype=DTYPES[dtype], backend=backend)
+    rows = run_bench(pipe, task_list, size=size, steps=steps, runs=runs, warmup=warmup, tokens=tokens,
+                     compare_torch=compare_torch, commit=commit, log=lambda line: click.echo(line, err=True))
+    lines = [json.dumps(r) for r in rows]
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    click.echo("\n".join(lines))
 
 
 if __name__ == "__main__":

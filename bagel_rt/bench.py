@@ -1,0 +1,220 @@
+"""``bagel-rt bench``: end-to-end latency, throughput and memory of text-to-image, editing and decoding.
+
+Every result is one JSON line with the fields of ``benchmarks/results/*.jsonl``: task, backend, weights,
+height, width, num_timesteps, seconds (median of the timed runs), seconds_per_step, peak_gib,
+tokens_per_s, tflops (achieved, analytic FLOP count of the denoising forwards / denoising time),
+tflops_share (of the measured bf16 matmul peak), warmup_seconds, gpu, torch, commit, date. Warm-up runs
+are excluded from the median and reported separately.
+"""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import subprocess
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .sampler import CFGSettings, schedule
+
+
+def environment(commit: str | None = None) -> dict:
+    import triton
+
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_peak_tflops(n: int = 8192, reps: int = 10) -> float | None:
+    """Measured bf16 matmul rate (TFLOP/s) of an n^3 product on random data; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def denoise_flops(model, ctx_lens: dict[str, int], dedup: dict[str, bool], h: int, w: int, num_timesteps: int,
+                  shift: float, cfg: CFGSettings) -> float:
+    """Analytic FLOPs of the denoising forwards actually run (GEMMs + attention), per the exact-skip rules."""
+    p = model.params.llm
+    H, inter, hd = p.hidden_size, p.intermediate_size, p.head_dim
+    kv = p.num_kv_heads * hd
+    lin = 2 * (H * H * 2 + H * kv * 2 + 3 * H * inter)  # FLOPs per token per layer (q, o, k, v, gate/up/down)
+    N, L = h * w, h * w + 2
+    total = 0.0
+    for t in schedule(num_timesteps, shift)[:-1].tolist():
+        st, si = cfg.scales_at(t)
+        branches = ["cond"]
+        if st > 1:
+            branches += [] if dedup["text"] else ["text"]
+            branches += [] if si <= 1 or dedup["img"] else ["img"]
+        for b in branches:
+            total += p.num_layers * (L * lin + 4 * L * (ctx_lens[b] + L) * H)
+            total += 2 * N * (64 * H * 2)  # vae2llm + llm2vae
+    return total
+
+
+def _timed(fn, runs: int, warmup: int):
+    warm = []
+    for _ in range(warmup):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        warm.append(time.perf_counter() - t0)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    times, out = [], None
+    for _ in range(runs):
+        _sync()
+        t0 = time.perf_counter()
+        out = fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return out, statistics.median(times), warm, peak
+
+
+def test_image(h: int, w: int) -> Image.Image:
+    """A deterministic textured RGB test image (a gradient plus noise)."""
+    rng = np.random.default_rng(0)
+    grad = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * np.ones((h, 1, 3), np.float32)
+    return Image.fromarray(np.clip(grad + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: int = 50, runs: int = 1,
+              warmup: int = 1, tokens: int = 256, compare_torch: bool = False, weights: str = "bf16",
+              commit: str | None = None, log=print) -> list[dict]:
+    """Time the requested tasks on ``pipe`` (app defaults); returns one dict per result."""
+    env = environment(commit)
+    peak_mm = matmul_peak_tflops()
+    rows = []
+    backend = pipe.backend
+
+    def image_task(task: str):
+        if task == "t2i":
+            cfg = CFGSettings(4.0, 1.5, (0.4, 1.0), 0.0, "global")
+            inputs = ["A red bagel on a white plate, studio light."]
+        else:
+            cfg = CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel")
+            inputs = [test_image(size, size), "Make the sky purple and add a moon."]
+
+        def once():
+            s = pipe.session(seed=0)
+            for x in inputs:
+                s.add(x)
+            shapes = s.image_shapes or (size, size)
+            t0 = time.perf_counter()
+            res = s.gen_image(shapes, cfg, num_timesteps=steps, timestep_shift=3.0)
+            _sync()
+            res.info["denoise_seconds"] = time.perf_counter() - t0
+            res.info["shape"] = tuple(shapes)
+            ds = pipe.model.params.latent_downsample
+            lens = {"cond": s.gen.length, "text": s.cfg_text.length, "img": s.cfg_img.length}
+            dedup = {"text": s.cfg_text.history == s.gen.history, "img": s.cfg_img.history == s.gen.history}
+            res.info["flops"] = denoise_flops(pipe.model, lens, dedup, shapes[0] // ds, shapes[1] // ds, steps,
+                                              3.0, cfg)
+            return res
+
+        res, sec, warm, peak = _timed(once, runs, warmup)
+        tflops = res.info["flops"] / res.info["denoise_seconds"] / 1e12
+        row = dict(task=task, backend=pipe.backend, weights=weights, height=res.info["shape"][0],
+                   width=res.info["shape"][1],
+                   num_timesteps=steps, seconds=round(sec, 3), seconds_per_step=round(sec / (steps - 1), 4),
+                   denoise_seconds=round(res.info["denoise_seconds"], 3), peak_gib=peak and round(peak, 2),
+                   tokens_per_s=None, tflops=round(tflops, 1),
+                   tflops_share=peak_mm and round(tflops / peak_mm, 3), matmul_peak_tflops=peak_mm and
+                   round(peak_mm, 1), warmup_seconds=[round(x, 2) for x in warm], runs=runs, **env)
+        if compare_torch and backend != "torch":
+            pipe.backend = "torch"
+            try:
+                ref, sec_t, _, peak_t = _timed(once, 1, 0)
+            finally:
+                pipe.backend = backend
+            a, b = res.latents.double(), ref.latents.double()
+            row.update(torch_seconds=round(sec_t, 3), speedup_vs_torch=round(sec_t / sec, 2),
+                       torch_peak_gib=peak_t and round(peak_t, 2),
+                       rel_l2_latents_vs_torch=float((a - b).norm() / b.norm()))
+        return row
+
+    for task in tasks:
+        if task in ("t2i", "edit"):
+            rows.append(image_task(task))
+        elif task == "decode":
+            def once():
+                s = pipe.session(understanding_only=True, seed=0)
+                s.add_text("Describe a bagel in detail.")
+                return s.gen_text(tokens)
+
+            res, sec, warm, peak = _timed(once, runs, warmup)
+            n = len(res.token_ids)
+            row = dict(task="decode", backend=pipe.backend, weights=weights, height=None, width=None,
+                       num_timesteps=None, seconds=round(sec, 3), peak_gib=peak and round(peak, 2), tokens=n,
+                       tokens_per_s=round(n / sec, 1), tflops=None, warmup_seconds=[round(x, 2) for x in warm],
+                       runs=runs, **env)
+            if compare_torch and backend != "torch":
+                pipe.backend = "torch"
+                try:
+                    ref, sec_t, _, _ = _timed(once, 1, 0)
+                finally:
+                    pipe.backend = backend
+                same = sum(1 for a, b in zip(res.token_ids, ref.token_ids) if a == b)
+                row.update(torch_seconds=round(sec_t, 3), speedup_vs_torch=round(sec_t / sec, 2),
+                           torch_tokens_per_s=round(len(ref.token_ids) / sec_t, 1),
+                           greedy_ids_equal_prefix=_common_prefix(res.token_ids, ref.token_ids), ids_equal=same)
+            rows.append(row)
+        else:
+            raise ValueError(f"unknown bench task {task!r} (t2i, edit, decode)")
+        log(format_row(rows[-1]))
+    return rows
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def format_row(r: dict) -> str:
+    parts = [f"{r['task']:6s} {r['backend']:6s} {r['weights']:5s}"]
+    if r.get("height"):
+        parts.append(f"{r['height']}x{r['width']} {r['num_timesteps']} steps")
+    parts.append(f"{r['seconds']:.2f} s")
+    if r.get("tokens_per_s"):
+        parts.append(f"{r['tokens_per_s']:.1f} tok/s")
+    if r.get("tflops"):
+        parts.append(f"{r['tflops']:.0f} TFLOP/s" + (f" ({100 * r['tflops_share']:.0f}% of matmul peak)"
+                                                    if r.get("tflops_share") else ""))
+    if r.get("peak_gib") is not None:
+        parts.append(f"peak {r['peak_gib']:.1f} GiB")
+    if "speedup_vs_torch" in r:
+        parts.append(f"x{r['speedup_vs_torch']} vs torch")
+    if "rel_l2_latents_vs_torch" in r:
+        parts.append(f"rel L2 vs torch {r['rel_l2_latents_vs_torch']:.2e}")
+    return "  ".join(parts)

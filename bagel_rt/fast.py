@@ -1,0 +1,242 @@
+"""The fast denoising path (``triton`` backend): batched CFG, static buffers, fused kernels, CUDA graphs.
+
+One :class:`PackedDenoiser` serves one image request. At construction it copies the KV caches of the
+branches that will ever be computed (conditional first, then text-unconditional, then image-unconditional)
+into one contiguous *arena* per layer, each branch followed by room for the query block:
+
+    arena rows: [ cond cache | cond block ][ text cache | text block ][ img cache | img block ]
+
+A step then runs every active branch in **one** forward. The residual stream is packed
+``[gen rows of branch 0..B-1 | und (marker) rows of branch 0..B-1]``, so each expert's GEMMs see one
+contiguous range with B times the rows (no per-layer gather/scatter); the block's keys/values are written
+into the arena with one ``index_copy_`` per tensor; attention is two variable-length launches (latent
+queries and marker queries) where each branch attends to its own cache plus its own block. The active
+branches at a step always form a prefix of the arena order, so a forward over B branches uses the first B
+arena sections. The whole per-step forward is captured in a CUDA graph per branch count and replayed;
+x_t and t are copied into static input buffers, so the loop has no host synchronisation. The CFG
+combination + renorm + Euler update is one fused kernel (:func:`bagel_rt.kernels.cfg_euler`).
+
+Numerics: the same operations as the torch backend (bf16 GEMMs, fp32 RMSNorm and fp32 q/k norm + RoPE,
+fp32 softmax); the CFG arithmetic runs in fp32 instead of the reference's bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cache import Context
+from .embeddings import rope_cos_sin
+from .sampler import CFGSettings, schedule
+from .transforms import flattened_position_ids
+
+
+def _kernels():
+    from bagel_rt import kernels  # imported lazily: the torch backend never needs Triton
+
+    return kernels
+
+
+class PackedDenoiser:
+    """Batched-CFG velocity for up to ``len(ctxs)`` branches over one KV arena.
+
+    Args:
+        model: the :class:`bagel_rt.model.BagelModel`.
+        ctxs: the branch contexts in arena order (conditional first).
+        h, w: latent grid (tokens per side); the block has ``h*w + 2`` tokens.
+        use_graphs: capture each branch count's forward in a CUDA graph (CUDA only).
+    """
+
+    def __init__(self, model, ctxs: list[Context], h: int, w: int, use_graphs: bool = True):
+        self.k_ops = _kernels()
+        self.model, self.h, self.w = model, h, w
+        p = model.params.llm
+        self.Hq, self.Hk, self.D, self.eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
+        self.N, self.L, self.B = h * w, h * w + 2, len(ctxs)
+        dev, dt = model.device, model.dtype
+        self.device, self.dtype = dev, dt
+        lens = [c.length for c in ctxs]
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n + self.L)
+        self.k = torch.empty(p.num_layers, starts[-1], self.Hk, self.D, device=dev, dtype=dt)
+        self.v = torch.empty_like(self.k)
+        for b, c in enumerate(ctxs):
+            self.k[:, starts[b]: starts[b] + lens[b]] = c.cache.k[:, : lens[b]]
+            self.v[:, starts[b]: starts[b] + lens[b]] = c.cache.v[:, : lens[b]]
+        self.sm_scale = 1.0 / math.sqrt(self.D)
+        # per branch-count metadata: arena rows of the packed block, cu_seqlens, rope tables
+        self.meta = {}
+        for nb in range(1, self.B + 1):
+            gen_rows = torch.cat([torch.arange(self.N) + starts[b] + lens[b] + 2 for b in range(nb)])
+            und_rows = torch.cat([torch.arange(2) + starts[b] + lens[b] for b in range(nb)])
+            cos_g, sin_g, cos_u, sin_u = [], [], [], []
+            for b in range(nb):
+                c, s = rope_cos_sin(torch.tensor([ctxs[b].rope], device=dev), self.D, p.rope_theta, dt)
+                cos_g.append(c.expand(self.N, -1))
+                sin_g.append(s.expand(self.N, -1))
+                cos_u.append(c.expand(2, -1))
+                sin_u.append(s.expand(2, -1))
+            i32 = dict(dtype=torch.int32, device=dev)
+            self.meta[nb] = dict(
+                gen_rows=gen_rows.to(dev), und_rows=und_rows.to(dev),
+                cu_k=torch.tensor(starts[: nb + 1], **i32),
+                cu_qg=torch.arange(nb + 1, **i32) * self.N, cu_qu=torch.arange(nb + 1, **i32) * 2,
+                max_k=max(lens[:nb]) + self.L,
+                cos_g=torch.cat(cos_g).contiguous(), sin_g=torch.cat(sin_g).contiguous(),
+                cos_u=torch.cat(cos_u).contiguous(), sin_u=torch.cat(sin_u).contiguous(),
+            )
+        s = model.special
+        self.markers = model.embed([s.start_of_image, s.end_of_image])  # [2, H]
+        pos = flattened_position_ids(h, w, model.params.max_latent_size).to(dev)
+        self.pos_emb = model.latent_pos_embed(pos)  # [N, H]
+        # static inputs (graph replays read these)
+        self.x_in = torch.zeros(self.N, model.params.patch_latent_dim, device=dev, dtype=torch.float32)
+        self.t_in = torch.zeros(1, device=dev, dtype=torch.float32)
+        self.use_graphs = use_graphs and dev.type == "cuda"
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+        self.key = denoiser_key(ctxs, h, w)
+
+    def refill(self, ctxs: list[Context]) -> None:
+        """Reuse this denoiser (and its captured graphs) for new contexts of the same lengths and ropes."""
+        assert denoiser_key(ctxs, self.h, self.w) == self.key
+        start = 0
+        for c in ctxs:
+            n = c.length
+            self.k[:, start: start + n] = c.cache.k[:, :n]
+            self.v[:, start: start + n] = c.cache.v[:, :n]
+            start += n + self.L
+
+    # -- the packed forward ---------------------------------------------------------------------------------
+    def _layer(self, i: int, layer, xg: Tensor, xu: Tensor, m: dict) -> tuple[Tensor, Tensor]:
+        k_ops, eps, a = self.k_ops, self.eps, layer.self_attn
+        G, U = xg.shape[0], xu.shape[0]
+        hg = k_ops.rms_norm(xg, layer.input_layernorm_moe_gen.weight, eps)
+        hu = k_ops.rms_norm(xu, layer.input_layernorm.weight, eps)
+
+        def qkv(h, sfx):
+            return (F.linear(h, getattr(a, "q_proj" + sfx).weight, getattr(a, "q_proj" + sfx).bias),
+                    F.linear(h, getattr(a, "k_proj" + sfx).weight, getattr(a, "k_proj" + sfx).bias),
+                    F.linear(h, getattr(a, "v_proj" + sfx).weight, getattr(a, "v_proj" + sfx).bias))
+
+        qg, kg, vg = qkv(hg, "_moe_gen")
+        qu, ku, vu = qkv(hu, "")
+        qg, kg = k_ops.qk_norm_rope(qg.view(G, self.Hq, self.D), kg.view(G, self.Hk, self.D),
+                                    a.q_norm_moe_gen.weight, a.k_norm_moe_gen.weight, m["cos_g"], m["sin_g"], eps,
+                                    self.dtype)
+        qu, ku = k_ops.qk_norm_rope(qu.view(U, self.Hq, self.D), ku.view(U, self.Hk, self.D), a.q_norm.weight,
+                                    a.k_norm.weight, m["cos_u"], m["sin_u"], eps, self.dtype)
+        K, V = self.k[i], self.v[i]
+        K.index_copy_(0, m["gen_rows"], kg)
+        K.index_copy_(0, m["und_rows"], ku)
+        V.index_copy_(0, m["gen_rows"], vg.view(G, self.Hk, self.D))
+        V.index_copy_(0, m["und_rows"], vu.view(U, self.Hk, self.D))
+        og = k_ops.varlen_attention(qg, K, V, m["cu_qg"], m["cu_k"], False, self.sm_scale, self.N, m["max_k"])
+        ou = k_ops.varlen_attention(qu, K, V, m["cu_qu"], m["cu_k"], False, self.sm_scale, 2, m["max_k"])
+        ag = F.linear(og.view(G, -1), a.o_proj_moe_gen.weight)
+        au = F.linear(ou.view(U, -1), a.o_proj.weight)
+        hg, xg = k_ops.add_rms_norm(ag, xg, layer.post_attention_layernorm_moe_gen.weight, eps)
+        hu, xu = k_ops.add_rms_norm(au, xu, layer.post_attention_layernorm.weight, eps)
+        xg = xg + self._mlp(layer.mlp_moe_gen, hg)
+        xu = xu + self._mlp(layer.mlp, hu)
+        return xg, xu
+
+    def _mlp(self, mlp, h: Tensor) -> Tensor:
+        act = self.k_ops.swiglu(F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight))
+        return F.linear(act, mlp.down_proj.weight)
+
+    def _forward(self, nb: int) -> Tensor:
+        """Velocities [nb, N, 64] of the first ``nb`` branches for the static inputs x_in, t_in."""
+        model, m = self.model, self.meta[nb]
+        lat = model.vae2llm(self.x_in.to(self.dtype)) + model.time_embedder(self.t_in) + self.pos_emb
+        xg = lat.to(self.dtype).repeat(nb, 1)
+        xu = self.markers.repeat(nb, 1)
+        for i, layer in enumerate(model.language_model.model.layers):
+            xg, xu = self._layer(i, layer, xg, xu, m)
+        out = self.k_ops.rms_norm(xg, model.language_model.model.norm_moe_gen.weight, self.eps)
+        return model.llm2vae(out).view(nb, self.N, -1)
+
+    @torch.no_grad()
+    def velocities(self, x: Tensor, t: float, nb: int) -> Tensor:
+        """Velocities [nb, N, 64] of the first ``nb`` branches at (x [N, 64] fp32, t)."""
+        self.x_in.copy_(x)
+        self.t_in.fill_(t)
+        if not self.use_graphs:
+            return self._forward(nb)
+        if nb not in self.graphs:
+            self.graphs[nb] = self._capture(nb)
+        graph, out = self.graphs[nb]
+        graph.replay()
+        return out
+
+    def _capture(self, nb: int):
+        # warm up on a side stream (Triton compiles/autotunes here, never inside the capture)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(nb)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(nb)
+        return graph, out
+
+
+def denoiser_key(ctxs: list[Context], h: int, w: int) -> tuple:
+    """What a captured denoiser depends on: grid size and each branch's cache length and RoPE position."""
+    return (h, w, tuple((c.length, c.rope) for c in ctxs))
+
+
+@torch.no_grad()
+def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: int, num_timesteps: int,
+                   timestep_shift: float, cfg: CFGSettings, text_is_cond: bool, img_is_cond: bool,
+                   use_graphs: bool = True, on_step=None, cache: dict | None = None) -> Tensor:
+    """The sampler loop of :func:`bagel_rt.sampler.denoise` on the packed fast path.
+
+    Args:
+        ctxs: {"cond", "text", "img"} contexts.
+        text_is_cond / img_is_cond: exact dedup flags (that branch reuses the conditional velocity).
+    Returns:
+        [h*w, 64] float32 final latents.
+    """
+    k_ops = _kernels()
+    ts = schedule(num_timesteps, timestep_shift)
+    steps = [(float(ts[i]), float(ts[i] - ts[i + 1])) for i in range(num_timesteps - 1)]
+    ever_text = cfg.cfg_text_scale > 1 and any(cfg.scales_at(t)[0] > 1 for t, _ in steps)
+    ever_img = ever_text and cfg.cfg_img_scale > 1
+    order = ["cond"] + (["text"] if ever_text and not text_is_cond else []) + \
+        (["img"] if ever_img and not img_is_cond else [])
+    branch_ctxs = [ctxs[b] for b in order]
+    key = denoiser_key(branch_ctxs, h, w)
+    den = cache.get("denoiser") if cache is not None else None
+    if den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda"):
+        den.refill(branch_ctxs)  # same shapes: keep the captured graphs, copy the new caches in
+    else:
+        if cache is not None:
+            cache.pop("denoiser", None)  # free the old arena and graph pool before allocating new ones
+        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs)
+        if cache is not None:
+            cache["denoiser"] = den
+    x = noise.to(model.device, torch.float32).contiguous()
+    for i, (t, dt) in enumerate(steps):
+        st, si = cfg.scales_at(t)
+        need = {"cond"}
+        if st > 1:
+            need.add("cond" if text_is_cond else "text")
+            if si > 1:
+                need.add("cond" if img_is_cond else "img")
+        nb = max(order.index(b) for b in need) + 1
+        v = den.velocities(x, t, nb)
+        v_t = v[order.index("cond" if text_is_cond else "text")] if st > 1 else None
+        v_i = v[order.index("cond" if img_is_cond else "img")] if st > 1 and si > 1 else None
+        x, v_comb = k_ops.cfg_euler(x, v[0], v_t, v_i, st, si, cfg.cfg_renorm_type, cfg.cfg_renorm_min, dt)
+        if on_step is not None:
+            on_step(i, v_comb)
+    return x
