@@ -140,6 +140,7 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
             return res
 
         res, sec, warm, peak = _timed(once, runs, warmup)
+        extra = []
         tflops = res.info["flops"] / res.info["denoise_seconds"] / 1e12
         row = dict(task=task, backend=pipe.backend, weights=weights, height=res.info["shape"][0],
                    width=res.info["shape"][1],
@@ -158,11 +159,17 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
             row.update(torch_seconds=round(sec_t, 3), speedup_vs_torch=round(sec_t / sec, 2),
                        torch_peak_gib=peak_t and round(peak_t, 2),
                        rel_l2_latents_vs_torch=float((a - b).norm() / b.norm()))
-        return row
+            extra.append(dict(row, backend="torch", seconds=round(sec_t, 3),
+                             seconds_per_step=round(sec_t / (steps - 1), 4),
+                             denoise_seconds=round(ref.info["denoise_seconds"], 3), peak_gib=peak_t and
+                             round(peak_t, 2), tflops=round(ref.info["flops"] / ref.info["denoise_seconds"] / 1e12,
+                                                            1), warmup_seconds=[], runs=1,
+                             note="torch backend run of --compare-torch (after the triton runs warmed the GPU)"))
+        return [row, *extra]
 
     for task in tasks:
         if task in ("t2i", "edit"):
-            rows.append(image_task(task))
+            new = image_task(task)
         elif task == "decode":
             def once():
                 s = pipe.session(understanding_only=True, seed=0)
@@ -185,10 +192,12 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
                 row.update(torch_seconds=round(sec_t, 3), speedup_vs_torch=round(sec_t / sec, 2),
                            torch_tokens_per_s=round(len(ref.token_ids) / sec_t, 1),
                            greedy_ids_equal_prefix=_common_prefix(res.token_ids, ref.token_ids), ids_equal=same)
-            rows.append(row)
+            new = [row]
         else:
             raise ValueError(f"unknown bench task {task!r} (t2i, edit, decode)")
-        log(format_row(rows[-1]))
+        for r in new:
+            log(format_row(r))
+        rows += new
     return rows
 
 

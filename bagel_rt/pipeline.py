@@ -14,6 +14,7 @@ directly. Defaults:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -159,6 +160,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InputError(f"the triton backend needs a CUDA device (got {device}); use backend 'torch', or set "
+                         "TRITON_INTERPRET=1 to run the kernels in Triton's (slow) interpreter")
     return backend
 
 
