@@ -1,0 +1,75 @@
+"""Weight formats: INT8 and NF4 (bitsandbytes layouts, W8A16/W4A16 Triton matmuls).
+
+Quantization is a module swap: ``quantize_model(model, "int8" | "nf4")`` replaces ``nn.Linear`` modules by
+``Int8Linear`` / ``NF4Linear``, whose ``state_dict()`` uses the bitsandbytes keys. Each format's ``quantize`` /
+``dequantize`` (the reference) live in ``quant.int8`` and ``quant.nf4``.
+"""
+
+from collections.abc import Callable
+
+from torch import nn
+
+from . import int8, nf4
+from .int8 import Int8Config, Int8Linear, Int8Weights, int8_state, load_int8
+from .matmul import int8_matmul, int8_matmul_ref, nf4_matmul, nf4_matmul_ref
+from .nf4 import NF4Config, NF4Linear, NF4Weights, load_nf4, nf4_state
+
+__all__ = [
+    "int8",
+    "nf4",
+    "FORMATS",
+    "quantize_model",
+    "Int8Config",
+    "Int8Weights",
+    "Int8Linear",
+    "int8_state",
+    "load_int8",
+    "NF4Config",
+    "NF4Weights",
+    "NF4Linear",
+    "nf4_state",
+    "load_nf4",
+    "int8_matmul",
+    "int8_matmul_ref",
+    "nf4_matmul",
+    "nf4_matmul_ref",
+]
+
+FORMATS = {"int8": Int8Config, "nf4": NF4Config}
+
+
+def _converter(cfg: Int8Config | NF4Config) -> Callable[[nn.Linear], nn.Module]:
+    if isinstance(cfg, Int8Config):
+        return Int8Linear.from_linear
+    if isinstance(cfg, NF4Config):
+        return lambda linear: NF4Linear.from_linear(linear, blocksize=cfg.blocksize)
+    raise TypeError(f"unknown quantization config {cfg!r}")
+
+
+def quantize_model(model: nn.Module, fmt: str | Int8Config | NF4Config,
+                   filter_fn: Callable[[nn.Module, str], bool] = lambda module, name: True) -> nn.Module:
+    """Replaces every ``nn.Linear`` of ``model`` for which ``filter_fn(linear, qualified_name)`` holds by its
+    quantized counterpart (bias kept) and returns the model (the same object, unless ``model`` is itself a Linear).
+
+    fmt: "int8", "nf4" or a config (``NF4Config(blocksize=...)``). NF4 modules keep fp32 absmax at runtime;
+    double quantization only concerns checkpoints (``nf4_state``).
+    """
+    if isinstance(fmt, str):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown weight format {fmt!r}; expected one of {sorted(FORMATS)}")
+        fmt = FORMATS[fmt]()
+    convert = _converter(fmt)
+    if isinstance(model, nn.Linear):
+        return convert(model) if filter_fn(model, "") else model
+    targets = [(parent, child_name, f"{prefix}.{child_name}" if prefix else child_name, child)
+               for prefix, parent in model.named_modules()
+               for child_name, child in parent.named_children()
+               if isinstance(child, nn.Linear)]
+    for parent, child_name, name, child in targets:
+        if not filter_fn(child, name):
+            continue
+        try:
+            setattr(parent, child_name, convert(child))
+        except ValueError as e:
+            raise ValueError(f"cannot quantize {name!r}: {e}") from e
+    return model
