@@ -1,17 +1,26 @@
-"""INT8 / NF4 formats: round trips, bitsandbytes as independent reference, checkpoint keys, module swap.
+"""INT8 / NF4 / DFloat11 formats: round trips, bitsandbytes as independent reference, checkpoint keys, module swap.
 
 Kernels are covered in test_quant_kernels.py; everything here runs the pure-PyTorch / numpy references.
 """
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from bagel_rt.quant import (
+    DF11Linear,
     Int8Linear,
     NF4Config,
     NF4Linear,
+    compress_units,
+    compression_ratio,
+    decompress_unit,
+    df11_config,
+    df11_pattern_units,
+    dfloat11,
     int8,
     int8_state,
     load_int8,
@@ -196,13 +205,13 @@ def _toy_model() -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("fmt", ["int8", "nf4", "df11"])
 def test_quantize_model_swaps_and_matches_reference(fmt):
     model = _toy_model()
     x = torch.randn(5, 128)
     ref = model(x)
     qmodel = quantize_model(_toy_model(), fmt, filter_fn=lambda module, name: name != "3")
-    cls = {"int8": Int8Linear, "nf4": NF4Linear}[fmt]
+    cls = {"int8": Int8Linear, "nf4": NF4Linear, "df11": DF11Linear}[fmt]
     assert isinstance(qmodel[0], cls) and isinstance(qmodel[2][0], cls) and isinstance(qmodel[3], nn.Linear)
     assert qmodel[2][0].bias is None and qmodel[0].bias is not None
     # each quantized Linear equals F.linear with its dequantized weight
@@ -210,11 +219,14 @@ def test_quantize_model_swaps_and_matches_reference(fmt):
     x0 = torch.randn(3, 128)
     if fmt == "int8":
         w = int8.dequantize(qmodel[0].weights())
-    else:
+    elif fmt == "nf4":
         w = nf4.dequantize(qmodel[0].weights(), torch.float32)
+    else:
+        w = qmodel[0].decode().float()
+        assert torch.equal(w, lin.weight.to(torch.bfloat16).float())
     torch.testing.assert_close(qmodel[0](x0), F.linear(x0, w, lin.bias), rtol=1e-5, atol=1e-5)
     out = qmodel(x)
-    tol = {"int8": 0.02, "nf4": 0.15}[fmt]
+    tol = {"int8": 0.02, "nf4": 0.15, "df11": 0.01}[fmt]
     assert (out - ref).norm() / ref.norm() < tol
     # the state dict round-trips through a freshly swapped model
     state = qmodel.state_dict()
@@ -223,12 +235,15 @@ def test_quantize_model_swaps_and_matches_reference(fmt):
     torch.testing.assert_close(fresh(x), out, rtol=0, atol=0)
 
 
-def test_state_dict_keys_are_bitsandbytes():
+def test_state_dict_keys_are_bitsandbytes_and_dfloat11():
     keys = set(quantize_model(_toy_model(), "int8").state_dict())
     assert {"0.weight", "0.SCB", "0.weight_format", "0.bias", "2.0.weight", "2.0.SCB"} <= keys
     keys = set(quantize_model(_toy_model(), "nf4").state_dict())
     assert {"0.weight", "0.weight.absmax", "0.weight.quant_map", "0.weight.quant_state.bitsandbytes__nf4",
             "0.bias"} <= keys
+    keys = set(quantize_model(_toy_model(), "df11").state_dict())
+    assert {f"0.{k}" for k in ("luts", "encoded_exponent", "sign_mantissa", "output_positions", "gaps",
+                               "split_positions", "bias")} <= keys
 
 
 def test_nf4_linear_loads_double_quant_checkpoint():
@@ -249,3 +264,155 @@ def test_quantize_model_errors():
         quantize_model(_toy_model(), "int4")
     with pytest.raises(ValueError, match="'0'"):
         quantize_model(nn.Sequential(nn.Linear(100, 8)), "nf4")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DFloat11
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def skewed_bf16(n: int, seed: int = 0) -> torch.Tensor:
+    """normal * 0.02 with a few outliers (huge, tiny, subnormal, zero): long Huffman codes."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g) * 0.02
+    idx = torch.randint(0, n, (12,), generator=g)
+    w[idx] = torch.tensor([300.0, -5e4, 1e-30, 3e-39, 0.0, -0.0, 1e10, 7e-20, 2.0, -1.0, 1e-8, 6e30])
+    return w.to(torch.bfloat16)
+
+
+def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def fibonacci_counts() -> tuple[np.ndarray, np.ndarray]:
+    """A histogram whose unlimited Huffman code is 40+ bits deep (exercises the 32-bit limit and 4 LUT levels)."""
+    fib = [1, 2]
+    while len(fib) < 40:
+        fib.append(fib[-1] + fib[-2])
+    symbols = np.arange(90, 130)
+    counts = np.zeros(256, dtype=np.int64)
+    counts[symbols] = fib
+    return counts, symbols
+
+
+def bf16_from_fields(exps: np.ndarray, seed: int = 0) -> torch.Tensor:
+    sm = np.random.default_rng(seed).integers(0, 256, exps.size).astype(np.uint16)
+    words = ((sm & 0x80) << 8) | (exps.astype(np.uint16) << 7) | (sm & 0x7F)
+    return torch.from_numpy(words.view(np.int16)).view(torch.bfloat16)
+
+
+def sequential_decode(buffers: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Independent check of the layout: walk the bitstream from bit 0 with the tables; (exponents, code starts)."""
+    luts = buffers["luts"].numpy()
+    bits = np.unpackbits(np.concatenate([buffers["encoded_exponent"].numpy(), np.zeros(4, np.uint8)]))
+    n = buffers["sign_mantissa"].numel()
+    exps, starts, p = np.zeros(n, np.int64), np.zeros(n, np.int64), 0
+    for i in range(n):
+        row, level = 0, 0
+        while True:
+            byte = int(np.packbits(bits[p + 8 * level: p + 8 * level + 8])[0])
+            d = int(luts[row, byte])
+            if d < 240:
+                break
+            row, level = 256 - d, level + 1
+        exps[i], starts[i] = d, p
+        p += int(luts[-1, d])
+    return exps, starts
+
+
+def test_df11_buffers_follow_the_layout():
+    w = skewed_bf16(50_000)
+    b = compress_units([w.reshape(250, 200)])
+    assert set(b) == {"luts", "encoded_exponent", "sign_mantissa", "output_positions", "gaps", "split_positions"}
+    assert all(t.dtype == torch.uint8 for k, t in b.items() if k != "split_positions")
+    assert b["split_positions"].dtype == torch.int64 and b["split_positions"].numel() == 0
+    n_luts = b["luts"].shape[0]
+    assert b["luts"].shape == (n_luts, 256) and 3 <= n_luts <= 18
+    assert b["luts"][-1].max() > 8  # codes longer than one table level
+    n_blocks = math.ceil(b["encoded_exponent"].numel() / 4096)
+    assert n_blocks > 1
+    pos = b["output_positions"].numpy().view(np.uint32)
+    assert pos.size == n_blocks + 1 and pos[-1] == w.numel()
+    assert b["gaps"].numel() == math.ceil(n_blocks * 512 * 5 / 8)
+    # the independent sequential decoder agrees with the stored positions and gaps
+    exps, starts = sequential_decode(b)
+    u = w.view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(exps, (u >> 7) & 0xFF)
+    assert np.array_equal(b["sign_mantissa"].numpy(), ((u >> 8) & 0x80) | (u & 0x7F))
+    windows = np.arange(n_blocks * 512) * 64
+    first = np.searchsorted(starts, windows)
+    assert np.array_equal(pos[:-1], first[::512])
+    gaps = np.unpackbits(b["gaps"].numpy())[: 5 * windows.size].reshape(-1, 5) @ np.array([16, 8, 4, 2, 1])
+    live = first < w.numel()
+    assert np.array_equal(gaps[live], starts[first[live]] - windows[live])
+    # ~11 bits per weight for normal weights
+    assert 0.6 < compression_ratio(b) < 0.75
+
+
+def test_df11_roundtrip_skewed():
+    w = skewed_bf16(100_000, seed=1).reshape(400, 250)
+    (out,) = decompress_unit(compress_units(w), [w.shape])
+    assert_bits_equal(out, w)
+
+
+def test_df11_roundtrip_three_weights():
+    ws = [skewed_bf16(6_000, seed=2).reshape(60, 100), skewed_bf16(777, seed=3),
+          skewed_bf16(9_000, seed=4).reshape(3, 3000)]
+    b = compress_units(ws)
+    assert b["split_positions"].tolist() == [6_000, 6_777]
+    outs = decompress_unit(b, [w.shape for w in ws])
+    for o, w in zip(outs, ws):
+        assert_bits_equal(o, w)
+
+
+def test_df11_all_same_exponent():
+    g = torch.Generator().manual_seed(0)
+    w = ((1 + 0.9 * torch.rand(20_000, generator=g)) * torch.randn(20_000, generator=g).sign()).to(torch.bfloat16)
+    assert len(set(((w.view(torch.int16).numpy().view(np.uint16) >> 7) & 0xFF).tolist())) == 1
+    b = compress_units(w)
+    assert (b["luts"][-1] > 0).sum() == 2  # the exponent and the end-of-stream symbol, 1 bit each
+    assert_bits_equal(decompress_unit(b)[0], w)
+
+
+def test_df11_long_codes_and_length_limit():
+    counts, symbols = fibonacci_counts()
+    assert dfloat11._huffman_depths(counts[symbols]).max() > 32
+    lengths = dfloat11.huffman_code_lengths(counts)
+    assert lengths.max() == 32 and np.isclose((2.0 ** -lengths[lengths > 0]).sum(), 1.0)
+    exps = np.random.default_rng(0).choice(symbols, 20_000)
+    w = bf16_from_fields(exps)
+    b = compress_units([w[:12_000], w[12_000:]], counts=counts)
+    assert b["luts"][-1].max() == 32 and b["luts"].shape[0] >= 5  # root + sub-tables on 3 levels + lengths
+    assert_bits_equal(torch.cat(decompress_unit(b)), w)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 9, 4095, 4096 * 8 + 3])
+def test_df11_small_and_unaligned(n):
+    w = skewed_bf16(max(n, 16), seed=n)[:n]
+    assert_bits_equal(decompress_unit(compress_units(w))[0], w)
+
+
+def test_df11_rejects_unencodable():
+    with pytest.raises(ValueError, match="240"):
+        compress_units(torch.tensor([1.0, float("inf")], dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="240"):
+        compress_units(torch.tensor([1.0, 2.0**120], dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="bf16"):
+        compress_units(torch.zeros(4))
+    with pytest.raises(ValueError, match="non-zero"):
+        compress_units(torch.ones(4, dtype=torch.bfloat16), counts=np.ones(256) * (np.arange(256) < 100))
+
+
+def test_df11_pattern_units():
+    names = [f"layers.{i}.{m}.weight" for i in range(2) for m in ("attn.q", "attn.k", "mlp.up")]
+    names += ["embed.weight", "layers.0.norm.weight", "head.weight"]
+    pattern = {r"layers\.\d+": ["attn.q", "attn.k", "mlp.up"], r"embed": []}
+    units = df11_pattern_units(names, pattern)
+    assert list(units) == ["layers.0", "layers.1", "embed"]
+    assert units["layers.1"] == ["layers.1.attn.q.weight", "layers.1.attn.k.weight", "layers.1.mlp.up.weight"]
+    assert units["embed"] == ["embed.weight"]
+    with pytest.raises(ValueError, match="mlp.down"):
+        df11_pattern_units(names, {r"layers\.\d+": ["mlp.down"]})
+    cfg = df11_config(pattern)
+    assert cfg["threads_per_block"] == [512] and cfg["bytes_per_thread"] == 8 and cfg["pattern_dict"] == pattern

@@ -1,0 +1,225 @@
+"""Decoding one DFloat11 compression unit (layout: docs/weight-formats.md section 3) into bf16.
+
+The bitstream is cut into windows of ``BYTES_PER_THREAD`` = 8 bytes ("threads") and blocks of
+``THREADS_PER_BLOCK`` = 512 windows (4096 bytes). A window decodes every code that *starts* inside it, the
+first one at bit ``gap`` (5 bits per window in ``gaps``); codes are <= 32 bits, so a window reads its 8 bytes
+plus 4 bytes of look-ahead. The element index of the first code of block ``b`` is ``output_positions[b]``;
+inside a block a prefix sum over the windows' code counts gives each window's first index.
+
+A code is decoded with the hierarchical tables ``luts[:-1]``: the entry for the next 8 bits is the exponent, or a
+value >= 240 naming the table ``256 - value`` to be read with the following 8 bits (at most 4 levels).
+``luts[-1][e]`` is the code length of exponent ``e``. The bf16 word is ``(s & 0x80) << 8 | e << 7 | (s & 0x7F)``
+with ``s = sign_mantissa[i]``.
+
+``df11_decode`` is the Triton kernel (one program = one block of 512 windows: decode to count, ``tl.cumsum``
+seeded with ``output_positions[block]``, decode again and store). ``df11_decode_ref`` is a numpy reference with
+the same signature, vectorised over windows.
+"""
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["THREADS_PER_BLOCK", "BYTES_PER_THREAD", "BUFFER_NAMES", "df11_decode", "df11_decode_ref"]
+
+THREADS_PER_BLOCK = 512
+BYTES_PER_THREAD = 8
+BUFFER_NAMES = ("luts", "encoded_exponent", "sign_mantissa", "output_positions", "gaps", "split_positions")
+
+
+def _unpack(buffers: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    for name in BUFFER_NAMES[:5]:
+        if name not in buffers:
+            raise ValueError(f"DFloat11 unit: missing buffer {name!r}")
+    luts, codes, sm = buffers["luts"], buffers["encoded_exponent"], buffers["sign_mantissa"]
+    pos, gaps = buffers["output_positions"], buffers["gaps"]
+    if luts.dtype != torch.uint8 or luts.ndim != 2 or luts.shape[1] != 256 or luts.shape[0] < 2:
+        raise ValueError(f"DFloat11 unit: 'luts' must be uint8 [n_luts >= 2, 256], "
+                         f"got {luts.dtype} {tuple(luts.shape)}")
+    for name, t in (("encoded_exponent", codes), ("sign_mantissa", sm), ("output_positions", pos), ("gaps", gaps)):
+        if t.dtype != torch.uint8 or t.ndim != 1:
+            raise ValueError(f"DFloat11 unit: {name!r} must be a 1-D uint8 tensor, got {t.dtype} {tuple(t.shape)}")
+    n_blocks = -(-codes.numel() // (THREADS_PER_BLOCK * BYTES_PER_THREAD))
+    if pos.numel() != 4 * (n_blocks + 1):
+        raise ValueError(f"DFloat11 unit: 'output_positions' must hold {n_blocks + 1} uint32 "
+                         f"({4 * (n_blocks + 1)} bytes) for {codes.numel()} code bytes, got {pos.numel()} bytes")
+    if gaps.numel() * 8 < 5 * n_blocks * THREADS_PER_BLOCK:
+        raise ValueError(f"DFloat11 unit: 'gaps' must hold 5 bits for each of {n_blocks * THREADS_PER_BLOCK} "
+                         f"windows, got {gaps.numel()} bytes")
+    return luts, codes, sm, pos, gaps
+
+
+def _check_out(out: Tensor, n: int) -> None:
+    assert out.dtype in (torch.bfloat16, torch.int16), f"out must be bf16 (or its int16 view), got {out.dtype}"
+    assert out.is_contiguous() and out.numel() == n, f"out must be contiguous with {n} elements"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# numpy reference
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _lut_decode_np(luts: np.ndarray, peek: np.ndarray) -> np.ndarray:
+    """Exponents of the codes at the top of the 32-bit ``peek`` words (uint64 array)."""
+    d = luts[0, (peek >> 24).astype(np.intp)].astype(np.intp)
+    for level in (1, 2, 3):
+        ptr = d >= 240
+        if not ptr.any():
+            break
+        byte = ((peek[ptr] >> np.uint64(24 - 8 * level)) & np.uint64(0xFF)).astype(np.intp)
+        d[ptr] = luts[256 - d[ptr], byte]
+    return d
+
+
+def _max_codes_per_window(luts: np.ndarray) -> int:
+    lengths = luts[-1]
+    min_len = int(lengths[lengths > 0].min()) if (lengths > 0).any() else 1
+    return -(-64 // min_len)
+
+
+def df11_decode_ref(buffers: dict[str, Tensor], out: Tensor) -> Tensor:
+    """Reference decoder (numpy, on the CPU): writes the unit into ``out`` (bf16 or int16, [n]) and returns it."""
+    luts_t, codes_t, sm_t, pos_t, gaps_t = _unpack(buffers)
+    n = sm_t.numel()
+    _check_out(out, n)
+    luts = luts_t.cpu().numpy()
+    codes, sm = codes_t.cpu().numpy(), sm_t.cpu().numpy()
+    pos = pos_t.cpu().numpy().view(np.uint32).astype(np.int64)
+    n_blocks = pos.size - 1
+    n_threads = n_blocks * THREADS_PER_BLOCK
+    gap_bits = np.unpackbits(gaps_t.cpu().numpy())[: 5 * n_threads].reshape(n_threads, 5)
+    gaps = gap_bits.astype(np.int64) @ np.array([16, 8, 4, 2, 1], dtype=np.int64)
+    buf = np.zeros(n_threads * BYTES_PER_THREAD + 4, dtype=np.uint8)
+    buf[: codes.size] = codes
+    max_iters = _max_codes_per_window(luts)
+    exps = np.zeros(n, dtype=np.uint16)
+    blocks_per_chunk = 64
+    for b0 in range(0, n_blocks, blocks_per_chunk):
+        b1 = min(b0 + blocks_per_chunk, n_blocks)
+        t0, t1 = b0 * THREADS_PER_BLOCK, b1 * THREADS_PER_BLOCK
+        # the window's 12 bytes as three big-endian 32-bit words
+        idx = np.arange(t0, t1, dtype=np.int64)[:, None] * BYTES_PER_THREAD + np.arange(12)
+        w = buf[idx].astype(np.uint64)
+        w0, w1, w2 = ((w[:, 4 * i] << np.uint64(24)) | (w[:, 4 * i + 1] << np.uint64(16))
+                      | (w[:, 4 * i + 2] << np.uint64(8)) | w[:, 4 * i + 3] for i in range(3))
+        x_hi, x_lo = (w0 << np.uint64(32)) | w1, (w1 << np.uint64(32)) | w2
+        p = gaps[t0:t1].copy()
+        syms = np.zeros((max_iters, t1 - t0), dtype=np.int64)
+        counts = np.zeros(t1 - t0, dtype=np.int64)
+        for k in range(max_iters):
+            act = np.flatnonzero(p < 64)
+            if act.size == 0:
+                break
+            pa = p[act]
+            sh_hi, sh_lo = np.minimum(pa, 31).astype(np.uint64), np.maximum(pa - 32, 0).astype(np.uint64)
+            peek = np.where(pa < 32, (x_hi[act] << sh_hi) >> np.uint64(32), (x_lo[act] << sh_lo) >> np.uint64(32))
+            d = _lut_decode_np(luts, peek)
+            syms[k, act] = d
+            counts[act] += 1
+            p[act] += luts[-1, d]
+        # first element index of each window: block offset + exclusive prefix sum inside the block
+        c = counts.reshape(-1, THREADS_PER_BLOCK)
+        start = (pos[b0:b1, None] + np.cumsum(c, axis=1) - c).reshape(-1)
+        k = np.arange(max_iters)[:, None]
+        o = start[None, :] + k
+        m = (k < counts[None, :]) & (o < n)
+        exps[o[m]] = syms[m]
+    s = sm.astype(np.uint16)
+    words = ((s & 0x80) << 8) | (exps << 7) | (s & 0x7F)
+    out.view(torch.int16).copy_(torch.from_numpy(words.view(np.int16)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lut_decode(luts_ptr, b_peek, n_luts):
+    """Exponent and code length of the code at the top of each 32-bit ``b_peek`` (uint64)."""
+    b_d = tl.load(luts_ptr + (b_peek >> 24).to(tl.int32)).to(tl.int32)
+    for level in tl.static_range(1, 4):
+        m_ptr = b_d >= 240
+        b_byte = ((b_peek >> (24 - 8 * level)) & 0xFF).to(tl.int32)
+        b_next = tl.load(luts_ptr + (256 - b_d) * 256 + b_byte, mask=m_ptr, other=0).to(tl.int32)
+        b_d = tl.where(m_ptr, b_next, b_d)
+    b_len = tl.load(luts_ptr + (n_luts - 1) * 256 + b_d).to(tl.int32)
+    return b_d, b_len
+
+
+@triton.jit
+def _peek32(b_hi, b_lo, b_p):
+    """Bits [p, p + 32) of the window (p in [0, 64)), from its words 0-1 (b_hi) and 1-2 (b_lo)."""
+    sh_hi = tl.minimum(b_p, 31).to(tl.uint64)
+    sh_lo = tl.maximum(b_p - 32, 0).to(tl.uint64)
+    return tl.where(b_p < 32, (b_hi << sh_hi) >> 32, (b_lo << sh_lo) >> 32)
+
+
+@triton.jit
+def _df11_decode_kernel(luts_ptr, codes_ptr, sm_ptr, pos_ptr, gaps_ptr, out_ptr, n_luts, n_bytes, n_elements,
+                        n_gap_bytes, THREADS: tl.constexpr, BYTES: tl.constexpr):
+    i_b = tl.program_id(0)
+    o_t = i_b * THREADS + tl.arange(0, THREADS)  # global window index
+    o_byte = o_t * BYTES
+    # [THREADS] x 3: the window's 8 bytes and 4 look-ahead bytes as big-endian 32-bit words
+    b_w0 = tl.zeros([THREADS], dtype=tl.uint64)
+    b_w1 = tl.zeros([THREADS], dtype=tl.uint64)
+    b_w2 = tl.zeros([THREADS], dtype=tl.uint64)
+    for j in tl.static_range(4):
+        o0, o1, o2 = o_byte + j, o_byte + 4 + j, o_byte + 8 + j
+        b_w0 = (b_w0 << 8) | tl.load(codes_ptr + o0, mask=o0 < n_bytes, other=0).to(tl.uint64)
+        b_w1 = (b_w1 << 8) | tl.load(codes_ptr + o1, mask=o1 < n_bytes, other=0).to(tl.uint64)
+        b_w2 = (b_w2 << 8) | tl.load(codes_ptr + o2, mask=o2 < n_bytes, other=0).to(tl.uint64)
+    b_hi = (b_w0 << 32) | b_w1
+    b_lo = (b_w1 << 32) | b_w2
+    # 5-bit gap of each window, MSB-first
+    o_gbit = o_t * 5
+    b_g0 = tl.load(gaps_ptr + o_gbit // 8).to(tl.int32)
+    b_g1 = tl.load(gaps_ptr + o_gbit // 8 + 1, mask=o_gbit // 8 + 1 < n_gap_bytes, other=0).to(tl.int32)
+    b_gap = (((b_g0 << 8) | b_g1) >> (11 - o_gbit % 8)) & 31
+
+    # phase 1: count the codes that start in each window
+    b_p = b_gap
+    b_cnt = tl.zeros([THREADS], dtype=tl.int32)
+    m_act = b_p < 64
+    while tl.max(m_act.to(tl.int32), axis=0) > 0:
+        b_d, b_len = _lut_decode(luts_ptr, _peek32(b_hi, b_lo, b_p), n_luts)
+        b_p = tl.where(m_act, b_p + b_len, b_p)
+        b_cnt += m_act.to(tl.int32)
+        m_act = b_p < 64
+
+    # block prefix sum, seeded with the block's first output index
+    b_start = tl.load(pos_ptr + i_b) + tl.cumsum(b_cnt, axis=0) - b_cnt
+    b_end = tl.minimum(b_start + b_cnt, n_elements)
+
+    # phase 2: decode again and write bf16 words (int16 view)
+    b_p = b_gap
+    b_i = b_start
+    m_act = b_i < b_end
+    while tl.max(m_act.to(tl.int32), axis=0) > 0:
+        b_d, b_len = _lut_decode(luts_ptr, _peek32(b_hi, b_lo, b_p), n_luts)
+        b_s = tl.load(sm_ptr + b_i, mask=m_act, other=0).to(tl.int32)
+        b_word = ((b_s & 0x7F) | (b_d << 7)) - ((b_s & 0x80) << 8)  # signed 16-bit value of the bf16 word
+        tl.store(out_ptr + b_i, b_word.to(tl.int16), mask=m_act)
+        b_p = tl.where(m_act, b_p + b_len, b_p)
+        b_i += m_act.to(tl.int32)
+        m_act = b_i < b_end
+
+
+def df11_decode(buffers: dict[str, Tensor], out: Tensor) -> Tensor:
+    """Decodes the unit ``buffers`` (all on one CUDA device) into ``out`` (bf16 or int16, [n]); returns ``out``."""
+    luts, codes, sm, pos, gaps = _unpack(buffers)
+    n = sm.numel()
+    _check_out(out, n)
+    assert n < 2**31, "units of 2**31 or more elements are not supported"
+    assert all(t.device == out.device and t.is_contiguous() for t in (luts, codes, sm, pos, gaps))
+    n_blocks = pos.numel() // 4 - 1
+    if n == 0:
+        return out
+    _df11_decode_kernel[(n_blocks,)](luts, codes, sm, pos.view(torch.int32), gaps, out.view(torch.int16),
+                                     luts.shape[0], codes.numel(), n, gaps.numel(),
+                                     THREADS=THREADS_PER_BLOCK, BYTES=BYTES_PER_THREAD, num_warps=8)
+    return out
