@@ -26,6 +26,9 @@ from bagel_rt.fast_decode import (
 )
 from bagel_rt.tiny import write_tiny_checkpoint
 
+# kernels run where Triton can: the GPU when there is one, else the interpreter on the CPU
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 PROMPT = "What is a bagel? Answer in one sentence."
 
 
@@ -36,7 +39,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe32(tiny_dir):
-    return bagel_rt.load(tiny_dir, device="cpu", dtype=torch.float32)
+    return bagel_rt.load(tiny_dir, device=DEV, dtype=torch.float32)
 
 
 def prompted(pipe, seed=0):
@@ -73,14 +76,14 @@ def teacher_forced(model, ctx_ref, ctx_k, steps, layers=None, num_splits=None):
 @pytest.mark.parametrize("Hq, Hk, D", [(4, 2, 16), (6, 2, 32), (7, 1, 128)])
 def test_qkv_rope_cache(Hq, Hk, D, with_bias, dtype):
     torch.manual_seed(0)
-    qkv = torch.randn((Hq + 2 * Hk) * D).to(dtype)
+    qkv = torch.randn((Hq + 2 * Hk) * D).to(DEV, dtype)
     q, k, v = (t.view(-1, D) for t in qkv.split([Hq * D, Hk * D, Hk * D]))
-    bias = torch.randn((Hq + 2 * Hk) * D).to(dtype) if with_bias else None
-    qw, kw = (1 + 0.1 * torch.randn(D)).to(dtype), (1 + 0.1 * torch.randn(D)).to(dtype)
+    bias = torch.randn((Hq + 2 * Hk) * D).to(DEV, dtype) if with_bias else None
+    qw, kw = (1 + 0.1 * torch.randn(D)).to(DEV, dtype), (1 + 0.1 * torch.randn(D)).to(DEV, dtype)
     ang = 37.0 * torch.arange(D // 2) / D
-    cos, sin = torch.cat([ang, ang]).cos().to(dtype)[None], torch.cat([ang, ang]).sin().to(dtype)[None]
-    caches = [torch.zeros(9, Hk, D, dtype=dtype) for _ in range(4)]
-    length = torch.tensor([5], dtype=torch.int32)
+    cos, sin = torch.cat([ang, ang]).cos().to(DEV, dtype)[None], torch.cat([ang, ang]).sin().to(DEV, dtype)[None]
+    caches = [torch.zeros(9, Hk, D, dtype=dtype, device=DEV) for _ in range(4)]
+    length = torch.tensor([5], dtype=torch.int32, device=DEV)
     q_ref = qkv_rope_cache_ref(q, k, v, bias, qw, kw, cos, sin, 1e-6, caches[0], caches[1], length)
     q_out = qkv_rope_cache(q, k, v, bias, qw, kw, cos, sin, 1e-6, caches[2], caches[3], length)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -111,7 +114,7 @@ def test_decode_step_matches_torch_fp32(pipe32, fuse_qkv, num_splits):
 
 
 def test_decode_step_matches_torch_fp16(tiny_dir):
-    pipe = bagel_rt.load(tiny_dir, device="cpu", dtype=torch.float16)
+    pipe = bagel_rt.load(tiny_dir, device=DEV, dtype=torch.float16)
     s = prompted(pipe)
     ctx_ref, ctx_k = s.gen.fork(extra=4), s.gen.fork(extra=4)
     layers = und_layers(pipe.model, True)
