@@ -155,6 +155,7 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
                 ref, sec_t, _, peak_t = _timed(once, 1, 0)
             finally:
                 pipe.backend = backend
+            tflops_t = ref.info["flops"] / ref.info["denoise_seconds"] / 1e12
             a, b = res.latents.double(), ref.latents.double()
             row.update(torch_seconds=round(sec_t, 3), speedup_vs_torch=round(sec_t / sec, 2),
                        torch_peak_gib=peak_t and round(peak_t, 2),
@@ -162,8 +163,8 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
             extra.append(dict(row, backend="torch", seconds=round(sec_t, 3),
                              seconds_per_step=round(sec_t / (steps - 1), 4),
                              denoise_seconds=round(ref.info["denoise_seconds"], 3), peak_gib=peak_t and
-                             round(peak_t, 2), tflops=round(ref.info["flops"] / ref.info["denoise_seconds"] / 1e12,
-                                                            1), warmup_seconds=[], runs=1,
+                             round(peak_t, 2), tflops=round(tflops_t, 1),
+                             tflops_share=peak_mm and round(tflops_t / peak_mm, 3), warmup_seconds=[], runs=1,
                              note="torch backend run of --compare-torch (after the triton runs warmed the GPU)"))
         return [row, *extra]
 
