@@ -1,0 +1,159 @@
+"""Full-size diagnostics on a GPU (random 7B weights): memory by phase, backend agreement, a bf16-noise
+reference, and a kernel-time profile of one packed denoising forward.
+
+    python benchmarks/diagnose.py --out diag.jsonl [--commit abc] [--size 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from bagel_rt.bench import environment, test_image
+from bagel_rt.fast import PackedDenoiser
+from bagel_rt.random_weights import random_bagel
+from bagel_rt.sampler import CFGSettings
+
+GIB = 2**30
+
+
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def mem_phases(pipe, size):
+    """Peak GPU memory of each phase of an edit request (torch backend prefill, triton denoise)."""
+    out = {}
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    s = pipe.session(seed=0)
+    img = test_image(size, size)
+    for name, fn in [("add_image (VAE encode + VAE block + ViT block)", lambda: s.add_image(img)),
+                     ("add_text", lambda: s.add_text("Make the sky purple and add a moon.")),
+                     ("gen_image (denoise + VAE decode)", lambda: s.gen_image(
+                         None, CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel"), num_timesteps=3))]:
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        out[name] = dict(peak_over_weights_gib=round((torch.cuda.max_memory_allocated() - base) / GIB, 2),
+                         held_after_gib=round((torch.cuda.memory_allocated() - base) / GIB, 2))
+    out["context_rows"] = dict(gen=s.gen.length, cfg_text=s.cfg_text.length, cfg_img=s.cfg_img.length)
+    # VAE alone
+    x = torch.rand(1, 3, size, size, device="cuda") * 2 - 1
+    torch.cuda.reset_peak_memory_stats()
+    base2 = torch.cuda.memory_allocated()
+    z = pipe.vae.encode(x, None)
+    torch.cuda.synchronize()
+    out["vae_encode_peak_gib"] = round((torch.cuda.max_memory_allocated() - base2) / GIB, 2)
+    torch.cuda.reset_peak_memory_stats()
+    pipe.vae.decode(z)
+    torch.cuda.synchronize()
+    out["vae_decode_peak_gib"] = round((torch.cuda.max_memory_allocated() - base2) / GIB, 2)
+    return out
+
+
+def profile_forward(pipe, size):
+    """CUDA kernel time of one eager packed forward (2 branches, t2i contexts), grouped by kind."""
+    s = pipe.session(seed=0)
+    s.add_text("A red bagel on a white plate, studio light.")
+    h = w = size // 16
+    den = PackedDenoiser(pipe.model, [s.gen, s.cfg_text], h, w, use_graphs=False)
+    den.x_in.normal_()
+    for _ in range(2):
+        den._forward(2)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        den._forward(2)
+        torch.cuda.synchronize()
+    groups = defaultdict(float)
+    for e in prof.key_averages():
+        name = e.key.lower()
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        kind = _kind(name)
+        groups[kind] += t / 1000.0
+    total = sum(groups.values())
+    out = {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
+    return out | {"total_ms": round(total, 2)}
+
+
+def _kind(name: str) -> str:
+    if "attn" in name:
+        return "attention"
+    if any(k in name for k in ("gemm", "nvjet", "sm90", "cutlass", "xmma", "matmul")):
+        return "gemm"
+    if any(k in name for k in ("rms", "rope")):
+        return "norm/rope"
+    if "swiglu" in name:
+        return "swiglu"
+    if any(k in name for k in ("copy", "index", "cat", "elementwise", "vectorized")):
+        return "copy/index/elementwise"
+    return "other"
+
+
+def agreement(pipe, size, steps):
+    """First-step velocity and final latents: triton vs torch (bf16), t2i app defaults."""
+    res = {}
+    for backend in ("triton", "torch"):
+        pipe.backend = backend
+        r1 = pipe.generate("A red bagel on a white plate.", image_shapes=(size, size), num_timesteps=2, seed=0,
+                           record=True)
+        rN = pipe.generate("A red bagel on a white plate.", image_shapes=(size, size), num_timesteps=steps,
+                           seed=0, record=True)
+        res[backend] = (r1.velocities[0], rN.latents, rN.velocities)
+    pipe.backend = "triton"
+    v_steps = [rel(a, b) for a, b in zip(res["triton"][2], res["torch"][2])]
+    return res, dict(first_velocity_rel_l2=rel(res["triton"][0], res["torch"][0]),
+                     final_latents_rel_l2=rel(res["triton"][1], res["torch"][1]),
+                     per_step_velocity_rel_l2=[round(x, 4) for x in v_steps])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--fp32-reference", action="store_true")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    env = environment(a.commit)
+    rows = []
+    pipe = random_bagel("bagel-7b-mot", device="cuda", backend="triton")
+    t0 = time.time()
+    rows.append(dict(diag="memory_phases_edit", size=a.size, **mem_phases(pipe, a.size), **env))
+    print(json.dumps(rows[-1]), flush=True)
+    prof = profile_forward(pipe, a.size)
+    rows.append(dict(diag="profile_packed_forward_2_branches_ms", size=a.size, **prof, **env))
+    print(json.dumps(rows[-1]), flush=True)
+    res, agree = agreement(pipe, a.size, a.steps)
+    rows.append(dict(diag="triton_vs_torch_bf16", size=a.size, steps=a.steps, **agree, **env))
+    print(json.dumps(rows[-1]), flush=True)
+    if a.fp32_reference:
+        # the same weights (bf16 values) in fp32: how far is each bf16 backend from exact arithmetic?
+        p32 = random_bagel("bagel-7b-mot", device="cuda", dtype=torch.float32, backend="torch")
+        with torch.no_grad():
+            for p in p32.model.parameters():
+                p.copy_(p.bfloat16().float())
+        r32 = p32.generate("A red bagel on a white plate.", image_shapes=(a.size, a.size), num_timesteps=a.steps,
+                           seed=0)
+        rows.append(dict(diag="bf16_vs_fp32_reference", size=a.size, steps=a.steps,
+                         torch_bf16_vs_fp32=rel(res["torch"][1], r32.latents),
+                         triton_bf16_vs_fp32=rel(res["triton"][1], r32.latents), **env))
+        print(json.dumps(rows[-1]), flush=True)
+    with open(a.out, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"done in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
