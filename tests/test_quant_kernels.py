@@ -1,0 +1,163 @@
+"""Triton kernels of bagel_rt.quant against their references: W8A16 / W4A16-NF4 matmuls and the DFloat11 decoder.
+
+On a CPU-only machine the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), in fp16/fp32;
+on a GPU bf16 is tested too.
+"""
+
+import numpy as np
+import pytest
+import torch
+from bagel_rt.quant import (
+    DF11Linear,
+    Int8Linear,
+    NF4Linear,
+    compress_units,
+    df11_decode,
+    df11_decode_ref,
+    int8,
+    int8_matmul,
+    int8_matmul_ref,
+    matmul,
+    nf4,
+    nf4_matmul,
+    nf4_matmul_ref,
+)
+from bagel_rt.quant.matmul import int8_dequant, nf4_dequant, nf4_dequant_ref
+from test_quant import assert_bits_equal, bf16_from_fields, fibonacci_counts, skewed_bf16
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if CUDA else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative L2 error vs the fp32 reference
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm())
+
+
+def make_case(M: int, N: int, K: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+    w = torch.randn(N, K, generator=g) * 0.05
+    return x, w
+
+
+SHAPES = [(M, N, K) for M in (1, 3, 37) for N, K in ((48, 64), (100, 192))]
+
+
+@pytest.mark.parametrize("mode", ["gemv", "gemm", "dequant"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_int8_matmul(M, N, K, dtype, mode):
+    x, w = make_case(M, N, K, dtype)
+    q = int8.quantize(w.to(DEVICE))
+    out = int8_matmul(x, q.qweight, q.scale, mode=mode)
+    ref = int8_matmul_ref(x, q.qweight, q.scale)
+    assert out.shape == (M, N) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("mode", ["gemv", "gemm", "dequant"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_nf4_matmul(M, N, K, dtype, mode):
+    x, w = make_case(M, N, K, dtype, seed=1)
+    q = nf4.quantize(w.to(DEVICE))
+    out = nf4_matmul(x, q.packed, q.absmax, 64, (N, K), mode=mode)
+    ref = nf4_matmul_ref(x, q.packed, q.absmax, 64, (N, K))
+    assert out.shape == (M, N) and out.dtype == dtype
+    # the GEMM rounds the dequantized weights to the activation dtype before tl.dot
+    assert rel_err(out, ref) < TOL[dtype] * (1 if mode == "gemv" else 2)
+
+
+def test_matmuls_accept_strided_rows_and_reject_bad_k(monkeypatch):
+    monkeypatch.setattr(matmul, "DEQUANT_CHUNK", 64 * 10)  # the "dequant" path in chunks of 10 rows
+    x_full, w = make_case(5, 48, 128, torch.float16, seed=2)
+    x = x_full[:, :64]  # row stride 128
+    w = w[:, :64].contiguous()
+    qi, qn = int8.quantize(w.to(DEVICE)), nf4.quantize(w.to(DEVICE))
+    for mode in ("gemv", "gemm", "dequant"):
+        assert rel_err(int8_matmul(x, qi.qweight, qi.scale, mode=mode),
+                       int8_matmul_ref(x, qi.qweight, qi.scale)) < TOL[torch.float16]
+        assert rel_err(nf4_matmul(x, qn.packed, qn.absmax, 64, (48, 64), mode=mode),
+                       nf4_matmul_ref(x, qn.packed, qn.absmax, 64, (48, 64))) < 2 * TOL[torch.float16]
+    q96 = nf4.quantize(torch.randn(8, 96, device=DEVICE))
+    with pytest.raises(AssertionError, match="multiple of the NF4 blocksize"):
+        nf4_matmul(torch.randn(1, 96, device=DEVICE), q96.packed, q96.absmax, 64, (8, 96))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequant_kernels(dtype):
+    w = torch.randn(40, 192, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    qi, qn = int8.quantize(w), nf4.quantize(w)
+    ref_i = qi.qweight.float() * qi.scale[:, None]
+    torch.testing.assert_close(int8_dequant(qi.qweight, qi.scale, dtype), ref_i.to(dtype), rtol=0, atol=0)
+    ref_n = nf4_dequant_ref(qn.packed, qn.absmax, 64, (40, 192))
+    torch.testing.assert_close(nf4_dequant(qn.packed, qn.absmax, 64, (40, 192), dtype=dtype), ref_n.to(dtype),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, NF4Linear, DF11Linear])
+def test_linear_modules_kernel_path_matches_reference(cls):
+    lin = torch.nn.Linear(128, 40).to(DEVICE)
+    mod = cls.from_linear(lin)
+    x = torch.randn(2, 3, 128, device=DEVICE, dtype=torch.float16 if cls is not DF11Linear else torch.float32)
+    mod.use_kernel = False
+    ref = mod(x)
+    mod.use_kernel = True
+    out = mod(x)
+    assert out.shape == (2, 3, 40) and out.dtype == x.dtype
+    assert rel_err(out, ref) < 2 * TOL[x.dtype]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DFloat11 decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def decode_both(buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = buffers["sign_mantissa"].numel()
+    ref = df11_decode_ref(buffers, torch.empty(n, dtype=torch.bfloat16))
+    dev = {k: v.to(DEVICE) for k, v in buffers.items()}
+    out = df11_decode(dev, torch.full((n,), 7.0, dtype=torch.bfloat16, device=DEVICE))
+    return out.cpu(), ref
+
+
+def test_df11_kernel_skewed_multi_block():
+    w = skewed_bf16(60_000, seed=7)
+    b = compress_units(w.reshape(300, 200))
+    assert b["output_positions"].numel() // 4 - 1 >= 5 and b["luts"][-1].max() > 8
+    out, ref = decode_both(b)
+    assert_bits_equal(out, w)
+    assert_bits_equal(ref, w)
+
+
+def test_df11_kernel_three_weights_long_codes():
+    counts, symbols = fibonacci_counts()
+    w = bf16_from_fields(np.random.default_rng(1).choice(symbols, 12_000), seed=1)
+    parts = [w[:4_000].reshape(40, 100), w[4_000:4_500], w[4_500:].reshape(3, 2500)]
+    b = compress_units(parts, counts=counts)
+    assert b["luts"][-1].max() == 32 and b["split_positions"].tolist() == [4_000, 4_500]
+    out, _ = decode_both(b)
+    for o, p in zip(torch.tensor_split(out, b["split_positions"]), parts):
+        assert_bits_equal(o.view(p.shape), p)
+
+
+def test_df11_kernel_same_exponent_and_tiny():
+    g = torch.Generator().manual_seed(0)
+    w = ((1 + 0.9 * torch.rand(9_000, generator=g)) * torch.randn(9_000, generator=g).sign()).to(torch.bfloat16)
+    out, _ = decode_both(compress_units(w))
+    assert_bits_equal(out, w)
+    for n in (1, 5, 33):
+        w = skewed_bf16(64, seed=n)[:n]
+        out, _ = decode_both(compress_units(w))
+        assert_bits_equal(out, w)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_df11_kernel_large_unit_gpu():
+    w = (torch.randn(4096, 4096) * 0.02).to(torch.bfloat16)
+    b = {k: v.cuda() for k, v in compress_units(w).items()}
+    out = df11_decode(b, torch.empty(w.numel(), dtype=torch.bfloat16, device="cuda"))
+    assert_bits_equal(out.cpu().view(w.shape), w)
