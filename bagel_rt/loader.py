@@ -80,8 +80,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     load_into(vae, ae, device, torch.float32, bar.update if bar else None)
     if bar:
         bar.close()
-    model.eval()
-    vae.eval()
+    # inference only: no parameter ever needs a gradient (and autograd must never record a graph — an
+    # edit's VAE encode at 1024^2 would keep ~17 GiB of activations alive)
+    model.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
     return Bagel(model, vae, tokenizer, path=path, load_seconds=time.perf_counter() - t0, backend=backend)
 
 

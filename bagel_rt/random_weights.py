@@ -39,7 +39,7 @@ def random_module(module_fn, device, dtype: torch.dtype, seed: int):
     g = torch.Generator(device=device).manual_seed(seed)
     state = {k: _random_tensor(k, v.shape, device, dtype, g) for k, v in module.state_dict().items()}
     module.load_state_dict(state, strict=True, assign=True)
-    return module.eval()
+    return module.eval().requires_grad_(False)
 
 
 def random_bagel(name_or_params: str | BagelParams = "bagel-7b-mot", device="cuda", dtype=torch.bfloat16,

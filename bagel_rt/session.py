@@ -115,6 +115,7 @@ class Session:
         if self.for_generation:
             self._prefill_text(self.cfg_img, text)
 
+    @torch.no_grad()
     def add_image(self, image: Image.Image) -> Image.Image:
         """Append an image turn: VAE block (generation sessions) then ViT block. Returns the resized image.
 

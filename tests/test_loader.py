@@ -167,3 +167,10 @@ def test_header_reader_counts(tiny):
     h = read_header(tiny / "ema.safetensors")
     assert h.metadata.get("bagel_rt.format") == "bf16"
     assert all(t.dtype == "BF16" for t in h.tensors.values())
+
+
+def test_loaded_parameters_need_no_grad(tiny):
+    """Inference only: autograd must never record (it kept 17 GiB alive in a 1024^2 edit's VAE encode)."""
+    pipe = bagel_rt.load(tiny, device="cpu")
+    assert not any(p.requires_grad for p in pipe.model.parameters())
+    assert not any(p.requires_grad for p in pipe.vae.parameters())
