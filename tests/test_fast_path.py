@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import rel_l2
 
 import bagel_rt
 from bagel_rt.sampler import CFGSettings
 from bagel_rt.tiny import write_tiny_checkpoint
-from conftest import rel_l2
 
 
 @pytest.fixture(scope="module")
