@@ -50,8 +50,10 @@ class PackedDenoiser:
         use_graphs: capture each branch count's forward in a CUDA graph (CUDA only).
     """
 
-    def __init__(self, model, ctxs: list[Context], h: int, w: int, use_graphs: bool = True):
+    def __init__(self, model, ctxs: list[Context], h: int, w: int, use_graphs: bool = True,
+                 fp8: dict | None = None):
         self.k_ops = _kernels()
+        self.fp8 = fp8 if fp8 is not None else {}
         self.model, self.h, self.w = model, h, w
         p = model.params.llm
         self.Hq, self.Hk, self.D, self.eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
@@ -119,9 +121,7 @@ class PackedDenoiser:
         hu = k_ops.rms_norm(xu, layer.input_layernorm.weight, eps)
 
         def qkv(h, sfx):
-            return (F.linear(h, getattr(a, "q_proj" + sfx).weight, getattr(a, "q_proj" + sfx).bias),
-                    F.linear(h, getattr(a, "k_proj" + sfx).weight, getattr(a, "k_proj" + sfx).bias),
-                    F.linear(h, getattr(a, "v_proj" + sfx).weight, getattr(a, "v_proj" + sfx).bias))
+            return tuple(self._linear(getattr(a, n + sfx), h) for n in ("q_proj", "k_proj", "v_proj"))
 
         qg, kg, vg = qkv(hg, "_moe_gen")
         qu, ku, vu = qkv(hu, "")
@@ -137,8 +137,8 @@ class PackedDenoiser:
         V.index_copy_(0, m["und_rows"], vu.view(U, self.Hk, self.D))
         og = k_ops.varlen_attention(qg, K, V, m["cu_qg"], m["cu_k"], False, self.sm_scale, self.N, m["max_k"])
         ou = k_ops.varlen_attention(qu, K, V, m["cu_qu"], m["cu_k"], False, self.sm_scale, 2, m["max_k"])
-        ag = F.linear(og.view(G, -1), a.o_proj_moe_gen.weight)
-        au = F.linear(ou.view(U, -1), a.o_proj.weight)
+        ag = self._linear(a.o_proj_moe_gen, og.view(G, -1))
+        au = self._linear(a.o_proj, ou.view(U, -1))
         hg, xg = k_ops.add_rms_norm(ag, xg, layer.post_attention_layernorm_moe_gen.weight, eps)
         hu, xu = k_ops.add_rms_norm(au, xu, layer.post_attention_layernorm.weight, eps)
         xg = xg + self._mlp(layer.mlp_moe_gen, hg)
@@ -146,8 +146,20 @@ class PackedDenoiser:
         return xg, xu
 
     def _mlp(self, mlp, h: Tensor) -> Tensor:
-        act = self.k_ops.swiglu(F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight))
-        return F.linear(act, mlp.down_proj.weight)
+        act = self.k_ops.swiglu(self._linear(mlp.gate_proj, h), self._linear(mlp.up_proj, h))
+        return self._linear(mlp.down_proj, act)
+
+    def _linear(self, mod, x: Tensor) -> Tensor:
+        """A Linear of the model: FP8 copy if opted in, cuBLAS for plain bf16, else the module's own forward
+        (quantized modules dequantize inside their kernels)."""
+        w8 = self.fp8.get(id(mod))
+        if w8 is not None:
+            from .fp8 import fp8_linear
+
+            return fp8_linear(x, w8)
+        if type(mod) is torch.nn.Linear:
+            return F.linear(x, mod.weight, mod.bias)
+        return mod(x)
 
     def _forward(self, nb: int) -> Tensor:
         """Velocities [nb, N, 64] of the first ``nb`` branches for the static inputs x_in, t_in."""
@@ -197,7 +209,8 @@ def denoiser_key(ctxs: list[Context], h: int, w: int) -> tuple:
 @torch.no_grad()
 def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: int, num_timesteps: int,
                    timestep_shift: float, cfg: CFGSettings, text_is_cond: bool, img_is_cond: bool,
-                   use_graphs: bool = True, on_step=None, cache: dict | None = None) -> Tensor:
+                   use_graphs: bool = True, on_step=None, cache: dict | None = None,
+                   fp8: dict | None = None) -> Tensor:
     """The sampler loop of :func:`bagel_rt.sampler.denoise` on the packed fast path.
 
     Args:
@@ -216,12 +229,13 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     branch_ctxs = [ctxs[b] for b in order]
     key = denoiser_key(branch_ctxs, h, w)
     den = cache.get("denoiser") if cache is not None else None
-    if den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda"):
+    if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
+            and (den.fp8 is fp8 or (not den.fp8 and not fp8))):
         den.refill(branch_ctxs)  # same shapes: keep the captured graphs, copy the new caches in
     else:
         if cache is not None:
             cache.pop("denoiser", None)  # free the old arena and graph pool before allocating new ones
-        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs)
+        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, fp8)
         if cache is not None:
             cache["denoiser"] = den
     x = noise.to(model.device, torch.float32).contiguous()

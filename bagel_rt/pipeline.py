@@ -50,6 +50,36 @@ class Bagel:
         self._decoder = None
         #: the last captured denoiser, reused while the request shapes stay the same (see bagel_rt.fast)
         self.fast_cache: dict = {}
+        self._fp8 = None
+        self.compute = "bf16"
+
+    @property
+    def compute(self) -> str:
+        """Denoising GEMM precision of the triton backend: "bf16" (exact path) or "fp8" (opt-in, approximate:
+        FP8 generation-expert GEMMs with per-token activation scales; Hopper/Ada)."""
+        return self._compute
+
+    @compute.setter
+    def compute(self, value: str) -> None:
+        if value not in ("bf16", "fp8"):
+            raise InputError(f"compute must be 'bf16' or 'fp8', got {value!r}")
+        if value == "fp8" and self.backend != "triton":
+            raise InputError("compute 'fp8' needs the triton backend (a CUDA GPU of compute capability >= 8.9)")
+        dev = self.device
+        if value == "fp8" and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
+            raise InputError(f"compute 'fp8' needs FP8 tensor cores (Ada/Hopper, capability >= 8.9); "
+                             f"{torch.cuda.get_device_name(self.device)} has none")
+        self._compute = value
+
+    def fp8_weights(self) -> dict | None:
+        """The FP8 copies of the generation expert (built on first use) when ``compute == "fp8"``."""
+        if self.compute != "fp8":
+            return None
+        if self._fp8 is None:
+            from .fp8 import gen_expert_fp8
+
+            self._fp8 = gen_expert_fp8(self.model)
+        return self._fp8
 
     @property
     def decoder(self):
