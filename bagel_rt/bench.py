@@ -142,7 +142,8 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
         res, sec, warm, peak = _timed(once, runs, warmup)
         extra = []
         tflops = res.info["flops"] / res.info["denoise_seconds"] / 1e12
-        row = dict(task=task, backend=pipe.backend, weights=weights, height=res.info["shape"][0],
+        row = dict(task=task, backend=pipe.backend, weights=weights, compute=pipe.compute,
+                   height=res.info["shape"][0],
                    width=res.info["shape"][1],
                    num_timesteps=steps, seconds=round(sec, 3), seconds_per_step=round(sec / (steps - 1), 4),
                    denoise_seconds=round(res.info["denoise_seconds"], 3), peak_gib=peak and round(peak, 2),
@@ -150,17 +151,19 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
                    tflops_share=peak_mm and round(tflops / peak_mm, 3), matmul_peak_tflops=peak_mm and
                    round(peak_mm, 1), warmup_seconds=[round(x, 2) for x in warm], runs=runs, **env)
         if compare_torch and backend != "torch":
-            pipe.backend = "torch"
+            compute = pipe.compute
+            pipe.compute, pipe.backend = "bf16", "torch"
             try:
                 ref, sec_t, _, peak_t = _timed(once, 1, 0)
             finally:
                 pipe.backend = backend
+                pipe.compute = compute
             tflops_t = ref.info["flops"] / ref.info["denoise_seconds"] / 1e12
             a, b = res.latents.double(), ref.latents.double()
             row.update(torch_seconds=round(sec_t, 3), speedup_vs_torch=round(sec_t / sec, 2),
                        torch_peak_gib=peak_t and round(peak_t, 2),
                        rel_l2_latents_vs_torch=float((a - b).norm() / b.norm()))
-            extra.append(dict(row, backend="torch", seconds=round(sec_t, 3),
+            extra.append(dict(row, backend="torch", compute="bf16", seconds=round(sec_t, 3),
                              seconds_per_step=round(sec_t / (steps - 1), 4),
                              denoise_seconds=round(ref.info["denoise_seconds"], 3), peak_gib=peak_t and
                              round(peak_t, 2), tflops=round(tflops_t, 1),

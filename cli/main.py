@@ -408,8 +408,10 @@ def info(directory: Path, as_json: bool):
 @click.option("--commit", default=None, help="Commit id to record (default: git rev-parse HEAD).")
 @click.option("--device", default=None, callback=_check_device, show_default="cuda if available, else cpu")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16")
+@click.option("--compute", type=click.Choice(["bf16", "fp8"]), default="bf16",
+              help="Denoising GEMM precision on the triton backend; fp8 is opt-in and approximate.")
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
-          device, dtype):
+          device, dtype, compute):
     """Time text-to-image, editing and decoding (app defaults): seconds per image and per step, tokens/s, peak
     GPU memory, achieved TFLOP/s and its share of the measured bf16 matmul peak. One JSON line per result
     on stdout (and appended to --out)."""
@@ -433,6 +435,7 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
                             dtype=DTYPES[dtype], backend=backend)
     else:
         pipe = bagel_rt.load(model_dir, device=dev, dtype=DTYPES[dtype], backend=backend)
+    pipe.compute = compute
     rows = run_bench(pipe, task_list, size=size, steps=steps, runs=runs, warmup=warmup, tokens=tokens,
                      compare_torch=compare_torch, commit=commit, log=lambda line: click.echo(line, err=True))
     lines = [json.dumps(r) for r in rows]

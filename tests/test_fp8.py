@@ -34,7 +34,7 @@ def test_fp8_compute_is_opt_in_and_close(tmp_path, monkeypatch):
     b = pipe32.generate("A red bagel", image_shapes=(32, 48), num_timesteps=4, seed=0)
     assert len(pipe32.fp8_weights()) == 2 * 7  # every gen-expert Linear of both layers
     gap = rel_l2(b.latents, a.latents)
-    assert 0 < gap < 0.1, gap  # measured ~1e-2 on the tiny model
+    assert 0 < gap < 0.15, gap  # measured 6.6e-2 on the tiny random model (4 steps, fp32 activations)
     pipe32.compute = "bf16"
     c = pipe32.generate("A red bagel", image_shapes=(32, 48), num_timesteps=4, seed=0)
     assert torch.equal(c.latents, a.latents)  # the exact path is untouched
