@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import rel_l2
 
 import bagel_rt
 from bagel_rt.fp8 import Fp8Weight, fp8_linear
 from bagel_rt.tiny import write_tiny_checkpoint
-from conftest import rel_l2
 
 
 def test_fp8_linear_close_to_bf16():
