@@ -44,6 +44,7 @@ _QUANT_AUX = (".SCB", ".weight_format", ".weight.absmax", ".weight.quant_map", "
               ".weight.nested_quant_map", ".weight.quant_state.bitsandbytes__nf4",
               ".weight.quant_state.bitsandbytes__fp4")
 _NF4_STATE = ".quant_state.bitsandbytes__nf4"
+_DF11_BUFFERS = (".luts", ".encoded_exponent", ".sign_mantissa", ".output_positions", ".gaps", ".split_positions")
 _FLOAT_FORMATS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 _ESTIMATE_SIZE = (1024, 1024)
 _TEXT_TOKENS = 128  # assumed prompt length (with framing) for the memory estimate
@@ -289,7 +290,14 @@ def _df11_info(path: Path) -> dict:
                              vae=vae_params_from_shapes(read_header(ae).shapes(), str(ae)))
     except CheckpointError:
         pass
-    weights = sum(f["bytes"] for f in files if f["name"].endswith(".safetensors"))
+    # the loader decodes every unit to bf16 (unless df11_resident): 2 bytes per weight, the VAE in fp32
+    weights = 0
+    for f in files:
+        if f["name"].endswith(".safetensors"):
+            scale = 4 if f["name"].startswith("vae/") else 2
+            for key, t in read_header(path / f["name"]).tensors.items():
+                if key.endswith(".sign_mantissa") or not key.endswith(_DF11_BUFFERS):
+                    weights += scale * math.prod(t.shape)
     return {
         "path": str(path),
         "format": "df11",
@@ -299,7 +307,6 @@ def _df11_info(path: Path) -> dict:
         "parameters": None,
         "component_bytes": None,
         "hyper_parameters": _hyper(params) if params else None,
-        # compressed weights stay compressed on the GPU and are decoded layer by layer
         "memory_estimate": memory_estimate(params, weights) if params else None,
     }
 

@@ -3,18 +3,21 @@
 Reads ``llm_config.json`` and ``vit_config.json`` (with the reference's in-code overrides, see
 :mod:`bagel_rt.config`), infers the VAE from ``ae.safetensors`` shapes, checks every key and shape of both
 weight files strictly, then materialises the weights tensor by tensor on the target device and dtype.
+Quantized (int8 / nf4) and DFloat11 checkpoints, and quantizing as it loads, go through
+:func:`bagel_rt.quantized.load_weights`; the format comes from the checkpoint's own declaration.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from .checkpoint import check_keys, expected_shapes, load_into, read_header
 from .config import BagelParams, llm_params_from_json, vit_params_from_json
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .model import BagelModel
 from .tokenizer import TextTokenizer
 from .vae import AutoEncoder, vae_params_from_shapes
@@ -26,57 +29,89 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def read_params(path: Path) -> BagelParams:
-    """Hyper-parameters of the checkpoint in ``path`` (configs + VAE shapes); reads no weights."""
-    path = Path(path)
+def _check_dir(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: directory not found")
     if not path.is_dir():
         raise CheckpointError(f"{path}: is a file; pass the checkpoint directory that holds {EMA_FILE}")
+
+
+def read_params(path: Path, ae_file: str = AE_FILE) -> BagelParams:
+    """Hyper-parameters of the checkpoint in ``path`` (configs + VAE shapes of ``ae_file``); reads no weights."""
+    path = Path(path)
+    _check_dir(path)
     llm = llm_params_from_json(path / "llm_config.json")
     vit = vit_params_from_json(path / "vit_config.json")
-    vae = vae_params_from_shapes(read_header(path / AE_FILE).shapes(), str(path / AE_FILE))
+    vae = vae_params_from_shapes(read_header(path / ae_file).shapes(), str(path / ae_file))
     return BagelParams(llm=llm, vit=vit, vae=vae)
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-         progress: bool = False, backend: str = "auto"):
+         progress: bool = False, backend: str = "auto", weights: str = "auto", df11_resident: bool = False,
+         skip: Sequence[str] = ()):
     """Load a BAGEL checkpoint directory.
 
     Args:
         path: directory in the official layout (``ema.safetensors``, ``ae.safetensors``, ``llm_config.json``,
-            ``vit_config.json``, ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``).
+            ``vit_config.json``, ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``), its int8/nf4 variant
+            (``ema.safetensors`` quantized, declared in its metadata) or the DFloat11 layout (``config.json`` with
+            ``dfloat11_config``, top-level ``*.safetensors``, ``vae/ae.safetensors``); see
+            :mod:`bagel_rt.quantized`. The format is read from the files, never from their names.
         device: where the model runs (default: CUDA if available, else CPU).
         dtype: dtype of the LLM/ViT weights and activations (default bf16, as the official app). The VAE
-            stays fp32, as in the reference.
+            stays fp32, as in the reference. Quantized weights keep their format.
         progress: show a progress bar over the bytes loaded.
         backend: "torch" (reference ops, any device), "triton" (batched CFG, fused kernels, CUDA graphs) or
             "auto" (triton on CUDA, torch elsewhere).
+        weights: "auto" (what the checkpoint holds), "bf16", "int8", "nf4" or "df11". A bf16 (or df11)
+            checkpoint is quantized to int8/nf4 as it loads, Linear by Linear on ``device``; a df11 checkpoint
+            decodes to exact bf16; asking for what the checkpoint cannot give (bf16 from nf4) is an error.
+        df11_resident: DF11 only: keep the weights compressed on the device and decode each unit (an LLM layer,
+            a ViT layer, the embeddings, lm_head) just before it runs, into one shared buffer (bf16, torch
+            backend). Saves ~30 % of the weight memory at the cost of a decode per unit per forward.
+        skip: regular expressions of Linear weight names to keep bf16 when quantizing as it loads.
     Returns:
         a :class:`bagel_rt.pipeline.Bagel` pipeline.
     """
-    from .pipeline import Bagel
+    from .pipeline import Bagel, resolve_backend
+    from .quantized import DF11_VAE, checkpoint_format, load_weights, resolve_weights, weight_files
 
     path = Path(path).expanduser()
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"device {device} requested but CUDA is not available on this machine")
     t0 = time.perf_counter()
-    params = read_params(path)
+    _check_dir(path)
+    stored = checkpoint_format(path)
+    fmt = resolve_weights(stored, weights, path)
+    if df11_resident:
+        if fmt != "df11":
+            raise InputError(f"df11_resident needs DFloat11 weights; {path} holds {stored}, loaded as {fmt}")
+        if dtype != torch.bfloat16:
+            raise InputError(f"df11_resident decodes to bf16; got dtype {dtype}")
+        if resolve_backend(backend, device) != "torch":
+            raise InputError("df11_resident needs backend='torch' (the triton backend reads Linear weights "
+                             "outside the modules' forwards, where the units are decoded)")
+    ae_file = DF11_VAE if stored == "df11" else AE_FILE
+    params = read_params(path, ae_file)
     tokenizer = TextTokenizer.from_dir(path)
     if tokenizer.vocab_size > params.llm.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                               f"embedding only {params.llm.vocab_size} rows; tokenizer and weights do not match")
-    ema = read_header(path / EMA_FILE)
-    ae = read_header(path / AE_FILE)
+    ae = read_header(path / ae_file)
     with torch.device("meta"):
         model = BagelModel(params, tokenizer.special)
         vae = AutoEncoder(params.vae)
-    check_keys(ema, expected_shapes(model), "a BAGEL model with the sizes of llm_config.json/vit_config.json")
+    if stored == fmt == "bf16":
+        ema = read_header(path / EMA_FILE)
+        check_keys(ema, expected_shapes(model), "a BAGEL model with the sizes of llm_config.json/vit_config.json")
     check_keys(ae, expected_shapes(vae), "a FLUX autoencoder")
-    bar = _bytes_bar(sum(t.nbytes for t in ema.tensors.values()) + sum(t.nbytes for t in ae.tensors.values()),
-                     progress)
-    load_into(model, ema, device, dtype, bar.update if bar else None)
+    headers = [ema] if stored == fmt == "bf16" else [read_header(f) for f in weight_files(path, stored)]
+    bar = _bytes_bar(sum(t.nbytes for h in (*headers, ae) for t in h.tensors.values()), progress)
+    if stored == fmt == "bf16":
+        load_into(model, ema, device, dtype, bar.update if bar else None)
+    else:
+        load_weights(model, path, stored, fmt, device, dtype, skip, bar.update if bar else None, df11_resident)
     load_into(vae, ae, device, torch.float32, bar.update if bar else None)
     if bar:
         bar.close()
@@ -87,9 +122,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     return Bagel(model, vae, tokenizer, path=path, load_seconds=time.perf_counter() - t0, backend=backend)
 
 
-def _bytes_bar(total: int, enabled: bool):
+def _bytes_bar(total: int, enabled: bool, desc: str = "loading"):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc="loading", leave=False)
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False)

@@ -21,8 +21,9 @@ import torch
 
 import bagel_rt
 from bagel_rt.errors import BagelError, InputError
-from bagel_rt.info import checkpoint_info, format_info
+from bagel_rt.info import _human, checkpoint_info, format_info
 from bagel_rt.pipeline import ASPECT_PRESETS, open_image
+from bagel_rt.quantized import FORMATS, WEIGHTS, convert_checkpoint
 from bagel_rt.sampler import RENORM_TYPES, CFGSettings
 from bagel_rt.tiny import ensure_tiny_checkpoint, write_tiny_checkpoint
 
@@ -119,6 +120,9 @@ model_options = _options(
     click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto",
                  help="torch: reference PyTorch ops; triton: batched CFG, fused Triton kernels and CUDA graphs; "
                       "auto: triton on CUDA, torch elsewhere."),
+    click.option("--weights", type=click.Choice(WEIGHTS), default="auto",
+                 help="Weight format to run with. auto: what the checkpoint holds (declared in its files); "
+                      "int8/nf4 on a bf16 (or df11) checkpoint: quantize as it loads; bf16 from df11: decode."),
     click.option("--no-progress", is_flag=True, help="Hide the progress bars (stderr)."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text."),
 )
@@ -229,7 +233,7 @@ def _load(o: dict):
                    f"{' (created now)' if created else ''} (random weights: outputs are noise; "
                    "use --model DIR for the real checkpoint)", err=True)
     return bagel_rt.load(path, device=o["device"], dtype=DTYPES[o["dtype"]], progress=not o["no_progress"],
-                         backend=o["backend"])
+                         backend=o["backend"], weights=o["weights"])
 
 
 def _seed(o: dict) -> int:
@@ -385,6 +389,40 @@ def info(directory: Path, as_json: bool):
     """
     d = checkpoint_info(directory)
     click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
+              help="int8: per-row absmax (bitsandbytes Linear8bitLt layout); nf4: 4-bit NormalFloat, blocks of 64 "
+                   "(bitsandbytes Linear4bit layout); df11: DFloat11, lossless (the DFloat11/BAGEL-7B-MoT-DF11 "
+                   "layout).")
+@click.option("--skip", multiple=True, metavar="PATTERN",
+              help="Keep the Linear weights whose tensor name matches this regular expression (re.search) in "
+                   "bf16; repeatable. Example: --skip lm_head --skip 'vit_model\\.'.")
+@click.option("--double-quant", is_flag=True,
+              help="NF4: also quantize the per-block scales (bitsandbytes compress_statistics; ~0.4 bit/weight "
+                   "less).")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (refused otherwise).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar (stderr).")
+def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant: bool, overwrite: bool,
+             no_progress: bool):
+    """Convert the bf16 checkpoint SRC to int8, nf4 or df11 in the new directory DST.
+
+    Tensor by tensor from the memory-mapped source (bounded memory); DST is written under a temporary name and
+    renamed when complete. Which Linear weights are quantized, and which stay bf16 and why, is recorded in the
+    metadata of DST's ema.safetensors (see bagel-rt info --json). Prints DST on stdout.
+    """
+    if dst.exists() and not overwrite:
+        raise InputError(f"{dst} already exists (pass --overwrite to replace it)")
+    t0 = time.perf_counter()
+    out = convert_checkpoint(src, dst, fmt, skip=list(skip), double_quant=double_quant,
+                             progress=not no_progress, overwrite=overwrite)
+    before, after = (sum(p.stat().st_size for p in d.rglob("*.safetensors")) for d in (src, out))
+    click.echo(str(out))
+    click.echo(f"{fmt}: safetensors {_human(before)} -> {_human(after)} ({after / max(before, 1):.1%}) "
+               f"in {time.perf_counter() - t0:.1f} s", err=True)
 
 
 @cli.command()

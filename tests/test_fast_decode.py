@@ -111,7 +111,7 @@ def test_decode_step_matches_torch_fp32(pipe32, fuse_qkv, num_splits):
     assert ctx_k.length == n
     # on a GPU the kernels' fp32 attention dots run in TF32, and later layers' keys inherit that rounding
     assert rel_l2(ctx_k.cache.k[:, :n], ctx_ref.cache.k[:, :n]) < (1e-5 if DEV == "cpu" else 1e-3)
-    assert rel_l2(ctx_k.cache.v[:, :n], ctx_ref.cache.v[:, :n]) < 1e-5
+    assert rel_l2(ctx_k.cache.v[:, :n], ctx_ref.cache.v[:, :n]) < (1e-5 if DEV == "cpu" else 1e-3)
 
 
 def test_decode_step_matches_torch_fp16(tiny_dir):
@@ -141,7 +141,7 @@ def test_fast_gen_text_greedy_matches_session(pipe32):
     for tok in [pipe32.model.special.bos, *ids[:-1]]:
         pipe32.model.decode_step(ref, tok)
     assert (ctx.length, ctx.rope) == (start + len(ids), rope + len(ids)) == (ref.length, ref.rope)
-    assert rel_l2(ctx.cache.k[:, :ref.length], ref.cache.k[:, :ref.length]) < 1e-5
+    assert rel_l2(ctx.cache.k[:, :ref.length], ref.cache.k[:, :ref.length]) < (1e-5 if DEV == "cpu" else 1e-3)
 
 
 @pytest.mark.parametrize("check_every", [1, 4])
