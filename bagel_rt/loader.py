@@ -74,7 +74,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         a :class:`bagel_rt.pipeline.Bagel` pipeline.
     """
     from .pipeline import Bagel, resolve_backend
-    from .quantized import DF11_VAE, checkpoint_format, load_weights, resolve_weights, weight_files
+    from .quantized import DF11_VAE, declares_df11, ema_format, load_weights, resolve_weights, weight_files
 
     path = Path(path).expanduser()
     device = torch.device(device) if device is not None else default_device()
@@ -82,7 +82,14 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         raise CheckpointError(f"device {device} requested but CUDA is not available on this machine")
     t0 = time.perf_counter()
     _check_dir(path)
-    stored = checkpoint_format(path)
+    df11 = declares_df11(path)
+    params = read_params(path, DF11_VAE if df11 else AE_FILE)
+    tokenizer = TextTokenizer.from_dir(path)
+    if tokenizer.vocab_size > params.llm.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                              f"embedding only {params.llm.vocab_size} rows; tokenizer and weights do not match")
+    ema = None if df11 else read_header(path / EMA_FILE)
+    stored = "df11" if df11 else ema_format(ema)
     fmt = resolve_weights(stored, weights, path)
     if df11_resident:
         if fmt != "df11":
@@ -92,23 +99,17 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         if resolve_backend(backend, device) != "torch":
             raise InputError("df11_resident needs backend='torch' (the triton backend reads Linear weights "
                              "outside the modules' forwards, where the units are decoded)")
-    ae_file = DF11_VAE if stored == "df11" else AE_FILE
-    params = read_params(path, ae_file)
-    tokenizer = TextTokenizer.from_dir(path)
-    if tokenizer.vocab_size > params.llm.vocab_size:
-        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                              f"embedding only {params.llm.vocab_size} rows; tokenizer and weights do not match")
-    ae = read_header(path / ae_file)
+    ae = read_header(path / (DF11_VAE if df11 else AE_FILE))
     with torch.device("meta"):
         model = BagelModel(params, tokenizer.special)
         vae = AutoEncoder(params.vae)
-    if stored == fmt == "bf16":
-        ema = read_header(path / EMA_FILE)
+    plain = stored == fmt == "bf16"
+    if plain:
         check_keys(ema, expected_shapes(model), "a BAGEL model with the sizes of llm_config.json/vit_config.json")
     check_keys(ae, expected_shapes(vae), "a FLUX autoencoder")
-    headers = [ema] if stored == fmt == "bf16" else [read_header(f) for f in weight_files(path, stored)]
+    headers = [ema] if plain else [read_header(f) for f in weight_files(path, stored)]
     bar = _bytes_bar(sum(t.nbytes for h in (*headers, ae) for t in h.tensors.values()), progress)
-    if stored == fmt == "bf16":
+    if plain:
         load_into(model, ema, device, dtype, bar.update if bar else None)
     else:
         load_weights(model, path, stored, fmt, device, dtype, skip, bar.update if bar else None, df11_resident)
