@@ -39,7 +39,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe32(tiny_dir):
-    return bagel_rt.load(tiny_dir, device=DEV, dtype=torch.float32)
+    return bagel_rt.load(tiny_dir, device=DEV, dtype=torch.float32, backend="torch")  # Session = reference path
 
 
 def prompted(pipe, seed=0):
@@ -163,7 +163,7 @@ def test_stop_token_and_chunked_checks(pipe32, check_every):
 def test_sampling_matches_session(pipe32):
     s = prompted(pipe32, seed=7)
     res = s.gen_text(max_length=10, do_sample=True, temperature=0.8)
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator(device=DEV).manual_seed(7)  # the session samples with a generator on the model's device
     ids, _ = fast_gen_text(s, s.gen.fork(extra=10), 10, do_sample=True, temperature=0.8, generator=gen)
     assert ids == res.token_ids
 
