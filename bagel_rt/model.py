@@ -15,6 +15,7 @@ Forwards (reference doc section 4):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +71,10 @@ class BagelModel(nn.Module):
         return Context(KVCache(p.num_layers, p.num_kv_heads, p.head_dim, self.device, self.dtype, capacity))
 
     def embed(self, ids: list[int]) -> Tensor:
-        return self.language_model.model.embed_tokens(torch.tensor(ids, device=self.device))
+        """Embeddings [len(ids), H] on the model's device (looked up where the table lives: it may be kept
+        on the CPU under a memory budget, see :mod:`bagel_rt.placement`)."""
+        table = self.language_model.model.embed_tokens
+        return table(torch.tensor(ids, device=table.weight.device)).to(self.device)
 
     def _forward(self, ctx: Context, x: Tensor, n_und: int, positions: Tensor, causal: bool, fp32_qk: bool,
                  commit: bool) -> Tensor:
@@ -107,6 +111,15 @@ class BagelModel(nn.Module):
     @torch.no_grad()
     def vit_tokens(self, image: Tensor) -> Tensor:
         """image [3, H, W] in [-1, 1] (H, W multiples of the patch) -> LLM-width tokens [N, hidden]."""
+        from .placement import phase_modules, visiting
+
+        offloaded = self.vit_model.vision_model.post_layernorm.weight.device != self.device
+        with contextlib.ExitStack() as stack:
+            for m in phase_modules(self):
+                stack.enter_context(visiting(m, self.device, offloaded))
+            return self._vit_tokens(image)
+
+    def _vit_tokens(self, image: Tensor) -> Tensor:
         pv = self.params.vit
         _, H, W = image.shape
         patches = patchify(image.to(self.device), pv.patch_size)

@@ -52,6 +52,16 @@ class Bagel:
         self.fast_cache: dict = {}
         self._fp8 = None
         self.compute = "bf16"
+        #: ViT, VAE and embeddings live on the CPU between uses (set by :meth:`limit_gpu_memory`)
+        self.offload = False
+        self.gpu_budget_gib: float | None = None
+
+    def limit_gpu_memory(self, gib: float) -> dict:
+        """Keep only what each phase needs on the GPU and cap the process at ``gib`` GiB
+        (see :mod:`bagel_rt.placement`). Returns what stays resident."""
+        from .placement import limit_gpu_memory
+
+        return limit_gpu_memory(self, gib)
 
     @property
     def compute(self) -> str:
@@ -125,6 +135,25 @@ class Bagel:
         """
         if not isinstance(inputs, (list, tuple)) or not inputs:
             raise InputError("inputs must be a non-empty list of strings and PIL images")
+        if self.gpu_budget_gib is None:
+            return self._interleave(inputs, think, understanding_output, max_think_token_n, do_sample,
+                                    text_temperature, cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift,
+                                    num_timesteps, cfg_renorm_min, cfg_renorm_type, image_shapes, seed, noise,
+                                    record, progress)
+        try:
+            return self._interleave(inputs, think, understanding_output, max_think_token_n, do_sample,
+                                    text_temperature, cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift,
+                                    num_timesteps, cfg_renorm_min, cfg_renorm_type, image_shapes, seed, noise,
+                                    record, progress)
+        except torch.cuda.OutOfMemoryError as e:
+            from .placement import out_of_memory_error
+
+            self.fast_cache.clear()
+            raise out_of_memory_error(self, e) from None
+
+    def _interleave(self, inputs, think, understanding_output, max_think_token_n, do_sample, text_temperature,
+                    cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift, num_timesteps, cfg_renorm_min,
+                    cfg_renorm_type, image_shapes, seed, noise, record, progress) -> Result:
         cfg = CFGSettings(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_min, cfg_renorm_type)
         s = self.session(think=think, understanding_only=understanding_output, seed=seed)
         for item in inputs:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .cache import Context
 from .errors import InputError
+from .placement import visiting
 from .sampler import CFGSettings, denoise
 from .transforms import (
     VAE_RESIZE,
@@ -129,7 +130,8 @@ class Session:
         key = self._images
         if self.for_generation:
             x = image_to_tensor(img)[None].to(self.model.device)
-            z = self.bagel.vae.encode(x, self.generator)[0]  # [16, H/8, W/8]
+            with visiting(self.bagel.vae, self.model.device, self.bagel.offload):
+                z = self.bagel.vae.encode(x, self.generator)[0]  # [16, H/8, W/8]
             p, ds = self.model.params.latent_patch_size, self.model.params.latent_downsample
             h, w = img.height // ds, img.width // ds
             self.model.prefill_vae(self.gen, patchify(z[:, : h * p, : w * p], p), h, w)
@@ -257,7 +259,11 @@ class Session:
         p = self.model.params
         z = unpatchify(latents.float(), h, w, p.latent_patch_size, p.latent_channels)
         vae = self.bagel.vae
-        img = vae.decode(z[None].to(next(vae.parameters()).device, torch.float32))
+        if self.bagel.offload:  # under a budget, the denoiser's arena and graph pool make room for the VAE
+            self.bagel.fast_cache.clear()
+            torch.cuda.empty_cache()
+        with visiting(vae, self.model.device, self.bagel.offload):
+            img = vae.decode(z[None].to(self.model.device, torch.float32))
         return tensor_to_image(img[0].cpu())
 
 

@@ -1,0 +1,43 @@
+"""Memory placement under a GPU budget (CUDA only: skipped without a GPU)."""
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+import bagel_rt
+from bagel_rt.tiny import write_tiny_checkpoint
+
+
+@requires_cuda
+def test_budget_offloads_and_keeps_results(tmp_path):
+    d = write_tiny_checkpoint(tmp_path / "tiny")
+    from PIL import Image
+
+    img = Image.new("RGB", (64, 48), (30, 60, 90))
+    ref = bagel_rt.load(d, device="cuda").edit(img, "make it red", num_timesteps=3, seed=0)
+    pipe = bagel_rt.load(d, device="cuda")
+    info = pipe.limit_gpu_memory(40.0)
+    try:
+        assert "vae" in info["offloaded"]
+        assert next(pipe.vae.parameters()).device.type == "cpu"
+        res = pipe.edit(img, "make it red", num_timesteps=3, seed=0)
+        assert torch.equal(res.latents, ref.latents)  # placement moves data, never changes results
+        assert next(pipe.vae.parameters()).device.type == "cpu"  # back after its phase
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+@requires_cuda
+def test_budget_too_small_is_a_clear_error(tmp_path):
+    d = write_tiny_checkpoint(tmp_path / "tiny")
+    pipe = bagel_rt.load(d, device="cuda")
+    with pytest.raises(bagel_rt.InputError, match="max_gpu_memory budget"):
+        pipe.limit_gpu_memory(1e-6)
+    torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_budget_needs_cuda(tmp_path):
+    d = write_tiny_checkpoint(tmp_path / "tiny")
+    pipe = bagel_rt.load(d, device="cpu")
+    with pytest.raises(bagel_rt.InputError, match="CUDA"):
+        pipe.limit_gpu_memory(12)
