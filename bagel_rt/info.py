@@ -44,6 +44,7 @@ _QUANT_AUX = (".SCB", ".weight_format", ".weight.absmax", ".weight.quant_map", "
               ".weight.nested_quant_map", ".weight.quant_state.bitsandbytes__nf4",
               ".weight.quant_state.bitsandbytes__fp4")
 _NF4_STATE = ".quant_state.bitsandbytes__nf4"
+# DFloat11 unit buffers (quant.df11_decode.BUFFER_NAMES, named here to keep Triton out of `info`)
 _DF11_BUFFERS = (".luts", ".encoded_exponent", ".sign_mantissa", ".output_positions", ".gaps", ".split_positions")
 _FLOAT_FORMATS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 _ESTIMATE_SIZE = (1024, 1024)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import struct
@@ -40,8 +41,9 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from .checkpoint import _FLOAT, SafetensorsHeader, expected_shapes, read_header
+from .checkpoint import _DTYPES, _FLOAT, SafetensorsHeader, check_keys, expected_shapes, read_header
 from .errors import CheckpointError, InputError
+from .loader import _bytes_bar, read_params
 from .model import BagelModel, SpecialTokens
 from .quant import (
     DF11Config,
@@ -101,9 +103,7 @@ BAGEL_DF11_PATTERNS: dict[str, list[str]] = {
 _NO_SPECIAL = SpecialTokens(0, 0, 0, 0)  # token ids play no part in key names and shapes
 _CHUNK_ELEMENTS = 1 << 24  # quantize at most this many weights at once (fp32 temporaries of ~64 MB each)
 _QS = "weight.quant_state.bitsandbytes__nf4"
-_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
-              torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-              torch.bool: "BOOL"}
+_ST_DTYPES = {v: k for k, v in _DTYPES.items()}  # torch dtype -> safetensors dtype name
 
 
 # -- formats ----------------------------------------------------------------------------------------------------
@@ -240,7 +240,8 @@ class SafetensorsWriter:
 
     The tensor names (and the metadata) are given up front; each tensor's bytes are appended as it comes. The
     header, whose size is bounded from the names, goes last into the space reserved for it at the start of the
-    file, padded with spaces as the format allows. Tensors may have up to 4 dimensions.
+    file, padded with spaces as the format allows. Tensors may have up to 4 dimensions. Use as a context
+    manager: the header is written when the block ends without an error.
     """
 
     _ENTRY = len(json.dumps({"": {"dtype": "BF16", "shape": [10**20] * 4, "data_offsets": [10**20] * 2}},
@@ -271,13 +272,17 @@ class SafetensorsWriter:
                               "data_offsets": [self.offset, self.offset + nbytes]}
         self.offset += nbytes
 
-    def close(self) -> None:
-        assert list(self.entries) == self.names, "tensors missing or out of order"
-        header = self._json({"__metadata__": self.metadata, **self.entries})
-        assert len(header) <= self.reserved
-        self.f.seek(0)
-        self.f.write(struct.pack("<Q", self.reserved) + header + b" " * (self.reserved - len(header)))
-        self.f.close()
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        with self.f:
+            if exc_type is None:
+                assert list(self.entries) == self.names, "tensors missing or out of order"
+                header = self._json({"__metadata__": self.metadata, **self.entries})
+                assert len(header) <= self.reserved
+                self.f.seek(0)
+                self.f.write(struct.pack("<Q", self.reserved) + header + b" " * (self.reserved - len(header)))
 
 
 # -- conversion -------------------------------------------------------------------------------------------------
@@ -295,8 +300,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, fmt: str, skip: Sequenc
         ``dst``. The output is written to a temporary sibling and renamed into place when complete;
         ``ae.safetensors`` (df11: as ``vae/ae.safetensors``), the configs and the tokenizer are copied unchanged.
     """
-    from .loader import _bytes_bar, read_params
-
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -318,8 +321,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, fmt: str, skip: Sequenc
     header = read_header(src / EMA_FILE)
     with torch.device("meta"):
         model = BagelModel(params, _NO_SPECIAL)
-    from .checkpoint import check_keys
-
     check_keys(header, expected_shapes(model), "a BAGEL model with the sizes of llm_config.json/vit_config.json")
     meta = {"bagel_rt.format": fmt, "bagel_rt.source": _fingerprint(header.path)}
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +328,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, fmt: str, skip: Sequenc
     bar = _bytes_bar(sum(t.nbytes for t in header.tensors.values()), progress, f"quantize {fmt}")
     try:
         if fmt == "df11":
-            _write_df11(header, model, tmp / DF11_FILE, skip, meta, bar)
+            _write_df11(header, tmp / DF11_FILE, skip, meta, bar)
             (tmp / "vae").mkdir()
         else:
             _write_quantized(header, model, tmp / EMA_FILE, fmt, skip, double_quant, meta, bar)
@@ -362,22 +363,21 @@ def _write_quantized(header: SafetensorsHeader, model: nn.Module, out: Path, fmt
                  "bagel_rt.skip": json.dumps(list(skip))})
     if fmt == "nf4":
         meta.update({"bagel_rt.blocksize": str(NF4_BLOCKSIZE), "bagel_rt.double_quant": str(double_quant).lower()})
-    writer = SafetensorsWriter(out, names, meta)
-    for key, t in _read_tensors(header, header.tensors, "cpu"):
-        if key in specs:
-            q = quantize_linear(key.removesuffix(".weight"), t, fmt, double_quant)
-            for k, (shape, dtype) in specs[key].items():
-                assert k in q and _ST_DTYPES[q[k].dtype] == dtype and _shape_ok(tuple(q[k].shape), shape), k
-                writer.add(k, q[k])
-        else:
-            writer.add(key, t)
-        if bar:
-            bar.update(header.tensors[key].nbytes)
-    writer.close()
+    with SafetensorsWriter(out, names, meta) as writer, _open(header, "cpu") as f:
+        for key in header.tensors:
+            t = _get(f, header, key)
+            if key in specs:
+                q = quantize_linear(key.removesuffix(".weight"), t, fmt, double_quant)
+                for k, (shape, dtype) in specs[key].items():
+                    assert k in q and _ST_DTYPES[q[k].dtype] == dtype and _shape_ok(tuple(q[k].shape), shape), k
+                    writer.add(k, q[k])
+            else:
+                writer.add(key, t)
+            if bar:
+                bar.update(header.tensors[key].nbytes)
 
 
-def _write_df11(header: SafetensorsHeader, model: nn.Module, out: Path, skip: Sequence[str], meta: dict,
-                bar) -> None:
+def _write_df11(header: SafetensorsHeader, out: Path, skip: Sequence[str], meta: dict, bar) -> None:
     rx = _compile_skip(skip)
     try:
         units = df11_pattern_units(header.tensors, BAGEL_DF11_PATTERNS)
@@ -388,19 +388,17 @@ def _write_df11(header: SafetensorsHeader, model: nn.Module, out: Path, skip: Se
     plain = [k for k in header.tensors if k not in covered]
     names = [f"{u}.{b}" for u in units for b in BUFFER_NAMES] + plain
     meta["bagel_rt.units"] = str(len(units))
-    writer = SafetensorsWriter(out, names, meta)
-    with _open(header, "cpu") as f:
+    with SafetensorsWriter(out, names, meta) as writer, _open(header, "cpu") as f:
         for u, ws in units.items():
             buffers = compress_units([_get(f, header, w) for w in ws])
             for b in BUFFER_NAMES:
                 writer.add(f"{u}.{b}", buffers[b])
             if bar:
                 bar.update(sum(header.tensors[w].nbytes for w in ws))
-    for key, t in _read_tensors(header, plain, "cpu"):
-        writer.add(key, t)
-        if bar:
-            bar.update(header.tensors[key].nbytes)
-    writer.close()
+        for key in plain:
+            writer.add(key, _get(f, header, key))
+            if bar:
+                bar.update(header.tensors[key].nbytes)
 
 
 def _copy_side_files(src: Path, dst: Path, fmt: str) -> None:
@@ -437,12 +435,6 @@ def _get(f, header: SafetensorsHeader, key: str) -> Tensor:
         return f.get_tensor(key)
     except Exception as e:  # safetensors raises its own error type for corrupt data
         raise CheckpointError(f"{header.path}: cannot read {key!r} ({str(e).splitlines()[0]})") from None
-
-
-def _read_tensors(header: SafetensorsHeader, keys: Iterable[str], device) -> Iterator[tuple[str, Tensor]]:
-    with _open(header, device) as f:
-        for key in keys:
-            yield key, _get(f, header, key)
 
 
 def _shape_ok(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
@@ -534,19 +526,12 @@ def _df11_specs(model_shapes: dict[str, tuple[int, ...]], units: dict[str, list[
     covered = {w for ws in units.values() for w in ws}
     specs = {k: _Spec(s, None) for k, s in model_shapes.items() if k not in covered}
     for u, ws in units.items():
-        n = sum(_numel(model_shapes.get(w, (0,))) for w in ws)
+        n = sum(math.prod(model_shapes[w]) for w in ws)
         specs.update({f"{u}.luts": _Spec((-1, 256), "U8"), f"{u}.encoded_exponent": _Spec((-1,), "U8"),
                       f"{u}.sign_mantissa": _Spec((n,), "U8"), f"{u}.output_positions": _Spec((-1,), "U8"),
                       f"{u}.gaps": _Spec((-1,), "U8"),
                       f"{u}.split_positions": _Spec((len(ws) - 1,), "I64", optional=len(ws) == 1)})
     return specs
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # -- loading ----------------------------------------------------------------------------------------------------
@@ -607,7 +592,8 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
     state: dict[str, Tensor] = {}
     for key, t in _stream(found, units, shapes, device, progress, resident, model):
         if key in to_quantize:
-            state.update(quantize_linear(to_quantize[key], t, fmt, blocksize=blocksize))
+            q = quantize_linear(to_quantize[key], t, fmt, blocksize=blocksize)
+            state.update((k, v.to(device)) for k, v in q.items())  # the small side tensors start on the CPU
         else:
             # the model's own tensors go to dtype; quantization side tensors (SCB, absmax, ...) keep theirs
             state[key] = t.to(dtype) if key in shapes and t.is_floating_point() and t.dtype != dtype else t
@@ -649,7 +635,7 @@ def _stream(found: dict[str, SafetensorsHeader], units: dict[str, list[str]],
         for u, ws in units.items():
             where = found[f"{u}.encoded_exponent"].path
             buffers = {b: get(f"{u}.{b}") for b in BUFFER_NAMES if f"{u}.{b}" in found}
-            numels = [_numel(shapes[w]) for w in ws]
+            numels = [math.prod(shapes[w]) for w in ws]
             split = torch.tensor(numels, dtype=torch.int64).cumsum(0)[:-1]
             stored_split = buffers.get("split_positions", torch.zeros(0, dtype=torch.int64)).cpu()
             if not torch.equal(stored_split, split):

@@ -414,8 +414,6 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
     renamed when complete. Which Linear weights are quantized, and which stay bf16 and why, is recorded in the
     metadata of DST's ema.safetensors (see bagel-rt info --json). Prints DST on stdout.
     """
-    if dst.exists() and not overwrite:
-        raise InputError(f"{dst} already exists (pass --overwrite to replace it)")
     t0 = time.perf_counter()
     out = convert_checkpoint(src, dst, fmt, skip=list(skip), double_quant=double_quant,
                              progress=not no_progress, overwrite=overwrite)

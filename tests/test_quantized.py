@@ -254,10 +254,9 @@ def test_safetensors_writer(tmp_path):
     tensors = {"a": torch.randn(3, 5).to(torch.bfloat16), "scalar": torch.tensor(7, dtype=torch.uint8),
                "empty": torch.zeros(0, dtype=torch.int64), "b.c": torch.arange(10, dtype=torch.int8).view(2, 5),
                "d": torch.randn(2, 1, 3, 2)}
-    w = SafetensorsWriter(tmp_path / "x.safetensors", list(tensors), {"k": "v"})
-    for k, t in tensors.items():
-        w.add(k, t)
-    w.close()
+    with SafetensorsWriter(tmp_path / "x.safetensors", list(tensors), {"k": "v"}) as w:
+        for k, t in tensors.items():
+            w.add(k, t)
     back = load_file(str(tmp_path / "x.safetensors"))  # the reference reader validates offsets and size
     assert back.keys() == tensors.keys()
     assert all(back[k].dtype == t.dtype and torch.equal(bits(back[k]), bits(t)) for k, t in tensors.items())
