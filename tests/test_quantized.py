@@ -13,7 +13,7 @@ import torch
 from bagel_rt.cli.main import cli
 from bagel_rt.quant import Int8Linear, NF4Linear, int8, int8_state, load_int8, load_nf4, nf4, nf4_state
 from click.testing import CliRunner
-from conftest import rel_l2
+from conftest import rel_l2, requires_cuda
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -368,3 +368,20 @@ def test_corrupt_quantized_tensors(conv, tmp_path):
     rewrite(f, lambda t: t.update({f"{Q}.weight.absmax": torch.zeros(16, dtype=torch.float16)}))
     one_line_error(CheckpointError, lambda: bagel_rt.load(d, device="cpu"), str(f), "wrong dtype",
                    f"{Q}.weight.absmax")
+
+
+# -- on the GPU: Triton DF11 decode, quantization on the device ------------------------------------------------
+@requires_cuda
+def test_cuda_loading(tiny, conv):
+    load = lambda d, **kw: bagel_rt.load(d, device="cuda", backend="torch", **kw)  # noqa: E731
+    ref = load(tiny)
+    df11 = load(conv["df11"])
+    same_state(df11.model, ref.model)  # the Triton decoder is exact
+    r0 = ref.generate(PROMPT, **GEN)
+    resident = load(conv["df11"], df11_resident=True)
+    assert torch.equal(resident.generate(PROMPT, **GEN).latents, df11.generate(PROMPT, **GEN).latents)
+    # quantization is elementwise IEEE arithmetic (no reductions but max), so the GPU gives the CPU's tensors
+    for fmt in ("int8", "nf4"):
+        converted = load(conv[fmt])
+        same_state(load(tiny, weights=fmt).model, converted.model)
+        assert rel_l2(converted.generate(PROMPT, **GEN).latents, r0.latents) < MAX_REL_L2[fmt]
