@@ -55,6 +55,12 @@ def main():
         if fmt != "bf16":
             # the ViT, connector and glue stay bf16 here (small); the LLM's Linears of both experts + lm_head
             quantize_model(pipe.model.language_model, fmt)
+            # building 29 GB of bf16 and quantizing in place leaves the allocator fragmented (a real load
+            # quantizes tensor by tensor): a round trip through host memory packs the weights again
+            pipe.model.to("cpu")
+            gc.collect()
+            torch.cuda.empty_cache()
+            pipe.model.to("cuda")
         gc.collect()
         torch.cuda.empty_cache()
         w_gib = weights_gib(pipe.model, pipe.vae)
