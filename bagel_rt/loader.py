@@ -48,7 +48,7 @@ def read_params(path: Path, ae_file: str = AE_FILE) -> BagelParams:
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
          progress: bool = False, backend: str = "auto", weights: str = "auto", df11_resident: bool = False,
-         skip: Sequence[str] = ()):
+         skip: Sequence[str] = (), compute: str = "bf16", max_gpu_memory: float | None = None):
     """Load a BAGEL checkpoint directory.
 
     Args:
@@ -70,6 +70,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
             a ViT layer, the embeddings, lm_head) just before it runs, into one shared buffer (bf16, torch
             backend). Saves ~30 % of the weight memory at the cost of a decode per unit per forward.
         skip: regular expressions of Linear weight names to keep bf16 when quantizing as it loads.
+        compute: "bf16" (exact) or "fp8" (opt-in FP8 generation-expert GEMMs on the triton backend; Ada/Hopper).
+        max_gpu_memory: GPU budget in GiB: the ViT, VAE and embeddings leave the GPU between their phases and
+            the process is capped there; a request that cannot fit fails with a clear error
+            (:mod:`bagel_rt.placement`).
     Returns:
         a :class:`bagel_rt.pipeline.Bagel` pipeline.
     """
@@ -120,7 +124,11 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     # edit's VAE encode at 1024^2 would keep ~17 GiB of activations alive)
     model.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
-    return Bagel(model, vae, tokenizer, path=path, load_seconds=time.perf_counter() - t0, backend=backend)
+    pipe = Bagel(model, vae, tokenizer, path=path, load_seconds=time.perf_counter() - t0, backend=backend)
+    pipe.compute = compute
+    if max_gpu_memory is not None:
+        pipe.limit_gpu_memory(max_gpu_memory)
+    return pipe
 
 
 def _bytes_bar(total: int, enabled: bool, desc: str = "loading"):

@@ -123,6 +123,12 @@ model_options = _options(
     click.option("--weights", type=click.Choice(WEIGHTS), default="auto",
                  help="Weight format to run with. auto: what the checkpoint holds (declared in its files); "
                       "int8/nf4 on a bf16 (or df11) checkpoint: quantize as it loads; bf16 from df11: decode."),
+    click.option("--compute", type=click.Choice(["bf16", "fp8"]), default="bf16",
+                 help="Denoising GEMM precision (triton backend). fp8 is opt-in and approximate: FP8 "
+                      "generation-expert GEMMs with per-token activation scales (Ada/Hopper GPUs)."),
+    click.option("--max-gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GIB",
+                 help="GPU memory budget: the ViT, VAE and embeddings leave the GPU between their phases and "
+                      "the process is capped at GIB; a request that cannot fit fails with a clear message."),
     click.option("--no-progress", is_flag=True, help="Hide the progress bars (stderr)."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text."),
 )
@@ -233,7 +239,8 @@ def _load(o: dict):
                    f"{' (created now)' if created else ''} (random weights: outputs are noise; "
                    "use --model DIR for the real checkpoint)", err=True)
     return bagel_rt.load(path, device=o["device"], dtype=DTYPES[o["dtype"]], progress=not o["no_progress"],
-                         backend=o["backend"], weights=o["weights"])
+                         backend=o["backend"], weights=o["weights"], compute=o["compute"],
+                         max_gpu_memory=o["max_gpu_memory"])
 
 
 def _seed(o: dict) -> int:

@@ -41,3 +41,16 @@ def test_budget_needs_cuda(tmp_path):
     pipe = bagel_rt.load(d, device="cpu")
     with pytest.raises(bagel_rt.InputError, match="CUDA"):
         pipe.limit_gpu_memory(12)
+
+
+def test_cli_options_fail_cleanly_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only messages")
+    from bagel_rt.cli.main import cli
+    from click.testing import CliRunner
+
+    d = write_tiny_checkpoint(tmp_path / "tiny")
+    for extra, msg in ((["--max-gpu-memory", "4"], "CUDA devices only"), (["--compute", "fp8"], "triton backend")):
+        r = CliRunner().invoke(cli, ["generate", "x", "--model", str(d), "--height", "32", "--width", "32",
+                                     "--steps", "2", "--no-progress", "-o", str(tmp_path / "o.png"), *extra])
+        assert r.exit_code == 2 and msg in r.output and r.output.count("\n") <= 2, r.output
