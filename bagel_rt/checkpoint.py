@@ -9,7 +9,10 @@ shapes or dtypes, a directory of another model) raises :class:`CheckpointError` 
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,14 +101,36 @@ def check_keys(header: SafetensorsHeader, expected: dict[str, tuple[int, ...]], 
              if k in got and tuple(got[k]) != tuple(s)]
     bad_dtype = [f"{k}: {header.tensors[k].dtype}" for k in expected
                  if k in got and header.tensors[k].dtype not in _FLOAT]
+    raise_key_problems(header.path, what, (("missing", missing), ("unexpected", unexpected),
+                                           ("wrong shape", wrong), ("not a float dtype", bad_dtype)))
+
+
+def raise_key_problems(where, what: str, groups) -> None:
+    """One-line :class:`CheckpointError` listing every problem group (first 20 names each, with counts);
+    nothing when all groups are empty. ``groups`` is a sequence of (label, list of strings)."""
     parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
-                         ("not a float dtype", bad_dtype)):
+    for label, items in groups:
         if items:
             shown = "; ".join(items[:20]) + (f"; ... ({len(items) - 20} more)" if len(items) > 20 else "")
             parts.append(f"{len(items)} {label}: {shown}")
     if parts:
-        raise CheckpointError(f"{header.path}: does not match {what}: " + " | ".join(parts))
+        raise CheckpointError(f"{where}: does not match {what}: " + " | ".join(parts))
+
+
+@contextmanager
+def writing_directory(path: Path):
+    """Yield a temporary sibling of ``path`` to fill; on success it replaces ``path`` (atomic rename), on any
+    failure it is removed, so no half-written directory is ever left at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:

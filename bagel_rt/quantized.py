@@ -31,7 +31,6 @@ import math
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -41,7 +40,16 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from .checkpoint import _DTYPES, _FLOAT, SafetensorsHeader, check_keys, expected_shapes, read_header
+from .checkpoint import (
+    _DTYPES,
+    _FLOAT,
+    SafetensorsHeader,
+    check_keys,
+    expected_shapes,
+    raise_key_problems,
+    read_header,
+    writing_directory,
+)
 from .errors import CheckpointError, InputError
 from .loader import _bytes_bar, read_params
 from .model import BagelModel, SpecialTokens
@@ -326,22 +334,15 @@ def convert_checkpoint(src: str | Path, dst: str | Path, fmt: str, skip: Sequenc
         model = BagelModel(params, _NO_SPECIAL)
     check_keys(header, expected_shapes(model), "a BAGEL model with the sizes of llm_config.json/vit_config.json")
     meta = {"bagel_rt.format": fmt, "bagel_rt.source": _fingerprint(header.path)}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     bar = _bytes_bar(sum(t.nbytes for t in header.tensors.values()), progress, f"quantize {fmt}")
     try:
-        if fmt == "df11":
-            _write_df11(header, tmp / DF11_FILE, skip, meta, bar)
-            (tmp / "vae").mkdir()
-        else:
-            _write_quantized(header, model, tmp / EMA_FILE, fmt, skip, double_quant, meta, bar)
-        _copy_side_files(src, tmp, fmt)
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with writing_directory(dst) as tmp:
+            if fmt == "df11":
+                _write_df11(header, tmp / DF11_FILE, skip, meta, bar)
+                (tmp / "vae").mkdir()
+            else:
+                _write_quantized(header, model, tmp / EMA_FILE, fmt, skip, double_quant, meta, bar)
+            _copy_side_files(src, tmp, fmt)
     finally:
         if bar:
             bar.close()
@@ -471,14 +472,8 @@ def _check_tensors(found: dict[str, SafetensorsHeader], expected: dict[str, _Spe
             wrong.append(f"{name(k)}: file {list(t.shape)}, expected {want}")
         if (t.dtype not in _FLOAT) if s.dtype is None else (t.dtype != s.dtype):
             bad_dtype.append(f"{name(k)}: file {t.dtype}, expected {s.dtype or 'a float dtype'}")
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
-                         ("wrong dtype", bad_dtype)):
-        if items:
-            shown = "; ".join(items[:20]) + (f"; ... ({len(items) - 20} more)" if len(items) > 20 else "")
-            parts.append(f"{len(items)} {label}: {shown}")
-    if parts:
-        raise CheckpointError(f"{where}: does not match {what}: " + " | ".join(parts))
+    raise_key_problems(where, what, (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                                     ("wrong dtype", bad_dtype)))
 
 
 def weight_files(path: Path, stored: str) -> list[Path]:

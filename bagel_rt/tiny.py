@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .checkpoint import writing_directory
 from .config import BagelParams, LLMParams, VAEParams, ViTParams
 from .embeddings import sincos_2d_table
 from .model import BagelModel, SpecialTokens
@@ -95,9 +94,7 @@ def write_tiny_checkpoint(path: str | Path, seed: int = 0, overwrite: bool = Fal
         raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory; refusing to replace a file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with writing_directory(path) as tmp:
         p = TINY_PARAMS
         special = SpecialTokens(476, 477, 478, 479)
         with torch.device("meta"):
@@ -109,12 +106,6 @@ def write_tiny_checkpoint(path: str | Path, seed: int = 0, overwrite: bool = Fal
         (tmp / "vit_config.json").write_text(json.dumps(_vit_config(p.vit), indent=2))
         tok = resources.files("bagel_rt").joinpath("data/tiny_tokenizer.json").read_text(encoding="utf-8")
         (tmp / "tokenizer.json").write_text(tok, encoding="utf-8")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

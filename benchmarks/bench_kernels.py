@@ -11,10 +11,8 @@ Times are medians of ``triton.testing.do_bench``. One JSON line per (kernel, sha
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,15 +22,6 @@ import torch
 HIDDEN, FFN, HQ, HK, D = 3584, 18944, 28, 4, 128
 M_GEN = 4098  # 1024x1024 image: 4096 latent tokens + 2 markers
 BF16 = torch.bfloat16
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def randn(*shape, dtype=BF16, scale=1.0):
@@ -199,18 +188,11 @@ def main() -> int:
         print("bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.",
               file=sys.stderr)
         return 2
-    import triton
 
     from bagel_rt import kernels as K
+    from bagel_rt.bench import environment
 
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": args.commit or git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "timing": "cuda_graph_replay" if args.graph else "do_bench",
-    }
+    meta = {**environment(args.commit), "timing": "cuda_graph_replay" if args.graph else "do_bench"}
     print(f"# {meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}  "
           f"timing {meta['timing']} (median ms)")
     print(f"{'kernel':<18}{'shape':<62}{'provider':>12}{'ms':>10}{'speedup':>9}{'rate':>14}")
