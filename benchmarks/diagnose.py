@@ -58,6 +58,30 @@ def mem_phases(pipe, size):
     return out
 
 
+def t2i_phases(pipe, size):
+    """Peak GPU memory over the weights of a text-to-image request's denoising and its VAE decode, apart."""
+    from PIL import Image
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    s = pipe.session(seed=0)
+    s.add_text("A red bagel on a white plate.")
+    real_decode = s.decode_latents
+    s.decode_latents = lambda *a: Image.new("RGB", (8, 8))
+    torch.cuda.reset_peak_memory_stats()
+    res = s.gen_image((size, size), CFGSettings(4.0, 1.5, (0.4, 1.0)), num_timesteps=3)
+    torch.cuda.synchronize()
+    den = (torch.cuda.max_memory_allocated() - base) / GIB
+    pipe.fast_cache.clear()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base2 = torch.cuda.memory_allocated()
+    real_decode(res.latents, size // 16, size // 16)
+    torch.cuda.synchronize()
+    dec = (torch.cuda.max_memory_allocated() - base2) / GIB
+    return {"denoise_peak_over_weights_gib": round(den, 2), "vae_decode_peak_gib": round(dec, 2)}
+
+
 def profile_forward(pipe, size):
     """CUDA kernel time of one eager packed forward (2 branches, t2i contexts), grouped by kind."""
     s = pipe.session(seed=0)
@@ -122,6 +146,7 @@ def main():
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--fp32-reference", action="store_true")
+    ap.add_argument("--only-phases", action="store_true", help="only the t2i memory phases")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -129,6 +154,12 @@ def main():
     rows = []
     pipe = random_bagel("bagel-7b-mot", device="cuda", backend="triton")
     t0 = time.time()
+    rows.append(dict(diag="memory_phases_t2i", size=a.size, **t2i_phases(pipe, a.size), **env))
+    print(json.dumps(rows[-1]), flush=True)
+    if a.only_phases:
+        with open(a.out, "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
+        return
     rows.append(dict(diag="memory_phases_edit", size=a.size, **mem_phases(pipe, a.size), **env))
     print(json.dumps(rows[-1]), flush=True)
     prof = profile_forward(pipe, a.size)
