@@ -9,11 +9,17 @@ from bagel_rt.sampler import CFGSettings
 from bagel_rt.tiny import write_tiny_checkpoint
 
 
+# kernels run where Triton can: the GPU when there is one, else the interpreter on the CPU. On a GPU the fp32
+# attention dots run in TF32, so the agreement bound is looser there.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-4 if DEV == "cpu" else 5e-3
+
+
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
     d = write_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny")
-    return (bagel_rt.load(d, device="cpu", dtype=torch.float32, backend="torch"),
-            bagel_rt.load(d, device="cpu", dtype=torch.float32, backend="triton"))
+    return (bagel_rt.load(d, device=DEV, dtype=torch.float32, backend="torch"),
+            bagel_rt.load(d, device=DEV, dtype=torch.float32, backend="triton"))
 
 
 def _three_branch_session(pipe):
@@ -33,15 +39,15 @@ def test_packed_three_branches_match_torch(pipes, renorm):
         assert s.cfg_img.history != s.gen.history and s.cfg_text.history != s.gen.history
         out.append(s.gen_image((48, 64), cfg, num_timesteps=5, record=True))
     ref, fast = out
-    assert rel_l2(fast.velocities, ref.velocities) < 1e-4
-    assert rel_l2(fast.latents, ref.latents) < 1e-4
+    assert rel_l2(fast.velocities, ref.velocities) < TOL
+    assert rel_l2(fast.latents, ref.latents) < TOL
 
 
 def test_packed_t2i_dedup_and_denoiser_reuse(pipes):
     torch_pipe, fast_pipe = pipes
     a = torch_pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=4, seed=2)
     b = fast_pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=4, seed=2)
-    assert rel_l2(b.latents, a.latents) < 1e-4
+    assert rel_l2(b.latents, a.latents) < TOL
     den = fast_pipe.fast_cache["denoiser"]
     assert den.B == 2  # cond + text-uncond; the image-uncond branch equals cond and is never computed
     c = fast_pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=4, seed=2)
