@@ -8,7 +8,6 @@ import bagel_rt
 from bagel_rt.sampler import CFGSettings
 from bagel_rt.tiny import write_tiny_checkpoint
 
-
 # kernels run where Triton can: the GPU when there is one, else the interpreter on the CPU. On a GPU the fp32
 # attention dots run in TF32, so the agreement bound is looser there.
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
