@@ -25,6 +25,57 @@ def _swish(x: Tensor, inplace: bool = False) -> Tensor:
     return x.mul_(torch.sigmoid(x)) if inplace else x * torch.sigmoid(x)
 
 
+# -- memory-lean inference path -----------------------------------------------------------------------------
+# At 1024^2 in fp32 a full-resolution activation is 0.5-1 GiB and the VAE decode is the memory peak of a whole
+# request. Without autograd, a 3x3 convolution only needs its input rows plus one halo row on each side, and
+# GroupNorm only needs its per-group statistics, so the norm -> swish -> conv and upsample -> conv chains run
+# over row bands: one full tensor in, one full tensor out, a band of temporaries in between. Same operations,
+# same results up to float rounding order (GroupNorm as x * scale + shift from fp32 statistics).
+LEAN_MIN_PIXELS = 256 * 256  # below this the plain path is used (it is the reference path everywhere)
+LEAN_ROWS = 64
+
+
+def _lean(x: Tensor) -> bool:
+    return not torch.is_grad_enabled() and x.shape[-2] * x.shape[-1] >= LEAN_MIN_PIXELS
+
+
+def _norm_affine(x: Tensor, norm: nn.GroupNorm) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift) [B, C] such that GroupNorm(x) = x * scale + shift."""
+    b, c = x.shape[:2]
+    g = norm.num_groups
+    var, mean = torch.var_mean(x.reshape(b, g, -1).float(), dim=-1, unbiased=False)
+    rstd = torch.rsqrt(var + norm.eps)  # [B, G]
+    scale = (rstd.repeat_interleave(c // g, dim=1) * norm.weight.float())
+    shift = norm.bias.float() - mean.repeat_interleave(c // g, dim=1) * scale
+    return scale.to(x.dtype), shift.to(x.dtype)
+
+
+def _conv_rows(src, conv: nn.Conv2d, height: int, rows: int = LEAN_ROWS) -> Tensor:
+    """A 3x3, padding-1 ``conv`` over an input of ``height`` rows produced band by band by
+    ``src(a, b)`` (rows [a, b) of the conv input); zero rows only at the true borders."""
+    out = None
+    for r0 in range(0, height, rows):
+        r1 = min(height, r0 + rows)
+        a, b = max(0, r0 - 1), min(height, r1 + 1)
+        t = F.pad(src(a, b), (0, 0, int(a == r0), int(b == r1)))
+        y = F.conv2d(t, conv.weight, conv.bias, padding=(0, 1))
+        if out is None:
+            out = y.new_empty(y.shape[0], y.shape[1], height, y.shape[3])
+        out[:, :, r0:r1] = y
+    return out
+
+
+def _norm_swish_conv(x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d) -> Tensor:
+    scale, shift = _norm_affine(x, norm)
+    scale, shift = scale[:, :, None, None], shift[:, :, None, None]
+
+    def band(a, b):
+        t = x[:, :, a:b] * scale + shift
+        return t.mul_(torch.sigmoid(t))
+
+    return _conv_rows(band, conv, x.shape[2])
+
+
 class ResnetBlock(nn.Module):
     """x' + conv2(swish(norm2(conv1(swish(norm1(x)))))); x' is a 1x1 projection of x when channels change."""
 
@@ -43,6 +94,10 @@ class ResnetBlock(nn.Module):
         """x: [B, C_in, H, W] -> [B, C_out, H, W]."""
         # swish and the residual add run in place on fresh tensors when no graph is recorded: at 1024^2 in
         # fp32 each full-resolution activation is 0.5-1 GiB, and the decode is the peak of a request
+        if _lean(x):
+            h = _norm_swish_conv(x, self.norm1, self.conv1)
+            h = _norm_swish_conv(h, self.norm2, self.conv2)
+            return h.add_(self.nin_shortcut(x) if self.nin_shortcut is not None else x)
         inplace = not torch.is_grad_enabled()
         h = self.conv1(_swish(self.norm1(x), inplace))
         h = self.conv2(_swish(self.norm2(h), inplace))
@@ -96,6 +151,12 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C, H, W] -> [B, C, 2H, 2W]."""
+        if _lean(x):  # never materialise the 4x nearest-upsampled input
+            def band(a, b):  # rows [a, b) of the upsampled image come from input rows [a // 2, (b + 1) // 2)
+                up = F.interpolate(x[:, :, a // 2:(b + 1) // 2], scale_factor=2.0, mode="nearest")
+                return up[:, :, a - 2 * (a // 2): a - 2 * (a // 2) + (b - a)]
+
+            return _conv_rows(band, self.conv, 2 * x.shape[2])
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
