@@ -254,6 +254,7 @@ class Session:
         return Result(image=image, latents=x.float().cpu(), seed=self.seed,
                       velocities=torch.stack(vels) if record else None)
 
+    @torch.no_grad()
     def decode_latents(self, latents: Tensor, h: int, w: int) -> Image.Image:
         """Final latents [h*w, 64] (token layout) -> PIL image of (16h, 16w) via the VAE (fp32)."""
         p = self.model.params

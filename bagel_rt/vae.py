@@ -97,7 +97,11 @@ class ResnetBlock(nn.Module):
         if _lean(x):
             h = _norm_swish_conv(x, self.norm1, self.conv1)
             h = _norm_swish_conv(h, self.norm2, self.conv2)
-            return h.add_(self.nin_shortcut(x) if self.nin_shortcut is not None else x)
+            if self.nin_shortcut is None:
+                return h.add_(x)
+            for r0 in range(0, x.shape[2], LEAN_ROWS):  # the 1x1 projection, band by band, added in place
+                h[:, :, r0:r0 + LEAN_ROWS].add_(self.nin_shortcut(x[:, :, r0:r0 + LEAN_ROWS]))
+            return h
         inplace = not torch.is_grad_enabled()
         h = self.conv1(_swish(self.norm1(x), inplace))
         h = self.conv2(_swish(self.norm2(h), inplace))
@@ -249,6 +253,8 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
+        if _lean(h):
+            return _norm_swish_conv(h, self.norm_out, self.conv_out)
         return self.conv_out(_swish(self.norm_out(h)))
 
 
