@@ -51,8 +51,11 @@ class PackedDenoiser:
     """
 
     def __init__(self, model, ctxs: list[Context], h: int, w: int, use_graphs: bool = True,
-                 fp8: dict | None = None):
+                 fp8: dict | None = None, mlp_chunks: int = 1):
         self.k_ops = _kernels()
+        #: row chunks of the MLP (its [rows, 18944] intermediates dominate the activations); >1 under a
+        #: memory budget, trading a little GEMM efficiency for memory
+        self.mlp_chunks = mlp_chunks
         self.fp8 = fp8 if fp8 is not None else {}
         self.model, self.h, self.w = model, h, w
         p = model.params.llm
@@ -146,6 +149,11 @@ class PackedDenoiser:
         return xg, xu
 
     def _mlp(self, mlp, h: Tensor) -> Tensor:
+        if self.mlp_chunks > 1 and h.shape[0] >= 2 * self.mlp_chunks:
+            return torch.cat([self._mlp_rows(mlp, c) for c in h.chunk(self.mlp_chunks)])
+        return self._mlp_rows(mlp, h)
+
+    def _mlp_rows(self, mlp, h: Tensor) -> Tensor:
         act = self.k_ops.swiglu(self._linear(mlp.gate_proj, h), self._linear(mlp.up_proj, h))
         return self._linear(mlp.down_proj, act)
 
@@ -210,7 +218,7 @@ def denoiser_key(ctxs: list[Context], h: int, w: int) -> tuple:
 def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: int, num_timesteps: int,
                    timestep_shift: float, cfg: CFGSettings, text_is_cond: bool, img_is_cond: bool,
                    use_graphs: bool = True, on_step=None, cache: dict | None = None,
-                   fp8: dict | None = None) -> Tensor:
+                   fp8: dict | None = None, mlp_chunks: int = 1) -> Tensor:
     """The sampler loop of :func:`bagel_rt.sampler.denoise` on the packed fast path.
 
     Args:
@@ -235,7 +243,7 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     else:
         if cache is not None:
             cache.pop("denoiser", None)  # free the old arena and graph pool before allocating new ones
-        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, fp8)
+        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, fp8, mlp_chunks)
         if cache is not None:
             cache["denoiser"] = den
     x = noise.to(model.device, torch.float32).contiguous()
