@@ -20,10 +20,11 @@ import click
 import torch
 
 import bagel_rt
+from bagel_rt.convert import convert_checkpoint
 from bagel_rt.errors import BagelError, InputError
 from bagel_rt.info import _human, checkpoint_info, format_info
 from bagel_rt.pipeline import ASPECT_PRESETS, open_image
-from bagel_rt.quantized import FORMATS, WEIGHTS, convert_checkpoint
+from bagel_rt.quantized import FORMATS, WEIGHTS
 from bagel_rt.sampler import RENORM_TYPES, CFGSettings
 from bagel_rt.tiny import ensure_tiny_checkpoint, write_tiny_checkpoint
 

@@ -19,15 +19,10 @@ from safetensors.torch import load_file, save_file
 
 import bagel_rt
 from bagel_rt.checkpoint import read_header
+from bagel_rt.convert import SafetensorsWriter, convert_checkpoint
 from bagel_rt.errors import CheckpointError, InputError
 from bagel_rt.info import checkpoint_info
-from bagel_rt.quantized import (
-    BAGEL_DF11_PATTERNS,
-    DTYPE_PROBES,
-    SafetensorsWriter,
-    convert_checkpoint,
-    quantize_linear,
-)
+from bagel_rt.quantized import BAGEL_DF11_PATTERNS, DTYPE_PROBES, quantize_linear
 from bagel_rt.tiny import write_tiny_checkpoint
 
 PROMPT = "a red bagel"
@@ -283,7 +278,7 @@ def test_skip_patterns(tiny, tmp_path):
 
 
 def test_conversion_is_atomic(tiny, tmp_path, monkeypatch):
-    import bagel_rt.quantized as qz
+    import bagel_rt.convert as qz  # where convert_checkpoint looks quantize_linear up
 
     calls = []
 
