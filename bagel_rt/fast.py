@@ -124,7 +124,9 @@ class PackedDenoiser:
         hu = k_ops.rms_norm(xu, layer.input_layernorm.weight, eps)
 
         def qkv(h, sfx):
-            return tuple(self._linear(getattr(a, n + sfx), h) for n in ("q_proj", "k_proj", "v_proj"))
+            mods = [getattr(a, n + sfx) for n in ("q_proj", "k_proj", "v_proj")]
+            xq = self._quantized_input(mods, h)
+            return tuple(self._linear(m, h, xq) for m in mods)
 
         qg, kg, vg = qkv(hg, "_moe_gen")
         qu, ku, vu = qkv(hu, "")
@@ -154,17 +156,26 @@ class PackedDenoiser:
         return self._mlp_rows(mlp, h)
 
     def _mlp_rows(self, mlp, h: Tensor) -> Tensor:
-        act = self.k_ops.swiglu(self._linear(mlp.gate_proj, h), self._linear(mlp.up_proj, h))
+        xq = self._quantized_input((mlp.gate_proj, mlp.up_proj), h)
+        act = self.k_ops.swiglu(self._linear(mlp.gate_proj, h, xq), self._linear(mlp.up_proj, h, xq))
         return self._linear(mlp.down_proj, act)
 
-    def _linear(self, mod, x: Tensor) -> Tensor:
+    def _quantized_input(self, mods, x: Tensor):
+        """FP8 rows of an input shared by several FP8 Linears, quantized once (None when none is FP8)."""
+        if not any(id(m) in self.fp8 for m in mods):
+            return None
+        from .fp8 import quantize_rows
+
+        return quantize_rows(x)
+
+    def _linear(self, mod, x: Tensor, xq=None) -> Tensor:
         """A Linear of the model: FP8 copy if opted in, cuBLAS for plain bf16, else the module's own forward
-        (quantized modules dequantize inside their kernels)."""
+        (quantized modules dequantize inside their kernels). ``xq``: ``x`` already quantized to FP8 rows."""
         w8 = self.fp8.get(id(mod))
         if w8 is not None:
             from .fp8 import fp8_linear
 
-            return fp8_linear(x, w8)
+            return fp8_linear(x, w8, xq)
         if type(mod) is torch.nn.Linear:
             return F.linear(x, mod.weight, mod.bias)
         return mod(x)

@@ -29,12 +29,19 @@ class Fp8Weight:
         self.bias = linear.bias
 
 
-def fp8_linear(x: Tensor, w: Fp8Weight) -> Tensor:
-    """x [M, K] bf16 -> x @ W.T (+ bias) [M, N] bf16, with per-token activation scales."""
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 per-token scales [M, 1]) with ``x ≈ q * scale``."""
     xf = x.float()
-    sx = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)  # [M, 1]
-    xq = (xf / sx).to(FP8)
-    y = torch._scaled_mm(xq, w.q.t(), scale_a=sx, scale_b=w.scale, out_dtype=x.dtype)
+    sx = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    return (xf / sx).to(FP8), sx
+
+
+def fp8_linear(x: Tensor, w: Fp8Weight, xq: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """x [M, K] bf16 -> x @ W.T (+ bias) [M, N] bf16, with per-token activation scales.
+
+    ``xq`` is ``quantize_rows(x)`` when the caller already has it (q/k/v and gate/up share their input)."""
+    q, sx = xq if xq is not None else quantize_rows(x)
+    y = torch._scaled_mm(q, w.q.t(), scale_a=sx, scale_b=w.scale, out_dtype=x.dtype)
     return y if w.bias is None else y + w.bias
 
 
