@@ -135,20 +135,17 @@ class Bagel:
         """
         if not isinstance(inputs, (list, tuple)) or not inputs:
             raise InputError("inputs must be a non-empty list of strings and PIL images")
-        if self.gpu_budget_gib is None:
-            return self._interleave(inputs, think, understanding_output, max_think_token_n, do_sample,
-                                    text_temperature, cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift,
-                                    num_timesteps, cfg_renorm_min, cfg_renorm_type, image_shapes, seed, noise,
-                                    record, progress)
         try:
             return self._interleave(inputs, think, understanding_output, max_think_token_n, do_sample,
                                     text_temperature, cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift,
                                     num_timesteps, cfg_renorm_min, cfg_renorm_type, image_shapes, seed, noise,
                                     record, progress)
         except torch.cuda.OutOfMemoryError as e:
+            if self.gpu_budget_gib is None:
+                raise
             from .placement import out_of_memory_error
 
-            self.fast_cache.clear()
+            self.fast_cache.clear()  # under a budget, leave the GPU usable for the next (smaller) request
             raise out_of_memory_error(self, e) from None
 
     def _interleave(self, inputs, think, understanding_output, max_think_token_n, do_sample, text_temperature,
