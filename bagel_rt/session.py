@@ -224,12 +224,11 @@ class Session:
         elif tuple(noise.shape) != (n, c):
             raise InputError(f"noise has shape {list(noise.shape)}, expected [{n}, {c}] for {H}x{W}")
         ctxs = {"cond": self.gen, "text": self.cfg_text, "img": self.cfg_img}
-        vel = lambda branch, x, t: self.model.velocity(ctxs[branch], x, t, h, w)
         vels = []
         bar = _bar(num_timesteps, "denoising", progress)
 
         def on_step(i, v):
-            if record:
+            if record:  # opt-in: copying each step's velocity to the host syncs the loop
                 vels.append(v.float().cpu())
             if bar:
                 bar.update(1)
@@ -244,6 +243,7 @@ class Session:
                                cache=self.bagel.fast_cache, fp8=self.bagel.fp8_weights(),
                                mlp_chunks=4 if self.bagel.offload else 1, **dedup)
         else:
+            vel = lambda branch, x, t: self.model.velocity(ctxs[branch], x, t, h, w)
             x = denoise(vel, noise.to(self.model.device), num_timesteps, timestep_shift, cfg, on_step=on_step,
                         **dedup)
         if bar:
