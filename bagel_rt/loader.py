@@ -124,7 +124,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     # edit's VAE encode at 1024^2 would keep ~17 GiB of activations alive)
     model.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
-    pipe = Bagel(model, vae, tokenizer, path=path, load_seconds=time.perf_counter() - t0, backend=backend)
+    pipe = Bagel(model, vae, tokenizer, path=path, load_seconds=time.perf_counter() - t0, backend=backend,
+                 weights=fmt)
     pipe.compute = compute
     if max_gpu_memory is not None:
         pipe.limit_gpu_memory(max_gpu_memory)

@@ -41,8 +41,10 @@ class Bagel:
     """
 
     def __init__(self, model, vae, tokenizer, path: Path | None = None, load_seconds: float = 0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", weights: str = "bf16"):
         self.model, self.vae, self.tokenizer = model, vae, tokenizer
+        #: the weight format as loaded: "bf16" (or the dtype's name), "int8", "nf4" or "df11"
+        self.weights = weights
         self.path, self.load_seconds = path, load_seconds
         self.backend = resolve_backend(backend, model.device)
         #: capture CUDA graphs on the triton backend (turned off only to compare or debug)

@@ -454,8 +454,10 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16")
 @click.option("--compute", type=click.Choice(["bf16", "fp8"]), default="bf16",
               help="Denoising GEMM precision on the triton backend; fp8 is opt-in and approximate.")
+@click.option("--weights", type=click.Choice(["auto", "int8", "nf4"]), default="auto",
+              help="Quantize the LLM's Linears to int8/nf4 (on load for --model, in place for --random-weights).")
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
-          device, dtype, compute):
+          device, dtype, compute, weights):
     """Time text-to-image, editing and decoding (app defaults): seconds per image and per step, tokens/s, peak
     GPU memory, achieved TFLOP/s and its share of the measured bf16 matmul peak. One JSON line per result
     on stdout (and appended to --out)."""
@@ -477,11 +479,20 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     if random_weights:
         pipe = random_bagel("bagel-7b-mot" if random_weights == "7b" else TINY_PARAMS, device=dev,
                             dtype=DTYPES[dtype], backend=backend)
+        if weights != "auto":
+            from bagel_rt.quant import quantize_model
+
+            try:
+                quantize_model(pipe.model.language_model, weights)
+            except ValueError as e:
+                raise InputError(f"cannot quantize the random model to {weights}: {e}") from None
+            pipe.weights = weights
     else:
-        pipe = bagel_rt.load(model_dir, device=dev, dtype=DTYPES[dtype], backend=backend)
+        pipe = bagel_rt.load(model_dir, device=dev, dtype=DTYPES[dtype], backend=backend, weights=weights)
     pipe.compute = compute
     rows = run_bench(pipe, task_list, size=size, steps=steps, runs=runs, warmup=warmup, tokens=tokens,
-                     compare_torch=compare_torch, commit=commit, log=lambda line: click.echo(line, err=True))
+                     compare_torch=compare_torch, weights=pipe.weights, commit=commit,
+                     log=lambda line: click.echo(line, err=True))
     lines = [json.dumps(r) for r in rows]
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
