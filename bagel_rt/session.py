@@ -194,6 +194,14 @@ class Session:
         return Result(text=text, token_ids=predicted, seed=self.seed,
                       logits=torch.stack(logits_rec) if record else None)
 
+    def reply(self, max_length: int = 512, do_sample: bool = False, temperature: float = 0.3,
+              record: bool = False, progress: bool = False) -> Result:
+        """Answer from ``gen`` and append the answer as a text turn, so later turns see the conversation
+        (``cfg_text`` becomes the context before the answer, ``cfg_img`` gets it too, as for any text)."""
+        res = self.gen_text(max_length, do_sample, temperature, record, progress, desc="answering")
+        self.add_text(res.text)
+        return res
+
     def think(self, max_length: int = 1024, do_sample: bool = False, temperature: float = 0.3,
               record: bool = False, progress: bool = False) -> Result:
         """Decode a planning text and append it to ``gen`` only (think mode before an image)."""

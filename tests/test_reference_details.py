@@ -240,3 +240,24 @@ def test_temperature_sampling_is_seeded_and_follows_softmax(pipe):
     c = pipe.understand(None, "Describe the scene in detail.", max_think_token_n=12, do_sample=True,
                         text_temperature=1e-4, seed=5)
     assert c.token_ids == greedy.token_ids  # T -> 0 is greedy
+
+
+def test_multi_turn_reply_then_edit_extends_the_context(pipe):
+    """Understand, reply (the answer joins the conversation), then generate — no turn is prefilled twice."""
+    img = Image.new("RGB", (64, 48), (200, 120, 30))
+    s = pipe.session(seed=1)
+    s.add(img)
+    s.add("What breed is this cat?")
+    before = s.gen.length
+    ans = s.reply(max_length=6)
+    framed = pipe.tokenizer.frame(ans.text)
+    assert s.gen.length == before + len(framed)  # only the answer was prefilled
+    assert s.cfg_text.length == before  # text-unconditional = the context before the last text
+    s.add("Now make it a ragdoll in autumn leaves.")
+    out = s.gen_image(cfg=CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel"), num_timesteps=2)
+    assert out.image.size == (688, 512)  # the input image's size after the VAE resize (64x48 -> 688x512)
+    # the same conversation given in one interleaved call (answer passed as text) gives the same image
+    one = pipe.interleave([img, "What breed is this cat?", ans.text, "Now make it a ragdoll in autumn leaves."],
+                          seed=1, num_timesteps=2, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
+                          cfg_renorm_type="text_channel")
+    assert torch.equal(one.latents, out.latents)
