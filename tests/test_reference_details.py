@@ -261,3 +261,22 @@ def test_multi_turn_reply_then_edit_extends_the_context(pipe):
                           seed=1, num_timesteps=2, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
                           cfg_renorm_type="text_channel")
     assert torch.equal(one.latents, out.latents)
+
+
+def test_text_prefill_is_causal_with_the_cache_in_front():
+    """Query i of a block of Lq tokens after a cache of Lk - Lq rows sees keys j <= Lk - Lq + i (doc 3.4)."""
+    from bagel_rt.llm import attention
+
+    g = torch.Generator().manual_seed(0)
+    lq, lk, hq, hk, d = 3, 7, 4, 2, 8
+    q, k, v = (torch.randn(n, h, d, generator=g, dtype=torch.float64) for n, h in ((lq, hq), (lk, hk), (lk, hk)))
+    out = attention(q, k, v, causal=True)
+    for i in range(lq):
+        for head in range(hq):
+            kv = head // (hq // hk)
+            vis = lk - lq + i + 1
+            w = torch.softmax(q[i, head] @ k[:vis, kv].T / d**0.5, dim=-1)
+            torch.testing.assert_close(out[i, head], w @ v[:vis, kv])
+    full = attention(q, k, v, causal=False)  # image blocks: bidirectional over cache + block
+    w = torch.softmax(q[0, 0] @ k[:, 0].T / d**0.5, dim=-1)
+    torch.testing.assert_close(full[0, 0], w @ v[:, 0])
