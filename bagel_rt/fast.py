@@ -51,8 +51,11 @@ class PackedDenoiser:
     """
 
     def __init__(self, model, ctxs: list[Context], h: int, w: int, use_graphs: bool = True,
-                 fp8: dict | None = None, mlp_chunks: int = 1):
+                 fp8: dict | None = None, mlp_chunks: int = 1, run_hooks: bool = False):
         self.k_ops = _kernels()
+        #: run each decoder layer's forward pre-hooks before the packed layer (DF11 units decoded just before
+        #: use, see bagel_rt.quantized): the packed forward reads the Linears' weights without calling the layer
+        self.run_hooks = run_hooks
         #: row chunks of the MLP (its [rows, 18944] intermediates dominate the activations); >1 under a
         #: memory budget, trading a little GEMM efficiency for memory
         self.mlp_chunks = mlp_chunks
@@ -118,6 +121,9 @@ class PackedDenoiser:
 
     # -- the packed forward ---------------------------------------------------------------------------------
     def _layer(self, i: int, layer, xg: Tensor, xu: Tensor, m: dict) -> tuple[Tensor, Tensor]:
+        if self.run_hooks:
+            for hook in list(layer._forward_pre_hooks.values()):
+                hook(layer, ())
         k_ops, eps, a = self.k_ops, self.eps, layer.self_attn
         G, U = xg.shape[0], xu.shape[0]
         hg = k_ops.rms_norm(xg, layer.input_layernorm_moe_gen.weight, eps)
@@ -229,7 +235,7 @@ def denoiser_key(ctxs: list[Context], h: int, w: int) -> tuple:
 def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: int, num_timesteps: int,
                    timestep_shift: float, cfg: CFGSettings, text_is_cond: bool, img_is_cond: bool,
                    use_graphs: bool = True, on_step=None, cache: dict | None = None,
-                   fp8: dict | None = None, mlp_chunks: int = 1) -> Tensor:
+                   fp8: dict | None = None, mlp_chunks: int = 1, run_hooks: bool = False) -> Tensor:
     """The sampler loop of :func:`bagel_rt.sampler.denoise` on the packed fast path.
 
     Args:
@@ -254,7 +260,7 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     else:
         if cache is not None:
             cache.pop("denoiser", None)  # free the old arena and graph pool before allocating new ones
-        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, fp8, mlp_chunks)
+        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, fp8, mlp_chunks, run_hooks)
         if cache is not None:
             cache["denoiser"] = den
     x = noise.to(model.device, torch.float32).contiguous()

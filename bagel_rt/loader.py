@@ -67,8 +67,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
             checkpoint is quantized to int8/nf4 as it loads, Linear by Linear on ``device``; a df11 checkpoint
             decodes to exact bf16; asking for what the checkpoint cannot give (bf16 from nf4) is an error.
         df11_resident: DF11 only: keep the weights compressed on the device and decode each unit (an LLM layer,
-            a ViT layer, the embeddings, lm_head) just before it runs, into one shared buffer (bf16, torch
-            backend). Saves ~30 % of the weight memory at the cost of a decode per unit per forward.
+            a ViT layer, the embeddings, lm_head) just before it runs, into one shared buffer (bf16; on the
+            triton backend without CUDA graphs and with torch-path text decoding). Saves ~30 % of the weight
+            memory at the cost of a decode per unit per forward.
         skip: regular expressions of Linear weight names to keep bf16 when quantizing as it loads.
         compute: "bf16" (exact) or "fp8" (opt-in FP8 generation-expert GEMMs on the triton backend; Ada/Hopper).
         max_gpu_memory: GPU budget in GiB: the ViT, VAE and embeddings leave the GPU between their phases and
@@ -77,7 +78,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     Returns:
         a :class:`bagel_rt.pipeline.Bagel` pipeline.
     """
-    from .pipeline import Bagel, resolve_backend
+    from .pipeline import Bagel
     from .quantized import DF11_VAE, declares_df11, ema_format, load_weights, resolve_weights, weight_files
 
     path = Path(path).expanduser()
@@ -100,9 +101,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
             raise InputError(f"df11_resident needs DFloat11 weights; {path} holds {stored}, loaded as {fmt}")
         if dtype != torch.bfloat16:
             raise InputError(f"df11_resident decodes to bf16; got dtype {dtype}")
-        if resolve_backend(backend, device) != "torch":
-            raise InputError("df11_resident needs backend='torch' (the triton backend reads Linear weights "
-                             "outside the modules' forwards, where the units are decoded)")
+        if max_gpu_memory is not None:
+            raise InputError("df11_resident does not combine with max_gpu_memory yet (the decoded weights are "
+                             "views that module moves do not carry)")
     ae = read_header(path / (DF11_VAE if df11 else AE_FILE))
     with torch.device("meta"):
         model = BagelModel(params, tokenizer.special)
@@ -126,6 +127,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     vae.eval().requires_grad_(False)
     pipe = Bagel(model, vae, tokenizer, path=path, load_seconds=time.perf_counter() - t0, backend=backend,
                  weights=fmt)
+    pipe.df11_resident = df11_resident
     pipe.compute = compute
     if max_gpu_memory is not None:
         pipe.limit_gpu_memory(max_gpu_memory)

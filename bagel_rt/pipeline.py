@@ -54,6 +54,8 @@ class Bagel:
         self.fast_cache: dict = {}
         self._fp8 = None
         self.compute = "bf16"
+        #: DF11 units stay compressed and are decoded by forward pre-hooks just before use (set by the loader)
+        self.df11_resident = False
         #: ViT, VAE and embeddings live on the CPU between uses (set by :meth:`limit_gpu_memory`)
         self.offload = False
         self.gpu_budget_gib: float | None = None

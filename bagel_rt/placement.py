@@ -56,6 +56,8 @@ def limit_gpu_memory(bagel, gib: float) -> dict:
     device = bagel.device
     if device.type != "cuda":
         raise InputError("max_gpu_memory applies to CUDA devices only")
+    if bagel.df11_resident:
+        raise InputError("max_gpu_memory does not combine with df11_resident yet")
     model = bagel.model
     emb = model.language_model.model.embed_tokens
     emb.to("cpu")

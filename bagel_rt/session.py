@@ -164,7 +164,7 @@ class Session:
             raise InputError(f"text_temperature must be > 0 when sampling, got {temperature}")
         tok, sp = self.bagel.tokenizer, self.model.special
         ctx = self.gen.fork(extra=max_length)
-        if self.bagel.backend == "triton":
+        if self.bagel.backend == "triton" and not self.bagel.df11_resident:  # the graph decoder copies weights
             from .fast_decode import fast_gen_text
 
             predicted, logits = fast_gen_text(self.bagel.decoder, ctx, max_length, do_sample, temperature,
@@ -246,10 +246,11 @@ class Session:
         if self.bagel.backend == "triton":
             from .fast import denoise_packed
 
+            resident = self.bagel.df11_resident  # decode kernels not validated inside a graph capture yet
             x = denoise_packed(self.model, ctxs, noise, h, w, num_timesteps, timestep_shift, cfg,
-                               use_graphs=self.bagel.use_graphs, on_step=on_step,
+                               use_graphs=self.bagel.use_graphs and not resident, on_step=on_step,
                                cache=self.bagel.fast_cache, fp8=self.bagel.fp8_weights(),
-                               mlp_chunks=4 if self.bagel.offload else 1, **dedup)
+                               mlp_chunks=4 if self.bagel.offload else 1, run_hooks=resident, **dedup)
         else:
             vel = lambda branch, x, t: self.model.velocity(ctxs[branch], x, t, h, w)
             x = denoise(vel, noise.to(self.model.device), num_timesteps, timestep_shift, cfg, on_step=on_step,

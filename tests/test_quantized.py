@@ -174,6 +174,20 @@ def test_df11_resident_is_bit_identical(conv, ref):
     assert torch.equal(pipe.generate(PROMPT, **GEN).latents, r0.latents)  # again, after other units ran
 
 
+def test_df11_resident_on_the_triton_backend(conv):
+    """The packed denoiser decodes each layer's unit just before it uses the weights: same result as the
+    weights decoded at load (interpreter on the CPU, kernels on a GPU)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    at_load = bagel_rt.load(conv["df11"], device=dev, backend="triton")
+    resident = bagel_rt.load(conv["df11"], device=dev, backend="triton", df11_resident=True)
+    a = at_load.generate(PROMPT, **GEN)
+    b = resident.generate(PROMPT, **GEN)
+    assert torch.equal(a.latents, b.latents)
+    torch_pipe = bagel_rt.load(conv["df11"], device=dev, backend="torch")
+    ids = torch_pipe.understand(None, "hi", max_think_token_n=4).token_ids
+    assert resident.understand(None, "hi", max_think_token_n=4).token_ids == ids  # decoded on the torch path
+
+
 def test_df11_resident_errors(conv):
     one_line_error(InputError, lambda: bagel_rt.load(conv["int8"], device="cpu", df11_resident=True),
                    "needs DFloat11 weights")
