@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .sampler import CFGSettings, schedule
+from .sampler import CFGSettings, schedule, velocity_sources
 
 
 def environment(commit: str | None = None) -> dict:
@@ -67,11 +67,7 @@ def denoise_flops(model, ctx_lens: dict[str, int], dedup: dict[str, bool], h: in
     total = 0.0
     for t in schedule(num_timesteps, shift)[:-1].tolist():
         st, si = cfg.scales_at(t)
-        branches = ["cond"]
-        if st > 1:
-            branches += [] if dedup["text"] else ["text"]
-            branches += [] if si <= 1 or dedup["img"] else ["img"]
-        for b in branches:
+        for b in set(velocity_sources(st, si, dedup["text"], dedup["img"]).values()):
             total += p.num_layers * (L * lin + 4 * L * (ctx_lens[b] + L) * H)
             total += 2 * N * (64 * H * 2)  # vae2llm + llm2vae
     return total

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .cache import Context
 from .embeddings import rope_cos_sin
-from .sampler import CFGSettings, schedule
+from .sampler import CFGSettings, schedule, velocity_sources
 from .transforms import flattened_position_ids
 
 
@@ -247,10 +247,10 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     k_ops = _kernels()
     ts = schedule(num_timesteps, timestep_shift)
     steps = [(float(ts[i]), float(ts[i] - ts[i + 1])) for i in range(num_timesteps - 1)]
-    ever_text = cfg.cfg_text_scale > 1 and any(cfg.scales_at(t)[0] > 1 for t, _ in steps)
-    ever_img = ever_text and cfg.cfg_img_scale > 1
-    order = ["cond"] + (["text"] if ever_text and not text_is_cond else []) + \
-        (["img"] if ever_img and not img_is_cond else [])
+    # the branches ever computed, in arena order (conditional first)
+    ever = set().union(*(velocity_sources(*cfg.scales_at(t), text_is_cond, img_is_cond).values()
+                         for t, _ in steps))
+    order = [b for b in ("cond", "text", "img") if b in ever]
     branch_ctxs = [ctxs[b] for b in order]
     key = denoiser_key(branch_ctxs, h, w)
     den = cache.get("denoiser") if cache is not None else None
@@ -266,15 +266,11 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     x = noise.to(model.device, torch.float32).contiguous()
     for i, (t, dt) in enumerate(steps):
         st, si = cfg.scales_at(t)
-        need = {"cond"}
-        if st > 1:
-            need.add("cond" if text_is_cond else "text")
-            if si > 1:
-                need.add("cond" if img_is_cond else "img")
-        nb = max(order.index(b) for b in need) + 1
+        src = velocity_sources(st, si, text_is_cond, img_is_cond)
+        nb = max(order.index(b) for b in src.values()) + 1  # the computed branches are a prefix of the arena
         v = den.velocities(x, t, nb)
-        v_t = v[order.index("cond" if text_is_cond else "text")] if st > 1 else None
-        v_i = v[order.index("cond" if img_is_cond else "img")] if st > 1 and si > 1 else None
+        v_t = v[order.index(src["text"])] if "text" in src else None
+        v_i = v[order.index(src["img"])] if "img" in src else None
         x, v_comb = k_ops.cfg_euler(x, v[0], v_t, v_i, st, si, cfg.cfg_renorm_type, cfg.cfg_renorm_min, dt)
         if on_step is not None:
             on_step(i, v_comb)

@@ -91,6 +91,21 @@ def combine_cfg(v_c: Tensor, v_t: Tensor | None, v_i: Tensor | None, text_scale:
     return u * scale
 
 
+def velocity_sources(text_scale: float, img_scale: float, text_is_cond: bool, img_is_cond: bool) -> dict[str, str]:
+    """Which branch supplies each velocity the combination needs at a step (the exact-skip rules, in one place).
+
+    Returns a dict over the needed velocities ("cond" always; "text" iff text_scale > 1; "img" iff also
+    img_scale > 1), each mapped to the branch that is actually computed for it: "cond" for a branch whose
+    context provably equals the conditional one. ``set(result.values())`` is the set of forwards to run.
+    """
+    src = {"cond": "cond"}
+    if text_scale > 1.0:
+        src["text"] = "cond" if text_is_cond else "text"
+        if img_scale > 1.0:
+            src["img"] = "cond" if img_is_cond else "img"
+    return src
+
+
 VelocityFn = Callable[[str, Tensor, float], Tensor]
 
 
@@ -113,13 +128,11 @@ def denoise(velocity: VelocityFn, noise: Tensor, num_timesteps: int, timestep_sh
     for i in range(num_timesteps - 1):
         t = float(ts[i])
         st, si = cfg.scales_at(t)
-        v_c = velocity("cond", x, t)
-        v_t = v_i = None
-        if st > 1.0:
-            v_t = v_c if text_is_cond else velocity("text", x, t)
-            if si > 1.0:
-                v_i = v_c if img_is_cond else velocity("img", x, t)
-        v = combine_cfg(v_c, v_t, v_i, st, si, cfg.cfg_renorm_type, cfg.cfg_renorm_min)
+        src = velocity_sources(st, si, text_is_cond, img_is_cond)
+        computed = {b: velocity(b, x, t) for b in ("cond", "text", "img") if b in src.values()}
+        v_t = computed[src["text"]] if "text" in src else None
+        v_i = computed[src["img"]] if "img" in src else None
+        v = combine_cfg(computed["cond"], v_t, v_i, st, si, cfg.cfg_renorm_type, cfg.cfg_renorm_min)
         # the reference multiplies the bf16 velocity by a 0-dim fp32 dt (result bf16), then updates fp32 x
         x = x - (v * dts[i].to(v.device)).float()
         if on_step is not None:
