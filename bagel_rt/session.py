@@ -169,30 +169,35 @@ class Session:
 
             predicted, logits = fast_gen_text(self.bagel.decoder, ctx, max_length, do_sample, temperature,
                                               self.text_generator, record)
-            text = tok.decode([sp.bos, *predicted[:-1]]).split("<|im_end|>")[0].split("<|im_start|>")[1]
-            return Result(text=text, token_ids=predicted, seed=self.seed, logits=logits)
-        seq, predicted, logits_rec = [sp.bos], [], []
-        bar = _bar(max_length, desc, progress)
+        else:
+            predicted, logits = self._decode_loop(ctx, max_length, do_sample, temperature, record,
+                                                  _bar(max_length, desc, progress))
+        # the reference decodes the fed tokens (start token + every prediction but the last), then cuts
+        text = tok.decode([sp.bos, *predicted[:-1]]).split("<|im_end|>")[0].split("<|im_start|>")[1]
+        return Result(text=text, token_ids=predicted, seed=self.seed, logits=logits)
+
+    def _decode_loop(self, ctx: Context, max_length: int, do_sample: bool, temperature: float, record: bool,
+                     bar) -> tuple[list[int], Tensor | None]:
+        """The torch path's token loop: (predicted ids incl. a final stop token, [n, vocab] logits or None)."""
+        sp = self.model.special
+        token, predicted, logits_rec = sp.bos, [], []
         for step in range(max_length):
-            logits = self.model.decode_step(ctx, seq[-1])
+            logits = self.model.decode_step(ctx, token)
             if record:
                 logits_rec.append(logits.float().cpu())
             if do_sample:
                 probs = torch.softmax(logits.float() / temperature, dim=-1)
-                nxt = int(torch.multinomial(probs, 1, generator=self.text_generator))
+                token = int(torch.multinomial(probs, 1, generator=self.text_generator))
             else:
-                nxt = int(torch.argmax(logits))
-            predicted.append(nxt)
+                token = int(torch.argmax(logits))
+            predicted.append(token)
             if bar:
                 bar.update(1)
-            if nxt == sp.eos or step == max_length - 1:
+            if token == sp.eos or step == max_length - 1:
                 break
-            seq.append(nxt)
         if bar:
             bar.close()
-        text = tok.decode(seq).split("<|im_end|>")[0].split("<|im_start|>")[1]
-        return Result(text=text, token_ids=predicted, seed=self.seed,
-                      logits=torch.stack(logits_rec) if record else None)
+        return predicted, torch.stack(logits_rec) if record else None
 
     def reply(self, max_length: int = 512, do_sample: bool = False, temperature: float = 0.3,
               record: bool = False, progress: bool = False) -> Result:
