@@ -8,7 +8,8 @@ length are [1] tensors), so the whole step can be captured once and replayed. Pe
     -> o GEMV -> add+RMSNorm -> gate/up GEMVs -> SwiGLU -> down GEMV
 
 where the bracket is one small kernel of this file (:func:`qkv_rope_cache`) and the GEMVs are cuBLAS
-(``F.linear``; a quantized module's own forward if the projections were swapped). With ``fuse_qkv`` the
+(``F.linear``) or, with ``gemv="triton"``, :func:`bagel_rt.kernels.gemv` with gate/up/SwiGLU fused into one
+kernel (a quantized module's own forward if the projections were swapped). With ``fuse_qkv`` the
 three projections read one concatenated copy of their weights (one GEMV instead of three; 0.9 GB extra at
 full size).
 
@@ -36,12 +37,23 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from bagel_rt.kernels import add_rms_norm, qk_norm_rope_ref, rms_norm, swiglu, varlen_attention
+from bagel_rt.kernels import (
+    add_rms_norm,
+    gemv,
+    gemv_swiglu,
+    qk_norm_rope_ref,
+    rms_norm,
+    swiglu,
+    varlen_attention,
+)
 
 from .cache import Context, KVCache
 from .embeddings import rope_cos_sin
 from .errors import InputError
 
+#: the decode step's matrix-vector products: "cublas" (F.linear) or "triton" (bagel_rt.kernels.gemv, with the
+#: MLP's gate/up/SwiGLU fused); plain bf16 nn.Linear weights only, quantized modules keep their own kernels
+DEFAULT_GEMV = "cublas"
 CAPACITY_STEP = 1024  # the static cache grows in these steps (a new capacity means a new capture)
 WARMUP_STEPS = 2  # eager steps on a side stream before a capture: Triton compiles and autotunes there
 
@@ -206,9 +218,25 @@ def und_layers(model, fuse_qkv: bool = False) -> list[UndLayer]:
 # -- one decode step --------------------------------------------------------------------------------------
 
 
+def _linear(mod: nn.Module, x: Tensor, triton_gemv: bool) -> Tensor:
+    if triton_gemv and type(mod) is nn.Linear:
+        return gemv(x, mod.weight, mod.bias)
+    return mod(x)
+
+
+def _mlp(mlp: nn.Module, h: Tensor, triton_gemv: bool) -> Tensor:
+    g, u = mlp.gate_proj, mlp.up_proj
+    if triton_gemv and type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None and u.bias is None:
+        act = gemv_swiglu(h, g.weight, u.weight)
+    else:
+        act = swiglu(g(h), u(h))
+    return _linear(mlp.down_proj, act, triton_gemv)
+
+
 @torch.no_grad()
 def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, length: Tensor,
-                        layers: list[UndLayer] | None = None, num_splits: int | None = None) -> Tensor:
+                        layers: list[UndLayer] | None = None, num_splits: int | None = None,
+                        gemv_impl: str = DEFAULT_GEMV) -> Tensor:
     """One und-mode decoding step on the fused kernels (the twin of ``BagelModel.decode_step``).
 
     Host-sync free and allocation-stable, so it can be captured in a CUDA graph.
@@ -223,6 +251,7 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
         layers: the gathered und weights (:func:`und_layers`); default: unfused, gathered now.
         num_splits: attention key splits (flash-decoding); None = the kernel's heuristic for a cache of
             ``cache.capacity`` keys (the split bounds themselves follow the actual length on the device).
+        gemv_impl: "cublas" or "triton" (see ``DEFAULT_GEMV``).
     Returns:
         [vocab] logits in the model dtype. ``token``, ``pos`` and ``length`` are not advanced.
     """
@@ -230,6 +259,9 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
     p = lm.params
     Hq, Hk, D, eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
     layers = layers if layers is not None else und_layers(model)
+    if gemv_impl not in ("cublas", "triton"):
+        raise InputError(f"gemv_impl must be 'cublas' or 'triton', got {gemv_impl!r}")
+    tg = gemv_impl == "triton"
     dev, dt = token.device, cache.dtype
     x = lm.model.embed_tokens(token)  # [1, H]
     cos, sin = rope_cos_sin(pos, D, p.rope_theta, dt)  # [1, D] each, rounded to dt like the reference
@@ -244,7 +276,7 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
             h, residual = add_rms_norm(delta, residual, lw.attn_norm, eps)
         a = lw.attn
         if lw.qkv_weight is not None:
-            qkv = F.linear(h, lw.qkv_weight)[0]
+            qkv = (gemv(h, lw.qkv_weight) if tg else F.linear(h, lw.qkv_weight))[0]
             q, k, v = qkv.split([Hq * D, Hk * D, Hk * D])
         else:
             q, k, v = a.q_proj(h)[0], a.k_proj(h)[0], a.v_proj(h)[0]
@@ -252,11 +284,10 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
         q = qkv_rope_cache(q.view(Hq, D), k.view(Hk, D), v.view(Hk, D), lw.qkv_bias, lw.q_norm, lw.k_norm, cos,
                            sin, eps, k_buf, v_buf, length)
         o = varlen_attention(q, k_buf, v_buf, cu_q, cu_k, True, sm_scale, 1, cache.capacity, num_splits)
-        h, residual = add_rms_norm(a.o_proj(o.view(1, Hq * D)), residual, lw.mlp_norm, eps)
-        mlp = lw.mlp
-        delta = mlp.down_proj(swiglu(mlp.gate_proj(h), mlp.up_proj(h)))
+        h, residual = add_rms_norm(_linear(a.o_proj, o.view(1, Hq * D), tg), residual, lw.mlp_norm, eps)
+        delta = _mlp(lw.mlp, h, tg)
     h, _ = add_rms_norm(delta, residual, lm.model.norm.weight, eps)
-    return lm.lm_head(h)[0]
+    return _linear(lm.lm_head, h, tg)[0]
 
 
 # -- the decoder ------------------------------------------------------------------------------------------
@@ -275,10 +306,14 @@ class GraphDecoder:
         fuse_qkv: one GEMV over a concatenated copy of the q/k/v weights (plain ``nn.Linear`` only).
         check_every: read the predicted ids (and stop) every this many tokens; default 8 on CUDA, 1 else.
         num_splits: attention key splits, None = heuristic (see :func:`decode_step_kernels`).
+        gemv: the GEMV implementation, "cublas" or "triton" (default ``DEFAULT_GEMV``).
     """
 
     def __init__(self, model, use_graphs: bool = True, fuse_qkv: bool = True, check_every: int | None = None,
-                 num_splits: int | None = None):
+                 num_splits: int | None = None, gemv: str = DEFAULT_GEMV):
+        if gemv not in ("cublas", "triton"):
+            raise InputError(f"gemv must be 'cublas' or 'triton', got {gemv!r}")
+        self.gemv = gemv
         self.model = model
         self.device, self.dtype = model.device, model.dtype
         on_cuda = self.device.type == "cuda"
@@ -300,7 +335,7 @@ class GraphDecoder:
     # -- one step, eager or captured -----------------------------------------------------------------------
     def _step(self, cache: KVCache, greedy: bool) -> Tensor:
         logits = decode_step_kernels(self.model, cache, self.token, self.pos, self.length, self.layers,
-                                     self.num_splits)
+                                     self.num_splits, self.gemv)
         self.pos.add_(1)
         self.length.add_(1)
         if greedy:  # the prediction becomes the next input, and is recorded for the host

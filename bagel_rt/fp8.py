@@ -2,7 +2,8 @@
 
 Approximate, so opt-in and reported with its measured deviation (DESIGN §3). Each generation-expert Linear
 gets an FP8 (e4m3) copy of its weight with one fp32 scale per output channel (absmax / 448); at run time the
-activations are quantized per token (row absmax / 448) and the product runs as an FP8 tensor-core GEMM with
+activations are quantized per token (row absmax / 448; one fused Triton kernel per GEMM input, shared by
+q/k/v and by gate/up) and the product runs as an FP8 tensor-core GEMM with
 both scales applied in the epilogue (``torch._scaled_mm`` with row-wise scales), output bf16. The und expert
 (which sees only the two marker tokens per branch while denoising), attention, norms and everything else stay
 bf16. The bf16 weights are kept, so the exact path stays available: FP8 costs one byte per generation-expert
@@ -14,26 +15,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-
 
 class Fp8Weight:
     """An FP8 copy of a Linear's weight: ``w ≈ q * scale[:, None]``; q [N, K] e4m3, scale [N] fp32."""
 
     def __init__(self, linear: nn.Linear):
-        w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)
-        self.q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        self.scale = scale[None, :].contiguous()  # [1, N] for _scaled_mm
+        # per output channel = per row of W [N, K]: the same quantizer as the activations' rows
+        self.q, scale = quantize_rows(linear.weight.detach())
+        self.scale = scale.view(1, -1).contiguous()  # [1, N] for _scaled_mm
         self.bias = linear.bias
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [M, K] -> (e4m3 [M, K], fp32 per-token scales [M, 1]) with ``x ≈ q * scale``."""
-    xf = x.float()
-    sx = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
-    return (xf / sx).to(FP8), sx
+    """x [M, K] -> (e4m3 [M, K], fp32 per-token scales [M, 1]) with ``x ≈ q * scale``.
+
+    On a GPU this is the fused Triton kernel (one read of x, bit-identical to the reference there); elsewhere
+    the PyTorch reference (the interpreter's fp8 rounding differs from PyTorch's in rare codes)."""
+    from bagel_rt.kernels import quantize_rows_fp8, quantize_rows_fp8_ref
+
+    return quantize_rows_fp8(x) if x.is_cuda else quantize_rows_fp8_ref(x)
 
 
 def fp8_linear(x: Tensor, w: Fp8Weight, xq: tuple[Tensor, Tensor] | None = None) -> Tensor:

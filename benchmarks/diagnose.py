@@ -108,9 +108,53 @@ def profile_forward(pipe, size):
     return out | {"total_ms": round(total, 2)}
 
 
+def decode_probe(pipe, tokens: int = 256, runs: int = 3):
+    """Greedy decode tokens/s with each GEMV implementation (CUDA graphs), and an eager kernel profile of one
+    decode step per implementation, grouped by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bagel_rt.fast_decode import GraphDecoder, decode_step_kernels
+
+    s = pipe.session(understanding_only=True, seed=0)
+    s.add_text("Describe a bagel in detail.")
+    out = {}
+    for impl in ("cublas", "triton"):
+        dec = GraphDecoder(pipe.model, gemv=impl)
+        dec.generate(s.gen.fork(extra=tokens), tokens, stop_tokens=())  # warm-up: capture + autotune
+        times = []
+        for _ in range(runs):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            ids, _ = dec.generate(s.gen.fork(extra=tokens), tokens, stop_tokens=())
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        sec = sorted(times)[len(times) // 2]
+        out[f"{impl}_tokens_per_s"] = round(len(ids) / sec, 1)
+        ctx = s.gen.fork(extra=4)
+        dev = pipe.model.device
+        tok, pos = torch.tensor([5], device=dev), torch.tensor([ctx.rope], device=dev)
+        length = torch.tensor([ctx.length], dtype=torch.int32, device=dev)
+        for _ in range(2):
+            decode_step_kernels(pipe.model, ctx.cache, tok, pos, length, dec.layers, gemv_impl=impl)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            decode_step_kernels(pipe.model, ctx.cache, tok, pos, length, dec.layers, gemv_impl=impl)
+            torch.cuda.synchronize()
+        groups = defaultdict(float)
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+            groups[_kind(e.key.lower())] += t / 1000.0
+        ranked = sorted(groups.items(), key=lambda kv: -kv[1])
+        out[f"{impl}_eager_step_kernel_ms"] = {k: round(v, 3) for k, v in ranked}
+        del dec
+    return out
+
+
 def _kind(name: str) -> str:
     if "attn" in name:
         return "attention"
+    if "gemv" in name:
+        return "gemv"
     if any(k in name for k in ("gemm", "nvjet", "sm90", "cutlass", "xmma", "matmul")):
         return "gemm"
     if any(k in name for k in ("rms", "rope")):
@@ -147,6 +191,8 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--fp32-reference", action="store_true")
     ap.add_argument("--only-phases", action="store_true", help="only the t2i memory phases")
+    ap.add_argument("--only-decode", action="store_true",
+                    help="only the decode probe (tokens/s per GEMV implementation, kernel profile)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -154,6 +200,12 @@ def main():
     rows = []
     pipe = random_bagel("bagel-7b-mot", device="cuda", backend="triton")
     t0 = time.time()
+    if a.only_decode:
+        rows.append(dict(diag="decode_gemv_probe", **decode_probe(pipe), **env))
+        print(json.dumps(rows[-1]), flush=True)
+        with open(a.out, "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
+        return
     rows.append(dict(diag="memory_phases_t2i", size=a.size, **t2i_phases(pipe, a.size), **env))
     print(json.dumps(rows[-1]), flush=True)
     if a.only_phases:

@@ -144,6 +144,16 @@ def test_fast_gen_text_greedy_matches_session(pipe32):
     assert rel_l2(ctx.cache.k[:, :ref.length], ref.cache.k[:, :ref.length]) < (1e-5 if DEV == "cpu" else 1e-3)
 
 
+def test_triton_gemv_decoder_matches_session(pipe32):
+    s = prompted(pipe32)
+    res = s.gen_text(max_length=8, record=True)
+    ids, logits = GraphDecoder(pipe32.model, gemv="triton").generate(s.gen.fork(extra=8), 8, record=True)
+    assert ids == res.token_ids
+    assert rel_l2(logits, res.logits) < 1e-3
+    with pytest.raises(InputError, match="gemv"):
+        GraphDecoder(pipe32.model, gemv="cutlass")
+
+
 @pytest.mark.parametrize("check_every", [1, 4])
 def test_stop_token_and_chunked_checks(pipe32, check_every):
     s = prompted(pipe32)
@@ -230,6 +240,19 @@ def test_graph_matches_eager_bf16(pipe_cuda, do_sample):
     n = ctx_e.length
     assert (ctx_g.length, ctx_g.rope) == (n, ctx_e.rope)
     assert rel_l2(ctx_g.cache.k[:, :n], ctx_e.cache.k[:, :n]) < 1e-3
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_triton_gemv_graph_matches_cublas_bf16(pipe_cuda):
+    s = prompted(pipe_cuda)
+    runs = []
+    for gemv in ("cublas", "triton"):
+        ids, logits = GraphDecoder(pipe_cuda.model, num_splits=4, gemv=gemv).generate(
+            s.gen.fork(extra=24), 24, record=True, stop_tokens=())
+        runs.append((ids, logits))
+    assert runs[0][0] == runs[1][0]
+    assert rel_l2(runs[1][1], runs[0][1]) < 2e-2  # bf16 GEMVs with different summation orders
 
 
 @requires_cuda

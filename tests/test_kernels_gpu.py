@@ -10,8 +10,14 @@ from bagel_rt.kernels import (
     add_rms_norm_ref,
     cfg_euler,
     cfg_euler_ref,
+    gemv,
+    gemv_ref,
+    gemv_swiglu,
+    gemv_swiglu_ref,
     qk_norm_rope,
     qk_norm_rope_ref,
+    quantize_rows_fp8,
+    quantize_rows_fp8_ref,
     rms_norm,
     rms_norm_ref,
     swiglu,
@@ -19,7 +25,7 @@ from bagel_rt.kernels import (
     varlen_attention,
     varlen_attention_ref,
 )
-from test_kernels import assert_close
+from test_kernels import assert_close, assert_fp8_rows_match
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -78,6 +84,28 @@ def test_swiglu_bf16(M):
     gate_up = randn(M, 2 * FFN, scale=3.0)
     gate, up = gate_up[:, :FFN], gate_up[:, FFN:]
     assert_close("swiglu", swiglu_ref(gate, up), swiglu(gate, up), MAX_REL)
+
+
+@pytest.mark.parametrize("N, K", [(HIDDEN + 2 * HK * D, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, FFN),
+                                  (151 * 1007, HIDDEN)])
+def test_gemv_bf16(N, K):
+    torch.manual_seed(8)
+    x, w, bias = randn(1, K), randn(N, K, scale=0.02), randn(N)
+    assert_close("gemv", gemv_ref(x, w), gemv(x, w), MAX_REL)
+    assert_close("gemv+bias", gemv_ref(x, w, bias), gemv(x, w, bias), MAX_REL)
+
+
+def test_gemv_swiglu_bf16():
+    torch.manual_seed(9)
+    x, wg, wu = randn(1, HIDDEN), randn(FFN, HIDDEN, scale=0.02), randn(FFN, HIDDEN, scale=0.02)
+    assert_close("gemv_swiglu", gemv_swiglu_ref(x, wg, wu), gemv_swiglu(x, wg, wu), MAX_REL)
+
+
+@pytest.mark.parametrize("M, K", [(1, HIDDEN), (M_GEN, HIDDEN), (2 * M_GEN, FFN)])
+def test_quantize_rows_fp8_bf16(M, K):
+    torch.manual_seed(4)
+    x = randn(M, K, scale=3.0)
+    assert_fp8_rows_match(x, quantize_rows_fp8_ref(x), quantize_rows_fp8(x), exact=True)
 
 
 @pytest.mark.parametrize("renorm_type", ["global", "channel", "text_channel"])

@@ -1,0 +1,70 @@
+"""Per-token (row) FP8 e4m3 quantization of GEMM activations: one read of x, one write of fp8 + scales.
+
+Feeds the opt-in FP8 GEMMs of the generation expert (:mod:`bagel_rt.fp8`): ``x ≈ q * scale`` with
+``scale = max(row absmax / 448, 1e-12)``. Kept because it removes passes over memory: the eager twin converts
+x to fp32, takes abs, reduces, divides and casts (five full passes, two of them in fp32, at M ≈ 8k rows and
+up to 18944 columns per GEMM input); the kernel reads each row twice (the second read is served from L2)
+and writes one byte per element.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+SCALE_MIN = 1e-12  # an all-zero row gets this scale (its codes are all zero)
+
+
+def quantize_rows_fp8_ref(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference. x [M, K] (bf16/fp16/fp32) -> (q [M, K] float8_e4m3fn, scale [M, 1] fp32), x ≈ q * scale."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(SCALE_MIN)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@triton.jit
+def _quantize_rows_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.constexpr, FP8_MAX_C: tl.constexpr,
+                          SCALE_MIN_C: tl.constexpr):
+    i_m = tl.program_id(0).to(tl.int64)
+    p_x = x + i_m * stride_x
+    # pass 1: row absmax in fp32
+    b_amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        b_x = tl.load(p_x + o_k, mask=o_k < K, other=0.0).to(tl.float32)
+        b_amax = tl.maximum(b_amax, tl.abs(b_x))
+    scale = tl.maximum(tl.max(b_amax, axis=0) / FP8_MAX_C, SCALE_MIN_C)
+    tl.store(s + i_m, scale)
+    # pass 2: divide (as the reference does, not multiply by a reciprocal) and round to e4m3
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_q = tl.minimum(tl.maximum(b_x / scale, -FP8_MAX_C), FP8_MAX_C)
+        tl.store(q + i_m * stride_q + o_k, b_q.to(q.dtype.element_ty), mask=m_k)
+
+
+def quantize_rows_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row FP8 quantization: x [M, K] -> (q [M, K] float8_e4m3fn contiguous, scale [M, 1] fp32).
+
+    ``x`` may be bf16, fp16 or fp32 with a contiguous last dim and any row stride. Same arithmetic as
+    :func:`quantize_rows_fp8_ref` (fp32 absmax, division by the scale, round-to-nearest-even to e4m3), so
+    on a GPU the results are identical. ``scale`` is laid out [M, 1] as ``torch._scaled_mm`` wants it.
+    """
+    assert x.dim() == 2 and x.stride(-1) == 1, f"x must be 2-D with a contiguous last dim, got {tuple(x.shape)}"
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=FP8, device=x.device)
+    scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return q, scale
+    if K == 0:
+        return q, scale.fill_(SCALE_MIN)
+    block_k = min(triton.next_power_of_2(K), 2048)
+    num_warps = 8 if block_k >= 2048 else 4
+    _quantize_rows_kernel[(M,)](x, q, scale, x.stride(0), q.stride(0), K, BLOCK_K=block_k, FP8_MAX_C=FP8_MAX,
+                                SCALE_MIN_C=SCALE_MIN, num_warps=num_warps)
+    return q, scale

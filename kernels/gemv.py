@@ -1,0 +1,149 @@
+"""Matrix-vector products of text decoding (batch 1): ``y = x @ W.T`` and the MLP's fused gate/up + SwiGLU.
+
+A decoding step is memory bound: every weight byte is read once per token, so what matters is how close a
+GEMV gets to the GPU's memory bandwidth. One program owns ``BN`` output channels of one input row and
+streams their weight rows in ``BK``-wide tiles; fp32 partial products stay per lane and are reduced once at
+the end. Launch settings are autotuned per (N, K) on the GPU (a short list; the interpreter runs one fixed
+setting).
+
+:func:`gemv_swiglu` reads the gate and up weights of the same output channels in one program and applies
+``silu(gate) * up`` in the epilogue: one launch instead of three, and the [I] gate/up vectors never go to
+memory. Its rounding follows the unfused chain (each projection rounded to the activation dtype, then the
+SwiGLU in fp32, rounded once).
+
+Kept where ``benchmarks/bench_kernels.py --only gemv`` shows it beating cuBLAS (``F.linear``) at the decode
+shapes; :class:`bagel_rt.fast_decode.GraphDecoder` picks it with ``gemv="triton"``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._device import is_interpreting
+from .swiglu import swiglu_ref
+
+MAX_M = 4  # rows handled by the GEMV path (decode is M = 1)
+
+
+def gemv_ref(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Reference. x [M, K], w [N, K] (same dtype), bias [N] or None -> [M, N] in x.dtype."""
+    return F.linear(x, w, bias)
+
+
+def gemv_swiglu_ref(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
+    """Reference. x [M, K], w_gate / w_up [I, K] -> silu(x @ w_gate.T) * (x @ w_up.T), [M, I] in x.dtype."""
+    return swiglu_ref(F.linear(x, w_gate), F.linear(x, w_up))
+
+
+CONFIGS = [
+    triton.Config({"BN": bn, "BK": bk}, num_warps=nw)
+    for bn, bk, nw in [(4, 512, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8),
+                       (4, 1024, 8), (2, 1024, 4)]
+]
+INTERPRETER_CONFIG = dict(BN=8, BK=64, num_warps=4)
+
+
+@triton.jit
+def _row_dot(acc, p_x, p_w_rows, m_n, K, BK: tl.constexpr):
+    # acc [BN, BK] fp32 += W[rows, k-tile] * x[k-tile], over all of K
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K
+        # [BK]
+        b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)
+        # [BN, BK]
+        b_w = tl.load(p_w_rows[:, None] + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
+        acc += b_w.to(tl.float32) * b_x[None, :]
+    return acc
+
+
+@triton.jit
+def _gemv_kernel(x, w, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):
+    i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    acc = _row_dot(tl.zeros([BN, BK], dtype=tl.float32), x + i_m * stride_xm, w + o_n.to(tl.int64) * K, m_n, K,
+                   BK)
+    # [BN]
+    b_y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        # cuBLAS adds the bias to the fp32 accumulator too (one rounding at the end)
+        b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
+    tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+
+
+@triton.jit
+def _gemv_swiglu_kernel(x, wg, wu, y, N, K, stride_xm, stride_ym, BN: tl.constexpr, BK: tl.constexpr):
+    i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    p_x = x + i_m * stride_xm
+    rows = o_n.to(tl.int64) * K
+    g = tl.sum(_row_dot(tl.zeros([BN, BK], dtype=tl.float32), p_x, wg + rows, m_n, K, BK), axis=1)
+    u = tl.sum(_row_dot(tl.zeros([BN, BK], dtype=tl.float32), p_x, wu + rows, m_n, K, BK), axis=1)
+    # round each projection to the activation dtype, as the unfused chain stores them
+    g = g.to(y.dtype.element_ty).to(tl.float32)
+    u = u.to(y.dtype.element_ty).to(tl.float32)
+    tl.store(y + i_m * stride_ym + o_n, (g / (1.0 + tl.exp(-g)) * u).to(y.dtype.element_ty), mask=m_n)
+
+
+_gemv_tuned = triton.autotune(CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_kernel)
+_gemv_swiglu_tuned = triton.autotune(CONFIGS, key=["N", "K"])(_gemv_swiglu_kernel)
+
+
+def _check(x: Tensor, *ws: Tensor) -> tuple[int, int, int]:
+    assert x.dim() == 2 and x.stride(-1) == 1, f"x must be [M, K] with a contiguous last dim, got {tuple(x.shape)}"
+    M, K = x.shape
+    assert M <= MAX_M, f"gemv handles at most {MAX_M} rows, got {M}"
+    for w in ws:
+        assert w.dim() == 2 and w.shape[1] == K and w.is_contiguous(), f"weight {tuple(w.shape)} vs x {(M, K)}"
+        assert w.dtype == x.dtype and w.device == x.device
+    return M, ws[0].shape[0], K
+
+
+def _launch(tuned, plain, grid_n, args, **kw) -> None:
+    if is_interpreting():
+        cfg = dict(INTERPRETER_CONFIG)
+        plain[(triton.cdiv(grid_n, cfg["BN"]), args[-1])](*args[:-1], **kw, **cfg)
+    else:
+        tuned[lambda meta: (triton.cdiv(grid_n, meta["BN"]), args[-1])](*args[:-1], **kw)
+
+
+def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ w.T (+ bias)`` for a few rows (decode).
+
+    Args:
+        x: [M, K], M <= 4, bf16 / fp16 / fp32, last dim contiguous.
+        w: [N, K] contiguous, x's dtype. bias: [N] or None.
+    Returns:
+        [M, N] in x.dtype; fp32 accumulation, bias added before the one rounding.
+    """
+    M, N, K = _check(x, w)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    _launch(_gemv_tuned, _gemv_kernel, N, (x, w, bias if bias is not None else w, y, N, K, x.stride(0),
+                                            y.stride(0), M), HAS_BIAS=bias is not None)
+    return y
+
+
+def gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
+    """``silu(x @ w_gate.T) * (x @ w_up.T)`` for a few rows, in one kernel.
+
+    Args:
+        x: [M, K], M <= 4, last dim contiguous. w_gate, w_up: [I, K] contiguous, x's dtype.
+    Returns:
+        [M, I] in x.dtype (each projection rounded to x.dtype, SwiGLU in fp32, rounded once).
+    """
+    assert w_gate.shape == w_up.shape, f"gate {tuple(w_gate.shape)} / up {tuple(w_up.shape)}"
+    M, N, K = _check(x, w_gate, w_up)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    _launch(_gemv_swiglu_tuned, _gemv_swiglu_kernel, N, (x, w_gate, w_up, y, N, K, x.stride(0), y.stride(0), M))
+    return y
