@@ -37,14 +37,17 @@ def _quantize_rows_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.constexpr,
         o_k = k0 + tl.arange(0, BLOCK_K)
         b_x = tl.load(p_x + o_k, mask=o_k < K, other=0.0).to(tl.float32)
         b_amax = tl.maximum(b_amax, tl.abs(b_x))
-    scale = tl.maximum(tl.max(b_amax, axis=0) / FP8_MAX_C, SCALE_MIN_C)
-    tl.store(s + i_m, scale)
+    # IEEE divisions (div_rn, on [BLOCK_K] blocks holding the same value): Triton's plain fp32 "/" is an
+    # approximate division, PyTorch's is correctly rounded
+    b_amax = tl.zeros([BLOCK_K], dtype=tl.float32) + tl.max(b_amax, axis=0)
+    b_scale = tl.maximum(tl.math.div_rn(b_amax, tl.full([BLOCK_K], FP8_MAX_C, tl.float32)), SCALE_MIN_C)
+    tl.store(s + i_m, tl.max(b_scale, axis=0))
     # pass 2: divide (as the reference does, not multiply by a reciprocal) and round to e4m3
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
         b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_q = tl.minimum(tl.maximum(b_x / scale, -FP8_MAX_C), FP8_MAX_C)
+        b_q = tl.minimum(tl.maximum(tl.math.div_rn(b_x, b_scale), -FP8_MAX_C), FP8_MAX_C)
         tl.store(q + i_m * stride_q + o_k, b_q.to(q.dtype.element_ty), mask=m_k)
 
 

@@ -8,17 +8,20 @@ import bagel_rt
 from bagel_rt.fp8 import Fp8Weight, fp8_linear
 from bagel_rt.tiny import write_tiny_checkpoint
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def test_fp8_linear_close_to_bf16():
     g = torch.Generator().manual_seed(0)
-    lin = torch.nn.Linear(96, 48).to(torch.bfloat16)
-    x = torch.randn(37, 96, generator=g).to(torch.bfloat16)
+    lin = torch.nn.Linear(96, 48).to(DEV, torch.bfloat16)
+    x = torch.randn(37, 96, generator=g).to(DEV, torch.bfloat16)
     ref = lin(x).float()
     out = fp8_linear(x, Fp8Weight(lin)).float()
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert rel_l2(out, ref) < 0.06  # e4m3 has a 3-bit mantissa: ~2-4% per product
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter is chosen at import, without CUDA")
 def test_fp8_compute_is_opt_in_and_close(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     d = write_tiny_checkpoint(tmp_path / "tiny")
@@ -37,4 +40,20 @@ def test_fp8_compute_is_opt_in_and_close(tmp_path, monkeypatch):
     assert 0 < gap < 0.15, gap  # measured 6.6e-2 on the tiny random model (4 steps, fp32 activations)
     pipe32.compute = "bf16"
     c = pipe32.generate("A red bagel", image_shapes=(32, 48), num_timesteps=4, seed=0)
+    assert torch.equal(c.latents, a.latents)  # the exact path is untouched
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs FP8 tensor cores (capability >= 8.9)")
+def test_fp8_compute_on_gpu_bf16(tmp_path):
+    d = write_tiny_checkpoint(tmp_path / "tiny")
+    pipe = bagel_rt.load(d, device="cuda", dtype=torch.bfloat16, backend="triton")
+    a = pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=4, seed=0)
+    pipe.compute = "fp8"
+    b = pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=4, seed=0)
+    gap = rel_l2(b.latents, a.latents)
+    assert 0 < gap < 0.15, gap
+    pipe.compute = "bf16"
+    c = pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=4, seed=0)
     assert torch.equal(c.latents, a.latents)  # the exact path is untouched

@@ -341,6 +341,7 @@ def test_gemv(M, N, K, dtype, with_bias):
     x, w = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype, scale=0.1)
     bias = randn(N, dtype=dtype) if with_bias else None
     assert_close("gemv", gemv_ref(x, w, bias), gemv(x, w, bias), TOL[dtype])
+    assert_close("gemv split-K", gemv_ref(x, w, bias), gemv(x, w, bias, splits=3), TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -93,6 +93,8 @@ def test_gemv_bf16(N, K):
     x, w, bias = randn(1, K), randn(N, K, scale=0.02), randn(N)
     assert_close("gemv", gemv_ref(x, w), gemv(x, w), MAX_REL)
     assert_close("gemv+bias", gemv_ref(x, w, bias), gemv(x, w, bias), MAX_REL)
+    for splits in (1, 4):
+        assert_close(f"gemv splits={splits}", gemv_ref(x, w, bias), gemv(x, w, bias, splits=splits), MAX_REL)
 
 
 def test_gemv_swiglu_bf16():
