@@ -29,8 +29,7 @@ class Fp8Weight:
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """x [M, K] -> (e4m3 [M, K], fp32 per-token scales [M, 1]) with ``x ≈ q * scale``.
 
-    On a GPU this is the fused Triton kernel (one read of x, bit-identical to the reference there); elsewhere
-    the PyTorch reference (the interpreter's fp8 rounding differs from PyTorch's in rare codes)."""
+    On a GPU this is the fused Triton kernel (bit-identical to the reference); elsewhere the reference."""
     from bagel_rt.kernels import quantize_rows_fp8, quantize_rows_fp8_ref
 
     return quantize_rows_fp8(x) if x.is_cuda else quantize_rows_fp8_ref(x)

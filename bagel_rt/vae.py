@@ -50,22 +50,32 @@ def _norm_affine(x: Tensor, norm: nn.GroupNorm) -> tuple[Tensor, Tensor]:
     return scale.to(x.dtype), shift.to(x.dtype)
 
 
-def _conv_rows(src, conv: nn.Conv2d, height: int, rows: int = LEAN_ROWS) -> Tensor:
+def _conv_rows(src, conv: nn.Conv2d, height: int, rows: int = LEAN_ROWS, out: Tensor | None = None) -> Tensor:
     """A 3x3, padding-1 ``conv`` over an input of ``height`` rows produced band by band by
-    ``src(a, b)`` (rows [a, b) of the conv input); zero rows only at the true borders."""
-    out = None
+    ``src(a, b)`` (rows [a, b) of the conv input); zero rows only at the true borders.
+
+    ``out``: write the result into this tensor, which may be the very tensor ``src`` reads from (same shape):
+    each output band is held back until the next band has read its halo row, then written over input rows
+    that nothing reads any more. That saves a full-resolution activation (512 MiB at 1024^2, 128 channels).
+    """
+    pending = None  # (r0, r1, y) of the band not yet written
     for r0 in range(0, height, rows):
         r1 = min(height, r0 + rows)
         a, b = max(0, r0 - 1), min(height, r1 + 1)
         t = F.pad(src(a, b), (0, 0, int(a == r0), int(b == r1)))
         y = F.conv2d(t, conv.weight, conv.bias, padding=(0, 1))
+        del t
         if out is None:
             out = y.new_empty(y.shape[0], y.shape[1], height, y.shape[3])
-        out[:, :, r0:r1] = y
+        if pending is not None:  # rows of the previous band: the band just computed read its last row already
+            out[:, :, pending[0]:pending[1]] = pending[2]
+        pending = (r0, r1, y)
+    out[:, :, pending[0]:pending[1]] = pending[2]
     return out
 
 
-def _norm_swish_conv(x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d) -> Tensor:
+def _norm_swish_conv(x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d, in_place: bool = False) -> Tensor:
+    """conv(swish(norm(x))) over row bands; ``in_place`` overwrites x with the result (same channels)."""
     scale, shift = _norm_affine(x, norm)
     scale, shift = scale[:, :, None, None], shift[:, :, None, None]
 
@@ -73,7 +83,7 @@ def _norm_swish_conv(x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d) -> Tensor:
         t = x[:, :, a:b] * scale + shift
         return t.mul_(torch.sigmoid(t))
 
-    return _conv_rows(band, conv, x.shape[2])
+    return _conv_rows(band, conv, x.shape[2], out=x if in_place else None)
 
 
 class ResnetBlock(nn.Module):
@@ -96,7 +106,7 @@ class ResnetBlock(nn.Module):
         # fp32 each full-resolution activation is 0.5-1 GiB, and the decode is the peak of a request
         if _lean(x):
             h = _norm_swish_conv(x, self.norm1, self.conv1)
-            h = _norm_swish_conv(h, self.norm2, self.conv2)
+            h = _norm_swish_conv(h, self.norm2, self.conv2, in_place=True)  # h is a fresh tensor of ours
             if self.nin_shortcut is None:
                 return h.add_(x)
             for r0 in range(0, x.shape[2], LEAN_ROWS):  # the 1x1 projection, band by band, added in place

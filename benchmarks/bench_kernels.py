@@ -228,8 +228,6 @@ def cases_gemv(K):
         x, w = randn(1, Kd), randn(N, Kd, scale=0.02)
         yield "gemv", {"proj": name, "N": N, "K": Kd}, {
             "triton": lambda x=x, w=w: K.gemv(x, w),
-            "triton_splits1": lambda x=x, w=w: K.gemv(x, w, splits=1),
-            "triton_splits4": lambda x=x, w=w: K.gemv(x, w, splits=4),
             "cublas": lambda x=x, w=w: torch.nn.functional.linear(x, w),
         }, N * Kd * 2
     x, wg, wu = randn(1, HIDDEN), randn(FFN, HIDDEN, scale=0.02), randn(FFN, HIDDEN, scale=0.02)

@@ -27,6 +27,21 @@ def quantize_rows_fp8_ref(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @triton.jit
+def _round_to_e4m3_grid(v):
+    # Round fp32 v (|v| <= 448) to the nearest e4m3 value, ties to even, staying in fp32. Triton's own
+    # fp32 -> fp8 cast rounds through fp16 (two roundings: 18.99998 -> 19.0 -> 20, where PyTorch gives 18), and
+    # the interpreter's emulation slips at binade edges and ties; after this step both casts are exact.
+    # e4m3: 3 mantissa bits, so the grid step at exponent e is 2^(e-3); below 2^-6 (subnormals) it is 2^-9.
+    bits = v.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    up = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3 - e): one grid step becomes 1.0
+    down = ((124 + e) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
+    t = tl.abs(v) * up  # exact (a power-of-two scaling), t < 16
+    r = (t + 12582912.0) - 12582912.0  # 1.5 * 2^23: round to an integer, ties to even, in fp32 hardware
+    return tl.where(v < 0, -r, r) * down  # the sign restored after rounding: tiny negatives give -0.0
+
+
+@triton.jit
 def _quantize_rows_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.constexpr, FP8_MAX_C: tl.constexpr,
                           SCALE_MIN_C: tl.constexpr):
     i_m = tl.program_id(0).to(tl.int64)
@@ -48,15 +63,16 @@ def _quantize_rows_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.constexpr,
         m_k = o_k < K
         b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_q = tl.minimum(tl.maximum(tl.math.div_rn(b_x, b_scale), -FP8_MAX_C), FP8_MAX_C)
-        tl.store(q + i_m * stride_q + o_k, b_q.to(q.dtype.element_ty), mask=m_k)
+        tl.store(q + i_m * stride_q + o_k, _round_to_e4m3_grid(b_q).to(q.dtype.element_ty), mask=m_k)
 
 
 def quantize_rows_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row FP8 quantization: x [M, K] -> (q [M, K] float8_e4m3fn contiguous, scale [M, 1] fp32).
 
     ``x`` may be bf16, fp16 or fp32 with a contiguous last dim and any row stride. Same arithmetic as
-    :func:`quantize_rows_fp8_ref` (fp32 absmax, division by the scale, round-to-nearest-even to e4m3), so
-    on a GPU the results are identical. ``scale`` is laid out [M, 1] as ``torch._scaled_mm`` wants it.
+    :func:`quantize_rows_fp8_ref` (fp32 absmax, correctly rounded division by the scale, round-to-nearest-even
+    to e4m3), so the results are identical, on a GPU and in the interpreter. ``scale`` is laid out [M, 1]
+    as ``torch._scaled_mm`` wants it.
     """
     assert x.dim() == 2 and x.stride(-1) == 1, f"x must be 2-D with a contiguous last dim, got {tuple(x.shape)}"
     M, K = x.shape

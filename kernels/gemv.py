@@ -11,8 +11,11 @@ setting).
 memory. Its rounding follows the unfused chain (each projection rounded to the activation dtype, then the
 SwiGLU in fp32, rounded once).
 
-Kept where ``benchmarks/bench_kernels.py --only gemv`` shows it beating cuBLAS (``F.linear``) at the decode
-shapes; :class:`bagel_rt.fast_decode.GraphDecoder` picks it with ``gemv="triton"``.
+Measured against cuBLAS (``F.linear``) at the decode shapes (``benchmarks/bench_kernels.py --only gemv
+--graph``, H200, bf16): q/k/v 7.3 vs 9.0 us, o 6.0 vs 9.0 us, down 35.6 vs 39.4 us, lm_head 250 vs 258 us,
+gate/up + SwiGLU 71 vs 76 us; greedy decode 218 -> 234 tokens/s. So :class:`bagel_rt.fast_decode.GraphDecoder`
+uses it by default (``gemv="triton"``). A split-K variant for the long rows of the down projection lost to
+the single pass (39 us) and was removed.
 """
 
 from __future__ import annotations
@@ -78,40 +81,6 @@ def _gemv_kernel(x, w, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
 
 
 @triton.jit
-def _gemv_split_kernel(x, w, part, N, K, K_SPLIT, stride_xm, BN: tl.constexpr, BK: tl.constexpr):
-    # partial sums over keys [s * K_SPLIT, (s + 1) * K_SPLIT) -> part[s, m, n] fp32
-    i_n, i_m, i_s = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    M = tl.num_programs(1)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    k_lo = i_s * K_SPLIT
-    acc = tl.zeros([BN, BK], dtype=tl.float32)
-    for k0 in range(0, K_SPLIT, BK):
-        o_k = k_lo + k0 + tl.arange(0, BK)
-        m_k = (o_k < K) & (k0 + tl.arange(0, BK) < K_SPLIT)
-        b_x = tl.load(x + i_m * stride_xm + o_k, mask=m_k, other=0.0).to(tl.float32)
-        # [BN, BK]
-        b_w = tl.load(w + o_n.to(tl.int64)[:, None] * K + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
-                      other=0.0)
-        acc += b_w.to(tl.float32) * b_x[None, :]
-    tl.store(part + (i_s * M + i_m) * N + o_n, tl.sum(acc, axis=1), mask=m_n)
-
-
-@triton.jit
-def _split_sum_kernel(part, b, y, N, M, stride_ym, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    o_n = i_n * BLOCK + tl.arange(0, BLOCK)
-    m_n = o_n < N
-    b_y = tl.zeros([BLOCK], dtype=tl.float32)
-    for i_s in range(SPLITS):  # fixed order: deterministic
-        b_y += tl.load(part + (i_s * M + i_m) * N + o_n, mask=m_n, other=0.0)
-    if HAS_BIAS:
-        b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
-    tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
-
-
-@triton.jit
 def _gemv_swiglu_kernel(x, wg, wu, y, N, K, stride_xm, stride_ym, BN: tl.constexpr, BK: tl.constexpr):
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -141,7 +110,6 @@ def _gemv_swiglu_kernel(x, wg, wu, y, N, K, stride_xm, stride_ym, BN: tl.constex
 
 
 _gemv_tuned = triton.autotune(CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_kernel)
-_gemv_split_tuned = triton.autotune(CONFIGS, key=["N", "K", "K_SPLIT"])(_gemv_split_kernel)
 _gemv_swiglu_tuned = triton.autotune(CONFIGS, key=["N", "K"])(_gemv_swiglu_kernel)
 
 
@@ -163,42 +131,18 @@ def _launch(tuned, plain, grid_n, args, **kw) -> None:
         tuned[lambda meta: (triton.cdiv(grid_n, meta["BN"]), args[-1])](*args[:-1], **kw)
 
 
-def default_splits(N: int, K: int) -> int:
-    """Key splits for a weight [N, K]: few output channels over long rows (the MLP's down projection, 3584 x
-    18944) leave too few programs to keep enough loads in flight, so their rows are cut in 4 slices."""
-    return 4 if K >= 8192 and N <= 8192 else 1
-
-
-def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, splits: int | None = None) -> Tensor:
+def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ w.T (+ bias)`` for a few rows (decode).
 
     Args:
         x: [M, K], M <= 4, bf16 / fp16 / fp32, last dim contiguous.
         w: [N, K] contiguous, x's dtype. bias: [N] or None.
-        splits: cut each row's keys into this many slices, summed by a second small kernel in a fixed
-            order (deterministic); None = :func:`default_splits`.
     Returns:
         [M, N] in x.dtype; fp32 accumulation, bias added before the one rounding.
     """
     M, N, K = _check(x, w)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
-        return y
-    splits = default_splits(N, K) if splits is None else splits
-    if splits > 1:
-        k_split = triton.cdiv(triton.cdiv(K, splits), 64) * 64
-        splits = triton.cdiv(K, k_split)
-        part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
-        if is_interpreting():
-            cfg = dict(INTERPRETER_CONFIG)
-            grid = (triton.cdiv(N, cfg["BN"]), M, splits)
-            _gemv_split_kernel[grid](x, w, part, N, K, k_split, x.stride(0), **cfg)
-        else:
-            _gemv_split_tuned[lambda meta: (triton.cdiv(N, meta["BN"]), M, splits)](x, w, part, N, K, k_split,
-                                                                                     x.stride(0))
-        block = min(triton.next_power_of_2(N), 1024)
-        _split_sum_kernel[(triton.cdiv(N, block), M)](part, bias if bias is not None else w, y, N, M, y.stride(0),
-                                                      SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block)
         return y
     _launch(_gemv_tuned, _gemv_kernel, N, (x, w, bias if bias is not None else w, y, N, K, x.stride(0),
                                             y.stride(0), M), HAS_BIAS=bias is not None)

@@ -93,8 +93,6 @@ def test_gemv_bf16(N, K):
     x, w, bias = randn(1, K), randn(N, K, scale=0.02), randn(N)
     assert_close("gemv", gemv_ref(x, w), gemv(x, w), MAX_REL)
     assert_close("gemv+bias", gemv_ref(x, w, bias), gemv(x, w, bias), MAX_REL)
-    for splits in (1, 4):
-        assert_close(f"gemv splits={splits}", gemv_ref(x, w, bias), gemv(x, w, bias, splits=splits), MAX_REL)
 
 
 def test_gemv_swiglu_bf16():
@@ -107,7 +105,7 @@ def test_gemv_swiglu_bf16():
 def test_quantize_rows_fp8_bf16(M, K):
     torch.manual_seed(4)
     x = randn(M, K, scale=3.0)
-    assert_fp8_rows_match(x, quantize_rows_fp8_ref(x), quantize_rows_fp8(x), exact=True)
+    assert_fp8_rows_match(quantize_rows_fp8_ref(x), quantize_rows_fp8(x))
 
 
 @pytest.mark.parametrize("renorm_type", ["global", "channel", "text_channel"])
