@@ -211,15 +211,17 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def format_row(r: dict) -> str:
-    parts = [f"{r['task']:6s} {r['backend']:6s} {r['weights']:5s}"]
+    compute = r.get("compute") or "bf16"
+    parts = [f"{r['task']:6s} {r['backend']:6s} {r['weights']:5s} {compute:4s}"]
     if r.get("height"):
         parts.append(f"{r['height']}x{r['width']} {r['num_timesteps']} steps")
     parts.append(f"{r['seconds']:.2f} s")
     if r.get("tokens_per_s"):
         parts.append(f"{r['tokens_per_s']:.1f} tok/s")
     if r.get("tflops"):
-        parts.append(f"{r['tflops']:.0f} TFLOP/s" + (f" ({100 * r['tflops_share']:.0f}% of matmul peak)"
-                                                    if r.get("tflops_share") else ""))
+        # the share is of the bf16 matmul peak: meaningless for FP8 GEMMs, so not printed for them
+        parts.append(f"{r['tflops']:.0f} TFLOP/s" + (f" ({100 * r['tflops_share']:.0f}% of bf16 matmul peak)"
+                                                    if r.get("tflops_share") and compute == "bf16" else ""))
     if r.get("peak_gib") is not None:
         parts.append(f"peak {r['peak_gib']:.1f} GiB")
     if "speedup_vs_torch" in r:

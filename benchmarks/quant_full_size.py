@@ -68,6 +68,30 @@ def df11_from_layer0(pipe) -> None:
             setattr(layer.get_submodule(parent) if parent else layer, child, clone)
 
 
+def track_phase_peaks() -> dict:
+    """Record the peak GPU memory of each phase of a request (prefill / denoise / VAE decode) by wrapping
+    the two calls that separate them; returns the dict the wrappers fill (GiB, of the last request)."""
+    import bagel_rt.fast as fast
+    import bagel_rt.session as session
+
+    peaks: dict = {}
+
+    def phase(name, fn):
+        def wrapped(*args, **kwargs):
+            torch.cuda.synchronize()
+            peaks[f"before_{name}"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats()
+            out = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            peaks[name] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            return out
+        return wrapped
+
+    fast.denoise_packed = phase("denoise", fast.denoise_packed)
+    session.Session.decode_latents = phase("vae_decode", session.Session.decode_latents)
+    return peaks
+
+
 def weights_gib(model, vae) -> float:
     n = sum(t.numel() * t.element_size() for m in (model, vae) for t in list(m.parameters()) + list(m.buffers()))
     return n / 2**30
@@ -81,7 +105,9 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--cap", action="store_true", help="cap the process memory at the card size of the format")
+    ap.add_argument("--phases", action="store_true", help="also record the peak of each phase of the request")
     a = ap.parse_args()
+    phase_peaks = track_phase_peaks() if a.phases else None
     env = environment(a.commit)
     ref = None
     rows = []
@@ -124,8 +150,11 @@ def main():
             res = pipe.generate("A red bagel on a white plate, studio light.", image_shapes=(a.size, a.size),
                                 num_timesteps=a.steps, seed=0)
             torch.cuda.synchronize()
-            row.update(seconds=round(time.perf_counter() - t0, 3),
-                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), tokens_per_s=None)
+            row.update(seconds=round(time.perf_counter() - t0, 3), tokens_per_s=None)
+            if phase_peaks is not None:  # the wrappers reset the peak between phases: the request's is their max
+                row.update(phase_peaks_gib=dict(phase_peaks), peak_gib=max(phase_peaks.values()))
+            else:
+                row.update(peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
             img = np.asarray(res.image)
             if fmt == "df11":
                 row.update(bit_identical_to_bf16_same_weights=bool(torch.equal(res.latents, df11_ref)),

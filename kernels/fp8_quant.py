@@ -17,13 +17,16 @@ from torch import Tensor
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 SCALE_MIN = 1e-12  # an all-zero row gets this scale (its codes are all zero)
+# scale = absmax * fp32(1/448): a product is correctly rounded everywhere, while "absmax / 448" is not the same
+# operation on every device (PyTorch's CUDA division by a scalar multiplies by its reciprocal)
+INV_FP8_MAX = float(torch.tensor(1.0 / FP8_MAX, dtype=torch.float32))
 
 
 def quantize_rows_fp8_ref(x: Tensor) -> tuple[Tensor, Tensor]:
     """Reference. x [M, K] (bf16/fp16/fp32) -> (q [M, K] float8_e4m3fn, scale [M, 1] fp32), x ≈ q * scale."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(SCALE_MIN)
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    scale = (xf.abs().amax(dim=-1, keepdim=True) * INV_FP8_MAX).clamp_min(SCALE_MIN)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale  # tensor / tensor: a true division
 
 
 @triton.jit
@@ -43,7 +46,7 @@ def _round_to_e4m3_grid(v):
 
 @triton.jit
 def _quantize_rows_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.constexpr, FP8_MAX_C: tl.constexpr,
-                          SCALE_MIN_C: tl.constexpr):
+                          INV_C: tl.constexpr, SCALE_MIN_C: tl.constexpr):
     i_m = tl.program_id(0).to(tl.int64)
     p_x = x + i_m * stride_x
     # pass 1: row absmax in fp32
@@ -52,11 +55,10 @@ def _quantize_rows_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.constexpr,
         o_k = k0 + tl.arange(0, BLOCK_K)
         b_x = tl.load(p_x + o_k, mask=o_k < K, other=0.0).to(tl.float32)
         b_amax = tl.maximum(b_amax, tl.abs(b_x))
-    # IEEE divisions (div_rn, on [BLOCK_K] blocks holding the same value): Triton's plain fp32 "/" is an
-    # approximate division, PyTorch's is correctly rounded
-    b_amax = tl.zeros([BLOCK_K], dtype=tl.float32) + tl.max(b_amax, axis=0)
-    b_scale = tl.maximum(tl.math.div_rn(b_amax, tl.full([BLOCK_K], FP8_MAX_C, tl.float32)), SCALE_MIN_C)
-    tl.store(s + i_m, tl.max(b_scale, axis=0))
+    scale = tl.maximum(tl.max(b_amax, axis=0) * INV_C, SCALE_MIN_C)
+    tl.store(s + i_m, scale)
+    # the division is IEEE (div_rn on a block holding the scale): Triton's plain fp32 "/" is approximate
+    b_scale = tl.zeros([BLOCK_K], dtype=tl.float32) + scale
     # pass 2: divide (as the reference does, not multiply by a reciprocal) and round to e4m3
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
@@ -70,9 +72,9 @@ def quantize_rows_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row FP8 quantization: x [M, K] -> (q [M, K] float8_e4m3fn contiguous, scale [M, 1] fp32).
 
     ``x`` may be bf16, fp16 or fp32 with a contiguous last dim and any row stride. Same arithmetic as
-    :func:`quantize_rows_fp8_ref` (fp32 absmax, correctly rounded division by the scale, round-to-nearest-even
-    to e4m3), so the results are identical, on a GPU and in the interpreter. ``scale`` is laid out [M, 1]
-    as ``torch._scaled_mm`` wants it.
+    :func:`quantize_rows_fp8_ref` (fp32 absmax times fp32(1/448), correctly rounded division by the scale,
+    round-to-nearest-even to e4m3), so the results are identical, on a GPU and in the interpreter.
+    ``scale`` is laid out [M, 1] as ``torch._scaled_mm`` wants it.
     """
     assert x.dim() == 2 and x.stride(-1) == 1, f"x must be 2-D with a contiguous last dim, got {tuple(x.shape)}"
     M, K = x.shape
@@ -85,5 +87,5 @@ def quantize_rows_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     block_k = min(triton.next_power_of_2(K), 2048)
     num_warps = 8 if block_k >= 2048 else 4
     _quantize_rows_kernel[(M,)](x, q, scale, x.stride(0), q.stride(0), K, BLOCK_K=block_k, FP8_MAX_C=FP8_MAX,
-                                SCALE_MIN_C=SCALE_MIN, num_warps=num_warps)
+                                INV_C=INV_FP8_MAX, SCALE_MIN_C=SCALE_MIN, num_warps=num_warps)
     return q, scale
