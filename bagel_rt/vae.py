@@ -33,6 +33,11 @@ def _swish(x: Tensor, inplace: bool = False) -> Tensor:
 # same results up to float rounding order (GroupNorm as x * scale + shift from fp32 statistics).
 LEAN_MIN_PIXELS = 256 * 256  # below this the plain path is used (it is the reference path everywhere)
 LEAN_ROWS = 64
+# The mid block's single-head attention over all positions of the latent grid (128^2 = 16384 at 1024^2) with
+# head width 512 in fp32 has no fused SDPA kernel on GPUs (flash needs fp16/bf16, head dim <= 256), so SDPA
+# runs its math path and materialises [N, N] fp32 scores and probabilities: 2 GiB at 1024^2, the peak of the
+# whole decode. Without autograd the queries run in chunks of this many rows (same per-row arithmetic).
+ATTN_CHUNK = 2048
 
 
 def _lean(x: Tensor) -> bool:
@@ -137,7 +142,11 @@ class AttnBlock(nn.Module):
         n = self.norm(x)
         # [B, C, H, W] -> [B, 1, H*W, C]: one head whose width is all C channels (SDPA scale 1/sqrt(C)).
         q, k, v = (proj(n).reshape(b, 1, c, hh * ww).transpose(-1, -2) for proj in (self.q, self.k, self.v))
-        a = F.scaled_dot_product_attention(q, k, v)
+        if not torch.is_grad_enabled() and hh * ww > ATTN_CHUNK:
+            a = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + ATTN_CHUNK], k, v)
+                           for i in range(0, hh * ww, ATTN_CHUNK)], dim=2)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v)
         a = a.transpose(-1, -2).reshape(b, c, hh, ww)
         return x + self.proj_out(a)
 
