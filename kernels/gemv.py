@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._device import num_sms
+from ._device import is_interpreting
 from .swiglu import swiglu_ref
 
 MAX_M = 4  # rows handled by the GEMV path (decode is M = 1)
@@ -42,16 +42,12 @@ def gemv_swiglu_ref(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     return swiglu_ref(F.linear(x, w_gate), F.linear(x, w_up))
 
 
-# PPS: programs per SM of a persistent grid (each program walks row blocks with a stride of the grid size);
-# a grid of one program per block leaves a partial last wave, which costs up to ~10% at the MLP's sizes.
-# PPS = ALL_BLOCKS launches one program per block.
-ALL_BLOCKS = 1 << 20
 CONFIGS = [
-    triton.Config({"BN": bn, "BK": bk, "PPS": pps}, num_warps=nw)
-    for bn, bk, nw in [(2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 512, 4), (8, 512, 8), (1, 2048, 4)]
-    for pps in (4, 8, ALL_BLOCKS)
+    triton.Config({"BN": bn, "BK": bk}, num_warps=nw)
+    for bn, bk, nw in [(4, 512, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8),
+                       (4, 1024, 8), (2, 1024, 4), (1, 2048, 4), (2, 2048, 8), (4, 2048, 8), (8, 1024, 8)]
 ]
-INTERPRETER_CONFIG = dict(BN=8, BK=64, PPS=ALL_BLOCKS, num_warps=4)
+INTERPRETER_CONFIG = dict(BN=8, BK=64, num_warps=4)
 
 
 @triton.jit
@@ -70,33 +66,26 @@ def _row_dot(acc, p_x, p_w_rows, m_n, K, BK: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x, w, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, PPS: tl.constexpr):
-    i_m = tl.program_id(1).to(tl.int64)
-    for i_n in range(tl.program_id(0), tl.cdiv(N, BN), tl.num_programs(0)):
-        o_n = i_n * BN + tl.arange(0, BN)
-        m_n = o_n < N
-        acc = _row_dot(tl.zeros([BN, BK], dtype=tl.float32), x + i_m * stride_xm, w + o_n.to(tl.int64) * K, m_n,
-                       K, BK)
-        # [BN]
-        b_y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            # cuBLAS adds the bias to the fp32 accumulator too (one rounding at the end)
-            b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
-        tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
-
-
-@triton.jit
-def _gemv_swiglu_kernel(x, wg, wu, y, N, K, stride_xm, stride_ym, BN: tl.constexpr, BK: tl.constexpr,
-                        PPS: tl.constexpr):
-    i_m = tl.program_id(1).to(tl.int64)
-    for i_n in range(tl.program_id(0), tl.cdiv(N, BN), tl.num_programs(0)):
-        _swiglu_block(x + i_m * stride_xm, wg, wu, y + i_m * stride_ym, i_n, N, K, BN, BK)
-
-
-@triton.jit
-def _swiglu_block(p_x, wg, wu, p_y, i_n, N, K, BN: tl.constexpr, BK: tl.constexpr):
+                 BK: tl.constexpr):
+    i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
+    acc = _row_dot(tl.zeros([BN, BK], dtype=tl.float32), x + i_m * stride_xm, w + o_n.to(tl.int64) * K, m_n, K,
+                   BK)
+    # [BN]
+    b_y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        # cuBLAS adds the bias to the fp32 accumulator too (one rounding at the end)
+        b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
+    tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+
+
+@triton.jit
+def _gemv_swiglu_kernel(x, wg, wu, y, N, K, stride_xm, stride_ym, BN: tl.constexpr, BK: tl.constexpr):
+    i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    p_x = x + i_m * stride_xm
     rows = o_n.to(tl.int64) * K
     acc_g = tl.zeros([BN, BK], dtype=tl.float32)
     acc_u = tl.zeros([BN, BK], dtype=tl.float32)
@@ -115,9 +104,9 @@ def _swiglu_block(p_x, wg, wu, p_y, i_n, N, K, BN: tl.constexpr, BK: tl.constexp
     g = tl.sum(acc_g, axis=1)
     u = tl.sum(acc_u, axis=1)
     # round each projection to the activation dtype, as the unfused chain stores them
-    g = g.to(p_y.dtype.element_ty).to(tl.float32)
-    u = u.to(p_y.dtype.element_ty).to(tl.float32)
-    tl.store(p_y + o_n, (g / (1.0 + tl.exp(-g)) * u).to(p_y.dtype.element_ty), mask=m_n)
+    g = g.to(y.dtype.element_ty).to(tl.float32)
+    u = u.to(y.dtype.element_ty).to(tl.float32)
+    tl.store(y + i_m * stride_ym + o_n, (g / (1.0 + tl.exp(-g)) * u).to(y.dtype.element_ty), mask=m_n)
 
 
 _gemv_tuned = triton.autotune(CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_kernel)
@@ -134,13 +123,12 @@ def _check(x: Tensor, *ws: Tensor) -> tuple[int, int, int]:
     return M, ws[0].shape[0], K
 
 
-def _launch(tuned, plain, grid_n, args, device, **kw) -> None:
-    sms = num_sms(device)
-    if sms is None:  # interpreter: one fixed setting; 3 programs, so that the block-stride loop is exercised
+def _launch(tuned, plain, grid_n, args, **kw) -> None:
+    if is_interpreting():
         cfg = dict(INTERPRETER_CONFIG)
-        plain[(min(triton.cdiv(grid_n, cfg["BN"]), 3), args[-1])](*args[:-1], **kw, **cfg)
+        plain[(triton.cdiv(grid_n, cfg["BN"]), args[-1])](*args[:-1], **kw, **cfg)
     else:
-        tuned[lambda meta: (min(triton.cdiv(grid_n, meta["BN"]), sms * meta["PPS"]), args[-1])](*args[:-1], **kw)
+        tuned[lambda meta: (triton.cdiv(grid_n, meta["BN"]), args[-1])](*args[:-1], **kw)
 
 
 def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -157,7 +145,7 @@ def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     if M == 0 or N == 0:
         return y
     _launch(_gemv_tuned, _gemv_kernel, N, (x, w, bias if bias is not None else w, y, N, K, x.stride(0),
-                                            y.stride(0), M), x.device, HAS_BIAS=bias is not None)
+                                            y.stride(0), M), HAS_BIAS=bias is not None)
     return y
 
 
@@ -174,6 +162,5 @@ def gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    _launch(_gemv_swiglu_tuned, _gemv_swiglu_kernel, N, (x, w_gate, w_up, y, N, K, x.stride(0), y.stride(0), M),
-            x.device)
+    _launch(_gemv_swiglu_tuned, _gemv_swiglu_kernel, N, (x, w_gate, w_up, y, N, K, x.stride(0), y.stride(0), M))
     return y
