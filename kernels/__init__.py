@@ -5,6 +5,7 @@ from .cfg_euler import cfg_euler, cfg_euler_ref
 from .fp8_quant import quantize_rows_fp8, quantize_rows_fp8_ref
 from .gemv import gemv, gemv_ref, gemv_swiglu, gemv_swiglu_ref
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from .qkv_rope_cache import qkv_rope_cache, qkv_rope_cache_ref
 from .rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from .swiglu import swiglu, swiglu_ref
 
@@ -19,6 +20,8 @@ __all__ = [
     "gemv_swiglu_ref",
     "qk_norm_rope",
     "qk_norm_rope_ref",
+    "qkv_rope_cache",
+    "qkv_rope_cache_ref",
     "quantize_rows_fp8",
     "quantize_rows_fp8_ref",
     "rms_norm",
