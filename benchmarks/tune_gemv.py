@@ -1,0 +1,56 @@
+"""Autotune the decode GEMV kernels over their full config list at BAGEL-7B-MoT's decode shapes and print each
+config's time, so the fixed per-shape settings in ``kernels/gemv.py`` (``SETTINGS``) can be chosen from data.
+
+    python benchmarks/tune_gemv.py [--out tune.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+import torch
+
+SHAPES = [("qkv", 4608, 3584), ("o", 3584, 3584), ("down", 3584, 18944), ("lm_head", 152064, 3584)]
+FFN, HIDDEN = 18944, 3584
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from bagel_rt.bench import environment
+
+    G = importlib.import_module("bagel_rt.kernels.gemv")
+    rows = []
+    for name, N, K in [*SHAPES, ("gate_up+swiglu", FFN, HIDDEN)]:
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        if name == "gate_up+swiglu":
+            wg, wu = (torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2))
+            tuner, run = G._gemv_swiglu_tuned, lambda: G.gemv_swiglu(x, wg, wu)
+        else:
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+            tuner, run = G._gemv_tuned, lambda: G.gemv(x, w)
+        tuner.cache.clear()
+        run()
+        torch.cuda.synchronize()
+        timings = {str(c): t for c, t in getattr(tuner, "configs_timings", {}).items()}
+        best = str(tuner.best_config)
+        rows.append(dict(shape=name, N=N, K=K, best=best, timings_ms=timings, **environment(None)))
+        print(f"{name:16s} best {best}")
+        for c, t in sorted(timings.items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else kv[1][0]):
+            print(f"    {c}  {t}")
+    if a.out:
+        with open(a.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
