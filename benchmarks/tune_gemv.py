@@ -32,10 +32,10 @@ def main() -> int:
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         if name == "gate_up+swiglu":
             wg, wu = (torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2))
-            tuner, run = G._gemv_swiglu_tuned, lambda: G.gemv_swiglu(x, wg, wu)
+            tuner, run = G._gemv_swiglu_tuned, lambda x=x, wg=wg, wu=wu: G.gemv_swiglu(x, wg, wu)
         else:
             w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-            tuner, run = G._gemv_tuned, lambda: G.gemv(x, w)
+            tuner, run = G._gemv_tuned, lambda x=x, w=w: G.gemv(x, w)
         tuner.cache.clear()
         run()
         torch.cuda.synchronize()
