@@ -120,7 +120,7 @@ def decode_probe(pipe, tokens: int = 256, runs: int = 3):
     out = {}
     for impl in ("cublas", "triton"):
         dec = GraphDecoder(pipe.model, gemv=impl)
-        dec.generate(s.gen.fork(extra=tokens), tokens, stop_tokens=())  # warm-up: capture + autotune
+        dec.generate(s.gen.fork(extra=tokens), tokens, stop_tokens=())  # warm-up: compile + capture
         times = []
         for _ in range(runs):
             torch.cuda.synchronize()

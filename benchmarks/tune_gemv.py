@@ -1,4 +1,4 @@
-"""Autotune the decode GEMV kernels over their full config list at BAGEL-7B-MoT's decode shapes and print each
+"""Autotune the decode GEMV kernels over a list of candidate launch settings at BAGEL-7B-MoT's decode shapes and print each
 config's time, so the fixed per-shape settings in ``kernels/gemv.py`` (``SETTINGS``) can be chosen from data.
 
     python benchmarks/tune_gemv.py [--out tune.jsonl]
@@ -13,6 +13,8 @@ import sys
 
 import torch
 
+CANDIDATES = [(4, 512, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8), (4, 1024, 8),
+              (2, 1024, 4), (1, 2048, 4), (2, 2048, 8), (4, 2048, 8), (8, 1024, 8)]  # (BN, BK, num_warps)
 SHAPES = [("qkv", 4608, 3584), ("o", 3584, 3584), ("down", 3584, 18944), ("lm_head", 152064, 3584)]
 FFN, HIDDEN = 18944, 3584
 
@@ -24,18 +26,35 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
+    import triton
+
     from bagel_rt.bench import environment
 
     G = importlib.import_module("bagel_rt.kernels.gemv")
+    configs = [triton.Config({"BN": bn, "BK": bk}, num_warps=nw) for bn, bk, nw in CANDIDATES]
+    gemv_tuned = triton.autotune(configs, key=["N", "K", "HAS_BIAS"])(G._gemv_kernel)
+    swiglu_tuned = triton.autotune(configs, key=["N", "K"])(G._gemv_swiglu_kernel)
+
+    def grid(N):
+        return lambda meta: (triton.cdiv(N, meta["BN"]), 1)
+
     rows = []
     for name, N, K in [*SHAPES, ("gate_up+swiglu", FFN, HIDDEN)]:
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         if name == "gate_up+swiglu":
             wg, wu = (torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2))
-            tuner, run = G._gemv_swiglu_tuned, lambda x=x, wg=wg, wu=wu: G.gemv_swiglu(x, wg, wu)
+            y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+            tuner = swiglu_tuned
+
+            def run(x=x, wg=wg, wu=wu, y=y, N=N, K=K):
+                swiglu_tuned[grid(N)](x, wg, wu, y, N, K, x.stride(0), y.stride(0))
         else:
             w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-            tuner, run = G._gemv_tuned, lambda x=x, w=w: G.gemv(x, w)
+            y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+            tuner = gemv_tuned
+
+            def run(x=x, w=w, y=y, N=N, K=K):
+                gemv_tuned[grid(N)](x, w, w, y, N, K, x.stride(0), y.stride(0), HAS_BIAS=False)
         tuner.cache.clear()
         run()
         torch.cuda.synchronize()

@@ -3,8 +3,8 @@
 A decoding step is memory bound: every weight byte is read once per token, so what matters is how close a
 GEMV gets to the GPU's memory bandwidth. One program owns ``BN`` output channels of one input row and
 streams their weight rows in ``BK``-wide tiles; fp32 partial products stay per lane and are reduced once at
-the end. Launch settings are autotuned per (N, K) on the GPU (a short list; the interpreter runs one fixed
-setting).
+the end. Launch settings are fixed per shape class from measured timings (``_settings``; the interpreter runs
+one small setting).
 
 :func:`gemv_swiglu` reads the gate and up weights of the same output channels in one program and applies
 ``silu(gate) * up`` in the epilogue: one launch instead of three, and the [I] gate/up vectors never go to
@@ -42,11 +42,16 @@ def gemv_swiglu_ref(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     return swiglu_ref(F.linear(x, w_gate), F.linear(x, w_up))
 
 
-CONFIGS = [
-    triton.Config({"BN": bn, "BK": bk}, num_warps=nw)
-    for bn, bk, nw in [(4, 512, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8),
-                       (4, 1024, 8), (2, 1024, 4), (1, 2048, 4), (2, 2048, 8), (4, 2048, 8), (8, 1024, 8)]
-]
+# Launch settings by shape, fixed (autotuning at the first decode cost ~6 s per process, more than it saves in
+# a one-shot request). Chosen from the timings of every candidate setting at the decode shapes on an H200
+# (``benchmarks/tune_gemv.py``, ``benchmarks/results/gemv_tune_h200.jsonl``): two output channels per program
+# with 2048-wide tiles won for q/k/v, o and down; the 152064-row lm_head prefers 1024-wide tiles and 4 warps
+# (7% faster); the gate/up + SwiGLU kernel, which streams two weights at once, prefers 8 channels x 512.
+def _settings(n: int) -> dict:
+    return dict(BN=2, BK=2048, num_warps=8) if n <= 32768 else dict(BN=2, BK=1024, num_warps=4)
+
+
+SWIGLU_SETTINGS = dict(BN=8, BK=512, num_warps=4)
 INTERPRETER_CONFIG = dict(BN=8, BK=64, num_warps=4)
 
 
@@ -109,8 +114,6 @@ def _gemv_swiglu_kernel(x, wg, wu, y, N, K, stride_xm, stride_ym, BN: tl.constex
     tl.store(y + i_m * stride_ym + o_n, (g / (1.0 + tl.exp(-g)) * u).to(y.dtype.element_ty), mask=m_n)
 
 
-_gemv_tuned = triton.autotune(CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_kernel)
-_gemv_swiglu_tuned = triton.autotune(CONFIGS, key=["N", "K"])(_gemv_swiglu_kernel)
 
 
 def _check(x: Tensor, *ws: Tensor) -> tuple[int, int, int]:
@@ -123,12 +126,9 @@ def _check(x: Tensor, *ws: Tensor) -> tuple[int, int, int]:
     return M, ws[0].shape[0], K
 
 
-def _launch(tuned, plain, grid_n, args, **kw) -> None:
-    if is_interpreting():
-        cfg = dict(INTERPRETER_CONFIG)
-        plain[(triton.cdiv(grid_n, cfg["BN"]), args[-1])](*args[:-1], **kw, **cfg)
-    else:
-        tuned[lambda meta: (triton.cdiv(grid_n, meta["BN"]), args[-1])](*args[:-1], **kw)
+def _launch(kernel, settings: dict, grid_n: int, args, **kw) -> None:
+    cfg = dict(INTERPRETER_CONFIG) if is_interpreting() else settings
+    kernel[(triton.cdiv(grid_n, cfg["BN"]), args[-1])](*args[:-1], **kw, **cfg)
 
 
 def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -144,7 +144,7 @@ def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    _launch(_gemv_tuned, _gemv_kernel, N, (x, w, bias if bias is not None else w, y, N, K, x.stride(0),
+    _launch(_gemv_kernel, _settings(N), N, (x, w, bias if bias is not None else w, y, N, K, x.stride(0),
                                             y.stride(0), M), HAS_BIAS=bias is not None)
     return y
 
@@ -162,5 +162,5 @@ def gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    _launch(_gemv_swiglu_tuned, _gemv_swiglu_kernel, N, (x, w_gate, w_up, y, N, K, x.stride(0), y.stride(0), M))
+    _launch(_gemv_swiglu_kernel, SWIGLU_SETTINGS, N, (x, w_gate, w_up, y, N, K, x.stride(0), y.stride(0), M))
     return y
