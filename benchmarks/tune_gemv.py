@@ -1,5 +1,5 @@
-"""Autotune the decode GEMV kernels over a list of candidate launch settings at BAGEL-7B-MoT's decode shapes and print each
-config's time, so the fixed per-shape settings in ``kernels/gemv.py`` (``SETTINGS``) can be chosen from data.
+"""Time the decode GEMV kernels under each candidate launch setting at BAGEL-7B-MoT's decode shapes, so the
+fixed per-shape settings in ``kernels/gemv.py`` (``_settings``, ``SWIGLU_SETTINGS``) are chosen from data.
 
     python benchmarks/tune_gemv.py [--out tune.jsonl]
 """
