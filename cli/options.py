@@ -1,0 +1,260 @@
+"""Shared pieces of the ``bagel-rt`` commands: the one-line user errors, option groups as decorators, and
+the checks and helpers that run before and after a model call (output paths, image saving, settings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+import click
+import torch
+
+import bagel_rt
+from bagel_rt.errors import BagelError, InputError
+from bagel_rt.quantized import WEIGHTS
+from bagel_rt.sampler import RENORM_TYPES, CFGSettings
+from bagel_rt.tiny import ensure_tiny_checkpoint
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+SIZE_STEP, MAX_SIDE = 16, 1024
+
+
+# -- errors: one line, exit code 2 ---------------------------------------------------------------------------
+class UserError(click.ClickException):
+    """A user error, shown as a single ``error: ...`` line on stderr."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _usage_error(e: click.UsageError) -> UserError:
+    hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+    return UserError(e.format_message() + hint)
+
+
+class _Group(click.Group):
+    """Turns library errors and click's usage errors into :class:`UserError`."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _usage_error(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _usage_error(e) from None
+        except (BagelError, FileExistsError) as e:
+            raise UserError(str(e)) from None
+
+
+# -- shared options -------------------------------------------------------------------------------------------
+def _options(*decorators):
+    """Apply option decorators so that ``--help`` lists them in the order given."""
+
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+def _check_device(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return str(torch.device(value))
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a torch device (try cpu, cuda or cuda:1)") from None
+
+
+class _Side(click.ParamType):
+    """An image side in pixels: a multiple of 16 between 16 and 1024."""
+
+    name = "PIXELS"
+
+    def convert(self, value, param, ctx):
+        try:
+            v = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        if v % SIZE_STEP or not SIZE_STEP <= v <= MAX_SIDE:
+            self.fail(f"{v} must be a multiple of {SIZE_STEP} between {SIZE_STEP} and {MAX_SIDE}", param, ctx)
+        return v
+
+
+model_options = _options(
+    click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
+                 help="Checkpoint directory (the official BAGEL-7B-MoT layout). "
+                      "Default: the embedded tiny model with RANDOM weights (outputs are noise), created on "
+                      "first use in $BAGEL_RT_CACHE or ~/.cache/bagel-rt."),
+    click.option("--device", default=None, callback=_check_device, show_default="cuda if available, else cpu",
+                 help="Where the model runs (cpu, cuda, cuda:1, ...)."),
+    click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16",
+                 help="Weights and activations of the LLM and ViT (the VAE always runs in fp32)."),
+    click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto",
+                 help="torch: reference PyTorch ops; triton: batched CFG, fused Triton kernels and CUDA graphs; "
+                      "auto: triton on CUDA, torch elsewhere."),
+    click.option("--weights", type=click.Choice(WEIGHTS), default="auto",
+                 help="Weight format to run with. auto: what the checkpoint holds (declared in its files); "
+                      "int8/nf4 on a bf16 (or df11) checkpoint: quantize as it loads; bf16 from df11: decode."),
+    click.option("--compute", type=click.Choice(["bf16", "fp8"]), default="bf16",
+                 help="Denoising GEMM precision (triton backend). fp8 is opt-in and approximate: FP8 "
+                      "generation-expert GEMMs with per-token activation scales (Ada/Hopper GPUs)."),
+    click.option("--max-gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GIB",
+                 help="GPU memory budget: the ViT, VAE and embeddings leave the GPU between their phases and "
+                      "the process is capped at GIB; a request that cannot fit fails with a clear message."),
+    click.option("--no-progress", is_flag=True, help="Hide the progress bars (stderr)."),
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text."),
+)
+
+seed_option = click.option("--seed", type=click.IntRange(min=0), default=None, show_default="random, reported",
+                           help="Seeds the noise (and sampled text): the same seed gives the same output.")
+
+
+def text_options(think_default_tokens: int, tokens_flag: str):
+    """--think, the token limit, --do-sample and --temperature (decoding of think text or answers)."""
+    return _options(
+        click.option("--think", is_flag=True,
+                     help="Think mode: decode a reasoning/planning text first (the official think prompts)."),
+        click.option(tokens_flag, "max_tokens", type=click.IntRange(min=1), default=think_default_tokens,
+                     help="Most tokens to decode."),
+        click.option("--do-sample", is_flag=True, help="Sample the text instead of greedy decoding."),
+        click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=0.3,
+                     help="Sampling temperature for the text (with --do-sample)."),
+    )
+
+
+def image_options(cfg_text: float, cfg_img: float, interval: tuple[float, float], renorm: str, img_help: str,
+                  default_name: str):
+    """Sampler, CFG and output options, with the official app's defaults of the task."""
+    return _options(
+        click.option("--steps", type=click.IntRange(min=2), default=50, help="Denoising steps (num_timesteps)."),
+        click.option("--cfg-text-scale", type=float, default=cfg_text, help="Text guidance (CFG) scale."),
+        click.option("--cfg-img-scale", type=float, default=cfg_img, help=img_help),
+        click.option("--cfg-interval", type=(float, float), default=interval, metavar="LO HI",
+                     help="Guide only at timesteps t with LO < t <= HI (t runs from 1, noise, to 0)."),
+        click.option("--cfg-renorm-min", type=float, default=0.0, help="Lower clamp of the CFG renorm factor."),
+        click.option("--cfg-renorm-type", type=click.Choice(RENORM_TYPES), default=renorm,
+                     help="How the guided velocity is renormalised."),
+        click.option("--timestep-shift", type=float, default=3.0, help="Shift of the timestep schedule."),
+        click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="PATH",
+                     help=f"Image to write (.png, .jpg or .webp) [default: {default_name} in the current "
+                          "directory]. Written atomically."),
+        click.option("--overwrite", is_flag=True, help="Replace the output if it exists (refused otherwise)."),
+    )
+
+
+# -- helpers: everything checked before the model loads ---------------------------------------------------------
+def _check_output(output: Path | None, default_name: str, seed: int, overwrite: bool) -> Path:
+    path = (output or Path(default_name.format(seed=seed))).expanduser()
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        raise InputError(f"{path}: unknown image extension {path.suffix or '(none)'!r}; use .png, .jpg or .webp")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; -o takes an image file path")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists (pass --overwrite to replace it)")
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent}: directory not found (for the output {path})")
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"{path.parent}: directory is not writable (for the output {path})")
+    return path
+
+
+def _save_image(image, path: Path, overwrite: bool) -> None:
+    """Write to a temporary sibling, then move it into place (never leaves a half-written image)."""
+    fmt = IMAGE_FORMATS[path.suffix.lower()]
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt, **({} if fmt == "PNG" else {"quality": 95}))
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)  # atomic and, unlike a rename, never replaces a file created meanwhile
+        except FileExistsError:
+            raise InputError(f"{path} already exists (pass --overwrite to replace it)") from None
+        except OSError:  # file systems without hard links
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _cfg_kwargs(o: dict) -> dict:
+    """The sampler keyword arguments of the pipeline, validated now (CFGSettings raises InputError)."""
+    cfg = CFGSettings(o["cfg_text_scale"], o["cfg_img_scale"], tuple(o["cfg_interval"]), o["cfg_renorm_min"],
+                      o["cfg_renorm_type"])
+    if o["timestep_shift"] <= 0:
+        raise InputError(f"--timestep-shift must be positive, got {o['timestep_shift']}")
+    return dict(cfg_text_scale=cfg.cfg_text_scale, cfg_img_scale=cfg.cfg_img_scale,
+                cfg_interval=cfg.cfg_interval, cfg_renorm_min=cfg.cfg_renorm_min,
+                cfg_renorm_type=cfg.cfg_renorm_type, timestep_shift=o["timestep_shift"], num_timesteps=o["steps"])
+
+
+def _text_kwargs(o: dict) -> dict:
+    return dict(think=o["think"], max_think_token_n=o["max_tokens"], do_sample=o["do_sample"],
+                text_temperature=o["temperature"])
+
+
+def _load(o: dict):
+    """The pipeline for --model (or the embedded tiny model, with a notice on stderr)."""
+    path = o["model_dir"]
+    if path is None:
+        try:
+            path, created = ensure_tiny_checkpoint()
+        except OSError as e:
+            raise InputError(f"cannot create the embedded tiny model ({e}); set BAGEL_RT_CACHE to a writable "
+                             "directory or pass --model DIR") from None
+        click.echo(f"note: no --model given; using the embedded tiny BAGEL at {path}"
+                   f"{' (created now)' if created else ''} (random weights: outputs are noise; "
+                   "use --model DIR for the real checkpoint)", err=True)
+    return bagel_rt.load(path, device=o["device"], dtype=DTYPES[o["dtype"]], progress=not o["no_progress"],
+                         backend=o["backend"], weights=o["weights"], compute=o["compute"],
+                         max_gpu_memory=o["max_gpu_memory"])
+
+
+def _seed(o: dict) -> int:
+    return o["seed"] if o["seed"] is not None else secrets.randbelow(2**31)
+
+
+def _image_result(pipe, res, path: Path, overwrite: bool, seconds: float, settings: dict, as_json: bool) -> None:
+    _save_image(res.image, path, overwrite)
+    w, h = res.image.size
+    if as_json:
+        click.echo(json.dumps({
+            "output": str(path), "seed": res.seed, "size": {"height": h, "width": w}, "think": res.text,
+            "seconds": {"load": round(pipe.load_seconds, 3), "run": round(seconds, 3)},
+            "model": str(pipe.path), "device": str(pipe.device), "settings": settings,
+        }))
+        return
+    if res.text is not None:
+        click.echo(res.text)
+    click.echo(str(path))
+    click.echo(f"{w}x{h}, seed {res.seed}, {seconds:.1f} s (+{pipe.load_seconds:.1f} s loading)", err=True)
+
+
+def _settings(o: dict, **kw) -> dict:
+    s = dict(kw, dtype=o["dtype"])
+    if "cfg_interval" in s:
+        s["cfg_interval"] = list(s["cfg_interval"])
+    return s
