@@ -19,11 +19,13 @@ from torch import Tensor, nn
 class Fp8Weight:
     """An FP8 copy of a Linear's weight: ``w ≈ q * scale[:, None]``; q [N, K] e4m3, scale [N] fp32."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, fast_accum: bool = False):
         # per output channel = per row of W [N, K]: the same quantizer as the activations' rows
         self.q, scale = quantize_rows(linear.weight.detach())
         self.scale = scale.view(1, -1).contiguous()  # [1, N] for _scaled_mm
         self.bias = linear.bias
+        #: Hopper FP8 "fast accumulation" (no periodic promotion of the tensor-core partial sums to fp32)
+        self.fast_accum = fast_accum
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -40,11 +42,11 @@ def fp8_linear(x: Tensor, w: Fp8Weight, xq: tuple[Tensor, Tensor] | None = None)
 
     ``xq`` is ``quantize_rows(x)`` when the caller already has it (q/k/v and gate/up share their input)."""
     q, sx = xq if xq is not None else quantize_rows(x)
-    y = torch._scaled_mm(q, w.q.t(), scale_a=sx, scale_b=w.scale, out_dtype=x.dtype)
+    y = torch._scaled_mm(q, w.q.t(), scale_a=sx, scale_b=w.scale, out_dtype=x.dtype, use_fast_accum=w.fast_accum)
     return y if w.bias is None else y + w.bias
 
 
-def gen_expert_fp8(model) -> dict[int, Fp8Weight]:
+def gen_expert_fp8(model, fast_accum: bool = False) -> dict[int, Fp8Weight]:
     """FP8 copies of every generation-expert Linear, keyed by ``id(module)``."""
     out = {}
     for layer in model.language_model.model.layers:
@@ -53,5 +55,5 @@ def gen_expert_fp8(model) -> dict[int, Fp8Weight]:
                 layer.mlp_moe_gen.gate_proj, layer.mlp_moe_gen.up_proj, layer.mlp_moe_gen.down_proj]
         for m in mods:
             if type(m) is nn.Linear:  # quantized modules keep their own (weight-only) path
-                out[id(m)] = Fp8Weight(m)
+                out[id(m)] = Fp8Weight(m, fast_accum)
     return out
