@@ -1,10 +1,10 @@
 """Per-token (row) FP8 e4m3 quantization of GEMM activations: one read of x, one write of fp8 + scales.
 
 Feeds the opt-in FP8 GEMMs of the generation expert (:mod:`bagel_rt.fp8`): ``x ≈ q * scale`` with
-``scale = max(row absmax / 448, 1e-12)``. Kept because it removes passes over memory: the eager twin converts
-x to fp32, takes abs, reduces, divides and casts (five full passes, two of them in fp32, at M ≈ 8k rows and
-up to 18944 columns per GEMM input); the kernel reads each row twice (the second read is served from L2)
-and writes one byte per element. Measured on an H200 (``bench_kernels.py --only fp8_quant --graph``):
+``scale = max(row absmax * fp32(1/448), 1e-12)``. Kept because it removes passes over memory: the eager twin
+converts x to fp32, takes abs, reduces, divides and casts (five full passes, two of them in fp32, at M ≈ 8k
+rows and up to 18944 columns per GEMM input); the kernel reads each row twice and writes one byte per
+element. Measured on an H200 (``bench_kernels.py --only fp8_quant --graph``):
 8196 x 3584 in 29-44 us vs 360 us eager, 8196 x 18944 in 168 us vs 1.82 ms (commits ae6c31f, 3dbb2e8).
 """
 
