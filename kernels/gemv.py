@@ -14,8 +14,8 @@ SwiGLU in fp32, rounded once).
 Measured against cuBLAS (``F.linear``) at the decode shapes (``benchmarks/bench_kernels.py --only gemv
 --graph``, H200, bf16): q/k/v 7.3 vs 9.0 us, o 6.0 vs 9.0 us, down 35.6 vs 39.4 us, lm_head 250 vs 258 us,
 gate/up + SwiGLU 71 vs 76 us; greedy decode 218 -> 231 tokens/s with the fixed settings below. So
-:class:`bagel_rt.fast_decode.GraphDecoder` uses it by default (``gemv="triton"``). A split-K variant for the long rows of the down projection lost to
-the single pass (39 us) and was removed.
+:class:`bagel_rt.fast_decode.GraphDecoder` uses it by default (``gemv="triton"``). A split-K variant for the
+long rows of the down projection lost to the single pass (39 us) and was removed.
 """
 
 from __future__ import annotations
