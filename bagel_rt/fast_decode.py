@@ -52,6 +52,9 @@ from .errors import InputError
 #: the decode step's matrix-vector products: "cublas" (F.linear) or "triton" (bagel_rt.kernels.gemv, with the
 #: MLP's gate/up/SwiGLU fused); plain bf16 nn.Linear weights only, quantized modules keep their own kernels
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
+#: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
+#: before it drains, and the GEMVs request their first weight tile before waiting for its output
+DEFAULT_PDL = True
 CAPACITY_STEP = 1024  # the static cache grows in these steps (a new capacity means a new capture)
 WARMUP_STEPS = 2  # eager steps on a side stream before a capture: Triton compiles and autotunes there
 
@@ -102,25 +105,25 @@ def _check_gemv(impl: str) -> str:
     return impl
 
 
-def _linear(mod: nn.Module, x: Tensor, triton_gemv: bool) -> Tensor:
+def _linear(mod: nn.Module, x: Tensor, triton_gemv: bool, pdl: bool) -> Tensor:
     if triton_gemv and type(mod) is nn.Linear:
-        return gemv(x, mod.weight, mod.bias)
+        return gemv(x, mod.weight, mod.bias, pdl)
     return mod(x)
 
 
-def _mlp(mlp: nn.Module, h: Tensor, triton_gemv: bool) -> Tensor:
+def _mlp(mlp: nn.Module, h: Tensor, triton_gemv: bool, pdl: bool) -> Tensor:
     g, u = mlp.gate_proj, mlp.up_proj
     if triton_gemv and type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None and u.bias is None:
-        act = gemv_swiglu(h, g.weight, u.weight)
+        act = gemv_swiglu(h, g.weight, u.weight, pdl)
     else:
         act = swiglu(g(h), u(h))
-    return _linear(mlp.down_proj, act, triton_gemv)
+    return _linear(mlp.down_proj, act, triton_gemv, pdl)
 
 
 @torch.no_grad()
 def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, length: Tensor,
                         layers: list[UndLayer] | None = None, num_splits: int | None = None,
-                        gemv_impl: str = DEFAULT_GEMV) -> Tensor:
+                        gemv_impl: str = DEFAULT_GEMV, pdl: bool = DEFAULT_PDL) -> Tensor:
     """One und-mode decoding step on the fused kernels (the twin of ``BagelModel.decode_step``).
 
     Host-sync free and allocation-stable, so it can be captured in a CUDA graph.
@@ -136,6 +139,8 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
         num_splits: attention key splits (flash-decoding); None = the kernel's heuristic for a cache of
             ``cache.capacity`` keys (the split bounds themselves follow the actual length on the device).
         gemv_impl: "cublas" or "triton" (see ``DEFAULT_GEMV``).
+        pdl: launch the step's Triton kernels with programmatic dependent launch (see ``DEFAULT_PDL``;
+            Hopper and newer, ignored elsewhere).
     Returns:
         [vocab] logits in the model dtype. ``token``, ``pos`` and ``length`` are not advanced.
     """
@@ -153,23 +158,24 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
     residual, delta = x, None
     for i, lw in enumerate(layers):
         if delta is None:
-            h = rms_norm(x, lw.attn_norm, eps)
+            h = rms_norm(x, lw.attn_norm, eps, pdl)
         else:
-            h, residual = add_rms_norm(delta, residual, lw.attn_norm, eps)
+            h, residual = add_rms_norm(delta, residual, lw.attn_norm, eps, pdl)
         a = lw.attn
         if lw.qkv_weight is not None:
-            qkv = (gemv(h, lw.qkv_weight) if tg else F.linear(h, lw.qkv_weight))[0]
+            qkv = (gemv(h, lw.qkv_weight, None, pdl) if tg else F.linear(h, lw.qkv_weight))[0]
             q, k, v = qkv.split([Hq * D, Hk * D, Hk * D])
         else:
             q, k, v = a.q_proj(h)[0], a.k_proj(h)[0], a.v_proj(h)[0]
         k_buf, v_buf = cache.layer(i)
         q = qkv_rope_cache(q.view(Hq, D), k.view(Hk, D), v.view(Hk, D), lw.qkv_bias, lw.q_norm, lw.k_norm, cos,
-                           sin, eps, k_buf, v_buf, length)
-        o = varlen_attention(q, k_buf, v_buf, cu_q, cu_k, True, sm_scale, 1, cache.capacity, num_splits)
-        h, residual = add_rms_norm(_linear(a.o_proj, o.view(1, Hq * D), tg), residual, lw.mlp_norm, eps)
-        delta = _mlp(lw.mlp, h, tg)
-    h, _ = add_rms_norm(delta, residual, lm.model.norm.weight, eps)
-    return _linear(lm.lm_head, h, tg)[0]
+                           sin, eps, k_buf, v_buf, length, pdl)
+        o = varlen_attention(q, k_buf, v_buf, cu_q, cu_k, True, sm_scale, 1, cache.capacity, num_splits, pdl)
+        h, residual = add_rms_norm(_linear(a.o_proj, o.view(1, Hq * D), tg, pdl), residual, lw.mlp_norm, eps,
+                                   pdl)
+        delta = _mlp(lw.mlp, h, tg, pdl)
+    h, _ = add_rms_norm(delta, residual, lm.model.norm.weight, eps, pdl)
+    return _linear(lm.lm_head, h, tg, pdl)[0]
 
 
 # -- the decoder ------------------------------------------------------------------------------------------
@@ -189,11 +195,13 @@ class GraphDecoder:
         check_every: read the predicted ids (and stop) every this many tokens; default 8 on CUDA, 1 else.
         num_splits: attention key splits, None = heuristic (see :func:`decode_step_kernels`).
         gemv: the GEMV implementation, "cublas" or "triton" (default ``DEFAULT_GEMV``).
+        pdl: programmatic dependent launch of the step's Triton kernels (default ``DEFAULT_PDL``).
     """
 
     def __init__(self, model, use_graphs: bool = True, fuse_qkv: bool = True, check_every: int | None = None,
-                 num_splits: int | None = None, gemv: str = DEFAULT_GEMV):
+                 num_splits: int | None = None, gemv: str = DEFAULT_GEMV, pdl: bool = DEFAULT_PDL):
         self.gemv = _check_gemv(gemv)
+        self.pdl = pdl
         self.model = model
         self.device, self.dtype = model.device, model.dtype
         on_cuda = self.device.type == "cuda"
@@ -215,7 +223,7 @@ class GraphDecoder:
     # -- one step, eager or captured -----------------------------------------------------------------------
     def _step(self, cache: KVCache, greedy: bool) -> Tensor:
         logits = decode_step_kernels(self.model, cache, self.token, self.pos, self.length, self.layers,
-                                     self.num_splits, self.gemv)
+                                     self.num_splits, self.gemv, self.pdl)
         self.pos.add_(1)
         self.length.add_(1)
         if greedy:  # the prediction becomes the next input, and is recorded for the host

@@ -109,8 +109,8 @@ def profile_forward(pipe, size):
 
 
 def decode_probe(pipe, tokens: int = 256, runs: int = 3):
-    """Greedy decode tokens/s with each GEMV implementation (CUDA graphs), and an eager kernel profile of one
-    decode step per implementation, grouped by kind."""
+    """Greedy decode tokens/s with each GEMV implementation, with and without programmatic dependent launch
+    (CUDA graphs), and an eager kernel profile of one decode step per variant, grouped by kind."""
     from torch.profiler import ProfilerActivity, profile
 
     from bagel_rt.fast_decode import GraphDecoder, decode_step_kernels
@@ -118,8 +118,9 @@ def decode_probe(pipe, tokens: int = 256, runs: int = 3):
     s = pipe.session(understanding_only=True, seed=0)
     s.add_text("Describe a bagel in detail.")
     out = {}
-    for impl in ("cublas", "triton"):
-        dec = GraphDecoder(pipe.model, gemv=impl)
+    for name, impl, pdl in (("cublas", "cublas", False), ("triton", "triton", False),
+                            ("triton_pdl", "triton", True)):
+        dec = GraphDecoder(pipe.model, gemv=impl, pdl=pdl)
         dec.generate(s.gen.fork(extra=tokens), tokens, stop_tokens=())  # warm-up: compile + capture
         times = []
         for _ in range(runs):
@@ -129,23 +130,23 @@ def decode_probe(pipe, tokens: int = 256, runs: int = 3):
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         sec = sorted(times)[len(times) // 2]
-        out[f"{impl}_tokens_per_s"] = round(len(ids) / sec, 1)
+        out[f"{name}_tokens_per_s"] = round(len(ids) / sec, 1)
         ctx = s.gen.fork(extra=4)
         dev = pipe.model.device
         tok, pos = torch.tensor([5], device=dev), torch.tensor([ctx.rope], device=dev)
         length = torch.tensor([ctx.length], dtype=torch.int32, device=dev)
         for _ in range(2):
-            decode_step_kernels(pipe.model, ctx.cache, tok, pos, length, dec.layers, gemv_impl=impl)
+            decode_step_kernels(pipe.model, ctx.cache, tok, pos, length, dec.layers, gemv_impl=impl, pdl=pdl)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decode_step_kernels(pipe.model, ctx.cache, tok, pos, length, dec.layers, gemv_impl=impl)
+            decode_step_kernels(pipe.model, ctx.cache, tok, pos, length, dec.layers, gemv_impl=impl, pdl=pdl)
             torch.cuda.synchronize()
         groups = defaultdict(float)
         for e in prof.key_averages():
             t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
             groups[_kind(e.key.lower())] += t / 1000.0
         ranked = sorted(groups.items(), key=lambda kv: -kv[1])
-        out[f"{impl}_eager_step_kernel_ms"] = {k: round(v, 3) for k, v in ranked}
+        out[f"{name}_eager_step_kernel_ms"] = {k: round(v, 3) for k, v in ranked}
         del dec
     return out
 

@@ -44,3 +44,16 @@ def num_sms(device: torch.device) -> int | None:
     if is_interpreting() or device.type != "cuda":
         return None
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_kwargs(pdl: bool, device: torch.device) -> dict:
+    """Launch keywords for programmatic dependent launch (PDL, Hopper and newer).
+
+    A kernel launched with PDL may start while the previous kernel on the stream is still finishing; it
+    must call ``griddepcontrol.wait`` (``USE_GDC``) before it touches anything an earlier kernel writes or
+    reads. Kernels taking ``USE_GDC`` do that wait first (the GEMVs first request a weight tile, which no
+    kernel writes) and then let their own successor launch. Off (``USE_GDC=False``, normal launch) when not
+    asked for, in the interpreter, without CUDA or before compute capability 9.0.
+    """
+    on = pdl and device.type == "cuda" and has_capability(9, 0, device)
+    return dict(USE_GDC=True, launch_pdl=True) if on else dict(USE_GDC=False)

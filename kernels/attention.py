@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._device import is_interpreting, num_sms
+from ._device import is_interpreting, num_sms, pdl_kwargs
 
 # Plain path, tuned on the GPU; key = (query rows bucket, group size, head dim, causal) + dtypes.
 CONFIGS = [
@@ -56,10 +56,11 @@ def varlen_attention_ref(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     num_splits: int | None = None,
+    pdl: bool = False,
 ) -> Tensor:
     """Reference: per-sequence explicit softmax in fp32. Same arguments as :func:`varlen_attention`.
 
-    The last three arguments only steer the kernel and are ignored. Query rows that see no key give zeros.
+    The last four arguments only steer the kernel and are ignored. Query rows that see no key give zeros.
     """
     Hq, Hk = q.shape[1], k.shape[1]
     out = torch.zeros_like(q)
@@ -126,9 +127,12 @@ def _attn_fwd_kernel(
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
     sm_scale, Mq, NUM_SPLITS, ROWS_BUCKET,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
+    CAUSAL: tl.constexpr, SPLIT: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     # grid: (query-row blocks, kv heads, sequences * NUM_SPLITS); ROWS_BUCKET only keys the autotuner
+    if USE_GDC:  # programmatic dependent launch: wait for the previous kernel, then let the next one launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     i_m, i_hk, i_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bs // NUM_SPLITS
     i_s = i_bs % NUM_SPLITS
@@ -198,7 +202,10 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_combine_kernel(o_part, lse_part, o, stride_om, stride_oh, R, Hq, NUM_SPLITS,
-                         D: tl.constexpr, BLOCK_S: tl.constexpr):
+                         D: tl.constexpr, BLOCK_S: tl.constexpr, USE_GDC: tl.constexpr = False):
+    if USE_GDC:  # programmatic dependent launch, as in _attn_fwd_kernel
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # one program per (query, q head) row r of R = Mq * Hq: o = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max)
     i_r = tl.program_id(0).to(tl.int64)
     o_s = tl.arange(0, BLOCK_S)
@@ -237,6 +244,7 @@ def varlen_attention(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     num_splits: int | None = None,
+    pdl: bool = False,
 ) -> Tensor:
     """Packed variable-length attention with GQA, online softmax in fp32.
 
@@ -251,6 +259,8 @@ def varlen_attention(
             capacity, so that a captured CUDA graph stays valid while lengths grow). Pass them to avoid a host
             sync (needed for CUDA-graph capture); if None they are read from the cu_seqlens tensors.
         num_splits: split the keys into this many slices (flash-decoding); None = heuristic, 1 = never.
+        pdl: launch the split path's kernels with programmatic dependent launch (Hopper+, see
+            ``_device.pdl_kwargs``; decode). The autotuned plain path ignores it.
     Returns:
         [Mq, Hq, D] in q.dtype, contiguous. Query rows that see no key (Lk = 0, or causal with Lk < Lq)
         give zeros. fp32 inputs use TF32 tensor-core dots on the GPU (bf16 is the intended dtype).
@@ -303,7 +313,8 @@ def varlen_attention(
         block_m, block_n, launch = INTERPRET_BLOCK_M, INTERPRET_BLOCK_N, {}
     else:
         block_m = 16 if rows <= 16 else 64
-        block_n, launch = SPLIT_BLOCK_N, {"num_warps": SPLIT_NUM_WARPS, "num_stages": SPLIT_NUM_STAGES}
+        block_n, launch = SPLIT_BLOCK_N, {"num_warps": SPLIT_NUM_WARPS, "num_stages": SPLIT_NUM_STAGES,
+                                          **pdl_kwargs(pdl, q.device)}
     grid = (triton.cdiv(rows, block_m), Hk, B * num_splits)
     if num_splits == 1:
         _attn_fwd_kernel[grid](q, k, v, o, o, o, cu_seqlens_q, cu_seqlens_k, *strides, sm_scale, Mq, 1, 0,
@@ -315,6 +326,6 @@ def varlen_attention(
                            num_splits, 0, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, SPLIT=True,
                            **launch)
     _attn_combine_kernel[(Mq * Hq,)](o_part, lse_part, o, o.stride(0), o.stride(1), Mq * Hq, Hq, num_splits,
-                                     D=D, BLOCK_S=triton.next_power_of_2(num_splits))
+                                     D=D, BLOCK_S=triton.next_power_of_2(num_splits), **pdl_kwargs(pdl, q.device))
     return o
 

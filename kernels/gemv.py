@@ -26,19 +26,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._device import is_interpreting
+from ._device import is_interpreting, pdl_kwargs
 from .swiglu import swiglu_ref
 
 MAX_M = 4  # rows handled by the GEMV path (decode is M = 1)
 
 
-def gemv_ref(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Reference. x [M, K], w [N, K] (same dtype), bias [N] or None -> [M, N] in x.dtype."""
+def gemv_ref(x: Tensor, w: Tensor, bias: Tensor | None = None, pdl: bool = False) -> Tensor:
+    """Reference. x [M, K], w [N, K] (same dtype), bias [N] or None -> [M, N] in x.dtype (``pdl`` unused)."""
     return F.linear(x, w, bias)
 
 
-def gemv_swiglu_ref(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
-    """Reference. x [M, K], w_gate / w_up [I, K] -> silu(x @ w_gate.T) * (x @ w_up.T), [M, I] in x.dtype."""
+def gemv_swiglu_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, pdl: bool = False) -> Tensor:
+    """Reference. x [M, K], w_gate / w_up [I, K] -> silu(x @ w_gate.T) * (x @ w_up.T), [M, I] in x.dtype
+    (``pdl`` unused)."""
     return swiglu_ref(F.linear(x, w_gate), F.linear(x, w_up))
 
 
@@ -56,27 +57,45 @@ INTERPRETER_CONFIG = dict(BN=8, BK=64, num_warps=4)
 
 
 @triton.jit
-def _row_dot(acc, p_x, p_w_rows, m_n, K, BK: tl.constexpr):
-    # acc [BN, BK] fp32 += W[rows, k-tile] * x[k-tile], over all of K
-    for k0 in range(0, K, BK):
-        o_k = k0 + tl.arange(0, BK)
-        m_k = o_k < K
-        # [BK]
-        b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)
-        # [BN, BK]
-        b_w = tl.load(p_w_rows[:, None] + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
-        acc += b_w.to(tl.float32) * b_x[None, :]
-    return acc
+def _gdc_wait(USE_GDC: tl.constexpr):
+    # programmatic dependent launch: wait for the previous kernel's writes, then let the next kernel launch
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _w_tile(p_w_rows, m_n, k0, K, BK: tl.constexpr):
+    # [BN, BK] weight tile at columns [k0, k0 + BK) (zeros past K; a tile wholly past K reads nothing)
+    o_k = k0 + tl.arange(0, BK)
+    return tl.load(p_w_rows[:, None] + o_k[None, :], mask=m_n[:, None] & (o_k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _x_tile(p_x, k0, K, BK: tl.constexpr):
+    # [BK] fp32 input tile at columns [k0, k0 + BK)
+    o_k = k0 + tl.arange(0, BK)
+    return tl.load(p_x + o_k, mask=o_k < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _gemv_kernel(x, w, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr):
+                 BK: tl.constexpr, USE_GDC: tl.constexpr):
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    acc = _row_dot(tl.zeros([BN, BK], dtype=tl.float32), x + i_m * stride_xm, w + o_n.to(tl.int64) * K, m_n, K,
-                   BK)
+    p_x = x + i_m * stride_xm
+    p_w = w + o_n.to(tl.int64) * K
+    # the loop is rotated: each weight tile is requested one iteration ahead, and the first one before the
+    # wait for the previous kernel (no kernel writes weights), so a PDL launch streams weights meanwhile
+    b_w = _w_tile(p_w, m_n, 0, K, BK)
+    _gdc_wait(USE_GDC)
+    # [BN, BK] fp32 partial products per lane, reduced once at the end
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        b_x = _x_tile(p_x, k0, K, BK)
+        acc += b_w.to(tl.float32) * b_x[None, :]
+        b_w = _w_tile(p_w, m_n, k0 + BK, K, BK)
     # [BN]
     b_y = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -86,34 +105,31 @@ def _gemv_kernel(x, w, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
 
 
 @triton.jit
-def _gemv_swiglu_kernel(x, wg, wu, y, N, K, stride_xm, stride_ym, BN: tl.constexpr, BK: tl.constexpr):
+def _gemv_swiglu_kernel(x, wg, wu, y, N, K, stride_xm, stride_ym, BN: tl.constexpr, BK: tl.constexpr,
+                        USE_GDC: tl.constexpr):
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
     rows = o_n.to(tl.int64) * K
+    # one loop over both weights (twice the bytes in flight per iteration), rotated as in _gemv_kernel
+    b_g = _w_tile(wg + rows, m_n, 0, K, BK)
+    b_u = _w_tile(wu + rows, m_n, 0, K, BK)
+    _gdc_wait(USE_GDC)
     acc_g = tl.zeros([BN, BK], dtype=tl.float32)
     acc_u = tl.zeros([BN, BK], dtype=tl.float32)
-    # one loop over both weights: twice the bytes in flight per iteration
     for k0 in range(0, K, BK):
-        o_k = k0 + tl.arange(0, BK)
-        m_k = o_k < K
-        m_w = m_n[:, None] & m_k[None, :]
-        # [BK]
-        b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)
-        # [BN, BK] each
-        b_g = tl.load(wg + rows[:, None] + o_k[None, :], mask=m_w, other=0.0)
-        b_u = tl.load(wu + rows[:, None] + o_k[None, :], mask=m_w, other=0.0)
+        b_x = _x_tile(p_x, k0, K, BK)
         acc_g += b_g.to(tl.float32) * b_x[None, :]
         acc_u += b_u.to(tl.float32) * b_x[None, :]
+        b_g = _w_tile(wg + rows, m_n, k0 + BK, K, BK)
+        b_u = _w_tile(wu + rows, m_n, k0 + BK, K, BK)
     g = tl.sum(acc_g, axis=1)
     u = tl.sum(acc_u, axis=1)
     # round each projection to the activation dtype, as the unfused chain stores them
     g = g.to(y.dtype.element_ty).to(tl.float32)
     u = u.to(y.dtype.element_ty).to(tl.float32)
     tl.store(y + i_m * stride_ym + o_n, (g / (1.0 + tl.exp(-g)) * u).to(y.dtype.element_ty), mask=m_n)
-
-
 
 
 def _check(x: Tensor, *ws: Tensor) -> tuple[int, int, int]:
@@ -126,17 +142,19 @@ def _check(x: Tensor, *ws: Tensor) -> tuple[int, int, int]:
     return M, ws[0].shape[0], K
 
 
-def _launch(kernel, settings: dict, grid_n: int, args, **kw) -> None:
+def _launch(kernel, settings: dict, grid_n: int, args, pdl: bool, **kw) -> None:
     cfg = dict(INTERPRETER_CONFIG) if is_interpreting() else settings
-    kernel[(triton.cdiv(grid_n, cfg["BN"]), args[-1])](*args[:-1], **kw, **cfg)
+    kernel[(triton.cdiv(grid_n, cfg["BN"]), args[-1])](*args[:-1], **kw, **cfg, **pdl_kwargs(pdl, args[0].device))
 
 
-def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, pdl: bool = False) -> Tensor:
     """``x @ w.T (+ bias)`` for a few rows (decode).
 
     Args:
         x: [M, K], M <= 4, bf16 / fp16 / fp32, last dim contiguous.
         w: [N, K] contiguous, x's dtype. bias: [N] or None.
+        pdl: launch with programmatic dependent launch (Hopper+; see ``_device.pdl_kwargs``): the kernel
+            starts streaming its weights while the previous kernel finishes.
     Returns:
         [M, N] in x.dtype; fp32 accumulation, bias added before the one rounding.
     """
@@ -145,15 +163,16 @@ def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     if M == 0 or N == 0:
         return y
     _launch(_gemv_kernel, _settings(N), N, (x, w, bias if bias is not None else w, y, N, K, x.stride(0),
-                                            y.stride(0), M), HAS_BIAS=bias is not None)
+                                            y.stride(0), M), pdl, HAS_BIAS=bias is not None)
     return y
 
 
-def gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
+def gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, pdl: bool = False) -> Tensor:
     """``silu(x @ w_gate.T) * (x @ w_up.T)`` for a few rows, in one kernel.
 
     Args:
         x: [M, K], M <= 4, last dim contiguous. w_gate, w_up: [I, K] contiguous, x's dtype.
+        pdl: programmatic dependent launch, as in :func:`gemv`.
     Returns:
         [M, I] in x.dtype (each projection rounded to x.dtype, SwiGLU in fp32, rounded once).
     """
@@ -162,5 +181,5 @@ def gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    _launch(_gemv_swiglu_kernel, SWIGLU_SETTINGS, N, (x, w_gate, w_up, y, N, K, x.stride(0), y.stride(0), M))
+    _launch(_gemv_swiglu_kernel, SWIGLU_SETTINGS, N, (x, w_gate, w_up, y, N, K, x.stride(0), y.stride(0), M), pdl)
     return y

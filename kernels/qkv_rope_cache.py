@@ -11,13 +11,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._device import pdl_kwargs
 from .qk_norm_rope import qk_norm_rope_ref
 
 
 def qkv_rope_cache_ref(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, q_weight: Tensor, k_weight: Tensor,
                        cos: Tensor, sin: Tensor, eps: float, k_cache: Tensor, v_cache: Tensor,
-                       length: Tensor) -> Tensor:
-    """Reference of :func:`qkv_rope_cache` (same arguments; writes the cache rows too)."""
+                       length: Tensor, pdl: bool = False) -> Tensor:
+    """Reference of :func:`qkv_rope_cache` (same arguments; writes the cache rows too; ``pdl`` unused)."""
     Hq, D = q.shape
     Hk = k.shape[0]
     if bias is not None:
@@ -51,8 +52,12 @@ def _norm_rope_head(p_x, p_b, p_w, o_d, b_cos1, b_cos2, b_sin1, b_sin2, eps, HAL
 
 @triton.jit
 def _qkv_rope_cache_kernel(q, k, v, bias, q_w, k_w, cos, sin, q_out, k_cache, v_cache, length,
-                           stride_kc, stride_vc, Hq, Hk, eps, HALF: tl.constexpr, HAS_BIAS: tl.constexpr):
+                           stride_kc, stride_vc, Hq, Hk, eps, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           USE_GDC: tl.constexpr):
     # one program per head of the token: q heads [0, Hq), k heads [Hq, Hq + Hk), v heads [Hq + Hk, Hq + 2 Hk)
+    if USE_GDC:  # programmatic dependent launch: wait for the previous kernel, then let the next one launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     i_h = tl.program_id(0)
     o_d = tl.arange(0, HALF)
     row = tl.load(length).to(tl.int64)  # cache row of the new token
@@ -90,7 +95,7 @@ def _qkv_rope_cache_kernel(q, k, v, bias, q_w, k_w, cos, sin, q_out, k_cache, v_
 
 def qkv_rope_cache(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, q_weight: Tensor, k_weight: Tensor,
                    cos: Tensor, sin: Tensor, eps: float, k_cache: Tensor, v_cache: Tensor,
-                   length: Tensor) -> Tensor:
+                   length: Tensor, pdl: bool = False) -> Tensor:
     """One decode token's q/k/v epilogue in one launch.
 
     Args:
@@ -103,6 +108,7 @@ def qkv_rope_cache(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, q_weigh
         k_cache, v_cache: this layer's [capacity, Hk, D] buffers; row ``length`` receives the token's
             normed + rotated key and its value.
         length: [1] int32 on the device, the cache row to write.
+        pdl: programmatic dependent launch (Hopper+, see ``_device.pdl_kwargs``).
     Returns:
         [1, Hq, D] normed + rotated queries in q.dtype.
 
@@ -127,5 +133,6 @@ def qkv_rope_cache(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, q_weigh
     _qkv_rope_cache_kernel[(Hq + 2 * Hk,)](
         q, k, v, bias if bias is not None else q, q_weight, k_weight, cos, sin, q_out, k_cache, v_cache, length,
         k_cache.stride(0), v_cache.stride(0), Hq, Hk, eps, HALF=half, HAS_BIAS=bias is not None, num_warps=1,
+        **pdl_kwargs(pdl, q.device),
     )
     return q_out

@@ -11,16 +11,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._device import pdl_kwargs
 
-def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Reference RMSNorm. x: [M, N], weight: [N] (same dtype as x) -> [M, N] in x.dtype."""
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float, pdl: bool = False) -> Tensor:
+    """Reference RMSNorm. x: [M, N], weight: [N] (same dtype as x) -> [M, N] in x.dtype (``pdl`` unused)."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
     return weight * y.to(x.dtype)
 
 
-def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Reference residual add + RMSNorm. x, residual: [M, N] -> (rms_norm(x + residual), x + residual)."""
+def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                     pdl: bool = False) -> tuple[Tensor, Tensor]:
+    """Reference residual add + RMSNorm. x, residual: [M, N] -> (rms_norm(x + residual), x + residual)
+    (``pdl`` unused)."""
     new_residual = x + residual
     return rms_norm_ref(new_residual, weight, eps), new_residual
 
@@ -45,7 +49,16 @@ def _rms_norm_row(b_x, p_w, o_n, m_n, N, eps):
 
 
 @triton.jit
-def _rms_norm_kernel(x, w, y, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr):
+def _gdc_wait(USE_GDC: tl.constexpr):
+    # programmatic dependent launch: wait for the previous kernel's writes, then let the next kernel launch
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _rms_norm_kernel(x, w, y, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr):
+    _gdc_wait(USE_GDC)
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < N
@@ -57,7 +70,8 @@ def _rms_norm_kernel(x, w, y, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr)
 
 @triton.jit
 def _add_rms_norm_kernel(x, r, w, y, r_out, stride_x, stride_r, stride_y, stride_ro, N, eps,
-                         BLOCK_N: tl.constexpr):
+                         BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr):
+    _gdc_wait(USE_GDC)
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < N
@@ -80,13 +94,14 @@ def _check(x: Tensor, weight: Tensor) -> None:
     assert weight.device == x.device
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, pdl: bool = False) -> Tensor:
     """RMSNorm over the last dim, Qwen2 rounding order, one read and one write of x.
 
     Args:
         x: [M, N] activations (bf16 / fp16 / fp32), rows contiguous (any row stride).
         weight: [N], same dtype as x.
         eps: added to mean(x^2).
+        pdl: programmatic dependent launch (Hopper+, see ``_device.pdl_kwargs``).
     Returns:
         [M, N] in x.dtype: ``weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)``.
 
@@ -99,11 +114,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if M == 0:
         return y
     block_n, num_warps = _settings(N)
-    _rms_norm_kernel[(M,)](x, weight, y, x.stride(0), y.stride(0), N, eps, BLOCK_N=block_n, num_warps=num_warps)
+    _rms_norm_kernel[(M,)](x, weight, y, x.stride(0), y.stride(0), N, eps, BLOCK_N=block_n, num_warps=num_warps,
+                              **pdl_kwargs(pdl, x.device))
     return y
 
 
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                 pdl: bool = False) -> tuple[Tensor, Tensor]:
     """Residual add fused with RMSNorm.
 
     Args:
@@ -111,6 +128,7 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tup
         residual: [M, N] residual stream, same dtype as x.
         weight: [N], same dtype as x.
         eps: added to mean(h^2).
+        pdl: programmatic dependent launch (Hopper+, see ``_device.pdl_kwargs``).
     Returns:
         (normed, new_residual), both [M, N] in x.dtype, with ``new_residual = x + residual`` (rounded to
         x.dtype) and ``normed = rms_norm(new_residual, weight, eps)``.
@@ -128,6 +146,6 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tup
     block_n, num_warps = _settings(N)
     _add_rms_norm_kernel[(M,)](
         x, residual, weight, y, r_out, x.stride(0), residual.stride(0), y.stride(0), r_out.stride(0), N, eps,
-        BLOCK_N=block_n, num_warps=num_warps,
+        BLOCK_N=block_n, num_warps=num_warps, **pdl_kwargs(pdl, x.device),
     )
     return y, r_out

@@ -251,6 +251,20 @@ def test_triton_gemv_graph_matches_cublas_bf16(pipe_cuda):
 
 @requires_cuda
 @pytest.mark.gpu
+def test_pdl_decoder_matches_plain_launches_bf16(pipe_cuda):
+    """Programmatic dependent launch only moves kernel start times: ids and logits stay bit-identical."""
+    s = prompted(pipe_cuda)
+    runs = []
+    for pdl in (False, True):
+        ids, logits = GraphDecoder(pipe_cuda.model, num_splits=4, pdl=pdl).generate(
+            s.gen.fork(extra=40), 40, record=True, stop_tokens=())
+        runs.append((ids, logits))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
+@requires_cuda
+@pytest.mark.gpu
 def test_graph_decoder_reuse_and_capacity_growth(pipe_cuda):
     model = pipe_cuda.model
     dec = GraphDecoder(model, num_splits=4)

@@ -186,3 +186,44 @@ def test_attention_decode_cuda_graph():
     g.replay()
     ref = varlen_attention_ref(q, k[:2500], v[:2500], cu_q, cu_seqlens([2500]), True, 1 / math.sqrt(D))
     assert_close("varlen_attention.graph", ref, out, MAX_REL)
+
+
+def _decode_chain(x, r, w, pdl):
+    """A decode layer's chain of PDL-capable kernels, each reading the previous one's output."""
+    h, r = add_rms_norm(x, r, w["norm"], 1e-6, pdl)
+    q = gemv(h, w["qkv"], w["bias"], pdl)
+    h2 = rms_norm(q[:, :HIDDEN], w["norm"], 1e-6, pdl)
+    act = gemv_swiglu(h2, w["gate"], w["up"], pdl)
+    return gemv(act, w["down"], None, pdl), r
+
+
+def test_pdl_chain_in_graph_is_bitwise_equal():
+    """Programmatic dependent launch changes when kernels start, never what they compute: a chain of
+    dependent kernels, captured in a CUDA graph and replayed with PDL, must give the same bits as plain
+    launches (a kernel that read its input before the previous kernel finished would not)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    torch.manual_seed(12)
+    n_qkv = HIDDEN + 2 * HK * D
+    w = dict(norm=randn(HIDDEN), qkv=randn(n_qkv, HIDDEN, scale=0.02), bias=randn(n_qkv),
+             gate=randn(FFN, HIDDEN, scale=0.02), up=randn(FFN, HIDDEN, scale=0.02),
+             down=randn(HIDDEN, FFN, scale=0.02))
+    x0, r0 = randn(1, HIDDEN), randn(1, HIDDEN)
+    x, r = x0.clone(), r0.clone()
+    for _ in range(4):
+        x, r = _decode_chain(x, r, w, pdl=False)
+    want = (x.clone(), r.clone())
+    x_in, r_in = x0.clone(), r0.clone()
+    for _ in range(2):  # compile outside the capture
+        _decode_chain(x_in, r_in, w, pdl=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x, r = x_in, r_in
+        for _ in range(4):
+            x, r = _decode_chain(x, r, w, pdl=True)
+    for _ in range(3):
+        x_in.copy_(x0)
+        r_in.copy_(r0)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(x, want[0]) and torch.equal(r, want[1])
