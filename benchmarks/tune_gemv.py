@@ -14,7 +14,8 @@ import sys
 import torch
 
 CANDIDATES = [(4, 512, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8), (4, 1024, 8),
-              (2, 1024, 4), (1, 2048, 4), (2, 2048, 8), (4, 2048, 8), (8, 1024, 8)]  # (BN, BK, num_warps)
+              (2, 1024, 4), (1, 2048, 4), (2, 2048, 8), (4, 2048, 8), (8, 1024, 8), (2, 512, 4), (4, 1024, 4),
+              (1, 1024, 4), (2, 2048, 4), (4, 256, 4)]  # (BN, BK, num_warps)
 SHAPES = [("qkv", 4608, 3584), ("o", 3584, 3584), ("down", 3584, 18944), ("lm_head", 152064, 3584)]
 FFN, HIDDEN = 18944, 3584
 
@@ -47,14 +48,14 @@ def main() -> int:
             tuner = swiglu_tuned
 
             def run(x=x, wg=wg, wu=wu, y=y, N=N, K=K):
-                swiglu_tuned[grid(N)](x, wg, wu, y, N, K, x.stride(0), y.stride(0))
+                swiglu_tuned[grid(N)](x, wg, wu, y, N, K, x.stride(0), y.stride(0), USE_GDC=False)
         else:
             w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
             y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
             tuner = gemv_tuned
 
             def run(x=x, w=w, y=y, N=N, K=K):
-                gemv_tuned[grid(N)](x, w, w, y, N, K, x.stride(0), y.stride(0), HAS_BIAS=False)
+                gemv_tuned[grid(N)](x, w, w, y, N, K, x.stride(0), y.stride(0), HAS_BIAS=False, USE_GDC=False)
         tuner.cache.clear()
         run()
         torch.cuda.synchronize()
