@@ -11,9 +11,15 @@ one small setting).
 memory. Its rounding follows the unfused chain (each projection rounded to the activation dtype, then the
 SwiGLU in fp32, rounded once).
 
+The loop is rotated (each weight tile is requested one iteration ahead of its use): that alone took the
+summed GEMV time of a decode step from 3.77 to 3.61 ms (eager profile, H200). With ``pdl`` the kernel is
+launched with programmatic dependent launch and requests its first weight tile before it waits for the
+previous kernel (weights are never written), so it streams weights while the previous kernel drains.
+
 Measured against cuBLAS (``F.linear``) at the decode shapes (``benchmarks/bench_kernels.py --only gemv
---graph``, H200, bf16): q/k/v 7.3 vs 9.0 us, o 6.0 vs 9.0 us, down 35.6 vs 39.4 us, lm_head 250 vs 258 us,
-gate/up + SwiGLU 71 vs 76 us; greedy decode 218 -> 231 tokens/s with the fixed settings below. So
+--graph``, H200, bf16, commit c39c2f7): o 6.3 vs 9.1 us, down 34.2 vs 37.8 us, lm_head 259 vs 258 us,
+gate/up + SwiGLU 64.8 vs 75.6 us (4.0-4.2 TB/s); greedy decode 218 (cuBLAS) -> 247 (rotated loop) -> 259
+tokens/s (with PDL; ``benchmarks/diagnose.py --only-decode``). So
 :class:`bagel_rt.fast_decode.GraphDecoder` uses it by default (``gemv="triton"``). A split-K variant for the
 long rows of the down projection lost to the single pass (39 us) and was removed.
 """
@@ -45,11 +51,12 @@ def gemv_swiglu_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, pdl: bool = False) 
 
 # Launch settings by shape, fixed (autotuning at the first decode cost ~6 s per process, more than it saves in
 # a one-shot request). Chosen from the timings of every candidate setting at the decode shapes on an H200
-# (``benchmarks/tune_gemv.py``, ``benchmarks/results/gemv_tune_h200.jsonl``): two output channels per program
-# with 2048-wide tiles won for q/k/v, o and down; the 152064-row lm_head prefers 1024-wide tiles and 4 warps
-# (7% faster); the gate/up + SwiGLU kernel, which streams two weights at once, prefers 8 channels x 512.
+# (``benchmarks/tune_gemv.py``, ``benchmarks/results/gemv_tune_h200.jsonl``, rotated loop, commit c39c2f7):
+# for q/k/v, o and down the best settings are within 1 us of each other, two channels x 2048-wide tiles
+# among them; the 152064-row lm_head prefers 8 channels x 512 (253 vs 275 us for 2 x 1024); the
+# gate/up + SwiGLU kernel, which streams two weights at once, 8 channels x 512 (75 us; 4 x 512: 74 us).
 def _settings(n: int) -> dict:
-    return dict(BN=2, BK=2048, num_warps=8) if n <= 32768 else dict(BN=2, BK=1024, num_warps=4)
+    return dict(BN=2, BK=2048, num_warps=8) if n <= 32768 else dict(BN=8, BK=512, num_warps=4)
 
 
 SWIGLU_SETTINGS = dict(BN=8, BK=512, num_warps=4)
