@@ -4,14 +4,12 @@
 through the und expert, with every per-token quantity on the device (token id, RoPE position and cache
 length are [1] tensors), so the whole step can be captured once and replayed. Per layer it runs
 
-    RMSNorm -> q/k/v GEMV -> [bias + q/k RMSNorm + RoPE + K/V cache write] -> split-K attention
-    -> o GEMV + residual add -> RMSNorm -> gate/up GEMVs -> SwiGLU -> down GEMV + residual add
+    add+RMSNorm -> q/k/v GEMV -> [bias + q/k RMSNorm + RoPE + K/V cache write] -> split-K attention
+    -> o GEMV -> add+RMSNorm -> gate/up GEMVs -> SwiGLU -> down GEMV
 
 where the bracket is one small kernel (:func:`bagel_rt.kernels.qkv_rope_cache`) and the GEMVs are cuBLAS
-(``F.linear``) or, with ``gemv="triton"``, :func:`bagel_rt.kernels.gemv`: the RMSNorms run in the prologue of
-the GEMV that reads them, the residual adds in the epilogue of the GEMV that produces them (updating the
-residual in place), and gate/up/SwiGLU are one kernel: five launches per layer besides attention instead of
-seven (a quantized module's own forward if the projections were swapped). With ``fuse_qkv`` the
+(``F.linear``) or, with ``gemv="triton"``, :func:`bagel_rt.kernels.gemv` with gate/up/SwiGLU fused into one
+kernel (a quantized module's own forward if the projections were swapped). With ``fuse_qkv`` the
 three projections read one concatenated copy of their weights (one GEMV instead of three; 0.9 GB extra at
 full size).
 
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bagel_rt.kernels import (
+    add_rms_norm,
     gemv,
     gemv_swiglu,
     qkv_rope_cache,
@@ -112,24 +111,13 @@ def _linear(mod: nn.Module, x: Tensor, triton_gemv: bool, pdl: bool) -> Tensor:
     return mod(x)
 
 
-def _add_linear(residual: Tensor, mod: nn.Module, x: Tensor, triton_gemv: bool, pdl: bool) -> None:
-    """``residual += mod(x)`` in place, rounded like a separate add (the GEMV's epilogue on the fused path)."""
-    if triton_gemv and type(mod) is nn.Linear:
-        gemv(x, mod.weight, mod.bias, pdl, residual=residual)
-    else:
-        residual.add_(mod(x))
-
-
-def _add_mlp(residual: Tensor, mlp: nn.Module, norm_weight: Tensor, eps: float, triton_gemv: bool,
-             pdl: bool) -> None:
-    """``residual += mlp(rms_norm(residual))`` in place; the norm runs in the gate/up GEMV's prologue."""
+def _mlp(mlp: nn.Module, h: Tensor, triton_gemv: bool, pdl: bool) -> Tensor:
     g, u = mlp.gate_proj, mlp.up_proj
     if triton_gemv and type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None and u.bias is None:
-        act = gemv_swiglu(residual, g.weight, u.weight, pdl, norm_weight=norm_weight, eps=eps)
+        act = gemv_swiglu(h, g.weight, u.weight, pdl)
     else:
-        h = rms_norm(residual, norm_weight, eps, pdl)
         act = swiglu(g(h), u(h))
-    _add_linear(residual, mlp.down_proj, act, triton_gemv, pdl)
+    return _linear(mlp.down_proj, act, triton_gemv, pdl)
 
 
 @torch.no_grad()
@@ -167,25 +155,26 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
     cu_q = torch.arange(2, dtype=torch.int32, device=dev)  # [0, 1]
     cu_k = F.pad(length + 1, (1, 0))  # [0, length + 1]
     sm_scale = 1.0 / math.sqrt(D)
-    residual = x  # the residual stream, updated in place by every block
+    residual, delta = x, None
     for i, lw in enumerate(layers):
+        if delta is None:
+            h = rms_norm(x, lw.attn_norm, eps, pdl)
+        else:
+            h, residual = add_rms_norm(delta, residual, lw.attn_norm, eps, pdl)
         a = lw.attn
         if lw.qkv_weight is not None:
-            if tg:  # the input RMSNorm runs in the GEMV's prologue
-                qkv = gemv(residual, lw.qkv_weight, None, pdl, norm_weight=lw.attn_norm, eps=eps)
-            else:
-                qkv = F.linear(rms_norm(residual, lw.attn_norm, eps, pdl), lw.qkv_weight)
-            q, k, v = qkv[0].split([Hq * D, Hk * D, Hk * D])
+            qkv = (gemv(h, lw.qkv_weight, None, pdl) if tg else F.linear(h, lw.qkv_weight))[0]
+            q, k, v = qkv.split([Hq * D, Hk * D, Hk * D])
         else:
-            h = rms_norm(residual, lw.attn_norm, eps, pdl)
             q, k, v = a.q_proj(h)[0], a.k_proj(h)[0], a.v_proj(h)[0]
         k_buf, v_buf = cache.layer(i)
         q = qkv_rope_cache(q.view(Hq, D), k.view(Hk, D), v.view(Hk, D), lw.qkv_bias, lw.q_norm, lw.k_norm, cos,
                            sin, eps, k_buf, v_buf, length, pdl)
         o = varlen_attention(q, k_buf, v_buf, cu_q, cu_k, True, sm_scale, 1, cache.capacity, num_splits, pdl)
-        _add_linear(residual, a.o_proj, o.view(1, Hq * D), tg, pdl)
-        _add_mlp(residual, lw.mlp, lw.mlp_norm, eps, tg, pdl)
-    h = rms_norm(residual, lm.model.norm.weight, eps, pdl)
+        h, residual = add_rms_norm(_linear(a.o_proj, o.view(1, Hq * D), tg, pdl), residual, lw.mlp_norm, eps,
+                                   pdl)
+        delta = _mlp(lw.mlp, h, tg, pdl)
+    h, _ = add_rms_norm(delta, residual, lm.model.norm.weight, eps, pdl)
     return _linear(lm.lm_head, h, tg, pdl)[0]
 
 

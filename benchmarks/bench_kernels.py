@@ -239,17 +239,6 @@ def cases_gemv(K):
         "triton": lambda: K.gemv_swiglu(x, wg, wu),
         "cublas+swiglu": lambda: K.swiglu(torch.nn.functional.linear(x, wg), torch.nn.functional.linear(x, wu)),
     }, 2 * FFN * HIDDEN * 2
-    # the decode step's input RMSNorm in the GEMV prologue vs a separate RMSNorm launch before the GEMV
-    nw, wqkv = randn(HIDDEN), randn(HIDDEN + 2 * HK * D, HIDDEN, scale=0.02)
-    yield "gemv+norm", {"proj": "qkv", "N": HIDDEN + 2 * HK * D, "K": HIDDEN}, {
-        "triton_fused": lambda: K.gemv(x, wqkv, norm_weight=nw),
-        "rms_norm+triton": lambda: K.gemv(K.rms_norm(x, nw, 1e-6), wqkv),
-        "rms_norm+cublas": lambda: torch.nn.functional.linear(K.rms_norm(x, nw, 1e-6), wqkv),
-    }, wqkv.numel() * 2
-    yield "gemv_swiglu+norm", {"proj": "gate_up+swiglu", "N": FFN, "K": HIDDEN}, {
-        "triton_fused": lambda: K.gemv_swiglu(x, wg, wu, norm_weight=nw),
-        "rms_norm+triton": lambda: K.gemv_swiglu(K.rms_norm(x, nw, 1e-6), wg, wu),
-    }, 2 * FFN * HIDDEN * 2
 
 
 GROUPS = {

@@ -48,16 +48,14 @@ def main() -> int:
             tuner = swiglu_tuned
 
             def run(x=x, wg=wg, wu=wu, y=y, N=N, K=K):
-                swiglu_tuned[grid(N)](x, wg, wu, wg, y, N, K, x.stride(0), y.stride(0), 1e-6, NORM=False,
-                                      USE_GDC=False)
+                swiglu_tuned[grid(N)](x, wg, wu, y, N, K, x.stride(0), y.stride(0), USE_GDC=False)
         else:
             w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
             y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
             tuner = gemv_tuned
 
             def run(x=x, w=w, y=y, N=N, K=K):
-                gemv_tuned[grid(N)](x, w, w, w, y, N, K, x.stride(0), y.stride(0), 1e-6, HAS_BIAS=False,
-                                    NORM=False, ADD_TO_Y=False, USE_GDC=False)
+                gemv_tuned[grid(N)](x, w, w, y, N, K, x.stride(0), y.stride(0), HAS_BIAS=False, USE_GDC=False)
         tuner.cache.clear()
         run()
         torch.cuda.synchronize()

@@ -33,30 +33,20 @@ import triton.language as tl
 from torch import Tensor
 
 from ._device import is_interpreting, pdl_kwargs
-from .rms_norm import rms_norm_ref
 from .swiglu import swiglu_ref
 
 MAX_M = 4  # rows handled by the GEMV path (decode is M = 1)
 
 
-def gemv_ref(x: Tensor, w: Tensor, bias: Tensor | None = None, pdl: bool = False, *,
-             norm_weight: Tensor | None = None, eps: float = 1e-6, residual: Tensor | None = None) -> Tensor:
-    """Reference of :func:`gemv`: ``[residual +] rms_norm?(x) @ w.T (+ bias)``, same arguments.
-
-    x [M, K], w [N, K] (same dtype), bias [N] or None, norm_weight [K] or None, residual [M, N] (updated in
-    place and returned) or None -> [M, N] in x.dtype. ``pdl`` is unused.
-    """
-    h = x if norm_weight is None else rms_norm_ref(x, norm_weight, eps)
-    y = F.linear(h, w, bias)
-    return y if residual is None else residual.copy_(residual + y)
+def gemv_ref(x: Tensor, w: Tensor, bias: Tensor | None = None, pdl: bool = False) -> Tensor:
+    """Reference. x [M, K], w [N, K] (same dtype), bias [N] or None -> [M, N] in x.dtype (``pdl`` unused)."""
+    return F.linear(x, w, bias)
 
 
-def gemv_swiglu_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, pdl: bool = False, *,
-                    norm_weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
-    """Reference of :func:`gemv_swiglu`: x [M, K], w_gate / w_up [I, K] -> silu(h @ w_gate.T) * (h @ w_up.T),
-    [M, I] in x.dtype, with ``h = rms_norm(x, norm_weight, eps)`` or x. ``pdl`` is unused."""
-    h = x if norm_weight is None else rms_norm_ref(x, norm_weight, eps)
-    return swiglu_ref(F.linear(h, w_gate), F.linear(h, w_up))
+def gemv_swiglu_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, pdl: bool = False) -> Tensor:
+    """Reference. x [M, K], w_gate / w_up [I, K] -> silu(x @ w_gate.T) * (x @ w_up.T), [M, I] in x.dtype
+    (``pdl`` unused)."""
+    return swiglu_ref(F.linear(x, w_gate), F.linear(x, w_up))
 
 
 # Launch settings by shape, fixed (autotuning at the first decode cost ~6 s per process, more than it saves in
@@ -89,35 +79,15 @@ def _w_tile(p_w_rows, m_n, k0, K, BK: tl.constexpr):
 
 
 @triton.jit
-def _x_tile(p_x, p_nw, k0, K, rstd, NORM: tl.constexpr, BK: tl.constexpr):
-    # [BK] fp32 input tile at columns [k0, k0 + BK); with NORM, RMS-normed in Qwen2's rounding order
-    # (normalise in fp32, round to the activation dtype, multiply by the weight, round again)
+def _x_tile(p_x, k0, K, BK: tl.constexpr):
+    # [BK] fp32 input tile at columns [k0, k0 + BK)
     o_k = k0 + tl.arange(0, BK)
-    b_x = tl.load(p_x + o_k, mask=o_k < K, other=0.0)
-    if NORM:
-        b_n = (b_x.to(tl.float32) * rstd).to(b_x.dtype)
-        b_nw = tl.load(p_nw + o_k, mask=o_k < K, other=0.0)
-        b_x = (b_n.to(tl.float32) * b_nw.to(tl.float32)).to(b_x.dtype)
-    return b_x.to(tl.float32)
+    return tl.load(p_x + o_k, mask=o_k < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _rstd(p_x, K, eps, NORM: tl.constexpr, BK: tl.constexpr):
-    # 1 / RMS of the input row (a pass over the [K] row, which stays in L2), or 1 without NORM
-    if NORM:
-        b_ss = tl.zeros([BK], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            o_k = k0 + tl.arange(0, BK)
-            b_x = tl.load(p_x + o_k, mask=o_k < K, other=0.0).to(tl.float32)
-            b_ss += b_x * b_x
-        return tl.rsqrt(tl.sum(b_ss, axis=0) / K + eps)
-    else:
-        return 1.0
-
-
-@triton.jit
-def _gemv_kernel(x, w, b, nw, y, N, K, stride_xm, stride_ym, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                 ADD_TO_Y: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
+def _gemv_kernel(x, w, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, USE_GDC: tl.constexpr):
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -127,11 +97,10 @@ def _gemv_kernel(x, w, b, nw, y, N, K, stride_xm, stride_ym, eps, HAS_BIAS: tl.c
     # wait for the previous kernel (no kernel writes weights), so a PDL launch streams weights meanwhile
     b_w = _w_tile(p_w, m_n, 0, K, BK)
     _gdc_wait(USE_GDC)
-    rstd = _rstd(p_x, K, eps, NORM, BK)
     # [BN, BK] fp32 partial products per lane, reduced once at the end
     acc = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        b_x = _x_tile(p_x, nw, k0, K, rstd, NORM, BK)
+        b_x = _x_tile(p_x, k0, K, BK)
         acc += b_w.to(tl.float32) * b_x[None, :]
         b_w = _w_tile(p_w, m_n, k0 + BK, K, BK)
     # [BN]
@@ -139,16 +108,12 @@ def _gemv_kernel(x, w, b, nw, y, N, K, stride_xm, stride_ym, eps, HAS_BIAS: tl.c
     if HAS_BIAS:
         # cuBLAS adds the bias to the fp32 accumulator too (one rounding at the end)
         b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
-    p_y = y + i_m * stride_ym + o_n
-    if ADD_TO_Y:
-        # residual epilogue: y <- y + (rounded product), rounded, as a separate add of the two would
-        b_y = b_y.to(y.dtype.element_ty).to(tl.float32) + tl.load(p_y, mask=m_n, other=0.0).to(tl.float32)
-    tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_n)
+    tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
 
 
 @triton.jit
-def _gemv_swiglu_kernel(x, wg, wu, nw, y, N, K, stride_xm, stride_ym, eps, NORM: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr, USE_GDC: tl.constexpr):
+def _gemv_swiglu_kernel(x, wg, wu, y, N, K, stride_xm, stride_ym, BN: tl.constexpr, BK: tl.constexpr,
+                        USE_GDC: tl.constexpr):
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -158,11 +123,10 @@ def _gemv_swiglu_kernel(x, wg, wu, nw, y, N, K, stride_xm, stride_ym, eps, NORM:
     b_g = _w_tile(wg + rows, m_n, 0, K, BK)
     b_u = _w_tile(wu + rows, m_n, 0, K, BK)
     _gdc_wait(USE_GDC)
-    rstd = _rstd(p_x, K, eps, NORM, BK)
     acc_g = tl.zeros([BN, BK], dtype=tl.float32)
     acc_u = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        b_x = _x_tile(p_x, nw, k0, K, rstd, NORM, BK)
+        b_x = _x_tile(p_x, k0, K, BK)
         acc_g += b_g.to(tl.float32) * b_x[None, :]
         acc_u += b_u.to(tl.float32) * b_x[None, :]
         b_g = _w_tile(wg + rows, m_n, k0 + BK, K, BK)
@@ -175,15 +139,13 @@ def _gemv_swiglu_kernel(x, wg, wu, nw, y, N, K, stride_xm, stride_ym, eps, NORM:
     tl.store(y + i_m * stride_ym + o_n, (g / (1.0 + tl.exp(-g)) * u).to(y.dtype.element_ty), mask=m_n)
 
 
-def _check(x: Tensor, norm_weight: Tensor | None, *ws: Tensor) -> tuple[int, int, int]:
+def _check(x: Tensor, *ws: Tensor) -> tuple[int, int, int]:
     assert x.dim() == 2 and x.stride(-1) == 1, f"x must be [M, K] with a contiguous last dim, got {tuple(x.shape)}"
     M, K = x.shape
     assert M <= MAX_M, f"gemv handles at most {MAX_M} rows, got {M}"
     for w in ws:
         assert w.dim() == 2 and w.shape[1] == K and w.is_contiguous(), f"weight {tuple(w.shape)} vs x {(M, K)}"
         assert w.dtype == x.dtype and w.device == x.device
-    if norm_weight is not None:
-        assert norm_weight.shape == (K,) and norm_weight.is_contiguous() and norm_weight.dtype == x.dtype
     return M, ws[0].shape[0], K
 
 
@@ -192,52 +154,39 @@ def _launch(kernel, settings: dict, grid_n: int, args, pdl: bool, **kw) -> None:
     kernel[(triton.cdiv(grid_n, cfg["BN"]), args[-1])](*args[:-1], **kw, **cfg, **pdl_kwargs(pdl, args[0].device))
 
 
-def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, pdl: bool = False, *,
-         norm_weight: Tensor | None = None, eps: float = 1e-6, residual: Tensor | None = None) -> Tensor:
-    """``[residual +] rms_norm?(x) @ w.T (+ bias)`` for a few rows (decode).
+def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, pdl: bool = False) -> Tensor:
+    """``x @ w.T (+ bias)`` for a few rows (decode).
 
     Args:
         x: [M, K], M <= 4, bf16 / fp16 / fp32, last dim contiguous.
         w: [N, K] contiguous, x's dtype. bias: [N] or None.
         pdl: launch with programmatic dependent launch (Hopper+; see ``_device.pdl_kwargs``): the kernel
             starts streaming its weights while the previous kernel finishes.
-        norm_weight: [K] or None: multiply by ``rms_norm(x, norm_weight, eps)`` instead of x (Qwen2 rounding
-            order; each program recomputes the row's RMS, from L2) — the decode step's RMSNorm launch goes.
-        residual: [M, N] in x's dtype or None: updated in place to ``residual + y`` (y rounded first, then the
-            sum, as two separate ops would) and returned — the residual add's launch goes.
     Returns:
-        [M, N] in x.dtype (``residual`` itself when given); fp32 accumulation, bias added before the rounding.
+        [M, N] in x.dtype; fp32 accumulation, bias added before the one rounding.
     """
-    M, N, K = _check(x, norm_weight, w)
-    if residual is not None:
-        assert residual.shape == (M, N) and residual.dtype == x.dtype and residual.stride(-1) == 1
-    y = residual if residual is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
+    M, N, K = _check(x, w)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    _launch(_gemv_kernel, _settings(N), N, (x, w, bias if bias is not None else w,
-                                            norm_weight if norm_weight is not None else w, y, N, K, x.stride(0),
-                                            y.stride(0), eps, M), pdl,
-            HAS_BIAS=bias is not None, NORM=norm_weight is not None, ADD_TO_Y=residual is not None)
+    _launch(_gemv_kernel, _settings(N), N, (x, w, bias if bias is not None else w, y, N, K, x.stride(0),
+                                            y.stride(0), M), pdl, HAS_BIAS=bias is not None)
     return y
 
 
-def gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, pdl: bool = False, *,
-                norm_weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
-    """``silu(h @ w_gate.T) * (h @ w_up.T)`` for a few rows, in one kernel; h = x or its RMSNorm.
+def gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, pdl: bool = False) -> Tensor:
+    """``silu(x @ w_gate.T) * (x @ w_up.T)`` for a few rows, in one kernel.
 
     Args:
         x: [M, K], M <= 4, last dim contiguous. w_gate, w_up: [I, K] contiguous, x's dtype.
         pdl: programmatic dependent launch, as in :func:`gemv`.
-        norm_weight, eps: RMS-normalise x first, as in :func:`gemv`.
     Returns:
         [M, I] in x.dtype (each projection rounded to x.dtype, SwiGLU in fp32, rounded once).
     """
     assert w_gate.shape == w_up.shape, f"gate {tuple(w_gate.shape)} / up {tuple(w_up.shape)}"
-    M, N, K = _check(x, norm_weight, w_gate, w_up)
+    M, N, K = _check(x, w_gate, w_up)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    _launch(_gemv_swiglu_kernel, SWIGLU_SETTINGS, N,
-            (x, w_gate, w_up, norm_weight if norm_weight is not None else w_gate, y, N, K, x.stride(0),
-             y.stride(0), eps, M), pdl, NORM=norm_weight is not None)
+    _launch(_gemv_swiglu_kernel, SWIGLU_SETTINGS, N, (x, w_gate, w_up, y, N, K, x.stride(0), y.stride(0), M), pdl)
     return y

@@ -337,25 +337,3 @@ def test_gemv_swiglu(M, N, K, dtype):
     x2 = randn(M, 2 * K, dtype=dtype)[:, :K]  # a row-strided view of x's kind
     assert_close("gemv_swiglu", gemv_swiglu_ref(x, wg, wu), gemv_swiglu(x, wg, wu), TOL[dtype])
     assert_close("gemv_swiglu", gemv_swiglu_ref(x2, wg, wu), gemv_swiglu(x2, wg, wu), TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M, N, K", [(1, 48, 100), (3, 33, 129)])
-def test_gemv_fused_norm_and_residual(M, N, K, dtype):
-    """The decode step's fusions: RMSNorm of the input in the GEMV prologue, residual add in its epilogue."""
-    torch.manual_seed(8)
-    x, w, nw = randn(M, K, dtype=dtype, scale=3.0), randn(N, K, dtype=dtype, scale=0.1), randn(K, dtype=dtype)
-    bias = randn(N, dtype=dtype)
-    want = gemv_ref(x, w, bias, norm_weight=nw, eps=1e-5)
-    assert_close("gemv norm", want, gemv(x, w, bias, norm_weight=nw, eps=1e-5), TOL[dtype])
-    # the norm is applied: the plain product differs
-    assert (gemv(x, w, bias) - want).float().norm() > 0.1 * want.float().norm()
-    r = randn(M, N, dtype=dtype)
-    r_ref, r_ker = r.clone(), r.clone()
-    out = gemv(x, w, None, residual=r_ker)
-    assert out is r_ker
-    assert_close("gemv residual", gemv_ref(x, w, None, residual=r_ref), r_ker, TOL[dtype])
-    assert (r_ker - r).float().norm() > 0.1 * r.float().norm()  # updated in place
-    wg, wu = randn(N, K, dtype=dtype, scale=0.1), randn(N, K, dtype=dtype, scale=0.1)
-    assert_close("gemv_swiglu norm", gemv_swiglu_ref(x, wg, wu, norm_weight=nw, eps=1e-5),
-                 gemv_swiglu(x, wg, wu, norm_weight=nw, eps=1e-5), TOL[dtype])
