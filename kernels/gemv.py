@@ -21,7 +21,10 @@ Measured against cuBLAS (``F.linear``) at the decode shapes (``benchmarks/bench_
 gate/up + SwiGLU 64.8 vs 75.6 us (4.0-4.2 TB/s); greedy decode 218 (cuBLAS) -> 247 (rotated loop) -> 259
 tokens/s (with PDL; ``benchmarks/diagnose.py --only-decode``). So
 :class:`bagel_rt.fast_decode.GraphDecoder` uses it by default (``gemv="triton"``). A split-K variant for the
-long rows of the down projection lost to the single pass (39 us) and was removed.
+long rows of the down projection lost to the single pass (39 us) and was removed, and so was an RMSNorm in
+the GEMV prologue (each program re-reading the input row to compute its RMS before streaming weights): the
+q/k/v GEMV with it took 12.4 us against 9.8 us for a separate RMSNorm launch + GEMV, and greedy decode fell
+from 259 to 249 tokens/s (commit fda21a5).
 """
 
 from __future__ import annotations
