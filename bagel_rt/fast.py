@@ -120,22 +120,24 @@ class PackedDenoiser:
             start += n + self.L
 
     # -- the packed forward ---------------------------------------------------------------------------------
-    def _layer(self, i: int, layer, xg: Tensor, xu: Tensor, m: dict) -> tuple[Tensor, Tensor]:
+    def _layer(self, i: int, layer, xg: Tensor, xu: Tensor, dg: Tensor | None, du: Tensor | None,
+               m: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One packed decoder layer. x*: the residual streams (gen rows, und rows), d*: the previous layer's
+        MLP outputs not yet added to them (None before the first layer): the add runs in this layer's first
+        norm. Returns the new streams and this layer's MLP outputs."""
         if self.run_hooks:
             for hook in list(layer._forward_pre_hooks.values()):
                 hook(layer, ())
         k_ops, eps, a = self.k_ops, self.eps, layer.self_attn
         G, U = xg.shape[0], xu.shape[0]
-        hg = k_ops.rms_norm(xg, layer.input_layernorm_moe_gen.weight, eps)
-        hu = k_ops.rms_norm(xu, layer.input_layernorm.weight, eps)
 
-        def qkv(h, sfx):
+        def qkv(x, d, norm, sfx):
             mods = [getattr(a, n + sfx) for n in ("q_proj", "k_proj", "v_proj")]
-            xq = self._quantized_input(mods, h)
-            return tuple(self._linear(m, h, xq) for m in mods)
+            h, x, xq = self._norm_in(x, d, norm.weight, mods)
+            return x, tuple(self._linear(mod, h, xq) for mod in mods)
 
-        qg, kg, vg = qkv(hg, "_moe_gen")
-        qu, ku, vu = qkv(hu, "")
+        xg, (qg, kg, vg) = qkv(xg, dg, layer.input_layernorm_moe_gen, "_moe_gen")
+        xu, (qu, ku, vu) = qkv(xu, du, layer.input_layernorm, "")
         qg, kg = k_ops.qk_norm_rope(qg.view(G, self.Hq, self.D), kg.view(G, self.Hk, self.D),
                                     a.q_norm_moe_gen.weight, a.k_norm_moe_gen.weight, m["cos_g"], m["sin_g"], eps,
                                     self.dtype)
@@ -150,21 +152,45 @@ class PackedDenoiser:
         ou = k_ops.varlen_attention(qu, K, V, m["cu_qu"], m["cu_k"], False, self.sm_scale, 2, m["max_k"])
         ag = self._linear(a.o_proj_moe_gen, og.view(G, -1))
         au = self._linear(a.o_proj, ou.view(U, -1))
-        hg, xg = k_ops.add_rms_norm(ag, xg, layer.post_attention_layernorm_moe_gen.weight, eps)
-        hu, xu = k_ops.add_rms_norm(au, xu, layer.post_attention_layernorm.weight, eps)
-        xg = xg + self._mlp(layer.mlp_moe_gen, hg)
-        xu = xu + self._mlp(layer.mlp, hu)
-        return xg, xu
+        mg, mu = layer.mlp_moe_gen, layer.mlp
+        hg, xg, hgq = self._norm_in(xg, ag, layer.post_attention_layernorm_moe_gen.weight,
+                                    [mg.gate_proj, mg.up_proj])
+        hu, xu, huq = self._norm_in(xu, au, layer.post_attention_layernorm.weight, [mu.gate_proj, mu.up_proj])
+        return xg, xu, self._mlp(mg, hg, hgq), self._mlp(mu, hu, huq)
 
-    def _mlp(self, mlp, h: Tensor) -> Tensor:
-        if self.mlp_chunks > 1 and h.shape[0] >= 2 * self.mlp_chunks:
-            return torch.cat([self._mlp_rows(mlp, c) for c in h.chunk(self.mlp_chunks)])
-        return self._mlp_rows(mlp, h)
+    def _norm_in(self, x: Tensor, delta: Tensor | None, weight: Tensor, mods) -> tuple:
+        """The input of ``mods`` (Linears sharing it): ``rms_norm(x + delta)``, the new residual ``x + delta``
+        (x when delta is None) and the input's FP8 rows (None unless a module is FP8). When every module is
+        FP8 the norm writes the FP8 rows directly and the bf16 input is None (never materialised)."""
+        k_ops, eps = self.k_ops, self.eps
+        if all(id(mod) in self.fp8 for mod in mods):
+            if delta is None:
+                return None, x, k_ops.rms_norm_fp8(x, weight, eps)
+            xq, x = k_ops.add_rms_norm_fp8(delta, x, weight, eps)
+            return None, x, xq
+        if delta is None:
+            h = k_ops.rms_norm(x, weight, eps)
+        else:
+            h, x = k_ops.add_rms_norm(delta, x, weight, eps)
+        return h, x, self._quantized_input(mods, h)
 
-    def _mlp_rows(self, mlp, h: Tensor) -> Tensor:
-        xq = self._quantized_input((mlp.gate_proj, mlp.up_proj), h)
-        act = self.k_ops.swiglu(self._linear(mlp.gate_proj, h, xq), self._linear(mlp.up_proj, h, xq))
-        return self._linear(mlp.down_proj, act)
+    def _mlp(self, mlp, h: Tensor | None, hq: tuple | None) -> Tensor:
+        """``mlp`` on input rows h (bf16) and/or hq (their FP8 rows), in ``mlp_chunks`` row chunks."""
+        rows = h.shape[0] if h is not None else hq[0].shape[0]
+        n = self.mlp_chunks
+        if n > 1 and rows >= 2 * n:
+            hs = h.tensor_split(n) if h is not None else [None] * n
+            hqs = zip(hq[0].tensor_split(n), hq[1].tensor_split(n)) if hq is not None else [None] * n
+            return torch.cat([self._mlp_rows(mlp, c, cq) for c, cq in zip(hs, hqs)])
+        return self._mlp_rows(mlp, h, hq)
+
+    def _mlp_rows(self, mlp, h: Tensor | None, hq: tuple | None) -> Tensor:
+        if hq is None:
+            hq = self._quantized_input((mlp.gate_proj, mlp.up_proj), h)
+        g, u = self._linear(mlp.gate_proj, h, hq), self._linear(mlp.up_proj, h, hq)
+        if id(mlp.down_proj) in self.fp8:  # the SwiGLU writes the FP8 rows the down projection reads
+            return self._linear(mlp.down_proj, None, self.k_ops.swiglu_fp8(g, u))
+        return self._linear(mlp.down_proj, self.k_ops.swiglu(g, u))
 
     def _quantized_input(self, mods, x: Tensor):
         """FP8 rows of an input shared by several FP8 Linears, quantized once (None when none is FP8)."""
@@ -174,14 +200,15 @@ class PackedDenoiser:
 
         return quantize_rows(x)
 
-    def _linear(self, mod, x: Tensor, xq=None) -> Tensor:
+    def _linear(self, mod, x: Tensor | None, xq=None) -> Tensor:
         """A Linear of the model: FP8 copy if opted in, cuBLAS for plain bf16, else the module's own forward
-        (quantized modules dequantize inside their kernels). ``xq``: ``x`` already quantized to FP8 rows."""
+        (quantized modules dequantize inside their kernels). ``xq``: ``x`` already quantized to FP8 rows
+        (``x`` may then be None for an FP8 module)."""
         w8 = self.fp8.get(id(mod))
         if w8 is not None:
             from .fp8 import fp8_linear
 
-            return fp8_linear(x, w8, xq)
+            return fp8_linear(x, w8, xq, self.dtype)
         if type(mod) is torch.nn.Linear:
             return F.linear(x, mod.weight, mod.bias)
         return mod(x)
@@ -192,9 +219,10 @@ class PackedDenoiser:
         lat = model.vae2llm(self.x_in.to(self.dtype)) + model.time_embedder(self.t_in) + self.pos_emb
         xg = lat.to(self.dtype).repeat(nb, 1)
         xu = self.markers.repeat(nb, 1)
+        dg = du = None
         for i, layer in enumerate(model.language_model.model.layers):
-            xg, xu = self._layer(i, layer, xg, xu, m)
-        out = self.k_ops.rms_norm(xg, model.language_model.model.norm_moe_gen.weight, self.eps)
+            xg, xu, dg, du = self._layer(i, layer, xg, xu, dg, du, m)
+        out, _ = self.k_ops.add_rms_norm(dg, xg, model.language_model.model.norm_moe_gen.weight, self.eps)
         return model.llm2vae(out).view(nb, self.N, -1)
 
     @torch.no_grad()

@@ -2,8 +2,9 @@
 
 Approximate, so opt-in and reported with its measured deviation (DESIGN §3). Each generation-expert Linear
 gets an FP8 (e4m3) copy of its weight with one fp32 scale per output channel (absmax / 448); at run time the
-activations are quantized per token (row absmax / 448; one fused Triton kernel per GEMM input, shared by
-q/k/v and by gate/up) and the product runs as an FP8 tensor-core GEMM with
+activations are quantized per token (row absmax / 448) by the kernel that produces them — the RMSNorms in
+front of q/k/v and gate/up and the SwiGLU in front of the down projection write FP8 rows directly — or, for
+the o projection, one Triton kernel over the attention output; the product runs as an FP8 tensor-core GEMM with
 both scales applied in the epilogue (``torch._scaled_mm`` with row-wise scales), output bf16. The und expert
 (which sees only the two marker tokens per branch while denoising), attention, norms and everything else stay
 bf16. The bf16 weights are kept, so the exact path stays available: FP8 costs one byte per generation-expert
@@ -37,12 +38,17 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return quantize_rows_fp8(x) if x.is_cuda else quantize_rows_fp8_ref(x)
 
 
-def fp8_linear(x: Tensor, w: Fp8Weight, xq: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """x [M, K] bf16 -> x @ W.T (+ bias) [M, N] bf16, with per-token activation scales.
+def fp8_linear(x: Tensor | None, w: Fp8Weight, xq: tuple[Tensor, Tensor] | None = None,
+               out_dtype: torch.dtype | None = None) -> Tensor:
+    """x [M, K] bf16 -> x @ W.T (+ bias) [M, N] in ``out_dtype`` (default x.dtype), per-token activation scales.
 
-    ``xq`` is ``quantize_rows(x)`` when the caller already has it (q/k/v and gate/up share their input)."""
+    ``xq`` is ``quantize_rows(x)`` when the caller already has it (q/k/v and gate/up share their input; a
+    fused kernel may produce it without ever writing x, which may then be None)."""
+    if xq is None and x is None:
+        raise ValueError("fp8_linear needs x or its FP8 rows xq")
     q, sx = xq if xq is not None else quantize_rows(x)
-    y = torch._scaled_mm(q, w.q.t(), scale_a=sx, scale_b=w.scale, out_dtype=x.dtype, use_fast_accum=w.fast_accum)
+    dt = out_dtype or x.dtype
+    y = torch._scaled_mm(q, w.q.t(), scale_a=sx, scale_b=w.scale, out_dtype=dt, use_fast_accum=w.fast_accum)
     return y if w.bias is None else y + w.bias
 
 

@@ -12,6 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._device import pdl_kwargs
+from .fp8_quant import FP8, FP8_MAX, INV_FP8_MAX, SCALE_MIN, _round_to_e4m3_grid, quantize_rows_fp8_ref
 
 
 def rms_norm_ref(x: Tensor, weight: Tensor, eps: float, pdl: bool = False) -> Tensor:
@@ -27,6 +28,24 @@ def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
     (``pdl`` unused)."""
     new_residual = x + residual
     return rms_norm_ref(new_residual, weight, eps), new_residual
+
+
+# the FP8 quantizer's constants, as constants of the kernels below
+_FP8_MAX_C = tl.constexpr(FP8_MAX)
+_INV_FP8_MAX_C = tl.constexpr(INV_FP8_MAX)
+_SCALE_MIN_C = tl.constexpr(SCALE_MIN)
+
+
+def rms_norm_fp8_ref(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Reference. x: [M, N] -> FP8 rows of rms_norm(x): (e4m3 [M, N], fp32 scales [M, 1])."""
+    return quantize_rows_fp8_ref(rms_norm_ref(x, weight, eps))
+
+
+def add_rms_norm_fp8_ref(x: Tensor, residual: Tensor, weight: Tensor,
+                         eps: float) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """Reference. x, residual: [M, N] -> (FP8 rows of rms_norm(x + residual), x + residual)."""
+    h, new_residual = add_rms_norm_ref(x, residual, weight, eps)
+    return quantize_rows_fp8_ref(h), new_residual
 
 
 def _settings(n: int) -> tuple[int, int]:
@@ -57,7 +76,23 @@ def _gdc_wait(USE_GDC: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x, w, y, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr):
+def _store_row(y, s, i_m, stride_y, o_n, m_n, b_y, FP8_OUT: tl.constexpr):
+    # the normed row as is, or (FP8_OUT) its per-row e4m3 codes + fp32 scale, with the arithmetic of
+    # fp8_quant (scale = absmax * fp32(1/448), correctly rounded division, round to the e4m3 grid)
+    if FP8_OUT:
+        b_f = b_y.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(b_f), axis=0) * _INV_FP8_MAX_C, _SCALE_MIN_C)
+        tl.store(s + i_m, scale)
+        b_q = tl.math.div_rn(b_f, tl.zeros_like(b_f) + scale)
+        b_q = tl.minimum(tl.maximum(b_q, -_FP8_MAX_C), _FP8_MAX_C)
+        tl.store(y + i_m * stride_y + o_n, _round_to_e4m3_grid(b_q).to(y.dtype.element_ty), mask=m_n)
+    else:
+        tl.store(y + i_m * stride_y + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+
+
+@triton.jit
+def _rms_norm_kernel(x, w, y, s, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr, FP8_OUT: tl.constexpr,
+                     USE_GDC: tl.constexpr):
     _gdc_wait(USE_GDC)
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
@@ -65,12 +100,12 @@ def _rms_norm_kernel(x, w, y, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr,
     # [BLOCK_N]
     b_x = tl.load(x + i_m * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
     b_y = _rms_norm_row(b_x, w, o_n, m_n, N, eps)
-    tl.store(y + i_m * stride_y + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+    _store_row(y, s, i_m, stride_y, o_n, m_n, b_y, FP8_OUT)
 
 
 @triton.jit
-def _add_rms_norm_kernel(x, r, w, y, r_out, stride_x, stride_r, stride_y, stride_ro, N, eps,
-                         BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr):
+def _add_rms_norm_kernel(x, r, w, y, s, r_out, stride_x, stride_r, stride_y, stride_ro, N, eps,
+                         BLOCK_N: tl.constexpr, FP8_OUT: tl.constexpr, USE_GDC: tl.constexpr):
     _gdc_wait(USE_GDC)
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
@@ -83,7 +118,7 @@ def _add_rms_norm_kernel(x, r, w, y, r_out, stride_x, stride_r, stride_y, stride
     b_h = (b_x + b_r).to(r_out.dtype.element_ty)
     tl.store(r_out + i_m * stride_ro + o_n, b_h, mask=m_n)
     b_y = _rms_norm_row(b_h.to(tl.float32), w, o_n, m_n, N, eps)
-    tl.store(y + i_m * stride_y + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+    _store_row(y, s, i_m, stride_y, o_n, m_n, b_y, FP8_OUT)
 
 
 def _check(x: Tensor, weight: Tensor) -> None:
@@ -92,6 +127,39 @@ def _check(x: Tensor, weight: Tensor) -> None:
     assert weight.shape == (x.shape[1],) and weight.is_contiguous(), "weight must be a contiguous [N]"
     assert weight.dtype == x.dtype, f"weight dtype {weight.dtype} != x dtype {x.dtype}"
     assert weight.device == x.device
+
+
+def _outputs(x: Tensor, fp8: bool) -> tuple[Tensor, Tensor]:
+    M, N = x.shape
+    y = torch.empty((M, N), dtype=FP8 if fp8 else x.dtype, device=x.device)
+    s = torch.empty((M, 1), dtype=torch.float32, device=x.device) if fp8 else y
+    return y, s
+
+
+def _norm(x: Tensor, weight: Tensor, eps: float, pdl: bool, fp8: bool):
+    _check(x, weight)
+    M, N = x.shape
+    y, s = _outputs(x, fp8)
+    if M > 0:
+        block_n, num_warps = _settings(N)
+        _rms_norm_kernel[(M,)](x, weight, y, s, x.stride(0), y.stride(0), N, eps, BLOCK_N=block_n, FP8_OUT=fp8,
+                               num_warps=num_warps, **pdl_kwargs(pdl, x.device))
+    return (y, s) if fp8 else y
+
+
+def _add_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, pdl: bool, fp8: bool):
+    _check(x, weight)
+    assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
+    M, N = x.shape
+    y, s = _outputs(x, fp8)
+    r_out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M > 0:
+        block_n, num_warps = _settings(N)
+        _add_rms_norm_kernel[(M,)](
+            x, residual, weight, y, s, r_out, x.stride(0), residual.stride(0), y.stride(0), r_out.stride(0), N,
+            eps, BLOCK_N=block_n, FP8_OUT=fp8, num_warps=num_warps, **pdl_kwargs(pdl, x.device),
+        )
+    return ((y, s) if fp8 else y), r_out
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, pdl: bool = False) -> Tensor:
@@ -108,15 +176,20 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, pdl: bool = False) -> Tensor
     Memory passes removed: the fp32 upcast copy, the separate squared-mean reduction pass and the separate
     weight multiply (eager PyTorch reads / writes the row 4-5 times).
     """
-    _check(x, weight)
-    M, N = x.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y
-    block_n, num_warps = _settings(N)
-    _rms_norm_kernel[(M,)](x, weight, y, x.stride(0), y.stride(0), N, eps, BLOCK_N=block_n, num_warps=num_warps,
-                              **pdl_kwargs(pdl, x.device))
-    return y
+    return _norm(x, weight, eps, pdl, False)
+
+
+def rms_norm_fp8(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """RMSNorm straight to the FP8 rows an FP8 GEMM reads: ``quantize_rows_fp8(rms_norm(x, weight, eps))``.
+
+    Args: as :func:`rms_norm`.
+    Returns:
+        (e4m3 [M, N] contiguous, fp32 scales [M, 1]), identical to the unfused chain (the row's absmax is
+        taken over the bf16-rounded normed values, as the chain sees them).
+
+    Memory passes removed: the normed row's write and the quantizer's two reads of it.
+    """
+    return _norm(x, weight, eps, False, True)
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
@@ -136,16 +209,15 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
     Memory passes removed: the add's write + re-read of the new residual before the norm, plus everything
     :func:`rms_norm` removes (2 reads and 2 writes in total).
     """
-    _check(x, weight)
-    assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
-    M, N = x.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    r_out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y, r_out
-    block_n, num_warps = _settings(N)
-    _add_rms_norm_kernel[(M,)](
-        x, residual, weight, y, r_out, x.stride(0), residual.stride(0), y.stride(0), r_out.stride(0), N, eps,
-        BLOCK_N=block_n, num_warps=num_warps, **pdl_kwargs(pdl, x.device),
-    )
-    return y, r_out
+    return _add_norm(x, residual, weight, eps, pdl, False)
+
+
+def add_rms_norm_fp8(x: Tensor, residual: Tensor, weight: Tensor,
+                     eps: float) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """:func:`add_rms_norm` with the normed rows written as FP8 for an FP8 GEMM.
+
+    Returns:
+        ((e4m3 [M, N], fp32 scales [M, 1]), new_residual [M, N] in x.dtype); the codes are identical to
+        ``quantize_rows_fp8(add_rms_norm(...)[0])``.
+    """
+    return _add_norm(x, residual, weight, eps, False, True)

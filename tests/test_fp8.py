@@ -43,6 +43,40 @@ def test_fp8_compute_is_opt_in_and_close(tmp_path, monkeypatch):
     assert torch.equal(c.latents, a.latents)  # the exact path is untouched
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter is chosen at import, without CUDA")
+def test_fp8_fused_producers_match_the_unfused_chain(tmp_path, monkeypatch):
+    """The norms and the SwiGLU write the FP8 rows themselves; swapped for norm/SwiGLU + a separate quantizer
+    (the previous chain) the whole generation must give the same bits."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from bagel_rt import kernels as K
+
+    d = write_tiny_checkpoint(tmp_path / "tiny")
+    pipe = bagel_rt.load(d, device="cpu", dtype=torch.float32, backend="triton")
+    pipe.compute = "fp8"
+    fused = pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=4, seed=0).latents
+    calls = []
+
+    def chain(name, fn):
+        def run(*args):
+            calls.append(name)
+            return fn(*args)
+        return run
+
+    def add_norm(x, r, w, eps):
+        h, r_new = K.add_rms_norm(x, r, w, eps)
+        return K.quantize_rows_fp8(h), r_new
+
+    def norm(x, w, eps):
+        return K.quantize_rows_fp8(K.rms_norm(x, w, eps))
+
+    monkeypatch.setattr(K, "rms_norm_fp8", chain("norm", norm))
+    monkeypatch.setattr(K, "add_rms_norm_fp8", chain("add_norm", add_norm))
+    monkeypatch.setattr(K, "swiglu_fp8", chain("swiglu", lambda g, u: K.quantize_rows_fp8(K.swiglu(g, u))))
+    chained = pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=4, seed=0).latents
+    assert {"norm", "add_norm", "swiglu"} <= set(calls)  # the fused producers were in use
+    assert torch.equal(fused, chained)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs FP8 tensor cores (capability >= 8.9)")

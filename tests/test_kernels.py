@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from bagel_rt.kernels import (
     add_rms_norm,
+    add_rms_norm_fp8,
+    add_rms_norm_fp8_ref,
     add_rms_norm_ref,
     cfg_euler,
     cfg_euler_ref,
@@ -23,8 +25,12 @@ from bagel_rt.kernels import (
     quantize_rows_fp8,
     quantize_rows_fp8_ref,
     rms_norm,
+    rms_norm_fp8,
+    rms_norm_fp8_ref,
     rms_norm_ref,
     swiglu,
+    swiglu_fp8,
+    swiglu_fp8_ref,
     swiglu_ref,
     varlen_attention,
     varlen_attention_ref,
@@ -293,6 +299,42 @@ def assert_fp8_rows_match(ref: tuple, out: tuple) -> None:
     torch.testing.assert_close(s_out, s_ref, rtol=0, atol=0)
     off = q_out.float() != q_ref.float()
     assert not off.any(), f"{off.sum().item()} codes differ: {q_out[off][:4].float()} vs {q_ref[off][:4].float()}"
+
+
+def dequant(qs: tuple) -> torch.Tensor:
+    return qs[0].float() * qs[1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, N", [(1, 48), (5, 100), (3, 2100)])
+def test_norm_fp8_outputs(M, N, dtype):
+    """RMSNorm / add+RMSNorm writing FP8 rows: the same codes as the unfused kernel chain, close to the ref."""
+    torch.manual_seed(11)
+    x, r, w = randn(M, N, dtype=dtype, scale=2.0), randn(M, N, dtype=dtype), randn(N, dtype=dtype)
+    if M > 1:
+        x[1] = 0.0  # an all-zero row: the minimum scale, all-zero codes
+    got = rms_norm_fp8(x, w, 1e-6)
+    assert_fp8_rows_match(quantize_rows_fp8(rms_norm(x, w, 1e-6)), got)
+    assert_close("rms_norm_fp8", dequant(rms_norm_fp8_ref(x, w, 1e-6)), dequant(got), 0.06)
+    (q, s), r_new = add_rms_norm_fp8(x, r, w, 1e-6)
+    h_chain, r_chain = add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(r_new, r_chain)
+    assert_fp8_rows_match(quantize_rows_fp8(h_chain), (q, s))
+    (q_ref, s_ref), r_ref = add_rms_norm_fp8_ref(x, r, w, 1e-6)
+    assert_close("add_rms_norm_fp8", dequant((q_ref, s_ref)), dequant((q, s)), 0.06)
+    assert_close("add_rms_norm_fp8 residual", r_ref, r_new, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, N", [(1, 48), (4, 300), (2, 4500)])
+def test_swiglu_fp8(M, N, dtype):
+    """SwiGLU writing FP8 rows (two passes over rows longer than one block): same codes as the chain."""
+    torch.manual_seed(12)
+    gu = randn(M, 2 * N, dtype=dtype, scale=2.0)
+    g, u = gu[:, :N], gu[:, N:]  # strided views, as the MLP passes them
+    got = swiglu_fp8(g, u)
+    assert_fp8_rows_match(quantize_rows_fp8(swiglu(g, u)), got)
+    assert_close("swiglu_fp8", dequant(swiglu_fp8_ref(g, u)), dequant(got), 0.06)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

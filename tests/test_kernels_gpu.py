@@ -7,6 +7,8 @@ import pytest
 import torch
 from bagel_rt.kernels import (
     add_rms_norm,
+    add_rms_norm_fp8,
+    add_rms_norm_fp8_ref,
     add_rms_norm_ref,
     cfg_euler,
     cfg_euler_ref,
@@ -19,13 +21,16 @@ from bagel_rt.kernels import (
     quantize_rows_fp8,
     quantize_rows_fp8_ref,
     rms_norm,
+    rms_norm_fp8,
     rms_norm_ref,
     swiglu,
+    swiglu_fp8,
+    swiglu_fp8_ref,
     swiglu_ref,
     varlen_attention,
     varlen_attention_ref,
 )
-from test_kernels import assert_close, assert_fp8_rows_match
+from test_kernels import assert_close, assert_fp8_rows_match, dequant
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -106,6 +111,23 @@ def test_quantize_rows_fp8_bf16(M, K):
     torch.manual_seed(4)
     x = randn(M, K, scale=3.0)
     assert_fp8_rows_match(quantize_rows_fp8_ref(x), quantize_rows_fp8(x))
+
+
+def test_fused_fp8_producers_bf16():
+    """The FP8 path's fused producers at the denoising shapes: the unfused chain's exact codes."""
+    torch.manual_seed(13)
+    x, r, w = randn(2 * M_GEN, HIDDEN), randn(2 * M_GEN, HIDDEN), randn(HIDDEN)
+    assert_fp8_rows_match(quantize_rows_fp8(rms_norm(x, w, 1e-6)), rms_norm_fp8(x, w, 1e-6))
+    qs, r_new = add_rms_norm_fp8(x, r, w, 1e-6)
+    h, r_chain = add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(r_new, r_chain)
+    assert_fp8_rows_match(quantize_rows_fp8(h), qs)
+    assert_close("add_rms_norm_fp8 vs ref", dequant(add_rms_norm_fp8_ref(x, r, w, 1e-6)[0]), dequant(qs), 0.06)
+    gu = randn(2 * M_GEN, 2 * FFN, scale=2.0)
+    g, u = gu[:, :FFN], gu[:, FFN:]
+    got = swiglu_fp8(g, u)
+    assert_fp8_rows_match(quantize_rows_fp8(swiglu(g, u)), got)
+    assert_close("swiglu_fp8 vs ref", dequant(swiglu_fp8_ref(g, u)), dequant(got), 0.06)
 
 
 @pytest.mark.parametrize("renorm_type", ["global", "channel", "text_channel"])
