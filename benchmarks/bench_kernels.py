@@ -195,6 +195,19 @@ def cases_fp8_quant(K):
             "eager": lambda x=x: K.quantize_rows_fp8_ref(x),
             "compile": lambda x=x, f=ref_c: f(x),
         }, M * Kd * 3
+    # the FP8 path's producers writing FP8 rows themselves vs the producer + a separate quantize launch
+    M = 2 * M_GEN
+    x, r, w = randn(M, HIDDEN), randn(M, HIDDEN), randn(HIDDEN)
+    yield "add_rms_norm_fp8", {"M": M, "N": HIDDEN}, {
+        "triton": lambda: K.add_rms_norm_fp8(x, r, w, 1e-6),
+        "add_rms_norm+quantize": lambda: K.quantize_rows_fp8(K.add_rms_norm(x, r, w, 1e-6)[0]),
+    }, M * HIDDEN * 2 * 3 + M * HIDDEN
+    gu = randn(M, 2 * FFN)
+    g, u = gu[:, :FFN], gu[:, FFN:]
+    yield "swiglu_fp8", {"M": M, "N": FFN}, {
+        "triton": lambda: K.swiglu_fp8(g, u),
+        "swiglu+quantize": lambda: K.quantize_rows_fp8(K.swiglu(g, u)),
+    }, M * FFN * 2 * 2 + M * FFN
 
 
 def cases_fp8_gemm(K):
