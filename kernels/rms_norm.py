@@ -184,8 +184,8 @@ def rms_norm_fp8(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]
 
     Args: as :func:`rms_norm`.
     Returns:
-        (e4m3 [M, N] contiguous, fp32 scales [M, 1]), identical to the unfused chain (the row's absmax is
-        taken over the bf16-rounded normed values, as the chain sees them).
+        (e4m3 [M, N] contiguous, fp32 scales [M, 1]): the unfused chain's codes (the row's absmax is taken
+        over the bf16-rounded normed values, as the chain sees them; see :func:`add_rms_norm_fp8` on exactness).
 
     Memory passes removed: the normed row's write and the quantizer's two reads of it.
     """
@@ -217,7 +217,11 @@ def add_rms_norm_fp8(x: Tensor, residual: Tensor, weight: Tensor,
     """:func:`add_rms_norm` with the normed rows written as FP8 for an FP8 GEMM.
 
     Returns:
-        ((e4m3 [M, N], fp32 scales [M, 1]), new_residual [M, N] in x.dtype); the codes are identical to
-        ``quantize_rows_fp8(add_rms_norm(...)[0])``.
+        ((e4m3 [M, N], fp32 scales [M, 1]), new_residual [M, N] in x.dtype); the codes are those of
+        ``quantize_rows_fp8(add_rms_norm(...)[0])`` (on the GPU up to a rare one-step difference where the
+        compiler sums the row's squares in another order; exact in the interpreter).
+
+    Measured on an H200 at M = 8196, N = 3584 (``bench_kernels.py --only fp8_quant --graph``, commit ef1f105):
+    66 us vs 107 us for add+RMSNorm and a separate quantize launch.
     """
     return _add_norm(x, residual, weight, eps, False, True)

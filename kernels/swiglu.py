@@ -108,7 +108,10 @@ def swiglu_fp8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
         (e4m3 [M, I] contiguous, fp32 scales [M, 1]), identical to the unfused chain (the absmax is taken
         over the activation rounded to gate.dtype, as the chain stores it).
 
-    Memory passes removed: the [M, I] activation's write in gate.dtype and the quantizer's two reads of it.
+    Memory passes removed: the [M, I] activation's write in gate.dtype and the quantizer's two reads of it
+    (the second pass re-reads gate/up instead). Measured on an H200 at M = 8196, I = 18944
+    (``bench_kernels.py --only fp8_quant --graph``, commit ef1f105): 431 us vs 446 us for SwiGLU + quantize, a
+    small win; holding a whole row in registers (one pass, 32768-wide blocks) took 0.98-1.08 ms.
     """
     assert gate.dim() == 2 and gate.shape == up.shape, f"gate {tuple(gate.shape)} / up {tuple(up.shape)}"
     assert gate.dtype == up.dtype and gate.device == up.device
