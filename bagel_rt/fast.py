@@ -120,24 +120,24 @@ class PackedDenoiser:
             start += n + self.L
 
     # -- the packed forward ---------------------------------------------------------------------------------
-    def _layer(self, i: int, layer, xg: Tensor, xu: Tensor, dg: Tensor | None, du: Tensor | None,
-               m: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One packed decoder layer. x*: the residual streams (gen rows, und rows), d*: the previous layer's
-        MLP outputs not yet added to them (None before the first layer): the add runs in this layer's first
-        norm. Returns the new streams and this layer's MLP outputs."""
+    def _layer(self, i: int, layer, xg: Tensor, xu: Tensor, m: dict) -> tuple[Tensor, Tensor]:
+        """One packed decoder layer on the residual streams xg (gen rows) and xu (und rows).
+
+        The MLP output is added with a plain add, not in the next layer's norm: fusing it into an add+RMSNorm
+        measured 0.6% slower end to end (H200, same process, 9.63 vs 9.59 s per t2i, commit 5691509)."""
         if self.run_hooks:
             for hook in list(layer._forward_pre_hooks.values()):
                 hook(layer, ())
         k_ops, eps, a = self.k_ops, self.eps, layer.self_attn
         G, U = xg.shape[0], xu.shape[0]
 
-        def qkv(x, d, norm, sfx):
+        def qkv(x, norm, sfx):
             mods = [getattr(a, n + sfx) for n in ("q_proj", "k_proj", "v_proj")]
-            h, x, xq = self._norm_in(x, d, norm.weight, mods)
-            return x, tuple(self._linear(mod, h, xq) for mod in mods)
+            h, _, xq = self._norm_in(x, None, norm.weight, mods)
+            return tuple(self._linear(mod, h, xq) for mod in mods)
 
-        xg, (qg, kg, vg) = qkv(xg, dg, layer.input_layernorm_moe_gen, "_moe_gen")
-        xu, (qu, ku, vu) = qkv(xu, du, layer.input_layernorm, "")
+        qg, kg, vg = qkv(xg, layer.input_layernorm_moe_gen, "_moe_gen")
+        qu, ku, vu = qkv(xu, layer.input_layernorm, "")
         qg, kg = k_ops.qk_norm_rope(qg.view(G, self.Hq, self.D), kg.view(G, self.Hk, self.D),
                                     a.q_norm_moe_gen.weight, a.k_norm_moe_gen.weight, m["cos_g"], m["sin_g"], eps,
                                     self.dtype)
@@ -156,7 +156,7 @@ class PackedDenoiser:
         hg, xg, hgq = self._norm_in(xg, ag, layer.post_attention_layernorm_moe_gen.weight,
                                     [mg.gate_proj, mg.up_proj])
         hu, xu, huq = self._norm_in(xu, au, layer.post_attention_layernorm.weight, [mu.gate_proj, mu.up_proj])
-        return xg, xu, self._mlp(mg, hg, hgq), self._mlp(mu, hu, huq)
+        return xg + self._mlp(mg, hg, hgq), xu + self._mlp(mu, hu, huq)
 
     def _norm_in(self, x: Tensor, delta: Tensor | None, weight: Tensor, mods) -> tuple:
         """The input of ``mods`` (Linears sharing it): ``rms_norm(x + delta)``, the new residual ``x + delta``
@@ -219,10 +219,9 @@ class PackedDenoiser:
         lat = model.vae2llm(self.x_in.to(self.dtype)) + model.time_embedder(self.t_in) + self.pos_emb
         xg = lat.to(self.dtype).repeat(nb, 1)
         xu = self.markers.repeat(nb, 1)
-        dg = du = None
         for i, layer in enumerate(model.language_model.model.layers):
-            xg, xu, dg, du = self._layer(i, layer, xg, xu, dg, du, m)
-        out, _ = self.k_ops.add_rms_norm(dg, xg, model.language_model.model.norm_moe_gen.weight, self.eps)
+            xg, xu = self._layer(i, layer, xg, xu, m)
+        out = self.k_ops.rms_norm(xg, model.language_model.model.norm_moe_gen.weight, self.eps)
         return model.llm2vae(out).view(nb, self.N, -1)
 
     @torch.no_grad()
