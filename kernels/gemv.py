@@ -17,7 +17,7 @@ launched with programmatic dependent launch and requests its first weight tile b
 previous kernel (weights are never written), so it streams weights while the previous kernel drains.
 
 Measured against cuBLAS (``F.linear``) at the decode shapes (``benchmarks/bench_kernels.py --only gemv
---graph``, H200, bf16, commit c39c2f7): o 6.3 vs 9.1 us, down 34.2 vs 37.8 us, lm_head 259 vs 258 us,
+--graph``, H200, bf16, commit c39c2f7): o 6.3 vs 9.1 us, down 34.2 vs 37.8 us, lm_head 242 vs 258 us (8 x 512),
 gate/up + SwiGLU 64.8 vs 75.6 us (4.0-4.2 TB/s); greedy decode 218 (cuBLAS) -> 247 (rotated loop) -> 259
 tokens/s (with PDL; ``benchmarks/diagnose.py --only-decode``). So
 :class:`bagel_rt.fast_decode.GraphDecoder` uses it by default (``gemv="triton"``). A split-K variant for the
