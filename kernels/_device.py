@@ -10,6 +10,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def is_interpreting() -> bool:
@@ -57,3 +59,12 @@ def pdl_kwargs(pdl: bool, device: torch.device) -> dict:
     """
     on = pdl and device.type == "cuda" and has_capability(9, 0, device)
     return dict(USE_GDC=True, launch_pdl=True) if on else dict(USE_GDC=False)
+
+
+@triton.jit
+def gdc_wait(USE_GDC: tl.constexpr):
+    """In a kernel launched with :func:`pdl_kwargs`: wait for the previous kernel's writes, then let the next
+    kernel launch (nothing without ``USE_GDC``). Call it before the first read or write of activations."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

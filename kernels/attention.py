@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._device import is_interpreting, num_sms, pdl_kwargs
+from ._device import gdc_wait, is_interpreting, num_sms, pdl_kwargs
 
 # Plain path, tuned on the GPU; key = (query rows bucket, group size, head dim, causal) + dtypes.
 CONFIGS = [
@@ -130,9 +130,7 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     # grid: (query-row blocks, kv heads, sequences * NUM_SPLITS); ROWS_BUCKET only keys the autotuner
-    if USE_GDC:  # programmatic dependent launch: wait for the previous kernel, then let the next one launch
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)  # programmatic dependent launch
     i_m, i_hk, i_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bs // NUM_SPLITS
     i_s = i_bs % NUM_SPLITS
@@ -203,9 +201,7 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_combine_kernel(o_part, lse_part, o, stride_om, stride_oh, R, Hq, NUM_SPLITS,
                          D: tl.constexpr, BLOCK_S: tl.constexpr, USE_GDC: tl.constexpr = False):
-    if USE_GDC:  # programmatic dependent launch, as in _attn_fwd_kernel
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)  # programmatic dependent launch
     # one program per (query, q head) row r of R = Mq * Hq: o = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max)
     i_r = tl.program_id(0).to(tl.int64)
     o_s = tl.arange(0, BLOCK_S)

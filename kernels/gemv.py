@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._device import is_interpreting, pdl_kwargs
+from ._device import gdc_wait, is_interpreting, pdl_kwargs
 from .swiglu import swiglu_ref
 
 MAX_M = 4  # rows handled by the GEMV path (decode is M = 1)
@@ -67,14 +67,6 @@ INTERPRETER_CONFIG = dict(BN=8, BK=64, num_warps=4)
 
 
 @triton.jit
-def _gdc_wait(USE_GDC: tl.constexpr):
-    # programmatic dependent launch: wait for the previous kernel's writes, then let the next kernel launch
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
 def _w_tile(p_w_rows, m_n, k0, K, BK: tl.constexpr):
     # [BN, BK] weight tile at columns [k0, k0 + BK) (zeros past K; a tile wholly past K reads nothing)
     o_k = k0 + tl.arange(0, BK)
@@ -99,7 +91,7 @@ def _gemv_kernel(x, w, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
     # the loop is rotated: each weight tile is requested one iteration ahead, and the first one before the
     # wait for the previous kernel (no kernel writes weights), so a PDL launch streams weights meanwhile
     b_w = _w_tile(p_w, m_n, 0, K, BK)
-    _gdc_wait(USE_GDC)
+    gdc_wait(USE_GDC)
     # [BN, BK] fp32 partial products per lane, reduced once at the end
     acc = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -125,7 +117,7 @@ def _gemv_swiglu_kernel(x, wg, wu, y, N, K, stride_xm, stride_ym, BN: tl.constex
     # one loop over both weights (twice the bytes in flight per iteration), rotated as in _gemv_kernel
     b_g = _w_tile(wg + rows, m_n, 0, K, BK)
     b_u = _w_tile(wu + rows, m_n, 0, K, BK)
-    _gdc_wait(USE_GDC)
+    gdc_wait(USE_GDC)
     acc_g = tl.zeros([BN, BK], dtype=tl.float32)
     acc_u = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._device import pdl_kwargs
+from ._device import gdc_wait, pdl_kwargs
 from .qk_norm_rope import qk_norm_rope_ref
 
 
@@ -55,9 +55,7 @@ def _qkv_rope_cache_kernel(q, k, v, bias, q_w, k_w, cos, sin, q_out, k_cache, v_
                            stride_kc, stride_vc, Hq, Hk, eps, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
                            USE_GDC: tl.constexpr):
     # one program per head of the token: q heads [0, Hq), k heads [Hq, Hq + Hk), v heads [Hq + Hk, Hq + 2 Hk)
-    if USE_GDC:  # programmatic dependent launch: wait for the previous kernel, then let the next one launch
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)  # programmatic dependent launch
     i_h = tl.program_id(0)
     o_d = tl.arange(0, HALF)
     row = tl.load(length).to(tl.int64)  # cache row of the new token

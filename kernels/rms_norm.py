@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._device import pdl_kwargs
+from ._device import gdc_wait, pdl_kwargs
 from .fp8_quant import FP8, FP8_MAX, INV_FP8_MAX, SCALE_MIN, _round_to_e4m3_grid, quantize_rows_fp8_ref
 
 
@@ -68,14 +68,6 @@ def _rms_norm_row(b_x, p_w, o_n, m_n, N, eps):
 
 
 @triton.jit
-def _gdc_wait(USE_GDC: tl.constexpr):
-    # programmatic dependent launch: wait for the previous kernel's writes, then let the next kernel launch
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
 def _store_row(y, s, i_m, stride_y, o_n, m_n, b_y, FP8_OUT: tl.constexpr):
     # the normed row as is, or (FP8_OUT) its per-row e4m3 codes + fp32 scale, with the arithmetic of
     # fp8_quant (scale = absmax * fp32(1/448), correctly rounded division, round to the e4m3 grid)
@@ -93,7 +85,7 @@ def _store_row(y, s, i_m, stride_y, o_n, m_n, b_y, FP8_OUT: tl.constexpr):
 @triton.jit
 def _rms_norm_kernel(x, w, y, s, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr, FP8_OUT: tl.constexpr,
                      USE_GDC: tl.constexpr):
-    _gdc_wait(USE_GDC)
+    gdc_wait(USE_GDC)
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < N
@@ -106,7 +98,7 @@ def _rms_norm_kernel(x, w, y, s, stride_x, stride_y, N, eps, BLOCK_N: tl.constex
 @triton.jit
 def _add_rms_norm_kernel(x, r, w, y, s, r_out, stride_x, stride_r, stride_y, stride_ro, N, eps,
                          BLOCK_N: tl.constexpr, FP8_OUT: tl.constexpr, USE_GDC: tl.constexpr):
-    _gdc_wait(USE_GDC)
+    gdc_wait(USE_GDC)
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < N
