@@ -21,6 +21,10 @@ SCALE_MIN = 1e-12  # an all-zero row gets this scale (its codes are all zero)
 # scale = absmax * fp32(1/448): a product is correctly rounded everywhere, while "absmax / 448" is not the same
 # operation on every device (PyTorch's CUDA division by a scalar multiplies by its reciprocal)
 INV_FP8_MAX = float(torch.tensor(1.0 / FP8_MAX, dtype=torch.float32))
+# the same constants for kernels (here and in the fused producers of rms_norm.py / swiglu.py)
+_FP8_MAX_C = tl.constexpr(FP8_MAX)
+_INV_FP8_MAX_C = tl.constexpr(INV_FP8_MAX)
+_SCALE_MIN_C = tl.constexpr(SCALE_MIN)
 
 
 def quantize_rows_fp8_ref(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -46,8 +50,23 @@ def _round_to_e4m3_grid(v):
 
 
 @triton.jit
-def _quantize_rows_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.constexpr, FP8_MAX_C: tl.constexpr,
-                          INV_C: tl.constexpr, SCALE_MIN_C: tl.constexpr):
+def fp8_row_scale(amax):
+    """A row's fp32 scale from its fp32 absmax: ``max(absmax * fp32(1/448), 1e-12)``."""
+    return tl.maximum(amax * _INV_FP8_MAX_C, _SCALE_MIN_C)
+
+
+@triton.jit
+def fp8_codes(b_x, b_scale):
+    """fp32 values and a same-shape block holding their row's scale -> the e4m3 values, still in fp32.
+
+    The division is IEEE (div_rn; Triton's plain fp32 "/" is approximate) and is a division, as the reference
+    does it, not a multiply by the reciprocal; the quotient is clamped to +-448 and rounded to the e4m3 grid."""
+    b_q = tl.minimum(tl.maximum(tl.math.div_rn(b_x, b_scale), -_FP8_MAX_C), _FP8_MAX_C)
+    return _round_to_e4m3_grid(b_q)
+
+
+@triton.jit
+def _quantize_rows_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.constexpr):
     i_m = tl.program_id(0).to(tl.int64)
     p_x = x + i_m * stride_x
     # pass 1: row absmax in fp32
@@ -56,17 +75,23 @@ def _quantize_rows_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.constexpr,
         o_k = k0 + tl.arange(0, BLOCK_K)
         b_x = tl.load(p_x + o_k, mask=o_k < K, other=0.0).to(tl.float32)
         b_amax = tl.maximum(b_amax, tl.abs(b_x))
-    scale = tl.maximum(tl.max(b_amax, axis=0) * INV_C, SCALE_MIN_C)
+    scale = fp8_row_scale(tl.max(b_amax, axis=0))
     tl.store(s + i_m, scale)
-    # the division is IEEE (div_rn on a block holding the scale): Triton's plain fp32 "/" is approximate
     b_scale = tl.zeros([BLOCK_K], dtype=tl.float32) + scale
-    # pass 2: divide (as the reference does, not multiply by a reciprocal) and round to e4m3
+    # pass 2: divide and round to e4m3
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
         b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_q = tl.minimum(tl.maximum(tl.math.div_rn(b_x, b_scale), -FP8_MAX_C), FP8_MAX_C)
-        tl.store(q + i_m * stride_q + o_k, _round_to_e4m3_grid(b_q).to(q.dtype.element_ty), mask=m_k)
+        tl.store(q + i_m * stride_q + o_k, fp8_codes(b_x, b_scale).to(q.dtype.element_ty), mask=m_k)
+
+
+def empty_fp8_rows(M: int, K: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Outputs of a row quantizer: (e4m3 [M, K], fp32 scales [M, 1]); with K = 0 the scales are already final
+    (the minimum scale, as the reference gives for an empty row)."""
+    q = torch.empty((M, K), dtype=FP8, device=device)
+    scale = torch.empty((M, 1), dtype=torch.float32, device=device)
+    return q, (scale.fill_(SCALE_MIN) if K == 0 else scale)
 
 
 def quantize_rows_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,14 +104,10 @@ def quantize_rows_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     assert x.dim() == 2 and x.stride(-1) == 1, f"x must be 2-D with a contiguous last dim, got {tuple(x.shape)}"
     M, K = x.shape
-    q = torch.empty((M, K), dtype=FP8, device=x.device)
-    scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
-    if M == 0:
+    q, scale = empty_fp8_rows(M, K, x.device)
+    if M == 0 or K == 0:
         return q, scale
-    if K == 0:
-        return q, scale.fill_(SCALE_MIN)
     block_k = min(triton.next_power_of_2(K), 2048)
     num_warps = 8 if block_k >= 2048 else 4
-    _quantize_rows_kernel[(M,)](x, q, scale, x.stride(0), q.stride(0), K, BLOCK_K=block_k, FP8_MAX_C=FP8_MAX,
-                                INV_C=INV_FP8_MAX, SCALE_MIN_C=SCALE_MIN, num_warps=num_warps)
+    _quantize_rows_kernel[(M,)](x, q, scale, x.stride(0), q.stride(0), K, BLOCK_K=block_k, num_warps=num_warps)
     return q, scale

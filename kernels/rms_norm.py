@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._device import gdc_wait, pdl_kwargs
-from .fp8_quant import FP8, FP8_MAX, INV_FP8_MAX, SCALE_MIN, _round_to_e4m3_grid, quantize_rows_fp8_ref
+from .fp8_quant import empty_fp8_rows, fp8_codes, fp8_row_scale, quantize_rows_fp8_ref
 
 
 def rms_norm_ref(x: Tensor, weight: Tensor, eps: float, pdl: bool = False) -> Tensor:
@@ -28,12 +28,6 @@ def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
     (``pdl`` unused)."""
     new_residual = x + residual
     return rms_norm_ref(new_residual, weight, eps), new_residual
-
-
-# the FP8 quantizer's constants, as constants of the kernels below
-_FP8_MAX_C = tl.constexpr(FP8_MAX)
-_INV_FP8_MAX_C = tl.constexpr(INV_FP8_MAX)
-_SCALE_MIN_C = tl.constexpr(SCALE_MIN)
 
 
 def rms_norm_fp8_ref(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -69,15 +63,13 @@ def _rms_norm_row(b_x, p_w, o_n, m_n, N, eps):
 
 @triton.jit
 def _store_row(y, s, i_m, stride_y, o_n, m_n, b_y, FP8_OUT: tl.constexpr):
-    # the normed row as is, or (FP8_OUT) its per-row e4m3 codes + fp32 scale, with the arithmetic of
-    # fp8_quant (scale = absmax * fp32(1/448), correctly rounded division, round to the e4m3 grid)
+    # the normed row as is, or (FP8_OUT) its per-row e4m3 codes + fp32 scale, with fp8_quant's arithmetic
     if FP8_OUT:
         b_f = b_y.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(b_f), axis=0) * _INV_FP8_MAX_C, _SCALE_MIN_C)
+        scale = fp8_row_scale(tl.max(tl.abs(b_f), axis=0))
         tl.store(s + i_m, scale)
-        b_q = tl.math.div_rn(b_f, tl.zeros_like(b_f) + scale)
-        b_q = tl.minimum(tl.maximum(b_q, -_FP8_MAX_C), _FP8_MAX_C)
-        tl.store(y + i_m * stride_y + o_n, _round_to_e4m3_grid(b_q).to(y.dtype.element_ty), mask=m_n)
+        b_q = fp8_codes(b_f, tl.zeros_like(b_f) + scale)
+        tl.store(y + i_m * stride_y + o_n, b_q.to(y.dtype.element_ty), mask=m_n)
     else:
         tl.store(y + i_m * stride_y + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
 
@@ -122,10 +114,11 @@ def _check(x: Tensor, weight: Tensor) -> None:
 
 
 def _outputs(x: Tensor, fp8: bool) -> tuple[Tensor, Tensor]:
-    M, N = x.shape
-    y = torch.empty((M, N), dtype=FP8 if fp8 else x.dtype, device=x.device)
-    s = torch.empty((M, 1), dtype=torch.float32, device=x.device) if fp8 else y
-    return y, s
+    # (normed rows, scales): FP8 rows + their scales, or rows in x.dtype (the scale pointer then unused)
+    if fp8:
+        return empty_fp8_rows(*x.shape, x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return y, y
 
 
 def _norm(x: Tensor, weight: Tensor, eps: float, pdl: bool, fp8: bool):

@@ -12,11 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fp8_quant import FP8, FP8_MAX, INV_FP8_MAX, SCALE_MIN, _round_to_e4m3_grid, quantize_rows_fp8_ref
-
-_FP8_MAX_C = tl.constexpr(FP8_MAX)
-_INV_FP8_MAX_C = tl.constexpr(INV_FP8_MAX)
-_SCALE_MIN_C = tl.constexpr(SCALE_MIN)
+from .fp8_quant import empty_fp8_rows, fp8_codes, fp8_row_scale, quantize_rows_fp8_ref
 
 
 def swiglu_ref(gate: Tensor, up: Tensor) -> Tensor:
@@ -63,14 +59,13 @@ def _swiglu_fp8_kernel(g, u, q, s, stride_g, stride_u, stride_q, N, BLOCK_N: tl.
     b_amax = tl.zeros([BLOCK_N], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         b_amax = tl.maximum(b_amax, tl.abs(_swiglu_tile(p_g, p_u, n0, N, BLOCK_N)))
-    scale = tl.maximum(tl.max(b_amax, axis=0) * _INV_FP8_MAX_C, _SCALE_MIN_C)
+    scale = fp8_row_scale(tl.max(b_amax, axis=0))
     tl.store(s + i_m, scale)
     b_scale = tl.zeros([BLOCK_N], dtype=tl.float32) + scale
     for n0 in range(0, N, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
-        b_q = tl.math.div_rn(_swiglu_tile(p_g, p_u, n0, N, BLOCK_N), b_scale)
-        b_q = tl.minimum(tl.maximum(b_q, -_FP8_MAX_C), _FP8_MAX_C)
-        tl.store(q + i_m * stride_q + o_n, _round_to_e4m3_grid(b_q).to(q.dtype.element_ty), mask=o_n < N)
+        b_q = fp8_codes(_swiglu_tile(p_g, p_u, n0, N, BLOCK_N), b_scale)
+        tl.store(q + i_m * stride_q + o_n, b_q.to(q.dtype.element_ty), mask=o_n < N)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
@@ -117,12 +112,9 @@ def swiglu_fp8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     assert gate.dtype == up.dtype and gate.device == up.device
     assert gate.stride(-1) == 1 and up.stride(-1) == 1, "gate and up must have a contiguous last dim"
     M, N = gate.shape
-    q = torch.empty((M, N), dtype=FP8, device=gate.device)
-    scale = torch.empty((M, 1), dtype=torch.float32, device=gate.device)
-    if M == 0:
+    q, scale = empty_fp8_rows(M, N, gate.device)
+    if M == 0 or N == 0:
         return q, scale
-    if N == 0:
-        return q, scale.fill_(SCALE_MIN)
     block_n = min(triton.next_power_of_2(N), 2048)
     _swiglu_fp8_kernel[(M,)](gate, up, q, scale, gate.stride(0), up.stride(0), q.stride(0), N, BLOCK_N=block_n,
                              num_warps=8 if block_n >= 2048 else 4)
