@@ -151,6 +151,66 @@ def decode_probe(pipe, tokens: int = 256, runs: int = 3):
     return out
 
 
+def request_timeline(pipe, size, task):
+    """Wall time of each phase of one warm request (t2i or edit, app defaults) and the CUDA kernel time of
+    its denoising loop by kind (graph replays included), to find where time goes outside the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    img = test_image(size, size)
+    cfg = (CFGSettings(4.0, 1.5, (0.4, 1.0)) if task == "t2i"
+           else CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel"))
+
+    def run(prof_denoise: bool):
+        t = {}
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        s = pipe.session(seed=0)
+        if task == "edit":
+            s.add_image(img)
+            torch.cuda.synchronize()
+            t["add_image"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        s.add_text("Make the sky purple and add a moon." if task == "edit" else "A red bagel on a white plate.")
+        torch.cuda.synchronize()
+        t["add_text"] = time.perf_counter() - t1
+        real_decode, kept = s.decode_latents, {}
+        s.decode_latents = lambda x, h, w: kept.update(x=x, h=h, w=w)
+        prof = None
+        t2 = time.perf_counter()
+        if prof_denoise:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                s.gen_image((size, size), cfg)
+                torch.cuda.synchronize()
+        else:
+            s.gen_image((size, size), cfg)
+            torch.cuda.synchronize()
+        t["denoise"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        real_decode(kept["x"], kept["h"], kept["w"])
+        torch.cuda.synchronize()
+        t["vae_decode"] = time.perf_counter() - t3
+        t["total"] = time.perf_counter() - t0
+        return {k: round(v, 3) for k, v in t.items()}, prof
+
+    warm, _ = run(False)
+    timed, _ = run(False)
+    _, prof = run(True)
+    groups, counts = defaultdict(float), defaultdict(int)
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if t:
+            k = _kind(e.key.lower())
+            groups[k] += t / 1000.0
+            counts[k] += e.count
+    events = prof.key_averages()
+    top = sorted(((getattr(e, "device_time_total", 0.0) / 1000.0, e.count, e.key[:90]) for e in events),
+                 reverse=True)[:25]
+    return dict(task=task, size=size, first_request_s=warm, warm_request_s=timed,
+                denoise_kernel_ms={k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+                denoise_kernel_total_ms=round(sum(groups.values()), 1), kernel_counts=dict(counts),
+                top_kernels=[[round(a, 1), b, c] for a, b, c in top])
+
+
 def _kind(name: str) -> str:
     if "attn" in name:
         return "attention"
@@ -192,6 +252,8 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--fp32-reference", action="store_true")
     ap.add_argument("--only-phases", action="store_true", help="only the t2i memory phases")
+    ap.add_argument("--only-timeline", action="store_true",
+                    help="only the phase wall times and denoising-loop kernel profile of t2i and edit requests")
     ap.add_argument("--only-decode", action="store_true",
                     help="only the decode probe (tokens/s per GEMV implementation, kernel profile)")
     a = ap.parse_args()
@@ -201,6 +263,13 @@ def main():
     rows = []
     pipe = random_bagel("bagel-7b-mot", device="cuda", backend="triton")
     t0 = time.time()
+    if a.only_timeline:
+        for task in ("t2i", "edit"):
+            rows.append(dict(diag="request_timeline", **request_timeline(pipe, a.size, task), **env))
+            print(json.dumps(rows[-1]), flush=True)
+            with open(a.out, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+        return
     if a.only_decode:
         rows.append(dict(diag="decode_gemv_probe", **decode_probe(pipe), **env))
         print(json.dumps(rows[-1]), flush=True)
