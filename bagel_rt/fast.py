@@ -30,8 +30,34 @@ from torch import Tensor
 
 from .cache import Context
 from .embeddings import rope_cos_sin
+from .errors import InputError
 from .sampler import CFGSettings, schedule, velocity_sources
 from .transforms import flattened_position_ids
+
+ATTENTIONS = ("auto", "triton", "cudnn")
+
+
+def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The latent-query attention of the packed forward: our varlen Triton kernel (one launch for all
+    branches) or cuDNN's fused attention through PyTorch SDPA (one call per branch, native GQA; CUDA,
+    bf16/fp16 only). "auto" picks cuDNN on Hopper, where it ran the denoising shapes faster (README,
+    benchmarks/results), else Triton."""
+    if attention not in ATTENTIONS:
+        raise InputError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    usable = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and cudnn_attention_ok()
+    if attention == "cudnn" and not usable:
+        raise InputError(f"attention 'cudnn' needs a CUDA GPU, bf16/fp16 weights and cuDNN >= 9 "
+                         f"(device {device}, dtype {dtype}, cuDNN {torch.backends.cudnn.version()})")
+    if attention != "auto":
+        return attention
+    if usable and torch.cuda.get_device_capability(device)[0] == 9:
+        return "cudnn"
+    return "triton"
+
+
+def cudnn_attention_ok() -> bool:
+    """cuDNN >= 9 is present (its fused attention is what SDPA's CUDNN_ATTENTION backend runs)."""
+    return torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000
 
 
 def _kernels():
@@ -48,11 +74,14 @@ class PackedDenoiser:
         ctxs: the branch contexts in arena order (conditional first).
         h, w: latent grid (tokens per side); the block has ``h*w + 2`` tokens.
         use_graphs: capture each branch count's forward in a CUDA graph (CUDA only).
+        attention: "triton" or "cudnn" for the latent queries (see :func:`resolve_attention`).
     """
 
     def __init__(self, model, ctxs: list[Context], h: int, w: int, use_graphs: bool = True,
-                 fp8: dict | None = None, mlp_chunks: int = 1, run_hooks: bool = False):
+                 fp8: dict | None = None, mlp_chunks: int = 1, run_hooks: bool = False,
+                 attention: str = "triton"):
         self.k_ops = _kernels()
+        self.attention = resolve_attention(attention, model.device, model.dtype)
         #: run each decoder layer's forward pre-hooks before the packed layer (DF11 units decoded just before
         #: use, see bagel_rt.quantized): the packed forward reads the Linears' weights without calling the layer
         self.run_hooks = run_hooks
@@ -94,6 +123,7 @@ class PackedDenoiser:
                 cu_k=torch.tensor(starts[: nb + 1], **i32),
                 cu_qg=torch.arange(nb + 1, **i32) * self.N, cu_qu=torch.arange(nb + 1, **i32) * 2,
                 max_k=max(lens[:nb]) + self.L,
+                k_ranges=[(starts[b], starts[b] + lens[b] + self.L) for b in range(nb)],
                 cos_g=torch.cat(cos_g).contiguous(), sin_g=torch.cat(sin_g).contiguous(),
                 cos_u=torch.cat(cos_u).contiguous(), sin_u=torch.cat(sin_u).contiguous(),
             )
@@ -148,7 +178,10 @@ class PackedDenoiser:
         K.index_copy_(0, m["und_rows"], ku)
         V.index_copy_(0, m["gen_rows"], vg.view(G, self.Hk, self.D))
         V.index_copy_(0, m["und_rows"], vu.view(U, self.Hk, self.D))
-        og = k_ops.varlen_attention(qg, K, V, m["cu_qg"], m["cu_k"], False, self.sm_scale, self.N, m["max_k"])
+        if self.attention == "cudnn":
+            og = self._attention_cudnn(qg, K, V, m["k_ranges"])
+        else:
+            og = k_ops.varlen_attention(qg, K, V, m["cu_qg"], m["cu_k"], False, self.sm_scale, self.N, m["max_k"])
         ou = k_ops.varlen_attention(qu, K, V, m["cu_qu"], m["cu_k"], False, self.sm_scale, 2, m["max_k"])
         ag = self._linear(a.o_proj_moe_gen, og.view(G, -1))
         au = self._linear(a.o_proj, ou.view(U, -1))
@@ -157,6 +190,20 @@ class PackedDenoiser:
                                     [mg.gate_proj, mg.up_proj])
         hu, xu, huq = self._norm_in(xu, au, layer.post_attention_layernorm.weight, [mu.gate_proj, mu.up_proj])
         return xg + self._mlp(mg, hg, hgq), xu + self._mlp(mu, hu, huq)
+
+    def _attention_cudnn(self, q: Tensor, K: Tensor, V: Tensor, k_ranges: list) -> Tensor:
+        """Latent-query attention through cuDNN: branch b's N queries q[bN:(b+1)N] [N, Hq, D] attend to the
+        arena rows k_ranges[b] of K, V [rows, Hk, D] (GQA without expanding K/V). Returns [nb*N, Hq, D]."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        outs = []
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            for b, (k0, k1) in enumerate(k_ranges):
+                qb = q[b * self.N:(b + 1) * self.N].transpose(0, 1)[None]  # [1, Hq, N, D] (strided view)
+                kb, vb = K[k0:k1].transpose(0, 1)[None], V[k0:k1].transpose(0, 1)[None]
+                ob = F.scaled_dot_product_attention(qb, kb, vb, scale=self.sm_scale, enable_gqa=True)
+                outs.append(ob[0].transpose(0, 1))
+        return torch.cat(outs)
 
     def _norm_in(self, x: Tensor, delta: Tensor | None, weight: Tensor, mods) -> tuple:
         """The input of ``mods`` (Linears sharing it): ``rms_norm(x + delta)``, the new residual ``x + delta``
@@ -262,12 +309,14 @@ def denoiser_key(ctxs: list[Context], h: int, w: int) -> tuple:
 def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: int, num_timesteps: int,
                    timestep_shift: float, cfg: CFGSettings, text_is_cond: bool, img_is_cond: bool,
                    use_graphs: bool = True, on_step=None, cache: dict | None = None,
-                   fp8: dict | None = None, mlp_chunks: int = 1, run_hooks: bool = False) -> Tensor:
+                   fp8: dict | None = None, mlp_chunks: int = 1, run_hooks: bool = False,
+                   attention: str = "triton") -> Tensor:
     """The sampler loop of :func:`bagel_rt.sampler.denoise` on the packed fast path.
 
     Args:
         ctxs: {"cond", "text", "img"} contexts.
         text_is_cond / img_is_cond: exact dedup flags (that branch reuses the conditional velocity).
+        attention: the latent-query attention ("auto", "triton", "cudnn"; :func:`resolve_attention`).
     Returns:
         [h*w, 64] float32 final latents.
     """
@@ -281,13 +330,14 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     branch_ctxs = [ctxs[b] for b in order]
     key = denoiser_key(branch_ctxs, h, w)
     den = cache.get("denoiser") if cache is not None else None
+    attention = resolve_attention(attention, model.device, model.dtype)
     if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
-            and (den.fp8 is fp8 or (not den.fp8 and not fp8))):
+            and (den.fp8 is fp8 or (not den.fp8 and not fp8)) and den.attention == attention):
         den.refill(branch_ctxs)  # same shapes: keep the captured graphs, copy the new caches in
     else:
         if cache is not None:
             cache.pop("denoiser", None)  # free the old arena and graph pool before allocating new ones
-        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, fp8, mlp_chunks, run_hooks)
+        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, fp8, mlp_chunks, run_hooks, attention)
         if cache is not None:
             cache["denoiser"] = den
     x = noise.to(model.device, torch.float32).contiguous()

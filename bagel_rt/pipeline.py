@@ -49,6 +49,9 @@ class Bagel:
         self.backend = resolve_backend(backend, model.device)
         #: capture CUDA graphs on the triton backend (turned off only to compare or debug)
         self.use_graphs = True
+        #: latent-query attention of the triton backend's denoiser: "auto", "triton" or "cudnn"
+        #: (see bagel_rt.fast.resolve_attention)
+        self.attention = "triton"
         self._decoder = None
         #: the last captured denoiser, reused while the request shapes stay the same (see bagel_rt.fast)
         self.fast_cache: dict = {}

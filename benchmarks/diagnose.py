@@ -211,6 +211,70 @@ def request_timeline(pipe, size, task):
                 top_kernels=[[round(a, 1), b, c] for a, b, c in top])
 
 
+def _latent_attention(den, q, K, V, m):
+    if den.attention == "cudnn":
+        return den._attention_cudnn(q, K, V, m["k_ranges"])
+    return den.k_ops.varlen_attention(q, K, V, m["cu_qg"], m["cu_k"], False, den.sm_scale, den.N, m["max_k"])
+
+
+def attention_ab(pipe, size, rounds: int = 1):
+    """Latent-query attention, our Triton kernel vs cuDNN (SDPA, native GQA): the attention call alone at the
+    in-situ shapes of t2i (2 branches) and edit (3 branches), and whole warm requests with each."""
+    img = test_image(size, size)
+    h = w = size // 16
+    out = {"kernel_ms": {}, "kernel_rel_l2": {}, "request_s": defaultdict(list), "latents_rel_l2": {}}
+    for task in ("t2i", "edit"):
+        s = pipe.session(seed=0)
+        if task == "edit":
+            s.add_image(img)
+        s.add_text("A red bagel on a white plate.")
+        ctxs = [s.gen, s.cfg_text] + ([s.cfg_img] if task == "edit" else [])
+        outs = {}
+        for impl in ("triton", "cudnn"):
+            den = PackedDenoiser(pipe.model, ctxs, h, w, use_graphs=False, attention=impl)
+            nb, m = den.B, den.meta[den.B]
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(nb * den.N, den.Hq, den.D, device="cuda", dtype=den.dtype, generator=g)
+            den.k[0].normal_(generator=g)
+            den.v[0].normal_(generator=g)
+            K, V = den.k[0], den.v[0]
+            for _ in range(3):
+                outs[impl] = _latent_attention(den, q, K, V, m)
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(50):
+                _latent_attention(den, q, K, V, m)
+            e1.record()
+            torch.cuda.synchronize()
+            out["kernel_ms"][f"{task}/{impl}"] = round(e0.elapsed_time(e1) / 50, 3)
+            den = K = V = None  # free the arena before the next one
+        out["kernel_rel_l2"][task] = rel(outs["cudnn"], outs["triton"])
+    for task in ("t2i", "edit"):
+        lat = {}
+        for _ in range(rounds):
+            for impl in ("triton", "cudnn"):
+                pipe.attention = impl
+                pipe.fast_cache.clear()
+                torch.cuda.empty_cache()
+                for i in range(3):  # one warm-up (captures), two timed
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    if task == "t2i":
+                        r = pipe.generate("A red bagel on a white plate.", image_shapes=(size, size), seed=0)
+                    else:
+                        r = pipe.edit(img, "Make the sky purple and add a moon.", seed=0)
+                    torch.cuda.synchronize()
+                    if i:
+                        out["request_s"][f"{task}/{impl}"].append(round(time.perf_counter() - t0, 3))
+                lat[impl] = r.latents
+        out["latents_rel_l2"][task] = rel(lat["cudnn"], lat["triton"])
+    pipe.attention = "triton"
+    pipe.fast_cache.clear()
+    out["request_s"] = dict(out["request_s"])
+    return out
+
+
 def _kind(name: str) -> str:
     if "attn" in name:
         return "attention"
@@ -254,6 +318,8 @@ def main():
     ap.add_argument("--only-phases", action="store_true", help="only the t2i memory phases")
     ap.add_argument("--only-timeline", action="store_true",
                     help="only the phase wall times and denoising-loop kernel profile of t2i and edit requests")
+    ap.add_argument("--only-attention-ab", action="store_true",
+                    help="only the Triton-vs-cuDNN latent attention A/B (kernel alone and whole requests)")
     ap.add_argument("--only-decode", action="store_true",
                     help="only the decode probe (tokens/s per GEMV implementation, kernel profile)")
     a = ap.parse_args()
@@ -269,6 +335,12 @@ def main():
             print(json.dumps(rows[-1]), flush=True)
             with open(a.out, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
+        return
+    if a.only_attention_ab:
+        rows.append(dict(diag="attention_triton_vs_cudnn", size=a.size, **attention_ab(pipe, a.size), **env))
+        print(json.dumps(rows[-1]), flush=True)
+        with open(a.out, "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
         return
     if a.only_decode:
         rows.append(dict(diag="decode_gemv_probe", **decode_probe(pipe), **env))

@@ -65,3 +65,32 @@ def test_mlp_row_chunks_under_a_budget_match(pipes):
     finally:
         fast_pipe.offload = False
     assert rel_l2(b.latents, a.latents) < TOL
+
+
+def test_cudnn_attention_is_refused_where_it_cannot_run(pipes):
+    """Asking for cuDNN attention with fp32 weights (or on the CPU) is a clear error, not a deep traceback."""
+    _, fast_pipe = pipes
+    fast_pipe.attention = "cudnn"
+    try:
+        with pytest.raises(bagel_rt.InputError, match="attention 'cudnn' needs"):
+            fast_pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=2, seed=1)
+    finally:
+        fast_pipe.attention = "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cudnn_latent_attention_matches_triton_bf16(tmp_path):
+    """The cuDNN latent attention (one SDPA call per branch, native GQA) gives the Triton kernel's result."""
+    d = write_tiny_checkpoint(tmp_path / "tiny")
+    pipe = bagel_rt.load(d, device="cuda", dtype=torch.bfloat16, backend="triton")
+    out = {}
+    for impl in ("triton", "cudnn"):
+        pipe.attention = impl
+        s = _three_branch_session(pipe)
+        out[impl] = s.gen_image((48, 64), CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel"), num_timesteps=4,
+                                record=True)
+        assert pipe.fast_cache["denoiser"].attention == impl
+    # both are bf16 attentions with fp32 softmax: they differ by rounding only
+    assert rel_l2(out["cudnn"].velocities, out["triton"].velocities) < 2e-2
+    assert rel_l2(out["cudnn"].latents, out["triton"].latents) < 1e-2
