@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .fast import resolve_attention
 from .sampler import CFGSettings, schedule, velocity_sources
 
 
@@ -138,7 +139,9 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
         res, sec, warm, peak = _timed(once, runs, warmup)
         extra = []
         tflops = res.info["flops"] / res.info["denoise_seconds"] / 1e12
-        row = dict(task=task, backend=pipe.backend, weights=weights, compute=pipe.compute,
+        attention = (resolve_attention(pipe.attention, pipe.device, pipe.model.dtype) if backend == "triton"
+                     else "sdpa")
+        row = dict(task=task, backend=pipe.backend, weights=weights, compute=pipe.compute, attention=attention,
                    height=res.info["shape"][0],
                    width=res.info["shape"][1],
                    num_timesteps=steps, seconds=round(sec, 3), seconds_per_step=round(sec / (steps - 1), 4),
@@ -159,7 +162,7 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
             row.update(torch_seconds=round(sec_t, 3), speedup_vs_torch=round(sec_t / sec, 2),
                        torch_peak_gib=peak_t and round(peak_t, 2),
                        rel_l2_latents_vs_torch=float((a - b).norm() / b.norm()))
-            extra.append(dict(row, backend="torch", compute="bf16", seconds=round(sec_t, 3),
+            extra.append(dict(row, backend="torch", compute="bf16", attention="sdpa", seconds=round(sec_t, 3),
                              seconds_per_step=round(sec_t / (steps - 1), 4),
                              denoise_seconds=round(ref.info["denoise_seconds"], 3), peak_gib=peak_t and
                              round(peak_t, 2), tflops=round(tflops_t, 1),

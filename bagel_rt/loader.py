@@ -48,7 +48,8 @@ def read_params(path: Path, ae_file: str = AE_FILE) -> BagelParams:
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
          progress: bool = False, backend: str = "auto", weights: str = "auto", df11_resident: bool = False,
-         skip: Sequence[str] = (), compute: str = "bf16", max_gpu_memory: float | None = None):
+         skip: Sequence[str] = (), compute: str = "bf16", max_gpu_memory: float | None = None,
+         attention: str = "auto"):
     """Load a BAGEL checkpoint directory.
 
     Args:
@@ -72,6 +73,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
             memory at the cost of a decode per unit per forward.
         skip: regular expressions of Linear weight names to keep bf16 when quantizing as it loads.
         compute: "bf16" (exact) or "fp8" (opt-in FP8 generation-expert GEMMs on the triton backend; Ada/Hopper).
+        attention: the triton backend's latent-query attention: "auto" (cuDNN on Hopper, else Triton),
+            "triton" or "cudnn" (:func:`bagel_rt.fast.resolve_attention`).
         max_gpu_memory: GPU budget in GiB: the ViT, VAE and embeddings leave the GPU between their phases and
             the process is capped there; a request that cannot fit fails with a clear error
             (:mod:`bagel_rt.placement`).
@@ -129,6 +132,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
                  weights=fmt)
     pipe.df11_resident = df11_resident
     pipe.compute = compute
+    pipe.attention = attention
     if max_gpu_memory is not None:
         pipe.limit_gpu_memory(max_gpu_memory)
     return pipe

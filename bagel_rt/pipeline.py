@@ -49,12 +49,10 @@ class Bagel:
         self.backend = resolve_backend(backend, model.device)
         #: capture CUDA graphs on the triton backend (turned off only to compare or debug)
         self.use_graphs = True
-        #: latent-query attention of the triton backend's denoiser: "auto", "triton" or "cudnn"
-        #: (see bagel_rt.fast.resolve_attention)
-        self.attention = "triton"
         self._decoder = None
         #: the last captured denoiser, reused while the request shapes stay the same (see bagel_rt.fast)
         self.fast_cache: dict = {}
+        self.attention = "auto"
         self._fp8 = None
         self.compute = "bf16"
         #: DF11 units stay compressed and are decoded by forward pre-hooks just before use (set by the loader)
@@ -87,6 +85,20 @@ class Bagel:
             raise InputError(f"compute 'fp8' needs FP8 tensor cores (Ada/Hopper, capability >= 8.9); "
                              f"{torch.cuda.get_device_name(self.device)} has none")
         self._compute = value
+
+    @property
+    def attention(self) -> str:
+        """Latent-query attention of the triton backend's denoiser: "auto" (cuDNN's fused attention on Hopper
+        with bf16/fp16 weights, else our Triton kernel), "triton" or "cudnn" (see
+        :func:`bagel_rt.fast.resolve_attention`)."""
+        return self._attention
+
+    @attention.setter
+    def attention(self, value: str) -> None:
+        if value not in ("auto", "triton", "cudnn"):
+            raise InputError(f"attention must be 'auto', 'triton' or 'cudnn', got {value!r}")
+        self._attention = value
+        self.fast_cache.clear()  # a captured denoiser holds the old choice
 
     def fp8_weights(self) -> dict | None:
         """The FP8 copies of the generation expert (built on first use) when ``compute == "fp8"``."""

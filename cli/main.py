@@ -227,10 +227,12 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16")
 @click.option("--compute", type=click.Choice(["bf16", "fp8"]), default="bf16",
               help="Denoising GEMM precision on the triton backend; fp8 is opt-in and approximate.")
+@click.option("--attention", type=click.Choice(["auto", "triton", "cudnn"]), default="auto",
+              help="Latent attention of the triton backend's denoiser (auto: cudnn on Hopper, else triton).")
 @click.option("--weights", type=click.Choice(["auto", "int8", "nf4"]), default="auto",
               help="Quantize the LLM's Linears to int8/nf4 (on load for --model, in place for --random-weights).")
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
-          device, dtype, compute, weights):
+          device, dtype, compute, attention, weights):
     """Time text-to-image, editing and decoding (app defaults): seconds per image and per step, tokens/s, peak
     GPU memory, achieved TFLOP/s and its share of the measured bf16 matmul peak. One JSON line per result
     on stdout (and appended to --out)."""
@@ -263,6 +265,7 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     else:
         pipe = bagel_rt.load(model_dir, device=dev, dtype=DTYPES[dtype], backend=backend, weights=weights)
     pipe.compute = compute
+    pipe.attention = attention
     rows = run_bench(pipe, task_list, size=size, steps=steps, runs=runs, warmup=warmup, tokens=tokens,
                      compare_torch=compare_torch, weights=pipe.weights, commit=commit,
                      log=lambda line: click.echo(line, err=True))

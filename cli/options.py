@@ -116,6 +116,9 @@ model_options = _options(
     click.option("--compute", type=click.Choice(["bf16", "fp8"]), default="bf16",
                  help="Denoising GEMM precision (triton backend). fp8 is opt-in and approximate: FP8 "
                       "generation-expert GEMMs with per-token activation scales (Ada/Hopper GPUs)."),
+    click.option("--attention", type=click.Choice(["auto", "triton", "cudnn"]), default="auto",
+                 help="Latent attention of the triton backend's denoiser: cudnn (cuDNN fused attention via "
+                      "PyTorch SDPA), triton (bagel-rt's kernel) or auto (cudnn on Hopper, else triton)."),
     click.option("--max-gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GIB",
                  help="GPU memory budget: the ViT, VAE and embeddings leave the GPU between their phases and "
                       "the process is capped at GIB; a request that cannot fit fails with a clear message."),
@@ -230,7 +233,7 @@ def _load(o: dict):
                    "use --model DIR for the real checkpoint)", err=True)
     return bagel_rt.load(path, device=o["device"], dtype=DTYPES[o["dtype"]], progress=not o["no_progress"],
                          backend=o["backend"], weights=o["weights"], compute=o["compute"],
-                         max_gpu_memory=o["max_gpu_memory"])
+                         attention=o["attention"], max_gpu_memory=o["max_gpu_memory"])
 
 
 def _seed(o: dict) -> int:

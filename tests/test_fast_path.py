@@ -75,7 +75,9 @@ def test_cudnn_attention_is_refused_where_it_cannot_run(pipes):
         with pytest.raises(bagel_rt.InputError, match="attention 'cudnn' needs"):
             fast_pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=2, seed=1)
     finally:
-        fast_pipe.attention = "triton"
+        fast_pipe.attention = "auto"
+    with pytest.raises(bagel_rt.InputError, match="attention must be"):
+        fast_pipe.attention = "flash"
 
 
 @pytest.mark.gpu
