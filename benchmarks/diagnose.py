@@ -318,6 +318,7 @@ def main():
     ap.add_argument("--only-phases", action="store_true", help="only the t2i memory phases")
     ap.add_argument("--only-timeline", action="store_true",
                     help="only the phase wall times and denoising-loop kernel profile of t2i and edit requests")
+    ap.add_argument("--compute", choices=["bf16", "fp8"], default="bf16", help="denoising GEMM precision")
     ap.add_argument("--only-attention-ab", action="store_true",
                     help="only the Triton-vs-cuDNN latent attention A/B (kernel alone and whole requests)")
     ap.add_argument("--only-decode", action="store_true",
@@ -328,10 +329,12 @@ def main():
     env = environment(a.commit)
     rows = []
     pipe = random_bagel("bagel-7b-mot", device="cuda", backend="triton")
+    pipe.compute = a.compute
     t0 = time.time()
     if a.only_timeline:
         for task in ("t2i", "edit"):
-            rows.append(dict(diag="request_timeline", **request_timeline(pipe, a.size, task), **env))
+            rows.append(dict(diag="request_timeline", compute=a.compute, attention=pipe.attention,
+                             **request_timeline(pipe, a.size, task), **env))
             print(json.dumps(rows[-1]), flush=True)
             with open(a.out, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
