@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 
 from bagel_rt.bench import environment, test_image
-from bagel_rt.fast import PackedDenoiser
+from bagel_rt.fast import PackedDenoiser, resolve_attention
 from bagel_rt.random_weights import random_bagel
 from bagel_rt.sampler import CFGSettings
 
@@ -333,7 +333,8 @@ def main():
     t0 = time.time()
     if a.only_timeline:
         for task in ("t2i", "edit"):
-            rows.append(dict(diag="request_timeline", compute=a.compute, attention=pipe.attention,
+            rows.append(dict(diag="request_timeline", compute=a.compute,
+                             attention=resolve_attention(pipe.attention, pipe.device, pipe.model.dtype),
                              **request_timeline(pipe, a.size, task), **env))
             print(json.dumps(rows[-1]), flush=True)
             with open(a.out, "a") as f:
