@@ -31,7 +31,8 @@ def quantize_rows_fp8_ref(x: Tensor) -> tuple[Tensor, Tensor]:
     """Reference. x [M, K] (bf16/fp16/fp32) -> (q [M, K] float8_e4m3fn, scale [M, 1] fp32), x ≈ q * scale."""
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) * INV_FP8_MAX).clamp_min(SCALE_MIN)
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale  # tensor / tensor: a true division
+    inv = torch.ones_like(scale) / scale  # tensor / tensor: a true (correctly rounded) division
+    return (xf * inv).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 @triton.jit
@@ -56,12 +57,18 @@ def fp8_row_scale(amax):
 
 
 @triton.jit
-def fp8_codes(b_x, b_scale):
-    """fp32 values and a same-shape block holding their row's scale -> the e4m3 values, still in fp32.
+def fp8_row_inv(scale):
+    """The reciprocal of a row's scale, correctly rounded (div_rn; Triton's plain fp32 "/" is approximate).
+    Codes are ``x * inv`` as in the reference: one IEEE division per row instead of one per element, which
+    made the FP8 producers ALU-bound."""
+    return tl.math.div_rn(1.0, scale)
 
-    The division is IEEE (div_rn; Triton's plain fp32 "/" is approximate) and is a division, as the reference
-    does it, not a multiply by the reciprocal; the quotient is clamped to +-448 and rounded to the e4m3 grid."""
-    b_q = tl.minimum(tl.maximum(tl.math.div_rn(b_x, b_scale), -_FP8_MAX_C), _FP8_MAX_C)
+
+@triton.jit
+def fp8_codes(b_x, b_inv):
+    """fp32 values and a same-shape block holding their row's inverse scale -> the e4m3 values, still in fp32
+    (the product clamped to +-448 and rounded to the e4m3 grid)."""
+    b_q = tl.minimum(tl.maximum(b_x * b_inv, -_FP8_MAX_C), _FP8_MAX_C)
     return _round_to_e4m3_grid(b_q)
 
 
@@ -77,13 +84,13 @@ def _quantize_rows_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.constexpr)
         b_amax = tl.maximum(b_amax, tl.abs(b_x))
     scale = fp8_row_scale(tl.max(b_amax, axis=0))
     tl.store(s + i_m, scale)
-    b_scale = tl.zeros([BLOCK_K], dtype=tl.float32) + scale
-    # pass 2: divide and round to e4m3
+    b_inv = tl.zeros([BLOCK_K], dtype=tl.float32) + fp8_row_inv(scale)
+    # pass 2: scale and round to e4m3
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
         b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)
-        tl.store(q + i_m * stride_q + o_k, fp8_codes(b_x, b_scale).to(q.dtype.element_ty), mask=m_k)
+        tl.store(q + i_m * stride_q + o_k, fp8_codes(b_x, b_inv).to(q.dtype.element_ty), mask=m_k)
 
 
 def empty_fp8_rows(M: int, K: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -98,7 +105,7 @@ def quantize_rows_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row FP8 quantization: x [M, K] -> (q [M, K] float8_e4m3fn contiguous, scale [M, 1] fp32).
 
     ``x`` may be bf16, fp16 or fp32 with a contiguous last dim and any row stride. Same arithmetic as
-    :func:`quantize_rows_fp8_ref` (fp32 absmax times fp32(1/448), correctly rounded division by the scale,
+    :func:`quantize_rows_fp8_ref` (fp32 absmax times fp32(1/448), times the correctly rounded 1/scale,
     round-to-nearest-even to e4m3), so the results are identical, on a GPU and in the interpreter.
     ``scale`` is laid out [M, 1] as ``torch._scaled_mm`` wants it.
     """

@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._device import gdc_wait, pdl_kwargs
-from .fp8_quant import empty_fp8_rows, fp8_codes, fp8_row_scale, quantize_rows_fp8_ref
+from .fp8_quant import empty_fp8_rows, fp8_codes, fp8_row_inv, fp8_row_scale, quantize_rows_fp8_ref
 
 
 def rms_norm_ref(x: Tensor, weight: Tensor, eps: float, pdl: bool = False) -> Tensor:
@@ -68,7 +68,7 @@ def _store_row(y, s, i_m, stride_y, o_n, m_n, b_y, FP8_OUT: tl.constexpr):
         b_f = b_y.to(tl.float32)
         scale = fp8_row_scale(tl.max(tl.abs(b_f), axis=0))
         tl.store(s + i_m, scale)
-        b_q = fp8_codes(b_f, tl.zeros_like(b_f) + scale)
+        b_q = fp8_codes(b_f, tl.zeros_like(b_f) + fp8_row_inv(scale))
         tl.store(y + i_m * stride_y + o_n, b_q.to(y.dtype.element_ty), mask=m_n)
     else:
         tl.store(y + i_m * stride_y + o_n, b_y.to(y.dtype.element_ty), mask=m_n)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fp8_quant import empty_fp8_rows, fp8_codes, fp8_row_scale, quantize_rows_fp8_ref
+from .fp8_quant import empty_fp8_rows, fp8_codes, fp8_row_inv, fp8_row_scale, quantize_rows_fp8_ref
 
 
 def swiglu_ref(gate: Tensor, up: Tensor) -> Tensor:
@@ -61,10 +61,10 @@ def _swiglu_fp8_kernel(g, u, q, s, stride_g, stride_u, stride_q, N, BLOCK_N: tl.
         b_amax = tl.maximum(b_amax, tl.abs(_swiglu_tile(p_g, p_u, n0, N, BLOCK_N)))
     scale = fp8_row_scale(tl.max(b_amax, axis=0))
     tl.store(s + i_m, scale)
-    b_scale = tl.zeros([BLOCK_N], dtype=tl.float32) + scale
+    b_inv = tl.zeros([BLOCK_N], dtype=tl.float32) + fp8_row_inv(scale)
     for n0 in range(0, N, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
-        b_q = fp8_codes(_swiglu_tile(p_g, p_u, n0, N, BLOCK_N), b_scale)
+        b_q = fp8_codes(_swiglu_tile(p_g, p_u, n0, N, BLOCK_N), b_inv)
         tl.store(q + i_m * stride_q + o_n, b_q.to(q.dtype.element_ty), mask=o_n < N)
 
 
