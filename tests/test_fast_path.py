@@ -83,16 +83,41 @@ def test_cudnn_attention_is_refused_where_it_cannot_run(pipes):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cudnn_latent_attention_matches_triton_bf16(tmp_path):
-    """The cuDNN latent attention (one SDPA call per branch, native GQA) gives the Triton kernel's result."""
+    """The cuDNN latent attention (one SDPA call per branch, native GQA) computes what the Triton kernel does:
+    the attention itself to bf16 rounding, and whole generations to CFG-amplified bf16 noise."""
+    from bagel_rt.kernels import varlen_attention_ref
+
+    from bagel_rt.fast import PackedDenoiser
+
     d = write_tiny_checkpoint(tmp_path / "tiny")
     pipe = bagel_rt.load(d, device="cuda", dtype=torch.bfloat16, backend="triton")
-    out = {}
+    s = _three_branch_session(pipe)
+    ctxs = [s.gen, s.cfg_text, s.cfg_img]
+    outs = {}
+    for impl in ("triton", "cudnn"):
+        den = PackedDenoiser(pipe.model, ctxs, 3, 4, use_graphs=False, attention=impl)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(3 * den.N, den.Hq, den.D, device="cuda", dtype=torch.bfloat16, generator=g)
+        den.k[0].normal_(generator=g)
+        den.v[0].normal_(generator=g)
+        m = den.meta[3]
+        if impl == "cudnn":
+            outs[impl] = den._attention_cudnn(q, den.k[0], den.v[0], m["k_ranges"])
+        else:
+            outs[impl] = den.k_ops.varlen_attention(q, den.k[0], den.v[0], m["cu_qg"], m["cu_k"], False,
+                                                    den.sm_scale, den.N, m["max_k"])
+    ref = varlen_attention_ref(
+        q, den.k[0], den.v[0], m["cu_qg"], m["cu_k"], False, den.sm_scale)
+    assert rel_l2(outs["cudnn"], ref) < 1e-2 and rel_l2(outs["triton"], ref) < 1e-2
+
+    res = {}
     for impl in ("triton", "cudnn"):
         pipe.attention = impl
         s = _three_branch_session(pipe)
-        out[impl] = s.gen_image((48, 64), CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel"), num_timesteps=4,
-                                record=True)
+        res[impl] = s.gen_image((48, 64), CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel"),
+                                num_timesteps=4, record=True)
         assert pipe.fast_cache["denoiser"].attention == impl
-    # both are bf16 attentions with fp32 softmax: they differ by rounding only
-    assert rel_l2(out["cudnn"].velocities, out["triton"].velocities) < 2e-2
-    assert rel_l2(out["cudnn"].latents, out["triton"].latents) < 1e-2
+    # bf16 noise amplified by CFG (the golden cases: first-step velocities within 1.2-2.7e-2 of the official)
+    v = rel_l2(res["cudnn"].velocities[0], res["triton"].velocities[0])
+    x = rel_l2(res["cudnn"].latents, res["triton"].latents)
+    assert v < 5e-2 and x < 3e-2, (v, x)
