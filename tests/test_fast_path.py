@@ -110,6 +110,12 @@ def test_cudnn_latent_attention_matches_triton_bf16(tmp_path):
         q, den.k[0], den.v[0], m["cu_qg"], m["cu_k"], False, den.sm_scale)
     assert rel_l2(outs["cudnn"], ref) < 1e-2 and rel_l2(outs["triton"], ref) < 1e-2
 
+    # one packed forward of all three branches (no CFG combination to amplify bf16 noise)
+    x = torch.randn(12, pipe.model.params.patch_latent_dim, device="cuda", generator=g)
+    vel = {impl: PackedDenoiser(pipe.model, ctxs, 3, 4, use_graphs=False, attention=impl).velocities(x, 0.7, 3)
+           for impl in ("triton", "cudnn")}
+    assert rel_l2(vel["cudnn"], vel["triton"]) < 1e-2
+
     res = {}
     for impl in ("triton", "cudnn"):
         pipe.attention = impl
@@ -117,7 +123,7 @@ def test_cudnn_latent_attention_matches_triton_bf16(tmp_path):
         res[impl] = s.gen_image((48, 64), CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel"),
                                 num_timesteps=4, record=True)
         assert pipe.fast_cache["denoiser"].attention == impl
-    # bf16 noise amplified by CFG (the golden cases: first-step velocities within 1.2-2.7e-2 of the official)
-    v = rel_l2(res["cudnn"].velocities[0], res["triton"].velocities[0])
+    # whole generations: CFG (text 4, image 2) amplifies the bf16 noise of this random tiny model to a few
+    # 1e-2 (measured 4.3e-2 first-step velocities, 3.3e-2 latents on an H200); a wiring error is O(1)
     x = rel_l2(res["cudnn"].latents, res["triton"].latents)
-    assert v < 5e-2 and x < 3e-2, (v, x)
+    assert x < 0.1, x
