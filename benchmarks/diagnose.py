@@ -276,7 +276,7 @@ def attention_ab(pipe, size, rounds: int = 1):
 
 
 def _kind(name: str) -> str:
-    if "attn" in name:
+    if "attn" in name or "sdpa" in name:  # ours, cuDNN's (cudnn_generated_fort_native_sdpa_...)
         return "attention"
     if "gemv" in name:
         return "gemv"
