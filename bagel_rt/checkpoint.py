@@ -2,8 +2,9 @@
 
 Tensors go from the memory-mapped file straight to the target device and dtype, one at a time, into a
 model built on the meta device (``load_state_dict(assign=True)``): no second full copy of the weights is
-ever held in RAM. Every failure a user can cause (missing file, truncated or corrupt file, wrong keys,
-shapes or dtypes, a directory of another model) raises :class:`CheckpointError` naming the file and key.
+ever held in RAM (on CUDA the data passes through a 512 MiB ring of pinned buffers,
+:mod:`bagel_rt.streaming`). Every failure a user can cause (missing file, truncated or corrupt file, wrong
+keys, shapes or dtypes, a directory of another model) raises :class:`CheckpointError` naming the file and key.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  #: absolute byte offset of the data in the file
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def read_header(path: Path) -> SafetensorsHeader:
             dtype, shape, (a, b) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}") from None
-        tensors[key] = TensorInfo(dtype, shape, b - a)
+        tensors[key] = TensorInfo(dtype, shape, b - a, 8 + n + a)
         end = max(end, b)
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated: the header describes {8 + n + end} bytes but the file has "
@@ -143,22 +145,45 @@ def load_into(module: nn.Module, header: SafetensorsHeader, device: torch.device
 
     Each tensor is read from the memory map, moved to ``device`` and cast to ``dtype`` (``None`` keeps the
     file's dtype), then assigned. ``progress`` is an optional callable taking the number of bytes done.
+    On CUDA the reads and the host-to-device copies overlap (:mod:`bagel_rt.streaming`).
     """
     device = torch.device(device)
-    state = {}
-    # safetensors reads straight into device memory for CUDA; on the CPU it returns mmap-backed tensors
-    open_dev = str(device) if device.type == "cuda" else "cpu"
+    keys = list(module.state_dict().keys())
     try:
-        with safe_open(str(header.path), framework="pt", device=open_dev) as f:
-            for key in module.state_dict().keys():
-                t = f.get_tensor(key)
-                if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                    t = t.to(dtype)
-                state[key] = t.to(device)
-                if progress is not None:
-                    progress(header.tensors[key].nbytes)
+        if device.type == "cuda":
+            state = _read_cuda(header, keys, device, progress)
+        else:
+            state = {}
+            with safe_open(str(header.path), framework="pt", device="cpu") as f:  # mmap-backed tensors
+                for key in keys:
+                    state[key] = f.get_tensor(key)
+                    if progress is not None:
+                        progress(header.tensors[key].nbytes)
+        for key, t in state.items():
+            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                state[key] = t.to(dtype)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own error type for corrupt data
         raise CheckpointError(f"{header.path}: cannot be read ({str(e).splitlines()[0]})") from None
     module.load_state_dict(state, strict=True, assign=True)
+
+
+def _read_cuda(header: SafetensorsHeader, keys: list[str], device: torch.device, progress) -> dict:
+    from .streaming import read_tensors
+
+    entries = {}
+    for key in keys:
+        info = header.tensors[key]
+        dt = _DTYPES.get(info.dtype)
+        if dt is None:
+            raise CheckpointError(f"{header.path}: tensor {key!r} has dtype {info.dtype}, which bagel-rt cannot "
+                                  f"read")
+        numel = 1
+        for d in info.shape:
+            numel *= d
+        if numel * dt.itemsize != info.nbytes:
+            raise CheckpointError(f"{header.path}: corrupt header: tensor {key!r} ({info.dtype} "
+                                  f"{list(info.shape)}) spans {info.nbytes} bytes, expected {numel * dt.itemsize}")
+        entries[key] = (dt, info.shape, info.offset, info.nbytes)
+    return read_tensors(header.path, entries, device, progress=progress)
