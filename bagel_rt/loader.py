@@ -115,21 +115,25 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     if plain:
         check_keys(ema, expected_shapes(model), "a BAGEL model with the sizes of llm_config.json/vit_config.json")
     check_keys(ae, expected_shapes(vae), "a FLUX autoencoder")
+    phases = {"read headers and configs": time.perf_counter() - t0}
     headers = [ema] if plain else [read_header(f) for f in weight_files(path, stored)]
     bar = _bytes_bar(sum(t.nbytes for h in (*headers, ae) for t in h.tensors.values()), progress)
     if plain:
         load_into(model, ema, device, dtype, bar.update if bar else None)
     else:
         load_weights(model, path, stored, fmt, device, dtype, skip, bar.update if bar else None, df11_resident)
+    phases["LLM + ViT weights"] = time.perf_counter() - t0 - sum(phases.values())
     load_into(vae, ae, device, torch.float32, bar.update if bar else None)
     if bar:
         bar.close()
+    phases["VAE weights"] = time.perf_counter() - t0 - sum(phases.values())
     # inference only: no parameter ever needs a gradient (and autograd must never record a graph — an
     # edit's VAE encode at 1024^2 would keep ~17 GiB of activations alive)
     model.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
     pipe = Bagel(model, vae, tokenizer, path=path, load_seconds=time.perf_counter() - t0, backend=backend,
                  weights=fmt)
+    pipe.load_phases = {k: round(v, 3) for k, v in phases.items()}
     pipe.df11_resident = df11_resident
     pipe.compute = compute
     pipe.attention = attention

@@ -46,6 +46,8 @@ class Bagel:
         #: the weight format as loaded: "bf16" (or the dtype's name), "int8", "nf4" or "df11"
         self.weights = weights
         self.path, self.load_seconds = path, load_seconds
+        #: seconds per loading phase (set by :func:`bagel_rt.load`)
+        self.load_phases: dict[str, float] = {}
         self.backend = resolve_backend(backend, model.device)
         #: capture CUDA graphs on the triton backend (turned off only to compare or debug)
         self.use_graphs = True

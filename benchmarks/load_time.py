@@ -38,7 +38,8 @@ for _ in range(2):
     torch.cuda.synchronize()
     times.append(round(time.perf_counter() - s, 3))
 print(json.dumps(dict(import_s=round(t1 - t0, 3), cuda_init_s=round(t2 - t1, 3), load_s=round(t3 - t2, 3),
-                      pipe_load_seconds=round(pipe.load_seconds, 3), first_image_s=times[0],
+                      pipe_load_seconds=round(pipe.load_seconds, 3), load_phases=pipe.load_phases,
+                      first_image_s=times[0],
                       second_image_s=times[1], start_to_first_image_s=round(t3 - t0 + times[0], 3))))
 """
 
