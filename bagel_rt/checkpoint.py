@@ -14,7 +14,7 @@ import shutil
 import struct
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +36,8 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    offset: int = 0  #: absolute byte offset of the data in the file
+    #: absolute byte offset of the data in the file (where, not what: left out of comparisons)
+    offset: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)

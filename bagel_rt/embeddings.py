@@ -91,3 +91,11 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dt
     ang = positions.float()[:, None] * inv_freq[None]
     emb = torch.cat([ang, ang], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def embedding_table(num: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num, dim)`` with its weight left uninitialised: the weights are always loaded (or filled
+    by the random-weight builders) afterwards. The default ``normal_`` init on the meta device, where models
+    are built before loading, imports ~900 modules of PyTorch's Python decompositions on first use — ~1 s of
+    every process start (measured); handing the weight in skips that init."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))

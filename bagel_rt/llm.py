@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LLMParams
-from .embeddings import rope_cos_sin
+from .embeddings import embedding_table, rope_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -164,7 +164,7 @@ class Qwen2MoTModel(nn.Module):
 
     def __init__(self, p: LLMParams):
         super().__init__()
-        self.embed_tokens = nn.Embedding(p.vocab_size, p.hidden_size)
+        self.embed_tokens = embedding_table(p.vocab_size, p.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(p) for _ in range(p.num_layers))
         self.norm = RMSNorm(p.hidden_size, p.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(p.hidden_size, p.rms_norm_eps)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ViTParams
+from .embeddings import embedding_table
 
 
 class LayerNorm(nn.LayerNorm):
@@ -70,7 +71,7 @@ class ViTEmbeddings(nn.Module):
     def __init__(self, p: ViTParams):
         super().__init__()
         self.patch_embedding = nn.Linear(3 * p.patch_size**2, p.hidden_size)
-        self.position_embedding = nn.Embedding(p.max_patches_per_side**2, p.hidden_size)
+        self.position_embedding = embedding_table(p.max_patches_per_side**2, p.hidden_size)
 
 
 class ViTEncoder(nn.Module):
