@@ -9,10 +9,11 @@ into one contiguous *arena* per layer, each branch followed by room for the quer
 A step then runs every active branch in **one** forward. The residual stream is packed
 ``[gen rows of branch 0..B-1 | und (marker) rows of branch 0..B-1]``, so each expert's GEMMs see one
 contiguous range with B times the rows (no per-layer gather/scatter); the block's keys/values are written
-into the arena with one ``index_copy_`` per tensor; attention is two variable-length launches (latent
-queries and marker queries) where each branch attends to its own cache plus its own block. The active
-branches at a step always form a prefix of the arena order, so a forward over B branches uses the first B
-arena sections. The whole per-step forward is captured in a CUDA graph per branch count and replayed;
+into the arena with one ``index_copy_`` per tensor; attention is one variable-length launch per query kind
+(latent queries, marker queries) where each branch attends to its own cache plus its own block — on Hopper
+the latent queries go to cuDNN's fused attention instead, one call per branch (:func:`resolve_attention`).
+The active branches at a step always form a prefix of the arena order, so a forward over B branches uses the
+first B arena sections. The whole per-step forward is captured in a CUDA graph per branch count and replayed;
 x_t and t are copied into static input buffers, so the loop has no host synchronisation. The CFG
 combination + renorm + Euler update is one fused kernel (:func:`bagel_rt.kernels.cfg_euler`).
 
