@@ -21,7 +21,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error ||a - b|| / ||b||, computed in float64."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 

@@ -43,7 +43,7 @@ def test_golden_case(pipe, case):
         assert rel_l2(v[0], rv[0]) < 6e-2, "first-step velocity"
         assert rel_l2(v, rv) < 8e-2, "all velocities"
         assert rel_l2(res.latents, ref["latents"]) < 5e-2, "final latents"
-        img = torch.from_numpy(np.asarray(res.image)).float()
+        img = torch.from_numpy(np.array(res.image)).float()
         assert tuple(img.shape) == tuple(ref["image"].shape)
         diff = (img - ref["image"].float()).abs()
         assert float(diff.mean()) < 2.5 and rel_l2(img, ref["image"].float()) < 2e-2, "decoded image"
