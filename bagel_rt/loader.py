@@ -88,6 +88,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"device {device} requested but CUDA is not available on this machine")
+    from .fast import resolve_attention
+
+    resolve_attention(attention, device, dtype)  # an impossible choice fails before any weight is read
     t0 = time.perf_counter()
     _check_dir(path)
     df11 = declares_df11(path)

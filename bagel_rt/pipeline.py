@@ -97,8 +97,9 @@ class Bagel:
 
     @attention.setter
     def attention(self, value: str) -> None:
-        if value not in ("auto", "triton", "cudnn"):
-            raise InputError(f"attention must be 'auto', 'triton' or 'cudnn', got {value!r}")
+        from .fast import resolve_attention
+
+        resolve_attention(value, self.device, self.model.dtype)  # a value this machine cannot run fails here
         self._attention = value
         self.fast_cache.clear()  # a captured denoiser holds the old choice
 

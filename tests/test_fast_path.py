@@ -68,14 +68,12 @@ def test_mlp_row_chunks_under_a_budget_match(pipes):
 
 
 def test_cudnn_attention_is_refused_where_it_cannot_run(pipes):
-    """Asking for cuDNN attention with fp32 weights (or on the CPU) is a clear error, not a deep traceback."""
+    """Asking for cuDNN attention with fp32 weights (or on the CPU) is a clear error when it is set (at load
+    from the CLI), not a deep traceback in the middle of a request."""
     _, fast_pipe = pipes
-    fast_pipe.attention = "cudnn"
-    try:
-        with pytest.raises(bagel_rt.InputError, match="attention 'cudnn' needs"):
-            fast_pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=2, seed=1)
-    finally:
-        fast_pipe.attention = "auto"
+    with pytest.raises(bagel_rt.InputError, match="attention 'cudnn' needs"):
+        fast_pipe.attention = "cudnn"
+    assert fast_pipe.attention == "auto"
     with pytest.raises(bagel_rt.InputError, match="attention must be"):
         fast_pipe.attention = "flash"
 
