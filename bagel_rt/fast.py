@@ -24,6 +24,7 @@ fp32 softmax); the CFG arithmetic runs in fp32 instead of the reference's bf16.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,10 @@ class PackedDenoiser:
                  attention: str = "triton"):
         self.k_ops = _kernels()
         self.attention = resolve_attention(attention, model.device, model.dtype)
+        self.requested_attention = attention
+        #: "auto" chose cuDNN: if cuDNN refuses this request's shapes, the Triton kernel takes over
+        self.attention_fallback = attention == "auto" and self.attention == "cudnn"
+        self._checked: set[int] = set()  # branch counts whose forward has run once
         #: run each decoder layer's forward pre-hooks before the packed layer (DF11 units decoded just before
         #: use, see bagel_rt.quantized): the packed forward reads the Linears' weights without calling the layer
         self.run_hooks = run_hooks
@@ -278,11 +283,29 @@ class PackedDenoiser:
         self.x_in.copy_(x)
         self.t_in.fill_(t)
         if not self.use_graphs:
-            return self._forward(nb)
+            return self._forward(nb) if nb in self._checked else self._first_forward(nb)
         if nb not in self.graphs:
             self.graphs[nb] = self._capture(nb)
         graph, out = self.graphs[nb]
         graph.replay()
+        return out
+
+    def _first_forward(self, nb: int) -> Tensor:
+        """The first forward of a branch count, eager. Where "auto" picked cuDNN's attention and cuDNN
+        refuses (an unsupported shape, driver or build), warn once and continue with the Triton kernel."""
+        try:
+            out = self._forward(nb)
+        except RuntimeError as e:
+            if self.attention != "cudnn" or "cudnn" not in str(e).lower():
+                raise
+            if not self.attention_fallback:  # asked for explicitly: say what to do instead
+                raise InputError(f"cuDNN attention failed for this request ({str(e).splitlines()[0][:200]}); "
+                                 f"use attention 'triton' (or 'auto')") from None
+            warnings.warn(f"cuDNN attention failed ({str(e).splitlines()[0][:200]}); the denoiser uses "
+                          f"bagel-rt's Triton attention instead", RuntimeWarning, stacklevel=2)
+            self.attention, self.attention_fallback = "triton", False
+            out = self._forward(nb)
+        self._checked.add(nb)
         return out
 
     def _capture(self, nb: int):
@@ -290,8 +313,8 @@ class PackedDenoiser:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(nb)
+            self._first_forward(nb)
+            self._forward(nb)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
@@ -331,9 +354,8 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     branch_ctxs = [ctxs[b] for b in order]
     key = denoiser_key(branch_ctxs, h, w)
     den = cache.get("denoiser") if cache is not None else None
-    attention = resolve_attention(attention, model.device, model.dtype)
     if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
-            and (den.fp8 is fp8 or (not den.fp8 and not fp8)) and den.attention == attention):
+            and (den.fp8 is fp8 or (not den.fp8 and not fp8)) and den.requested_attention == attention):
         den.refill(branch_ctxs)  # same shapes: keep the captured graphs, copy the new caches in
     else:
         if cache is not None:

@@ -125,3 +125,30 @@ def test_cudnn_latent_attention_matches_triton_bf16(tmp_path):
     # 1e-2 (measured 4.3e-2 first-step velocities, 3.3e-2 latents on an H200); a wiring error is O(1)
     x = rel_l2(res["cudnn"].latents, res["triton"].latents)
     assert x < 0.1, x
+
+
+def test_auto_attention_falls_back_when_cudnn_refuses(pipes):
+    """Where "auto" picked cuDNN and cuDNN refuses the request, the denoiser warns once and uses the Triton
+    kernel: the same velocities, no failed request (cuDNN itself is simulated: it cannot run on a CPU)."""
+    from bagel_rt.fast import PackedDenoiser
+
+    _, fast_pipe = pipes
+    s = _three_branch_session(fast_pipe)
+    ctxs = [s.gen, s.cfg_text, s.cfg_img]
+    x = torch.randn(12, fast_pipe.model.params.patch_latent_dim, generator=torch.Generator().manual_seed(3))
+    ref = PackedDenoiser(fast_pipe.model, ctxs, 3, 4, use_graphs=False).velocities(x.to(DEV), 0.6, 3).clone()
+    den = PackedDenoiser(fast_pipe.model, ctxs, 3, 4, use_graphs=False)
+    den.attention, den.attention_fallback = "cudnn", True  # what "auto" resolves to on Hopper
+
+    def refuse(*args):
+        raise RuntimeError("cuDNN Frontend error: No valid execution plans built.")
+
+    den._attention_cudnn = refuse
+    with pytest.warns(RuntimeWarning, match="cuDNN attention failed"):
+        out = den.velocities(x.to(DEV), 0.6, 3)
+    assert den.attention == "triton" and torch.equal(out, ref)
+    # an explicit choice is not second-guessed: a one-line error that says what to use instead
+    den2 = PackedDenoiser(fast_pipe.model, ctxs, 3, 4, use_graphs=False)
+    den2.attention, den2._attention_cudnn = "cudnn", refuse
+    with pytest.raises(bagel_rt.InputError, match="No valid execution plans.*use attention 'triton'"):
+        den2.velocities(x.to(DEV), 0.6, 3)
