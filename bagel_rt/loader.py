@@ -4,7 +4,7 @@ Reads ``llm_config.json`` and ``vit_config.json`` (with the reference's in-code 
 :mod:`bagel_rt.config`), infers the VAE from ``ae.safetensors`` shapes, checks every key and shape of both
 weight files strictly, then materialises the weights tensor by tensor on the target device and dtype.
 Quantized (int8 / nf4) and DFloat11 checkpoints, and quantizing as it loads, go through
-:func:`bagel_rt.quantized.load_weights`; the format comes from the checkpoint's own declaration.
+:func:`bagel_rt.quantized_load.load_weights`; the format comes from the checkpoint's own declaration.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         a :class:`bagel_rt.pipeline.Bagel` pipeline.
     """
     from .pipeline import Bagel
-    from .quantized import DF11_VAE, declares_df11, ema_format, load_weights, resolve_weights, weight_files
+    from .quantized import DF11_VAE, declares_df11, ema_format, resolve_weights
+    from .quantized_load import load_weights, weight_files
 
     path = Path(path).expanduser()
     device = torch.device(device) if device is not None else default_device()
