@@ -84,9 +84,8 @@ class PackedDenoiser:
                  attention: str = "triton"):
         self.k_ops = _kernels()
         self.attention = resolve_attention(attention, model.device, model.dtype)
+        #: as asked: under "auto", a cuDNN refusal of this request's shapes hands over to the Triton kernel
         self.requested_attention = attention
-        #: "auto" chose cuDNN: if cuDNN refuses this request's shapes, the Triton kernel takes over
-        self.attention_fallback = attention == "auto" and self.attention == "cudnn"
         self._checked: set[int] = set()  # branch counts whose forward has run once
         #: run each decoder layer's forward pre-hooks before the packed layer (DF11 units decoded just before
         #: use, see bagel_rt.quantized): the packed forward reads the Linears' weights without calling the layer
@@ -184,10 +183,7 @@ class PackedDenoiser:
         K.index_copy_(0, m["und_rows"], ku)
         V.index_copy_(0, m["gen_rows"], vg.view(G, self.Hk, self.D))
         V.index_copy_(0, m["und_rows"], vu.view(U, self.Hk, self.D))
-        if self.attention == "cudnn":
-            og = self._attention_cudnn(qg, K, V, m["k_ranges"])
-        else:
-            og = k_ops.varlen_attention(qg, K, V, m["cu_qg"], m["cu_k"], False, self.sm_scale, self.N, m["max_k"])
+        og = self._latent_attention(qg, K, V, m)
         ou = k_ops.varlen_attention(qu, K, V, m["cu_qu"], m["cu_k"], False, self.sm_scale, 2, m["max_k"])
         ag = self._linear(a.o_proj_moe_gen, og.view(G, -1))
         au = self._linear(a.o_proj, ou.view(U, -1))
@@ -196,6 +192,14 @@ class PackedDenoiser:
                                     [mg.gate_proj, mg.up_proj])
         hu, xu, huq = self._norm_in(xu, au, layer.post_attention_layernorm.weight, [mu.gate_proj, mu.up_proj])
         return xg + self._mlp(mg, hg, hgq), xu + self._mlp(mu, hu, huq)
+
+    def _latent_attention(self, q: Tensor, K: Tensor, V: Tensor, m: dict) -> Tensor:
+        """Attention of the latent queries q [nb*N, Hq, D] of the branches described by ``m`` (a ``meta``
+        entry) over the arena rows K, V [rows, Hk, D], with the chosen implementation."""
+        if self.attention == "cudnn":
+            return self._attention_cudnn(q, K, V, m["k_ranges"])
+        return self.k_ops.varlen_attention(q, K, V, m["cu_qg"], m["cu_k"], False, self.sm_scale, self.N,
+                                           m["max_k"])
 
     def _attention_cudnn(self, q: Tensor, K: Tensor, V: Tensor, k_ranges: list) -> Tensor:
         """Latent-query attention through cuDNN: branch b's N queries q[bN:(b+1)N] [N, Hq, D] attend to the
@@ -298,12 +302,12 @@ class PackedDenoiser:
         except RuntimeError as e:
             if self.attention != "cudnn" or "cudnn" not in str(e).lower():
                 raise
-            if not self.attention_fallback:  # asked for explicitly: say what to do instead
+            if self.requested_attention != "auto":  # asked for explicitly: say what to do instead
                 raise InputError(f"cuDNN attention failed for this request ({str(e).splitlines()[0][:200]}); "
                                  f"use attention 'triton' (or 'auto')") from None
             warnings.warn(f"cuDNN attention failed ({str(e).splitlines()[0][:200]}); the denoiser uses "
                           f"bagel-rt's Triton attention instead", RuntimeWarning, stacklevel=2)
-            self.attention, self.attention_fallback = "triton", False
+            self.attention = "triton"
             out = self._forward(nb)
         self._checked.add(nb)
         return out

@@ -211,12 +211,6 @@ def request_timeline(pipe, size, task):
                 top_kernels=[[round(a, 1), b, c] for a, b, c in top])
 
 
-def _latent_attention(den, q, K, V, m):
-    if den.attention == "cudnn":
-        return den._attention_cudnn(q, K, V, m["k_ranges"])
-    return den.k_ops.varlen_attention(q, K, V, m["cu_qg"], m["cu_k"], False, den.sm_scale, den.N, m["max_k"])
-
-
 def attention_ab(pipe, size, rounds: int = 1):
     """Latent-query attention, our Triton kernel vs cuDNN (SDPA, native GQA): the attention call alone at the
     in-situ shapes of t2i (2 branches) and edit (3 branches), and whole warm requests with each."""
@@ -239,12 +233,12 @@ def attention_ab(pipe, size, rounds: int = 1):
             den.v[0].normal_(generator=g)
             K, V = den.k[0], den.v[0]
             for _ in range(3):
-                outs[impl] = _latent_attention(den, q, K, V, m)
+                outs[impl] = den._latent_attention(q, K, V, m)
             torch.cuda.synchronize()
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             for _ in range(50):
-                _latent_attention(den, q, K, V, m)
+                den._latent_attention(q, K, V, m)
             e1.record()
             torch.cuda.synchronize()
             out["kernel_ms"][f"{task}/{impl}"] = round(e0.elapsed_time(e1) / 50, 3)

@@ -99,11 +99,7 @@ def test_cudnn_latent_attention_matches_triton_bf16(tmp_path):
         den.k[0].normal_(generator=g)
         den.v[0].normal_(generator=g)
         m = den.meta[3]
-        if impl == "cudnn":
-            outs[impl] = den._attention_cudnn(q, den.k[0], den.v[0], m["k_ranges"])
-        else:
-            outs[impl] = den.k_ops.varlen_attention(q, den.k[0], den.v[0], m["cu_qg"], m["cu_k"], False,
-                                                    den.sm_scale, den.N, m["max_k"])
+        outs[impl] = den._latent_attention(q, den.k[0], den.v[0], m)
     ref = varlen_attention_ref(
         q, den.k[0], den.v[0], m["cu_qg"], m["cu_k"], False, den.sm_scale)
     assert rel_l2(outs["cudnn"], ref) < 1e-2 and rel_l2(outs["triton"], ref) < 1e-2
@@ -138,7 +134,7 @@ def test_auto_attention_falls_back_when_cudnn_refuses(pipes):
     x = torch.randn(12, fast_pipe.model.params.patch_latent_dim, generator=torch.Generator().manual_seed(3))
     ref = PackedDenoiser(fast_pipe.model, ctxs, 3, 4, use_graphs=False).velocities(x.to(DEV), 0.6, 3).clone()
     den = PackedDenoiser(fast_pipe.model, ctxs, 3, 4, use_graphs=False)
-    den.attention, den.attention_fallback = "cudnn", True  # what "auto" resolves to on Hopper
+    den.attention, den.requested_attention = "cudnn", "auto"  # what "auto" resolves to on Hopper
 
     def refuse(*args):
         raise RuntimeError("cuDNN Frontend error: No valid execution plans built.")
@@ -149,6 +145,6 @@ def test_auto_attention_falls_back_when_cudnn_refuses(pipes):
     assert den.attention == "triton" and torch.equal(out, ref)
     # an explicit choice is not second-guessed: a one-line error that says what to use instead
     den2 = PackedDenoiser(fast_pipe.model, ctxs, 3, 4, use_graphs=False)
-    den2.attention, den2._attention_cudnn = "cudnn", refuse
+    den2.attention, den2.requested_attention, den2._attention_cudnn = "cudnn", "cudnn", refuse
     with pytest.raises(bagel_rt.InputError, match="No valid execution plans.*use attention 'triton'"):
         den2.velocities(x.to(DEV), 0.6, 3)
