@@ -10,6 +10,7 @@ keys, shapes or dtypes, a directory of another model) raises :class:`CheckpointE
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 import tempfile
@@ -180,9 +181,7 @@ def _read_cuda(header: SafetensorsHeader, keys: list[str], device: torch.device,
         if dt is None:
             raise CheckpointError(f"{header.path}: tensor {key!r} has dtype {info.dtype}, which bagel-rt cannot "
                                   f"read")
-        numel = 1
-        for d in info.shape:
-            numel *= d
+        numel = math.prod(info.shape)
         if numel * dt.itemsize != info.nbytes:
             raise CheckpointError(f"{header.path}: corrupt header: tensor {key!r} ({info.dtype} "
                                   f"{list(info.shape)}) spans {info.nbytes} bytes, expected {numel * dt.itemsize}")

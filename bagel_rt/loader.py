@@ -81,6 +81,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     Returns:
         a :class:`bagel_rt.pipeline.Bagel` pipeline.
     """
+    from .fast import resolve_attention
     from .pipeline import Bagel
     from .quantized import DF11_VAE, declares_df11, ema_format, resolve_weights
     from .quantized_load import load_weights, weight_files
@@ -89,8 +90,6 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"device {device} requested but CUDA is not available on this machine")
-    from .fast import resolve_attention
-
     resolve_attention(attention, device, dtype)  # an impossible choice fails before any weight is read
     t0 = time.perf_counter()
     _check_dir(path)
