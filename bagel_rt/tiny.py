@@ -102,11 +102,17 @@ def write_tiny_checkpoint(path: str | Path, seed: int = 0, overwrite: bool = Fal
         meta = {"bagel_rt.format": "bf16"}  # one key: safetensors does not keep metadata order stable
         save_file(_random_state(model, seed, torch.bfloat16), str(tmp / "ema.safetensors"), metadata=meta)
         save_file(_random_state(vae, seed + 1, torch.float32), str(tmp / "ae.safetensors"))
-        (tmp / "llm_config.json").write_text(json.dumps(_llm_config(p.llm), indent=2))
-        (tmp / "vit_config.json").write_text(json.dumps(_vit_config(p.vit), indent=2))
-        tok = resources.files("bagel_rt").joinpath("data/tiny_tokenizer.json").read_text(encoding="utf-8")
-        (tmp / "tokenizer.json").write_text(tok, encoding="utf-8")
+        write_configs_and_tokenizer(tmp, p)
     return path
+
+
+def write_configs_and_tokenizer(directory: Path, p: BagelParams) -> None:
+    """The official layout's ``llm_config.json`` and ``vit_config.json`` for ``p``, and the embedded tiny
+    tokenizer as ``tokenizer.json`` (its ids are valid rows of any BAGEL embedding)."""
+    (directory / "llm_config.json").write_text(json.dumps(_llm_config(p.llm), indent=2))
+    (directory / "vit_config.json").write_text(json.dumps(_vit_config(p.vit), indent=2))
+    tok = resources.files("bagel_rt").joinpath("data/tiny_tokenizer.json").read_text(encoding="utf-8")
+    (directory / "tokenizer.json").write_text(tok, encoding="utf-8")
 
 
 def ensure_tiny_checkpoint(path: Path | None = None) -> tuple[Path, bool]:

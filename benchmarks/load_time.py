@@ -51,20 +51,16 @@ def write_checkpoint(path: Path, params="bagel-7b-mot", device: str = "cuda") ->
 
     from bagel_rt.checkpoint import writing_directory
     from bagel_rt.random_weights import random_bagel
-    from bagel_rt.tiny import _llm_config, _vit_config
+    from bagel_rt.tiny import write_configs_and_tokenizer
 
     t0 = time.perf_counter()
     pipe = random_bagel(params, device=device)
-    p = pipe.model.params
     with writing_directory(path) as tmp:
         for name, module in (("ema.safetensors", pipe.model), ("ae.safetensors", pipe.vae)):
             state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
             save_file(state, str(tmp / name))
             del state
-        (tmp / "llm_config.json").write_text(json.dumps(_llm_config(p.llm), indent=2))
-        (tmp / "vit_config.json").write_text(json.dumps(_vit_config(p.vit), indent=2))
-        tok = Path(__file__).resolve().parents[1] / "bagel_rt" / "data" / "tiny_tokenizer.json"
-        (tmp / "tokenizer.json").write_text(tok.read_text(encoding="utf-8"), encoding="utf-8")
+        write_configs_and_tokenizer(tmp, pipe.model.params)
     del pipe
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
