@@ -23,6 +23,7 @@ fp32 softmax); the CFG arithmetic runs in fp32 instead of the reference's bf16.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -81,7 +82,7 @@ class PackedDenoiser:
 
     def __init__(self, model, ctxs: list[Context], h: int, w: int, use_graphs: bool = True,
                  fp8: dict | None = None, mlp_chunks: int = 1, run_hooks: bool = False,
-                 attention: str = "triton"):
+                 attention: str = "triton", marker_stream: bool | None = None):
         self.k_ops = _kernels()
         self.attention = resolve_attention(attention, model.device, model.dtype)
         #: as asked: under "auto", a cuDNN refusal of this request's shapes hands over to the Triton kernel
@@ -94,6 +95,11 @@ class PackedDenoiser:
         #: memory budget, trading a little GEMM efficiency for memory
         self.mlp_chunks = mlp_chunks
         self.fp8 = fp8 if fp8 is not None else {}
+        #: the stream of the und (marker) rows' kernels, overlapping the gen rows' (None: one stream). Default:
+        #: on for CUDA unless pre-hooks run (they would have to be ordered before both streams)
+        if marker_stream is None:
+            marker_stream = model.device.type == "cuda" and not run_hooks
+        self.side = torch.cuda.Stream(device=model.device) if marker_stream else None
         self.model, self.h, self.w = model, h, w
         p = model.params.llm
         self.Hq, self.Hk, self.D, self.eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
@@ -158,40 +164,68 @@ class PackedDenoiser:
     def _layer(self, i: int, layer, xg: Tensor, xu: Tensor, m: dict) -> tuple[Tensor, Tensor]:
         """One packed decoder layer on the residual streams xg (gen rows) and xu (und rows).
 
+        With a marker stream (:attr:`side`), the und rows' work runs there, beside the gen rows' GEMMs: the two
+        only meet in the arena (each attends to the other's keys/values), so the streams wait on each other
+        twice per layer, once per direction.
+
         The MLP output is added with a plain add, not in the next layer's norm: fusing it into an add+RMSNorm
         measured 0.6% slower end to end (H200, same process, 9.63 vs 9.59 s per t2i, commit 5691509)."""
         if self.run_hooks:
             for hook in list(layer._forward_pre_hooks.values()):
                 hook(layer, ())
-        k_ops, eps, a = self.k_ops, self.eps, layer.self_attn
-        G, U = xg.shape[0], xu.shape[0]
-
-        def qkv(x, norm, sfx):
-            mods = [getattr(a, n + sfx) for n in ("q_proj", "k_proj", "v_proj")]
-            h, _, xq = self._norm_in(x, None, norm.weight, mods)
-            return tuple(self._linear(mod, h, xq) for mod in mods)
-
-        qg, kg, vg = qkv(xg, layer.input_layernorm_moe_gen, "_moe_gen")
-        qu, ku, vu = qkv(xu, layer.input_layernorm, "")
-        qg, kg = k_ops.qk_norm_rope(qg.view(G, self.Hq, self.D), kg.view(G, self.Hk, self.D),
-                                    a.q_norm_moe_gen.weight, a.k_norm_moe_gen.weight, m["cos_g"], m["sin_g"], eps,
-                                    self.dtype)
-        qu, ku = k_ops.qk_norm_rope(qu.view(U, self.Hq, self.D), ku.view(U, self.Hk, self.D), a.q_norm.weight,
-                                    a.k_norm.weight, m["cos_u"], m["sin_u"], eps, self.dtype)
         K, V = self.k[i], self.v[i]
-        K.index_copy_(0, m["gen_rows"], kg)
-        K.index_copy_(0, m["und_rows"], ku)
-        V.index_copy_(0, m["gen_rows"], vg.view(G, self.Hk, self.D))
-        V.index_copy_(0, m["und_rows"], vu.view(U, self.Hk, self.D))
+        with self._on_side():
+            qu = self._qkv_to_arena(layer, "", xu, K, V, m["und_rows"], m["cos_u"], m["sin_u"])
+        qg = self._qkv_to_arena(layer, "_moe_gen", xg, K, V, m["gen_rows"], m["cos_g"], m["sin_g"])
+        gen_kv = self._mark()  # the gen rows' keys/values are in the arena
+        self._wait_side()  # ... and the und rows' ones
         og = self._latent_attention(qg, K, V, m)
-        ou = k_ops.varlen_attention(qu, K, V, m["cu_qu"], m["cu_k"], False, self.sm_scale, 2, m["max_k"])
-        ag = self._linear(a.o_proj_moe_gen, og.view(G, -1))
-        au = self._linear(a.o_proj, ou.view(U, -1))
-        mg, mu = layer.mlp_moe_gen, layer.mlp
-        hg, xg, hgq = self._norm_in(xg, ag, layer.post_attention_layernorm_moe_gen.weight,
-                                    [mg.gate_proj, mg.up_proj])
-        hu, xu, huq = self._norm_in(xu, au, layer.post_attention_layernorm.weight, [mu.gate_proj, mu.up_proj])
-        return xg + self._mlp(mg, hg, hgq), xu + self._mlp(mu, hu, huq)
+        with self._on_side():
+            if gen_kv is not None:
+                self.side.wait_event(gen_kv)
+            ou = self.k_ops.varlen_attention(qu, K, V, m["cu_qu"], m["cu_k"], False, self.sm_scale, 2, m["max_k"])
+            xu = self._attn_out_mlp(layer, "", xu, ou)
+        return self._attn_out_mlp(layer, "_moe_gen", xg, og), xu
+
+    def _qkv_to_arena(self, layer, sfx: str, x: Tensor, K: Tensor, V: Tensor, rows: Tensor, cos: Tensor,
+                      sin: Tensor) -> Tensor:
+        """Queries [R, Hq, D] of one expert's rows x [R, H] (``sfx`` "" for und, "_moe_gen" for gen); their
+        keys (q/k-normed, rotated) and values are written into the arena rows ``rows`` of K, V [rows, Hk, D]."""
+        a, R = layer.self_attn, x.shape[0]
+        mods = [getattr(a, n + sfx) for n in ("q_proj", "k_proj", "v_proj")]
+        h, _, xq = self._norm_in(x, None, getattr(layer, "input_layernorm" + sfx).weight, mods)
+        q, k, v = (self._linear(mod, h, xq) for mod in mods)
+        q, k = self.k_ops.qk_norm_rope(q.view(R, self.Hq, self.D), k.view(R, self.Hk, self.D),
+                                       getattr(a, "q_norm" + sfx).weight, getattr(a, "k_norm" + sfx).weight, cos,
+                                       sin, self.eps, self.dtype)
+        K.index_copy_(0, rows, k)
+        V.index_copy_(0, rows, v.view(R, self.Hk, self.D))
+        return q
+
+    def _attn_out_mlp(self, layer, sfx: str, x: Tensor, o: Tensor) -> Tensor:
+        """The rest of the layer for one expert's rows: x + o_proj(o), then + MLP(post-attention norm)."""
+        a = self._linear(getattr(layer.self_attn, "o_proj" + sfx), o.view(o.shape[0], -1))
+        mlp = getattr(layer, "mlp" + sfx)
+        h, x, hq = self._norm_in(x, a, getattr(layer, "post_attention_layernorm" + sfx).weight,
+                                 [mlp.gate_proj, mlp.up_proj])
+        return x + self._mlp(mlp, h, hq)
+
+    def _on_side(self):
+        """Context running the und rows' kernels on the marker stream (a no-op without one)."""
+        return torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext()
+
+    def _mark(self):
+        """An event recorded on the current stream (None without a marker stream)."""
+        if self.side is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+
+    def _wait_side(self) -> None:
+        """The current stream waits for the work queued so far on the marker stream."""
+        if self.side is not None:
+            torch.cuda.current_stream().wait_stream(self.side)
 
     def _latent_attention(self, q: Tensor, K: Tensor, V: Tensor, m: dict) -> Tensor:
         """Attention of the latent queries q [nb*N, Hq, D] of the branches described by ``m`` (a ``meta``
@@ -275,19 +309,28 @@ class PackedDenoiser:
         model, m = self.model, self.meta[nb]
         lat = model.vae2llm(self.x_in.to(self.dtype)) + model.time_embedder(self.t_in) + self.pos_emb
         xg = lat.to(self.dtype).repeat(nb, 1)
-        xu = self.markers.repeat(nb, 1)
+        if self.side is not None:  # fork: the marker stream starts after everything queued so far
+            self.side.wait_stream(torch.cuda.current_stream())
+        with self._on_side():  # xu lives on the marker stream only (allocated, used and freed there)
+            xu = self.markers.repeat(nb, 1)
         for i, layer in enumerate(model.language_model.model.layers):
             xg, xu = self._layer(i, layer, xg, xu, m)
+        self._wait_side()  # join (a graph capture must end with every stream joined)
         out = self.k_ops.rms_norm(xg, model.language_model.model.norm_moe_gen.weight, self.eps)
         return model.llm2vae(out).view(nb, self.N, -1)
 
     @torch.no_grad()
     def velocities(self, x: Tensor, t: float, nb: int) -> Tensor:
-        """Velocities [nb, N, 64] of the first ``nb`` branches at (x [N, 64] fp32, t)."""
+        """Velocities [nb, N, 64] of the first ``nb`` branches at (x [N, 64] fp32, t).
+
+        A branch count's first call runs eagerly (Triton compiles, cuBLAS/cuDNN pick their kernels; its result
+        is this step's), the second captures the forward in a CUDA graph, later calls replay it."""
         self.x_in.copy_(x)
         self.t_in.fill_(t)
+        if nb not in self._checked:
+            return self._first_forward(nb)
         if not self.use_graphs:
-            return self._forward(nb) if nb in self._checked else self._first_forward(nb)
+            return self._forward(nb)
         if nb not in self.graphs:
             self.graphs[nb] = self._capture(nb)
         graph, out = self.graphs[nb]
@@ -313,13 +356,8 @@ class PackedDenoiser:
         return out
 
     def _capture(self, nb: int):
-        # warm up on a side stream (Triton compiles/autotunes here, never inside the capture)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._first_forward(nb)
-            self._forward(nb)
-        torch.cuda.current_stream().wait_stream(stream)
+        """The forward of ``nb`` branches captured in a CUDA graph (after its eager first run), and its output
+        tensor, which each replay rewrites."""
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
@@ -338,13 +376,14 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
                    timestep_shift: float, cfg: CFGSettings, text_is_cond: bool, img_is_cond: bool,
                    use_graphs: bool = True, on_step=None, cache: dict | None = None,
                    fp8: dict | None = None, mlp_chunks: int = 1, run_hooks: bool = False,
-                   attention: str = "triton") -> Tensor:
+                   attention: str = "triton", marker_stream: bool | None = None) -> Tensor:
     """The sampler loop of :func:`bagel_rt.sampler.denoise` on the packed fast path.
 
     Args:
         ctxs: {"cond", "text", "img"} contexts.
         text_is_cond / img_is_cond: exact dedup flags (that branch reuses the conditional velocity).
         attention: the latent-query attention ("auto", "triton", "cudnn"; :func:`resolve_attention`).
+        marker_stream: run the und (marker) rows on a second stream (None: on CUDA without pre-hooks).
     Returns:
         [h*w, 64] float32 final latents.
     """
@@ -359,12 +398,14 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     key = denoiser_key(branch_ctxs, h, w)
     den = cache.get("denoiser") if cache is not None else None
     if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
-            and (den.fp8 is fp8 or (not den.fp8 and not fp8)) and den.requested_attention == attention):
+            and (den.fp8 is fp8 or (not den.fp8 and not fp8)) and den.requested_attention == attention
+            and (marker_stream is None or (den.side is not None) == marker_stream)):
         den.refill(branch_ctxs)  # same shapes: keep the captured graphs, copy the new caches in
     else:
         if cache is not None:
             cache.pop("denoiser", None)  # free the old arena and graph pool before allocating new ones
-        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, fp8, mlp_chunks, run_hooks, attention)
+        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, fp8, mlp_chunks, run_hooks, attention,
+                             marker_stream)
         if cache is not None:
             cache["denoiser"] = den
     x = noise.to(model.device, torch.float32).contiguous()

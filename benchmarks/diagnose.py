@@ -269,6 +269,47 @@ def attention_ab(pipe, size, rounds: int = 1):
     return out
 
 
+def marker_stream_ab(pipe, size, rounds: int = 2):
+    """The und (marker) rows on their own stream or on the gen rows' stream: whole denoising loops (50 steps,
+    app defaults) of t2i and edit in one process, alternated; per variant the first loop of a fresh denoiser
+    (eager first step per branch count, then capture) and warm loops (graph replays only)."""
+    from bagel_rt.fast import denoise_packed
+
+    img = test_image(size, size)
+    h = w = size // 16
+    out = {"first_loop_s": defaultdict(list), "warm_loop_s": defaultdict(list), "latents_rel_l2": {}}
+    for task in ("t2i", "edit"):
+        s = pipe.session(seed=0)
+        if task == "edit":
+            s.add_image(img)
+        s.add_text("Make the sky purple and add a moon." if task == "edit" else "A red bagel on a white plate.")
+        cfg = (CFGSettings(4.0, 1.5, (0.4, 1.0)) if task == "t2i"
+               else CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel"))
+        ctxs = {"cond": s.gen, "text": s.cfg_text, "img": s.cfg_img}
+        dedup = dict(text_is_cond=s.cfg_text.history == s.gen.history,
+                     img_is_cond=s.cfg_img.history == s.gen.history)
+        noise = torch.randn(h * w, pipe.model.params.patch_latent_dim, generator=torch.Generator().manual_seed(0))
+        lat = {}
+        for _ in range(rounds):
+            for on in (False, True):
+                cache = {}
+                for i in range(3):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    lat[on] = denoise_packed(pipe.model, ctxs, noise, h, w, 50, 3.0, cfg, cache=cache,
+                                             attention=pipe.attention, marker_stream=on, fp8=pipe.fp8_weights(),
+                                             **dedup)
+                    torch.cuda.synchronize()
+                    key = f"{task}/{'two_streams' if on else 'one_stream'}"
+                    (out["first_loop_s"] if i == 0 else out["warm_loop_s"])[key].append(
+                        round(time.perf_counter() - t0, 3))
+                cache.clear()
+                torch.cuda.empty_cache()
+        out["latents_rel_l2"][task] = rel(lat[True], lat[False])
+    out["first_loop_s"], out["warm_loop_s"] = dict(out["first_loop_s"]), dict(out["warm_loop_s"])
+    return out
+
+
 def _kind(name: str) -> str:
     if "attn" in name or "sdpa" in name:  # ours, cuDNN's (cudnn_generated_fort_native_sdpa_...)
         return "attention"
@@ -315,6 +356,8 @@ def main():
     ap.add_argument("--compute", choices=["bf16", "fp8"], default="bf16", help="denoising GEMM precision")
     ap.add_argument("--only-attention-ab", action="store_true",
                     help="only the Triton-vs-cuDNN latent attention A/B (kernel alone and whole requests)")
+    ap.add_argument("--only-marker-stream-ab", action="store_true",
+                    help="only the A/B of the und (marker) rows on a second stream (denoising loops)")
     ap.add_argument("--only-decode", action="store_true",
                     help="only the decode probe (tokens/s per GEMV implementation, kernel profile)")
     a = ap.parse_args()
@@ -336,6 +379,13 @@ def main():
         return
     if a.only_attention_ab:
         rows.append(dict(diag="attention_triton_vs_cudnn", size=a.size, **attention_ab(pipe, a.size), **env))
+        print(json.dumps(rows[-1]), flush=True)
+        with open(a.out, "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
+        return
+    if a.only_marker_stream_ab:
+        rows.append(dict(diag="marker_stream_ab", size=a.size, compute=a.compute, **marker_stream_ab(pipe, a.size),
+                         **env))
         print(json.dumps(rows[-1]), flush=True)
         with open(a.out, "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
