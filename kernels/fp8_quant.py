@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._device import is_interpreting
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 SCALE_MIN = 1e-12  # an all-zero row gets this scale (its codes are all zero)
@@ -25,6 +27,9 @@ INV_FP8_MAX = float(torch.tensor(1.0 / FP8_MAX, dtype=torch.float32))
 _FP8_MAX_C = tl.constexpr(FP8_MAX)
 _INV_FP8_MAX_C = tl.constexpr(INV_FP8_MAX)
 _SCALE_MIN_C = tl.constexpr(SCALE_MIN)
+# fp8_codes' rounding: the GPU's conversion instruction, or an fp32 emulation in the interpreter (which must be
+# switched on before this module is imported, like every Triton kernel here)
+_INTERPRETING = tl.constexpr(is_interpreting())
 
 
 def quantize_rows_fp8_ref(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -37,9 +42,9 @@ def quantize_rows_fp8_ref(x: Tensor) -> tuple[Tensor, Tensor]:
 
 @triton.jit
 def _round_to_e4m3_grid(v):
-    # Round fp32 v (|v| <= 448) to the nearest e4m3 value, ties to even, staying in fp32. Triton's own
-    # fp32 -> fp8 cast rounds through fp16 (two roundings: 18.99998 -> 19.0 -> 20, where PyTorch gives 18), and
-    # the interpreter's emulation slips at binade edges and ties; after this step both casts are exact.
+    # Round fp32 v (|v| <= 448) to the nearest e4m3 value, ties to even, staying in fp32: the interpreter's
+    # fp32 -> fp8 cast slips at binade edges and ties (and Triton's cast has rounded through fp16 on GPUs:
+    # 18.99998 -> 19.0 -> 20, where PyTorch gives 18); after this step the cast is exact.
     # e4m3: 3 mantissa bits, so the grid step at exponent e is 2^(e-3); below 2^-6 (subnormals) it is 2^-9.
     bits = v.to(tl.int32, bitcast=True)
     e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
@@ -65,11 +70,31 @@ def fp8_row_inv(scale):
 
 
 @triton.jit
+def _e4m3_native(v):
+    # fp32 -> e4m3 with the conversion instruction of sm_89+: one correctly rounded step (nearest, ties to
+    # even, saturating), four values per asm block: two cvt pairs (the first value in the low byte) packed
+    # into one 32-bit register
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b16 lo, hi;
+        cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;
+        cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;
+        mov.b32 $0, {lo, hi};
+        }""",
+        constraints="=r,f,f,f,f", args=[v], dtype=tl.int8, is_pure=True, pack=4,
+    ).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
 def fp8_codes(b_x, b_inv):
-    """fp32 values and a same-shape block holding their row's inverse scale -> the e4m3 values, still in fp32
-    (the product clamped to +-448 and rounded to the e4m3 grid)."""
+    """fp32 values and a same-shape block holding their row's inverse scale -> their e4m3 codes (the product
+    clamped to +-448 and rounded to nearest e4m3, ties to even). On a GPU one conversion instruction per pair
+    of values; in the interpreter, which has no inline assembly, the rounding is emulated in fp32 and the
+    store's cast is then exact (in both cases the codes equal PyTorch's cast of the clamped product)."""
     b_q = tl.minimum(tl.maximum(b_x * b_inv, -_FP8_MAX_C), _FP8_MAX_C)
-    return _round_to_e4m3_grid(b_q)
+    if _INTERPRETING:
+        return _round_to_e4m3_grid(b_q).to(tl.float8e4nv)
+    return _e4m3_native(b_q)
 
 
 @triton.jit

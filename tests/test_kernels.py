@@ -301,6 +301,21 @@ def assert_fp8_rows_match(ref: tuple, out: tuple) -> None:
     assert not off.any(), f"{off.sum().item()} codes differ: {q_out[off][:4].float()} vs {q_ref[off][:4].float()}"
 
 
+def test_fp8_codes_round_like_torch_at_ties_and_edges():
+    """PyTorch's codes where rounding is hardest (the GPU's conversion instruction there, the fp32 emulation in
+    the interpreter): fp32 rows whose scaled values sit on e4m3 ties, one fp32 ulp either side of them, at
+    binade edges, on subnormals and at +-448."""
+    grid = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mids = (grid[:-1] + grid[1:]) / 2  # exact ties (fp32 holds them)
+    vals = torch.cat([grid, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
+    row = torch.cat([vals, -vals])
+    # the first row's scale is exactly 1 (448 * fp32(1/448) rounds to 1); the others go through a scale and
+    # its reciprocal as real rows do
+    x = torch.stack([row * f for f in (1.0, 0.37, 2.5, 1e-3, 777.0)]).to(DEVICE)
+    assert float(quantize_rows_fp8_ref(x)[1][0]) == 1.0
+    assert_fp8_rows_match(quantize_rows_fp8_ref(x), quantize_rows_fp8(x))
+
+
 def dequant(qs: tuple) -> torch.Tensor:
     return qs[0].float() * qs[1]
 
