@@ -269,7 +269,7 @@ def attention_ab(pipe, size, rounds: int = 1):
     return out
 
 
-def marker_stream_ab(pipe, size, rounds: int = 2):
+def marker_stream_ab(pipe, size, rounds: int = 1):
     """The und (marker) rows on their own stream or on the gen rows' stream: whole denoising loops (50 steps,
     app defaults) of t2i and edit in one process, alternated; per variant the first loop of a fresh denoiser
     (eager first step per branch count, then capture) and warm loops (graph replays only)."""
