@@ -82,7 +82,7 @@ class PackedDenoiser:
 
     def __init__(self, model, ctxs: list[Context], h: int, w: int, use_graphs: bool = True,
                  fp8: dict | None = None, mlp_chunks: int = 1, run_hooks: bool = False,
-                 attention: str = "triton", marker_stream: bool | None = None):
+                 attention: str = "triton", marker_stream: bool | None = None, residual_in_gemm: bool = False):
         self.k_ops = _kernels()
         self.attention = resolve_attention(attention, model.device, model.dtype)
         #: as asked: under "auto", a cuDNN refusal of this request's shapes hands over to the Triton kernel
@@ -100,6 +100,11 @@ class PackedDenoiser:
         if marker_stream is None:
             marker_stream = model.device.type == "cuda" and not run_hooks
         self.side = torch.cuda.Stream(device=model.device) if marker_stream else None
+        #: add the MLP's residual in the down projection's GEMM epilogue (one rounding of the sum) where that
+        #: projection is a plain bf16 Linear, instead of a separate add of its rounded output
+        self.residual_in_gemm = residual_in_gemm
+        #: the tuning options as given (a cached denoiser is reused only for the same ones)
+        self.options = dict(marker_stream=self.side is not None, residual_in_gemm=residual_in_gemm)
         self.model, self.h, self.w = model, h, w
         p = model.params.llm
         self.Hq, self.Hk, self.D, self.eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
@@ -208,7 +213,7 @@ class PackedDenoiser:
         mlp = getattr(layer, "mlp" + sfx)
         h, x, hq = self._norm_in(x, a, getattr(layer, "post_attention_layernorm" + sfx).weight,
                                  [mlp.gate_proj, mlp.up_proj])
-        return x + self._mlp(mlp, h, hq)
+        return self._mlp(mlp, h, hq, x)
 
     def _on_side(self):
         """Context running the und rows' kernels on the marker stream (a no-op without one)."""
@@ -265,23 +270,27 @@ class PackedDenoiser:
             h, x = k_ops.add_rms_norm(delta, x, weight, eps)
         return h, x, self._quantized_input(mods, h)
 
-    def _mlp(self, mlp, h: Tensor | None, hq: tuple | None) -> Tensor:
-        """``mlp`` on input rows h (bf16) and/or hq (their FP8 rows), in ``mlp_chunks`` row chunks."""
+    def _mlp(self, mlp, h: Tensor | None, hq: tuple | None, res: Tensor) -> Tensor:
+        """``res + mlp`` on input rows h (bf16) and/or hq (their FP8 rows), in ``mlp_chunks`` row chunks."""
         rows = h.shape[0] if h is not None else hq[0].shape[0]
         n = self.mlp_chunks
         if n > 1 and rows >= 2 * n:
             hs = h.tensor_split(n) if h is not None else [None] * n
             hqs = zip(hq[0].tensor_split(n), hq[1].tensor_split(n)) if hq is not None else [None] * n
-            return torch.cat([self._mlp_rows(mlp, c, cq) for c, cq in zip(hs, hqs)])
-        return self._mlp_rows(mlp, h, hq)
+            return torch.cat([self._mlp_rows(mlp, c, cq, r) for c, cq, r in zip(hs, hqs, res.tensor_split(n))])
+        return self._mlp_rows(mlp, h, hq, res)
 
-    def _mlp_rows(self, mlp, h: Tensor | None, hq: tuple | None) -> Tensor:
+    def _mlp_rows(self, mlp, h: Tensor | None, hq: tuple | None, res: Tensor) -> Tensor:
         if hq is None:
             hq = self._quantized_input((mlp.gate_proj, mlp.up_proj), h)
         g, u = self._linear(mlp.gate_proj, h, hq), self._linear(mlp.up_proj, h, hq)
-        if id(mlp.down_proj) in self.fp8:  # the SwiGLU writes the FP8 rows the down projection reads
-            return self._linear(mlp.down_proj, None, self.k_ops.swiglu_fp8(g, u))
-        return self._linear(mlp.down_proj, self.k_ops.swiglu(g, u))
+        down = mlp.down_proj
+        if id(down) in self.fp8:  # the SwiGLU writes the FP8 rows the down projection reads
+            return res + self._linear(down, None, self.k_ops.swiglu_fp8(g, u))
+        act = self.k_ops.swiglu(g, u)
+        if self.residual_in_gemm and type(down) is torch.nn.Linear and down.bias is None:
+            return torch.addmm(res, act, down.weight.t())
+        return res + self._linear(down, act)
 
     def _quantized_input(self, mods, x: Tensor):
         """FP8 rows of an input shared by several FP8 Linears, quantized once (None when none is FP8)."""
@@ -376,14 +385,15 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
                    timestep_shift: float, cfg: CFGSettings, text_is_cond: bool, img_is_cond: bool,
                    use_graphs: bool = True, on_step=None, cache: dict | None = None,
                    fp8: dict | None = None, mlp_chunks: int = 1, run_hooks: bool = False,
-                   attention: str = "triton", marker_stream: bool | None = None) -> Tensor:
+                   attention: str = "triton", **options) -> Tensor:
     """The sampler loop of :func:`bagel_rt.sampler.denoise` on the packed fast path.
 
     Args:
         ctxs: {"cond", "text", "img"} contexts.
         text_is_cond / img_is_cond: exact dedup flags (that branch reuses the conditional velocity).
         attention: the latent-query attention ("auto", "triton", "cudnn"; :func:`resolve_attention`).
-        marker_stream: run the und (marker) rows on a second stream (None: on CUDA without pre-hooks).
+        options: tuning options of :class:`PackedDenoiser` (``marker_stream``, ``residual_in_gemm``), for A/B
+            measurements; the defaults are the measured best.
     Returns:
         [h*w, 64] float32 final latents.
     """
@@ -399,13 +409,13 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     den = cache.get("denoiser") if cache is not None else None
     if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
             and (den.fp8 is fp8 or (not den.fp8 and not fp8)) and den.requested_attention == attention
-            and (marker_stream is None or (den.side is not None) == marker_stream)):
+            and all(den.options.get(k) == v for k, v in options.items())):
         den.refill(branch_ctxs)  # same shapes: keep the captured graphs, copy the new caches in
     else:
         if cache is not None:
             cache.pop("denoiser", None)  # free the old arena and graph pool before allocating new ones
         den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, fp8, mlp_chunks, run_hooks, attention,
-                             marker_stream)
+                             **options)
         if cache is not None:
             cache["denoiser"] = den
     x = noise.to(model.device, torch.float32).contiguous()

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -269,10 +270,18 @@ def attention_ab(pipe, size, rounds: int = 1):
     return out
 
 
-def marker_stream_ab(pipe, size, rounds: int = 1):
-    """The und (marker) rows on their own stream or on the gen rows' stream: whole denoising loops (50 steps,
-    app defaults) of t2i and edit in one process, alternated; per variant the first loop of a fresh denoiser
-    (eager first step per branch count, then capture) and warm loops (graph replays only)."""
+#: same-process A/B sets of PackedDenoiser tuning options: {set: {variant: options}}
+DENOISER_AB = {
+    "marker_stream": {"one_stream": dict(marker_stream=False), "two_streams": dict(marker_stream=True)},
+    "residual_gemm": {"plain_add": dict(residual_in_gemm=False), "addmm": dict(residual_in_gemm=True)},
+}
+
+
+def denoiser_ab(pipe, size, which: str, rounds: int = 1):
+    """Variants of the packed denoiser (``DENOISER_AB[which]``): whole denoising loops (50 steps, app defaults)
+    of t2i and edit in one process, alternated; per variant the first loop of a fresh denoiser (eager first
+    step per branch count, then capture) and two warm loops (graph replays only), and the final latents'
+    distance between the first two variants."""
     from bagel_rt.fast import denoise_packed
 
     img = test_image(size, size)
@@ -291,23 +300,66 @@ def marker_stream_ab(pipe, size, rounds: int = 1):
         noise = torch.randn(h * w, pipe.model.params.patch_latent_dim, generator=torch.Generator().manual_seed(0))
         lat = {}
         for _ in range(rounds):
-            for on in (False, True):
+            for name, options in DENOISER_AB[which].items():
                 cache = {}
                 for i in range(3):
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    lat[on] = denoise_packed(pipe.model, ctxs, noise, h, w, 50, 3.0, cfg, cache=cache,
-                                             attention=pipe.attention, marker_stream=on, fp8=pipe.fp8_weights(),
-                                             **dedup)
+                    lat[name] = denoise_packed(pipe.model, ctxs, noise, h, w, 50, 3.0, cfg, cache=cache,
+                                               attention=pipe.attention, fp8=pipe.fp8_weights(), **options,
+                                               **dedup)
                     torch.cuda.synchronize()
-                    key = f"{task}/{'two_streams' if on else 'one_stream'}"
-                    (out["first_loop_s"] if i == 0 else out["warm_loop_s"])[key].append(
+                    (out["first_loop_s"] if i == 0 else out["warm_loop_s"])[f"{task}/{name}"].append(
                         round(time.perf_counter() - t0, 3))
                 cache.clear()
                 torch.cuda.empty_cache()
-        out["latents_rel_l2"][task] = rel(lat[True], lat[False])
+        a, b = list(lat.values())[:2]
+        out["latents_rel_l2"][task] = rel(b, a)
     out["first_loop_s"], out["warm_loop_s"] = dict(out["first_loop_s"]), dict(out["warm_loop_s"])
     return out
+
+
+def first_request(pipe, size):
+    """Where a fresh process's first t2i request spends its extra time: wall time of each phase of the first
+    and second requests, and the first one's Python profile (top functions by cumulative and own time)."""
+    import cProfile
+    import pstats
+
+    cfg = CFGSettings(4.0, 1.5, (0.4, 1.0))
+
+    def run():
+        t = {}
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        s = pipe.session(seed=0)
+        s.add_text("A red bagel on a white plate.")
+        torch.cuda.synchronize()
+        t["add_text"] = time.perf_counter() - t0
+        real_decode, kept = s.decode_latents, {}
+        s.decode_latents = lambda x, h, w: kept.update(x=x, h=h, w=w)
+        t1 = time.perf_counter()
+        s.gen_image((size, size), cfg)
+        torch.cuda.synchronize()
+        t["denoise"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        real_decode(kept["x"], kept["h"], kept["w"])
+        torch.cuda.synchronize()
+        t["vae_decode"] = time.perf_counter() - t2
+        t["total"] = time.perf_counter() - t0
+        return {k: round(v, 3) for k, v in t.items()}
+
+    prof = cProfile.Profile()
+    prof.enable()
+    first = run()
+    prof.disable()
+    second = run()
+    st = pstats.Stats(prof)
+
+    def top(key: int, n: int = 30):
+        rows = sorted(st.stats.items(), key=lambda kv: -kv[1][key])[:n]
+        return [[round(v[key], 3), v[1], f"{Path(f).name}:{line}:{fn}"] for (f, line, fn), v in rows]
+
+    return dict(first_request_s=first, second_request_s=second, top_cumulative=top(3), top_own=top(2))
 
 
 def _kind(name: str) -> str:
@@ -356,8 +408,11 @@ def main():
     ap.add_argument("--compute", choices=["bf16", "fp8"], default="bf16", help="denoising GEMM precision")
     ap.add_argument("--only-attention-ab", action="store_true",
                     help="only the Triton-vs-cuDNN latent attention A/B (kernel alone and whole requests)")
-    ap.add_argument("--only-marker-stream-ab", action="store_true",
-                    help="only the A/B of the und (marker) rows on a second stream (denoising loops)")
+    ap.add_argument("--only-denoiser-ab", choices=list(DENOISER_AB), default=None,
+                    help="only a same-process A/B of packed-denoiser options (whole denoising loops)")
+    ap.add_argument("--only-first-request", action="store_true",
+                    help="only the first-vs-second t2i request phases and the first one's Python profile "
+                         "(run it in a fresh process)")
     ap.add_argument("--only-decode", action="store_true",
                     help="only the decode probe (tokens/s per GEMV implementation, kernel profile)")
     a = ap.parse_args()
@@ -383,9 +438,15 @@ def main():
         with open(a.out, "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
         return
-    if a.only_marker_stream_ab:
-        rows.append(dict(diag="marker_stream_ab", size=a.size, compute=a.compute, **marker_stream_ab(pipe, a.size),
-                         **env))
+    if a.only_denoiser_ab:
+        rows.append(dict(diag=f"{a.only_denoiser_ab}_ab", size=a.size, compute=a.compute,
+                         **denoiser_ab(pipe, a.size, a.only_denoiser_ab), **env))
+        print(json.dumps(rows[-1]), flush=True)
+        with open(a.out, "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
+        return
+    if a.only_first_request:
+        rows.append(dict(diag="first_request_t2i", size=a.size, **first_request(pipe, a.size), **env))
         print(json.dumps(rows[-1]), flush=True)
         with open(a.out, "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
