@@ -12,9 +12,14 @@ contiguous range with B times the rows (no per-layer gather/scatter); the block'
 into the arena with one ``index_copy_`` per tensor; attention is one variable-length launch per query kind
 (latent queries, marker queries) where each branch attends to its own cache plus its own block — on Hopper
 the latent queries go to cuDNN's fused attention instead, one call per branch (:func:`resolve_attention`).
+The und (marker) rows' kernels run on a second CUDA stream, beside the gen rows' GEMMs: they are memory-bound
+GEMVs over the und expert's weights (~13 GB per forward), and overlapping them measured t2i 9.02 -> 8.91 s,
+edit 17.29 -> 17.22 s (H200, identical latents; ``diagnose.py --only-denoiser-ab marker_stream``).
 The active branches at a step always form a prefix of the arena order, so a forward over B branches uses the
-first B arena sections. The whole per-step forward is captured in a CUDA graph per branch count and replayed;
-x_t and t are copied into static input buffers, so the loop has no host synchronisation. The CFG
+first B arena sections. A branch count's first forward runs eagerly and is that step's result; the second
+captures the forward in a CUDA graph, replayed from then on (so a fresh denoiser costs ~0.05-0.2 s over a warm
+one instead of four discarded forwards); x_t and t are copied into static input buffers, so the loop has no
+host synchronisation. The CFG
 combination + renorm + Euler update is one fused kernel (:func:`bagel_rt.kernels.cfg_euler`).
 
 Numerics: the same operations as the torch backend (bf16 GEMMs, fp32 RMSNorm and fp32 q/k norm + RoPE,
@@ -82,7 +87,7 @@ class PackedDenoiser:
 
     def __init__(self, model, ctxs: list[Context], h: int, w: int, use_graphs: bool = True,
                  fp8: dict | None = None, mlp_chunks: int = 1, run_hooks: bool = False,
-                 attention: str = "triton", marker_stream: bool | None = None, residual_in_gemm: bool = False):
+                 attention: str = "triton", marker_stream: bool | None = None):
         self.k_ops = _kernels()
         self.attention = resolve_attention(attention, model.device, model.dtype)
         #: as asked: under "auto", a cuDNN refusal of this request's shapes hands over to the Triton kernel
@@ -100,11 +105,8 @@ class PackedDenoiser:
         if marker_stream is None:
             marker_stream = model.device.type == "cuda" and not run_hooks
         self.side = torch.cuda.Stream(device=model.device) if marker_stream else None
-        #: add the MLP's residual in the down projection's GEMM epilogue (one rounding of the sum) where that
-        #: projection is a plain bf16 Linear, instead of a separate add of its rounded output
-        self.residual_in_gemm = residual_in_gemm
         #: the tuning options as given (a cached denoiser is reused only for the same ones)
-        self.options = dict(marker_stream=self.side is not None, residual_in_gemm=residual_in_gemm)
+        self.options = dict(marker_stream=self.side is not None)
         self.model, self.h, self.w = model, h, w
         p = model.params.llm
         self.Hq, self.Hk, self.D, self.eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
@@ -173,8 +175,10 @@ class PackedDenoiser:
         only meet in the arena (each attends to the other's keys/values), so the streams wait on each other
         twice per layer, once per direction.
 
-        The MLP output is added with a plain add, not in the next layer's norm: fusing it into an add+RMSNorm
-        measured 0.6% slower end to end (H200, same process, 9.63 vs 9.59 s per t2i, commit 5691509)."""
+        The MLP output is added with a plain add: fusing it into the next layer's add+RMSNorm measured 0.6%
+        slower end to end (H200, same process, 9.63 vs 9.59 s per t2i, commit 5691509), and adding the
+        residual in the down projection's GEMM epilogue (addmm) no faster (8.92 vs 8.92 s t2i, 17.22 vs 17.21 s
+        edit, b06ae36, ``diagnose.py --only-denoiser-ab residual_gemm`` of that commit)."""
         if self.run_hooks:
             for hook in list(layer._forward_pre_hooks.values()):
                 hook(layer, ())
@@ -287,10 +291,7 @@ class PackedDenoiser:
         down = mlp.down_proj
         if id(down) in self.fp8:  # the SwiGLU writes the FP8 rows the down projection reads
             return res + self._linear(down, None, self.k_ops.swiglu_fp8(g, u))
-        act = self.k_ops.swiglu(g, u)
-        if self.residual_in_gemm and type(down) is torch.nn.Linear and down.bias is None:
-            return torch.addmm(res, act, down.weight.t())
-        return res + self._linear(down, act)
+        return res + self._linear(down, self.k_ops.swiglu(g, u))
 
     def _quantized_input(self, mods, x: Tensor):
         """FP8 rows of an input shared by several FP8 Linears, quantized once (None when none is FP8)."""
@@ -392,8 +393,8 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
         ctxs: {"cond", "text", "img"} contexts.
         text_is_cond / img_is_cond: exact dedup flags (that branch reuses the conditional velocity).
         attention: the latent-query attention ("auto", "triton", "cudnn"; :func:`resolve_attention`).
-        options: tuning options of :class:`PackedDenoiser` (``marker_stream``, ``residual_in_gemm``), for A/B
-            measurements; the defaults are the measured best.
+        options: tuning options of :class:`PackedDenoiser` (``marker_stream``), for A/B measurements; the
+            defaults are the measured best.
     Returns:
         [h*w, 64] float32 final latents.
     """

@@ -273,7 +273,6 @@ def attention_ab(pipe, size, rounds: int = 1):
 #: same-process A/B sets of PackedDenoiser tuning options: {set: {variant: options}}
 DENOISER_AB = {
     "marker_stream": {"one_stream": dict(marker_stream=False), "two_streams": dict(marker_stream=True)},
-    "residual_gemm": {"plain_add": dict(residual_in_gemm=False), "addmm": dict(residual_in_gemm=True)},
 }
 
 
