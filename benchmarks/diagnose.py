@@ -320,45 +320,61 @@ def denoiser_ab(pipe, size, which: str, rounds: int = 1):
 
 def first_request(pipe, size):
     """Where a fresh process's first t2i request spends its extra time: wall time of each phase of the first
-    and second requests, and the first one's Python profile (top functions by cumulative and own time)."""
+    and second requests, each denoising step's wall time (synchronised after every step, so the steps that
+    run eagerly, capture or replay show apart), and the first request's Python profile (top functions by
+    cumulative and own time)."""
     import cProfile
     import pstats
 
+    from bagel_rt.fast import denoise_packed
+
     cfg = CFGSettings(4.0, 1.5, (0.4, 1.0))
+    h = w = size // 16
 
     def run():
-        t = {}
+        t, steps = {}, []
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         s = pipe.session(seed=0)
         s.add_text("A red bagel on a white plate.")
         torch.cuda.synchronize()
         t["add_text"] = time.perf_counter() - t0
-        real_decode, kept = s.decode_latents, {}
-        s.decode_latents = lambda x, h, w: kept.update(x=x, h=h, w=w)
-        t1 = time.perf_counter()
-        s.gen_image((size, size), cfg)
+        noise = torch.randn(h * w, pipe.model.params.patch_latent_dim, generator=torch.Generator().manual_seed(0))
+        t1 = last = time.perf_counter()
+
+        def on_step(i, v):
+            nonlocal last
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            steps.append(round(now - last, 4))
+            last = now
+
+        x = denoise_packed(pipe.model, {"cond": s.gen, "text": s.cfg_text, "img": s.cfg_img}, noise, h, w, 50,
+                           3.0, cfg, text_is_cond=s.cfg_text.history == s.gen.history,
+                           img_is_cond=s.cfg_img.history == s.gen.history,
+                           cache=pipe.fast_cache, attention=pipe.attention, on_step=on_step)
         torch.cuda.synchronize()
         t["denoise"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        real_decode(kept["x"], kept["h"], kept["w"])
+        s.decode_latents(x, h, w)
         torch.cuda.synchronize()
         t["vae_decode"] = time.perf_counter() - t2
         t["total"] = time.perf_counter() - t0
-        return {k: round(v, 3) for k, v in t.items()}
+        return {k: round(v, 3) for k, v in t.items()}, steps
 
     prof = cProfile.Profile()
     prof.enable()
-    first = run()
+    first, first_steps = run()
     prof.disable()
-    second = run()
+    second, second_steps = run()
     st = pstats.Stats(prof)
 
     def top(key: int, n: int = 30):
         rows = sorted(st.stats.items(), key=lambda kv: -kv[1][key])[:n]
         return [[round(v[key], 3), v[1], f"{Path(f).name}:{line}:{fn}"] for (f, line, fn), v in rows]
 
-    return dict(first_request_s=first, second_request_s=second, top_cumulative=top(3), top_own=top(2))
+    return dict(first_request_s=first, second_request_s=second, first_steps_s=first_steps,
+                second_steps_s=second_steps, top_cumulative=top(3), top_own=top(2))
 
 
 def _kind(name: str) -> str:
