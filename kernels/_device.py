@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -34,6 +35,27 @@ def has_capability(major: int, minor: int = 0, device: torch.device | int | None
     """True when the CUDA device is at least compute capability ``major.minor`` (9.0 = Hopper)."""
     cap = cuda_capability(device)
     return cap is not None and cap >= (major, minor)
+
+
+def warm_triton_cache_key() -> threading.Thread | None:
+    """Start computing Triton's per-process cache key in a background thread; returns the thread (None when
+    this Triton has no such key to warm).
+
+    Triton hashes its own installation (the compiler's sources and the ~0.5 GB ``libtriton``) the first time
+    a process looks a kernel up in its disk cache: 0.36-0.38 s of a fresh process's first request on the
+    H200 host (``benchmarks/diagnose.py --only-first-request``). The loader starts this while the weights
+    stream in, and the hashing (which releases the GIL) overlaps the copy. The key is memoised by Triton;
+    should a kernel need it before the thread is done, Triton computes the same value again.
+    """
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:  # another Triton layout: nothing to warm
+        return None
+    if not hasattr(triton_key, "cache_info"):  # not memoised: warming would not help
+        return None
+    thread = threading.Thread(target=triton_key, name="bagel-rt-triton-key", daemon=True)
+    thread.start()
+    return thread
 
 
 @functools.cache

@@ -394,3 +394,17 @@ def test_gemv_swiglu(M, N, K, dtype):
     x2 = randn(M, 2 * K, dtype=dtype)[:, :K]  # a row-strided view of x's kind
     assert_close("gemv_swiglu", gemv_swiglu_ref(x, wg, wu), gemv_swiglu(x, wg, wu), TOL[dtype])
     assert_close("gemv_swiglu", gemv_swiglu_ref(x2, wg, wu), gemv_swiglu(x2, wg, wu), TOL[dtype])
+
+
+def test_warm_triton_cache_key_memoises_the_key():
+    """The loader's background warm-up leaves Triton's per-process cache key computed (and memoised)."""
+    from triton.runtime.cache import triton_key
+
+    from bagel_rt.kernels._device import warm_triton_cache_key
+
+    triton_key.cache_clear()
+    thread = warm_triton_cache_key()
+    assert thread is not None
+    thread.join(timeout=60)
+    assert triton_key.cache_info().currsize == 1
+    assert triton_key() == triton_key.__wrapped__()  # the memoised value is Triton's own key
