@@ -174,6 +174,12 @@ def load_into(module: nn.Module, header: SafetensorsHeader, device: torch.device
 def _read_cuda(header: SafetensorsHeader, keys: list[str], device: torch.device, progress) -> dict:
     from .streaming import read_tensors
 
+    return read_tensors(header.path, stream_entries(header, keys), device, progress=progress)
+
+
+def stream_entries(header: SafetensorsHeader, keys) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """What :mod:`bagel_rt.streaming` needs of the tensors ``keys`` of a file: key -> (dtype, shape, offset,
+    nbytes), each checked against its header entry (:class:`CheckpointError` names file and key)."""
     entries = {}
     for key in keys:
         info = header.tensors[key]
@@ -186,4 +192,4 @@ def _read_cuda(header: SafetensorsHeader, keys: list[str], device: torch.device,
             raise CheckpointError(f"{header.path}: corrupt header: tensor {key!r} ({info.dtype} "
                                   f"{list(info.shape)}) spans {info.nbytes} bytes, expected {numel * dt.itemsize}")
         entries[key] = (dt, info.shape, info.offset, info.nbytes)
-    return read_tensors(header.path, entries, device, progress=progress)
+    return entries

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,41 +220,66 @@ def _stream(found: dict[str, SafetensorsHeader], units: dict[str, list[str]],
             shapes: dict[str, tuple[int, ...]], device: torch.device, progress, resident: _ResidentUnits | None,
             model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(key, tensor on ``device``) of every tensor of the files; DF11 units decoded to their bf16 weights (or, with
-    ``resident``, kept compressed and handed to it)."""
-    with ExitStack() as stack:
-        files = {h.path: (h, stack.enter_context(_open(h, device))) for h in found.values()}
+    ``resident``, kept compressed and handed to it) as soon as all their buffers are read."""
+    unit_of = {f"{u}.{b}": (u, b) for u in units for b in BUFFER_NAMES if f"{u}.{b}" in found}
+    pending: dict[str, dict[str, Tensor]] = {u: {} for u in units}
+    need = {u: sum(1 for b in BUFFER_NAMES if f"{u}.{b}" in found) for u in units}
+    for key, t in _read(found, device, progress):
+        if key not in unit_of:
+            yield key, t
+            continue
+        u, b = unit_of[key]
+        pending[u][b] = t
+        if len(pending[u]) == need[u]:
+            yield from _unit_weights(u, units[u], pending.pop(u), found[f"{u}.encoded_exponent"].path, shapes,
+                                     device, resident, model)
 
-        def get(key: str) -> Tensor:
-            h, f = files[found[key].path]
-            t = _get(f, h, key).to(device)
-            if progress:
-                progress(h.tensors[key].nbytes)
-            return t
 
-        for u, ws in units.items():
-            where = found[f"{u}.encoded_exponent"].path
-            buffers = {b: get(f"{u}.{b}") for b in BUFFER_NAMES if f"{u}.{b}" in found}
-            numels = [math.prod(shapes[w]) for w in ws]
-            split = torch.tensor(numels, dtype=torch.int64).cumsum(0)[:-1]
-            stored_split = buffers.get("split_positions", torch.zeros(0, dtype=torch.int64)).cpu()
-            if not torch.equal(stored_split, split):
-                raise CheckpointError(f"{where}: {u}.split_positions is {stored_split.tolist()}, expected "
-                                      f"{split.tolist()} (the cumulative sizes of {', '.join(ws)})")
-            buffers["split_positions"] = split.to(device)
-            if resident is not None:
-                resident.add(model, u, [(w, shapes[w]) for w in ws], buffers, split.tolist())
-                continue
-            out = torch.empty(sum(numels), dtype=torch.bfloat16, device=device)
-            try:
-                (df11_decode if device.type == "cuda" else df11_decode_ref)(buffers, out)
-            except ValueError as e:
-                raise CheckpointError(f"{where}: unit {u!r}: {e}") from None
-            for w, part in zip(ws, torch.tensor_split(out, split.tolist())):
-                yield w, part.view(shapes[w])
-        covered = {f"{u}.{b}" for u in units for b in BUFFER_NAMES}
-        for key in found:
-            if key not in covered:
-                yield key, get(key)
+def _read(found: dict[str, SafetensorsHeader], device: torch.device, progress) -> Iterator[tuple[str, Tensor]]:
+    """(key, tensor on ``device``) of every key of ``found``, file by file. On CUDA through the pinned-ring
+    reader (:func:`bagel_rt.streaming.stream_tensors`): safetensors' own per-tensor path moved NF4 files at
+    0.7 GB/s (11.9 s for the 8.9 GiB model on an H200 host, ``benchmarks/load_time.py --formats nf4``); on the
+    CPU memory-mapped tensors."""
+    from .checkpoint import stream_entries
+    from .streaming import stream_tensors
+
+    by_file: dict[Path, tuple[SafetensorsHeader, list[str]]] = {}
+    for key, h in found.items():
+        by_file.setdefault(h.path, (h, []))[1].append(key)
+    for h, keys in by_file.values():
+        if device.type == "cuda":
+            yield from stream_tensors(h.path, stream_entries(h, keys), device, progress=progress)
+            continue
+        with _open(h, device) as f:
+            for key in keys:
+                t = _get(f, h, key)
+                if progress:
+                    progress(h.tensors[key].nbytes)
+                yield key, t
+
+
+def _unit_weights(u: str, ws: list[str], buffers: dict[str, Tensor], where: Path,
+                  shapes: dict[str, tuple[int, ...]], device: torch.device, resident: _ResidentUnits | None,
+                  model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The bf16 weights ``ws`` of the DF11 unit ``u`` decoded from its ``buffers`` (none with ``resident``,
+    which keeps the unit compressed)."""
+    numels = [math.prod(shapes[w]) for w in ws]
+    split = torch.tensor(numels, dtype=torch.int64).cumsum(0)[:-1]
+    stored_split = buffers.get("split_positions", torch.zeros(0, dtype=torch.int64)).cpu()
+    if not torch.equal(stored_split, split):
+        raise CheckpointError(f"{where}: {u}.split_positions is {stored_split.tolist()}, expected "
+                              f"{split.tolist()} (the cumulative sizes of {', '.join(ws)})")
+    buffers["split_positions"] = split.to(device)
+    if resident is not None:
+        resident.add(model, u, [(w, shapes[w]) for w in ws], buffers, split.tolist())
+        return
+    out = torch.empty(sum(numels), dtype=torch.bfloat16, device=device)
+    try:
+        (df11_decode if device.type == "cuda" else df11_decode_ref)(buffers, out)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: unit {u!r}: {e}") from None
+    for w, part in zip(ws, torch.tensor_split(out, split.tolist())):
+        yield w, part.view(shapes[w])
 
 
 class _ResidentUnits:

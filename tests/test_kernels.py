@@ -398,9 +398,8 @@ def test_gemv_swiglu(M, N, K, dtype):
 
 def test_warm_triton_cache_key_memoises_the_key():
     """The loader's background warm-up leaves Triton's per-process cache key computed (and memoised)."""
-    from triton.runtime.cache import triton_key
-
     from bagel_rt.kernels._device import warm_triton_cache_key
+    from triton.runtime.cache import triton_key
 
     triton_key.cache_clear()
     thread = warm_triton_cache_key()
