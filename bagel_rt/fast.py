@@ -19,8 +19,8 @@ The active branches at a step always form a prefix of the arena order, so a forw
 first B arena sections. A branch count's first forward runs eagerly and is that step's result; the second
 captures the forward in a CUDA graph, replayed from then on (so a fresh denoiser costs ~0.05-0.2 s over a warm
 one instead of four discarded forwards); x_t and t are copied into static input buffers, so the loop has no
-host synchronisation. The CFG
-combination + renorm + Euler update is one fused kernel (:func:`bagel_rt.kernels.cfg_euler`).
+host synchronisation. The CFG combination + renorm + Euler update is one fused kernel
+(:func:`bagel_rt.kernels.cfg_euler`).
 
 Numerics: the same operations as the torch backend (bf16 GEMMs, fp32 RMSNorm and fp32 q/k norm + RoPE,
 fp32 softmax); the CFG arithmetic runs in fp32 instead of the reference's bf16.
