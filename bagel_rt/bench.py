@@ -59,7 +59,8 @@ def matmul_peak_tflops(n: int = 8192, reps: int = 10) -> float | None:
 
 def denoise_flops(model, ctx_lens: dict[str, int], dedup: dict[str, bool], h: int, w: int, num_timesteps: int,
                   shift: float, cfg: CFGSettings) -> float:
-    """Analytic FLOPs of the denoising forwards actually run (GEMMs + attention), per the exact-skip rules."""
+    """Analytic FLOPs of the denoising forwards actually run (GEMMs + attention), per the exact-skip rules
+    (``dedup``: the flags of :meth:`bagel_rt.session.Session.branches`)."""
     p = model.params.llm
     H, inter, hd = p.hidden_size, p.intermediate_size, p.head_dim
     kv = p.num_kv_heads * hd
@@ -68,7 +69,7 @@ def denoise_flops(model, ctx_lens: dict[str, int], dedup: dict[str, bool], h: in
     total = 0.0
     for t in schedule(num_timesteps, shift)[:-1].tolist():
         st, si = cfg.scales_at(t)
-        for b in set(velocity_sources(st, si, dedup["text"], dedup["img"]).values()):
+        for b in set(velocity_sources(st, si, dedup["text_is_cond"], dedup["img_is_cond"]).values()):
             total += p.num_layers * (L * lin + 4 * L * (ctx_lens[b] + L) * H)
             total += 2 * N * (64 * H * 2)  # vae2llm + llm2vae
     return total
@@ -131,7 +132,7 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
             res.info["shape"] = tuple(shapes)
             ds = pipe.model.params.latent_downsample
             lens = {"cond": s.gen.length, "text": s.cfg_text.length, "img": s.cfg_img.length}
-            dedup = {"text": s.cfg_text.history == s.gen.history, "img": s.cfg_img.history == s.gen.history}
+            dedup = s.branches()[1]
             res.info["flops"] = denoise_flops(pipe.model, lens, dedup, shapes[0] // ds, shapes[1] // ds, steps,
                                               3.0, cfg)
             return res

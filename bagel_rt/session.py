@@ -216,6 +216,14 @@ class Session:
 
     # -- images -------------------------------------------------------------------------------------------
     @torch.no_grad()
+    def branches(self) -> tuple[dict[str, Context], dict[str, bool]]:
+        """The CFG branch contexts {"cond", "text", "img"} and the exact-dedup flags (``text_is_cond``,
+        ``img_is_cond``: that branch's context equals the conditional one, so its velocity is reused)."""
+        ctxs = {"cond": self.gen, "text": self.cfg_text, "img": self.cfg_img}
+        dedup = dict(text_is_cond=self.cfg_text.history == self.gen.history,
+                     img_is_cond=self.cfg_img.history == self.gen.history)
+        return ctxs, dedup
+
     def gen_image(self, image_shapes: tuple[int, int] | None = None, cfg: CFGSettings | None = None,
                   num_timesteps: int = 50, timestep_shift: float = 3.0, noise: Tensor | None = None,
                   record: bool = False, progress: bool = False) -> Result:
@@ -236,7 +244,7 @@ class Session:
             noise = torch.randn((n, c), generator=self.generator, dtype=torch.float32)
         elif tuple(noise.shape) != (n, c):
             raise InputError(f"noise has shape {list(noise.shape)}, expected [{n}, {c}] for {H}x{W}")
-        ctxs = {"cond": self.gen, "text": self.cfg_text, "img": self.cfg_img}
+        ctxs, dedup = self.branches()
         vels = []
         bar = _bar(num_timesteps, "denoising", progress)
 
@@ -246,8 +254,6 @@ class Session:
             if bar:
                 bar.update(1)
 
-        dedup = dict(text_is_cond=self.cfg_text.history == self.gen.history,
-                     img_is_cond=self.cfg_img.history == self.gen.history)
         if self.bagel.backend == "triton":
             from .fast import denoise_packed
 

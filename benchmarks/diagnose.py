@@ -21,6 +21,9 @@ from bagel_rt.random_weights import random_bagel
 from bagel_rt.sampler import CFGSettings
 
 GIB = 2**30
+#: the official app's defaults per task
+APP_CFG = {"t2i": CFGSettings(4.0, 1.5, (0.4, 1.0)),
+           "edit": CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel")}
 
 
 def rel(a, b):
@@ -38,7 +41,7 @@ def mem_phases(pipe, size):
     for name, fn in [("add_image (VAE encode + VAE block + ViT block)", lambda: s.add_image(img)),
                      ("add_text", lambda: s.add_text("Make the sky purple and add a moon.")),
                      ("gen_image (denoise + VAE decode)", lambda: s.gen_image(
-                         None, CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel"), num_timesteps=3))]:
+                         None, APP_CFG["edit"], num_timesteps=3))]:
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
@@ -70,7 +73,7 @@ def t2i_phases(pipe, size):
     real_decode = s.decode_latents
     s.decode_latents = lambda *a: Image.new("RGB", (8, 8))
     torch.cuda.reset_peak_memory_stats()
-    res = s.gen_image((size, size), CFGSettings(4.0, 1.5, (0.4, 1.0)), num_timesteps=3)
+    res = s.gen_image((size, size), APP_CFG["t2i"], num_timesteps=3)
     torch.cuda.synchronize()
     den = (torch.cuda.max_memory_allocated() - base) / GIB
     pipe.fast_cache.clear()
@@ -158,8 +161,7 @@ def request_timeline(pipe, size, task):
     from torch.profiler import ProfilerActivity, profile
 
     img = test_image(size, size)
-    cfg = (CFGSettings(4.0, 1.5, (0.4, 1.0)) if task == "t2i"
-           else CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel"))
+    cfg = APP_CFG[task]
 
     def run(prof_denoise: bool):
         t = {}
@@ -291,11 +293,8 @@ def denoiser_ab(pipe, size, which: str, rounds: int = 1):
         if task == "edit":
             s.add_image(img)
         s.add_text("Make the sky purple and add a moon." if task == "edit" else "A red bagel on a white plate.")
-        cfg = (CFGSettings(4.0, 1.5, (0.4, 1.0)) if task == "t2i"
-               else CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel"))
-        ctxs = {"cond": s.gen, "text": s.cfg_text, "img": s.cfg_img}
-        dedup = dict(text_is_cond=s.cfg_text.history == s.gen.history,
-                     img_is_cond=s.cfg_img.history == s.gen.history)
+        cfg = APP_CFG[task]
+        ctxs, dedup = s.branches()
         noise = torch.randn(h * w, pipe.model.params.patch_latent_dim, generator=torch.Generator().manual_seed(0))
         lat = {}
         for _ in range(rounds):
@@ -328,7 +327,6 @@ def first_request(pipe, size):
 
     from bagel_rt.fast import denoise_packed
 
-    cfg = CFGSettings(4.0, 1.5, (0.4, 1.0))
     h = w = size // 16
 
     def run():
@@ -349,10 +347,9 @@ def first_request(pipe, size):
             steps.append(round(now - last, 4))
             last = now
 
-        x = denoise_packed(pipe.model, {"cond": s.gen, "text": s.cfg_text, "img": s.cfg_img}, noise, h, w, 50,
-                           3.0, cfg, text_is_cond=s.cfg_text.history == s.gen.history,
-                           img_is_cond=s.cfg_img.history == s.gen.history,
-                           cache=pipe.fast_cache, attention=pipe.attention, on_step=on_step)
+        ctxs, dedup = s.branches()
+        x = denoise_packed(pipe.model, ctxs, noise, h, w, 50, 3.0, APP_CFG["t2i"], cache=pipe.fast_cache,
+                           attention=pipe.attention, on_step=on_step, **dedup)
         torch.cuda.synchronize()
         t["denoise"] = time.perf_counter() - t1
         t2 = time.perf_counter()
@@ -410,6 +407,13 @@ def agreement(pipe, size, steps):
                      per_step_velocity_rel_l2=[round(x, 4) for x in v_steps])
 
 
+def emit(row: dict, out: str) -> None:
+    """Print one result row and append it to the JSON-lines file ``out``."""
+    print(json.dumps(row), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -440,37 +444,22 @@ def main():
     t0 = time.time()
     if a.only_timeline:
         for task in ("t2i", "edit"):
-            rows.append(dict(diag="request_timeline", compute=a.compute,
-                             attention=resolve_attention(pipe.attention, pipe.device, pipe.model.dtype),
-                             **request_timeline(pipe, a.size, task), **env))
-            print(json.dumps(rows[-1]), flush=True)
-            with open(a.out, "a") as f:
-                f.write(json.dumps(rows[-1]) + "\n")
+            emit(dict(diag="request_timeline", compute=a.compute,
+                      attention=resolve_attention(pipe.attention, pipe.device, pipe.model.dtype),
+                      **request_timeline(pipe, a.size, task), **env), a.out)
         return
     if a.only_attention_ab:
-        rows.append(dict(diag="attention_triton_vs_cudnn", size=a.size, **attention_ab(pipe, a.size), **env))
-        print(json.dumps(rows[-1]), flush=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(rows[-1]) + "\n")
+        emit(dict(diag="attention_triton_vs_cudnn", size=a.size, **attention_ab(pipe, a.size), **env), a.out)
         return
     if a.only_denoiser_ab:
-        rows.append(dict(diag=f"{a.only_denoiser_ab}_ab", size=a.size, compute=a.compute,
-                         **denoiser_ab(pipe, a.size, a.only_denoiser_ab), **env))
-        print(json.dumps(rows[-1]), flush=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(rows[-1]) + "\n")
+        emit(dict(diag=f"{a.only_denoiser_ab}_ab", size=a.size, compute=a.compute,
+                  **denoiser_ab(pipe, a.size, a.only_denoiser_ab), **env), a.out)
         return
     if a.only_first_request:
-        rows.append(dict(diag="first_request_t2i", size=a.size, **first_request(pipe, a.size), **env))
-        print(json.dumps(rows[-1]), flush=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(rows[-1]) + "\n")
+        emit(dict(diag="first_request_t2i", size=a.size, **first_request(pipe, a.size), **env), a.out)
         return
     if a.only_decode:
-        rows.append(dict(diag="decode_gemv_probe", **decode_probe(pipe), **env))
-        print(json.dumps(rows[-1]), flush=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(rows[-1]) + "\n")
+        emit(dict(diag="decode_gemv_probe", **decode_probe(pipe), **env), a.out)
         return
     rows.append(dict(diag="memory_phases_t2i", size=a.size, **t2i_phases(pipe, a.size), **env))
     print(json.dumps(rows[-1]), flush=True)
