@@ -14,13 +14,14 @@ import math
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import CheckpointError
 
@@ -152,15 +153,7 @@ def load_into(module: nn.Module, header: SafetensorsHeader, device: torch.device
     device = torch.device(device)
     keys = list(module.state_dict().keys())
     try:
-        if device.type == "cuda":
-            state = _read_cuda(header, keys, device, progress)
-        else:
-            state = {}
-            with safe_open(str(header.path), framework="pt", device="cpu") as f:  # mmap-backed tensors
-                for key in keys:
-                    state[key] = f.get_tensor(key)
-                    if progress is not None:
-                        progress(header.tensors[key].nbytes)
+        state = dict(iter_tensors(header, keys, device, progress))
         for key, t in state.items():
             if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                 state[key] = t.to(dtype)
@@ -171,10 +164,35 @@ def load_into(module: nn.Module, header: SafetensorsHeader, device: torch.device
     module.load_state_dict(state, strict=True, assign=True)
 
 
-def _read_cuda(header: SafetensorsHeader, keys: list[str], device: torch.device, progress) -> dict:
-    from .streaming import read_tensors
+def iter_tensors(header: SafetensorsHeader, keys, device: torch.device,
+                 progress=None) -> Iterator[tuple[str, Tensor]]:
+    """(key, tensor on ``device`` in the file's dtype) for the tensors ``keys`` of one file. On CUDA through the
+    pinned-ring reader, in file order, each as it lands (:func:`bagel_rt.streaming.stream_tensors`); on the CPU
+    memory-mapped, in ``keys`` order. ``progress``: optional callable taking each tensor's bytes."""
+    if device.type == "cuda":
+        from .streaming import stream_tensors
 
-    return read_tensors(header.path, stream_entries(header, keys), device, progress=progress)
+        yield from stream_tensors(header.path, stream_entries(header, keys), device, progress=progress)
+        return
+    with open_mapped(header) as f:
+        for key in keys:
+            t = get_tensor(f, header, key)
+            if progress is not None:
+                progress(header.tensors[key].nbytes)
+            yield key, t
+
+
+def open_mapped(header: SafetensorsHeader):
+    """The file as a safetensors handle whose tensors are memory-mapped on the CPU (a context manager)."""
+    return safe_open(str(header.path), framework="pt", device="cpu")
+
+
+def get_tensor(f, header: SafetensorsHeader, key: str) -> Tensor:
+    """Tensor ``key`` from an :func:`open_mapped` handle; unreadable data raises :class:`CheckpointError`."""
+    try:
+        return f.get_tensor(key)
+    except Exception as e:  # safetensors raises its own error type for corrupt data
+        raise CheckpointError(f"{header.path}: cannot read {key!r} ({str(e).splitlines()[0]})") from None
 
 
 def stream_entries(header: SafetensorsHeader, keys) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:

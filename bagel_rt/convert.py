@@ -18,7 +18,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import SafetensorsHeader, check_keys, expected_shapes, read_header, writing_directory
+from .checkpoint import (
+    SafetensorsHeader,
+    check_keys,
+    expected_shapes,
+    get_tensor,
+    open_mapped,
+    read_header,
+    writing_directory,
+)
 from .errors import CheckpointError, InputError
 from .loader import _bytes_bar, read_params
 from .model import BagelModel
@@ -36,9 +44,7 @@ from .quantized import (
     FORMATS,
     NF4_BLOCKSIZE,
     _compile_skip,
-    _get,
     _linears,
-    _open,
     _shape_ok,
     checkpoint_format,
     quant_plan,
@@ -171,9 +177,9 @@ def _write_quantized(header: SafetensorsHeader, model: nn.Module, out: Path, fmt
                  "bagel_rt.skip": json.dumps(list(skip))})
     if fmt == "nf4":
         meta.update({"bagel_rt.blocksize": str(NF4_BLOCKSIZE), "bagel_rt.double_quant": str(double_quant).lower()})
-    with SafetensorsWriter(out, names, meta) as writer, _open(header, "cpu") as f:
+    with SafetensorsWriter(out, names, meta) as writer, open_mapped(header) as f:
         for key in header.tensors:
-            t = _get(f, header, key)
+            t = get_tensor(f, header, key)
             if key in specs:
                 q = quantize_linear(key.removesuffix(".weight"), t, fmt, double_quant)
                 for k, (shape, dtype) in specs[key].items():
@@ -196,15 +202,15 @@ def _write_df11(header: SafetensorsHeader, out: Path, skip: Sequence[str], meta:
     plain = [k for k in header.tensors if k not in covered]
     names = [f"{u}.{b}" for u in units for b in BUFFER_NAMES] + plain
     meta["bagel_rt.units"] = str(len(units))
-    with SafetensorsWriter(out, names, meta) as writer, _open(header, "cpu") as f:
+    with SafetensorsWriter(out, names, meta) as writer, open_mapped(header) as f:
         for u, ws in units.items():
-            buffers = compress_units([_get(f, header, w) for w in ws])
+            buffers = compress_units([get_tensor(f, header, w) for w in ws])
             for b in BUFFER_NAMES:
                 writer.add(f"{u}.{b}", buffers[b])
             if bar:
                 bar.update(sum(header.tensors[w].nbytes for w in ws))
         for key in plain:
-            writer.add(key, _get(f, header, key))
+            writer.add(key, get_tensor(f, header, key))
             if bar:
                 bar.update(header.tensors[key].nbytes)
 

@@ -30,7 +30,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from .checkpoint import (
@@ -215,20 +214,6 @@ def quantize_linear(name: str, weight: Tensor, fmt: str, double_quant: bool = Fa
         qabs, nested = nf4._blockwise_quant(q.absmax - offset, dmap, nf4.NESTED_BLOCKSIZE)
         q.absmax, q.nested_absmax, q.nested_quant_map, q.nested_offset = qabs, nested, dmap, offset.item()
     return nf4._weights_to_state(name, q)
-
-
-# -- reading ----------------------------------------------------------------------------------------------------
-def _open(header: SafetensorsHeader, device: torch.device | str):
-    device = torch.device(device)
-    # safetensors reads straight into device memory for CUDA; on the CPU it returns mmap-backed tensors
-    return safe_open(str(header.path), framework="pt", device=str(device) if device.type == "cuda" else "cpu")
-
-
-def _get(f, header: SafetensorsHeader, key: str) -> Tensor:
-    try:
-        return f.get_tensor(key)
-    except Exception as e:  # safetensors raises its own error type for corrupt data
-        raise CheckpointError(f"{header.path}: cannot read {key!r} ({str(e).splitlines()[0]})") from None
 
 
 def _shape_ok(got: tuple[int, ...], want: tuple[int, ...]) -> bool:

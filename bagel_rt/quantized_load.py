@@ -17,7 +17,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import _FLOAT, SafetensorsHeader, expected_shapes, raise_key_problems, read_header
+from .checkpoint import (
+    _FLOAT,
+    SafetensorsHeader,
+    expected_shapes,
+    iter_tensors,
+    raise_key_problems,
+    read_header,
+)
 from .errors import CheckpointError
 from .quant import (
     DF11Config,
@@ -34,9 +41,7 @@ from .quantized import (
     CONFIG_FILE,
     EMA_FILE,
     NF4_BLOCKSIZE,
-    _get,
     _linears,
-    _open,
     _shape_ok,
     quant_plan,
     quantize_linear,
@@ -236,26 +241,14 @@ def _stream(found: dict[str, SafetensorsHeader], units: dict[str, list[str]],
 
 
 def _read(found: dict[str, SafetensorsHeader], device: torch.device, progress) -> Iterator[tuple[str, Tensor]]:
-    """(key, tensor on ``device``) of every key of ``found``, file by file. On CUDA through the pinned-ring
-    reader (:func:`bagel_rt.streaming.stream_tensors`): safetensors' own per-tensor path moved NF4 files at
-    0.7 GB/s (11.9 s for the 8.9 GiB model on an H200 host, ``benchmarks/load_time.py --formats nf4``); on the
-    CPU memory-mapped tensors."""
-    from .checkpoint import stream_entries
-    from .streaming import stream_tensors
-
+    """(key, tensor on ``device``) of every key of ``found``, file by file (:func:`bagel_rt.checkpoint.
+    iter_tensors`: on CUDA the pinned-ring reader — safetensors' own per-tensor path moved NF4 files at
+    0.7 GB/s, 11.9 s for the 8.9 GiB model on an H200 host, ``benchmarks/load_time.py --formats nf4``)."""
     by_file: dict[Path, tuple[SafetensorsHeader, list[str]]] = {}
     for key, h in found.items():
         by_file.setdefault(h.path, (h, []))[1].append(key)
     for h, keys in by_file.values():
-        if device.type == "cuda":
-            yield from stream_tensors(h.path, stream_entries(h, keys), device, progress=progress)
-            continue
-        with _open(h, device) as f:
-            for key in keys:
-                t = _get(f, h, key)
-                if progress:
-                    progress(h.tensors[key].nbytes)
-                yield key, t
+        yield from iter_tensors(h, keys, device, progress)
 
 
 def _unit_weights(u: str, ws: list[str], buffers: dict[str, Tensor], where: Path,
