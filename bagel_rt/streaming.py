@@ -23,26 +23,17 @@ NUM_BUFFERS = 8  # 512 MiB of pinned host memory while loading
 NUM_THREADS = 4  # host readers (a copy from the page cache runs at a few GB/s per thread)
 
 
-def read_tensors(path, entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], device: torch.device,
-                 chunk_bytes: int = CHUNK_BYTES, num_buffers: int = NUM_BUFFERS,
-                 num_threads: int = NUM_THREADS, progress=None) -> dict[str, Tensor]:
-    """The tensors ``entries`` of the file at ``path`` on ``device``, in the file's dtypes.
+def stream_tensors(path, entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], device: torch.device,
+                   chunk_bytes: int = CHUNK_BYTES, num_buffers: int = NUM_BUFFERS,
+                   num_threads: int = NUM_THREADS, progress=None) -> Iterator[tuple[str, Tensor]]:
+    """The tensors ``entries`` of the file at ``path``, one at a time in file order: (key, a new contiguous
+    tensor on ``device`` in the file's dtype) as soon as the tensor's last chunk is queued, the ring kept busy
+    meanwhile; nothing refers to the file afterwards.
 
     Args:
         entries: key -> (dtype, shape, absolute byte offset of the data in the file, nbytes).
         device: CUDA (pinned ring + copy stream) or CPU (the same chunked copies, synchronous; used by tests).
         progress: optional callable taking the bytes of each tensor once it is queued in full.
-    Returns:
-        key -> a new contiguous tensor on ``device`` (nothing refers to the file afterwards).
-    """
-    return dict(stream_tensors(path, entries, device, chunk_bytes, num_buffers, num_threads, progress))
-
-
-def stream_tensors(path, entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], device: torch.device,
-                   chunk_bytes: int = CHUNK_BYTES, num_buffers: int = NUM_BUFFERS,
-                   num_threads: int = NUM_THREADS, progress=None) -> Iterator[tuple[str, Tensor]]:
-    """:func:`read_tensors` one tensor at a time, in file order: (key, tensor on ``device``) as soon as the
-    tensor's last chunk is queued, the ring kept busy meanwhile.
 
     What the caller does with a tensor on the current stream is ordered after its copy (the stream waits for
     the copy stream's event); each destination is allocated just before its first chunk, and the copy stream

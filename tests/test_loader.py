@@ -186,13 +186,13 @@ def _entries(header):
 def test_streaming_reader_matches_safetensors(tiny, chunk, buffers, threads):
     """The chunked reader (tensors split over chunks, buffers reused round-robin, odd chunk sizes) gives every
     tensor bit for bit, in the file's dtype."""
-    from bagel_rt.streaming import read_tensors
+    from bagel_rt.streaming import stream_tensors
 
     for name in ("ema.safetensors", "ae.safetensors"):
         h = read_header(tiny / name)
         seen = []
-        got = read_tensors(h.path, _entries(h), torch.device("cpu"), chunk_bytes=chunk, num_buffers=buffers,
-                           num_threads=threads, progress=seen.append)
+        got = dict(stream_tensors(h.path, _entries(h), torch.device("cpu"), chunk_bytes=chunk,
+                                  num_buffers=buffers, num_threads=threads, progress=seen.append))
         ref = load_file(str(h.path))
         assert got.keys() == ref.keys() and sum(seen) == sum(i.nbytes for i in h.tensors.values())
         for k, t in ref.items():
