@@ -10,8 +10,8 @@ processes find Triton's on-disk cache warm).
 
     python benchmarks/load_time.py --dir /tmp/bagel7b --out load.jsonl [--commit abc] [--processes 2]
 
-With ``--formats`` it also times compressed loads (one row per format): ``int8`` / ``nf4`` convert the bf16
-checkpoint once (``bagel-rt quantize``, timed, into ``DIR-int8`` ...) and load those files; ``bf16>int8`` /
+With ``--formats`` it also times compressed loads (one row per format): ``int8`` / ``nf4`` / ``df11`` convert the
+bf16 checkpoint once (``bagel-rt quantize``, timed, into ``DIR-int8`` ...) and load those files; ``bf16>int8`` /
 ``bf16>nf4`` quantize the bf16 files as they load. ``--images 0`` times the load alone.
 """
 
@@ -109,7 +109,8 @@ def main():
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--images", type=int, default=2, help="t2i requests per process after the load")
     ap.add_argument("--formats", default="bf16",
-                    help="comma-separated: bf16, int8, nf4 (files converted once), bf16>int8, bf16>nf4 (on load)")
+                    help="comma-separated: bf16, int8, nf4, df11 (files converted once), "
+                         "bf16>int8, bf16>nf4 (on load)")
     ap.add_argument("--params", default="bagel-7b-mot", help="configuration (tiny: a smoke test on the CPU)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", type=int, default=1024)
@@ -122,7 +123,7 @@ def main():
     for fmt in a.formats.split(","):
         row = dict(bench="load_time", format=fmt, images=a.images, **env, **write)
         ckpt, weights = a.dir, "auto"
-        if fmt in ("int8", "nf4"):
+        if fmt in ("int8", "nf4", "df11"):
             ckpt = a.dir.with_name(f"{a.dir.name}-{fmt}")
             if not ckpt.exists():
                 t0 = time.perf_counter()
