@@ -11,7 +11,8 @@ processes find Triton's on-disk cache warm).
     python benchmarks/load_time.py --dir /tmp/bagel7b --out load.jsonl [--commit abc] [--processes 2]
 
 With ``--formats`` it also times compressed loads (one row per format): ``int8`` / ``nf4`` / ``df11`` convert the
-bf16 checkpoint once (``bagel-rt quantize``, timed, into ``DIR-int8`` ...) and load those files; ``bf16>int8`` /
+bf16 checkpoint once (``bagel-rt quantize``, timed, into ``DIR-int8`` ...) and load those files (``df11+resident``:
+the DF11 files kept compressed on the GPU, ``df11_resident=True``); ``bf16>int8`` /
 ``bf16>nf4`` quantize the bf16 files as they load. ``--images 0`` times the load alone.
 """
 
@@ -35,7 +36,8 @@ sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 if dev == "cuda":
     torch.cuda.init(); torch.empty(1, device="cuda"); sync()
 t2 = time.perf_counter()
-pipe = bagel_rt.load(sys.argv[1], device=dev, weights=sys.argv[2])
+weights, _, mode = sys.argv[2].partition("+")
+pipe = bagel_rt.load(sys.argv[1], device=dev, weights=weights, df11_resident=mode == "resident")
 sync()
 t3 = time.perf_counter()
 times = []
@@ -109,7 +111,7 @@ def main():
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--images", type=int, default=2, help="t2i requests per process after the load")
     ap.add_argument("--formats", default="bf16",
-                    help="comma-separated: bf16, int8, nf4, df11 (files converted once), "
+                    help="comma-separated: bf16, int8, nf4, df11, df11+resident (files converted once), "
                          "bf16>int8, bf16>nf4 (on load)")
     ap.add_argument("--params", default="bagel-7b-mot", help="configuration (tiny: a smoke test on the CPU)")
     ap.add_argument("--device", default="cuda")
@@ -123,11 +125,12 @@ def main():
     for fmt in a.formats.split(","):
         row = dict(bench="load_time", format=fmt, images=a.images, **env, **write)
         ckpt, weights = a.dir, "auto"
-        if fmt in ("int8", "nf4", "df11"):
-            ckpt = a.dir.with_name(f"{a.dir.name}-{fmt}")
+        if fmt in ("int8", "nf4", "df11", "df11+resident"):
+            ckpt = a.dir.with_name(f"{a.dir.name}-{fmt.split('+')[0]}")
+            weights = fmt
             if not ckpt.exists():
                 t0 = time.perf_counter()
-                convert_checkpoint(a.dir, ckpt, fmt, progress=False)
+                convert_checkpoint(a.dir, ckpt, fmt.split("+")[0], progress=False)
                 row["convert_s"] = round(time.perf_counter() - t0, 1)
         elif fmt.startswith("bf16>"):
             weights = fmt.split(">", 1)[1]
