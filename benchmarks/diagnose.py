@@ -317,6 +317,48 @@ def denoiser_ab(pipe, size, which: str, rounds: int = 1):
     return out
 
 
+def prompt_change(pipe, size):
+    """What a new prompt costs a warm process: t2i requests whose prompts alternate between token counts. A
+    new context length means a new packed denoiser (arena, an eager first step with cuDNN/cuBLAS first use
+    of the new shapes, a graph capture); the same length again refills the captured one."""
+    from bagel_rt.fast import denoise_packed
+
+    h = w = size // 16
+    prompts = {"A": "A red bagel on a white plate.",
+               "B": "A lighthouse on a rocky coast at dawn, waves breaking, seagulls, soft orange light.",
+               "C": "Two dogs."}
+
+    def run(prompt):
+        s = pipe.session(seed=0)
+        s.add_text(prompt)
+        noise = torch.randn(h * w, pipe.model.params.patch_latent_dim, generator=torch.Generator().manual_seed(0))
+        steps, last = [], None
+        torch.cuda.synchronize()
+        t0 = last = time.perf_counter()
+
+        def on_step(i, v):
+            nonlocal last
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            steps.append(now - last)
+            last = now
+
+        ctxs, dedup = s.branches()
+        denoise_packed(pipe.model, ctxs, noise, h, w, 50, 3.0, APP_CFG["t2i"], cache=pipe.fast_cache,
+                       attention=pipe.attention, on_step=on_step, **dedup)
+        torch.cuda.synchronize()
+        return dict(denoise_s=round(time.perf_counter() - t0, 3), ctx_len=s.gen.length,
+                    first_steps_s=[round(x, 4) for x in steps[:3]],
+                    median_step_s=round(sorted(steps)[len(steps) // 2], 4))
+
+    run(prompts["A"])  # the process's first request (Triton compiles etc.), not counted
+    seq = ["A", "A", "B", "B", "C", "C", "A"]
+    out = [dict(prompt=p, **run(prompts[p])) for p in seq]
+    warm = [r["denoise_s"] for i, r in enumerate(out) if i and seq[i] == seq[i - 1]]
+    new = [r["denoise_s"] for i, r in enumerate(out) if i and seq[i] != seq[i - 1]]
+    return dict(requests=out, new_prompt_extra_s=round(sum(new) / len(new) - sum(warm) / len(warm), 3))
+
+
 def first_request(pipe, size):
     """Where a fresh process's first t2i request spends its extra time: wall time of each phase of the first
     and second requests, each denoising step's wall time (synchronised after every step, so the steps that
@@ -432,6 +474,8 @@ def main():
     ap.add_argument("--only-first-request", action="store_true",
                     help="only the first-vs-second t2i request phases and the first one's Python profile "
                          "(run it in a fresh process)")
+    ap.add_argument("--only-prompt-change", action="store_true",
+                    help="only the cost of a new prompt length in a warm process (t2i denoising loops)")
     ap.add_argument("--only-decode", action="store_true",
                     help="only the decode probe (tokens/s per GEMV implementation, kernel profile)")
     a = ap.parse_args()
@@ -457,6 +501,9 @@ def main():
         return
     if a.only_first_request:
         emit(dict(diag="first_request_t2i", size=a.size, **first_request(pipe, a.size), **env), a.out)
+        return
+    if a.only_prompt_change:
+        emit(dict(diag="prompt_change_t2i", size=a.size, **prompt_change(pipe, a.size), **env), a.out)
         return
     if a.only_decode:
         emit(dict(diag="decode_gemv_probe", **decode_probe(pipe), **env), a.out)
