@@ -225,6 +225,12 @@ def cases_fp8_gemm(K):
         def fp8_mm_fast_accum(xq=xq, xs=xs, wq=wq, ws=ws):
             return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=BF16, use_fast_accum=True)
 
+        one = torch.ones((), device="cuda")
+
+        def fp8_mm_tensorwise_fast_accum(xq=xq, wq=wq, one=one):
+            # per-tensor scales (cuBLASLt's native scaling): would the row scales cost speed? (they do not)
+            return torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=BF16, use_fast_accum=True)
+
         def fp8_mm_with_quant(x=x, wq=wq, ws=ws):
             q, s = K.quantize_rows_fp8(x)
             return torch._scaled_mm(q, wq.t(), scale_a=s, scale_b=ws, out_dtype=BF16)
@@ -232,6 +238,7 @@ def cases_fp8_gemm(K):
         yield "fp8_gemm", {"proj": name, "M": M, "N": N, "K": Kd}, {
             "fp8": fp8_mm,
             "fp8_fast_accum": fp8_mm_fast_accum,
+            "fp8_tensorwise_fast_accum": fp8_mm_tensorwise_fast_accum,
             "fp8+quant": fp8_mm_with_quant,
             "bf16": lambda x=x, w=w: torch.nn.functional.linear(x, w),
         }, (2 * M * N * Kd, "flop_gemm")
