@@ -317,12 +317,34 @@ def denoiser_ab(pipe, size, which: str, rounds: int = 1):
     return out
 
 
+def t2i_loop_timed(pipe, s, h: int, w: int):
+    """The session's t2i denoising loop (50 steps, app defaults, seed-0 noise) with the GPU synchronised after
+    every step, so the steps that run eagerly, capture or replay show apart: (latents, seconds, step seconds)."""
+    from bagel_rt.fast import denoise_packed
+
+    noise = torch.randn(h * w, pipe.model.params.patch_latent_dim, generator=torch.Generator().manual_seed(0))
+    steps = []
+    torch.cuda.synchronize()
+    t0 = last = time.perf_counter()
+
+    def on_step(i, v):
+        nonlocal last
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        steps.append(now - last)
+        last = now
+
+    ctxs, dedup = s.branches()
+    x = denoise_packed(pipe.model, ctxs, noise, h, w, 50, 3.0, APP_CFG["t2i"], cache=pipe.fast_cache,
+                       attention=pipe.attention, on_step=on_step, **dedup)
+    torch.cuda.synchronize()
+    return x, time.perf_counter() - t0, steps
+
+
 def prompt_change(pipe, size):
     """What a new prompt costs a warm process: t2i requests whose prompts alternate between token counts. A
     new context length means a new packed denoiser (arena, an eager first step with cuDNN/cuBLAS first use
     of the new shapes, a graph capture); the same length again refills the captured one."""
-    from bagel_rt.fast import denoise_packed
-
     h = w = size // 16
     prompts = {"A": "A red bagel on a white plate.",
                "B": "A lighthouse on a rocky coast at dawn, waves breaking, seagulls, soft orange light.",
@@ -331,23 +353,8 @@ def prompt_change(pipe, size):
     def run(prompt):
         s = pipe.session(seed=0)
         s.add_text(prompt)
-        noise = torch.randn(h * w, pipe.model.params.patch_latent_dim, generator=torch.Generator().manual_seed(0))
-        steps, last = [], None
-        torch.cuda.synchronize()
-        t0 = last = time.perf_counter()
-
-        def on_step(i, v):
-            nonlocal last
-            torch.cuda.synchronize()
-            now = time.perf_counter()
-            steps.append(now - last)
-            last = now
-
-        ctxs, dedup = s.branches()
-        denoise_packed(pipe.model, ctxs, noise, h, w, 50, 3.0, APP_CFG["t2i"], cache=pipe.fast_cache,
-                       attention=pipe.attention, on_step=on_step, **dedup)
-        torch.cuda.synchronize()
-        return dict(denoise_s=round(time.perf_counter() - t0, 3), ctx_len=s.gen.length,
+        _, seconds, steps = t2i_loop_timed(pipe, s, h, w)
+        return dict(denoise_s=round(seconds, 3), ctx_len=s.gen.length,
                     first_steps_s=[round(x, 4) for x in steps[:3]],
                     median_step_s=round(sorted(steps)[len(steps) // 2], 4))
 
@@ -361,45 +368,28 @@ def prompt_change(pipe, size):
 
 def first_request(pipe, size):
     """Where a fresh process's first t2i request spends its extra time: wall time of each phase of the first
-    and second requests, each denoising step's wall time (synchronised after every step, so the steps that
-    run eagerly, capture or replay show apart), and the first request's Python profile (top functions by
-    cumulative and own time)."""
+    and second requests, each denoising step's wall time, and the first request's Python profile (top
+    functions by cumulative and own time)."""
     import cProfile
     import pstats
-
-    from bagel_rt.fast import denoise_packed
 
     h = w = size // 16
 
     def run():
-        t, steps = {}, []
+        t = {}
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         s = pipe.session(seed=0)
         s.add_text("A red bagel on a white plate.")
         torch.cuda.synchronize()
         t["add_text"] = time.perf_counter() - t0
-        noise = torch.randn(h * w, pipe.model.params.patch_latent_dim, generator=torch.Generator().manual_seed(0))
-        t1 = last = time.perf_counter()
-
-        def on_step(i, v):
-            nonlocal last
-            torch.cuda.synchronize()
-            now = time.perf_counter()
-            steps.append(round(now - last, 4))
-            last = now
-
-        ctxs, dedup = s.branches()
-        x = denoise_packed(pipe.model, ctxs, noise, h, w, 50, 3.0, APP_CFG["t2i"], cache=pipe.fast_cache,
-                           attention=pipe.attention, on_step=on_step, **dedup)
-        torch.cuda.synchronize()
-        t["denoise"] = time.perf_counter() - t1
+        x, t["denoise"], steps = t2i_loop_timed(pipe, s, h, w)
         t2 = time.perf_counter()
         s.decode_latents(x, h, w)
         torch.cuda.synchronize()
         t["vae_decode"] = time.perf_counter() - t2
         t["total"] = time.perf_counter() - t0
-        return {k: round(v, 3) for k, v in t.items()}, steps
+        return {k: round(v, 3) for k, v in t.items()}, [round(x, 4) for x in steps]
 
     prof = cProfile.Profile()
     prof.enable()
