@@ -29,6 +29,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+from bagel_rt.kernels.attention import load_packed_q, seq_bounds
 
 BF16, E4M3 = torch.bfloat16, torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -41,25 +42,17 @@ def _fp8_attn_kernel(q, qs, k, ks, vt, vs, o, cu_q, cu_k,
                      stride_qm, stride_qh, stride_km, stride_kh, stride_om, stride_oh, LKP, sm_scale,
                      G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      P_SHIFT: tl.constexpr):
-    # grid: (packed query-row blocks, kv heads, sequences); rows pack (query, q head of this kv head) as in
-    # kernels/attention.py; non-causal only (the denoiser's latent queries)
+    # grid: (packed query-row blocks, kv heads, sequences); rows pack (query, q head of this kv head) with
+    # kernels/attention.py's helpers; non-causal only (the denoiser's latent queries)
     i_m, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     Hk = tl.num_programs(1)
-    bos_q = tl.load(cu_q + i_b)
-    Lq = tl.load(cu_q + i_b + 1) - bos_q
-    bos_k = tl.load(cu_k + i_b)
-    Lk = tl.load(cu_k + i_b + 1) - bos_k
+    bos_q, Lq, bos_k, Lk = seq_bounds(cu_q, cu_k, i_b)
     if i_m * BLOCK_M >= Lq * G:
         return
-    o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_qi = o_r // G
-    o_h = i_hk * G + o_r % G
-    m_r = o_r < Lq * G
+    b_q, o_qi, o_h, m_r = load_packed_q(q, bos_q, Lq, i_m, i_hk, stride_qm, stride_qh, G, D, BLOCK_M)
     o_d = tl.arange(0, D)
     o_n = tl.arange(0, BLOCK_N)
     row = (bos_q + o_qi).to(tl.int64)
-    b_q = tl.load(q + row[:, None] * stride_qm + o_h[:, None] * stride_qh + o_d[None, :], mask=m_r[:, None],
-                  other=0.0)
     # per-row factor: the row's dequantization scale times the softmax scale, in the exp2 domain
     b_qf = tl.load(qs + row * (G * Hk) + o_h, mask=m_r, other=0.0) * (sm_scale * 1.4426950408889634)
     k += i_hk * stride_kh

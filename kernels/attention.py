@@ -90,6 +90,29 @@ def varlen_attention_ref(
 
 
 @triton.jit
+def seq_bounds(cu_q, cu_k, i_b):
+    """Sequence ``i_b``'s first query row, query count, first key row and key count from the cu_seqlens."""
+    bos_q = tl.load(cu_q + i_b)
+    bos_k = tl.load(cu_k + i_b)
+    return bos_q, tl.load(cu_q + i_b + 1) - bos_q, bos_k, tl.load(cu_k + i_b + 1) - bos_k
+
+
+@triton.jit
+def load_packed_q(q, bos_q, Lq, i_m, i_hk, stride_qm, stride_qh,
+                  G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """GQA packing: block ``i_m`` of the rows (query, q head of kv head ``i_hk``), row r = query r // G, head
+    i_hk * G + r % G. Returns the [BLOCK_M, D] query block (zeros past the end), each row's query index and q
+    head, and the row mask. Also used by the FP8 attention experiment in ``benchmarks/ceilings.py``."""
+    o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_qi = o_r // G
+    o_h = i_hk * G + o_r % G
+    m_r = o_r < Lq * G
+    o_d = tl.arange(0, D)
+    p_q = q + (bos_q + o_qi).to(tl.int64)[:, None] * stride_qm + o_h[:, None] * stride_qh + o_d[None, :]
+    return tl.load(p_q, mask=m_r[:, None], other=0.0), o_qi, o_h, m_r
+
+
+@triton.jit
 def _attn_block(acc, m_i, l_i, b_q, k, v, start_n, bos_k, Lk, diag, o_qi, o_n, o_d, stride_km, stride_vm,
                 qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
     # one key block [start_n, start_n + BLOCK_N) of the online softmax (exp2 domain)
@@ -141,22 +164,13 @@ def _attn_fwd_kernel(
     i_m, i_hk, i_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bs // NUM_SPLITS
     i_s = i_bs % NUM_SPLITS
-    bos_q = tl.load(cu_q + i_b)
-    Lq = tl.load(cu_q + i_b + 1) - bos_q
-    bos_k = tl.load(cu_k + i_b)
-    Lk = tl.load(cu_k + i_b + 1) - bos_k
+    bos_q, Lq, bos_k, Lk = seq_bounds(cu_q, cu_k, i_b)
     if i_m * BLOCK_M >= Lq * G:
         return
-    # packed rows: query o_qi, q head i_hk * G + o_g
-    o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_qi = o_r // G
-    o_h = i_hk * G + o_r % G
-    m_r = o_r < Lq * G
+    # [BLOCK_M, D] packed rows: query o_qi, q head o_h
+    b_q, o_qi, o_h, m_r = load_packed_q(q, bos_q, Lq, i_m, i_hk, stride_qm, stride_qh, G, D, BLOCK_M)
     o_d = tl.arange(0, D)
     o_n = tl.arange(0, BLOCK_N)
-    p_q = q + (bos_q + o_qi).to(tl.int64)[:, None] * stride_qm + o_h[:, None] * stride_qh + o_d[None, :]
-    # [BLOCK_M, D]
-    b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)
     k += i_hk * stride_kh
     v += i_hk * stride_vh
 
