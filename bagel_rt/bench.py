@@ -58,6 +58,34 @@ def matmul_peak_tflops(n: int = 8192, reps: int = 10) -> float | None:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+def graph_of(fn, calls: int) -> torch.cuda.CUDAGraph:
+    """``fn`` run once (warm-up), then ``calls`` calls of it captured in one CUDA graph."""
+    fn()
+    _sync()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
+def replay_rates(graph: torch.cuda.CUDAGraph, flop_per_replay: float, seconds: float,
+                 replays_per_window: int = 1) -> list[tuple[float, float]]:
+    """Replay ``graph`` back to back for ``seconds``: (seconds since the start, TFLOP/s) of each window of
+    ``replays_per_window`` replays, timed with CUDA events."""
+    t0, windows = time.perf_counter(), []
+    while time.perf_counter() - t0 < seconds:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays_per_window):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        windows.append((time.perf_counter() - t0,
+                        flop_per_replay * replays_per_window / (start.elapsed_time(end) * 1e9)))
+    return windows
+
+
 def matmul_sustained_tflops(seconds: float = 3.0, n: int = 8192) -> float | None:
     """bf16 matmul rate (TFLOP/s) held over ``seconds`` of back-to-back n^3 products (a CUDA graph replayed),
     measured over the second half; None without CUDA.
@@ -71,22 +99,10 @@ def matmul_sustained_tflops(seconds: float = 3.0, n: int = 8192) -> float | None
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
-    torch.mm(a, b, out=c)
-    _sync()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(10):
-            torch.mm(a, b, out=c)
-    t0, done, measured = time.perf_counter(), 0, 0.0
-    while time.perf_counter() - t0 < seconds:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        if time.perf_counter() - t0 >= seconds / 2:
-            done, measured = done + 10, measured + start.elapsed_time(end) / 1e3
-    return 2 * n**3 * done / measured / 1e12 if done else None
+    graph = graph_of(lambda: torch.mm(a, b, out=c), 10)
+    rates = [r for t, r in replay_rates(graph, 10 * 2 * n**3, seconds) if t >= seconds / 2]
+    # equal work per window: the rate over all of them is the harmonic mean
+    return len(rates) / sum(1 / r for r in rates) if rates else None
 
 
 def denoise_flops(model, ctx_lens: dict[str, int], dedup: dict[str, bool], h: int, w: int, num_timesteps: int,

@@ -207,27 +207,16 @@ def _smi(stop: threading.Event, samples: list):
 
 
 def _sustained(fn, flop_per_call: int, seconds: float, calls_per_graph: int = 20):
-    """Replay a graph of ``calls_per_graph`` calls of ``fn`` for ``seconds``; rate per ~5-graph window."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls_per_graph):
-            fn()
+    """Replay a graph of ``calls_per_graph`` calls of ``fn`` for ``seconds``; rate per ~5-graph window, with
+    nvidia-smi sampled over the timed part only."""
+    from bagel_rt.bench import graph_of, replay_rates
+
+    g = graph_of(fn, calls_per_graph)
     time.sleep(2.0)  # let the clocks recover from whatever ran before
     stop, samples = threading.Event(), []
     th = threading.Thread(target=_smi, args=(stop, samples), daemon=True)
     th.start()
-    t0, windows = time.perf_counter(), []
-    while time.perf_counter() - t0 < seconds:
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(5):
-            g.replay()
-        e1.record()
-        e1.synchronize()
-        rate = flop_per_call * calls_per_graph * 5 / (e0.elapsed_time(e1) * 1e9)
-        windows.append((time.perf_counter() - t0, rate))
+    windows = replay_rates(g, flop_per_call * calls_per_graph, seconds, replays_per_window=5)
     stop.set()
     th.join()
     rates = [r for _, r in windows]
