@@ -125,12 +125,12 @@ def main():
     for fmt in a.formats.split(","):
         row = dict(bench="load_time", format=fmt, images=a.images, **env, **write)
         ckpt, weights = a.dir, "auto"
-        if fmt in ("int8", "nf4", "df11", "df11+resident"):
-            ckpt = a.dir.with_name(f"{a.dir.name}-{fmt.split('+')[0]}")
-            weights = fmt
+        stored = fmt.split("+")[0]  # the files' format; "+resident" only changes how they load
+        if stored in ("int8", "nf4", "df11") and fmt in (stored, "df11+resident"):
+            ckpt, weights = a.dir.with_name(f"{a.dir.name}-{stored}"), fmt
             if not ckpt.exists():
                 t0 = time.perf_counter()
-                convert_checkpoint(a.dir, ckpt, fmt.split("+")[0], progress=False)
+                convert_checkpoint(a.dir, ckpt, stored, progress=False)
                 row["convert_s"] = round(time.perf_counter() - t0, 1)
         elif fmt.startswith("bf16>"):
             weights = fmt.split(">", 1)[1]
