@@ -129,22 +129,9 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def _cudnn_loop(q, k, v, lq, lk):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    outs, iq, ik = [], 0, 0
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        for a, b in zip(lq, lk):
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q[iq:iq + a].transpose(0, 1)[None], k[ik:ik + b].transpose(0, 1)[None],
-                v[ik:ik + b].transpose(0, 1)[None], scale=1 / math.sqrt(D), enable_gqa=True)
-            outs.append(out[0].transpose(0, 1))
-            iq, ik = iq + a, ik + b
-    return torch.cat(outs)
-
-
 def _attention_case(K, label: str, lq: tuple, lk: tuple, env: dict) -> dict:
     import triton.testing
+    from bench_kernels import sdpa_cudnn_loop  # benchmarks/ is on the path when this runs as a script
 
     configs = [(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 2)]
     scale = 1 / math.sqrt(D)
@@ -157,13 +144,13 @@ def _attention_case(K, label: str, lq: tuple, lk: tuple, env: dict) -> dict:
     cq = torch.tensor(cu_q_h, dtype=torch.int32, device="cuda")
     ck = torch.tensor(cu_k_h, dtype=torch.int32, device="cuda")
     flops = sum(4 * a * b * HQ * D for a, b in zip(lq, lk))
-    ref = _cudnn_loop(q, k, v, lq, lk)
+    ref = sdpa_cudnn_loop(q, k, v, lq, lk, scale)
     exact = K.varlen_attention_ref(q, k, v, cq, ck, False, scale) if len(lq) == 2 else None  # t2i only: fast
 
     def ours():
         return K.varlen_attention(q, k, v, cq, ck, False, scale, max_seqlen_q=max(lq), max_seqlen_k=max(lk))
 
-    t_cudnn = triton.testing.do_bench_cudagraph(lambda: _cudnn_loop(q, k, v, lq, lk), rep=100)
+    t_cudnn = triton.testing.do_bench_cudagraph(lambda: sdpa_cudnn_loop(q, k, v, lq, lk, scale), rep=100)
     t_ours = triton.testing.do_bench_cudagraph(ours, rep=100)
     inputs = fp8_attention_inputs(q, k, v, cu_k_h)
     per_config = []
