@@ -137,12 +137,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         scale = self.SCB.float() / 127.0
         use_kernel = x.is_cuda if self.use_kernel is None else self.use_kernel
-        if use_kernel:
-            out = int8_matmul(x2, self.weight, scale)
-        else:
-            out = int8_matmul_ref(x2, self.weight, scale)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+        out = (int8_matmul if use_kernel else int8_matmul_ref)(x2, self.weight, scale, self.bias)
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

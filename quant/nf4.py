@@ -345,10 +345,8 @@ class NF4Linear(nn.Module):
         wshape = (self.out_features, self.in_features)
         use_kernel = x.is_cuda if self.use_kernel is None else self.use_kernel
         fn = nf4_matmul if use_kernel else nf4_matmul_ref
-        out = fn(x2, self.weight, self.absmax, self.blocksize, wshape, quant_map=self.quant_map)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*shape[:-1], self.out_features)
+        return fn(x2, self.weight, self.absmax, self.blocksize, wshape, quant_map=self.quant_map,
+                  bias=self.bias).reshape(*shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         name = prefix[:-1]
