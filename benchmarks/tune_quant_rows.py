@@ -4,7 +4,7 @@
 
 For each weight shape of an LLM layer and M in 1..16 rows, times (CUDA-graph replays, so launch overhead is
 what a captured step pays) the bf16 cuBLAS GEMM, the per-row GEMV, weight dequantization + cuBLAS, and the
-dequantizing GEMM (``mode="gemm"``) under each candidate "rows" setting of ``quant.matmul.GEMM_SETTINGS``;
+dequantizing GEMM (``mode="gemm"``) under each candidate few-rows setting (``quant.matmul.rows_settings``);
 one JSON row per (shape, M) with the best setting and the effective weight bandwidth.
 """
 
@@ -55,7 +55,7 @@ def format_row(fmt: str, q, x, n: int, k: int) -> dict:
            f"{fmt}_dequant_us": round(replay_us(partial(call, "dequant")), 1)}
     best = None
     for cfg in CANDIDATES:
-        matmul.GEMM_SETTINGS["rows"] = cfg
+        matmul.rows_settings = lambda N, K, cfg=cfg: dict(cfg)  # noqa: E731
         try:
             t = replay_us(partial(call, "gemm"))
         except Exception as e:  # a setting the compiler rejects (shared memory): skip it

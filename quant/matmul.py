@@ -4,16 +4,19 @@
 * ``nf4_matmul(x, packed, absmax, blocksize, shape)``: W4A16, ``W = quant_map[idx] * absmax[block]`` in the
   bitsandbytes NF4 layout (row-major flattened weight, high nibble = even element).
 
-Three paths, picked by the number of rows M (``mode="auto"``) or forced with ``mode``:
+Three paths, picked by the number of rows M and the format (``mode="auto"``) or forced with ``mode``:
 
-* ``"gemv"`` (auto for M <= ``GEMV_MAX_M``, decode): one program per (``BN`` output channels, row), streaming
-  the weight rows once; fp32 partial sums stay per lane and are reduced once at the end.
-* ``"gemm"``: tiled ``tl.dot`` GEMM dequantizing each weight tile in registers (no weight materialization).
-* ``"dequant"`` (auto for M > ``GEMV_MAX_M``): a Triton kernel dequantizes the weight (in row chunks of at most
-  ``DEQUANT_CHUNK`` elements) to x.dtype, then ``F.linear`` (cuBLAS). On an H200 this beat the fused GEMM at
-  every M measured from 16 to 4096 (bf16, 3584x3584 NF4: 79 vs 127 us at M=64, 320 vs 819 us at M=4096;
-  INT8 at M=4096: 165 vs 263 us, cuBLAS bf16 156 us), because the GEMM re-dequantizes every weight tile once
-  per row tile. bitsandbytes makes the same choice past small M.
+* ``"gemv"`` (auto for NF4 at M = 1, decode): one program per (``BN`` output channels, row), streaming the
+  weight rows once per row; fp32 partial sums stay per lane and are reduced once at the end.
+* ``"gemm"`` (auto for INT8 at M <= ``ROWS_MAX_M``): tiled ``tl.dot`` GEMM dequantizing each weight tile in
+  registers. With one row tile of 16 ("rows" settings) every weight tile is read once for all rows: on an
+  H200 (``benchmarks/tune_quant_rows.py``, CUDA-graph replays, 873e842) INT8 gate/up 18944x3584 takes 23.8 us at
+  4-16 rows (2.85 TB/s of weights) against 36.6 us for bf16 cuBLAS, 103-391 us for the per-row GEMV and
+  95.8 us for dequant + cuBLAS. NF4 does not gain there: its select-tree decode is ALU-bound (gate/up 103 us).
+* ``"dequant"`` (auto otherwise): a Triton kernel dequantizes the whole weight (row chunks only past
+  ``DEQUANT_CHUNK`` elements) to x.dtype, then ``F.linear`` (cuBLAS). At M ~ 8k rows this costs the GEMM
+  plus ~4% (gate/up: dequant 0.06 ms, GEMM 1.58 ms); NF4 at 2-16 rows 91 us vs 313-1232 us for its GEMV.
+  The fused GEMM loses at many rows because it re-dequantizes every weight tile once per row tile.
 
 NF4 codes are looked up with a tree of selects over the 16 code values (held as scalars): on GPUs a per-element
 gather from the 16-entry table is several times slower. Accumulation is fp32; the result has the dtype of ``x``
@@ -40,7 +43,7 @@ __all__ = [
     "nf4_dequant_ref",
 ]
 
-GEMV_MAX_M = 4
+GEMV_MAX_M = 1  # NF4 rows up to which the GEMV beats dequant + cuBLAS (H200: 81 vs 96 us at 1 row)
 DEQUANT_CHUNK = 1 << 28  # elements of dequantized weight materialized at once by the "dequant" path (512 MB bf16)
 
 
@@ -286,14 +289,20 @@ def _nf4_dequant_kernel(p_ptr, a_ptr, c_ptr, o_ptr, n_bytes, BLOCKSIZE: tl.const
 # is read once for all rows (the GEMV re-reads the weights once per row).
 GEMM_SETTINGS = {"large": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4),
                  "small": dict(BM=64, BN=64, BK=64, GROUP_M=8, num_warps=4, num_stages=3),
-                 "rows": dict(BM=16, BN=32, BK=128, GROUP_M=1, num_warps=4, num_stages=4)}
+                 "rows": dict(BM=16, BN=32, BK=128, GROUP_M=1, num_warps=4, num_stages=4)}  # BN, BK by shape
 GEMV_SETTINGS = {"int8": dict(BN=8, BK=512, num_warps=4), "nf4": dict(BN=8, BK=512, num_warps=4)}
 ROWS_MAX_M = 16  # "rows" settings up to this many rows
 
 
-def _gemm_settings(M: int, N: int) -> dict:
+def rows_settings(N: int, K: int) -> dict:
+    """Few-rows GEMM settings for a [N, K] weight: more programs for few output channels, longer K steps for
+    long rows (``benchmarks/tune_quant_rows.py`` on an H200)."""
+    return dict(GEMM_SETTINGS["rows"], BN=16 if N <= 1024 else 32, BK=256 if K >= 8192 else 128)
+
+
+def _gemm_settings(M: int, N: int, K: int) -> dict:
     if M <= ROWS_MAX_M:
-        return dict(GEMM_SETTINGS["rows"])
+        return rows_settings(N, K)
     return dict(GEMM_SETTINGS["large" if M >= 128 and N >= 128 else "small"])
 
 
@@ -307,10 +316,12 @@ def _check_bias(bias: Tensor | None, N: int) -> None:
     assert bias is None or (bias.shape == (N,) and bias.is_contiguous()), "bias must be a contiguous [N]"
 
 
-def _path(M: int, mode: str) -> str:
+def _path(M: int, mode: str, fmt: str) -> str:
     assert mode in ("auto", "gemv", "gemm", "dequant"), mode
     if mode != "auto":
         return mode
+    if fmt == "int8":
+        return "gemm" if M <= ROWS_MAX_M else "dequant"
     return "gemv" if M <= GEMV_MAX_M else "dequant"
 
 
@@ -354,8 +365,8 @@ def int8_matmul(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None =
                 mode: str = "auto") -> Tensor:
     """x [M, K] (fp16/bf16/fp32) @ (qweight [N, K] int8 * scale [N] fp32)^T (+ bias [N]) -> [M, N] in x.dtype.
 
-    ``mode``: "auto" (GEMV for M <= GEMV_MAX_M, else dequant + cuBLAS), "gemv", "gemm" or "dequant". The bias
-    is added in fp32 in the kernels' epilogue (in cuBLAS's on the dequant path).
+    ``mode``: "auto" (few-rows GEMM up to ROWS_MAX_M rows, else dequant + cuBLAS), "gemv", "gemm" or
+    "dequant". The bias is added in fp32 in the kernels' epilogue (in cuBLAS's on the dequant path).
     """
     N, K = qweight.shape
     _check_x(x, K)
@@ -363,7 +374,7 @@ def int8_matmul(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None =
     assert qweight.dtype == torch.int8 and qweight.is_contiguous()
     assert scale.dtype == torch.float32 and scale.shape == (N,) and scale.is_contiguous()
     M = x.shape[0]
-    path = _path(M, mode)
+    path = _path(M, mode, "int8")
     if path == "dequant":
         return _dequant_linear(x, N, K, lambda n0, n1: int8_dequant(qweight[n0:n1], scale[n0:n1], x.dtype),
                                None if bias is None else bias.to(x.dtype))
@@ -377,7 +388,7 @@ def int8_matmul(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None =
                                                           stride_xm=x.stride(0), stride_om=out.stride(0), **b,
                                                           **cfg)
     else:
-        cfg = _gemm_settings(M, N)
+        cfg = _gemm_settings(M, N, K)
         grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
         _int8_gemm_kernel[grid](x, qweight, scale, o_ptr=out, M=M, N=N, K=K, stride_xm=x.stride(0),
                                 stride_om=out.stride(0), **b,
@@ -403,7 +414,7 @@ def nf4_matmul(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, shape:
     code = _default_nf4_code(x.device) if quant_map is None else quant_map
     assert code.dtype == torch.float32 and code.numel() == 16 and code.is_contiguous()
     M = x.shape[0]
-    path = _path(M, mode)
+    path = _path(M, mode, "nf4")
     if path == "dequant":
         p, a, bpr = packed.reshape(-1), absmax.reshape(-1), K // blocksize  # bpr: absmax blocks per row
 
@@ -423,7 +434,7 @@ def nf4_matmul(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, shape:
                                                          stride_xm=x.stride(0), stride_om=out.stride(0), **b,
                                                          BLOCKSIZE=blocksize, **cfg)
     else:
-        cfg = _gemm_settings(M, N)
+        cfg = _gemm_settings(M, N, K)
         if K % cfg["BK"]:  # BK must divide K (no K tail): one quantization block per step does
             cfg["BK"] = blocksize
         grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
