@@ -225,8 +225,9 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
 @click.option("--commit", default=None, help="Commit id to record (default: git rev-parse HEAD).")
 @click.option("--device", default=None, callback=_check_device, show_default="cuda if available, else cpu")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16")
-@click.option("--compute", type=click.Choice(["bf16", "fp8"]), default="bf16",
-              help="Denoising GEMM precision on the triton backend; fp8 is opt-in and approximate.")
+@click.option("--compute", type=click.Choice(["auto", "bf16", "fp8", "int8"]), default="auto",
+              help="Denoising GEMM precision of the generation expert (auto: what the weights compute); fp8 and "
+                   "int8 are approximate (with --compare-torch, fp8 keeps the bf16 weights for the torch run).")
 @click.option("--attention", type=click.Choice(["auto", "triton", "cudnn"]), default="auto",
               help="Latent attention of the triton backend's denoiser (auto: cudnn on Hopper, else triton).")
 @click.option("--weights", type=click.Choice(["auto", "int8", "nf4"]), default="auto",
@@ -264,7 +265,9 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
             pipe.weights = weights
     else:
         pipe = bagel_rt.load(model_dir, device=dev, dtype=DTYPES[dtype], backend=backend, weights=weights)
-    pipe.compute = compute
+    pipe.keep_bf16 = compare_torch  # the torch comparison runs the exact bf16 path
+    if compute != "auto":
+        pipe.compute = compute
     pipe.attention = attention
     rows = run_bench(pipe, task_list, size=size, steps=steps, runs=runs, warmup=warmup, tokens=tokens,
                      compare_torch=compare_torch, weights=pipe.weights, commit=commit,
