@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .quant.fp8 import quantize_rows  # noqa: F401 (fast.py imports it from here)
+
 
 class Fp8Weight:
     """An FP8 copy of a Linear's weight: ``w ≈ q * scale[:, None]``; q [N, K] e4m3, scale [N] fp32."""
@@ -27,15 +29,6 @@ class Fp8Weight:
         self.bias = linear.bias
         #: Hopper FP8 "fast accumulation" (no periodic promotion of the tensor-core partial sums to fp32)
         self.fast_accum = fast_accum
-
-
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [M, K] -> (e4m3 [M, K], fp32 per-token scales [M, 1]) with ``x ≈ q * scale``.
-
-    On a GPU this is the fused Triton kernel (bit-identical to the reference); elsewhere the reference."""
-    from bagel_rt.kernels import quantize_rows_fp8, quantize_rows_fp8_ref
-
-    return quantize_rows_fp8(x) if x.is_cuda else quantize_rows_fp8_ref(x)
 
 
 def fp8_linear(x: Tensor | None, w: Fp8Weight, xq: tuple[Tensor, Tensor] | None = None,
