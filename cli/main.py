@@ -165,7 +165,8 @@ def init_tiny(directory: Path, seed: int, overwrite: bool):
 def info(directory: Path, as_json: bool):
     """Say what the checkpoint in DIRECTORY holds, from file headers only (no weights are loaded).
 
-    Format (bf16 / int8 / nf4 / df11), files and sizes, tensor and parameter counts per component, the
+    Format (bf16 / int8 / nf4 / fp8 / fp8-gen-nf4-und / df11) and the format of each part (ViT, connector, und
+    and gen experts, lm_head, VAE), files and sizes, tensor and parameter counts per component, the
     hyper-parameters, and an estimate of the GPU memory that bf16 inference at 1024x1024 needs.
     """
     d = checkpoint_info(directory)
@@ -177,19 +178,21 @@ def info(directory: Path, as_json: bool):
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
               help="int8: per-row absmax (bitsandbytes Linear8bitLt layout); nf4: 4-bit NormalFloat, blocks of 64 "
-                   "(bitsandbytes Linear4bit layout); df11: DFloat11, lossless (the DFloat11/BAGEL-7B-MoT-DF11 "
-                   "layout).")
+                   "(bitsandbytes Linear4bit layout); fp8: e4m3 with one fp32 scale per output channel for the "
+                   "LLM Linears of both experts and lm_head (W8A8 on FP8 tensor cores, weight-only below compute "
+                   "capability 8.9); fp8-gen-nf4-und: the 12 GB recipe, generation expert fp8, understanding "
+                   "expert and lm_head nf4; df11: DFloat11, lossless (the DFloat11/BAGEL-7B-MoT-DF11 layout).")
 @click.option("--skip", multiple=True, metavar="PATTERN",
               help="Keep the Linear weights whose tensor name matches this regular expression (re.search) in "
                    "bf16; repeatable. Example: --skip lm_head --skip 'vit_model\\.'.")
 @click.option("--double-quant", is_flag=True,
-              help="NF4: also quantize the per-block scales (bitsandbytes compress_statistics; ~0.4 bit/weight "
-                   "less).")
+              help="NF4 Linears: also quantize the per-block scales (bitsandbytes compress_statistics; ~0.4 "
+                   "bit/weight less).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (refused otherwise).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar (stderr).")
 def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant: bool, overwrite: bool,
              no_progress: bool):
-    """Convert the bf16 checkpoint SRC to int8, nf4 or df11 in the new directory DST.
+    """Convert the bf16 checkpoint SRC to int8, nf4, fp8, fp8-gen-nf4-und or df11 in the new directory DST.
 
     Tensor by tensor from the memory-mapped source (bounded memory); DST is written under a temporary name and
     renamed when complete. Which Linear weights are quantized, and which stay bf16 and why, is recorded in the

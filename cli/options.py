@@ -112,7 +112,8 @@ model_options = _options(
                       "auto: triton on CUDA, torch elsewhere."),
     click.option("--weights", type=click.Choice(WEIGHTS), default="auto",
                  help="Weight format to run with. auto: what the checkpoint holds (declared in its files); "
-                      "int8/nf4 on a bf16 (or df11) checkpoint: quantize as it loads; bf16 from df11: decode."),
+                      "int8/nf4/fp8/fp8-gen-nf4-und on a bf16 (or df11) checkpoint: quantize as it loads; bf16 "
+                      "from df11: decode."),
     click.option("--compute", type=click.Choice(["bf16", "fp8"]), default="bf16",
                  help="Denoising GEMM precision (triton backend). fp8 is opt-in and approximate: FP8 "
                       "generation-expert GEMMs with per-token activation scales (Ada/Hopper GPUs)."),

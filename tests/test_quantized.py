@@ -319,7 +319,7 @@ def cli_error(args, *mentions):
 
 
 def test_cli_errors(tiny, conv, tmp_path):
-    cli_error(["quantize", tiny, tmp_path / "x", "--format", "fp8"], "--format", "fp8")
+    cli_error(["quantize", tiny, tmp_path / "x", "--format", "int4"], "--format", "int4")
     cli_error(["quantize", tiny, conv["nf4"], "--format", "int8"], str(conv["nf4"]), "already exists")
     cli_error(["quantize", tiny, tmp_path / "x", "--format", "int8", "--skip", "("], "skip pattern")
     cli_error(["quantize", tiny, tmp_path / "x", "--format", "int8", "--double-quant"], "nf4 only")
