@@ -50,6 +50,7 @@ from .quant import (
     fp8_state,
     int8_state,
     nf4,
+    quantize_model,
 )
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "resolve_weights",
     "quant_plan",
     "linear_formats",
+    "quantize_in_place",
     "RECIPE",
     "LLM_FORMATS",
     "QUANTIZED",
@@ -216,6 +218,15 @@ def linear_formats(model: nn.Module, fmt: str, skip: Iterable[str] = (), blocksi
         else:
             out[name] = f
     return out, kept
+
+
+def quantize_in_place(model: nn.Module, fmt: str, skip: Iterable[str] = ()) -> dict[str, str]:
+    """Swaps the Linears :func:`linear_formats` chooses for ``fmt`` by their quantized modules, from the float
+    weights already in ``model`` (e.g. a random-weight model); returns that choice."""
+    plan = linear_formats(model, fmt, skip)[0]
+    for f in sorted(set(plan.values())):
+        quantize_model(model, f, filter_fn=lambda mod, name, f=f: plan.get(name) == f)
+    return plan
 
 
 def quantized_specs(name: str, out_features: int, in_features: int, fmt: str, double_quant: bool = False,

@@ -22,7 +22,7 @@ from bagel_rt.convert import convert_checkpoint
 from bagel_rt.errors import InputError
 from bagel_rt.info import _human, checkpoint_info, format_info
 from bagel_rt.pipeline import ASPECT_PRESETS, open_image
-from bagel_rt.quantized import FORMATS
+from bagel_rt.quantized import FORMATS, LLM_FORMATS, quantize_in_place
 from bagel_rt.tiny import write_tiny_checkpoint
 
 from .options import (
@@ -232,8 +232,9 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
               help="Denoising GEMM precision on the triton backend; fp8 is opt-in and approximate.")
 @click.option("--attention", type=click.Choice(["auto", "triton", "cudnn"]), default="auto",
               help="Latent attention of the triton backend's denoiser (auto: cudnn on Hopper, else triton).")
-@click.option("--weights", type=click.Choice(["auto", "int8", "nf4"]), default="auto",
-              help="Quantize the LLM's Linears to int8/nf4 (on load for --model, in place for --random-weights).")
+@click.option("--weights", type=click.Choice(["auto", "int8", "nf4", *LLM_FORMATS]), default="auto",
+              help="Quantize the LLM's Linears to int8/nf4/fp8, or the gen expert to fp8 and the und expert and "
+                   "lm_head to nf4 (fp8-gen-nf4-und) (on load for --model, in place for --random-weights).")
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
           device, dtype, compute, attention, weights):
     """Time text-to-image, editing and decoding (app defaults): seconds per image and per step, tokens/s, peak
@@ -261,7 +262,10 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
             from bagel_rt.quant import quantize_model
 
             try:
-                quantize_model(pipe.model.language_model, weights)
+                if weights in LLM_FORMATS:
+                    quantize_in_place(pipe.model, weights)
+                else:
+                    quantize_model(pipe.model.language_model, weights)
             except ValueError as e:
                 raise InputError(f"cannot quantize the random model to {weights}: {e}") from None
             pipe.weights = weights

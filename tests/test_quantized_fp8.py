@@ -18,6 +18,7 @@ from bagel_rt.checkpoint import read_header
 from bagel_rt.convert import convert_checkpoint
 from bagel_rt.errors import CheckpointError
 from bagel_rt.info import checkpoint_info
+from bagel_rt.quantized import quantize_in_place
 from bagel_rt.tiny import write_tiny_checkpoint
 
 RECIPE = "fp8-gen-nf4-und"
@@ -155,3 +156,11 @@ def test_corrupt_fp8_tensors(conv, tmp_path):
     one_line_error(CheckpointError, lambda: bagel_rt.load(d, device="cpu"), str(f), "wrong dtype", f"{Q}.weight")
     rewrite(f, lambda t: (t.pop(scale), t.update({f"{Q}.weight": t[f"{Q}.weight"].to(torch.float8_e4m3fn)})))
     one_line_error(CheckpointError, lambda: bagel_rt.load(d, device="cpu"), str(f), "missing", scale)
+
+
+def test_quantize_in_place_equals_quantize_on_load(tiny):
+    """``bench --random-weights --weights fp8-gen-nf4-und`` swaps in place what loading would quantize."""
+    model = bagel_rt.load(tiny, device="cpu").model
+    plan = quantize_in_place(model, RECIPE)
+    assert plan[GEN_Q] == "fp8" and plan[UND_Q] == "nf4" and plan["language_model.lm_head"] == "nf4"
+    same_state(model, bagel_rt.load(tiny, device="cpu", weights=RECIPE).model)
