@@ -23,7 +23,8 @@ from .dfloat11 import (
     df11_pattern_units,
 )
 from .fp8 import FP8Config, FP8Linear, FP8Weights, fp8_state, load_fp8
-from .int8 import Int8Config, Int8Linear, Int8Weights, int8_state, load_int8
+from .int8 import Int8Config, Int8Linear, Int8Weights, enable_int8_compute, int8_state, load_int8
+from .int8_w8a8 import int8_w8a8_matmul, int8_w8a8_matmul_ref
 from .matmul import int8_matmul, int8_matmul_ref, nf4_matmul, nf4_matmul_ref
 from .nf4 import NF4Config, NF4Linear, NF4Weights, load_nf4, nf4_state
 
@@ -39,6 +40,9 @@ __all__ = [
     "Int8Linear",
     "int8_state",
     "load_int8",
+    "enable_int8_compute",
+    "int8_w8a8_matmul",
+    "int8_w8a8_matmul_ref",
     "NF4Config",
     "NF4Weights",
     "NF4Linear",
