@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .fp8_quant import row_absmax
+
 INT8_MAX = 127.0
 SCALE_MIN = 1e-12  # an all-zero row gets this scale (its codes are all zero)
 INV_INT8_MAX = float(torch.tensor(1.0 / INT8_MAX, dtype=torch.float32))  # fp32(1/127), as the FP8 quantizer
@@ -40,12 +42,7 @@ def _quantize_rows_int8_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.const
     i_m = tl.program_id(0).to(tl.int64)
     p_x = x + i_m * stride_x
     # pass 1: row absmax in fp32
-    b_amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        b_x = tl.load(p_x + o_k, mask=o_k < K, other=0.0).to(tl.float32)
-        b_amax = tl.maximum(b_amax, tl.abs(b_x))
-    scale = tl.maximum(tl.max(b_amax, axis=0) * _INV_INT8_MAX_C, _SCALE_MIN_C)
+    scale = tl.maximum(row_absmax(p_x, K, BLOCK_K) * _INV_INT8_MAX_C, _SCALE_MIN_C)
     tl.store(s + i_m, scale)
     # the correctly rounded reciprocal (div_rn; Triton's plain fp32 "/" is approximate), once per row
     b_inv = tl.zeros([BLOCK_K], dtype=tl.float32) + tl.math.div_rn(1.0, scale)

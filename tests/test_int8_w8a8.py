@@ -9,7 +9,6 @@ from bagel_rt.quant import Int8Linear, enable_int8_compute, int8_w8a8_matmul, in
 from conftest import rel_l2, requires_cuda
 
 import bagel_rt
-from bagel_rt.tiny import write_tiny_checkpoint
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -97,9 +96,9 @@ def test_int8_linear_w8a8():
     assert mod.act_format is None and torch.equal(mod(x), weight_only)
 
 
-def test_int8_compute_on_the_tiny_model(tmp_path):
+def test_int8_compute_on_the_tiny_model(tiny):
     """End to end on the torch backend (the modules' own forwards): W8A8 stays close to the weight-only INT8."""
-    d = write_tiny_checkpoint(tmp_path / "tiny")
+    d = tiny
     gen = dict(image_shapes=(32, 32), num_timesteps=3, seed=0)
     bf16 = bagel_rt.load(d, device="cpu", backend="torch").generate("a red bagel", **gen).latents
     pipe = bagel_rt.load(d, device="cpu", backend="torch", weights="int8")

@@ -11,7 +11,7 @@ from bagel_rt.cli.main import cli
 from bagel_rt.quant import FP8Linear, NF4Linear
 from click.testing import CliRunner
 from conftest import rel_l2
-from test_quantized import GEN, PROMPT, Q, one_line_error, rewrite
+from test_quantized import GEN, PROMPT, Q, one_line_error, rewrite, same_state
 
 import bagel_rt
 from bagel_rt.checkpoint import read_header
@@ -19,7 +19,6 @@ from bagel_rt.convert import convert_checkpoint
 from bagel_rt.errors import CheckpointError
 from bagel_rt.info import checkpoint_info
 from bagel_rt.quantized import quantize_in_place
-from bagel_rt.tiny import write_tiny_checkpoint
 
 RECIPE = "fp8-gen-nf4-und"
 # latents rel. L2 vs bf16 on the torch backend (CPU reference forward: FP8 weights, fp32 products), tiny random
@@ -30,29 +29,12 @@ UND_Q = "language_model.model.layers.1.self_attn.o_proj"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def conv(tiny, tmp_path_factory):
     """fp8 through the CLI, the recipe through the library."""
     root = tmp_path_factory.mktemp("conv")
     r = CliRunner().invoke(cli, ["quantize", str(tiny), str(root / "fp8"), "--format", "fp8", "--no-progress"])
     assert r.exit_code == 0, (r.stderr, r.exception)
     return {"fp8": root / "fp8", RECIPE: convert_checkpoint(tiny, root / RECIPE, RECIPE, progress=False)}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t.view(torch.int16) \
-        if t.dtype == torch.bfloat16 else t
-
-
-def same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and torch.equal(bits(sa[k]), bits(sb[k])), k
 
 
 def llm_linears(model) -> dict[str, torch.nn.Module]:
