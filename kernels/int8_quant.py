@@ -46,12 +46,14 @@ def _quantize_rows_int8_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.const
     tl.store(s + i_m, scale)
     # the correctly rounded reciprocal (div_rn; Triton's plain fp32 "/" is approximate), once per row
     b_inv = tl.zeros([BLOCK_K], dtype=tl.float32) + tl.math.div_rn(1.0, scale)
-    # pass 2: scale, round, clamp (|x * inv| <= 127 up to rounding)
+    # pass 2: scale, clamp, round. Clamping to the integers +-127 before rounding gives the reference's
+    # round-then-clamp, and keeps the product from being contracted with the rounding's add into one FMA
+    # (which would skip the product's own rounding)
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
         b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_q = tl.minimum(tl.maximum(_round_half_even(b_x * b_inv), -127.0), 127.0)
+        b_q = _round_half_even(tl.minimum(tl.maximum(b_x * b_inv, -127.0), 127.0))
         tl.store(q + i_m * stride_q + o_k, b_q.to(tl.int8), mask=m_k)
 
 

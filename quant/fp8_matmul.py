@@ -188,10 +188,13 @@ def fp8_scaled_mm(q: Tensor, sx: Tensor, qweight: Tensor, scale: Tensor, bias: T
         qweight: [N, K] e4m3, scale: fp32, N elements.
         bias: [N] or None (cast to ``out_dtype`` if it differs). fast_accum: Hopper "fast accumulation".
     Returns:
-        [M, N] in ``out_dtype``. On CUDA, K and N must be multiples of 16 (a ``_scaled_mm`` requirement).
+        [M, N] in ``out_dtype``. On CUDA, K and N must be multiples of 16, and the GEMM's own output is bf16
+        (cast to ``out_dtype`` after), as ``_scaled_mm`` requires with row-wise scales.
     """
     N, K = _check_weight(qweight, scale)
-    if bias is not None and bias.dtype != out_dtype:
-        bias = bias.to(out_dtype)
-    return torch._scaled_mm(q, qweight.t(), scale_a=sx, scale_b=scale.reshape(1, N), bias=bias,
-                            out_dtype=out_dtype, use_fast_accum=fast_accum)
+    mm_dtype = torch.bfloat16 if q.is_cuda else out_dtype
+    if bias is not None and bias.dtype != mm_dtype:
+        bias = bias.to(mm_dtype)
+    out = torch._scaled_mm(q, qweight.t(), scale_a=sx, scale_b=scale.reshape(1, N), bias=bias,
+                           out_dtype=mm_dtype, use_fast_accum=fast_accum)
+    return out if out.dtype == out_dtype else out.to(out_dtype)

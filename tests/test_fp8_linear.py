@@ -187,13 +187,14 @@ def test_quantize_model_fp8_swaps_linears():
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 4, 5, 300])
-def test_fp8_linear_cuda_dispatch_bf16(rows):
+def test_fp8_linear_cuda_dispatch(rows, dtype):
     from bagel_rt.kernels._device import has_capability
 
-    lin = torch.nn.Linear(3584, 512).cuda().bfloat16()
+    lin = torch.nn.Linear(3584, 512).cuda().to(dtype)
     mod = FP8Linear.from_linear(lin)
-    x = torch.randn(rows, 3584, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(rows, 3584, device="cuda", dtype=dtype)
     mod.use_kernel = False
     ref = mod(x)
     mod.use_kernel = None

@@ -30,11 +30,12 @@ UND_Q = "language_model.model.layers.1.self_attn.o_proj"
 
 @pytest.fixture(scope="module")
 def conv(tiny, tmp_path_factory):
-    """fp8 through the CLI, the recipe through the library."""
+    """fp8 through the CLI, the recipe and df11 through the library."""
     root = tmp_path_factory.mktemp("conv")
     r = CliRunner().invoke(cli, ["quantize", str(tiny), str(root / "fp8"), "--format", "fp8", "--no-progress"])
     assert r.exit_code == 0, (r.stderr, r.exception)
-    return {"fp8": root / "fp8", RECIPE: convert_checkpoint(tiny, root / RECIPE, RECIPE, progress=False)}
+    return {"fp8": root / "fp8", RECIPE: convert_checkpoint(tiny, root / RECIPE, RECIPE, progress=False),
+            "df11": convert_checkpoint(tiny, root / "df11", "df11", progress=False)}
 
 
 def llm_linears(model) -> dict[str, torch.nn.Module]:
@@ -77,6 +78,7 @@ def test_recipe_layout(conv):
 def test_load_equals_quantize_on_load(tiny, conv, fmt):
     converted = bagel_rt.load(conv[fmt], device="cpu").model
     same_state(bagel_rt.load(tiny, device="cpu", weights=fmt).model, converted)
+    same_state(bagel_rt.load(conv["df11"], device="cpu", weights=fmt).model, converted)  # df11 decodes first
     lin = llm_linears(converted)
     for name, m in lin.items():
         want = FP8Linear if fmt == "fp8" or "_moe_gen" in name else NF4Linear
