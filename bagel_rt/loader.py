@@ -64,9 +64,11 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         progress: show a progress bar over the bytes loaded.
         backend: "torch" (reference ops, any device), "triton" (batched CFG, fused kernels, CUDA graphs) or
             "auto" (triton on CUDA, torch elsewhere).
-        weights: "auto" (what the checkpoint holds), "bf16", "int8", "nf4" or "df11". A bf16 (or df11)
-            checkpoint is quantized to int8/nf4 as it loads, Linear by Linear on ``device``; a df11 checkpoint
-            decodes to exact bf16; asking for what the checkpoint cannot give (bf16 from nf4) is an error.
+        weights: "auto" (what the checkpoint holds), "bf16", "int8", "nf4", "fp8", "fp8-gen-nf4-und" (the 12 GB
+            recipe: generation expert FP8, understanding expert and lm_head NF4) or "df11". A bf16 (or df11)
+            checkpoint is quantized to any of the others as it loads, Linear by Linear on ``device``; a df11
+            checkpoint decodes to exact bf16; asking for what the checkpoint cannot give (bf16 from nf4) is an
+            error.
         df11_resident: DF11 only: keep the weights compressed on the device and decode each unit (an LLM layer,
             a ViT layer, the embeddings, lm_head) just before it runs, into one shared buffer (bf16; on the
             triton backend without CUDA graphs and with torch-path text decoding). Saves ~30 % of the weight

@@ -112,7 +112,8 @@ model_options = _options(
                       "auto: triton on CUDA, torch elsewhere."),
     click.option("--weights", type=click.Choice(WEIGHTS), default="auto",
                  help="Weight format to run with. auto: what the checkpoint holds (declared in its files); "
-                      "int8/nf4 on a bf16 (or df11) checkpoint: quantize as it loads; bf16 from df11: decode."),
+                      "int8/nf4/fp8/fp8-gen-nf4-und on a bf16 (or df11) checkpoint: quantize as it loads; bf16 "
+                      "from df11: decode."),
     click.option("--compute", type=click.Choice(["auto", "bf16", "fp8", "int8"]), default="auto",
                  help="Denoising GEMM precision of the generation expert. auto: what the weights compute (FP8 "
                       "weights in FP8 on Ada/Hopper, else bf16); fp8 (Ada/Hopper) and int8 (INT8 weights) are "
