@@ -22,9 +22,10 @@ import triton
 import triton.language as tl
 from bagel_rt.kernels._device import is_interpreting
 from bagel_rt.kernels.gemv import INTERPRETER_CONFIG, _w_tile, _x_tile
+from bagel_rt.kernels.gemv import MAX_M as GEMV_MAX_M  # rows of the decode GEMVs
 from torch import Tensor
 
-from .matmul import GEMV_MAX_M, _dequant_linear
+from .matmul import _dequant_linear
 
 __all__ = [
     "GEMV_MAX_M",
@@ -170,12 +171,13 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = No
 
 
 def fp8_linear_dequant(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Weight-only for many rows: :func:`fp8_dequant` to x.dtype (in row chunks, as the INT8/NF4 "dequant"
-    path) and ``F.linear`` (cuBLAS); x [M, K] -> [M, N] in x.dtype."""
+    """Weight-only for many rows: :func:`fp8_dequant` to x.dtype (as the INT8/NF4 "dequant" path: the whole
+    weight up to ``quant.matmul.DEQUANT_CHUNK`` elements) and ``F.linear`` (cuBLAS, the bias in its epilogue);
+    x [M, K] -> [M, N] in x.dtype."""
     N, K = _check_weight(qweight, scale)
     s = scale.reshape(-1)
-    out = _dequant_linear(x, N, K, lambda n0, n1: fp8_dequant(qweight[n0:n1], s[n0:n1], x.dtype))
-    return out if bias is None else out + bias.to(out.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    return _dequant_linear(x, N, K, lambda n0, n1: fp8_dequant(qweight[n0:n1], s[n0:n1], x.dtype), b)
 
 
 def fp8_scaled_mm(q: Tensor, sx: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None,
