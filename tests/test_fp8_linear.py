@@ -102,7 +102,8 @@ def test_scaled_mm_matches_reference():
         out = fp8_scaled_mm(*xq, q, s, b, out_dtype)
         ref = fp8_scaled_mm_ref(*xq, q, s, b, out_dtype)
         assert out.dtype == out_dtype and out.shape == (37, 48)
-        assert rel_l2(out, ref) < (1e-5 if out_dtype == torch.float32 else 8e-3)
+        # on CUDA the row-scaled GEMM itself outputs bf16 (cast to fp32 after)
+        assert rel_l2(out, ref) < (1e-5 if out_dtype == torch.float32 and not CUDA else 8e-3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
