@@ -24,7 +24,9 @@ from bagel_rt.kernels._device import is_interpreting
 from bagel_rt.kernels.gemv import INTERPRETER_CONFIG, _w_tile, _x_tile
 from torch import Tensor
 
-from .matmul import GEMV_MAX_M, _dequant_linear
+from .matmul import _dequant_linear
+
+GEMV_MAX_M = 4  # rows handled by the FP8 GEMV (one program per row and column tile)
 
 __all__ = [
     "GEMV_MAX_M",
@@ -174,8 +176,8 @@ def fp8_linear_dequant(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor |
     path) and ``F.linear`` (cuBLAS); x [M, K] -> [M, N] in x.dtype."""
     N, K = _check_weight(qweight, scale)
     s = scale.reshape(-1)
-    out = _dequant_linear(x, N, K, lambda n0, n1: fp8_dequant(qweight[n0:n1], s[n0:n1], x.dtype))
-    return out if bias is None else out + bias.to(out.dtype)
+    return _dequant_linear(x, N, K, lambda n0, n1: fp8_dequant(qweight[n0:n1], s[n0:n1], x.dtype),
+                           None if bias is None else bias.to(x.dtype))
 
 
 def fp8_scaled_mm(q: Tensor, sx: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None,
