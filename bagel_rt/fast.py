@@ -97,8 +97,8 @@ class PackedDenoiser:
         #: use, see bagel_rt.quantized): the packed forward reads the Linears' weights without calling the layer
         self.run_hooks = run_hooks
         #: row chunks of the MLP (its [rows, 18944] intermediates dominate the activations); >1 under a
-        #: memory budget, trading a little GEMM efficiency for memory (not for weight-only formats, which would
-        #: dequantize each weight once per chunk: see :meth:`_mlp`)
+        #: memory budget, trading a little GEMM efficiency for memory (weight-only formats dequantize once per
+        #: layer for all chunks: see :meth:`_mlp`)
         self.mlp_chunks = mlp_chunks
         #: the stream of the und (marker) rows' kernels, overlapping the gen rows' (None: one stream). Default:
         #: on for CUDA unless pre-hooks run (they would have to be ordered before both streams)
@@ -280,26 +280,32 @@ class PackedDenoiser:
     def _mlp(self, mlp, h: Tensor | None, hq: tuple | None, res: Tensor) -> Tensor:
         """``res + mlp`` on input rows h (bf16) and/or hq (their 8-bit rows), in ``mlp_chunks`` row chunks.
 
-        Weight-only formats run unchunked: their modules dequantize the weight on every call, and four chunks
-        would dequantize each weight four times (+3 x 0.06 ms per Linear and layer on an H200)."""
+        Weight-only formats dequantize on every call, so under chunks their weights are dequantized once per
+        layer (``dense_weight``) and shared by the chunks: four chunks would otherwise dequantize each weight
+        four times (+3 x 0.06 ms per Linear and layer on an H200)."""
         rows = h.shape[0] if h is not None else hq[0].shape[0]
         n = self.mlp_chunks
         mods = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if n > 1 and rows >= 2 * n and not any(weight_only(m) for m in mods):
+        if n > 1 and rows >= 2 * n and all(hasattr(m, "dense_weight") for m in mods if weight_only(m)):
+            dense = {id(m): m.dense_weight(self.dtype) for m in mods if weight_only(m)}
             hs = h.tensor_split(n) if h is not None else [None] * n
             hqs = zip(hq[0].tensor_split(n), hq[1].tensor_split(n)) if hq is not None else [None] * n
-            return torch.cat([self._mlp_rows(mlp, c, cq, r) for c, cq, r in zip(hs, hqs, res.tensor_split(n))])
+            return torch.cat([self._mlp_rows(mlp, c, cq, r, dense)
+                              for c, cq, r in zip(hs, hqs, res.tensor_split(n))])
         return self._mlp_rows(mlp, h, hq, res)
 
-    def _mlp_rows(self, mlp, h: Tensor | None, hq: tuple | None, res: Tensor) -> Tensor:
+    def _mlp_rows(self, mlp, h: Tensor | None, hq: tuple | None, res: Tensor, dense: dict | None = None) -> Tensor:
+        """``res + mlp(h)``; ``dense``: dequantized weights by ``id(module)`` to use instead of the modules'."""
+        lin = self._linear if not dense else (
+            lambda m, x, xq=None: F.linear(x, dense[id(m)], m.bias) if id(m) in dense else self._linear(m, x, xq))
         if hq is None:
             hq = quantized_rows((mlp.gate_proj, mlp.up_proj), h)
-        g, u = self._linear(mlp.gate_proj, h, hq), self._linear(mlp.up_proj, h, hq)
+        g, u = lin(mlp.gate_proj, h, hq), lin(mlp.up_proj, h, hq)
         down = mlp.down_proj
         if act_format([down]) == "fp8":  # the SwiGLU writes the FP8 rows the down projection reads
-            return res + self._linear(down, None, self.k_ops.swiglu_fp8(g, u))
+            return res + lin(down, None, self.k_ops.swiglu_fp8(g, u))
         act = self.k_ops.swiglu(g, u)
-        return res + self._linear(down, act, quantized_rows([down], act))
+        return res + lin(down, act, quantized_rows([down], act))
 
     def _linear(self, mod, x: Tensor | None, xq=None) -> Tensor:
         """A Linear of the model: cuBLAS for plain bf16, the module's 8-bit product when ``xq`` (``x``'s 8-bit
@@ -442,6 +448,7 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     den = cache.get("denoiser") if cache is not None else None
     if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
             and den.formats == linear_formats(model) and den.requested_attention == attention
+            and den.mlp_chunks == mlp_chunks
             and all(den.options.get(k) == v for k, v in options.items())):
         den.refill(branch_ctxs)  # same shapes: keep the captured graphs, copy the new caches in
     else:

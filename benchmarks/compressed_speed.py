@@ -1,13 +1,15 @@
 """Compressed weights against bf16 **in one process**: request latency, ``vs_bf16``, deviation, where time goes.
 
     python benchmarks/compressed_speed.py --out benchmarks/results/compressed_h200.jsonl \
-        [--formats bf16,int8,nf4] [--tasks t2i,edit,decode] [--steps 50] [--cap] [--profile-steps 8] [--micro]
+        [--formats bf16,int8,nf4,fp8,int8:int8] [--tasks t2i,edit,decode] [--steps 50] [--cap]
+        [--profile-steps 8] [--micro]
 
 Every format starts from the same random full-size model (same seed, built on the GPU) and quantizes the
 LLM's Linears of both experts + ``lm_head`` in place (what ``bagel-rt quantize`` does tensor by tensor), so
 the rows of one run share machine, clocks and weights: ``vs_bf16`` is this process's seconds over the bf16
-run's. ``--cap`` runs each compressed format under its card budget with memory placement (NF4 12 GiB,
-INT8 16 GiB, DF11 24 GiB). ``--profile-steps N`` adds the CUDA kernel time of an N-step denoising loop by
+run's. ``--cap`` runs each compressed format under its card budget with memory placement (NF4 and the
+fp8-gen-nf4-und recipe 12 GiB, FP8 15.5 GiB, INT8 16 GiB, DF11 24 GiB). ``--profile-steps N`` adds the
+CUDA kernel time of an N-step denoising loop by
 kind; ``--micro`` times each Linear shape of the generation expert alone (bf16 cuBLAS vs the format's
 module, and the dequantization kernel alone). Deviation from bf16 on random weights is a proxy, not
 real-weight quality.
@@ -28,14 +30,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bagel_rt.quant import quantize_model  # noqa: E402
 from diagnose import APP_CFG, _kind  # noqa: E402
 from quant_full_size import psnr  # noqa: E402
 
 from bagel_rt.bench import environment, test_image  # noqa: E402
+from bagel_rt.quantized import quantize_in_place  # noqa: E402
 from bagel_rt.random_weights import random_bagel  # noqa: E402
 
-CAPS = {"nf4": 12, "int8": 16, "df11": 24}
+CAPS = {"nf4": 12, "int8": 16, "df11": 24, "fp8": 15.5, "fp8-gen-nf4-und": 12}
 PROMPTS = {"t2i": "A red bagel on a white plate, studio light.", "edit": "Make the sky purple and add a moon."}
 GIB = 2**30
 
@@ -44,7 +46,7 @@ def make_pipe(fmt: str):
     """The random full-size model (seed 0) with its LLM Linears in ``fmt`` (bf16: as built)."""
     pipe = random_bagel("bagel-7b-mot", device="cuda", backend="triton")
     if fmt != "bf16":
-        quantize_model(pipe.model.language_model, fmt)
+        quantize_in_place(pipe.model, fmt)  # the Linears a converted checkpoint quantizes
         # quantizing 29 GB in place leaves the allocator fragmented (a real load quantizes tensor by tensor):
         # a round trip through host memory packs the weights again
         pipe.model.to("cpu")
@@ -155,8 +157,11 @@ def main():
         for r in micro(formats):
             emit(dict(diag="compressed_linear_micro", **r, **env))
     ref: dict = {}
-    for fmt in formats:
+    for spec in formats:  # "FORMAT" or "FORMAT:COMPUTE" (e.g. int8:int8 for INT8 W8A8, bf16:fp8)
+        fmt, _, compute = spec.partition(":")
         pipe = make_pipe(fmt)
+        if compute:
+            pipe.compute = compute
         cap = CAPS.get(fmt) if a.cap else None
         if cap:
             pipe.limit_gpu_memory(cap)
@@ -166,17 +171,18 @@ def main():
             try:
                 if task == "decode":
                     row.update(tokens_per_s=round(decode_rate(pipe), 1))
-                    if fmt == "bf16":
+                    if spec == "bf16":
                         ref["decode"] = row["tokens_per_s"]
                     elif "decode" in ref:
                         row.update(vs_bf16_tokens_per_s=round(row["tokens_per_s"] / ref["decode"], 3))
                     emit(row)
                     continue
-                request(pipe, task, a.size, a.steps, seed=1)  # warm-up: captures, first-use costs
+                # warm-up (captures, first-use costs): 10 steps reach every branch count of the 50-step schedule
+                request(pipe, task, a.size, min(a.steps, 10), seed=1)
                 torch.cuda.reset_peak_memory_stats()
                 sec, lat, img, _ = request(pipe, task, a.size, a.steps)
                 row.update(seconds=round(sec, 3), peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2))
-                if fmt == "bf16":
+                if spec == "bf16":
                     ref[task] = (sec, lat, img)
                 elif task in ref:
                     s0, l0, i0 = ref[task]

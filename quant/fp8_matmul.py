@@ -22,10 +22,11 @@ import triton
 import triton.language as tl
 from bagel_rt.kernels._device import is_interpreting
 from bagel_rt.kernels.gemv import INTERPRETER_CONFIG, _w_tile, _x_tile
-from bagel_rt.kernels.gemv import MAX_M as GEMV_MAX_M  # rows of the decode GEMVs
 from torch import Tensor
 
 from .matmul import _dequant_linear
+
+GEMV_MAX_M = 4  # rows handled by the FP8 GEMV (one program per row and column tile)
 
 __all__ = [
     "GEMV_MAX_M",
@@ -171,13 +172,12 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = No
 
 
 def fp8_linear_dequant(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Weight-only for many rows: :func:`fp8_dequant` to x.dtype (as the INT8/NF4 "dequant" path: the whole
-    weight up to ``quant.matmul.DEQUANT_CHUNK`` elements) and ``F.linear`` (cuBLAS, the bias in its epilogue);
-    x [M, K] -> [M, N] in x.dtype."""
+    """Weight-only for many rows: :func:`fp8_dequant` to x.dtype (in row chunks, as the INT8/NF4 "dequant"
+    path) and ``F.linear`` (cuBLAS); x [M, K] -> [M, N] in x.dtype."""
     N, K = _check_weight(qweight, scale)
     s = scale.reshape(-1)
-    b = None if bias is None else bias.to(x.dtype)
-    return _dequant_linear(x, N, K, lambda n0, n1: fp8_dequant(qweight[n0:n1], s[n0:n1], x.dtype), b)
+    return _dequant_linear(x, N, K, lambda n0, n1: fp8_dequant(qweight[n0:n1], s[n0:n1], x.dtype),
+                           None if bias is None else bias.to(x.dtype))
 
 
 def fp8_scaled_mm(q: Tensor, sx: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None,

@@ -21,7 +21,7 @@ from bagel_rt.kernels import quantize_rows_int8, quantize_rows_int8_ref
 from torch import Tensor, nn
 
 from .int8_w8a8 import int8_w8a8_matmul, int8_w8a8_matmul_ref
-from .matmul import ROWS_MAX_M, int8_matmul, int8_matmul_ref
+from .matmul import ROWS_MAX_M, int8_dequant, int8_matmul, int8_matmul_ref
 
 __all__ = [
     "Int8Config",
@@ -145,6 +145,14 @@ class Int8Linear(nn.Module):
     def act_format(self) -> str | None:
         """"int8" when INT8 compute is enabled (then ``forward_quantized`` is its GEMM), else None."""
         return "int8" if self.w8a8 else None
+
+    def dense_weight(self, dtype: torch.dtype) -> Tensor:
+        """The dequantized weight [N, K] in ``dtype`` (Triton on CUDA, the reference elsewhere): for callers
+        that reuse it over several calls (row chunks of one product)."""
+        scale = self.SCB.float() / 127.0
+        if self.weight.is_cuda:
+            return int8_dequant(self.weight, scale, dtype)
+        return dequantize(Int8Weights(self.weight, scale), dtype)
 
     def _use_kernel(self, x: Tensor) -> bool:
         return x.is_cuda if self.use_kernel is None else self.use_kernel

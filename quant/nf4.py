@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .matmul import nf4_matmul, nf4_matmul_ref
+from .matmul import nf4_dequant, nf4_dequant_ref, nf4_matmul, nf4_matmul_ref
 
 __all__ = [
     "NF4_CODE",
@@ -334,6 +334,14 @@ class NF4Linear(nn.Module):
         self.absmax = q.absmax_fp32()
         self.quant_map = q.quant_map.float()
         self.dtype = q.dtype
+
+    def dense_weight(self, dtype: torch.dtype) -> Tensor:
+        """The dequantized weight [N, K] in ``dtype`` (Triton on CUDA, the reference elsewhere): for callers
+        that reuse it over several calls (row chunks of one product)."""
+        shape = (self.out_features, self.in_features)
+        if self.weight.is_cuda:
+            return nf4_dequant(self.weight, self.absmax, self.blocksize, shape, self.quant_map, dtype)
+        return nf4_dequant_ref(self.weight, self.absmax, self.blocksize, shape, self.quant_map).to(dtype)
 
     def weights(self) -> NF4Weights:
         return NF4Weights(packed=self.weight, absmax=self.absmax, shape=(self.out_features, self.in_features),
