@@ -34,6 +34,7 @@ from diagnose import APP_CFG, _kind  # noqa: E402
 from quant_full_size import psnr, track_phase_peaks  # noqa: E402
 
 from bagel_rt.bench import environment, test_image  # noqa: E402
+from bagel_rt.errors import InputError  # noqa: E402
 from bagel_rt.quantized import quantize_in_place  # noqa: E402
 from bagel_rt.random_weights import random_bagel  # noqa: E402
 
@@ -202,7 +203,7 @@ def main():
                 if a.profile_steps:
                     _, _, _, p = request(pipe, task, a.size, a.profile_steps, prof=True)
                     row.update(profile_steps=a.profile_steps, **kernel_groups(p))
-            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            except (torch.cuda.OutOfMemoryError, RuntimeError, InputError) as e:
                 row.update(error=str(e).splitlines()[0][:300])
             emit(row)
         torch.cuda.set_per_process_memory_fraction(1.0)
