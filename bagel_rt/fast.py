@@ -375,7 +375,13 @@ class PackedDenoiser:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(nb)
+            try:
+                out = self._forward(nb)
+            except BaseException:
+                # join the marker stream before the capture ends, so that the real error (e.g. out of memory
+                # under a budget) surfaces instead of "capturing stream has unjoined work"
+                self._wait_side()
+                raise
         return graph, out
 
 
