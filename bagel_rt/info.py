@@ -25,6 +25,7 @@ from .errors import CheckpointError
 from .loader import AE_FILE, EMA_FILE, read_params
 from .transforms import VAE_RESIZE, VIT_RESIZE, resize_dims
 from .vae import vae_params_from_shapes
+from .validate import df11_declared
 
 __all__ = ["checkpoint_info", "format_info", "memory_estimate", "component_of", "COMPONENTS"]
 
@@ -207,14 +208,7 @@ def format_info(d: dict) -> str:
 
 # -- helpers ----------------------------------------------------------------------------------------------
 def _is_df11(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and "dfloat11_config" in data
+    return df11_declared(path / "config.json") is not None
 
 
 def _format_of(ema: SafetensorsHeader) -> tuple[str, str]:

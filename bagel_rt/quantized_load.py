@@ -8,7 +8,6 @@ Linears in. Split from :mod:`bagel_rt.quantized` to keep each file to one job.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from .quant import (
     load_nf4,
 )
 from .quant.df11_decode import BUFFER_NAMES
+from .quant.nf4 import BLOCKSIZES as NF4_BLOCKSIZES
 from .quantized import (
     CONFIG_FILE,
     EMA_FILE,
@@ -47,6 +47,7 @@ from .quantized import (
     quantize_linear,
     quantized_specs,
 )
+from .validate import df11_declared, df11_patterns, metadata_int
 
 __all__ = ["load_weights", "weight_files"]
 
@@ -95,13 +96,12 @@ def weight_files(path: Path, stored: str) -> list[Path]:
 
 def _df11_layout(path: Path, model: nn.Module) -> tuple[dict[str, SafetensorsHeader], dict[str, list[str]]]:
     """DFloat11 files: (key -> header of the file holding it, compressed unit -> its weight names, in order)."""
-    cfg = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))["dfloat11_config"]
+    cfg = df11_declared(path / CONFIG_FILE)
     try:
-        DF11Config(threads_per_block=int(cfg["threads_per_block"][0]),
-                   bytes_per_thread=int(cfg["bytes_per_thread"]))
-        patterns = {str(k): [str(a) for a in v] for k, v in cfg["pattern_dict"].items()}
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        DF11Config(threads_per_block=cfg["threads_per_block"][0], bytes_per_thread=cfg["bytes_per_thread"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: invalid dfloat11_config ({e})") from None
+    patterns = df11_patterns(path / CONFIG_FILE, cfg.get("pattern_dict"))
     found: dict[str, SafetensorsHeader] = {}
     for p in weight_files(path, "df11"):
         h = read_header(p)
@@ -165,7 +165,7 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
     double: set[str] = set()  # NF4 Linears stored with double quantization
     blocksize = NF4_BLOCKSIZE
     if stored in ("int8", "nf4"):  # a Linear is quantized when the file holds its quantization side tensors
-        blocksize = int(ema.metadata.get("bagel_rt.blocksize", NF4_BLOCKSIZE))
+        blocksize = metadata_int(ema.path, ema.metadata, "bagel_rt.blocksize", NF4_BLOCKSIZE, NF4_BLOCKSIZES)
         for x, lin in linears.items():
             w = found.get(f"{x}.weight")
             side = [k for k in quantized_specs(x, 1, 1, stored, True) if k != f"{x}.weight"]
@@ -176,6 +176,9 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
                 del expected[f"{x}.weight"]
                 specs = quantized_specs(x, lin.out_features, lin.in_features, stored, x in double, blocksize)
                 expected.update({k: _Spec(s, d) for k, (s, d) in specs.items()})
+        if not swaps:
+            raise CheckpointError(f"{ema.path}: its metadata declares {stored} weights (bagel_rt.format) but no "
+                                  f"Linear of the file is stored in {stored}")
     elif fmt in ("int8", "nf4"):
         swaps = dict.fromkeys(quant_plan(model, fmt, skip)[0], fmt)
     _check_tensors(found, expected, where,
