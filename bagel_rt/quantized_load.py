@@ -35,6 +35,7 @@ from .quant import (
     load_int8,
     load_nf4,
 )
+from .quant.df11_check import check_unit
 from .quant.df11_decode import BUFFER_NAMES
 from .quant.nf4 import BLOCKSIZES as NF4_BLOCKSIZES
 from .quantized import (
@@ -266,6 +267,10 @@ def _unit_weights(u: str, ws: list[str], buffers: dict[str, Tensor], where: Path
         raise CheckpointError(f"{where}: {u}.split_positions is {stored_split.tolist()}, expected "
                               f"{split.tolist()} (the cumulative sizes of {', '.join(ws)})")
     buffers["split_positions"] = split.to(device)
+    try:
+        check_unit(buffers)  # damage is an error here, not wrong weights or a decoder that never stops
+    except ValueError as e:
+        raise CheckpointError(f"{where}: DFloat11 unit {u!r}: {e}") from None
     if resident is not None:
         resident.add(model, u, [(w, shapes[w]) for w in ws], buffers, split.tolist())
         return
@@ -273,7 +278,7 @@ def _unit_weights(u: str, ws: list[str], buffers: dict[str, Tensor], where: Path
     try:
         (df11_decode if device.type == "cuda" else df11_decode_ref)(buffers, out)
     except ValueError as e:
-        raise CheckpointError(f"{where}: unit {u!r}: {e}") from None
+        raise CheckpointError(f"{where}: DFloat11 unit {u!r}: {e}") from None
     for w, part in zip(ws, torch.tensor_split(out, split.tolist())):
         yield w, part.view(shapes[w])
 
