@@ -285,3 +285,17 @@ def finite(t: torch.Tensor, what: str, hint: str) -> None:
     bad = int((~torch.isfinite(t)).sum())
     if bad:
         raise NonFiniteError(f"{what} hold {bad} NaN/Inf values of {t.numel()}: {hint}")
+
+
+NON_FINITE_HINT = ("no image is written; the weights may hold NaN/Inf (find them with: bagel-rt info --verify "
+                   "DIR) or the settings overflow")
+
+
+def token_limit(max_tokens, context_length: int, max_positions: int) -> int:
+    """A decode limit that fits the model's context after the ``context_length`` tokens already in it."""
+    room = max_positions - context_length - 1  # the fed start token takes a position too
+    if room < 1:
+        raise InputError(f"the prompt already fills the model's context ({context_length} of {max_positions} "
+                         "positions); nothing can be decoded")
+    return integer(f"the token limit (max_think_token_n / max new tokens; the context holds {max_positions} "
+                   f"positions, {context_length} used by the prompt)", max_tokens, 1, room)
