@@ -88,7 +88,7 @@ def weight_files(path: Path, stored: str) -> list[Path]:
     """The safetensors files holding the model weights (not the VAE) of a ``stored``-format checkpoint."""
     if stored != "df11":
         return [path / EMA_FILE]
-    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    files = sorted(path.glob("*.safetensors"))  # a directory or a dangling link there is an error naming it
     if not files:
         raise CheckpointError(f"{path}: {CONFIG_FILE} declares DFloat11 weights but there is no top-level "
                               "*.safetensors file")
@@ -157,7 +157,8 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
     units: dict[str, list[str]] = {}
     if stored == "df11":
         found, units = _df11_layout(path, model)
-        expected, where = _df11_specs(shapes, units), path
+        files = {h.path for h in found.values()}
+        expected, where = _df11_specs(shapes, units), files.pop() if len(files) == 1 else path
     else:
         ema = read_header(path / EMA_FILE)
         found, where = dict.fromkeys(ema.tensors, ema), ema.path

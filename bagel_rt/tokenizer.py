@@ -54,7 +54,7 @@ class TextTokenizer:
     def from_dir(cls, path: Path) -> TextTokenizer:
         """Load from a checkpoint directory (``tokenizer.json``, else ``vocab.json`` + ``merges.txt``)."""
         tj = path / "tokenizer.json"
-        if tj.is_file() or tj.exists():  # anything else than a readable file there is an error naming it
+        if tj.exists() or tj.is_symlink():  # anything but a readable file there is an error naming it
             return cls.from_file(tj)
         vocab, merges = path / "vocab.json", path / "merges.txt"
         if not (vocab.is_file() and merges.is_file()):
