@@ -186,7 +186,7 @@ class Bagel:
     def _check_request(self, understanding_output, max_tokens, temperature, timestep_shift, num_timesteps,
                        image_shapes, seed, noise) -> int | None:
         """Every number of a request checked before any model work (:class:`InputError` naming it); the seed."""
-        validate.integer("max_think_token_n", max_tokens, 1, self.model.params.llm.max_positions)
+        validate.integer("max_think_token_n", max_tokens, 1, self.model.params.llm.max_positions - 1)
         validate.number("text_temperature", temperature, 0.0, MAX_SCALE, lo_open=True)
         if not understanding_output:
             validate.integer("num_timesteps", num_timesteps, 2, MAX_STEPS)

@@ -41,6 +41,9 @@ class CFGSettings:
     def __post_init__(self):
         number("cfg_text_scale", self.cfg_text_scale, 0.0, MAX_SCALE)
         number("cfg_img_scale", self.cfg_img_scale, 0.0, MAX_SCALE)
+        for name, v in zip(("cfg_interval[0]", "cfg_interval[1]", "cfg_renorm_min"), (*self.cfg_interval,
+                                                                                       self.cfg_renorm_min)):
+            number(name, v, 0.0, 1.0)
         if self.cfg_renorm_type not in RENORM_TYPES:
             raise InputError(f"cfg_renorm_type {self.cfg_renorm_type!r} is not supported; "
                              f"choose one of {', '.join(RENORM_TYPES)}")
