@@ -243,7 +243,7 @@ def _logical_numels(h: SafetensorsHeader) -> dict[str, int]:
                 try:
                     state = json.loads(bytes(f.get_tensor(key + _NF4_STATE).tolist()).decode("utf-8"))
                     out[key] = math.prod(int(s) for s in state["shape"])
-                except (ValueError, KeyError, TypeError):  # unreadable state: two 4-bit values per byte
+                except (ValueError, KeyError, TypeError, RecursionError):  # unreadable: two 4-bit values a byte
                     out[key] = 2 * math.prod(h.tensors[key].shape)
     return out
 

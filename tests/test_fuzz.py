@@ -11,6 +11,8 @@ damages it one way, loads it and, when it loads, runs a tiny text-to-image reque
   the request either succeeds or raises ``NonFiniteError``;
 * ``any``: damage no structure check can see (bit flips in the data): a clean error or a load, nothing else.
 
+Each case also runs ``bagel-rt info``'s reader (:func:`bagel_rt.info.checkpoint_info`): a report or a clean error.
+
 Never a traceback (any other exception) and never a hang (each case runs under a timer; a hang in C code that
 the timer cannot interrupt is caught by faulthandler, which ends the run).
 """
@@ -38,6 +40,7 @@ from safetensors.torch import load_file, save_file
 import bagel_rt
 from bagel_rt.convert import convert_checkpoint
 from bagel_rt.errors import BagelError, NonFiniteError
+from bagel_rt.info import checkpoint_info
 from bagel_rt.tiny import write_tiny_checkpoint
 from bagel_rt.verify import verify_checkpoint
 
@@ -479,6 +482,10 @@ def run_case(case: Case, root: Path, work: Path) -> tuple[str, str]:
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
     try:
+        try:
+            checkpoint_info(d)  # bagel-rt info reads the same headers and configs: a clean error or a report
+        except BagelError:
+            pass
         pipe = bagel_rt.load(d, device="cpu")
         try:
             image = request(pipe).image
