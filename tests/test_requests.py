@@ -11,12 +11,6 @@ from click.testing import CliRunner
 import bagel_rt
 from bagel_rt import validate
 from bagel_rt.errors import InputError
-from bagel_rt.tiny import write_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture

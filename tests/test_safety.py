@@ -28,13 +28,7 @@ from PIL import Image
 
 import bagel_rt
 from bagel_rt.errors import CheckpointError, NonFiniteError, OutputError
-from bagel_rt.tiny import write_tiny_checkpoint
 from bagel_rt.verify import verify_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")
