@@ -21,8 +21,11 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
+from .validate import integer, number
 
 RENORM_TYPES = ("global", "channel", "text_channel")
+#: Largest guidance scale and timestep shift accepted (the app's sliders stop at 8 and 5), and most steps.
+MAX_SCALE, MAX_STEPS = 100.0, 1000
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,11 @@ class CFGSettings:
     cfg_renorm_type: str = "global"
 
     def __post_init__(self):
+        number("cfg_text_scale", self.cfg_text_scale, 0.0, MAX_SCALE)
+        number("cfg_img_scale", self.cfg_img_scale, 0.0, MAX_SCALE)
+        for name, v in zip(("cfg_interval[0]", "cfg_interval[1]", "cfg_renorm_min"), (*self.cfg_interval,
+                                                                                       self.cfg_renorm_min)):
+            number(name, v, 0.0, 1.0)
         if self.cfg_renorm_type not in RENORM_TYPES:
             raise InputError(f"cfg_renorm_type {self.cfg_renorm_type!r} is not supported; "
                              f"choose one of {', '.join(RENORM_TYPES)}")
@@ -55,10 +63,8 @@ class CFGSettings:
 
 def schedule(num_timesteps: int, shift: float) -> Tensor:
     """Shifted timesteps [num_timesteps] float32 from 1 to 0 (the last, 0, is never evaluated)."""
-    if num_timesteps < 2:
-        raise InputError(f"num_timesteps must be at least 2, got {num_timesteps}")
-    if shift <= 0:
-        raise InputError(f"timestep_shift must be positive, got {shift}")
+    integer("num_timesteps", num_timesteps, 2, MAX_STEPS)
+    number("timestep_shift", shift, 0.0, MAX_SCALE, lo_open=True)
     t = torch.linspace(1, 0, num_timesteps)
     return shift * t / (1 + (shift - 1) * t)
 

@@ -21,10 +21,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from . import validate
 from .cache import Context
 from .errors import InputError
 from .placement import visiting
 from .sampler import CFGSettings, denoise
+from .serial import serialized
 from .transforms import (
     VAE_RESIZE,
     VIT_RESIZE,
@@ -85,7 +87,7 @@ class Session:
 
     def __init__(self, bagel, think: bool = False, understanding_only: bool = False, seed: int | None = None):
         self.bagel, self.model = bagel, bagel.model
-        self.seed = secrets.randbits(62) if seed is None else int(seed)
+        self.seed = secrets.randbits(62) if seed is None else validate.seed(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.text_generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
         self.for_generation = not understanding_only
@@ -106,6 +108,7 @@ class Session:
         self.model.prefill_text(ctx, ids)
         ctx.history += (("text", tuple(ids)),)
 
+    @serialized
     def add_text(self, text: str) -> None:
         """Append a text turn (``cfg_text`` becomes the context before it)."""
         if not isinstance(text, str):
@@ -116,6 +119,7 @@ class Session:
         if self.for_generation:
             self._prefill_text(self.cfg_img, text)
 
+    @serialized
     @torch.no_grad()
     def add_image(self, image: Image.Image) -> Image.Image:
         """Append an image turn: VAE block (generation sessions) then ViT block. Returns the resized image.
@@ -154,12 +158,13 @@ class Session:
             raise InputError(f"inputs must be strings or PIL images, got {type(item).__name__}")
 
     # -- text ---------------------------------------------------------------------------------------------
+    @serialized
     @torch.no_grad()
     def gen_text(self, max_length: int = 512, do_sample: bool = False, temperature: float = 0.3,
-                 record: bool = False, progress: bool = False, desc: str = "decoding") -> Result:
-        """Decode from a copy of ``gen``: feed ``<|im_start|>``, stop at ``<|im_end|>`` or ``max_length``."""
-        if max_length < 1:
-            raise InputError(f"max_think_token_n / max_new_tokens must be >= 1, got {max_length}")
+                 record: bool = False, progress: bool = False, desc: str = "decoding", on_token=None) -> Result:
+        """Decode from a copy of ``gen``: feed ``<|im_start|>``, stop at ``<|im_end|>`` or ``max_length``.
+        ``on_token``: optional callable taking each predicted id as it is decoded (streaming)."""
+        validate.token_limit(max_length, self.gen.length, self.model.params.llm.max_positions)
         if do_sample and not temperature > 0:
             raise InputError(f"text_temperature must be > 0 when sampling, got {temperature}")
         tok, sp = self.bagel.tokenizer, self.model.special
@@ -168,16 +173,16 @@ class Session:
             from .fast_decode import fast_gen_text
 
             predicted, logits = fast_gen_text(self.bagel.decoder, ctx, max_length, do_sample, temperature,
-                                              self.text_generator, record)
+                                              self.text_generator, record, on_token)
         else:
             predicted, logits = self._decode_loop(ctx, max_length, do_sample, temperature, record,
-                                                  _bar(max_length, desc, progress))
+                                                  _bar(max_length, desc, progress), on_token)
         # the reference decodes the fed tokens (start token + every prediction but the last), then cuts
         text = tok.decode([sp.bos, *predicted[:-1]]).split("<|im_end|>")[0].split("<|im_start|>")[1]
         return Result(text=text, token_ids=predicted, seed=self.seed, logits=logits)
 
     def _decode_loop(self, ctx: Context, max_length: int, do_sample: bool, temperature: float, record: bool,
-                     bar) -> tuple[list[int], Tensor | None]:
+                     bar, on_token=None) -> tuple[list[int], Tensor | None]:
         """The torch path's token loop: (predicted ids incl. a final stop token, [n, vocab] logits or None)."""
         sp = self.model.special
         token, predicted, logits_rec = sp.bos, [], []
@@ -191,6 +196,8 @@ class Session:
             else:
                 token = int(torch.argmax(logits))
             predicted.append(token)
+            if on_token is not None:
+                on_token(token)
             if bar:
                 bar.update(1)
             if token == sp.eos or step == max_length - 1:
@@ -200,17 +207,17 @@ class Session:
         return predicted, torch.stack(logits_rec) if record else None
 
     def reply(self, max_length: int = 512, do_sample: bool = False, temperature: float = 0.3,
-              record: bool = False, progress: bool = False) -> Result:
+              record: bool = False, progress: bool = False, on_token=None) -> Result:
         """Answer from ``gen`` and append the answer as a text turn, so later turns see the conversation
         (``cfg_text`` becomes the context before the answer, ``cfg_img`` gets it too, as for any text)."""
-        res = self.gen_text(max_length, do_sample, temperature, record, progress, desc="answering")
+        res = self.gen_text(max_length, do_sample, temperature, record, progress, "answering", on_token)
         self.add_text(res.text)
         return res
 
     def think(self, max_length: int = 1024, do_sample: bool = False, temperature: float = 0.3,
-              record: bool = False, progress: bool = False) -> Result:
+              record: bool = False, progress: bool = False, on_token=None) -> Result:
         """Decode a planning text and append it to ``gen`` only (think mode before an image)."""
-        res = self.gen_text(max_length, do_sample, temperature, record, progress, desc="thinking")
+        res = self.gen_text(max_length, do_sample, temperature, record, progress, "thinking", on_token)
         self._prefill_text(self.gen, res.text)
         return res
 
@@ -224,6 +231,7 @@ class Session:
                      img_is_cond=self.cfg_img.history == self.gen.history)
         return ctxs, dedup
 
+    @serialized
     def gen_image(self, image_shapes: tuple[int, int] | None = None, cfg: CFGSettings | None = None,
                   num_timesteps: int = 50, timestep_shift: float = 3.0, noise: Tensor | None = None,
                   record: bool = False, progress: bool = False) -> Result:
@@ -267,6 +275,7 @@ class Session:
             vel = lambda branch, x, t: self.model.velocity(ctxs[branch], x, t, h, w)
             x = denoise(vel, noise.to(self.model.device), num_timesteps, timestep_shift, cfg, on_step=on_step,
                         **dedup)
+        validate.finite(x, "the final latents", validate.NON_FINITE_HINT)
         if bar:
             bar.set_description("decoding")
         image = self.decode_latents(x, h, w)
@@ -287,6 +296,7 @@ class Session:
             torch.cuda.empty_cache()
         with visiting(vae, self.model.device, self.bagel.offload):
             img = vae.decode(z[None].to(self.model.device, torch.float32))
+        validate.finite(img, "the decoded image", validate.NON_FINITE_HINT)
         return tensor_to_image(img[0].cpu())
 
 

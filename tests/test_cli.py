@@ -212,7 +212,7 @@ def test_info_counts_quantized_weights(tiny, tmp_path):
 def test_info_df11_layout(tmp_path):
     d = tmp_path / "df11"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"dfloat11_config": {"version": "0.2.0"}}))
+    (d / "config.json").write_text(json.dumps({"dfloat11_config": {"version": "0.5.0"}}))
     r = json.loads(ok(run("info", d, "--json")).stdout)
     assert r["format"] == "df11" and r["parameters"] is None
     assert [f["name"] for f in r["files"]] == ["config.json"]
