@@ -24,6 +24,7 @@ from torch import Tensor
 from .errors import InputError
 from .sampler import CFGSettings
 from .session import Result, Session
+from .step_cache import StepCacheSettings
 
 #: The official app's aspect-ratio presets as (H, W).
 ASPECT_PRESETS: dict[str, tuple[int, int]] = {
@@ -137,7 +138,8 @@ class Bagel:
                    cfg_interval: tuple[float, float] = (0.4, 1.0), timestep_shift: float = 3.0,
                    num_timesteps: int = 50, cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global",
                    image_shapes: tuple[int, int] = (1024, 1024), seed: int | None = None,
-                   noise: Tensor | None = None, record: bool = False, progress: bool = False) -> Result:
+                   noise: Tensor | None = None, record: bool = False, progress: bool = False,
+                   enable_taylorseer: bool = False, taylorseer_settings: StepCacheSettings | None = None) -> Result:
         """Run an interleaved request like the official ``interleave_inference``.
 
         Args:
@@ -152,6 +154,9 @@ class Bagel:
             noise: explicit initial latents [h*w, 64] (token layout) instead of drawing them.
             record: also return every step's combined velocity / every decoding step's logits.
             progress: show progress bars (stderr).
+            enable_taylorseer: step caching with the official TaylorSeer semantics (opt-in, approximate; see
+                :meth:`bagel_rt.session.Session.gen_image`); ``Result.info["step_cache"]`` reports what ran.
+            taylorseer_settings: a :class:`bagel_rt.step_cache.StepCacheSettings` (default: the official values).
         Returns:
             :class:`Result` with ``text`` (understanding, or the think text), ``image`` and ``latents``.
         """
@@ -161,7 +166,7 @@ class Bagel:
             return self._interleave(inputs, think, understanding_output, max_think_token_n, do_sample,
                                     text_temperature, cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift,
                                     num_timesteps, cfg_renorm_min, cfg_renorm_type, image_shapes, seed, noise,
-                                    record, progress)
+                                    record, progress, enable_taylorseer, taylorseer_settings)
         except torch.cuda.OutOfMemoryError as e:
             if self.gpu_budget_gib is None:
                 raise
@@ -172,7 +177,8 @@ class Bagel:
 
     def _interleave(self, inputs, think, understanding_output, max_think_token_n, do_sample, text_temperature,
                     cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift, num_timesteps, cfg_renorm_min,
-                    cfg_renorm_type, image_shapes, seed, noise, record, progress) -> Result:
+                    cfg_renorm_type, image_shapes, seed, noise, record, progress, enable_taylorseer=False,
+                    taylorseer_settings=None) -> Result:
         cfg = CFGSettings(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_min, cfg_renorm_type)
         s = self.session(think=think, understanding_only=understanding_output, seed=seed)
         for item in inputs:
@@ -181,7 +187,8 @@ class Bagel:
             return s.gen_text(max_think_token_n, do_sample, text_temperature, record, progress, "answering")
         thought = s.think(max_think_token_n, do_sample, text_temperature, record, progress) if think else None
         shapes = s.image_shapes or image_shapes
-        res = s.gen_image(shapes, cfg, num_timesteps, timestep_shift, noise, record, progress)
+        res = s.gen_image(shapes, cfg, num_timesteps, timestep_shift, noise, record, progress, enable_taylorseer,
+                          taylorseer_settings)
         if thought is not None:
             res.text, res.token_ids, res.logits = thought.text, thought.token_ids, thought.logits
         return res
@@ -192,7 +199,8 @@ class Bagel:
                  num_timesteps: int = 50, cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global",
                  max_think_token_n: int = 1024, do_sample: bool = False, text_temperature: float = 0.3,
                  seed: int | None = None, noise: Tensor | None = None, record: bool = False,
-                 progress: bool = False) -> Result:
+                 progress: bool = False, enable_taylorseer: bool = False,
+                 taylorseer_settings: StepCacheSettings | None = None) -> Result:
         """Text-to-image with the official app's defaults (see the module docstring)."""
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -201,7 +209,8 @@ class Bagel:
                                cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,
                                timestep_shift=timestep_shift, num_timesteps=num_timesteps,
                                cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type,
-                               image_shapes=image_shapes, seed=seed, noise=noise, record=record, progress=progress)
+                               image_shapes=image_shapes, seed=seed, noise=noise, record=record, progress=progress,
+                               enable_taylorseer=enable_taylorseer, taylorseer_settings=taylorseer_settings)
 
     def edit(self, image: Image.Image | str | Path, instruction: str, *, think: bool = False,
              cfg_text_scale: float = 4.0, cfg_img_scale: float = 2.0,
@@ -209,7 +218,8 @@ class Bagel:
              timestep_shift: float = 3.0, num_timesteps: int = 50, cfg_renorm_min: float = 0.0,
              cfg_renorm_type: str = "text_channel", max_think_token_n: int = 1024, do_sample: bool = False,
              text_temperature: float = 0.3, seed: int | None = None, noise: Tensor | None = None,
-             record: bool = False, progress: bool = False) -> Result:
+             record: bool = False, progress: bool = False, enable_taylorseer: bool = False,
+             taylorseer_settings: StepCacheSettings | None = None) -> Result:
         """Edit ``image`` following ``instruction`` (app defaults). Output size = the VAE-resized input size."""
         return self.interleave([open_image(image), instruction], think=think, max_think_token_n=max_think_token_n,
                                do_sample=do_sample, text_temperature=text_temperature,
@@ -217,7 +227,8 @@ class Bagel:
                                cfg_interval=cfg_interval, timestep_shift=timestep_shift,
                                num_timesteps=num_timesteps, cfg_renorm_min=cfg_renorm_min,
                                cfg_renorm_type=cfg_renorm_type, seed=seed, noise=noise, record=record,
-                               progress=progress)
+                               progress=progress, enable_taylorseer=enable_taylorseer,
+                               taylorseer_settings=taylorseer_settings)
 
     def understand(self, image: Image.Image | str | Path | None, question: str, *, think: bool = False,
                    max_think_token_n: int = 512, do_sample: bool = False, text_temperature: float = 0.3,

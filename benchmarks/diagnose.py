@@ -229,7 +229,7 @@ def attention_ab(pipe, size, rounds: int = 1):
         outs = {}
         for impl in ("triton", "cudnn"):
             den = PackedDenoiser(pipe.model, ctxs, h, w, use_graphs=False, attention=impl)
-            nb, m = den.B, den.meta[den.B]
+            nb, m = den.B, den.branch_meta(tuple(range(den.B)))
             g = torch.Generator(device="cuda").manual_seed(0)
             q = torch.randn(nb * den.N, den.Hq, den.D, device="cuda", dtype=den.dtype, generator=g)
             den.k[0].normal_(generator=g)
