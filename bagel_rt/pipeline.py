@@ -139,7 +139,8 @@ class Bagel:
                    num_timesteps: int = 50, cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global",
                    image_shapes: tuple[int, int] = (1024, 1024), seed: int | None = None,
                    noise: Tensor | None = None, record: bool = False, progress: bool = False,
-                   enable_taylorseer: bool = False, taylorseer_settings: StepCacheSettings | None = None) -> Result:
+                   enable_taylorseer: bool = False,
+                   taylorseer_settings: StepCacheSettings | None = None) -> Result:
         """Run an interleaved request like the official ``interleave_inference``.
 
         Args:

@@ -1,4 +1,4 @@
-"""The torch backend's cached velocity: a drop-in ``velocity(branch, x, t)`` for :func:`bagel_rt.sampler.denoise`."""
+"""The torch backend's cached velocity: a ``velocity(branch, x, t)`` for :func:`bagel_rt.sampler.denoise`."""
 
 from __future__ import annotations
 
