@@ -25,7 +25,7 @@ import bagel_rt
 from bagel_rt.sampler import CFGSettings, denoise, schedule
 from bagel_rt.step_cache import BranchCounter, StepCache, StepCacheSettings, exact_dedup, plan_schedules
 from bagel_rt.step_cache.packed import PackedDerivatives
-from bagel_rt.step_cache.taylor import taylor_series
+from bagel_rt.step_cache.taylor import taylor_series, update_derivatives
 from bagel_rt.step_cache.velocity import cached_velocity
 from bagel_rt.tiny import write_tiny_checkpoint
 
@@ -99,8 +99,6 @@ def test_packed_series_equals_list_series_bitwise():
         if ev.full:
             feat = (torch.randn(5, 8, generator=g) * 40 + step).bfloat16()
             store.update(1, feat, ev)
-            from bagel_rt.step_cache.taylor import update_derivatives
-
             held = update_derivatives(held, feat, ev)
         else:
             store.set_distance(1, ev.distance)
@@ -161,7 +159,7 @@ def test_golden_velocities_torch(golden_pipe, case):
     assert cache.report()["schedule"] == case["official_schedule"]
     assert matches_golden(on, ref, case)
     # the same comparison fails without the cache, on the Taylor steps only
-    f, t = steps_of(case, "F"), steps_of(case, "T")
+    f = steps_of(case, "F")
     assert torch.equal(off[f], on[f])
     assert not matches_golden(off, ref, case)
 
@@ -252,7 +250,8 @@ def test_fast_path_matches_torch_on_split_schedules(pipes):
 
     def run(pipe, on=True):
         return _three_branch_session(pipe).gen_image((32, 48), cfg, num_timesteps=8, record=True,
-                                                      enable_taylorseer=on, taylorseer_settings=settings if on else None)
+                                                      enable_taylorseer=on,
+                                                      taylorseer_settings=settings if on else None)
 
     ref, fast = run(torch_pipe), run(fast_pipe)
     sched = ref.info["step_cache"]["schedule"]
