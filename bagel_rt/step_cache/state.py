@@ -41,7 +41,8 @@ class StepCache:
             self.stands_for[needed] += self.counters[branch].letters[-1]
 
     def report(self) -> dict:
-        """``Result.info["step_cache"]``: the method, the settings, each branch's schedule and the number of
-        full forwards run."""
+        """``Result.info["step_cache"]``: the method, the settings, each branch's schedule, the number of full
+        forwards run, and that number per branch actually computed (``full_by_branch``)."""
         return {"method": self.settings.method, "settings": self.settings.as_dict(),
-                "schedule": dict(self.stands_for), "full_evaluations": self.full_evaluations}
+                "schedule": dict(self.stands_for), "full_evaluations": self.full_evaluations,
+                "full_by_branch": {b: c.letters.count("F") for b, c in self.counters.items()}}
