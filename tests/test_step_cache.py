@@ -291,3 +291,24 @@ def test_fast_path_golden_schedules(pipes, case, monkeypatch):
     assert pipe.fast_cache["denoiser"].B == computed
     assert info["full_evaluations"] == sum(s.count("F") for b, s in info["schedule"].items()
                                            if b != "img" or computed == 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphs_match_eager_with_step_cache(tmp_path):
+    """On a GPU the full forwards and the Taylor evaluations are CUDA graphs (one pool each: a step may replay
+    both and read both outputs). Bf16: the graphs give the eager velocities, and a request replaying the
+    graphs gives the one that captured them."""
+    d = write_tiny_checkpoint(tmp_path / "tiny")
+    pipe = bagel_rt.load(d, device="cuda", dtype=torch.bfloat16, backend="triton")
+    cfg = CFGSettings(4.0, 2.0, (0.0, 0.9), 0.1, "text_channel")
+    settings = StepCacheSettings(fresh_threshold=3, max_order=2, first_enhance=1)
+    runs = []
+    for graphs in (False, True, True):
+        pipe.use_graphs = graphs
+        runs.append(_three_branch_session(pipe).gen_image((32, 48), cfg, num_timesteps=8, record=True,
+                                                          enable_taylorseer=True, taylorseer_settings=settings))
+    eager, first, replayed = runs
+    assert {("taylor", (0,)), ("taylor", (1, 2)), ("full", (1, 2))} <= set(pipe.fast_cache["denoiser"].graphs)
+    assert rel_l2(first.velocities, eager.velocities) < 1e-2
+    assert rel_l2(replayed.velocities, first.velocities) < 1e-3
