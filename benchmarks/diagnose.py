@@ -94,12 +94,12 @@ def profile_forward(pipe, size):
     den = PackedDenoiser(pipe.model, [s.gen, s.cfg_text], h, w, use_graphs=False)
     den.x_in.normal_()
     for _ in range(2):
-        den._forward(2)
+        den._forward("full", (0, 1))
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        den._forward(2)
+        den._forward("full", (0, 1))
         torch.cuda.synchronize()
     groups = defaultdict(float)
     for e in prof.key_averages():

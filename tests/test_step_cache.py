@@ -20,6 +20,7 @@ import torch
 from conftest import GOLDEN, rel_l2
 from PIL import Image
 from safetensors.torch import load_file
+from test_fast_path import _three_branch_session
 
 import bagel_rt
 from bagel_rt.sampler import CFGSettings, denoise, schedule
@@ -232,14 +233,6 @@ def test_requests_are_independent(pipes):
 
 
 # -- the triton backend -----------------------------------------------------------------------------------
-def _three_branch_session(pipe):
-    """Think-style contexts: cond = [sys, prompt, plan], text-uncond = [sys], img-uncond = [sys, prompt]."""
-    s = pipe.session(think=True, seed=4)
-    s.add_text("Two dogs play in the park.")
-    s._prefill_text(s.gen, "a plan")
-    return s
-
-
 def test_fast_path_matches_torch_on_split_schedules(pipes):
     """CFG starting after the first step puts the unconditional branches on a schedule of their own: the packed
     denoiser then runs full forwards and Taylor graphs over branch sets that are not arena prefixes. Its
