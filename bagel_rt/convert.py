@@ -1,4 +1,4 @@
-"""Writing compressed checkpoints: ``bagel-rt quantize SRC DST --format int8|nf4|df11``.
+"""Writing compressed checkpoints: ``bagel-rt quantize SRC DST --format int8|nf4|fp8|fp8-gen-nf4-und|df11``.
 
 :func:`convert_checkpoint` reads the memory-mapped bf16 source one tensor (DF11: one compression unit) at a
 time and streams the output file with :class:`SafetensorsWriter`, so it needs the memory of one tensor or unit,
@@ -42,12 +42,14 @@ from .quantized import (
     DF11_VAE,
     EMA_FILE,
     FORMATS,
+    LINEAR_FORMATS,
+    LLM_FORMATS,
     NF4_BLOCKSIZE,
     _compile_skip,
     _linears,
     _shape_ok,
     checkpoint_format,
-    quant_plan,
+    linear_formats,
     quantize_linear,
     quantized_specs,
 )
@@ -109,12 +111,13 @@ class SafetensorsWriter:
 # -- conversion -------------------------------------------------------------------------------------------------
 def convert_checkpoint(src: str | Path, dst: str | Path, fmt: str, skip: Sequence[str] = (),
                        double_quant: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
-    """Convert the bf16 checkpoint directory ``src`` to ``fmt`` ("int8", "nf4" or "df11") in ``dst``.
+    """Convert the bf16 checkpoint directory ``src`` to ``fmt`` (one of :data:`bagel_rt.quantized.FORMATS`: "int8",
+    "nf4", "fp8", the 12 GB recipe "fp8-gen-nf4-und" or "df11") in ``dst``.
 
     Args:
         skip: regular expressions; Linear weights whose tensor name matches one (``re.search``) stay bf16 (df11:
             the units holding them stay uncompressed).
-        double_quant: NF4 only: also quantize the absmax scales (bitsandbytes ``compress_statistics``).
+        double_quant: NF4 Linears only: also quantize the absmax scales (bitsandbytes ``compress_statistics``).
         progress: show a progress bar over the source bytes.
         overwrite: replace ``dst`` if it exists (refused otherwise).
     Returns:
@@ -124,7 +127,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, fmt: str, skip: Sequenc
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if double_quant and fmt != "nf4":
+    if double_quant and "nf4" not in LINEAR_FORMATS.get(fmt, ()):
         raise InputError(f"double quantization applies to nf4 only, not {fmt}")
     _compile_skip(skip)
     if not src.is_dir():
@@ -168,20 +171,23 @@ def _fingerprint(path: Path) -> str:
 
 def _write_quantized(header: SafetensorsHeader, model: nn.Module, out: Path, fmt: str, skip: Sequence[str],
                      double_quant: bool, meta: dict, bar) -> None:
-    plan, kept = quant_plan(model, fmt, skip)
+    plan, kept = linear_formats(model, fmt, skip)
     linears = _linears(model)
-    specs = {f"{x}.weight": quantized_specs(x, linears[x].out_features, linears[x].in_features, fmt, double_quant)
-             for x in plan}
+    specs = {f"{x}.weight": quantized_specs(x, linears[x].out_features, linears[x].in_features, f, double_quant)
+             for x, f in plan.items()}
     names = [k for key in header.tensors for k in (specs[key] if key in specs else [key])]
     meta.update({"bagel_rt.quantized": str(len(plan)), "bagel_rt.kept": json.dumps(kept),
                  "bagel_rt.skip": json.dumps(list(skip))})
-    if fmt == "nf4":
+    if fmt in LLM_FORMATS:
+        meta["bagel_rt.llm_formats"] = json.dumps(dict(zip(("gen", "und", "lm_head"), LLM_FORMATS[fmt])))
+    if "nf4" in LINEAR_FORMATS[fmt]:
         meta.update({"bagel_rt.blocksize": str(NF4_BLOCKSIZE), "bagel_rt.double_quant": str(double_quant).lower()})
     with SafetensorsWriter(out, names, meta) as writer, open_mapped(header) as f:
         for key in header.tensors:
             t = get_tensor(f, header, key)
             if key in specs:
-                q = quantize_linear(key.removesuffix(".weight"), t, fmt, double_quant)
+                x = key.removesuffix(".weight")
+                q = quantize_linear(x, t, plan[x], double_quant)
                 for k, (shape, dtype) in specs[key].items():
                     assert k in q and _ST_DTYPES[q[k].dtype] == dtype and _shape_ok(tuple(q[k].shape), shape), k
                     writer.add(k, q[k])

@@ -93,8 +93,8 @@ class PackedDenoiser:
     """
 
     def __init__(self, model, ctxs: list[Context], h: int, w: int, use_graphs: bool = True,
-                 fp8: dict | None = None, mlp_chunks: int = 1, run_hooks: bool = False,
-                 attention: str = "triton", marker_stream: bool | None = None):
+                 mlp_chunks: int = 1, run_hooks: bool = False, attention: str = "triton",
+                 marker_stream: bool | None = None):
         self.k_ops = _kernels()
         self.attention = resolve_attention(attention, model.device, model.dtype)
         #: as asked: under "auto", a cuDNN refusal of this request's shapes hands over to the Triton kernel
@@ -104,9 +104,9 @@ class PackedDenoiser:
         #: use, see bagel_rt.quantized): the packed forward reads the Linears' weights without calling the layer
         self.run_hooks = run_hooks
         #: row chunks of the MLP (its [rows, 18944] intermediates dominate the activations); >1 under a
-        #: memory budget, trading a little GEMM efficiency for memory
+        #: memory budget, trading a little GEMM efficiency for memory (weight-only formats dequantize once per
+        #: layer for all chunks: see :meth:`_mlp`)
         self.mlp_chunks = mlp_chunks
-        self.fp8 = fp8 if fp8 is not None else {}
         #: the stream of the und (marker) rows' kernels, overlapping the gen rows' (None: one stream). Default:
         #: on for CUDA unless pre-hooks run (they would have to be ordered before both streams)
         if marker_stream is None:
@@ -147,6 +147,8 @@ class PackedDenoiser:
         #: one memory pool per kind: a step may replay a full and a Taylor graph and use both outputs
         self.pools: dict[str, object] = {}
         self.key = denoiser_key(ctxs, h, w)
+        #: the Linear modules' formats at construction (a module swap, e.g. compute="fp8", needs new graphs)
+        self.formats = linear_formats(model)
         #: the step cache's derivative buffers (allocated by the first step-cached request, see
         #: :meth:`step_store`)
         self.derivatives: PackedDerivatives | None = None
@@ -285,10 +287,11 @@ class PackedDenoiser:
 
     def _norm_in(self, x: Tensor, delta: Tensor | None, weight: Tensor, mods) -> tuple:
         """The input of ``mods`` (Linears sharing it): ``rms_norm(x + delta)``, the new residual ``x + delta``
-        (x when delta is None) and the input's FP8 rows (None unless a module is FP8). When every module is
-        FP8 the norm writes the FP8 rows directly and the bf16 input is None (never materialised)."""
+        (x when delta is None) and the input's 8-bit rows (None unless the modules compute in 8 bits, see
+        :func:`act_format`). For FP8 modules the norm writes the FP8 rows directly and the bf16 input is None
+        (never materialised)."""
         k_ops, eps = self.k_ops, self.eps
-        if all(id(mod) in self.fp8 for mod in mods):
+        if act_format(mods) == "fp8":
             if delta is None:
                 return None, x, k_ops.rms_norm_fp8(x, weight, eps)
             xq, x = k_ops.add_rms_norm_fp8(delta, x, weight, eps)
@@ -297,44 +300,44 @@ class PackedDenoiser:
             h = k_ops.rms_norm(x, weight, eps)
         else:
             h, x = k_ops.add_rms_norm(delta, x, weight, eps)
-        return h, x, self._quantized_input(mods, h)
+        return h, x, quantized_rows(mods, h)
 
     def _mlp(self, mlp, h: Tensor | None, hq: tuple | None, res: Tensor) -> Tensor:
-        """``res + mlp`` on input rows h (bf16) and/or hq (their FP8 rows), in ``mlp_chunks`` row chunks."""
+        """``res + mlp`` on input rows h (bf16) and/or hq (their 8-bit rows), in ``mlp_chunks`` row chunks.
+
+        Weight-only formats dequantize on every call, so under chunks their weights are dequantized once per
+        layer (``dense_weight``) and shared by the chunks: four chunks would otherwise dequantize each weight
+        four times (+3 x 0.06 ms per Linear and layer on an H200)."""
         rows = h.shape[0] if h is not None else hq[0].shape[0]
         n = self.mlp_chunks
-        if n > 1 and rows >= 2 * n:
+        mods = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if n > 1 and rows >= 2 * n and all(hasattr(m, "dense_weight") for m in mods if weight_only(m)):
+            dense = {id(m): m.dense_weight(self.dtype) for m in mods if weight_only(m)}
             hs = h.tensor_split(n) if h is not None else [None] * n
             hqs = zip(hq[0].tensor_split(n), hq[1].tensor_split(n)) if hq is not None else [None] * n
-            return torch.cat([self._mlp_rows(mlp, c, cq, r) for c, cq, r in zip(hs, hqs, res.tensor_split(n))])
+            return torch.cat([self._mlp_rows(mlp, c, cq, r, dense)
+                              for c, cq, r in zip(hs, hqs, res.tensor_split(n))])
         return self._mlp_rows(mlp, h, hq, res)
 
-    def _mlp_rows(self, mlp, h: Tensor | None, hq: tuple | None, res: Tensor) -> Tensor:
+    def _mlp_rows(self, mlp, h: Tensor | None, hq: tuple | None, res: Tensor, dense: dict | None = None) -> Tensor:
+        """``res + mlp(h)``; ``dense``: dequantized weights by ``id(module)`` to use instead of the modules'."""
+        lin = self._linear if not dense else (
+            lambda m, x, xq=None: F.linear(x, dense[id(m)], m.bias) if id(m) in dense else self._linear(m, x, xq))
         if hq is None:
-            hq = self._quantized_input((mlp.gate_proj, mlp.up_proj), h)
-        g, u = self._linear(mlp.gate_proj, h, hq), self._linear(mlp.up_proj, h, hq)
+            hq = quantized_rows((mlp.gate_proj, mlp.up_proj), h)
+        g, u = lin(mlp.gate_proj, h, hq), lin(mlp.up_proj, h, hq)
         down = mlp.down_proj
-        if id(down) in self.fp8:  # the SwiGLU writes the FP8 rows the down projection reads
-            return res + self._linear(down, None, self.k_ops.swiglu_fp8(g, u))
-        return res + self._linear(down, self.k_ops.swiglu(g, u))
-
-    def _quantized_input(self, mods, x: Tensor):
-        """FP8 rows of an input shared by several FP8 Linears, quantized once (None when none is FP8)."""
-        if not any(id(m) in self.fp8 for m in mods):
-            return None
-        from .fp8 import quantize_rows
-
-        return quantize_rows(x)
+        if act_format([down]) == "fp8":  # the SwiGLU writes the FP8 rows the down projection reads
+            return res + lin(down, None, self.k_ops.swiglu_fp8(g, u))
+        act = self.k_ops.swiglu(g, u)
+        return res + lin(down, act, quantized_rows([down], act))
 
     def _linear(self, mod, x: Tensor | None, xq=None) -> Tensor:
-        """A Linear of the model: FP8 copy if opted in, cuBLAS for plain bf16, else the module's own forward
-        (quantized modules dequantize inside their kernels). ``xq``: ``x`` already quantized to FP8 rows
-        (``x`` may then be None for an FP8 module)."""
-        w8 = self.fp8.get(id(mod))
-        if w8 is not None:
-            from .fp8 import fp8_linear
-
-            return fp8_linear(x, w8, xq, self.dtype)
+        """A Linear of the model: cuBLAS for plain bf16, the module's 8-bit product when ``xq`` (``x``'s 8-bit
+        rows, see :func:`quantized_rows`) is given (``x`` may then be None), else the module's own forward
+        (weight-only formats dequantize inside their kernels)."""
+        if xq is not None:
+            return mod.forward_quantized(xq, self.dtype)
         if type(mod) is torch.nn.Linear:
             return F.linear(x, mod.weight, mod.bias)
         return mod(x)
@@ -444,6 +447,42 @@ class PackedDenoiser:
         return graph, out
 
 
+def linear_formats(model) -> tuple:
+    """Each decoder Linear's module type and activation format (what a captured graph depends on)."""
+    return tuple((type(m).__name__, getattr(m, "act_format", None))
+                 for m in model.language_model.model.layers.modules() if not list(m.children()))
+
+
+def act_format(mods) -> str | None:
+    """The 8-bit activation format ("fp8", "int8") that every module of ``mods`` computes with, else None.
+
+    The one Linear interface: every weight format is a module with ``forward(x)`` (any rows, weight-only or
+    not) and, for 8-bit compute, an ``act_format`` and ``forward_quantized((q [M, K], scale [M, 1]),
+    out_dtype)``; a plain ``nn.Linear`` has neither. Modules sharing an input share its quantized rows."""
+    fmts = {getattr(m, "act_format", None) for m in mods}
+    return fmts.pop() if len(fmts) == 1 else None
+
+
+def weight_only(mod) -> bool:
+    """A compressed module that dequantizes its weight on every call (INT8/NF4/DF11 without 8-bit compute)."""
+    return type(mod) is not torch.nn.Linear and getattr(mod, "act_format", None) is None
+
+
+def quantized_rows(mods, x: Tensor):
+    """The 8-bit rows of an input ``x`` [M, K] shared by ``mods`` (quantized once), or None when the modules
+    do not compute in 8 bits."""
+    fmt = act_format(mods)
+    if fmt == "fp8":
+        from .quant.fp8 import quantize_rows
+
+        return quantize_rows(x)
+    if fmt == "int8":
+        from .kernels import quantize_rows_int8
+
+        return quantize_rows_int8(x)
+    return None
+
+
 def denoiser_key(ctxs: list[Context], h: int, w: int) -> tuple:
     """What a captured denoiser depends on: grid size and each branch's cache length and RoPE position."""
     return (h, w, tuple((c.length, c.rope) for c in ctxs))
@@ -453,8 +492,8 @@ def denoiser_key(ctxs: list[Context], h: int, w: int) -> tuple:
 def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: int, num_timesteps: int,
                    timestep_shift: float, cfg: CFGSettings, text_is_cond: bool, img_is_cond: bool,
                    use_graphs: bool = True, on_step=None, cache: dict | None = None,
-                   fp8: dict | None = None, mlp_chunks: int = 1, run_hooks: bool = False,
-                   attention: str = "triton", step_cache: StepCache | None = None, **options) -> Tensor:
+                   mlp_chunks: int = 1, run_hooks: bool = False, attention: str = "triton",
+                   step_cache: StepCache | None = None, **options) -> Tensor:
     """The sampler loop of :func:`bagel_rt.sampler.denoise` on the packed fast path.
 
     Args:
@@ -480,14 +519,14 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     key = denoiser_key(branch_ctxs, h, w)
     den = cache.get("denoiser") if cache is not None else None
     if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
-            and (den.fp8 is fp8 or (not den.fp8 and not fp8)) and den.requested_attention == attention
+            and den.formats == linear_formats(model) and den.requested_attention == attention
+            and den.mlp_chunks == mlp_chunks
             and all(den.options.get(k) == v for k, v in options.items())):
         den.refill(branch_ctxs)  # same shapes: keep the captured graphs, copy the new caches in
     else:
         if cache is not None:
             cache.pop("denoiser", None)  # free the old arena and graph pool before allocating new ones
-        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, fp8, mlp_chunks, run_hooks, attention,
-                             **options)
+        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, mlp_chunks, run_hooks, attention, **options)
         if cache is not None:
             cache["denoiser"] = den
     if step_cache is not None:

@@ -10,12 +10,18 @@ expert, the generation expert (``*_moe_gen``) and the token embeddings + ``lm_he
 ViT; ``connector``, ``vit_pos_embed``, ``latent_pos_embed``, ``time_embedder``, ``vae2llm`` and ``llm2vae`` are
 the glue; ``ae.safetensors`` is the VAE. Quantized files count the logical weights (an NF4 weight packs two
 values per byte; its shape is read from the small bitsandbytes quant-state tensor), not scales or code books.
+
+``part_formats`` says which format each part (:data:`PARTS`: ViT, connector + glue, the two experts, the token
+embeddings, ``lm_head``, VAE) is stored in, from its weight matrices (tensors of two or more dimensions; norms and
+biases are left out): a Linear is int8 when it has bitsandbytes' ``SCB``, nf4 with its NF4 quant state, fp8 with
+an e4m3 weight and ``weight_scale``, df11 inside a DFloat11 unit, else the dtype of its tensor.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,7 +32,7 @@ from .loader import AE_FILE, EMA_FILE, read_params
 from .transforms import VAE_RESIZE, VIT_RESIZE, resize_dims
 from .vae import vae_params_from_shapes
 
-__all__ = ["checkpoint_info", "format_info", "memory_estimate", "component_of", "COMPONENTS"]
+__all__ = ["checkpoint_info", "format_info", "memory_estimate", "component_of", "part_of", "COMPONENTS", "PARTS"]
 
 #: Component keys of ``info["parameters"]`` and how they are printed, in order.
 COMPONENTS: dict[str, str] = {
@@ -38,6 +44,17 @@ COMPONENTS: dict[str, str] = {
     "vae": "VAE (FLUX autoencoder)",
     "other": "other",
 }
+#: Parts of ``info["part_formats"]`` and how they are printed, in order.
+PARTS: dict[str, str] = {
+    "vit": "ViT",
+    "connector": "connector + glue",
+    "llm_und": "und expert",
+    "llm_gen": "gen expert",
+    "embed_tokens": "token embeddings",
+    "lm_head": "lm_head",
+    "vae": "VAE",
+    "other": "other",
+}
 _GLUE = {"connector", "vit_pos_embed", "latent_pos_embed", "time_embedder", "vae2llm", "llm2vae"}
 # Quantization side tensors: bytes on disk and on the GPU, but not parameters of the model.
 _QUANT_AUX = (".SCB", ".weight_format", ".weight.absmax", ".weight.quant_map", ".weight.nested_absmax",
@@ -47,6 +64,7 @@ _NF4_STATE = ".quant_state.bitsandbytes__nf4"
 # DFloat11 unit buffers (quant.df11_decode.BUFFER_NAMES, named here to keep Triton out of `info`)
 _DF11_BUFFERS = (".luts", ".encoded_exponent", ".sign_mantissa", ".output_positions", ".gaps", ".split_positions")
 _FLOAT_FORMATS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+_LAYER_UNIT = re.compile(r"language_model\.model\.layers\.\d+")  # a DF11 unit holding both experts' Linears
 _ESTIMATE_SIZE = (1024, 1024)
 _TEXT_TOKENS = 128  # assumed prompt length (with framing) for the memory estimate
 
@@ -62,6 +80,48 @@ def component_of(key: str) -> str:
     if key.split(".", 1)[0] in _GLUE:
         return "glue"
     return "other"
+
+
+def part_of(key: str) -> str:
+    """The part (a key of :data:`PARTS`, never ``"vae"``) an ``ema.safetensors`` key belongs to."""
+    if key.startswith("language_model.lm_head."):
+        return "lm_head"
+    if ".embed_tokens." in key:
+        return "embed_tokens"
+    comp = component_of(key)
+    return "connector" if comp == "glue" else comp
+
+
+def _tensor_format(key: str, h: SafetensorsHeader) -> str | None:
+    """The format of a weight matrix of ``h`` (None for side tensors, norms and biases)."""
+    t = h.tensors[key]
+    if key.endswith(_QUANT_AUX) or key.endswith(".weight_scale"):
+        return None
+    base = key.removesuffix(".weight")
+    if key.endswith(".weight") and f"{base}.SCB" in h.tensors:
+        return "int8"
+    if key + _NF4_STATE in h.tensors:
+        return "nf4"
+    if t.dtype == "F8_E4M3" and f"{base}.weight_scale" in h.tensors:
+        return "fp8"
+    if len(t.shape) < 2:
+        return None
+    return _FLOAT_FORMATS.get(t.dtype, t.dtype.lower())
+
+
+def _part_formats(ema: SafetensorsHeader, logical: dict[str, int], ae: SafetensorsHeader) -> dict:
+    """part -> {format: parameters} of its weight matrices (the VAE: its float dtypes)."""
+    out: dict[str, dict[str, int]] = {}
+    for key in ema.tensors:
+        fmt = _tensor_format(key, ema)
+        if fmt is not None:
+            part = out.setdefault(part_of(key), {})
+            part[fmt] = part.get(fmt, 0) + logical.get(key, 0)
+    for t in ae.tensors.values():
+        if len(t.shape) >= 2:
+            fmt = _FLOAT_FORMATS.get(t.dtype, t.dtype.lower())
+            out.setdefault("vae", {})[fmt] = out.get("vae", {}).get(fmt, 0) + math.prod(t.shape)
+    return {p: dict(sorted(out[p].items(), key=lambda kv: -kv[1])) for p in PARTS if p in out}
 
 
 def checkpoint_info(path: str | Path) -> dict:
@@ -90,6 +150,7 @@ def checkpoint_info(path: str | Path) -> dict:
     counts = {c: 0 for c in COMPONENTS}
     nbytes = {c: 0 for c in COMPONENTS}
     logical = _logical_numels(ema)
+    parts = _part_formats(ema, logical, ae)
     for key, t in ema.tensors.items():
         comp = component_of(key)
         counts[comp] += logical.get(key, 0)
@@ -109,6 +170,7 @@ def checkpoint_info(path: str | Path) -> dict:
         "path": str(path),
         "format": fmt,
         "format_source": source,
+        "part_formats": parts,
         "files": files,
         "total_bytes": sum(f["bytes"] for f in files),
         "parameters": counts,
@@ -164,7 +226,14 @@ def memory_estimate(params: BagelParams, weights_bytes: int, height: int = _ESTI
 
 def format_info(d: dict) -> str:
     """Render a :func:`checkpoint_info` dict as aligned text."""
-    lines = [f"checkpoint   {d['path']}", f"format       {d['format']} ({d['format_source']})", "files"]
+    lines = [f"checkpoint   {d['path']}", f"format       {d['format']} ({d['format_source']})"]
+    if d.get("part_formats"):
+        lines.append("part formats (weight matrices)")
+        for part, fmts in d["part_formats"].items():
+            counted = None not in fmts.values() and len(fmts) > 1 and sum(fmts.values()) > 0
+            shares = [f"{f} {n / sum(fmts.values()):.1%}" if counted else f for f, n in fmts.items()]
+            lines.append(f"  {PARTS[part]:<18} {', '.join(shares)}")
+    lines.append("files")
     width = max(len(f["name"]) for f in d["files"]) if d["files"] else 0
     for f in d["files"]:
         extra = ""
@@ -293,16 +362,26 @@ def _df11_info(path: Path) -> dict:
         pass
     # the loader decodes every unit to bf16 (unless df11_resident): 2 bytes per weight, the VAE in fp32
     weights = 0
+    parts: dict[str, dict[str, None]] = {}  # part -> its formats (DF11 units hold several parts' weights)
     for f in files:
         if f["name"].endswith(".safetensors"):
-            scale = 4 if f["name"].startswith("vae/") else 2
+            vae = f["name"].startswith("vae/")
             for key, t in read_header(path / f["name"]).tensors.items():
                 if key.endswith(".sign_mantissa") or not key.endswith(_DF11_BUFFERS):
-                    weights += scale * math.prod(t.shape)
+                    weights += (4 if vae else 2) * math.prod(t.shape)
+                unit = key.removesuffix(".encoded_exponent")
+                if unit != key:
+                    layer = _LAYER_UNIT.fullmatch(unit)
+                    for part in ["llm_und", "llm_gen"] if layer else [part_of(f"{unit}.weight")]:
+                        parts.setdefault(part, {})["df11"] = None
+                elif len(t.shape) >= 2 and not key.endswith(_DF11_BUFFERS):
+                    fmt = _FLOAT_FORMATS.get(t.dtype, t.dtype)
+                    parts.setdefault("vae" if vae else part_of(key), {})[fmt] = None
     return {
         "path": str(path),
         "format": "df11",
         "format_source": "config.json has dfloat11_config",
+        "part_formats": {p: parts[p] for p in PARTS if p in parts},
         "files": files,
         "total_bytes": sum(f["bytes"] for f in files),
         "parameters": None,

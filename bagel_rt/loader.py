@@ -48,8 +48,8 @@ def read_params(path: Path, ae_file: str = AE_FILE) -> BagelParams:
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
          progress: bool = False, backend: str = "auto", weights: str = "auto", df11_resident: bool = False,
-         skip: Sequence[str] = (), compute: str = "bf16", max_gpu_memory: float | None = None,
-         attention: str = "auto"):
+         skip: Sequence[str] = (), compute: str = "auto", max_gpu_memory: float | None = None,
+         attention: str = "auto", keep_bf16: bool = False):
     """Load a BAGEL checkpoint directory.
 
     Args:
@@ -64,15 +64,22 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         progress: show a progress bar over the bytes loaded.
         backend: "torch" (reference ops, any device), "triton" (batched CFG, fused kernels, CUDA graphs) or
             "auto" (triton on CUDA, torch elsewhere).
-        weights: "auto" (what the checkpoint holds), "bf16", "int8", "nf4" or "df11". A bf16 (or df11)
-            checkpoint is quantized to int8/nf4 as it loads, Linear by Linear on ``device``; a df11 checkpoint
-            decodes to exact bf16; asking for what the checkpoint cannot give (bf16 from nf4) is an error.
+        weights: "auto" (what the checkpoint holds), "bf16", "int8", "nf4", "fp8", "fp8-gen-nf4-und" (the 12 GB
+            recipe: generation expert FP8, understanding expert and lm_head NF4) or "df11". A bf16 (or df11)
+            checkpoint is quantized to any of the others as it loads, Linear by Linear on ``device``; a df11
+            checkpoint decodes to exact bf16; asking for what the checkpoint cannot give (bf16 from nf4) is an
+            error.
         df11_resident: DF11 only: keep the weights compressed on the device and decode each unit (an LLM layer,
             a ViT layer, the embeddings, lm_head) just before it runs, into one shared buffer (bf16; on the
             triton backend without CUDA graphs and with torch-path text decoding). Saves ~30 % of the weight
             memory at the cost of a decode per unit per forward.
         skip: regular expressions of Linear weight names to keep bf16 when quantizing as it loads.
-        compute: "bf16" (exact) or "fp8" (opt-in FP8 generation-expert GEMMs on the triton backend; Ada/Hopper).
+        compute: the generation expert's GEMM precision: "auto" (what the weights compute: FP8 weights in FP8
+            on Ada/Hopper, everything else in bf16), "bf16", "fp8" (W8A8 on FP8 tensor cores, approximate; on
+            bf16 weights their generation-expert Linears become FP8 and the bf16 copies are dropped) or "int8"
+            (INT8 W8A8 on INT8 weights, approximate); see :mod:`bagel_rt.compute`.
+        keep_bf16: with compute="fp8" on bf16 weights, keep the bf16 Linears too (6.5 GB at full size) so that
+            ``pipe.compute = "bf16"`` can switch back (A/B work).
         attention: the triton backend's latent-query attention: "auto" (cuDNN on Hopper, else Triton),
             "triton" or "cudnn" (:func:`bagel_rt.fast.resolve_attention`).
         max_gpu_memory: GPU budget in GiB: the ViT, VAE and embeddings leave the GPU between their phases and
@@ -142,7 +149,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
                  weights=fmt)
     pipe.load_phases = {k: round(v, 3) for k, v in phases.items()}
     pipe.df11_resident = df11_resident
-    pipe.compute = compute
+    pipe.keep_bf16 = keep_bf16
+    if compute != "auto":
+        pipe.compute = compute
     pipe.attention = attention
     if max_gpu_memory is not None:
         pipe.limit_gpu_memory(max_gpu_memory)

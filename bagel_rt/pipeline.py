@@ -56,8 +56,10 @@ class Bagel:
         #: the last captured denoiser, reused while the request shapes stay the same (see bagel_rt.fast)
         self.fast_cache: dict = {}
         self.attention = "auto"
-        self._fp8 = None
-        self.compute = "bf16"
+        #: compute="fp8" on bf16 weights keeps the bf16 generation-expert Linears here (A/B work) instead of
+        #: dropping them; keyed by (id(parent module), attribute name)
+        self.keep_bf16 = False
+        self.bf16_linears: dict = {}
         #: DF11 units stay compressed and are decoded by forward pre-hooks just before use (set by the loader)
         self.df11_resident = False
         #: ViT, VAE and embeddings live on the CPU between uses (set by :meth:`limit_gpu_memory`)
@@ -73,21 +75,19 @@ class Bagel:
 
     @property
     def compute(self) -> str:
-        """Denoising GEMM precision of the triton backend: "bf16" (exact path) or "fp8" (opt-in, approximate:
-        FP8 generation-expert GEMMs with per-token activation scales; Hopper/Ada)."""
-        return self._compute
+        """Denoising GEMM precision: "bf16" (exact path on bf16 weights), "fp8" (W8A8 on FP8 tensor cores,
+        approximate) or "int8" (INT8 W8A8 on INT8 weights, approximate); read from the generation expert's
+        modules. Setting it swaps those modules (see :mod:`bagel_rt.compute`)."""
+        from .compute import current_compute
+
+        return current_compute(self.model)
 
     @compute.setter
     def compute(self, value: str) -> None:
-        if value not in ("bf16", "fp8"):
-            raise InputError(f"compute must be 'bf16' or 'fp8', got {value!r}")
-        if value == "fp8" and self.backend != "triton":
-            raise InputError("compute 'fp8' needs the triton backend (a CUDA GPU of compute capability >= 8.9)")
-        dev = self.device
-        if value == "fp8" and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
-            raise InputError(f"compute 'fp8' needs FP8 tensor cores (Ada/Hopper, capability >= 8.9); "
-                             f"{torch.cuda.get_device_name(self.device)} has none")
-        self._compute = value
+        from .compute import set_compute
+
+        set_compute(self, value)
+        self.fast_cache.clear()  # a captured denoiser holds the old modules
 
     @property
     def attention(self) -> str:
@@ -103,16 +103,6 @@ class Bagel:
         resolve_attention(value, self.device, self.model.dtype)  # a value this machine cannot run fails here
         self._attention = value
         self.fast_cache.clear()  # a captured denoiser holds the old choice
-
-    def fp8_weights(self) -> dict | None:
-        """The FP8 copies of the generation expert (built on first use) when ``compute == "fp8"``."""
-        if self.compute != "fp8":
-            return None
-        if self._fp8 is None:
-            from .fp8 import gen_expert_fp8
-
-            self._fp8 = gen_expert_fp8(self.model)
-        return self._fp8
 
     @property
     def decoder(self):

@@ -1,4 +1,4 @@
-"""Compressed checkpoints: convert a BAGEL checkpoint to INT8, NF4 or DFloat11, and load any of them.
+"""Compressed checkpoints: convert a BAGEL checkpoint to INT8, NF4, FP8 or DFloat11, and load any of them.
 
 Layouts (docs/weight-formats.md sections 3.6 and 4, DESIGN.md section 4):
 
@@ -7,6 +7,10 @@ Layouts (docs/weight-formats.md sections 3.6 and 4, DESIGN.md section 4):
   ``X.weight.absmax``, ``X.weight.quant_map`` [, ``X.weight.nested_absmax``, ``X.weight.nested_quant_map``],
   ``X.weight.quant_state.bitsandbytes__nf4``), so bitsandbytes reads them; every other tensor is unchanged.
   The file's safetensors metadata declares the format (``bagel_rt.format``) and the loader goes by it.
+* ``fp8``: the same, each FP8 Linear ``X`` as ``X.weight`` (F8_E4M3 ``[N, K]``) and ``X.weight_scale`` (F32
+  ``[N, 1]``, one scale per output channel: the compressed-tensors / vLLM channel-wise layout).
+* ``fp8-gen-nf4-und`` (the 12 GB recipe): the generation expert's Linears in FP8, the understanding expert's
+  Linears and ``lm_head`` in NF4, in one ``ema.safetensors``; each Linear is recognised by its own tensors.
 * ``df11``: the ``DFloat11/BAGEL-7B-MoT-DF11`` layout: ``config.json`` with ``dfloat11_config`` (its
   ``pattern_dict`` names the compression units), a top-level ``model.safetensors`` with each unit's buffers
   (``U.luts``, ``U.encoded_exponent``, ...) and the uncompressed tensors under their own names, and
@@ -16,6 +20,8 @@ Which weights are quantized (int8 / nf4): the ``weight`` of every ``nn.Linear`` 
 ``lm_head``, the ViT, the connector, the glue), except those matching a ``skip`` pattern (``re.search`` on the
 tensor name), the :data:`DTYPE_PROBES` and, for NF4, Linears whose ``in_features`` is not a multiple of the
 block size. Embeddings, norms, position tables and biases stay as stored. The metadata lists what was kept.
+fp8 and the recipe quantize the LLM Linears of both experts and ``lm_head`` only (:data:`LLM_FORMATS`); the ViT,
+the connector and the glue stay bf16.
 
 :func:`bagel_rt.convert.convert_checkpoint` writes these layouts (tensor by tensor, unit by unit).
 :func:`bagel_rt.quantized_load.load_weights` fills a model built on the meta device from any layout; quantizing a
@@ -41,8 +47,10 @@ from .errors import CheckpointError, InputError
 from .model import SpecialTokens
 from .quant import (
     NF4Config,
+    fp8_state,
     int8_state,
     nf4,
+    quantize_model,
 )
 
 __all__ = [
@@ -55,12 +63,24 @@ __all__ = [
     "ema_format",
     "resolve_weights",
     "quant_plan",
+    "linear_formats",
+    "quantize_in_place",
+    "RECIPE",
+    "LLM_FORMATS",
+    "QUANTIZED",
+    "LINEAR_FORMATS",
     "quantize_linear",
     "quantized_specs",
 ]
 
-FORMATS = ("int8", "nf4", "df11")
-WEIGHTS = ("auto", "bf16", "int8", "nf4", "df11")
+RECIPE = "fp8-gen-nf4-und"
+#: formats that quantize the LLM Linears only: (generation expert, understanding expert, lm_head)
+LLM_FORMATS = {"fp8": ("fp8", "fp8", "fp8"), RECIPE: ("fp8", "nf4", "nf4")}
+QUANTIZED = ("int8", "nf4", *LLM_FORMATS)  # formats stored in a quantized ema.safetensors
+FORMATS = (*QUANTIZED, "df11")
+WEIGHTS = ("auto", "bf16", *QUANTIZED, "df11")
+#: the Linear formats each stored format may hold
+LINEAR_FORMATS = {"int8": ("int8",), "nf4": ("nf4",), "fp8": ("fp8",), RECIPE: ("fp8", "nf4")}
 EMA_FILE, AE_FILE, DF11_FILE, CONFIG_FILE = "ema.safetensors", "ae.safetensors", "model.safetensors", "config.json"
 DF11_VAE = f"vae/{AE_FILE}"
 NF4_BLOCKSIZE = 64
@@ -102,33 +122,36 @@ def declares_df11(path: Path) -> bool:
 
 
 def ema_format(ema: SafetensorsHeader) -> str:
-    """"bf16" (plain floats, or no declaration), "int8" or "nf4": the ``bagel_rt.format`` metadata of ``ema``."""
+    """"bf16" (plain floats, or no declaration) or one of :data:`QUANTIZED`: the ``bagel_rt.format`` metadata of
+    ``ema``."""
     fmt = ema.metadata.get("bagel_rt.format", "bf16")
     if fmt in _PLAIN:
         return "bf16"
-    if fmt not in ("int8", "nf4"):
+    if fmt not in QUANTIZED:
         raise CheckpointError(f"{ema.path}: unknown weight format {fmt!r} in its metadata (bagel_rt.format); "
-                              "this version reads bf16, int8, nf4 and df11")
+                              f"this version reads bf16, {', '.join(QUANTIZED)} and df11")
     return fmt
 
 
 def checkpoint_format(path: Path) -> str:
-    """The weight format the checkpoint directory ``path`` declares: "bf16" (plain floats), "int8", "nf4" or
-    "df11" (:func:`declares_df11`, else :func:`ema_format`). Never guessed from file or directory names."""
+    """The weight format the checkpoint directory ``path`` declares: "bf16" (plain floats), one of
+    :data:`QUANTIZED` or "df11" (:func:`declares_df11`, else :func:`ema_format`). Never guessed from file or
+    directory names."""
     return "df11" if declares_df11(path) else ema_format(read_header(path / EMA_FILE))
 
 
 def resolve_weights(stored: str, weights: str, path: Path) -> str:
     """The format the model will hold, given what the checkpoint stores and what was asked for.
 
-    "auto" = what is stored; a bf16 checkpoint can be quantized to int8/nf4 as it loads; a df11 checkpoint
+    "auto" = what is stored; a bf16 checkpoint can be quantized to int8/nf4/fp8/the recipe as it loads; a df11
+    checkpoint
     decodes to exact bf16 (and so can also be quantized); quantized weights cannot be turned back.
     """
     if weights not in WEIGHTS:
         raise InputError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if weights in ("auto", stored):
         return stored
-    if stored in ("bf16", "df11") and weights in ("int8", "nf4", "bf16"):
+    if stored in ("bf16", "df11") and weights in (*QUANTIZED, "bf16"):
         return weights
     if weights == "df11":
         raise CheckpointError(f"{path}: holds {stored} weights; DFloat11 weights need a DFloat11 checkpoint "
@@ -169,9 +192,50 @@ def quant_plan(model: nn.Module, fmt: str, skip: Iterable[str] = (), blocksize: 
     return chosen, kept
 
 
+def linear_formats(model: nn.Module, fmt: str, skip: Iterable[str] = (), blocksize: int = NF4_BLOCKSIZE
+                   ) -> tuple[dict[str, str], dict[str, str]]:
+    """The Linears of ``model`` that ``fmt`` (one of :data:`QUANTIZED`) quantizes, each with its own format
+    ("int8", "nf4" or "fp8"), and the others with the reason they stay as stored."""
+    if fmt not in LLM_FORMATS:
+        chosen, kept = quant_plan(model, fmt, skip, blocksize)
+        return dict.fromkeys(chosen, fmt), kept
+    rx = _compile_skip(skip)
+    gen, und, head = LLM_FORMATS[fmt]
+    llm = re.compile(r"language_model\.model\.layers\.\d+\.(" + "|".join(map(re.escape, _LLM_LINEARS)) + ")")
+    out, kept = {}, {}
+    for name, lin in _linears(model).items():
+        f = None
+        if name == "language_model.lm_head":
+            f = head
+        elif llm.fullmatch(name):
+            f = gen if "_moe_gen" in name else und
+        if f is None:  # not an LLM Linear: stays as stored (bagel_rt.llm_formats says what is quantized)
+            continue
+        if any(r.search(f"{name}.weight") for r in rx):
+            kept[name] = "skip pattern"
+        elif f == "nf4" and lin.in_features % blocksize:
+            kept[name] = f"in_features {lin.in_features} is not a multiple of the block size {blocksize}"
+        else:
+            out[name] = f
+    return out, kept
+
+
+def quantize_in_place(model: nn.Module, fmt: str, skip: Iterable[str] = ()) -> dict[str, str]:
+    """Swaps the Linears :func:`linear_formats` chooses for ``fmt`` by their quantized modules, from the float
+    weights already in ``model`` (e.g. a random-weight model); returns that choice."""
+    plan = linear_formats(model, fmt, skip)[0]
+    for f in sorted(set(plan.values())):
+        quantize_model(model, f, filter_fn=lambda mod, name, f=f: plan.get(name) == f)
+    return plan
+
+
 def quantized_specs(name: str, out_features: int, in_features: int, fmt: str, double_quant: bool = False,
                     blocksize: int = NF4_BLOCKSIZE) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The bitsandbytes tensors of the quantized Linear ``name``: key -> (shape, safetensors dtype); -1 = any."""
+    """The tensors of the Linear ``name`` quantized to ``fmt`` ("int8" / "nf4": bitsandbytes; "fp8"):
+    key -> (shape, safetensors dtype); -1 = any."""
+    if fmt == "fp8":
+        return {f"{name}.weight": ((out_features, in_features), "F8_E4M3"),
+                f"{name}.weight_scale": ((out_features, 1), "F32")}
     if fmt == "int8":
         return {f"{name}.weight": ((out_features, in_features), "I8"), f"{name}.SCB": ((out_features,), "F32"),
                 f"{name}.weight_format": ((), "U8")}
@@ -189,19 +253,21 @@ def quantized_specs(name: str, out_features: int, in_features: int, fmt: str, do
 
 def quantize_linear(name: str, weight: Tensor, fmt: str, double_quant: bool = False,
                     blocksize: int = NF4_BLOCKSIZE, chunk_elements: int = _CHUNK_ELEMENTS) -> dict[str, Tensor]:
-    """The bitsandbytes tensors of Linear ``name`` with ``weight`` [N, K], computed on the weight's device.
+    """The tensors of Linear ``name`` with ``weight`` [N, K] quantized to ``fmt`` ("int8", "nf4", "fp8"),
+    computed on the weight's device.
 
     Works through row chunks of at most ``chunk_elements`` weights (bounded temporary memory) and gives the same
-    tensors as ``int8_state`` / ``nf4_state`` of the whole weight: INT8 scales are per row, and NF4 blocks never
-    straddle rows because ``K`` is a multiple of the block size.
+    tensors as ``int8_state`` / ``nf4_state`` / ``fp8_state`` of the whole weight: INT8 and FP8 scales are per
+    row, and NF4 blocks never straddle rows because ``K`` is a multiple of the block size.
     """
     N, K = weight.shape
     rows = max(1, chunk_elements // K)
     chunks = [weight[r: r + rows] for r in range(0, N, rows)]
-    if fmt == "int8":
-        parts = [int8_state(name, c) for c in chunks]
-        out = {k: torch.cat([p[k] for p in parts]) for k in (f"{name}.weight", f"{name}.SCB")}
-        out[f"{name}.weight_format"] = parts[0][f"{name}.weight_format"]
+    if fmt in ("int8", "fp8"):
+        parts = [(int8_state if fmt == "int8" else fp8_state)(name, c) for c in chunks]
+        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if parts[0][k].ndim}
+        if fmt == "int8":
+            out[f"{name}.weight_format"] = parts[0][f"{name}.weight_format"]
         return out
     if K % blocksize:
         raise ValueError(f"NF4 needs in_features ({K}) of {name!r} to be a multiple of the block size {blocksize}")

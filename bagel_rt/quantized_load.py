@@ -1,4 +1,5 @@
-"""Loading compressed checkpoints (INT8, NF4, DFloat11) and quantizing bf16 ones as they load.
+"""Loading compressed checkpoints (INT8, NF4, FP8, the FP8/NF4 recipe, DFloat11) and quantizing bf16 ones as they
+load.
 
 The layouts, the quantization plan and the per-Linear quantizer are in :mod:`bagel_rt.quantized`; this module
 checks a checkpoint's tensors against what the model expects (every problem named by file and key), streams
@@ -28,22 +29,26 @@ from .checkpoint import (
 from .errors import CheckpointError
 from .quant import (
     DF11Config,
+    FP8Linear,
     Int8Linear,
     NF4Linear,
     df11_decode,
     df11_decode_ref,
     df11_pattern_units,
+    load_fp8,
     load_int8,
     load_nf4,
 )
 from .quant.df11_decode import BUFFER_NAMES
+from .quant.fp8_matmul import FP8
 from .quantized import (
     CONFIG_FILE,
     EMA_FILE,
+    LINEAR_FORMATS,
     NF4_BLOCKSIZE,
     _linears,
     _shape_ok,
-    quant_plan,
+    linear_formats,
     quantize_linear,
     quantized_specs,
 )
@@ -143,11 +148,13 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
                  skip: Sequence[str] = (), progress=None, df11_resident: bool = False) -> None:
     """Fill ``model`` (built on the meta device) from the checkpoint ``path`` holding ``stored`` weights.
 
-    fmt: what the model holds (see :func:`resolve_weights`): "int8"/"nf4" swap the quantized Linears for
-    ``Int8Linear``/``NF4Linear`` (those quantized in the file, or :func:`quant_plan`'s choice with ``skip`` when
-    quantizing a bf16/df11 checkpoint as it loads, tensor by tensor on ``device``); "bf16"/"df11" keep the modules
-    (DF11 units decoded once, with the Triton kernel on CUDA), unless ``df11_resident``: then the units stay
-    compressed on ``device`` and each is decoded into one shared buffer just before its module runs (bf16 only).
+    fmt: what the model holds (see :func:`resolve_weights`): "int8"/"nf4"/"fp8"/"fp8-gen-nf4-und" swap the
+    quantized Linears for ``Int8Linear``/``NF4Linear``/``FP8Linear`` (those quantized in the file, each by its own
+    tensors, or :func:`linear_formats`' choice with ``skip`` when quantizing a bf16/df11 checkpoint as it loads,
+    tensor by tensor on ``device``: no bf16 copy of a quantized weight outlives its own quantization);
+    "bf16"/"df11" keep the modules (DF11 units decoded once, with the Triton kernel on CUDA), unless
+    ``df11_resident``: then the units stay compressed on ``device`` and each is decoded into one shared buffer just
+    before its module runs (bf16 only).
     Float tensors go to ``dtype``; quantization side tensors keep theirs. ``progress``: callable(bytes read).
     Every key and shape is checked before any data is read (:class:`CheckpointError` names file and key).
     """
@@ -164,20 +171,19 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
     swaps: dict[str, str] = {}  # Linear -> the format it holds
     double: set[str] = set()  # NF4 Linears stored with double quantization
     blocksize = NF4_BLOCKSIZE
-    if stored in ("int8", "nf4"):  # a Linear is quantized when the file holds its quantization side tensors
+    if stored in LINEAR_FORMATS:  # a Linear is quantized when the file holds its quantization side tensors
         blocksize = int(ema.metadata.get("bagel_rt.blocksize", NF4_BLOCKSIZE))
         for x, lin in linears.items():
-            w = found.get(f"{x}.weight")
-            side = [k for k in quantized_specs(x, 1, 1, stored, True) if k != f"{x}.weight"]
-            if any(k in found for k in side) or (w is not None and w.tensors[f"{x}.weight"].dtype not in _FLOAT):
-                swaps[x] = stored
+            f = _stored_linear_format(x, found, LINEAR_FORMATS[stored])
+            if f is not None:
+                swaps[x] = f
                 if f"{x}.weight.nested_absmax" in found:
                     double.add(x)
                 del expected[f"{x}.weight"]
-                specs = quantized_specs(x, lin.out_features, lin.in_features, stored, x in double, blocksize)
+                specs = quantized_specs(x, lin.out_features, lin.in_features, f, x in double, blocksize)
                 expected.update({k: _Spec(s, d) for k, (s, d) in specs.items()})
-    elif fmt in ("int8", "nf4"):
-        swaps = dict.fromkeys(quant_plan(model, fmt, skip)[0], fmt)
+    elif fmt in LINEAR_FORMATS:
+        swaps = linear_formats(model, fmt, skip)[0]
     _check_tensors(found, expected, where,
                    f"a {stored} BAGEL model with the sizes of llm_config.json/vit_config.json")
 
@@ -186,21 +192,23 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
         parent, _, attr = x.rpartition(".")
         try:
             new = (Int8Linear(k, n, bias, device="meta") if f == "int8"
+                   else FP8Linear(k, n, bias, dtype, "meta") if f == "fp8"
                    else NF4Linear(k, n, bias, blocksize, dtype, "meta"))
         except ValueError as e:
             raise CheckpointError(f"{where}: {x}: {e}") from None
         setattr(model.get_submodule(parent), attr, new)
 
-    to_quantize = {} if stored in ("int8", "nf4") else {f"{x}.weight": x for x in swaps}
+    to_quantize = {} if stored in LINEAR_FORMATS else {f"{x}.weight": x for x in swaps}
     resident = _ResidentUnits(device) if df11_resident else None
     state: dict[str, Tensor] = {}
     for key, t in _stream(found, units, shapes, device, progress, resident, model):
         if key in to_quantize:
-            q = quantize_linear(to_quantize[key], t, fmt, blocksize=blocksize)
+            q = quantize_linear(to_quantize[key], t, swaps[to_quantize[key]], blocksize=blocksize)
             state.update((k, v.to(device)) for k, v in q.items())  # the small side tensors start on the CPU
         else:
             # the model's own tensors go to dtype; quantization side tensors (SCB, absmax, ...) keep theirs
-            state[key] = t.to(dtype) if key in shapes and t.is_floating_point() and t.dtype != dtype else t
+            cast = key in shapes and t.is_floating_point() and t.dtype != dtype and t.dtype != FP8
+            state[key] = t.to(dtype) if cast else t
 
     for x, f in swaps.items():
         mod = model.get_submodule(x)
@@ -211,6 +219,8 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
                 load_int8(x, group)  # validates
                 mod.weight, mod.SCB = group[f"{x}.weight"], group[f"{x}.SCB"]
                 mod.weight_format = group[f"{x}.weight_format"]
+            elif f == "fp8":
+                mod.set_weights(load_fp8(x, group))
             else:
                 mod.set_weights(load_nf4(x, group))
         except ValueError as e:
@@ -219,6 +229,25 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
             mod.bias = state.pop(f"{x}.bias")
     result = model.load_state_dict(state, strict=False, assign=True)
     assert not result.unexpected_keys and all(k.rpartition(".")[0] in swaps for k in result.missing_keys), result
+
+
+#: the Linear format a quantized weight's own dtype implies
+_WEIGHT_DTYPE_FORMAT = {"I8": "int8", "U8": "nf4", "F8_E4M3": "fp8"}
+
+
+def _stored_linear_format(x: str, found: dict[str, SafetensorsHeader], allowed: tuple[str, ...]) -> str | None:
+    """The format (one of ``allowed``) the file stores the Linear ``x`` in: the one whose side tensors it holds,
+    else the one its weight's non-float dtype implies; None for a plain float weight. A weight whose dtype fits
+    none of ``allowed`` gets ``allowed[0]``, so the key check reports its dtype."""
+    for f in allowed:
+        if any(k in found for k in quantized_specs(x, 1, 1, f, True) if k != f"{x}.weight"):
+            return f
+    w = found.get(f"{x}.weight")
+    dtype = w.tensors[f"{x}.weight"].dtype if w is not None else None
+    if dtype is None or dtype in _FLOAT:
+        return None
+    f = _WEIGHT_DTYPE_FORMAT.get(dtype)
+    return f if f in allowed else allowed[0]
 
 
 def _stream(found: dict[str, SafetensorsHeader], units: dict[str, list[str]],

@@ -271,8 +271,8 @@ class Session:
             resident = self.bagel.df11_resident  # decode kernels not validated inside a graph capture yet
             x = denoise_packed(self.model, ctxs, noise, h, w, num_timesteps, timestep_shift, cfg,
                                use_graphs=self.bagel.use_graphs and not resident, on_step=on_step,
-                               cache=self.bagel.fast_cache, fp8=self.bagel.fp8_weights(),
-                               mlp_chunks=4 if self.bagel.offload else 1, run_hooks=resident,
+                               cache=self.bagel.fast_cache, mlp_chunks=4 if self.bagel.offload else 1,
+                               run_hooks=resident,
                                attention=self.bagel.attention, step_cache=step_cache, **dedup)
         else:
             vel = lambda branch, x, t: self.model.velocity(ctxs[branch], x, t, h, w)

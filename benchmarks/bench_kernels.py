@@ -244,6 +244,39 @@ def cases_fp8_gemm(K):
         }, (2 * M * N * Kd, "flop_gemm")
 
 
+def cases_int8_w8a8(K):
+    """INT8 W8A8 at the generation expert's shapes for 2 CFG branches (M = 8196): our Triton GEMM (int8 tl.dot,
+    scales and bias in the epilogue) against cuBLAS's int8 GEMM (torch._int_mm) alone and with the eager
+    epilogue it needs, and the bf16 GEMM with its bias; plus the per-token INT8 quantizer feeding it."""
+    from bagel_rt.quant import int8, int8_w8a8_matmul
+
+    M = 2 * M_GEN
+    for name, N, Kd in (("o", HIDDEN, HIDDEN), ("k", HK * D, HIDDEN), ("gate_up", 2 * FFN, HIDDEN),
+                        ("up", FFN, HIDDEN), ("down", HIDDEN, FFN)):
+        x, w, b = randn(M, Kd), randn(N, Kd, scale=0.02), randn(N, scale=0.1)
+        qw = int8.quantize(w)
+        wq, ws = qw.qweight, qw.scale
+        xq, xs = K.quantize_rows_int8(x)
+
+        def int_mm_epilogue(xq=xq, xs=xs, wq=wq, ws=ws, b=b):
+            return (torch._int_mm(xq, wq.t()).float() * xs * ws + b.float()).to(BF16)
+
+        yield "int8_w8a8", {"proj": name, "M": M, "N": N, "K": Kd}, {
+            "triton": lambda xq=xq, xs=xs, wq=wq, ws=ws, b=b: int8_w8a8_matmul(xq, xs, wq, ws, b, BF16),
+            "triton+quant": lambda x=x, wq=wq, ws=ws, b=b: int8_w8a8_matmul(*K.quantize_rows_int8(x), wq, ws, b,
+                                                                             BF16),
+            "int_mm": lambda xq=xq, wq=wq: torch._int_mm(xq, wq.t()),
+            "int_mm+epilogue": int_mm_epilogue,
+            "bf16": lambda x=x, w=w, b=b: torch.nn.functional.linear(x, w, b),
+        }, (2 * M * N * Kd, "flop_gemm")
+    for Kd in (HIDDEN, FFN):
+        x = randn(M, Kd, scale=3.0)
+        yield "quantize_rows_int8", {"M": M, "K": Kd}, {
+            "triton": lambda x=x: K.quantize_rows_int8(x),
+            "eager": lambda x=x: K.quantize_rows_int8_ref(x),
+        }, M * Kd * 3
+
+
 def cases_gemv(K):
     for name, N, Kd in (("qkv", HIDDEN + 2 * HK * D, HIDDEN), ("o", HIDDEN, HIDDEN), ("down", HIDDEN, FFN),
                         ("lm_head", 152064, HIDDEN)):
@@ -259,6 +292,22 @@ def cases_gemv(K):
     }, 2 * FFN * HIDDEN * 2
 
 
+def cases_fp8_gemv(K):
+    """FP8 weight-only GEMV (decode from FP8 weights: one byte per weight) against the bf16 GEMV and cuBLAS."""
+    from bagel_rt.quant import fp8
+    from bagel_rt.quant.fp8_matmul import fp8_gemv
+
+    for name, N, Kd in (("qkv", HIDDEN + 2 * HK * D, HIDDEN), ("o", HIDDEN, HIDDEN), ("down", HIDDEN, FFN),
+                        ("lm_head", 152064, HIDDEN)):
+        x, w = randn(1, Kd), randn(N, Kd, scale=0.02)
+        q = fp8.quantize(w)
+        yield "fp8_gemv", {"proj": name, "N": N, "K": Kd}, {
+            "triton": lambda x=x, q=q: fp8_gemv(x, q.qweight, q.scale),
+            "bf16_gemv": lambda x=x, w=w: K.gemv(x, w),
+            "cublas": lambda x=x, w=w: torch.nn.functional.linear(x, w),
+        }, N * Kd
+
+
 GROUPS = {
     "rms_norm": cases_rms_norm,
     "qk_norm_rope": cases_qk_norm_rope,
@@ -268,6 +317,8 @@ GROUPS = {
     "fp8_quant": cases_fp8_quant,
     "fp8_gemm": cases_fp8_gemm,
     "gemv": cases_gemv,
+    "int8_w8a8": cases_int8_w8a8,
+    "fp8_gemv": cases_fp8_gemv,
 }
 
 

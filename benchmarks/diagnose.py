@@ -304,7 +304,7 @@ def denoiser_ab(pipe, size, which: str, rounds: int = 1):
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     lat[name] = denoise_packed(pipe.model, ctxs, noise, h, w, 50, 3.0, cfg, cache=cache,
-                                               attention=pipe.attention, fp8=pipe.fp8_weights(), **options,
+                                               attention=pipe.attention, **options,
                                                **dedup)
                     torch.cuda.synchronize()
                     (out["first_loop_s"] if i == 0 else out["warm_loop_s"])[f"{task}/{name}"].append(

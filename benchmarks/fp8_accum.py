@@ -15,7 +15,7 @@ import time
 import torch
 
 from bagel_rt.bench import environment
-from bagel_rt.fp8 import gen_expert_fp8
+from bagel_rt.compute import gen_linears
 from bagel_rt.random_weights import random_bagel
 
 PROMPT = "A red bagel on a white plate, studio light."
@@ -29,12 +29,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     a = ap.parse_args()
     pipe = random_bagel("bagel-7b-mot", device="cuda", backend="triton")
+    pipe.keep_bf16 = True  # back to bf16 after the FP8 variants
     env = environment(a.commit)
     out, ref = [], None
     for variant in ("bf16", "fp8", "fp8_fast_accum"):
         pipe.compute = "bf16" if variant == "bf16" else "fp8"
-        if variant != "bf16":
-            pipe._fp8 = gen_expert_fp8(pipe.model, fast_accum=variant == "fp8_fast_accum")
+        for _, _, mod in gen_linears(pipe.model):
+            if variant != "bf16":
+                mod.fast_accum = variant == "fp8_fast_accum"
         pipe.fast_cache.clear()
         pipe.generate("warm up", image_shapes=(a.size, a.size), num_timesteps=a.steps, seed=1)
         torch.cuda.synchronize()

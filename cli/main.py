@@ -22,7 +22,7 @@ from bagel_rt.convert import convert_checkpoint
 from bagel_rt.errors import InputError
 from bagel_rt.info import _human, checkpoint_info, format_info
 from bagel_rt.pipeline import ASPECT_PRESETS, open_image
-from bagel_rt.quantized import FORMATS
+from bagel_rt.quantized import FORMATS, LLM_FORMATS, quantize_in_place
 from bagel_rt.tiny import write_tiny_checkpoint
 
 from .options import (
@@ -165,7 +165,8 @@ def init_tiny(directory: Path, seed: int, overwrite: bool):
 def info(directory: Path, as_json: bool):
     """Say what the checkpoint in DIRECTORY holds, from file headers only (no weights are loaded).
 
-    Format (bf16 / int8 / nf4 / df11), files and sizes, tensor and parameter counts per component, the
+    Format (bf16 / int8 / nf4 / fp8 / fp8-gen-nf4-und / df11) and the format of each part (ViT, connector, und
+    and gen experts, lm_head, VAE), files and sizes, tensor and parameter counts per component, the
     hyper-parameters, and an estimate of the GPU memory that bf16 inference at 1024x1024 needs.
     """
     d = checkpoint_info(directory)
@@ -177,19 +178,21 @@ def info(directory: Path, as_json: bool):
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
               help="int8: per-row absmax (bitsandbytes Linear8bitLt layout); nf4: 4-bit NormalFloat, blocks of 64 "
-                   "(bitsandbytes Linear4bit layout); df11: DFloat11, lossless (the DFloat11/BAGEL-7B-MoT-DF11 "
-                   "layout).")
+                   "(bitsandbytes Linear4bit layout); fp8: e4m3 with one fp32 scale per output channel for the "
+                   "LLM Linears of both experts and lm_head (W8A8 on FP8 tensor cores, weight-only below compute "
+                   "capability 8.9); fp8-gen-nf4-und: the 12 GB recipe, generation expert fp8, understanding "
+                   "expert and lm_head nf4; df11: DFloat11, lossless (the DFloat11/BAGEL-7B-MoT-DF11 layout).")
 @click.option("--skip", multiple=True, metavar="PATTERN",
               help="Keep the Linear weights whose tensor name matches this regular expression (re.search) in "
                    "bf16; repeatable. Example: --skip lm_head --skip 'vit_model\\.'.")
 @click.option("--double-quant", is_flag=True,
-              help="NF4: also quantize the per-block scales (bitsandbytes compress_statistics; ~0.4 bit/weight "
-                   "less).")
+              help="NF4 Linears: also quantize the per-block scales (bitsandbytes compress_statistics; ~0.4 "
+                   "bit/weight less).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (refused otherwise).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar (stderr).")
 def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant: bool, overwrite: bool,
              no_progress: bool):
-    """Convert the bf16 checkpoint SRC to int8, nf4 or df11 in the new directory DST.
+    """Convert the bf16 checkpoint SRC to int8, nf4, fp8, fp8-gen-nf4-und or df11 in the new directory DST.
 
     Tensor by tensor from the memory-mapped source (bounded memory); DST is written under a temporary name and
     renamed when complete. Which Linear weights are quantized, and which stay bf16 and why, is recorded in the
@@ -225,12 +228,16 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
 @click.option("--commit", default=None, help="Commit id to record (default: git rev-parse HEAD).")
 @click.option("--device", default=None, callback=_check_device, show_default="cuda if available, else cpu")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16")
-@click.option("--compute", type=click.Choice(["bf16", "fp8"]), default="bf16",
-              help="Denoising GEMM precision on the triton backend; fp8 is opt-in and approximate.")
+@click.option("--compute", type=click.Choice(["auto", "bf16", "fp8", "int8"]), default="auto",
+              help="Denoising GEMM precision of the generation expert (auto: what the weights compute); fp8 and "
+                   "int8 are approximate (with --compare-torch, fp8 keeps the bf16 weights for the torch run).")
 @click.option("--attention", type=click.Choice(["auto", "triton", "cudnn"]), default="auto",
               help="Latent attention of the triton backend's denoiser (auto: cudnn on Hopper, else triton).")
 @click.option("--weights", type=click.Choice(["auto", "int8", "nf4"]), default="auto",
               help="Quantize the LLM's Linears to int8/nf4 (on load for --model, in place for --random-weights).")
+@click.option("--taylorseer", is_flag=True,
+              help="Image tasks with step caching (official TaylorSeer settings); rows carry step_cache and "
+                   "full_evaluations.")
 @click.option("--taylorseer", is_flag=True,
               help="Image tasks with step caching (official TaylorSeer settings); rows carry step_cache and "
                    "full_evaluations.")
@@ -261,13 +268,18 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
             from bagel_rt.quant import quantize_model
 
             try:
-                quantize_model(pipe.model.language_model, weights)
+                if weights in LLM_FORMATS:
+                    quantize_in_place(pipe.model, weights)
+                else:
+                    quantize_model(pipe.model.language_model, weights)
             except ValueError as e:
                 raise InputError(f"cannot quantize the random model to {weights}: {e}") from None
             pipe.weights = weights
     else:
         pipe = bagel_rt.load(model_dir, device=dev, dtype=DTYPES[dtype], backend=backend, weights=weights)
-    pipe.compute = compute
+    pipe.keep_bf16 = compare_torch  # the torch comparison runs the exact bf16 path
+    if compute != "auto":
+        pipe.compute = compute
     pipe.attention = attention
     rows = run_bench(pipe, task_list, size=size, steps=steps, runs=runs, warmup=warmup, tokens=tokens,
                      compare_torch=compare_torch, weights=pipe.weights, commit=commit,

@@ -112,10 +112,13 @@ model_options = _options(
                       "auto: triton on CUDA, torch elsewhere."),
     click.option("--weights", type=click.Choice(WEIGHTS), default="auto",
                  help="Weight format to run with. auto: what the checkpoint holds (declared in its files); "
-                      "int8/nf4 on a bf16 (or df11) checkpoint: quantize as it loads; bf16 from df11: decode."),
-    click.option("--compute", type=click.Choice(["bf16", "fp8"]), default="bf16",
-                 help="Denoising GEMM precision (triton backend). fp8 is opt-in and approximate: FP8 "
-                      "generation-expert GEMMs with per-token activation scales (Ada/Hopper GPUs)."),
+                      "int8/nf4/fp8/fp8-gen-nf4-und on a bf16 (or df11) checkpoint: quantize as it loads; bf16 "
+                      "from df11: decode."),
+    click.option("--compute", type=click.Choice(["auto", "bf16", "fp8", "int8"]), default="auto",
+                 help="Denoising GEMM precision of the generation expert. auto: what the weights compute (FP8 "
+                      "weights in FP8 on Ada/Hopper, else bf16); fp8 (Ada/Hopper) and int8 (INT8 weights) are "
+                      "approximate W8A8 with per-token activation scales; fp8 on bf16 weights drops their bf16 "
+                      "copies."),
     click.option("--attention", type=click.Choice(["auto", "triton", "cudnn"]), default="auto",
                  help="Latent attention of the triton backend's denoiser: cudnn (cuDNN fused attention via "
                       "PyTorch SDPA), triton (bagel-rt's kernel) or auto (cudnn on Hopper, else triton)."),

@@ -4,6 +4,7 @@ from .attention import varlen_attention, varlen_attention_ref
 from .cfg_euler import cfg_euler, cfg_euler_ref
 from .fp8_quant import quantize_rows_fp8, quantize_rows_fp8_ref
 from .gemv import gemv, gemv_ref, gemv_swiglu, gemv_swiglu_ref
+from .int8_quant import quantize_rows_int8, quantize_rows_int8_ref
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from .qkv_rope_cache import qkv_rope_cache, qkv_rope_cache_ref
 from .rms_norm import (
@@ -35,6 +36,8 @@ __all__ = [
     "qkv_rope_cache_ref",
     "quantize_rows_fp8",
     "quantize_rows_fp8_ref",
+    "quantize_rows_int8",
+    "quantize_rows_int8_ref",
     "rms_norm",
     "rms_norm_fp8",
     "rms_norm_fp8_ref",

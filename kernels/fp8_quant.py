@@ -1,6 +1,6 @@
 """Per-token (row) FP8 e4m3 quantization of GEMM activations: one read of x, one write of fp8 + scales.
 
-Feeds the opt-in FP8 GEMMs of the generation expert (:mod:`bagel_rt.fp8`): ``x ≈ q * scale`` with
+Feeds the opt-in FP8 GEMMs of the generation expert (:mod:`bagel_rt.quant.fp8`): ``x ≈ q * scale`` with
 ``scale = max(row absmax * fp32(1/448), 1e-12)``. Kept because it removes passes over memory: the eager twin
 converts x to fp32, takes abs, reduces, divides and casts (five full passes, two of them in fp32, at M ≈ 8k
 rows and up to 18944 columns per GEMM input); the kernel reads each row twice and writes one byte per
@@ -98,16 +98,22 @@ def fp8_codes(b_x, b_inv):
 
 
 @triton.jit
-def _quantize_rows_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.constexpr):
-    i_m = tl.program_id(0).to(tl.int64)
-    p_x = x + i_m * stride_x
-    # pass 1: row absmax in fp32
+def row_absmax(p_x, K, BLOCK_K: tl.constexpr):
+    """fp32 absmax of the K values at ``p_x`` (one pass, BLOCK_K at a time)."""
     b_amax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         b_x = tl.load(p_x + o_k, mask=o_k < K, other=0.0).to(tl.float32)
         b_amax = tl.maximum(b_amax, tl.abs(b_x))
-    scale = fp8_row_scale(tl.max(b_amax, axis=0))
+    return tl.max(b_amax, axis=0)
+
+
+@triton.jit
+def _quantize_rows_kernel(x, q, s, stride_x, stride_q, K, BLOCK_K: tl.constexpr):
+    i_m = tl.program_id(0).to(tl.int64)
+    p_x = x + i_m * stride_x
+    # pass 1: row absmax in fp32
+    scale = fp8_row_scale(row_absmax(p_x, K, BLOCK_K))
     tl.store(s + i_m, scale)
     b_inv = tl.zeros([BLOCK_K], dtype=tl.float32) + fp8_row_inv(scale)
     # pass 2: scale and round to e4m3

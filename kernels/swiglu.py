@@ -1,7 +1,7 @@
 """SwiGLU activation of the MLP: silu(gate) * up, computed in fp32, one rounding to the input dtype.
 
 :func:`swiglu_fp8` writes the activation straight as the FP8 rows of the down projection's FP8 GEMM (opt-in
-FP8 compute, :mod:`bagel_rt.fp8`).
+FP8 compute, :mod:`bagel_rt.quant.fp8`).
 """
 
 from __future__ import annotations

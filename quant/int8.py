@@ -7,14 +7,21 @@ Per output channel (row ``n`` of a ``[N, K]`` weight): ``absmax[n] = max|w[n, :]
 On disk, a Linear named ``X`` is ``X.weight`` (int8 ``[N, K]``), ``X.SCB`` (fp32 ``[N]`` = absmax) and
 ``X.weight_format`` (uint8 scalar 0 = "row"): the keys bitsandbytes reads and writes. ``Int8Linear`` holds
 buffers with exactly those names, so ``model.state_dict()`` of a quantized model is that checkpoint.
+
+INT8 compute (W8A8, opt-in: :func:`enable_int8_compute`): with ``Int8Linear.w8a8`` set, ``act_format`` is
+"int8" and the forward of more than ``ROWS_MAX_M`` rows quantizes its input per token
+(``bagel_rt.kernels.quantize_rows_int8``) and runs the INT8 tensor-core GEMM of :mod:`quant.int8_w8a8`, both
+scales and the bias in its epilogue; a few rows (decode, memory bound) keep the weight-only GEMV.
 """
 
 from dataclasses import dataclass
 
 import torch
+from bagel_rt.kernels import quantize_rows_int8, quantize_rows_int8_ref
 from torch import Tensor, nn
 
-from .matmul import int8_matmul, int8_matmul_ref
+from .int8_w8a8 import int8_w8a8_matmul, int8_w8a8_matmul_ref
+from .matmul import ROWS_MAX_M, int8_dequant, int8_matmul, int8_matmul_ref
 
 __all__ = [
     "Int8Config",
@@ -24,6 +31,7 @@ __all__ = [
     "dequantize",
     "int8_state",
     "load_int8",
+    "enable_int8_compute",
 ]
 
 
@@ -103,7 +111,7 @@ class Int8Linear(nn.Module):
     ``bias``.
 
     ``use_kernel``: ``None`` = the Triton kernel on CUDA inputs and the reference elsewhere; ``True``/``False``
-    force it.
+    force it. ``w8a8``: INT8 compute (see :func:`enable_int8_compute`), off by default.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
@@ -117,6 +125,7 @@ class Int8Linear(nn.Module):
         else:
             self.bias = None
         self.use_kernel: bool | None = None
+        self.w8a8 = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -132,18 +141,50 @@ class Int8Linear(nn.Module):
     def weights(self) -> Int8Weights:
         return Int8Weights(qweight=self.weight, scale=self.SCB.float() / 127.0)
 
+    @property
+    def act_format(self) -> str | None:
+        """"int8" when INT8 compute is enabled (then ``forward_quantized`` is its GEMM), else None."""
+        return "int8" if self.w8a8 else None
+
+    def dense_weight(self, dtype: torch.dtype) -> Tensor:
+        """The dequantized weight [N, K] in ``dtype`` (Triton on CUDA, the reference elsewhere): for callers
+        that reuse it over several calls (row chunks of one product)."""
+        scale = self.SCB.float() / 127.0
+        if self.weight.is_cuda:
+            return int8_dequant(self.weight, scale, dtype)
+        return dequantize(Int8Weights(self.weight, scale), dtype)
+
+    def _use_kernel(self, x: Tensor) -> bool:
+        return x.is_cuda if self.use_kernel is None else self.use_kernel
+
+    def forward_quantized(self, xq: tuple[Tensor, Tensor], out_dtype: torch.dtype) -> Tensor:
+        """INT8 W8A8 GEMM of rows already quantized by ``quantize_rows_int8``: xq = (int8 [M, K], fp32 [M, 1])
+        -> [M, N] in ``out_dtype``, both scales and the bias applied in the GEMM epilogue."""
+        q, sx = xq
+        fn = int8_w8a8_matmul if self._use_kernel(q) else int8_w8a8_matmul_ref
+        return fn(q, sx, self.weight, self.SCB.float() / 127.0, self.bias, out_dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         scale = self.SCB.float() / 127.0
-        use_kernel = x.is_cuda if self.use_kernel is None else self.use_kernel
-        if use_kernel:
-            out = int8_matmul(x2, self.weight, scale)
-        else:
-            out = int8_matmul_ref(x2, self.weight, scale)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+        use_kernel = self._use_kernel(x)
+        if self.w8a8 and x2.shape[0] > ROWS_MAX_M:  # few rows: weight-only is memory-bound and as fast
+            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+            xq = quantize_rows_int8(x2) if use_kernel else quantize_rows_int8_ref(x2)
+            return self.forward_quantized(xq, x.dtype).reshape(*shape[:-1], self.out_features)
+        out = (int8_matmul if use_kernel else int8_matmul_ref)(x2, self.weight, scale, self.bias)
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def enable_int8_compute(model: nn.Module, enabled: bool = True) -> int:
+    """Switches INT8 W8A8 compute on (or off) for every ``Int8Linear`` of ``model``; returns how many.
+
+    Approximate (activations rounded to 8 bits per token), so opt-in: the weight-only path stays the default."""
+    mods = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    for m in mods:
+        m.w8a8 = enabled
+    return len(mods)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .matmul import nf4_matmul, nf4_matmul_ref
+from .matmul import nf4_dequant, nf4_dequant_ref, nf4_matmul, nf4_matmul_ref
 
 __all__ = [
     "NF4_CODE",
@@ -335,6 +335,14 @@ class NF4Linear(nn.Module):
         self.quant_map = q.quant_map.float()
         self.dtype = q.dtype
 
+    def dense_weight(self, dtype: torch.dtype) -> Tensor:
+        """The dequantized weight [N, K] in ``dtype`` (Triton on CUDA, the reference elsewhere): for callers
+        that reuse it over several calls (row chunks of one product)."""
+        shape = (self.out_features, self.in_features)
+        if self.weight.is_cuda:
+            return nf4_dequant(self.weight, self.absmax, self.blocksize, shape, self.quant_map, dtype)
+        return nf4_dequant_ref(self.weight, self.absmax, self.blocksize, shape, self.quant_map).to(dtype)
+
     def weights(self) -> NF4Weights:
         return NF4Weights(packed=self.weight, absmax=self.absmax, shape=(self.out_features, self.in_features),
                           dtype=self.dtype, blocksize=self.blocksize, quant_map=self.quant_map)
@@ -345,10 +353,8 @@ class NF4Linear(nn.Module):
         wshape = (self.out_features, self.in_features)
         use_kernel = x.is_cuda if self.use_kernel is None else self.use_kernel
         fn = nf4_matmul if use_kernel else nf4_matmul_ref
-        out = fn(x2, self.weight, self.absmax, self.blocksize, wshape, quant_map=self.quant_map)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*shape[:-1], self.out_features)
+        return fn(x2, self.weight, self.absmax, self.blocksize, wshape, quant_map=self.quant_map,
+                  bias=self.bias).reshape(*shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         name = prefix[:-1]

@@ -25,6 +25,14 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """The tiny checkpoint, written once per test module (modules may define their own)."""
+    from bagel_rt.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny")
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return GOLDEN

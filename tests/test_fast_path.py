@@ -67,6 +67,27 @@ def test_mlp_row_chunks_under_a_budget_match(pipes):
     assert rel_l2(b.latents, a.latents) < TOL
 
 
+def test_weight_only_mlp_chunks_dequantize_once_per_layer(tmp_path, monkeypatch):
+    """INT8 weights under a budget: the MLP's row chunks share one dequantized weight per Linear and layer
+    (not one per chunk), and the result matches the unchunked run."""
+    from bagel_rt.quant import Int8Linear
+
+    d = write_tiny_checkpoint(tmp_path / "tiny")
+    pipe = bagel_rt.load(d, device=DEV, dtype=torch.float32, backend="triton", weights="int8")
+    a = pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=3, seed=5)
+    calls = []
+    real = Int8Linear.dense_weight
+    monkeypatch.setattr(Int8Linear, "dense_weight", lambda self, dt: calls.append(id(self)) or real(self, dt))
+    pipe.offload = True
+    b = pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=3, seed=5)
+    layers = pipe.model.params.llm.num_layers
+    # 3 MLP Linears x layers x 2 forwards (3 timesteps = 2 steps): the gen rows are chunked (12 rows >= 8),
+    # the 2-4 marker rows are not
+    assert len(calls) == 3 * layers * 2, len(calls)
+    assert len(set(calls)) == 3 * layers  # the gen expert's gate/up/down of each layer
+    assert rel_l2(b.latents, a.latents) < TOL
+
+
 def test_cudnn_attention_is_refused_where_it_cannot_run(pipes):
     """Asking for cuDNN attention with fp32 weights (or on the CPU) is a clear error when it is set (at load
     from the CLI), not a deep traceback in the middle of a request."""

@@ -50,7 +50,8 @@ def test_cli_options_fail_cleanly_without_cuda(tmp_path):
     from click.testing import CliRunner
 
     d = write_tiny_checkpoint(tmp_path / "tiny")
-    for extra, msg in ((["--max-gpu-memory", "4"], "CUDA devices only"), (["--compute", "fp8"], "triton backend")):
+    cases = ((["--max-gpu-memory", "4"], "CUDA devices only"), (["--compute", "int8"], "needs INT8 weights"))
+    for extra, msg in cases:
         r = CliRunner().invoke(cli, ["generate", "x", "--model", str(d), "--height", "32", "--width", "32",
                                      "--steps", "2", "--no-progress", "-o", str(tmp_path / "o.png"), *extra])
         assert r.exit_code == 2 and msg in r.output and r.output.count("\n") <= 2, r.output

@@ -87,6 +87,22 @@ def test_matmuls_accept_strided_rows_and_reject_bad_k(monkeypatch):
         nf4_matmul(torch.randn(1, 96, device=DEVICE), q96.packed, q96.absmax, 64, (8, 96))
 
 
+@pytest.mark.parametrize("M", [1, 5, 20])
+def test_matmuls_with_bias_and_several_absmax_per_k_step(M):
+    """The bias rides in each path's epilogue; K = 256 lets the few-rows NF4 GEMM take two quantization blocks
+    per K step (BK 128 > blocksize 64); N = 40 leaves a partial column tile."""
+    x, w = make_case(M, 40, 256, torch.float16, seed=4)
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    qi, qn = int8.quantize(w.to(DEVICE)), nf4.quantize(w.to(DEVICE))
+    ref_i = int8_matmul_ref(x, qi.qweight, qi.scale, bias)
+    ref_n = nf4_matmul_ref(x, qn.packed, qn.absmax, 64, (40, 256), bias=bias)
+    assert rel_err(ref_i, int8_matmul_ref(x, qi.qweight, qi.scale)) > 1e-2  # the bias shows
+    for mode in ("gemv", "gemm", "dequant"):
+        assert rel_err(int8_matmul(x, qi.qweight, qi.scale, bias, mode=mode), ref_i) < TOL[torch.float16]
+        assert rel_err(nf4_matmul(x, qn.packed, qn.absmax, 64, (40, 256), bias=bias, mode=mode),
+                       ref_n) < 2 * TOL[torch.float16]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dequant_kernels(dtype):
     w = torch.randn(40, 192, generator=torch.Generator().manual_seed(3)).to(DEVICE)

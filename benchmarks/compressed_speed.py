@@ -1,0 +1,206 @@
+"""Compressed weights against bf16 **in one process**: request latency, ``vs_bf16``, deviation, where time goes.
+
+    python benchmarks/compressed_speed.py --out benchmarks/results/compressed_h200.jsonl \
+        [--formats bf16,int8,nf4,fp8,int8:int8] [--tasks t2i,edit,decode] [--steps 50] [--cap]
+        [--profile-steps 8] [--micro]
+
+Every format starts from the same random full-size model (same seed, built on the GPU) and quantizes the
+LLM's Linears of both experts + ``lm_head`` in place (what ``bagel-rt quantize`` does tensor by tensor), so
+the rows of one run share machine, clocks and weights: ``vs_bf16`` is this process's seconds over the bf16
+run's. ``--cap`` runs each compressed format under its card budget with memory placement (NF4 and the
+fp8-gen-nf4-und recipe 12 GiB, FP8 15.5 GiB, INT8 16 GiB, DF11 24 GiB). ``--profile-steps N`` adds the
+CUDA kernel time of an N-step denoising loop by
+kind; ``--micro`` times each Linear shape of the generation expert alone (bf16 cuBLAS vs the format's
+module, and the dequantization kernel alone). Deviation from bf16 on random weights is a proxy, not
+real-weight quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from diagnose import APP_CFG, _kind  # noqa: E402
+from quant_full_size import psnr  # noqa: E402
+
+from bagel_rt.bench import environment, test_image  # noqa: E402
+from bagel_rt.quantized import quantize_in_place  # noqa: E402
+from bagel_rt.random_weights import random_bagel  # noqa: E402
+
+CAPS = {"nf4": 12, "int8": 16, "df11": 24, "fp8": 15.5, "fp8-gen-nf4-und": 12}
+PROMPTS = {"t2i": "A red bagel on a white plate, studio light.", "edit": "Make the sky purple and add a moon."}
+GIB = 2**30
+
+
+def make_pipe(fmt: str):
+    """The random full-size model (seed 0) with its LLM Linears in ``fmt`` (bf16: as built)."""
+    pipe = random_bagel("bagel-7b-mot", device="cuda", backend="triton")
+    if fmt != "bf16":
+        quantize_in_place(pipe.model, fmt)  # the Linears a converted checkpoint quantizes
+        # quantizing 29 GB in place leaves the allocator fragmented (a real load quantizes tensor by tensor):
+        # a round trip through host memory packs the weights again
+        pipe.model.to("cpu")
+        gc.collect()
+        torch.cuda.empty_cache()
+        pipe.model.to("cuda")
+        pipe.weights = fmt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return pipe
+
+
+def request(pipe, task: str, size: int, steps: int, seed: int = 0, prof: bool = False):
+    """One app-defaults request: (seconds, final latents, image array, profiler or None)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    s = pipe.session(seed=seed)
+    if task == "edit":
+        s.add_image(test_image(size, size))
+    s.add_text(PROMPTS[task])
+    if prof:
+        with profile(activities=[ProfilerActivity.CUDA]) as p:
+            res = s.gen_image((size, size), APP_CFG[task], num_timesteps=steps)
+            torch.cuda.synchronize()
+    else:
+        p = None
+        res = s.gen_image((size, size), APP_CFG[task], num_timesteps=steps)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, res.latents, np.asarray(res.image), p
+
+
+def kernel_groups(p) -> dict:
+    groups, top = defaultdict(float), []
+    for e in p.key_averages():
+        t = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)) / 1000.0
+        if t:
+            groups[_kind(e.key.lower())] += t
+            top.append((round(t, 1), e.count, e.key[:80]))
+    return dict(kernel_ms={k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+                kernel_total_ms=round(sum(groups.values()), 1), top_kernels=sorted(top, reverse=True)[:15])
+
+
+def decode_rate(pipe, tokens: int = 256) -> float:
+    def once():
+        s = pipe.session(understanding_only=True, seed=0)
+        s.add_text("Describe a bagel in detail.")
+        return s.gen_text(tokens)
+
+    once()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    r = once()
+    torch.cuda.synchronize()
+    return len(r.token_ids) / (time.perf_counter() - t0)
+
+
+def micro(formats: list[str], rows: int = 8196) -> list[dict]:
+    """Each generation-expert Linear shape alone: bf16 cuBLAS vs the format's module forward (graph-free
+    ``do_bench``, allocations included), at the latent rows of a 2-branch 1024² step and at the marker rows."""
+    from bagel_rt.quant import Int8Linear, NF4Linear
+    from bagel_rt.quant.matmul import int8_dequant, nf4_dequant
+    from triton.testing import do_bench
+
+    out = []
+    shapes = {"q/o": (3584, 3584), "k/v": (512, 3584), "gate/up": (18944, 3584), "down": (3584, 18944)}
+    us = lambda fn, *args: round(do_bench(partial(fn, *args)) * 1e3, 1)  # noqa: E731
+    for m in (rows, 4, 6):
+        for name, (n, k) in shapes.items():
+            lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row = dict(shape=name, M=m, N=n, K=k, bf16_us=us(lin, x))
+            if "int8" in formats:
+                q = Int8Linear.from_linear(lin)
+                row.update(int8_us=us(q, x), int8_dequant_us=us(int8_dequant, q.weight, q.SCB / 127.0))
+            if "nf4" in formats:
+                q = NF4Linear.from_linear(lin)
+                row.update(nf4_us=us(q, x),
+                           nf4_dequant_us=us(nf4_dequant, q.weight, q.absmax, q.blocksize, (n, k), q.quant_map))
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--formats", default="bf16,int8,nf4")
+    ap.add_argument("--tasks", default="t2i,edit")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--cap", action="store_true", help="compressed formats under their card budgets")
+    ap.add_argument("--profile-steps", type=int, default=0)
+    ap.add_argument("--micro", action="store_true")
+    a = ap.parse_args()
+    env = environment(a.commit)
+    formats = a.formats.split(",")
+    tasks = a.tasks.split(",")
+
+    def emit(row):
+        print(json.dumps(row), flush=True)
+        with open(a.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    if a.micro:
+        for r in micro(formats):
+            emit(dict(diag="compressed_linear_micro", **r, **env))
+    ref: dict = {}
+    for spec in formats:  # "FORMAT" or "FORMAT:COMPUTE" (e.g. int8:int8 for INT8 W8A8, bf16:fp8)
+        fmt, _, compute = spec.partition(":")
+        pipe = make_pipe(fmt)
+        if compute:
+            pipe.compute = compute
+        cap = CAPS.get(fmt) if a.cap else None
+        if cap:
+            pipe.limit_gpu_memory(cap)
+        for task in tasks:
+            row = dict(diag="compressed_vs_bf16", task=task, weights=fmt, compute=pipe.compute, cap_gib=cap,
+                       height=a.size, width=a.size, num_timesteps=a.steps, **env)
+            try:
+                if task == "decode":
+                    row.update(tokens_per_s=round(decode_rate(pipe), 1))
+                    if spec == "bf16":
+                        ref["decode"] = row["tokens_per_s"]
+                    elif "decode" in ref:
+                        row.update(vs_bf16_tokens_per_s=round(row["tokens_per_s"] / ref["decode"], 3))
+                    emit(row)
+                    continue
+                # warm-up (captures, first-use costs): 10 steps reach every branch count of the 50-step schedule
+                request(pipe, task, a.size, min(a.steps, 10), seed=1)
+                torch.cuda.reset_peak_memory_stats()
+                sec, lat, img, _ = request(pipe, task, a.size, a.steps)
+                row.update(seconds=round(sec, 3), peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2))
+                if spec == "bf16":
+                    ref[task] = (sec, lat, img)
+                elif task in ref:
+                    s0, l0, i0 = ref[task]
+                    dev = float((lat.double() - l0.double()).norm() / l0.double().norm())
+                    row.update(vs_bf16=round(sec / s0, 3), rel_l2_latents_vs_bf16=dev,
+                               psnr_vs_bf16_db=round(psnr(img, i0), 2),
+                               note="deviation on random weights: a proxy, not real-weight quality")
+                if a.profile_steps:
+                    _, _, _, p = request(pipe, task, a.size, a.profile_steps, prof=True)
+                    row.update(profile_steps=a.profile_steps, **kernel_groups(p))
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+                row.update(error=str(e).splitlines()[0][:300])
+            emit(row)
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        del pipe
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""FP8 (e4m3) weight matmuls: ``out[M, N] = x[M, K] @ (q[N, K] * scale[N])^T (+ bias)``.
+
+* ``fp8_gemv`` (decode, M <= ``GEMV_MAX_M``): weight-only, one byte per weight streamed once, each e4m3 code
+  decoded to fp32 in registers, activations in x.dtype, fp32 partial sums per lane, the per-channel scale and
+  the bias in the epilogue. Memory bound, so it should take about half the time of the bf16 GEMV.
+* ``fp8_dequant``: a Triton kernel writes the weight in x.dtype (the weight-only path of many rows below compute
+  capability 8.9, where there are no FP8 tensor cores: dequantize, then cuBLAS).
+* ``fp8_scaled_mm``: W8A8 on FP8 tensor cores (``torch._scaled_mm`` with a per-token and a per-channel scale and
+  the bias in its epilogue), for rows already quantized by ``bagel_rt.kernels.quantize_rows_fp8``.
+
+The kernels read the weight as uint8 bit patterns and decode e4m3 with integer operations
+(:func:`e4m3_to_f32`): Triton's ``float8e4nv`` type compiles only for compute capability >= 8.9, and the
+interpreter cannot cast fp8 loads ("cannot cast"), while the bit decode runs in both and on every GPU. Each
+launcher has a ``*_ref`` twin with the same signature that dequantizes to fp32 and calls ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from bagel_rt.kernels._device import is_interpreting
+from bagel_rt.kernels.gemv import INTERPRETER_CONFIG, _w_tile, _x_tile
+from torch import Tensor
+
+from .matmul import _dequant_linear
+
+GEMV_MAX_M = 4  # rows handled by the FP8 GEMV (one program per row and column tile)
+
+__all__ = [
+    "GEMV_MAX_M",
+    "e4m3_to_f32",
+    "fp8_dequant",
+    "fp8_dequant_ref",
+    "fp8_gemv",
+    "fp8_gemv_ref",
+    "fp8_linear_dequant",
+    "fp8_scaled_mm",
+    "fp8_scaled_mm_ref",
+]
+
+FP8 = torch.float8_e4m3fn
+# as the int8 GEMV of quant.matmul (one byte per weight too): 8 channels x 512-wide tiles, 4 warps
+GEMV_SETTINGS = dict(BN=8, BK=512, num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# references
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def fp8_dequant_ref(qweight: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """qweight [N, K] e4m3 * scale [N] fp32 -> [N, K] in ``dtype`` (computed in fp32)."""
+    return (qweight.float() * scale.float().reshape(-1, 1)).to(dtype)
+
+
+def fp8_gemv_ref(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [M, K] @ (qweight [N, K] e4m3 * scale [N])^T + bias in fp32 -> [M, N] in x.dtype."""
+    b = None if bias is None else bias.float()
+    return F.linear(x.float(), fp8_dequant_ref(qweight, scale), b).to(x.dtype)
+
+
+def fp8_scaled_mm_ref(q: Tensor, sx: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None,
+                      out_dtype: torch.dtype, fast_accum: bool = True) -> Tensor:
+    """(q [M, K] e4m3 * sx [M, 1]) @ (qweight [N, K] e4m3 * scale [N])^T + bias in fp32 -> [M, N] out_dtype
+    (``fast_accum`` unused)."""
+    x = q.float() * sx.float().reshape(-1, 1)
+    b = None if bias is None else bias.float()
+    return F.linear(x, fp8_dequant_ref(qweight, scale), b).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def e4m3_to_f32(b):
+    """uint8 e4m3 bit patterns -> their fp32 values, exactly (NaN codes excepted).
+
+    Sign and the 7 exponent/mantissa bits moved into an fp16's bits give e4m3's value times 2^-8 (the fp16
+    exponent bias is 8 above e4m3's, and e4m3 subnormals land on fp16 subnormals), then a power-of-two
+    scaling: three integer ops and two exact conversions."""
+    b = b.to(tl.int32)
+    h = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16)
+    return h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+
+@triton.jit
+def _fp8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr):
+    i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    p_x = x + i_m * stride_xm
+    p_w = w + o_n.to(tl.int64) * K
+    # rotated loop as in bagel_rt.kernels.gemv: each [BN, BK] uint8 weight tile is requested one step ahead
+    b_w = _w_tile(p_w, m_n, 0, K, BK)
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        # [BK]
+        b_x = _x_tile(p_x, k0, K, BK)
+        acc += e4m3_to_f32(b_w) * b_x[None, :]
+        b_w = _w_tile(p_w, m_n, k0 + BK, K, BK)
+    # [BN]: the per-channel scale, then the bias, on the fp32 sums (one rounding at the end)
+    b_y = tl.sum(acc, axis=1) * tl.load(s + o_n, mask=m_n, other=0.0)
+    if HAS_BIAS:
+        b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
+    tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+
+
+@triton.jit
+def _fp8_dequant_kernel(w, s, o, N, K, BN: tl.constexpr, BK: tl.constexpr):
+    i_n, i_k = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m = (o_n < N)[:, None] & (o_k < K)[None, :]
+    o_e = o_n.to(tl.int64)[:, None] * K + o_k[None, :]
+    # [BN, BK]
+    b_w = e4m3_to_f32(tl.load(w + o_e, mask=m, other=0))
+    b_s = tl.load(s + o_n, mask=o_n < N, other=0.0)
+    tl.store(o + o_e, (b_w * b_s[:, None]).to(o.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_weight(qweight: Tensor, scale: Tensor) -> tuple[int, int]:
+    N, K = qweight.shape
+    assert qweight.dtype == FP8 and qweight.is_contiguous(), (qweight.dtype, qweight.stride())
+    assert scale.dtype == torch.float32 and scale.numel() == N and scale.is_contiguous(), (scale.dtype,
+                                                                                           scale.shape)
+    return N, K
+
+
+def fp8_dequant(qweight: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Triton: qweight [N, K] e4m3 * scale [N] fp32 (any shape of N elements) -> [N, K] in ``dtype``."""
+    N, K = _check_weight(qweight, scale)
+    out = torch.empty(N, K, dtype=dtype, device=qweight.device)
+    if N and K:
+        BN, BK = 16, 256
+        _fp8_dequant_kernel[(triton.cdiv(N, BN), triton.cdiv(K, BK))](qweight.view(torch.uint8), scale, out, N, K,
+                                                                       BN=BN, BK=BK)
+    return out
+
+
+def fp8_gemv(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ (qweight * scale[:, None]).T (+ bias)`` for a few rows (decode), weight-only.
+
+    Args:
+        x: [M, K], M <= ``GEMV_MAX_M``, fp16 / bf16 / fp32, last dim contiguous (any row stride).
+        qweight: [N, K] float8_e4m3fn contiguous. scale: fp32, N elements. bias: [N] (any float dtype) or None.
+    Returns:
+        [M, N] in x.dtype; fp32 accumulation, scale and bias applied before the one rounding.
+    """
+    N, K = _check_weight(qweight, scale)
+    assert x.dim() == 2 and x.shape[1] == K and x.stride(1) == 1, f"x must be [M, {K}], got {tuple(x.shape)}"
+    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
+    M = x.shape[0]
+    assert M <= GEMV_MAX_M, f"fp8_gemv handles at most {GEMV_MAX_M} rows, got {M}"
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    cfg = dict(INTERPRETER_CONFIG) if is_interpreting() else GEMV_SETTINGS
+    _fp8_gemv_kernel[(triton.cdiv(N, cfg["BN"]), M)](x, qweight.view(torch.uint8), scale,
+                                                      bias if bias is not None else scale, y, N, K, x.stride(0),
+                                                      y.stride(0), HAS_BIAS=bias is not None, **cfg)
+    return y
+
+
+def fp8_linear_dequant(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Weight-only for many rows: :func:`fp8_dequant` to x.dtype (in row chunks, as the INT8/NF4 "dequant"
+    path) and ``F.linear`` (cuBLAS); x [M, K] -> [M, N] in x.dtype."""
+    N, K = _check_weight(qweight, scale)
+    s = scale.reshape(-1)
+    return _dequant_linear(x, N, K, lambda n0, n1: fp8_dequant(qweight[n0:n1], s[n0:n1], x.dtype),
+                           None if bias is None else bias.to(x.dtype))
+
+
+def fp8_scaled_mm(q: Tensor, sx: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None,
+                  out_dtype: torch.dtype, fast_accum: bool = True) -> Tensor:
+    """W8A8: ``(q * sx) @ (qweight * scale[:, None]).T + bias`` on FP8 tensor cores (``torch._scaled_mm``,
+    row-wise scales, the bias in the epilogue).
+
+    Args:
+        q: [M, K] e4m3 rows, sx: [M, 1] fp32 (``quantize_rows_fp8``).
+        qweight: [N, K] e4m3, scale: fp32, N elements.
+        bias: [N] or None (cast to ``out_dtype`` if it differs). fast_accum: Hopper "fast accumulation".
+    Returns:
+        [M, N] in ``out_dtype``. On CUDA, K and N must be multiples of 16, and the GEMM's own output is bf16
+        (cast to ``out_dtype`` after), as ``_scaled_mm`` requires with row-wise scales.
+    """
+    N, K = _check_weight(qweight, scale)
+    mm_dtype = torch.bfloat16 if q.is_cuda else out_dtype
+    if bias is not None and bias.dtype != mm_dtype:
+        bias = bias.to(mm_dtype)
+    out = torch._scaled_mm(q, qweight.t(), scale_a=sx, scale_b=scale.reshape(1, N), bias=bias,
+                           out_dtype=mm_dtype, use_fast_accum=fast_accum)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
