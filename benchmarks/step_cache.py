@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--compute", choices=["bf16", "fp8"], default="bf16")
+    ap.add_argument("--compute", choices=["auto", "bf16", "fp8", "int8"], default="auto",
+                    help="denoising GEMM precision (auto: what the weights compute)")
     ap.add_argument("--out", type=Path, required=True, help="append the JSON lines here")
     ap.add_argument("--commit", default=None)
     a = ap.parse_args(argv)
@@ -125,7 +126,8 @@ def main(argv=None) -> int:
         pipe = random_bagel("bagel-7b-mot" if weights == "7b" else TINY_PARAMS, device=a.device,
                             backend=a.backend)
         proxy = PROXY
-    pipe.compute = a.compute
+    if a.compute != "auto":
+        pipe.compute = a.compute
     command = " ".join(shlex.quote(x) for x in ["python", sys.argv[0], *(argv or sys.argv[1:])])
     env = dict(environment(a.commit), command=command)
     a.out.parent.mkdir(parents=True, exist_ok=True)
