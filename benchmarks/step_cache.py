@@ -2,7 +2,8 @@
 
 For each task (app defaults) and each setting, one JSON line: the schedule that ran, full forwards, seconds
 (median of the timed runs, ``gen_image``: denoising + VAE decode), the speed-up over the uncached run, peak GPU
-memory and what step caching adds to it (in all and per computed branch), and the deviation from the uncached
+memory of the request and of its denoising alone and what step caching adds to them (per computed branch for
+the denoising), the derivative buffers' size (triton backend), and the deviation from the uncached
 run: relative L2 of the final latents and of every step's combined velocity.
 
     # CPU smoke test (tiny random model, torch backend)
@@ -61,9 +62,15 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def request(pipe, task: str, size: int, steps: int, settings: StepCacheSettings | None, record: bool = False):
-    """One image request of ``task`` (seed 0): (Result, seconds of ``gen_image``)."""
+def request(pipe, task: str, size: int, steps: int, settings: StepCacheSettings | None, record: bool = False,
+            decode: bool = True):
+    """One image request of ``task`` (seed 0): (Result, seconds of ``gen_image``). ``decode=False`` skips the
+    VAE decode (a blank image), so that a peak-memory reading sees the denoising alone."""
     s = pipe.session(seed=0)
+    if not decode:
+        from PIL import Image
+
+        s.decode_latents = lambda latents, h, w: Image.new("RGB", (16 * w, 16 * h))
     if task == "edit":
         s.add(test_image(size, size))
         s.add("Make the sky purple and add a moon.")
@@ -85,9 +92,14 @@ def measure(pipe, task: str, size: int, steps: int, settings, runs: int, warmup:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     times = [request(pipe, task, size, steps, settings)[1] for _ in range(runs)]
-    peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None
+    peak = denoise_peak = None
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / GIB
+        torch.cuda.reset_peak_memory_stats()
+        request(pipe, task, size, steps, settings, decode=False)
+        denoise_peak = torch.cuda.max_memory_allocated() / GIB
     res, _ = request(pipe, task, size, steps, settings, record=True)
-    return dict(seconds=statistics.median(times), peak=peak, res=res)
+    return dict(seconds=statistics.median(times), peak=peak, denoise_peak=denoise_peak, res=res)
 
 
 def main(argv=None) -> int:
@@ -142,7 +154,8 @@ def main(argv=None) -> int:
                        step_cache=None if info is None else {k: info[k]
                                                              for k in ("method", "settings", "schedule")},
                        full_evaluations=None if info is None else info["full_evaluations"],
-                       seconds=round(m["seconds"], 3), peak_gib=m["peak"] and round(m["peak"], 3))
+                       seconds=round(m["seconds"], 3), peak_gib=m["peak"] and round(m["peak"], 3),
+                       denoise_peak_gib=m["denoise_peak"] and round(m["denoise_peak"], 3))
             if ref is None:
                 ref = m
             else:
@@ -152,10 +165,11 @@ def main(argv=None) -> int:
                            rel_l2_latents=rel(res.latents, ref["res"].latents),
                            rel_l2_velocity_max=max(v), rel_l2_velocity_mean=statistics.fmean(v),
                            rel_l2_velocity_steps=[round(x, 5) for x in v])
-                if m["peak"] is not None:
+                if m["peak"] is not None:  # what step caching adds: to the request's peak, to the denoising's
                     extra = m["peak"] - ref["peak"]
-                    row.update(extra_peak_gib=round(extra, 3),
-                               extra_peak_gib_per_branch=round(extra / branches, 3))
+                    extra_denoise = m["denoise_peak"] - ref["denoise_peak"]
+                    row.update(extra_peak_gib=round(extra, 3), extra_denoise_peak_gib=round(extra_denoise, 3),
+                               extra_denoise_peak_gib_per_branch=round(extra_denoise / branches, 3))
                 den = pipe.fast_cache.get("denoiser")
                 if den is not None and den.derivatives is not None:  # the triton backend's derivative buffers
                     d = den.derivatives.d
@@ -166,7 +180,7 @@ def main(argv=None) -> int:
             print(f"{task:5s} {name:15s} {row['seconds']:8.3f} s  full {row['full_evaluations']}  "
                   f"x{row.get('speedup_vs_uncached', 1.0)}  latents {row.get('rel_l2_latents', 0):.3e}  "
                   f"velocity max {row.get('rel_l2_velocity_max', 0):.3e}  "
-                  f"extra {row.get('extra_peak_gib_per_branch')} GiB/branch", file=sys.stderr)
+                  f"denoising peak +{row.get('extra_denoise_peak_gib_per_branch')} GiB/branch", file=sys.stderr)
     if proxy:
         print(f"note: {proxy}", file=sys.stderr)
     return 0
