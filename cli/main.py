@@ -233,11 +233,9 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
                    "int8 are approximate (with --compare-torch, fp8 keeps the bf16 weights for the torch run).")
 @click.option("--attention", type=click.Choice(["auto", "triton", "cudnn"]), default="auto",
               help="Latent attention of the triton backend's denoiser (auto: cudnn on Hopper, else triton).")
-@click.option("--weights", type=click.Choice(["auto", "int8", "nf4"]), default="auto",
-              help="Quantize the LLM's Linears to int8/nf4 (on load for --model, in place for --random-weights).")
-@click.option("--taylorseer", is_flag=True,
-              help="Image tasks with step caching (official TaylorSeer settings); rows carry step_cache and "
-                   "full_evaluations.")
+@click.option("--weights", type=click.Choice(["auto", "int8", "nf4", *LLM_FORMATS]), default="auto",
+              help="Quantize the LLM's Linears to int8/nf4/fp8, or the gen expert to fp8 and the und expert and "
+                   "lm_head to nf4 (fp8-gen-nf4-und) (on load for --model, in place for --random-weights).")
 @click.option("--taylorseer", is_flag=True,
               help="Image tasks with step caching (official TaylorSeer settings); rows carry step_cache and "
                    "full_evaluations.")
