@@ -443,7 +443,13 @@ class PackedDenoiser:
         if kind not in self.pools:
             self.pools[kind] = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pools[kind]):
-            out = self._forward(kind, sel)
+            try:
+                out = self._forward(kind, sel)
+            except BaseException:
+                # join the marker stream before the capture ends, so that the real error (e.g. out of memory
+                # under a budget) surfaces instead of "capturing stream has unjoined work"
+                self._wait_side()
+                raise
         return graph, out
 
 

@@ -294,6 +294,8 @@ def _format_of(ema: SafetensorsHeader) -> tuple[str, str]:
         return "nf4", "inferred from bitsandbytes NF4 keys"
     if any(k.endswith(".SCB") for k in keys):
         return "int8", "inferred from bitsandbytes INT8 keys"
+    if any(k.endswith(".weight_scale") for k in keys):
+        return "fp8", "inferred from FP8 weight_scale keys"
     dtypes = sorted({t.dtype for t in ema.tensors.values()})
     if len(dtypes) == 1 and dtypes[0] in _FLOAT_FORMATS:
         return _FLOAT_FORMATS[dtypes[0]], "inferred from tensor dtypes"

@@ -31,9 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from diagnose import APP_CFG, _kind  # noqa: E402
-from quant_full_size import psnr  # noqa: E402
+from quant_full_size import psnr, track_phase_peaks  # noqa: E402
 
 from bagel_rt.bench import environment, test_image  # noqa: E402
+from bagel_rt.errors import InputError  # noqa: E402
 from bagel_rt.quantized import quantize_in_place  # noqa: E402
 from bagel_rt.random_weights import random_bagel  # noqa: E402
 
@@ -143,7 +144,11 @@ def main():
     ap.add_argument("--cap", action="store_true", help="compressed formats under their card budgets")
     ap.add_argument("--profile-steps", type=int, default=0)
     ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--phases", action="store_true",
+                    help="record each phase's peak (prefill / denoise / VAE decode); with --cap, place the model "
+                         "for the budget but lift the cap, to see what a request needs where it does not fit")
     a = ap.parse_args()
+    phase_peaks = track_phase_peaks() if a.phases else None
     env = environment(a.commit)
     formats = a.formats.split(",")
     tasks = a.tasks.split(",")
@@ -165,6 +170,8 @@ def main():
         cap = CAPS.get(fmt) if a.cap else None
         if cap:
             pipe.limit_gpu_memory(cap)
+            if a.phases:  # placement as under the budget, without the cap
+                torch.cuda.set_per_process_memory_fraction(1.0)
         for task in tasks:
             row = dict(diag="compressed_vs_bf16", task=task, weights=fmt, compute=pipe.compute, cap_gib=cap,
                        height=a.size, width=a.size, num_timesteps=a.steps, **env)
@@ -182,6 +189,9 @@ def main():
                 torch.cuda.reset_peak_memory_stats()
                 sec, lat, img, _ = request(pipe, task, a.size, a.steps)
                 row.update(seconds=round(sec, 3), peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2))
+                if phase_peaks is not None:  # the wrappers reset the peak between phases
+                    row.update(phase_peaks_gib=dict(phase_peaks), peak_gib=max(phase_peaks.values()),
+                               resident_gib=round(torch.cuda.memory_allocated() / GIB, 2))
                 if spec == "bf16":
                     ref[task] = (sec, lat, img)
                 elif task in ref:
@@ -193,7 +203,7 @@ def main():
                 if a.profile_steps:
                     _, _, _, p = request(pipe, task, a.size, a.profile_steps, prof=True)
                     row.update(profile_steps=a.profile_steps, **kernel_groups(p))
-            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            except (torch.cuda.OutOfMemoryError, RuntimeError, InputError) as e:
                 row.update(error=str(e).splitlines()[0][:300])
             emit(row)
         torch.cuda.set_per_process_memory_fraction(1.0)
