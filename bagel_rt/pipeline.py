@@ -26,6 +26,7 @@ from .errors import InputError
 from .sampler import MAX_SCALE, MAX_STEPS, CFGSettings
 from .serial import new_lock, serialized
 from .session import Result, Session, check_image_shape
+from .step_cache import StepCacheSettings
 
 #: The official app's aspect-ratio presets as (H, W).
 ASPECT_PRESETS: dict[str, tuple[int, int]] = {
@@ -133,7 +134,8 @@ class Bagel:
                    num_timesteps: int = 50, cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global",
                    image_shapes: tuple[int, int] = (1024, 1024), seed: int | None = None,
                    noise: Tensor | None = None, record: bool = False, progress: bool = False,
-                   on_token=None) -> Result:
+                   on_token=None, enable_taylorseer: bool = False,
+                   taylorseer_settings: StepCacheSettings | None = None) -> Result:
         """Run an interleaved request like the official ``interleave_inference``.
 
         Args:
@@ -150,6 +152,9 @@ class Bagel:
             progress: show progress bars (stderr).
             on_token: optional callable taking each decoded token id as it comes (streaming the think text or
                 the answer; ``tokenizer.decode`` turns ids into text). Interrupted, the ids seen so far stand.
+            enable_taylorseer: step caching with the official TaylorSeer semantics (opt-in, approximate; see
+                :meth:`bagel_rt.session.Session.gen_image`); ``Result.info["step_cache"]`` reports what ran.
+            taylorseer_settings: a :class:`bagel_rt.step_cache.StepCacheSettings` (default: the official values).
         Returns:
             :class:`Result` with ``text`` (understanding, or the think text), ``image`` and ``latents``.
         Raises:
@@ -164,7 +169,7 @@ class Bagel:
             return self._interleave(inputs, think, understanding_output, max_think_token_n, do_sample,
                                     text_temperature, cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift,
                                     num_timesteps, cfg_renorm_min, cfg_renorm_type, image_shapes, seed, noise,
-                                    record, progress, on_token)
+                                    record, progress, on_token, enable_taylorseer, taylorseer_settings)
         except torch.cuda.OutOfMemoryError as e:
             if self.gpu_budget_gib is None:
                 raise
@@ -188,7 +193,8 @@ class Bagel:
 
     def _interleave(self, inputs, think, understanding_output, max_think_token_n, do_sample, text_temperature,
                     cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift, num_timesteps, cfg_renorm_min,
-                    cfg_renorm_type, image_shapes, seed, noise, record, progress, on_token) -> Result:
+                    cfg_renorm_type, image_shapes, seed, noise, record, progress, on_token,
+                    enable_taylorseer=False, taylorseer_settings=None) -> Result:
         try:
             lo, hi = cfg_interval
         except (TypeError, ValueError):
@@ -203,7 +209,8 @@ class Bagel:
         thought = (s.think(max_think_token_n, do_sample, text_temperature, record, progress, on_token) if think
                    else None)
         shapes = s.image_shapes or image_shapes
-        res = s.gen_image(shapes, cfg, num_timesteps, timestep_shift, noise, record, progress)
+        res = s.gen_image(shapes, cfg, num_timesteps, timestep_shift, noise, record, progress, enable_taylorseer,
+                          taylorseer_settings)
         if thought is not None:
             res.text, res.token_ids, res.logits = thought.text, thought.token_ids, thought.logits
         return res
@@ -214,7 +221,8 @@ class Bagel:
                  num_timesteps: int = 50, cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global",
                  max_think_token_n: int = 1024, do_sample: bool = False, text_temperature: float = 0.3,
                  seed: int | None = None, noise: Tensor | None = None, record: bool = False,
-                 progress: bool = False, on_token=None) -> Result:
+                 progress: bool = False, on_token=None, enable_taylorseer: bool = False,
+                 taylorseer_settings: StepCacheSettings | None = None) -> Result:
         """Text-to-image with the official app's defaults (see the module docstring)."""
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -224,7 +232,8 @@ class Bagel:
                                timestep_shift=timestep_shift, num_timesteps=num_timesteps,
                                cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type,
                                image_shapes=image_shapes, seed=seed, noise=noise, record=record, progress=progress,
-                               on_token=on_token)
+                               on_token=on_token, enable_taylorseer=enable_taylorseer,
+                               taylorseer_settings=taylorseer_settings)
 
     def edit(self, image: Image.Image | str | Path, instruction: str, *, think: bool = False,
              cfg_text_scale: float = 4.0, cfg_img_scale: float = 2.0,
@@ -232,7 +241,8 @@ class Bagel:
              timestep_shift: float = 3.0, num_timesteps: int = 50, cfg_renorm_min: float = 0.0,
              cfg_renorm_type: str = "text_channel", max_think_token_n: int = 1024, do_sample: bool = False,
              text_temperature: float = 0.3, seed: int | None = None, noise: Tensor | None = None,
-             record: bool = False, progress: bool = False, on_token=None) -> Result:
+             record: bool = False, progress: bool = False, on_token=None, enable_taylorseer: bool = False,
+             taylorseer_settings: StepCacheSettings | None = None) -> Result:
         """Edit ``image`` following ``instruction`` (app defaults). Output size = the VAE-resized input size."""
         return self.interleave([open_image(image), instruction], think=think, max_think_token_n=max_think_token_n,
                                do_sample=do_sample, text_temperature=text_temperature,
@@ -240,7 +250,8 @@ class Bagel:
                                cfg_interval=cfg_interval, timestep_shift=timestep_shift,
                                num_timesteps=num_timesteps, cfg_renorm_min=cfg_renorm_min,
                                cfg_renorm_type=cfg_renorm_type, seed=seed, noise=noise, record=record,
-                               progress=progress, on_token=on_token)
+                               progress=progress, on_token=on_token, enable_taylorseer=enable_taylorseer,
+                               taylorseer_settings=taylorseer_settings)
 
     def understand(self, image: Image.Image | str | Path | None, question: str, *, think: bool = False,
                    max_think_token_n: int = 512, do_sample: bool = False, text_temperature: float = 0.3,

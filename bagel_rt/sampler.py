@@ -117,7 +117,7 @@ VelocityFn = Callable[[str, Tensor, float], Tensor]
 
 def denoise(velocity: VelocityFn, noise: Tensor, num_timesteps: int, timestep_shift: float, cfg: CFGSettings,
             text_is_cond: bool = False, img_is_cond: bool = False,
-            on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
+            on_step: Callable[[int, Tensor], None] | None = None, step_cache=None) -> Tensor:
     """Integrate from noise to latents.
 
     Args:
@@ -125,6 +125,8 @@ def denoise(velocity: VelocityFn, noise: Tensor, num_timesteps: int, timestep_sh
         noise: [N, C] float32 initial latents (token layout).
         text_is_cond / img_is_cond: the branch's context equals the conditional one (exact dedup).
         on_step: called with (step index, combined velocity) after each step (progress, recording).
+        step_cache: the request's :class:`bagel_rt.step_cache.StepCache` when ``velocity`` is a cached one
+            (:func:`bagel_rt.step_cache.velocity.cached_velocity`): told which branch supplied each velocity.
     Returns:
         [N, C] float32 final latents.
     """
@@ -139,6 +141,8 @@ def denoise(velocity: VelocityFn, noise: Tensor, num_timesteps: int, timestep_sh
         v_t = computed[src["text"]] if "text" in src else None
         v_i = computed[src["img"]] if "img" in src else None
         v = combine_cfg(computed["cond"], v_t, v_i, st, si, cfg.cfg_renorm_type, cfg.cfg_renorm_min)
+        if step_cache is not None:
+            step_cache.record_step(src)
         # the reference multiplies the bf16 velocity by a 0-dim fp32 dt (result bf16), then updates fp32 x
         x = x - (v * dts[i].to(v.device)).float()
         if on_step is not None:

@@ -27,6 +27,8 @@ from .errors import InputError
 from .placement import visiting
 from .sampler import CFGSettings, denoise
 from .serial import serialized
+from .step_cache import StepCache, StepCacheSettings, exact_dedup
+from .step_cache.velocity import cached_velocity
 from .transforms import (
     VAE_RESIZE,
     VIT_RESIZE,
@@ -234,12 +236,18 @@ class Session:
     @serialized
     def gen_image(self, image_shapes: tuple[int, int] | None = None, cfg: CFGSettings | None = None,
                   num_timesteps: int = 50, timestep_shift: float = 3.0, noise: Tensor | None = None,
-                  record: bool = False, progress: bool = False) -> Result:
+                  record: bool = False, progress: bool = False, enable_taylorseer: bool = False,
+                  taylorseer_settings: StepCacheSettings | None = None) -> Result:
         """Denoise an image conditioned on the three contexts and decode it with the VAE.
 
         Args:
             image_shapes: (H, W) in pixels, multiples of 16 up to 1024 (default: the last input image's size).
             noise: optional [h*w, 64] initial latents; otherwise drawn from the session's CPU generator.
+            enable_taylorseer: step caching (approximate, opt-in; :mod:`bagel_rt.step_cache`): most evaluations
+                of each CFG branch are Taylor predictions from its last full forwards. ``Result.info
+                ["step_cache"]`` then reports the schedule that ran.
+            taylorseer_settings: a :class:`bagel_rt.step_cache.StepCacheSettings` (default: the official values;
+                ``max_order=0`` is FORA); only with ``enable_taylorseer``.
         """
         if not self.for_generation:
             raise InputError("this session was created for understanding only; it cannot generate images")
@@ -253,6 +261,9 @@ class Session:
         elif tuple(noise.shape) != (n, c):
             raise InputError(f"noise has shape {list(noise.shape)}, expected [{n}, {c}] for {H}x{W}")
         ctxs, dedup = self.branches()
+        step_cache = step_cache_for(enable_taylorseer, taylorseer_settings)
+        if step_cache is not None:  # dedup stays exact only for branches evaluated on the conditional one's steps
+            dedup = exact_dedup(cfg, num_timesteps, timestep_shift, **dedup)
         vels = []
         bar = _bar(num_timesteps, "denoising", progress)
 
@@ -270,11 +281,14 @@ class Session:
                                use_graphs=self.bagel.use_graphs and not resident, on_step=on_step,
                                cache=self.bagel.fast_cache, mlp_chunks=4 if self.bagel.offload else 1,
                                run_hooks=resident,
-                               attention=self.bagel.attention, **dedup)
+                               attention=self.bagel.attention, step_cache=step_cache, **dedup)
         else:
             vel = lambda branch, x, t: self.model.velocity(ctxs[branch], x, t, h, w)
+            if step_cache is not None:
+                hidden = lambda branch, x, t: self.model.velocity_hidden(ctxs[branch], x, t, h, w)
+                vel = cached_velocity(step_cache, hidden, self.model.velocity_head)
             x = denoise(vel, noise.to(self.model.device), num_timesteps, timestep_shift, cfg, on_step=on_step,
-                        **dedup)
+                        step_cache=step_cache, **dedup)
         validate.finite(x, "the final latents", validate.NON_FINITE_HINT)
         if bar:
             bar.set_description("decoding")
@@ -282,8 +296,11 @@ class Session:
         if bar:
             bar.update(1)
             bar.close()
-        return Result(image=image, latents=x.float().cpu(), seed=self.seed,
-                      velocities=torch.stack(vels) if record else None)
+        res = Result(image=image, latents=x.float().cpu(), seed=self.seed,
+                     velocities=torch.stack(vels) if record else None)
+        if step_cache is not None:
+            res.info["step_cache"] = step_cache.report()
+        return res
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor, h: int, w: int) -> Image.Image:
@@ -298,6 +315,17 @@ class Session:
             img = vae.decode(z[None].to(self.model.device, torch.float32))
         validate.finite(img, "the decoded image", validate.NON_FINITE_HINT)
         return tensor_to_image(img[0].cpu())
+
+
+def step_cache_for(enable_taylorseer: bool, settings: StepCacheSettings | None) -> StepCache | None:
+    """A new request's step-cache state (None when off): each request starts from empty caches."""
+    if not enable_taylorseer:
+        if settings is not None:
+            raise InputError("taylorseer_settings are given but enable_taylorseer is off")
+        return None
+    if settings is not None and not isinstance(settings, StepCacheSettings):
+        raise InputError(f"taylorseer_settings must be a StepCacheSettings, got {type(settings).__name__}")
+    return StepCache(settings or StepCacheSettings())
 
 
 def check_image_shape(shape, params) -> tuple[int, int]:

@@ -280,8 +280,11 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
 @click.option("--weights", type=click.Choice(["auto", "int8", "nf4", *LLM_FORMATS]), default="auto",
               help="Quantize the LLM's Linears to int8/nf4/fp8, or the gen expert to fp8 and the und expert and "
                    "lm_head to nf4 (fp8-gen-nf4-und) (on load for --model, in place for --random-weights).")
+@click.option("--taylorseer", is_flag=True,
+              help="Image tasks with step caching (official TaylorSeer settings); rows carry step_cache and "
+                   "full_evaluations.")
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
-          device, dtype, compute, attention, weights):
+          device, dtype, compute, attention, weights, taylorseer):
     """Time text-to-image, editing and decoding (app defaults): seconds per image and per step, tokens/s, peak
     GPU memory, achieved TFLOP/s and its share of the measured bf16 matmul peak. One JSON line per result
     on stdout (and appended to --out)."""
@@ -322,7 +325,7 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     pipe.attention = attention
     rows = run_bench(pipe, task_list, size=size, steps=steps, runs=runs, warmup=warmup, tokens=tokens,
                      compare_torch=compare_torch, weights=pipe.weights, commit=commit,
-                     log=lambda line: click.echo(line, err=True))
+                     log=lambda line: click.echo(line, err=True), taylorseer=taylorseer)
     lines = [json.dumps(r) for r in rows]
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -193,6 +193,10 @@ def image_options(cfg_text: float, cfg_img: float, interval: tuple[float, float]
                      help="How the guided velocity is renormalised."),
         click.option("--timestep-shift", type=_Number(0.0, MAX_SCALE, lo_open=True), default=3.0,
                      help="Shift of the timestep schedule."),
+        click.option("--taylorseer", is_flag=True,
+                     help="Step caching with the official TaylorSeer settings (opt-in, approximate): most "
+                          "denoiser evaluations are predicted from the last full ones. --json reports the "
+                          "schedule that ran."),
         click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="PATH",
                      help=f"Image to write (.png, .jpg or .webp) [default: {default_name} in the current "
                           "directory]. Written atomically."),
@@ -257,7 +261,8 @@ def _cfg_kwargs(o: dict) -> dict:
         raise InputError(f"--timestep-shift must be positive, got {o['timestep_shift']}")
     return dict(cfg_text_scale=cfg.cfg_text_scale, cfg_img_scale=cfg.cfg_img_scale,
                 cfg_interval=cfg.cfg_interval, cfg_renorm_min=cfg.cfg_renorm_min,
-                cfg_renorm_type=cfg.cfg_renorm_type, timestep_shift=o["timestep_shift"], num_timesteps=o["steps"])
+                cfg_renorm_type=cfg.cfg_renorm_type, timestep_shift=o["timestep_shift"], num_timesteps=o["steps"],
+                enable_taylorseer=o["taylorseer"])
 
 
 def _text_kwargs(o: dict) -> dict:
@@ -329,6 +334,7 @@ def _image_result(pipe, res, path: Path, overwrite: bool, seconds: float, settin
             "output": str(path), "seed": res.seed, "size": {"height": h, "width": w}, "think": res.text,
             "seconds": {"load": round(pipe.load_seconds, 3), "run": round(seconds, 3)},
             "model": str(pipe.path), "device": str(pipe.device), "settings": settings,
+            **({"step_cache": res.info["step_cache"]} if "step_cache" in res.info else {}),
         }))
         return
     if res.text is not None:
