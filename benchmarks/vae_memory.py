@@ -95,7 +95,7 @@ def main() -> None:
     for size in args.sizes:
         x = (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(device)
         z = torch.randn(1, params.z_channels, size // 8, size // 8, generator=g).to(device)
-        for op, fn in (("decode", lambda: ae.decode(z)), ("encode", lambda: ae.encode(x, None))):
+        for op, fn in (("decode", lambda z=z: ae.decode(z)), ("encode", lambda x=x: ae.encode(x, None))):
             V.LEAN_MIN_PIXELS = 1 << 62 if args.plain else lean_min
             with torch.no_grad():
                 if device.type == "cuda":
