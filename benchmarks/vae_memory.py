@@ -31,7 +31,8 @@ MIB = 2**20
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of the storages created inside the mode that are still alive; ``peak`` is their maximum.
+    """Bytes of the storages created inside the mode that are still alive; ``peak`` is their maximum and
+    ``largest`` the largest single storage. A view of a tensor made outside the mode counts its storage.
 
     A storage's Python object lives as long as the storage itself (PyTorch keeps it), so a finalizer on it
     fires when the memory is returned; views share their base's storage and are counted once.
@@ -42,6 +43,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
+        self.largest = 0
 
     def _free(self, key: int) -> None:
         self.current -= self.live.pop(key)
@@ -55,6 +57,7 @@ class LiveTensorBytes(TorchDispatchMode):
                 if key not in self.live and st.nbytes() > 0:
                     self.live[key] = st.nbytes()
                     self.current += st.nbytes()
+                    self.largest = max(self.largest, st.nbytes())
                     weakref.finalize(st, self._free, key)
         self.peak = max(self.peak, self.current)
         return out
