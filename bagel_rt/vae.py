@@ -33,8 +33,10 @@ def _swish(x: Tensor, inplace: bool = False) -> Tensor:
 # activation is then a ``Rows`` function, rows [a, b) -> [B, C, b - a, W], computed on demand from the last
 # tensor that does exist; a GroupNorm's statistics cost one pass over the bands (recomputing what leads to
 # them), and only the level's output is written whole. Same operations, same results up to float rounding
-# order (GroupNorm as x * scale + shift from fp32 statistics). Live-tensor accounting at 1024^2, FLUX VAE
-# (benchmarks/vae_memory.py): see _stream_level / Decoder.forward for what each step saves.
+# order (GroupNorm as x * scale + shift from fp32 statistics). Live tensors at 1024^2, FLUX VAE, counted on
+# the CPU by benchmarks/vae_memory.py: decode 2147 -> 1005 MiB, encode 1665 -> 492 MiB (row bands of single
+# convolutions only -> whole levels streamed). The price is recomputation: each norm's statistics pass reruns
+# the convolutions before it, about twice the decode's arithmetic.
 LEAN_MIN_PIXELS = 256 * 256  # below this the plain path is used (it is the reference path everywhere)
 LEAN_ROWS = 64  # rows per band; must be >= the halo of an in-place write (2 rows, see _write)
 # The mid block's single-head attention over all positions of the latent grid (128^2 = 16384 at 1024^2), head
@@ -143,18 +145,9 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C_in, H, W] -> [B, C_out, H, W]."""
-        # swish and the residual add run in place on fresh tensors when no graph is recorded: at 1024^2 in
-        # fp32 each full-resolution activation is 0.5-1 GiB, and the decode is the peak of a request
-        if _lean(x):
-            height = x.shape[2]
-            h = _write(_norm_swish_conv(_rows_of(x), height, self.norm1, self.conv1), height)
-            h = _write(_norm_swish_conv(_rows_of(h), height, self.norm2, self.conv2), height, out=h)
-            if self.nin_shortcut is None:
-                return h.add_(x)
-            for r0 in range(0, height, LEAN_ROWS):  # the 1x1 projection, band by band, added in place
-                h[:, :, r0:r0 + LEAN_ROWS].add_(self.nin_shortcut(x[:, :, r0:r0 + LEAN_ROWS]))
-            return h
-        inplace = not torch.is_grad_enabled()
+        if _lean(x):  # one full-size tensor in, one out (x is the caller's: not written over)
+            return _write(self.rows(_rows_of(x), x.shape[2]), x.shape[2])
+        inplace = not torch.is_grad_enabled()  # swish and the residual add on fresh tensors: no copies
         h = self.conv1(_swish(self.norm1(x), inplace))
         h = self.conv2(_swish(self.norm2(h), inplace))
         if self.nin_shortcut is not None:
@@ -311,18 +304,13 @@ class Encoder(nn.Module):
         self.norm_out = _norm(c_in)
         self.conv_out = nn.Conv2d(c_in, 2 * p.z_channels, kernel_size=3, padding=1)
 
-    def down_levels(self, h: Tensor) -> Tensor:
-        for level in self.down:
-            h = level(h)
-        return h
-
     def _levels_lean(self, x: Tensor) -> Tensor:
         """conv_in and the levels, each large level streamed from its input to its (downsampled) output.
 
         Only a level's input and output exist whole: at 1024^2 the level-0 activations (128 channels, 512 MiB
         each) never do, the level runs from the 12 MiB image. The price is recomputation for the norms'
         statistics (each block's rows() pass runs the chain up to it): level 0 runs about 10 of its 128-ch
-        3x3 convolutions instead of 4. Live tensors at 1024^2: 1665 -> see benchmarks/vae_memory.py.
+        3x3 convolutions instead of 4.
         """
         height = x.shape[2]
         src: Rows | None = _conv_src(_rows_of(x), self.conv_in, height)
@@ -341,7 +329,12 @@ class Encoder(nn.Module):
         return h
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self._levels_lean(x) if _lean(x) else self.down_levels(self.conv_in(x))
+        if _lean(x):
+            h = self._levels_lean(x)
+        else:
+            h = self.conv_in(x)
+            for level in self.down:
+                h = level(h)
         h = self.mid(h)
         return self.conv_out(_swish(self.norm_out(h)))
 
