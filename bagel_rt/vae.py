@@ -112,10 +112,12 @@ def _norm_swish_conv(src: Rows, height: int, norm: nn.GroupNorm, conv: nn.Conv2d
 def _write(src: Rows, height: int, out: Tensor | None = None) -> Tensor:
     """Rows [0, height) of ``src`` into ``out`` (a new tensor if None), band by band.
 
-    ``out`` may be the very tensor ``src`` reads from, if a band reads at most LEAN_ROWS rows beyond its own:
+    ``out`` may be the very tensor ``src`` reads from, if a band reads at most 2 <= LEAN_ROWS rows beyond its own:
     each band is held back until the next one has been computed (has read its halo), then written over rows
     that nothing reads any more. That saves a full-resolution activation (512 MiB at 1024^2, 128 channels).
     """
+    if out is not None and LEAN_ROWS < 2:
+        raise ValueError(f"LEAN_ROWS={LEAN_ROWS}: writing a block over its input needs bands of >= 2 rows")
     pending = None  # (first row, rows) of the band not yet written
     for r0 in range(0, height, LEAN_ROWS):
         y = src(r0, min(height, r0 + LEAN_ROWS))
