@@ -176,13 +176,16 @@ def test_streamed_levels_match_plain_path(monkeypatch, hw, rows):
         assert float((out - ref).norm() / ref.norm()) < 1e-6 and (out - ref).abs().max() < 1e-4
 
 
-def test_band_statistics_match_group_norm():
-    """GroupNorm statistics merged from band passes: a channel offset of 1e3 (a large mean against unit
-    spread, where a naive fp32 sum-of-squares formula would lose the variance) still matches GroupNorm."""
+def test_band_statistics_match_group_norm(monkeypatch):
+    """GroupNorm statistics merged from band passes: band means that differ (a trend down the rows, so the
+    spread between bands is part of the variance) and a channel offset of 1e3 (a large mean against unit
+    spread, where a naive fp32 sum-of-squares formula would lose the variance) still match GroupNorm."""
     from bagel_rt import vae as V
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 64, 37, 11, generator=g) + 1e3 * torch.rand(1, 64, 1, 1, generator=g)
+    x += torch.linspace(-3, 3, 37)[:, None]
+    monkeypatch.setattr(V, "LEAN_ROWS", 8)  # 5 bands, the last one short
     norm = torch.nn.GroupNorm(32, 64, eps=1e-6)
     norm.weight.data.uniform_(0.5, 1.5, generator=g)
     norm.bias.data.normal_(generator=g)
