@@ -36,7 +36,8 @@ def _swish(x: Tensor, inplace: bool = False) -> Tensor:
 # order (GroupNorm as x * scale + shift from fp32 statistics). Live tensors at 1024^2, FLUX VAE, counted on
 # the CPU by benchmarks/vae_memory.py: decode 2147 -> 1005 MiB, encode 1665 -> 492 MiB (row bands of single
 # convolutions only -> whole levels streamed). The price is recomputation: each norm's statistics pass reruns
-# the convolutions before it, about twice the decode's arithmetic.
+# the convolutions before it (1024^2 decode: ~17 instead of ~9 TFLOP by count; CPU, 320^2 decode + encode of
+# random VAEs: 1.4-1.9x the time of the per-convolution bands). The GPU cost is measured by vae_memory.py.
 LEAN_MIN_PIXELS = 256 * 256  # below this the plain path is used (it is the reference path everywhere)
 LEAN_ROWS = 64  # rows per band; must be >= the halo of an in-place write (2 rows, see _write)
 # The mid block's single-head attention over all positions of the latent grid (128^2 = 16384 at 1024^2), head
