@@ -198,12 +198,11 @@ def test_streaming_saves_memory(monkeypatch):
     """Live-tensor accounting of a lean decode and encode on meta tensors (no arithmetic): the decoder's
     upsampled input of its last level (64 ch at full size) and the encoder's level-0 activations (32 ch at full
     size) are never stored, and the peak stays near the one full-size tensor each must write."""
-    import sys
     from pathlib import Path
 
     from bagel_rt import vae as V
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from vae_memory import LiveTensorBytes
 
     with torch.device("meta"):
