@@ -8,6 +8,7 @@ h/w latent positions (H / downsample).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,67 +29,107 @@ def _swish(x: Tensor, inplace: bool = False) -> Tensor:
 # -- memory-lean inference path -----------------------------------------------------------------------------
 # At 1024^2 in fp32 a full-resolution activation is 0.5-1 GiB and the VAE decode is the memory peak of a whole
 # request. Without autograd, a 3x3 convolution only needs its input rows plus one halo row on each side, and
-# GroupNorm only needs its per-group statistics, so the norm -> swish -> conv and upsample -> conv chains run
-# over row bands: one full tensor in, one full tensor out, a band of temporaries in between. Same operations,
-# same results up to float rounding order (GroupNorm as x * scale + shift from fp32 statistics).
+# GroupNorm only needs its per-group statistics, so the full-resolution levels run over row bands. An
+# activation is then a ``Rows`` function, rows [a, b) -> [B, C, b - a, W], computed on demand from the last
+# tensor that does exist; a GroupNorm's statistics cost one pass over the bands (recomputing what leads to
+# them), and only the level's output is written whole. Same operations, same results up to float rounding
+# order (GroupNorm as x * scale + shift from fp32 statistics). Live tensors at 1024^2, FLUX VAE, counted on
+# the CPU by benchmarks/vae_memory.py: decode 2147 -> 1005 MiB, encode 1665 -> 492 MiB (row bands of single
+# convolutions only -> whole levels streamed). The price is recomputation: each norm's statistics pass reruns
+# the convolutions before it (1024^2 decode: ~17 instead of ~9 TFLOP by count; CPU, 320^2 decode + encode of
+# random VAEs: 1.4-1.9x the time of the per-convolution bands). The GPU cost is measured by vae_memory.py.
 LEAN_MIN_PIXELS = 256 * 256  # below this the plain path is used (it is the reference path everywhere)
-LEAN_ROWS = 64
+LEAN_ROWS = 64  # rows per band; must be >= the halo of an in-place write (2 rows, see _write)
 # The mid block's single-head attention over all positions of the latent grid (128^2 = 16384 at 1024^2), head
 # width 512, fp32: flash attention cannot take it (fp16/bf16 only, head dim <= 256), and SDPA's fallback needs
 # memory that grows with N^2. Without autograd the queries run in chunks of this many rows (same per-row
 # arithmetic): measured on an H200, the 1024^2 decode's peak fell by 0.30 GiB (NF4 request, 10.16 -> 9.86 GiB).
 ATTN_CHUNK = 2048
 
+Rows = Callable[[int, int], Tensor]  # rows [a, b) of a [B, C, H, W] activation -> [B, C, b - a, W]
+
 
 def _lean(x: Tensor) -> bool:
     return not torch.is_grad_enabled() and x.shape[-2] * x.shape[-1] >= LEAN_MIN_PIXELS
 
 
-def _norm_affine(x: Tensor, norm: nn.GroupNorm) -> tuple[Tensor, Tensor]:
-    """Per-channel (scale, shift) [B, C] such that GroupNorm(x) = x * scale + shift."""
-    b, c = x.shape[:2]
+def _rows_of(x: Tensor) -> Rows:
+    return lambda a, b: x[:, :, a:b]
+
+
+def _norm_affine(src: Rows, height: int, norm: nn.GroupNorm) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift) [B, C, 1, 1] such that GroupNorm(x) = x * scale + shift, x of ``height`` rows
+    given by ``src``.
+
+    One pass over the bands: each band's per-group var_mean in fp32 (as GroupNorm computes it), merged in fp64
+    with the parallel-variance rule (var = sum_k w_k (var_k + (mean_k - mean)^2), w_k the band's share of the
+    rows), so the statistics equal a whole-tensor var_mean up to fp32 rounding.
+    """
     g = norm.num_groups
-    var, mean = torch.var_mean(x.reshape(b, g, -1).float(), dim=-1, unbiased=False)
-    rstd = torch.rsqrt(var + norm.eps)  # [B, G]
-    scale = (rstd.repeat_interleave(c // g, dim=1) * norm.weight.float())
-    shift = norm.bias.float() - mean.repeat_interleave(c // g, dim=1) * scale
-    return scale.to(x.dtype), shift.to(x.dtype)
+    stats, weights = [], []
+    for r0 in range(0, height, LEAN_ROWS):
+        t = src(r0, min(height, r0 + LEAN_ROWS))
+        var, mean = torch.var_mean(t.float().unflatten(1, (g, -1)), dim=(2, 3, 4), unbiased=False)  # [B, G]
+        stats.append(torch.stack([mean, var]).double())
+        weights.append(t.shape[2] / height)
+        dtype = t.dtype
+        del t
+    st = torch.stack(stats)  # [bands, 2, B, G]
+    w = torch.tensor(weights, dtype=torch.float64, device=st.device)
+    mean = torch.einsum("k,kbg->bg", w, st[:, 0])
+    var = torch.einsum("k,kbg->bg", w, st[:, 1] + (st[:, 0] - mean) ** 2)
+    rstd = torch.rsqrt(var.float() + norm.eps)  # [B, G]
+    c = norm.num_channels
+    scale = rstd.repeat_interleave(c // g, dim=1) * norm.weight.float()
+    shift = norm.bias.float() - mean.float().repeat_interleave(c // g, dim=1) * scale
+    return scale.to(dtype)[:, :, None, None], shift.to(dtype)[:, :, None, None]
 
 
-def _conv_rows(src, conv: nn.Conv2d, height: int, rows: int = LEAN_ROWS, out: Tensor | None = None) -> Tensor:
-    """A 3x3, padding-1 ``conv`` over an input of ``height`` rows produced band by band by
-    ``src(a, b)`` (rows [a, b) of the conv input); zero rows only at the true borders.
+def _norm_swish(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """swish(t * scale + shift) in one new tensor (same two roundings as ``t * scale + shift``)."""
+    t = (t * scale).add_(shift)
+    return t.mul_(torch.sigmoid(t))
 
-    ``out``: write the result into this tensor, which may be the very tensor ``src`` reads from (same shape):
-    each output band is held back until the next band has read its halo row, then written over input rows
+
+def _conv_band(t: Tensor, t_lo: int, a: int, b: int, conv: nn.Conv2d, height: int) -> Tensor:
+    """Rows [a, b) of a 3x3, padding-1 ``conv`` over an input of ``height`` rows; ``t`` holds input rows from
+    ``t_lo`` on and covers [a - 1, b + 1] within the input. Zero rows only at the true borders."""
+    lo, hi = max(0, a - 1), min(height, b + 1)
+    t = F.pad(t[:, :, lo - t_lo:hi - t_lo], (0, 0, int(lo == a), int(hi == b)))
+    return F.conv2d(t, conv.weight, conv.bias, padding=(0, 1))
+
+
+def _conv_src(src: Rows, conv: nn.Conv2d, height: int) -> Rows:
+    """Rows of a 3x3, padding-1 ``conv`` over the ``height`` rows that ``src`` gives."""
+    return lambda a, b: _conv_band(src(max(0, a - 1), min(height, b + 1)), max(0, a - 1), a, b, conv, height)
+
+
+def _norm_swish_conv(src: Rows, height: int, norm: nn.GroupNorm, conv: nn.Conv2d) -> Rows:
+    """Rows of conv(swish(norm(x))), x given by ``src``; the norm's statistics are taken here (one pass)."""
+    scale, shift = _norm_affine(src, height, norm)
+    return _conv_src(lambda a, b: _norm_swish(src(a, b), scale, shift), conv, height)
+
+
+def _write(src: Rows, height: int, out: Tensor | None = None) -> Tensor:
+    """Rows [0, height) of ``src`` into ``out`` (a new tensor if None), band by band.
+
+    ``out`` may be the very tensor ``src`` reads from, if a band reads at most 2 <= LEAN_ROWS rows beyond its own:
+    each band is held back until the next one has been computed (has read its halo), then written over rows
     that nothing reads any more. That saves a full-resolution activation (512 MiB at 1024^2, 128 channels).
     """
-    pending = None  # (r0, r1, y) of the band not yet written
-    for r0 in range(0, height, rows):
-        r1 = min(height, r0 + rows)
-        a, b = max(0, r0 - 1), min(height, r1 + 1)
-        t = F.pad(src(a, b), (0, 0, int(a == r0), int(b == r1)))
-        y = F.conv2d(t, conv.weight, conv.bias, padding=(0, 1))
-        del t
+    if out is not None and LEAN_ROWS < 2:
+        raise ValueError(f"LEAN_ROWS={LEAN_ROWS}: writing a block over its input needs bands of >= 2 rows")
+    pending = None  # (first row, rows) of the band not yet written
+    for r0 in range(0, height, LEAN_ROWS):
+        y = src(r0, min(height, r0 + LEAN_ROWS))
         if out is None:
             out = y.new_empty(y.shape[0], y.shape[1], height, y.shape[3])
-        if pending is not None:  # rows of the previous band: the band just computed read its last row already
-            out[:, :, pending[0]:pending[1]] = pending[2]
-        pending = (r0, r1, y)
-    out[:, :, pending[0]:pending[1]] = pending[2]
+        if pending is not None:  # the band just computed has read the previous band's rows already
+            out[:, :, pending[0]:pending[0] + pending[1].shape[2]] = pending[1]
+        pending = (r0, y)
+        del y
+    out[:, :, pending[0]:] = pending[1]
     return out
-
-
-def _norm_swish_conv(x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d, in_place: bool = False) -> Tensor:
-    """conv(swish(norm(x))) over row bands; ``in_place`` overwrites x with the result (same channels)."""
-    scale, shift = _norm_affine(x, norm)
-    scale, shift = scale[:, :, None, None], shift[:, :, None, None]
-
-    def band(a, b):
-        t = x[:, :, a:b] * scale + shift
-        return t.mul_(torch.sigmoid(t))
-
-    return _conv_rows(band, conv, x.shape[2], out=x if in_place else None)
 
 
 class ResnetBlock(nn.Module):
@@ -107,22 +148,34 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C_in, H, W] -> [B, C_out, H, W]."""
-        # swish and the residual add run in place on fresh tensors when no graph is recorded: at 1024^2 in
-        # fp32 each full-resolution activation is 0.5-1 GiB, and the decode is the peak of a request
-        if _lean(x):
-            h = _norm_swish_conv(x, self.norm1, self.conv1)
-            h = _norm_swish_conv(h, self.norm2, self.conv2, in_place=True)  # h is a fresh tensor of ours
-            if self.nin_shortcut is None:
-                return h.add_(x)
-            for r0 in range(0, x.shape[2], LEAN_ROWS):  # the 1x1 projection, band by band, added in place
-                h[:, :, r0:r0 + LEAN_ROWS].add_(self.nin_shortcut(x[:, :, r0:r0 + LEAN_ROWS]))
-            return h
-        inplace = not torch.is_grad_enabled()
+        if _lean(x):  # one full-size tensor in, one out (x is the caller's: not written over)
+            return _write(self.rows(_rows_of(x), x.shape[2]), x.shape[2])
+        inplace = not torch.is_grad_enabled()  # swish and the residual add on fresh tensors: no copies
         h = self.conv1(_swish(self.norm1(x), inplace))
         h = self.conv2(_swish(self.norm2(h), inplace))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return h.add_(x) if inplace else x + h
+
+    def rows(self, src: Rows, height: int) -> Rows:
+        """The block's output as rows, its input x given by ``src`` (rows of [B, C_in, height, W]); nothing
+        full-size is stored. Takes the two norms' statistics now: a pass over x, and a pass over conv1's
+        output that computes it band by band (conv1 runs twice in all). An output band reads x with a halo of
+        2 rows (conv1, then conv2), once: the residual is the middle of those rows."""
+        s1 = _norm_affine(src, height, self.norm1)
+        h_src = _conv_src(lambda a, b: _norm_swish(src(a, b), *s1), self.conv1, height)
+        s2 = _norm_affine(h_src, height, self.norm2)
+
+        def band(a: int, b: int) -> Tensor:
+            lo, hi = max(0, a - 2), min(height, b + 2)
+            x = src(lo, hi)
+            h = _conv_band(_norm_swish(x, *s1), lo, max(0, a - 1), min(height, b + 1), self.conv1, height)
+            y = _conv_band(_norm_swish(h, *s2), max(0, a - 1), a, b, self.conv2, height)
+            del h
+            x = x[:, :, a - lo:b - lo]
+            return y.add_(x if self.nin_shortcut is None else self.nin_shortcut(x))
+
+        return band
 
 
 class AttnBlock(nn.Module):
@@ -162,7 +215,19 @@ class Downsample(nn.Module):
         """x: [B, C, H, W] -> [B, C, H/2, W/2]."""
         # Asymmetric padding (right/bottom only) is what the weights were trained with; padding=1 would shift
         # every output pixel by half an input pixel.
+        if _lean(x):  # no padded copy of the input
+            return _write(self.rows(_rows_of(x), x.shape[2]), x.shape[2] // 2)
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+    def rows(self, src: Rows, height: int) -> Rows:
+        """Output rows [a, b) (of height // 2), the input of ``height`` rows given by ``src``: output row i
+        reads input rows 2i .. 2i + 2, the one past the bottom being the zero padding."""
+        def band(a: int, b: int) -> Tensor:
+            hi = min(height, 2 * b + 1)
+            t = F.pad(src(2 * a, hi), (0, 1, 0, 2 * b + 1 - hi))
+            return F.conv2d(t, self.conv.weight, self.conv.bias, stride=2)
+
+        return band
 
 
 class Upsample(nn.Module):
@@ -175,12 +240,16 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C, H, W] -> [B, C, 2H, 2W]."""
         if _lean(x):  # never materialise the 4x nearest-upsampled input
-            def band(a, b):  # rows [a, b) of the upsampled image come from input rows [a // 2, (b + 1) // 2)
-                up = F.interpolate(x[:, :, a // 2:(b + 1) // 2], scale_factor=2.0, mode="nearest")
-                return up[:, :, a - 2 * (a // 2): a - 2 * (a // 2) + (b - a)]
-
-            return _conv_rows(band, self.conv, 2 * x.shape[2])
+            return _write(self.rows(x), 2 * x.shape[2])
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    def rows(self, x: Tensor) -> Rows:
+        """Output rows [a, b) (of 2H) computed from x, band by band."""
+        def up(a: int, b: int) -> Tensor:  # upsampled rows [a, b) come from input rows [a // 2, (b + 1) // 2)
+            t = F.interpolate(x[:, :, a // 2:(b + 1) // 2], scale_factor=2.0, mode="nearest")
+            return t[:, :, a % 2:a % 2 + (b - a)]
+
+        return _conv_src(up, self.conv, 2 * x.shape[2])
 
 
 class _Mid(nn.Module):
@@ -238,10 +307,37 @@ class Encoder(nn.Module):
         self.norm_out = _norm(c_in)
         self.conv_out = nn.Conv2d(c_in, 2 * p.z_channels, kernel_size=3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
+    def _levels_lean(self, x: Tensor) -> Tensor:
+        """conv_in and the levels, each large level streamed from its input to its (downsampled) output.
+
+        Only a level's input and output exist whole: at 1024^2 the level-0 activations (128 channels, 512 MiB
+        each) never do, the level runs from the 12 MiB image. The price is recomputation for the norms'
+        statistics (each block's rows() pass runs the chain up to it): level 0 runs about 10 of its 128-ch
+        3x3 convolutions instead of 4.
+        """
+        height = x.shape[2]
+        src: Rows | None = _conv_src(_rows_of(x), self.conv_in, height)
+        h = None
         for level in self.down:
-            h = level(h)
+            if h is not None and not _lean(h):
+                h = level(h)
+                continue
+            if h is not None:
+                src, height = _rows_of(h), h.shape[2]
+            for blk in level.block:
+                src = blk.rows(src, height)
+            down = getattr(level, "downsample", None)
+            h = _write(src, height) if down is None else _write(down.rows(src, height), height // 2)
+            src = None  # lets the level's input go
+        return h
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _lean(x):
+            h = self._levels_lean(x)
+        else:
+            h = self.conv_in(x)
+            for level in self.down:
+                h = level(h)
         h = self.mid(h)
         return self.conv_out(_swish(self.norm_out(h)))
 
@@ -270,10 +366,30 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
+        if torch.is_grad_enabled():
+            for level in reversed(self.up):
+                h = level(h)
+            return self.conv_out(_swish(self.norm_out(h)))
+        # Without autograd, large upsamplings are never stored: the next block reads the upsample-conv rows
+        # band by band (rows()), so at 1024^2 the [1, 256, 1024, 1024] input of up.0 (1 GiB) never exists;
+        # blocks without a width change write their output over their input.
+        up_src = None  # (rows, height) of the upsampled activation that the next block reads
         for level in reversed(self.up):
-            h = level(h)
+            for blk in level.block:
+                if up_src is not None:
+                    h = _write(blk.rows(*up_src), up_src[1])
+                    up_src = None  # lets the level's input go
+                elif _lean(h) and blk.nin_shortcut is None:  # h is ours: nothing else holds it
+                    h = _write(blk.rows(_rows_of(h), h.shape[2]), h.shape[2], out=h)
+                else:
+                    h = blk(h)
+            up = getattr(level, "upsample", None)
+            if up is not None and _lean(h):
+                up_src = (up.rows(h), 2 * h.shape[2])
+            elif up is not None:
+                h = up(h)
         if _lean(h):
-            return _norm_swish_conv(h, self.norm_out, self.conv_out)
+            return _write(_norm_swish_conv(_rows_of(h), h.shape[2], self.norm_out, self.conv_out), h.shape[2])
         return self.conv_out(_swish(self.norm_out(h)))
 
 
