@@ -7,10 +7,6 @@ output is that code's fp32 value times its scale, rounded once, on both sides: i
 
 import pytest
 import torch
-from conftest import requires_cuda
-from test_kernels import assert_close
-from torch import nn
-
 from bagel_rt.quant import FP8Linear, Int8Linear, NF4Linear
 from bagel_rt.quant.decode_gemv import (
     DecodeWeight,
@@ -24,6 +20,9 @@ from bagel_rt.quant.decode_gemv import (
 )
 from bagel_rt.quant.fp8_matmul import FP8
 from bagel_rt.quant.nf4 import NF4_CODE
+from conftest import requires_cuda
+from test_kernels import assert_close
+from torch import nn
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ("int8", "fp8", "nf4")
@@ -68,7 +67,8 @@ def test_qgemv_swiglu(fmt, N, K, dtype):
     assert_close(f"{fmt} qgemv_swiglu", ref, qgemv_swiglu(x, gate, up), tol(dtype))
     # the rounding of the unfused chain: each projection in x.dtype, then the SwiGLU
     g, u = qgemv_ref(x, gate).float(), qgemv_ref(x, up).float()
-    assert_close("swiglu chain", (g * torch.sigmoid(g) * u).to(dtype), ref, 1e-6 if dtype == torch.float32 else 1e-3)
+    chain = (g * torch.sigmoid(g) * u).to(dtype)
+    assert_close("swiglu chain", chain, ref, 1e-6 if dtype == torch.float32 else 1e-3)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
