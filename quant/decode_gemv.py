@@ -20,14 +20,23 @@ per SM (fp32 FMA: 128, integer ALU: 64). So no converter is used:
   is the e4m3 value times 2^-120 (sign in bit 31, exponent and mantissa in bits 20..26; e4m3 subnormals land on
   fp32 subnormals, which Triton's fp32 multiply keeps), times 2^120 (exact): two integer ops and a multiply.
   The decode of ``quant.fp8_matmul`` (e4m3 -> fp16 bits -> fp32) costs six integer ops and a converter.
-* NF4: a gather from the 16-entry fp32 code table (``tl.load(table + nibble)``, 64 bytes: one L1 line, so a
-  warp's gather is one wavefront at any spread of indices): the exact codes, about three integer ops and one
-  L1 access per code. The select tree of ``quant.matmul`` costs 15 selects plus the bit tests per code
-  (gate/up 18944 x 3584 at 1 row: 81 us, ~3 codes per clock per SM). Evaluated on paper and rejected: a
-  256-entry table of code pairs per byte (2 KB: a warp's gather spreads over 16 lines, ~16 wavefronts);
-  ``prmt`` byte permutes over the codes in registers (exact fp32 codes need four byte planes, 2 permutes and a
-  select per plane and four codes, then a 4x4 byte transpose: ~6 integer ops per code; fp16/bf16 pairs would
-  be cheaper but are not the fp32 codes); ``tl.where`` chains on 2-bit halves (still 15 selects per code).
+* NF4: a gather from the 16-entry fp32 code table (64 bytes, one L1 line, so a warp's gather is one
+  wavefront at any spread of indices): the exact codes. The packed codes are loaded as int32 words of 8 codes;
+  a shift and a mask give each code's byte offset, OR-ed into the (64-byte aligned) table address, so the
+  loop spends about 4 integer ops and one L1 load per code, no 64-bit add. The select tree of ``quant.matmul``
+  costs 15 selects plus the bit tests per code (gate/up 18944 x 3584 at 1 row: 81 us, ~3 codes per clock per
+  SM). Evaluated on paper and rejected: a 256-entry table of code pairs per byte (2 KB: a warp's gather
+  spreads over 16 lines, up to 16 wavefronts); ``prmt`` byte permutes over the codes in registers (exact fp32
+  codes need four byte planes, 2 permutes and a select per plane and four codes, then a 4x4 byte transpose:
+  ~6 integer ops per code; fp16/bf16 pairs would be cheaper but are not the fp32 codes); ``tl.where`` chains
+  on 2-bit halves (still 15 selects per code).
+
+Offline sm_90 SASS of the loops (``triton.compile`` for ``GPUTarget("cuda", 90, 32)``, no GPU needed),
+instructions per weight: bf16 GEMV 4.9, INT8 5.7, FP8 6.7, NF4 7.7 (the byte-wise gather: 8.7); at 128 issue
+slots per clock per SM that leaves INT8 / FP8 at their 1-byte bandwidth with little headroom and NF4 issue-bound
+at about half of its 0.56-byte bandwidth. PTX ``prmt`` decodes of INT8 / FP8 (``tl.inline_asm_elementwise``)
+compiled to more instructions (Triton unpacks the loaded bytes and packs them again for the asm: 7.9 / 8.7 per
+weight), and on int32 words of four codes to 5.2 / 5.9 with x in four strided tiles: not kept.
 
 Each launcher has a ``*_ref`` twin with the same signature (dequantize to fp32, ``F.linear``); the rounding
 follows the bf16 GEMVs (fp32 sums, one rounding; SwiGLU as :func:`bagel_rt.kernels.gemv.swiglu_store`).
@@ -90,8 +99,9 @@ def decode_weight(mod: nn.Module) -> DecodeWeight | None:
     if type(mod) is FP8Linear:
         return DecodeWeight("fp8", mod.weight, mod.weight_scale.reshape(-1).float().contiguous(), shape)
     if type(mod) is NF4Linear:
+        # a table of its own: a fresh allocation is 64-byte aligned (the kernels OR offsets into its address)
         return DecodeWeight("nf4", mod.weight.reshape(-1), mod.absmax.reshape(-1), shape, mod.blocksize,
-                            mod.quant_map.float().contiguous())
+                            mod.quant_map.float().clone())
     return None
 
 
@@ -199,26 +209,40 @@ def _q8_gemv_swiglu_kernel(x, wg, wu, sg, su, y, N, K, stride_xm, stride_ym, FP8
 
 @triton.jit
 def _nf4_tile(p_p, p_a, m_n, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.constexpr):
-    # ([BN, BK // 2] packed bytes, [BN, BK // BLOCKSIZE] absmax) of columns [k0, k0 + BK); whole quantization
-    # blocks past K read nothing (K is a multiple of BLOCKSIZE, so rows start on a byte and on a block)
-    o_j = k0 // 2 + tl.arange(0, BK // 2)
-    b_p = tl.load(p_p[:, None] + o_j[None, :], mask=m_n[:, None] & (o_j < K // 2)[None, :], other=0)
+    # ([BN, BK // 8] int32 words of 8 codes, [BN, BK // BLOCKSIZE] absmax) of columns [k0, k0 + BK); whole
+    # quantization blocks past K read nothing (K is a multiple of BLOCKSIZE >= 32: rows start on a word)
+    o_j = k0 // 8 + tl.arange(0, BK // 8)
+    b_p = tl.load(p_p[:, None] + o_j[None, :], mask=m_n[:, None] & (o_j < K // 8)[None, :], other=0)
     o_b = k0 // BLOCKSIZE + tl.arange(0, BK // BLOCKSIZE)
     b_a = tl.load(p_a[:, None] + o_b[None, :], mask=m_n[:, None] & (o_b < K // BLOCKSIZE)[None, :], other=0.0)
     return b_p, b_a
 
 
 @triton.jit
+def _nf4_code(t_bits, b_p, i: tl.constexpr):
+    # the exact fp32 code of element i of each word, gathered from the 16-entry table at ``t_bits`` (64-byte
+    # aligned, so the byte offset 4 * nibble is OR-ed into the address: no 64-bit add per code). Word j holds
+    # elements 8j .. 8j + 7; its byte b (little-endian) elements 8j + 2b (high nibble) and 8j + 2b + 1 (low)
+    SHIFT: tl.constexpr = 8 * (i // 2) + 4 - 4 * (i % 2) - 2  # the nibble's lowest bit -> bit 2
+    if SHIFT < 0:
+        off = (b_p << 2) & 0x3C
+    else:
+        off = (b_p >> SHIFT) & 0x3C
+    return tl.load((t_bits | off.to(tl.int64)).to(tl.pointer_type(tl.float32)))
+
+
+@triton.jit
 def _nf4_acc(acc, b_p, b_a, t, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.constexpr):
-    # acc [BN, NB, BLOCKSIZE // 2] += per block: absmax * sum(code(hi) * x[2j] + code(lo) * x[2j + 1])
+    # acc [BN, NB, BLOCKSIZE // 8] += per block: absmax * sum over the 8 codes of each word of code * x
     BN: tl.constexpr = acc.shape[0]
-    o_e = k0 + 2 * tl.arange(0, BK // 2)  # byte j of the tile holds elements 2j (high nibble) and 2j + 1
-    b_xe = tl.load(p_x + o_e, mask=o_e < K, other=0.0).to(tl.float32)
-    b_xo = tl.load(p_x + o_e + 1, mask=o_e < K, other=0.0).to(tl.float32)
-    b_i = b_p.to(tl.int32)
-    # the exact fp32 codes, gathered from the 16-entry table (one L1 line)
-    b_s = tl.load(t + (b_i >> 4)) * b_xe[None, :] + tl.load(t + (b_i & 15)) * b_xo[None, :]
-    return acc + tl.reshape(b_s, [BN, BK // BLOCKSIZE, BLOCKSIZE // 2]) * b_a[:, :, None]
+    o_e = k0 + 8 * tl.arange(0, BK // 8)
+    m_e = o_e < K
+    t_bits = t.to(tl.int64)
+    b_s = tl.zeros([BN, BK // 8], dtype=tl.float32)
+    for i in tl.static_range(8):
+        b_x = tl.load(p_x + o_e + i, mask=m_e, other=0.0).to(tl.float32)
+        b_s += _nf4_code(t_bits, b_p, i) * b_x[None, :]
+    return acc + tl.reshape(b_s, [BN, BK // BLOCKSIZE, BLOCKSIZE // 8]) * b_a[:, :, None]
 
 
 @triton.jit
@@ -229,11 +253,11 @@ def _nf4_gemv_kernel(x, p, a, t, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
-    p_p = p + o_n.to(tl.int64) * (K // 2)
+    p_p = p + o_n.to(tl.int64) * (K // 8)
     p_a = a + o_n.to(tl.int64) * (K // BLOCKSIZE)
     b_p, b_a = _nf4_tile(p_p, p_a, m_n, 0, K, BK, BLOCKSIZE)
     gdc_wait(USE_GDC)
-    acc = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 2], dtype=tl.float32)
+    acc = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     for k0 in range(0, K, BK):
         acc = _nf4_acc(acc, b_p, b_a, t, p_x, k0, K, BK, BLOCKSIZE)
         b_p, b_a = _nf4_tile(p_p, p_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
@@ -251,12 +275,12 @@ def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, y, N, K, stride_xm, stride_ym,
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
-    o_p, o_a = o_n.to(tl.int64) * (K // 2), o_n.to(tl.int64) * (K // BLOCKSIZE)
+    o_p, o_a = o_n.to(tl.int64) * (K // 8), o_n.to(tl.int64) * (K // BLOCKSIZE)
     b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, 0, K, BK, BLOCKSIZE)
     b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, 0, K, BK, BLOCKSIZE)
     gdc_wait(USE_GDC)
-    acc_g = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 2], dtype=tl.float32)
-    acc_u = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 2], dtype=tl.float32)
+    acc_g = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
+    acc_u = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     for k0 in range(0, K, BK):
         acc_g = _nf4_acc(acc_g, b_pg, b_ag, t, p_x, k0, K, BK, BLOCKSIZE)
         acc_u = _nf4_acc(acc_u, b_pu, b_au, t, p_x, k0, K, BK, BLOCKSIZE)
@@ -301,9 +325,10 @@ def _check(x: Tensor, *ws: DecodeWeight) -> tuple[int, int, int]:
         assert w.shape[1] == K and w.codes.is_contiguous() and w.scale.is_contiguous(), (w.shape, K)
         assert w.scale.dtype == torch.float32 and w.codes.device == x.device
         if w.fmt == "nf4":
-            assert K % w.blocksize == 0 and w.blocksize % 2 == 0, (K, w.blocksize)
+            assert K % w.blocksize == 0 and w.blocksize % 8 == 0, (K, w.blocksize)  # rows of whole int32 words
             assert w.codes.dtype == torch.uint8 and w.codes.numel() == N * K // 2
             assert w.scale.numel() == N * K // w.blocksize and w.table.dtype == torch.float32
+            assert w.table.numel() == 16 and w.table.data_ptr() % 64 == 0, "the NF4 table must be 64-byte aligned"
         else:
             assert w.codes.dtype == {"int8": torch.int8, "fp8": FP8}[w.fmt] and w.codes.shape == (N, K)
             assert w.scale.numel() == N
@@ -321,7 +346,7 @@ def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, pdl: bool, cfg: dict
         return y
     b = bias if bias is not None else w.scale
     if w.fmt == "nf4":
-        args = (x, w.codes, w.scale, w.table, b, y, N, K, x.stride(0), y.stride(0), M)
+        args = (x, w.codes.view(torch.int32), w.scale, w.table, b, y, N, K, x.stride(0), y.stride(0), M)
         _launch(_nf4_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize)
     else:
         args = (x, _codes(w), w.scale, b, y, N, K, x.stride(0), y.stride(0), M)
@@ -337,7 +362,8 @@ def _qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool, cf
         return y
     if gate.fmt == "nf4":
         assert torch.equal(gate.table, up.table), "gate / up NF4 code tables differ"
-        args = (x, gate.codes, gate.scale, up.codes, up.scale, gate.table, y, N, K, x.stride(0), y.stride(0), M)
+        args = (x, gate.codes.view(torch.int32), gate.scale, up.codes.view(torch.int32), up.scale, gate.table, y,
+                N, K, x.stride(0), y.stride(0), M)
         _launch(_nf4_gemv_swiglu_kernel, cfg, N, args, pdl, BLOCKSIZE=gate.blocksize)
     else:
         args = (x, _codes(gate), _codes(up), gate.scale, up.scale, y, N, K, x.stride(0), y.stride(0), M)

@@ -12,14 +12,14 @@ import time
 import pytest
 import torch
 from bagel_rt.kernels import qkv_rope_cache, qkv_rope_cache_ref
+from bagel_rt.quant import NF4Config, quantize_model
+from bagel_rt.quant.decode_gemv import DecodeWeight
 from conftest import rel_l2, requires_cuda
 from test_kernels import assert_close
 
 import bagel_rt
 from bagel_rt.errors import InputError
 from bagel_rt.fast_decode import GraphDecoder, decode_step_kernels, fast_gen_text, und_layers
-from bagel_rt.quant import NF4Config, quantize_model
-from bagel_rt.quant.decode_gemv import DecodeWeight
 from bagel_rt.tiny import write_tiny_checkpoint
 
 # kernels run where Triton can: the GPU when there is one, else the interpreter on the CPU
