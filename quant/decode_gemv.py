@@ -31,12 +31,13 @@ per SM (fp32 FMA: 128, integer ALU: 64). So no converter is used:
   ~6 integer ops per code; fp16/bf16 pairs would be cheaper but are not the fp32 codes); ``tl.where`` chains
   on 2-bit halves (still 15 selects per code).
 
-Offline sm_90 SASS of the loops (``triton.compile`` for ``GPUTarget("cuda", 90, 32)``, no GPU needed),
-instructions per weight: bf16 GEMV 4.9, INT8 5.7, FP8 6.7, NF4 7.7 (the byte-wise gather: 8.7); at 128 issue
-slots per clock per SM that leaves INT8 / FP8 at their 1-byte bandwidth with little headroom and NF4 issue-bound
-at about half of its 0.56-byte bandwidth. PTX ``prmt`` decodes of INT8 / FP8 (``tl.inline_asm_elementwise``)
-compiled to more instructions (Triton unpacks the loaded bytes and packs them again for the asm: 7.9 / 8.7 per
-weight), and on int32 words of four codes to 5.2 / 5.9 with x in four strided tiles: not kept.
+Offline sm_90 SASS of the loops (``benchmarks/decode_sass.py``: ``triton.compile`` for a CUDA target, no
+GPU needed), instructions per weight: bf16 GEMV 4.9, INT8 5.7, FP8 6.7, NF4 7.7 (the byte-wise gather: 8.7);
+at 128 issue slots per clock per SM that leaves INT8 / FP8 at their 1-byte bandwidth with little headroom and
+NF4 issue-bound at about half of its 0.56-byte bandwidth. PTX ``prmt`` decodes of INT8 / FP8
+(``tl.inline_asm_elementwise``) compiled to more instructions (Triton unpacks the loaded bytes and packs them
+again for the asm: 7.9 / 8.7 per weight), and on int32 words of four codes to 5.2 / 5.9 with x in four strided
+tiles: not kept.
 
 Each launcher has a ``*_ref`` twin with the same signature (dequantize to fp32, ``F.linear``); the rounding
 follows the bf16 GEMVs (fp32 sums, one rounding; SwiGLU as :func:`bagel_rt.kernels.gemv.swiglu_store`).
