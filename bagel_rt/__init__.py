@@ -5,10 +5,19 @@
     pipe.generate("A red bagel on a white plate.", seed=0).image.save("bagel.png")
 """
 
-from .errors import BagelError, CheckpointError, InputError
-from .loader import load
-from .pipeline import ASPECT_PRESETS, Bagel
-from .session import Result, Session
+from .errors import BagelError, CheckpointError, InputError, NonFiniteError, OutputError
 
-__all__ = ["load", "Bagel", "Session", "Result", "ASPECT_PRESETS", "BagelError", "CheckpointError", "InputError"]
+__all__ = ["load", "Bagel", "Session", "Result", "ASPECT_PRESETS", "BagelError", "CheckpointError", "InputError",
+           "NonFiniteError", "OutputError"]
 __version__ = "0.1.0"
+# imported on first use, so that `import bagel_rt` (and the CLI's start, before torch is imported) is instant
+_LAZY = {"load": "loader", "Bagel": "pipeline", "ASPECT_PRESETS": "pipeline", "Result": "session",
+         "Session": "session"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'bagel_rt' has no attribute {name!r}")

@@ -4,7 +4,8 @@ Every result is one JSON line with the fields of ``benchmarks/results/*.jsonl``:
 height, width, num_timesteps, seconds (median of the timed runs), seconds_per_step, peak_gib,
 tokens_per_s, tflops (achieved, analytic FLOP count of the denoising forwards / denoising time),
 tflops_share (of the measured bf16 matmul peak: a ~15 ms burst), tflops_share_sustained (of the bf16 matmul
-rate held over seconds, which a power-capped GPU keeps lower), warmup_seconds, gpu, torch, commit, date.
+rate held over seconds, which a power-capped GPU keeps lower), warmup_seconds, step_cache (what step caching
+ran, or null), full_evaluations (full branch forwards per image), gpu, torch, commit, date.
 Warm-up runs are excluded from the median and reported separately.
 """
 
@@ -105,21 +106,28 @@ def matmul_sustained_tflops(seconds: float = 3.0, n: int = 8192) -> float | None
     return len(rates) / sum(1 / r for r in rates) if rates else None
 
 
-def denoise_flops(model, ctx_lens: dict[str, int], dedup: dict[str, bool], h: int, w: int, num_timesteps: int,
-                  shift: float, cfg: CFGSettings) -> float:
-    """Analytic FLOPs of the denoising forwards actually run (GEMMs + attention), per the exact-skip rules
-    (``dedup``: the flags of :meth:`bagel_rt.session.Session.branches`)."""
+def full_forwards(dedup: dict[str, bool], num_timesteps: int, shift: float, cfg: CFGSettings) -> dict[str, int]:
+    """Full denoiser forwards per branch of an uncached request, per the exact-skip rules (``dedup``: the flags
+    of :meth:`bagel_rt.session.Session.branches`)."""
+    n = {}
+    for t in schedule(num_timesteps, shift)[:-1].tolist():
+        for b in set(velocity_sources(*cfg.scales_at(t), dedup["text_is_cond"], dedup["img_is_cond"]).values()):
+            n[b] = n.get(b, 0) + 1
+    return n
+
+
+def denoise_flops(model, ctx_lens: dict[str, int], forwards: dict[str, int], h: int, w: int) -> float:
+    """Analytic FLOPs of the denoising forwards actually run (GEMMs + attention): ``forwards[b]`` full
+    forwards of branch b (:func:`full_forwards`, or a step-cached request's ``full_by_branch``)."""
     p = model.params.llm
     H, inter, hd = p.hidden_size, p.intermediate_size, p.head_dim
     kv = p.num_kv_heads * hd
     lin = 2 * (H * H * 2 + H * kv * 2 + 3 * H * inter)  # FLOPs per token per layer (q, o, k, v, gate/up/down)
     N, L = h * w, h * w + 2
     total = 0.0
-    for t in schedule(num_timesteps, shift)[:-1].tolist():
-        st, si = cfg.scales_at(t)
-        for b in set(velocity_sources(st, si, dedup["text_is_cond"], dedup["img_is_cond"]).values()):
-            total += p.num_layers * (L * lin + 4 * L * (ctx_lens[b] + L) * H)
-            total += 2 * N * (64 * H * 2)  # vae2llm + llm2vae
+    for b, n in forwards.items():
+        total += n * p.num_layers * (L * lin + 4 * L * (ctx_lens[b] + L) * H)
+        total += n * 2 * N * (64 * H * 2)  # vae2llm + llm2vae
     return total
 
 
@@ -153,8 +161,12 @@ def test_image(h: int, w: int) -> Image.Image:
 
 def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: int = 50, runs: int = 1,
               warmup: int = 1, tokens: int = 256, compare_torch: bool = False, weights: str = "bf16",
-              commit: str | None = None, log=print) -> list[dict]:
-    """Time the requested tasks on ``pipe`` (app defaults); returns one dict per result."""
+              commit: str | None = None, log=print, taylorseer: bool = False) -> list[dict]:
+    """Time the requested tasks on ``pipe`` (app defaults); returns one dict per result.
+
+    ``taylorseer``: image tasks with step caching (official settings); rows then carry ``step_cache`` (the
+    method, settings and schedule that ran) and ``full_evaluations`` (full branch forwards per image; also
+    given without step caching)."""
     env = environment(commit)
     peak_mm = matmul_peak_tflops()
     held_mm = matmul_sustained_tflops()
@@ -175,15 +187,18 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
                 s.add(x)
             shapes = s.image_shapes or (size, size)
             t0 = time.perf_counter()
-            res = s.gen_image(shapes, cfg, num_timesteps=steps, timestep_shift=3.0)
+            res = s.gen_image(shapes, cfg, num_timesteps=steps, timestep_shift=3.0, enable_taylorseer=taylorseer)
             _sync()
             res.info["denoise_seconds"] = time.perf_counter() - t0
             res.info["shape"] = tuple(shapes)
             ds = pipe.model.params.latent_downsample
             lens = {"cond": s.gen.length, "text": s.cfg_text.length, "img": s.cfg_img.length}
-            dedup = s.branches()[1]
-            res.info["flops"] = denoise_flops(pipe.model, lens, dedup, shapes[0] // ds, shapes[1] // ds, steps,
-                                              3.0, cfg)
+            if taylorseer:
+                forwards = res.info["step_cache"]["full_by_branch"]
+            else:
+                forwards = full_forwards(s.branches()[1], steps, 3.0, cfg)
+            res.info["full_evaluations"] = sum(forwards.values())
+            res.info["flops"] = denoise_flops(pipe.model, lens, forwards, shapes[0] // ds, shapes[1] // ds)
             return res
 
         res, sec, warm, peak = _timed(once, runs, warmup)
@@ -200,7 +215,9 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
                    tflops_share=peak_mm and round(tflops / peak_mm, 3), matmul_peak_tflops=peak_mm and
                    round(peak_mm, 1), tflops_share_sustained=held_mm and round(tflops / held_mm, 3),
                    matmul_sustained_tflops=held_mm and round(held_mm, 1),
-                   warmup_seconds=[round(x, 2) for x in warm], runs=runs, **env)
+                   warmup_seconds=[round(x, 2) for x in warm], runs=runs,
+                   step_cache=_step_cache_field(res.info.get("step_cache")),
+                   full_evaluations=res.info["full_evaluations"], **env)
         if compare_torch and backend != "torch":
             compute = pipe.compute
             pipe.compute, pipe.backend = "bf16", "torch"
@@ -258,6 +275,13 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
     return rows
 
 
+def _step_cache_field(info: dict | None) -> dict | None:
+    """A bench row's ``step_cache``: what ran (None without step caching)."""
+    if info is None:
+        return None
+    return {k: info[k] for k in ("method", "settings", "schedule")}
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -284,6 +308,8 @@ def format_row(r: dict) -> str:
                 share += f", {100 * r['tflops_share_sustained']:.0f}% of its sustained rate"
             share += ")"
         parts.append(f"{r['tflops']:.0f} TFLOP/s{share}")
+    if r.get("step_cache"):
+        parts.append(f"{r['step_cache']['method']} ({r['full_evaluations']} full forwards)")
     if r.get("peak_gib") is not None:
         parts.append(f"peak {r['peak_gib']:.1f} GiB")
     if "speedup_vs_torch" in r:

@@ -9,7 +9,6 @@ keys, shapes or dtypes, a directory of another model) raises :class:`CheckpointE
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import struct
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from .errors import CheckpointError
+from .validate import MAX_HEADER_BYTES, header_entries, parse_json, regular_file
 
 _DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -31,6 +31,7 @@ _DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _FLOAT = {"BF16", "F16", "F32", "F64"}
+_ITEMSIZE = {k: v.itemsize for k, v in _DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -55,38 +56,31 @@ class SafetensorsHeader:
 
 
 def read_header(path: Path) -> SafetensorsHeader:
-    """Parse and validate the header of a safetensors file without reading its data."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100_000_000):
-            raise CheckpointError(f"{path}: not a safetensors file or truncated (header length {n}, "
-                                  f"file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    """Parse and validate the header of a safetensors file without reading its data.
+
+    Everything the safetensors library would reject later is rejected here, as a :class:`CheckpointError` naming
+    the file and key (:func:`bagel_rt.validate.header_entries`); the header length is bounded before it is read.
+    """
+    regular_file(path, "safetensors file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(f"{path}: not a safetensors file or truncated (header length {n}, "
+                                      f"file size {size})")
+            text = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    header = parse_json(text, f"{path}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
-    tensors: dict[str, TensorInfo] = {}
-    end = 0
-    for key, info in header.items():
-        try:
-            dtype, shape, (a, b) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}") from None
-        tensors[key] = TensorInfo(dtype, shape, b - a, 8 + n + a)
-        end = max(end, b)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated: the header describes {8 + n + end} bytes but the file has "
-                              f"{size} (re-download or re-convert it)")
-    return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in meta.items()})
+    entries, meta = header_entries(path, header, n, size, _ITEMSIZE)
+    tensors = {k: TensorInfo(dtype, shape, b - a, 8 + n + a) for k, (dtype, shape, a, b) in entries.items()}
+    return SafetensorsHeader(path, tensors, dict(meta))
 
 
 def check_keys(header: SafetensorsHeader, expected: dict[str, tuple[int, ...]], what: str) -> None:
@@ -183,8 +177,12 @@ def iter_tensors(header: SafetensorsHeader, keys, device: torch.device,
 
 
 def open_mapped(header: SafetensorsHeader):
-    """The file as a safetensors handle whose tensors are memory-mapped on the CPU (a context manager)."""
-    return safe_open(str(header.path), framework="pt", device="cpu")
+    """The file as a safetensors handle whose tensors are memory-mapped on the CPU (a context manager).
+    :func:`read_header` has validated what safetensors checks; a file changed since then still fails cleanly."""
+    try:
+        return safe_open(str(header.path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error type (and OSError) for unreadable files
+        raise CheckpointError(f"{header.path}: cannot be read ({str(e).splitlines()[0]})") from None
 
 
 def get_tensor(f, header: SafetensorsHeader, key: str) -> Tensor:

@@ -9,11 +9,12 @@ shapes in ``ae.safetensors`` (:func:`bagel_rt.vae.vae_params_from_shapes`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
+from .transforms import VIT_RESIZE
+from .validate import config_float, config_int, read_json_object
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class LLMParams:
     vocab_size: int = 152064
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
+    #: the longest context (prompt + decoded tokens) the model was trained for (``max_position_embeddings``)
+    max_positions: int = 32768
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -108,69 +111,62 @@ class BagelParams:
 CONFIGS: dict[str, BagelParams] = {"bagel-7b-mot": BagelParams()}
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found (every BAGEL checkpoint has it)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
-def _field(path: Path, data: dict, key: str, kind: type, default=None):
-    if key not in data:
-        if default is not None:
-            return default
-        raise CheckpointError(f"{path}: missing key {key!r}")
-    value = data[key]
-    if kind is float and isinstance(value, int):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise CheckpointError(f"{path}: key {key!r} is {value!r}, expected {kind.__name__}")
-    return value
+#: Bounds of the config values: generous (BAGEL-7B-MoT is far inside them), but every size is finite and small
+#: enough that building the model on the meta device takes moments, and every divisor is positive.
+MAX_WIDTH, MAX_LAYERS, MAX_HEADS, MAX_VOCAB, MAX_POSITIONS = 1 << 16, 256, 1024, 1 << 22, 1 << 20
 
 
 def llm_params_from_json(path: Path) -> LLMParams:
-    """Read ``llm_config.json`` (a stock Qwen2 config). qk-norm and untied embeddings are implied."""
-    d = _read_json(path)
+    """Read ``llm_config.json`` (a stock Qwen2 config). qk-norm and untied embeddings are implied.
+
+    Every value is range-checked (:class:`CheckpointError` naming the key, its value and the range)."""
+    d = read_json_object(path, "LLM config (llm_config.json)")
     mt = d.get("model_type", "qwen2")
     if mt != "qwen2":
         raise CheckpointError(f"{path}: model_type is {mt!r}, expected 'qwen2' (is this a BAGEL checkpoint?)")
-    try:
-        return LLMParams(
-            hidden_size=_field(path, d, "hidden_size", int),
-            intermediate_size=_field(path, d, "intermediate_size", int),
-            num_layers=_field(path, d, "num_hidden_layers", int),
-            num_heads=_field(path, d, "num_attention_heads", int),
-            num_kv_heads=_field(path, d, "num_key_value_heads", int),
-            vocab_size=_field(path, d, "vocab_size", int),
-            rope_theta=_field(path, d, "rope_theta", float, 10000.0),
-            rms_norm_eps=_field(path, d, "rms_norm_eps", float, 1e-6),
-        )
-    except ValueError as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: {e}") from None
+    heads = config_int(path, d, "num_attention_heads", 1, MAX_HEADS)
+    kv_heads = config_int(path, d, "num_key_value_heads", 1, heads)
+    hidden = config_int(path, d, "hidden_size", 2 * heads, MAX_WIDTH)
+    if hidden % (2 * heads) or heads % kv_heads:
+        raise CheckpointError(f"{path}: hidden_size {hidden}, num_attention_heads {heads}, num_key_value_heads "
+                              f"{kv_heads}: expected an even head size (hidden_size / heads) and heads divisible "
+                              "by key-value heads")
+    return LLMParams(
+        hidden_size=hidden,
+        intermediate_size=config_int(path, d, "intermediate_size", 1, 8 * MAX_WIDTH),
+        num_layers=config_int(path, d, "num_hidden_layers", 1, MAX_LAYERS),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        vocab_size=config_int(path, d, "vocab_size", 1, MAX_VOCAB),
+        rope_theta=config_float(path, d, "rope_theta", 0.0, 1e12, 10000.0),
+        rms_norm_eps=config_float(path, d, "rms_norm_eps", 0.0, 0.1, 1e-6),
+        max_positions=config_int(path, d, "max_position_embeddings", 64, MAX_POSITIONS, 32768),
+    )
 
 
 def vit_params_from_json(path: Path) -> ViTParams:
-    """Read ``vit_config.json``; the model uses one layer fewer than the file declares."""
-    d = _read_json(path)
-    n = _field(path, d, "num_hidden_layers", int)
-    if n < 2:
-        raise CheckpointError(f"{path}: num_hidden_layers is {n}, expected at least 2 (one is dropped)")
+    """Read ``vit_config.json``; the model uses one layer fewer than the file declares.
+
+    The images the ViT sees are resized to multiples of 14 up to 980 pixels a side (``VIT_RESIZE``) and index a
+    position grid of ``vit_max_num_patch_per_side`` = 70, so the patch size must be 14 and the ViT's own table
+    must cover 980 pixels; other values are rejected here rather than failing inside a request."""
+    longest, _, stride = VIT_RESIZE
+    d = read_json_object(path, "ViT config (vit_config.json)")
+    n = config_int(path, d, "num_hidden_layers", 2, MAX_LAYERS + 1)
     act = d.get("hidden_act", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
         raise CheckpointError(f"{path}: hidden_act is {act!r}, expected 'gelu_pytorch_tanh'")
+    heads = config_int(path, d, "num_attention_heads", 1, MAX_HEADS)
+    hidden = config_int(path, d, "hidden_size", heads, MAX_WIDTH)
+    if hidden % heads:
+        raise CheckpointError(f"{path}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    patch = config_int(path, d, "patch_size", stride, stride)
     return ViTParams(
-        hidden_size=_field(path, d, "hidden_size", int),
-        intermediate_size=_field(path, d, "intermediate_size", int),
+        hidden_size=hidden,
+        intermediate_size=config_int(path, d, "intermediate_size", 1, 8 * MAX_WIDTH),
         num_layers=n - 1,
-        num_heads=_field(path, d, "num_attention_heads", int),
-        patch_size=_field(path, d, "patch_size", int),
-        image_size=_field(path, d, "image_size", int),
-        layer_norm_eps=_field(path, d, "layer_norm_eps", float, 1e-6),
+        num_heads=heads,
+        patch_size=patch,
+        image_size=config_int(path, d, "image_size", longest, 4 * longest),
+        layer_norm_eps=config_float(path, d, "layer_norm_eps", 0.0, 0.1, 1e-6),
     )

@@ -16,3 +16,11 @@ class CheckpointError(BagelError, ValueError):
 
 class InputError(BagelError, ValueError):
     """An argument of a request is out of range or of the wrong kind."""
+
+
+class NonFiniteError(BagelError, ArithmeticError):
+    """A request produced NaN or infinite values (final latents, decoded image): black images are never saved."""
+
+
+class OutputError(BagelError, OSError):
+    """An output file cannot be written (disk full, no permission); no partial or temporary file is left."""

@@ -15,12 +15,17 @@ the latent queries go to cuDNN's fused attention instead, one call per branch (:
 The und (marker) rows' kernels run on a second CUDA stream, beside the gen rows' GEMMs: they are memory-bound
 GEMVs over the und expert's weights (~13 GB per forward), and overlapping them measured t2i 9.02 -> 8.91 s,
 edit 17.29 -> 17.22 s (H200, identical latents; ``diagnose.py --only-denoiser-ab marker_stream``).
-The active branches at a step always form a prefix of the arena order, so a forward over B branches uses the
-first B arena sections. A branch count's first forward runs eagerly and is that step's result; the second
+A forward runs over any set of arena branches (a tuple of arena indices: without step caching the active
+branches form a prefix of the arena order; with it, branches on different schedules may not). A branch set's
+first forward runs eagerly and is that step's result; the second
 captures the forward in a CUDA graph, replayed from then on (so a fresh denoiser costs ~0.05-0.2 s over a warm
 one instead of four discarded forwards); x_t and t are copied into static input buffers, so the loop has no
 host synchronisation. The CFG combination + renorm + Euler update is one fused kernel
 (:func:`bagel_rt.kernels.cfg_euler`).
+
+Step caching (opt-in, :mod:`bagel_rt.step_cache`): the branches on a full evaluation run the packed forward as
+above and refresh their derivatives of the final hidden state; the branches on a Taylor evaluation run a graph
+of their own (the Taylor series of those derivatives, the final norm and ``llm2vae``: no LLM forward).
 
 Numerics: the same operations as the torch backend (bf16 GEMMs, fp32 RMSNorm and fp32 q/k norm + RoPE,
 fp32 softmax); the CFG arithmetic runs in fp32 instead of the reference's bf16.
@@ -40,6 +45,8 @@ from .cache import Context
 from .embeddings import rope_cos_sin
 from .errors import InputError
 from .sampler import CFGSettings, schedule, velocity_sources
+from .step_cache import StepCache
+from .step_cache.packed import PackedDerivatives
 from .transforms import flattened_position_ids
 
 ATTENTIONS = ("auto", "triton", "cudnn")
@@ -92,7 +99,7 @@ class PackedDenoiser:
         self.attention = resolve_attention(attention, model.device, model.dtype)
         #: as asked: under "auto", a cuDNN refusal of this request's shapes hands over to the Triton kernel
         self.requested_attention = attention
-        self._checked: set[int] = set()  # branch counts whose forward has run once
+        self._checked: set[tuple] = set()  # (kind, branches) whose forward has run once
         #: run each decoder layer's forward pre-hooks before the packed layer (DF11 units decoded just before
         #: use, see bagel_rt.quantized): the packed forward reads the Linears' weights without calling the layer
         self.run_hooks = run_hooks
@@ -123,28 +130,10 @@ class PackedDenoiser:
             self.k[:, starts[b]: starts[b] + lens[b]] = c.cache.k[:, : lens[b]]
             self.v[:, starts[b]: starts[b] + lens[b]] = c.cache.v[:, : lens[b]]
         self.sm_scale = 1.0 / math.sqrt(self.D)
-        # per branch-count metadata: arena rows of the packed block, cu_seqlens, rope tables
-        self.meta = {}
-        for nb in range(1, self.B + 1):
-            gen_rows = torch.cat([torch.arange(self.N) + starts[b] + lens[b] + 2 for b in range(nb)])
-            und_rows = torch.cat([torch.arange(2) + starts[b] + lens[b] for b in range(nb)])
-            cos_g, sin_g, cos_u, sin_u = [], [], [], []
-            for b in range(nb):
-                c, s = rope_cos_sin(torch.tensor([ctxs[b].rope], device=dev), self.D, p.rope_theta, dt)
-                cos_g.append(c.expand(self.N, -1))
-                sin_g.append(s.expand(self.N, -1))
-                cos_u.append(c.expand(2, -1))
-                sin_u.append(s.expand(2, -1))
-            i32 = dict(dtype=torch.int32, device=dev)
-            self.meta[nb] = dict(
-                gen_rows=gen_rows.to(dev), und_rows=und_rows.to(dev),
-                cu_k=torch.tensor(starts[: nb + 1], **i32),
-                cu_qg=torch.arange(nb + 1, **i32) * self.N, cu_qu=torch.arange(nb + 1, **i32) * 2,
-                max_k=max(lens[:nb]) + self.L,
-                k_ranges=[(starts[b], starts[b] + lens[b] + self.L) for b in range(nb)],
-                cos_g=torch.cat(cos_g).contiguous(), sin_g=torch.cat(sin_g).contiguous(),
-                cos_u=torch.cat(cos_u).contiguous(), sin_u=torch.cat(sin_u).contiguous(),
-            )
+        self.starts, self.lens, self.ropes = starts, lens, [c.rope for c in ctxs]
+        #: per set of branches (a tuple of arena indices, built on first use): arena rows of the packed block,
+        #: cu_seqlens, rope tables
+        self.meta: dict[tuple[int, ...], dict] = {}
         s = model.special
         self.markers = model.embed([s.start_of_image, s.end_of_image])  # [2, H]
         pos = flattened_position_ids(h, w, model.params.max_latent_size).to(dev)
@@ -153,11 +142,47 @@ class PackedDenoiser:
         self.x_in = torch.zeros(self.N, model.params.patch_latent_dim, device=dev, dtype=torch.float32)
         self.t_in = torch.zeros(1, device=dev, dtype=torch.float32)
         self.use_graphs = use_graphs and dev.type == "cuda"
-        self.graphs: dict[int, tuple] = {}
-        self.pool = None
+        #: captured graphs by (kind, branches): kind "full" (the packed forward) or "taylor" (step caching)
+        self.graphs: dict[tuple, tuple] = {}
+        #: one memory pool per kind: a step may replay a full and a Taylor graph and use both outputs
+        self.pools: dict[str, object] = {}
         self.key = denoiser_key(ctxs, h, w)
         #: the Linear modules' formats at construction (a module swap, e.g. compute="fp8", needs new graphs)
         self.formats = linear_formats(model)
+        #: the step cache's derivative buffers (allocated by the first step-cached request, see
+        #: :meth:`step_store`)
+        self.derivatives: PackedDerivatives | None = None
+
+    def branch_meta(self, sel: tuple[int, ...]) -> dict:
+        """The metadata of a forward over the arena branches ``sel`` (sorted, any subset: branches on
+        different step-cache schedules need not form a prefix). The attention's key sequences are the arena
+        sections ``min(sel) .. max(sel)``; a section between them that is not in ``sel`` gets no queries."""
+        if sel in self.meta:
+            return self.meta[sel]
+        p, dev, dt = self.model.params.llm, self.device, self.dtype
+        starts, lens = self.starts, self.lens
+        span = range(sel[0], sel[-1] + 1)
+        gen_rows = torch.cat([torch.arange(self.N) + starts[b] + lens[b] + 2 for b in sel])
+        und_rows = torch.cat([torch.arange(2) + starts[b] + lens[b] for b in sel])
+        cos_g, sin_g, cos_u, sin_u = [], [], [], []
+        for b in sel:
+            c, s = rope_cos_sin(torch.tensor([self.ropes[b]], device=dev), self.D, p.rope_theta, dt)
+            cos_g.append(c.expand(self.N, -1))
+            sin_g.append(s.expand(self.N, -1))
+            cos_u.append(c.expand(2, -1))
+            sin_u.append(s.expand(2, -1))
+        i32 = dict(dtype=torch.int32, device=dev)
+        queries = torch.tensor([0] + [int(b in sel) for b in span]).cumsum(0)
+        self.meta[sel] = dict(
+            gen_rows=gen_rows.to(dev), und_rows=und_rows.to(dev),
+            cu_k=torch.tensor(starts[sel[0]: sel[-1] + 2], **i32),
+            cu_qg=(queries * self.N).to(**i32), cu_qu=(queries * 2).to(**i32),
+            max_k=max(lens[b] for b in sel) + self.L,
+            k_ranges=[(starts[b], starts[b] + lens[b] + self.L) for b in sel],
+            cos_g=torch.cat(cos_g).contiguous(), sin_g=torch.cat(sin_g).contiguous(),
+            cos_u=torch.cat(cos_u).contiguous(), sin_u=torch.cat(sin_u).contiguous(),
+        )
+        return self.meta[sel]
 
     def refill(self, ctxs: list[Context]) -> None:
         """Reuse this denoiser (and its captured graphs) for new contexts of the same lengths and ropes."""
@@ -317,9 +342,10 @@ class PackedDenoiser:
             return F.linear(x, mod.weight, mod.bias)
         return mod(x)
 
-    def _forward(self, nb: int) -> Tensor:
-        """Velocities [nb, N, 64] of the first ``nb`` branches for the static inputs x_in, t_in."""
-        model, m = self.model, self.meta[nb]
+    def _hidden(self, sel: tuple[int, ...]) -> Tensor:
+        """The last decoder layer's output [len(sel)*N, H] (latent rows, before the final norm) of the branches
+        ``sel`` for the static inputs x_in, t_in."""
+        model, m, nb = self.model, self.branch_meta(sel), len(sel)
         lat = model.vae2llm(self.x_in.to(self.dtype)) + model.time_embedder(self.t_in) + self.pos_emb
         xg = lat.to(self.dtype).repeat(nb, 1)
         if self.side is not None:  # fork: the marker stream starts after everything queued so far
@@ -329,32 +355,74 @@ class PackedDenoiser:
         for i, layer in enumerate(model.language_model.model.layers):
             xg, xu = self._layer(i, layer, xg, xu, m)
         self._wait_side()  # join (a graph capture must end with every stream joined)
-        out = self.k_ops.rms_norm(xg, model.language_model.model.norm_moe_gen.weight, self.eps)
-        return model.llm2vae(out).view(nb, self.N, -1)
+        return xg
+
+    def _head(self, hidden: Tensor) -> Tensor:
+        """Velocities [nb, N, 64] of hidden states [nb*N, H]: the final gen norm, then ``llm2vae``."""
+        out = self.k_ops.rms_norm(hidden, self.model.language_model.model.norm_moe_gen.weight, self.eps)
+        return self.model.llm2vae(out).view(-1, self.N, self.model.params.patch_latent_dim)
+
+    def _forward(self, kind: str, sel: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """(hidden states [len(sel)*N, H], velocities [len(sel), N, 64]) of a full forward ("full") or of the
+        Taylor series of the cached derivatives ("taylor": no LLM forward at all)."""
+        hidden = self._hidden(sel) if kind == "full" else self.derivatives.series(sel)
+        return hidden, self._head(hidden)
 
     @torch.no_grad()
-    def velocities(self, x: Tensor, t: float, nb: int) -> Tensor:
-        """Velocities [nb, N, 64] of the first ``nb`` branches at (x [N, 64] fp32, t).
+    def velocities(self, x: Tensor, t: float, sel: int | tuple[int, ...]) -> Tensor:
+        """Velocities [len(sel), N, 64] of the arena branches ``sel`` (or of the first ``sel`` ones) at
+        (x [N, 64] fp32, t)."""
+        return self.full(x, t, sel)[1]
 
-        A branch count's first call runs eagerly (Triton compiles, cuBLAS/cuDNN pick their kernels; its result
+    @torch.no_grad()
+    def full(self, x: Tensor, t: float, sel: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """The packed forward of the branches ``sel`` at (x, t): (hidden states [len(sel)*N, H] before the final
+        norm, velocities [len(sel), N, 64]).
+
+        A branch set's first call runs eagerly (Triton compiles, cuBLAS/cuDNN pick their kernels; its result
         is this step's), the second captures the forward in a CUDA graph, later calls replay it."""
         self.x_in.copy_(x)
         self.t_in.fill_(t)
-        if nb not in self._checked:
-            return self._first_forward(nb)
+        return self._run("full", tuple(range(sel)) if isinstance(sel, int) else tuple(sel))
+
+    @torch.no_grad()
+    def taylor_velocities(self, sel: tuple[int, ...], distances: list[int]) -> Tensor:
+        """Velocities [len(sel), N, 64] of the branches ``sel`` predicted from their cached derivatives at the
+        given distances (step caching; a graph of its own per branch set, like :meth:`full`)."""
+        for b, k in zip(sel, distances):
+            self.derivatives.set_distance(b, k)
+        return self._run("taylor", tuple(sel))[1]
+
+    def step_store(self, orders: int, max_distance: int) -> PackedDerivatives:
+        """The derivative buffers for a step-cached request, zeroed (allocated, or reallocated for other
+        settings, on first use; their Taylor graphs go with them)."""
+        if self.derivatives is None or not self.derivatives.fits(orders, max_distance):
+            self.derivatives = None
+            for key in [k for k in self.graphs if k[0] == "taylor"]:
+                del self.graphs[key]
+            self._checked = {k for k in self._checked if k[0] != "taylor"}
+            self.derivatives = PackedDerivatives(self.B, orders, self.N, self.model.params.llm.hidden_size,
+                                                 max_distance, self.device, self.dtype)
+        self.derivatives.reset()
+        return self.derivatives
+
+    def _run(self, kind: str, sel: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        key = (kind, sel)
+        if key not in self._checked:
+            return self._first_forward(kind, sel)
         if not self.use_graphs:
-            return self._forward(nb)
-        if nb not in self.graphs:
-            self.graphs[nb] = self._capture(nb)
-        graph, out = self.graphs[nb]
+            return self._forward(kind, sel)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(kind, sel)
+        graph, out = self.graphs[key]
         graph.replay()
         return out
 
-    def _first_forward(self, nb: int) -> Tensor:
-        """The first forward of a branch count, eager. Where "auto" picked cuDNN's attention and cuDNN
+    def _first_forward(self, kind: str, sel: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """The first forward of a branch set, eager. Where "auto" picked cuDNN's attention and cuDNN
         refuses (an unsupported shape, driver or build), warn once and continue with the Triton kernel."""
         try:
-            out = self._forward(nb)
+            out = self._forward(kind, sel)
         except RuntimeError as e:
             if self.attention != "cudnn" or "cudnn" not in str(e).lower():
                 raise
@@ -364,19 +432,19 @@ class PackedDenoiser:
             warnings.warn(f"cuDNN attention failed ({str(e).splitlines()[0][:200]}); the denoiser uses "
                           f"bagel-rt's Triton attention instead", RuntimeWarning, stacklevel=2)
             self.attention = "triton"
-            out = self._forward(nb)
-        self._checked.add(nb)
+            out = self._forward(kind, sel)
+        self._checked.add((kind, sel))
         return out
 
-    def _capture(self, nb: int):
-        """The forward of ``nb`` branches captured in a CUDA graph (after its eager first run), and its output
-        tensor, which each replay rewrites."""
+    def _capture(self, kind: str, sel: tuple[int, ...]):
+        """The forward of a branch set captured in a CUDA graph (after its eager first run), and its outputs,
+        which each replay rewrites."""
         graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
+        if kind not in self.pools:
+            self.pools[kind] = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pools[kind]):
             try:
-                out = self._forward(nb)
+                out = self._forward(kind, sel)
             except BaseException:
                 # join the marker stream before the capture ends, so that the real error (e.g. out of memory
                 # under a budget) surfaces instead of "capturing stream has unjoined work"
@@ -430,13 +498,17 @@ def denoiser_key(ctxs: list[Context], h: int, w: int) -> tuple:
 def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: int, num_timesteps: int,
                    timestep_shift: float, cfg: CFGSettings, text_is_cond: bool, img_is_cond: bool,
                    use_graphs: bool = True, on_step=None, cache: dict | None = None,
-                   mlp_chunks: int = 1, run_hooks: bool = False, attention: str = "triton", **options) -> Tensor:
+                   mlp_chunks: int = 1, run_hooks: bool = False, attention: str = "triton",
+                   step_cache: StepCache | None = None, **options) -> Tensor:
     """The sampler loop of :func:`bagel_rt.sampler.denoise` on the packed fast path.
 
     Args:
         ctxs: {"cond", "text", "img"} contexts.
-        text_is_cond / img_is_cond: exact dedup flags (that branch reuses the conditional velocity).
+        text_is_cond / img_is_cond: exact dedup flags (that branch reuses the conditional velocity; under step
+            caching, only the flags of :func:`bagel_rt.step_cache.exact_dedup`).
         attention: the latent-query attention ("auto", "triton", "cudnn"; :func:`resolve_attention`).
+        step_cache: the request's step-cache state (None: every evaluation is a full forward). At each step
+            the branches on a full evaluation run one packed forward, the others one Taylor graph.
         options: tuning options of :class:`PackedDenoiser` (``marker_stream``), for A/B measurements; the
             defaults are the measured best.
     Returns:
@@ -463,15 +535,41 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
         den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, mlp_chunks, run_hooks, attention, **options)
         if cache is not None:
             cache["denoiser"] = den
+    if step_cache is not None:
+        s = step_cache.settings
+        den.step_store(s.max_order + 1, s.fresh_threshold - 1)
     x = noise.to(model.device, torch.float32).contiguous()
     for i, (t, dt) in enumerate(steps):
         st, si = cfg.scales_at(t)
         src = velocity_sources(st, si, text_is_cond, img_is_cond)
-        nb = max(order.index(b) for b in src.values()) + 1  # the computed branches are a prefix of the arena
-        v = den.velocities(x, t, nb)
+        sel = tuple(sorted(order.index(b) for b in set(src.values())))
+        if step_cache is None:
+            v = dict(zip(sel, den.velocities(x, t, sel)))
+        else:
+            v = _cached_step(den, step_cache, x, t, sel, order)
+            step_cache.record_step(src)
         v_t = v[order.index(src["text"])] if "text" in src else None
         v_i = v[order.index(src["img"])] if "img" in src else None
         x, v_comb = k_ops.cfg_euler(x, v[0], v_t, v_i, st, si, cfg.cfg_renorm_type, cfg.cfg_renorm_min, dt)
         if on_step is not None:
             on_step(i, v_comb)
     return x
+
+
+def _cached_step(den: PackedDenoiser, step_cache: StepCache, x: Tensor, t: float, sel: tuple[int, ...],
+                 order: list[str]) -> dict[int, Tensor]:
+    """One step under step caching: {arena branch: velocity [N, 64]} of the branches ``sel``. Those on a full
+    evaluation run one packed forward (and refresh their derivatives), the others one Taylor graph; branches on
+    the same schedule stay packed together."""
+    evs = {b: step_cache.evaluation(order[b]) for b in sel}
+    full = tuple(b for b in sel if evs[b].full)
+    taylor = tuple(b for b in sel if not evs[b].full)
+    v = {}
+    if full:
+        hidden, vf = den.full(x, t, full)
+        for j, b in enumerate(full):
+            den.derivatives.update(b, hidden[j * den.N:(j + 1) * den.N], evs[b])
+            v[b] = vf[j]
+    if taylor:
+        v.update(zip(taylor, den.taylor_velocities(taylor, [evs[b].distance for b in taylor])))
+    return v

@@ -322,7 +322,7 @@ class GraphDecoder:
     @torch.no_grad()
     def generate(self, ctx: Context, max_length: int, do_sample: bool = False, temperature: float = 0.3,
                  generator: torch.Generator | None = None, record: bool = False,
-                 stop_tokens: tuple[int, ...] | None = None) -> tuple[list[int], Tensor | None]:
+                 stop_tokens: tuple[int, ...] | None = None, on_token=None) -> tuple[list[int], Tensor | None]:
         """Decode from ``ctx`` like ``Session.gen_text``: feed ``<|im_start|>``, stop at ``<|im_end|>``.
 
         Args:
@@ -334,6 +334,7 @@ class GraphDecoder:
             generator: a generator on the model's device (sampling only).
             record: also return each step's logits.
             stop_tokens: ids that end decoding (default: ``<|im_end|>``; ``()`` never stops early).
+            on_token: optional callable taking each predicted id, called after each chunk's host sync.
         Returns:
             (predicted ids including the final stop token, [n, vocab] float32 CPU logits or None).
         """
@@ -375,6 +376,8 @@ class GraphDecoder:
                     self.ids[done + j: done + j + 1].copy_(nxt)
             for t in self.ids[done: done + n].tolist():  # the one host sync per chunk
                 predicted.append(t)
+                if on_token is not None:
+                    on_token(t)
                 if t in stops:
                     stopped = True
                     break
@@ -391,7 +394,7 @@ class GraphDecoder:
 
 def fast_gen_text(source, ctx: Context, max_length: int, do_sample: bool = False, temperature: float = 0.3,
                   generator: torch.Generator | None = None,
-                  record: bool = False) -> tuple[list[int], Tensor | None]:
+                  record: bool = False, on_token=None) -> tuple[list[int], Tensor | None]:
     """``Session.gen_text``'s decode loop on the triton backend.
 
     Args:
@@ -408,4 +411,4 @@ def fast_gen_text(source, ctx: Context, max_length: int, do_sample: bool = False
         bagel = getattr(source, "bagel", source)  # Session -> Bagel
         model = getattr(bagel, "model", bagel)  # Bagel -> BagelModel
         source = GraphDecoder(model, use_graphs=getattr(bagel, "use_graphs", True))
-    return source.generate(ctx, max_length, do_sample, temperature, generator, record)
+    return source.generate(ctx, max_length, do_sample, temperature, generator, record, on_token=on_token)

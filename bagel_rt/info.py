@@ -31,6 +31,7 @@ from .errors import CheckpointError
 from .loader import AE_FILE, EMA_FILE, read_params
 from .transforms import VAE_RESIZE, VIT_RESIZE, resize_dims
 from .vae import vae_params_from_shapes
+from .validate import df11_declared
 
 __all__ = ["checkpoint_info", "format_info", "memory_estimate", "component_of", "part_of", "COMPONENTS", "PARTS"]
 
@@ -276,14 +277,7 @@ def format_info(d: dict) -> str:
 
 # -- helpers ----------------------------------------------------------------------------------------------
 def _is_df11(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and "dfloat11_config" in data
+    return df11_declared(path / "config.json") is not None
 
 
 def _format_of(ema: SafetensorsHeader) -> tuple[str, str]:
@@ -294,6 +288,8 @@ def _format_of(ema: SafetensorsHeader) -> tuple[str, str]:
         return "nf4", "inferred from bitsandbytes NF4 keys"
     if any(k.endswith(".SCB") for k in keys):
         return "int8", "inferred from bitsandbytes INT8 keys"
+    if any(k.endswith(".weight_scale") for k in keys):
+        return "fp8", "inferred from FP8 weight_scale keys"
     dtypes = sorted({t.dtype for t in ema.tensors.values()})
     if len(dtypes) == 1 and dtypes[0] in _FLOAT_FORMATS:
         return _FLOAT_FORMATS[dtypes[0]], "inferred from tensor dtypes"
@@ -318,7 +314,7 @@ def _logical_numels(h: SafetensorsHeader) -> dict[str, int]:
                 try:
                     state = json.loads(bytes(f.get_tensor(key + _NF4_STATE).tolist()).decode("utf-8"))
                     out[key] = math.prod(int(s) for s in state["shape"])
-                except (ValueError, KeyError, TypeError):  # unreadable state: two 4-bit values per byte
+                except (ValueError, KeyError, TypeError, RecursionError):  # unreadable: two 4-bit values a byte
                     out[key] = 2 * math.prod(h.tensors[key].shape)
     return out
 

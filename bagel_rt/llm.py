@@ -180,7 +180,7 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(p.hidden_size, p.vocab_size, bias=False)
 
     def forward(self, x: Tensor, n_und: int, positions: Tensor, cache, start: int, causal: bool,
-                fp32_qk: bool) -> Tensor:
+                fp32_qk: bool, final_norm: bool = True) -> Tensor:
         """Run the layers over one packed query block and return the final-normed hidden states.
 
         Args:
@@ -191,6 +191,7 @@ class LanguageModel(nn.Module):
             start: row of the cache where this block's keys/values are written.
             causal: text prefill/decoding (True) or an image block (False).
             fp32_qk: q/k norm and RoPE in fp32 (the reference's "gen" mode).
+            final_norm: apply the final norms (False: the last layer's output, what step caching extrapolates).
         Returns:
             [L, H] hidden states after ``norm`` (und rows) / ``norm_moe_gen`` (gen rows).
         """
@@ -198,6 +199,8 @@ class LanguageModel(nn.Module):
         cos, sin = rope_cos_sin(positions, p.head_dim, p.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, n_und, cos, sin, cache.layer(i), start, causal, fp32_qk)
+        if not final_norm:
+            return x
         m = self.model
         if n_und == x.shape[0]:
             return m.norm(x)

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
+from . import validate
 from .checkpoint import check_keys, expected_shapes, load_into, read_header
 from .config import BagelParams, llm_params_from_json, vit_params_from_json
 from .errors import CheckpointError, InputError
 from .model import BagelModel
 from .tokenizer import TextTokenizer
 from .vae import AutoEncoder, vae_params_from_shapes
+from .validate import readable_dir
 
 EMA_FILE, AE_FILE = "ema.safetensors", "ae.safetensors"
 
@@ -34,6 +36,7 @@ def _check_dir(path: Path) -> None:
         raise CheckpointError(f"{path}: directory not found")
     if not path.is_dir():
         raise CheckpointError(f"{path}: is a file; pass the checkpoint directory that holds {EMA_FILE}")
+    readable_dir(path)
 
 
 def read_params(path: Path, ae_file: str = AE_FILE) -> BagelParams:
@@ -94,9 +97,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     from .quantized_load import load_weights, weight_files
 
     path = Path(path).expanduser()
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device} requested but CUDA is not available on this machine")
+    device = validate.device(device) if device is not None else default_device()
     resolve_attention(attention, device, dtype)  # an impossible choice fails before any weight is read
     t0 = time.perf_counter()
     if device.type == "cuda" and backend in ("triton", "auto"):
@@ -107,9 +108,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     df11 = declares_df11(path)
     params = read_params(path, DF11_VAE if df11 else AE_FILE)
     tokenizer = TextTokenizer.from_dir(path)
-    if tokenizer.vocab_size > params.llm.vocab_size:
-        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                              f"embedding only {params.llm.vocab_size} rows; tokenizer and weights do not match")
+    if tokenizer.max_id >= params.llm.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has token id {tokenizer.max_id} but the model's embedding "
+                              f"only {params.llm.vocab_size} rows (vocab_size of llm_config.json); tokenizer and "
+                              "weights do not match")
     ema = None if df11 else read_header(path / EMA_FILE)
     stored = "df11" if df11 else ema_format(ema)
     fmt = resolve_weights(stored, weights, path)

@@ -9,7 +9,8 @@ Forwards (reference doc section 4):
 * :meth:`prefill_vit`   — ``[<vision_start>, ViT tokens, <vision_end>]``, one rope id, und, cached; rope += 1.
 * :meth:`prefill_vae`   — ``[markers, clean latent tokens]`` at t = 0, one rope id, markers und / latents
   gen, cached; rope += 1.
-* :meth:`velocity`      — the same block over noised latents at time t, not cached -> velocity [N, 64].
+* :meth:`velocity`      — the same block over noised latents at time t, not cached -> velocity [N, 64]
+  (:meth:`velocity_hidden` then :meth:`velocity_head`: the split step caching needs).
 * :meth:`decode_step`   — one text token, causal, cached -> logits.
 """
 
@@ -77,10 +78,10 @@ class BagelModel(nn.Module):
         return table(torch.tensor(ids, device=table.weight.device)).to(self.device)
 
     def _forward(self, ctx: Context, x: Tensor, n_und: int, positions: Tensor, causal: bool, fp32_qk: bool,
-                 commit: bool) -> Tensor:
+                 commit: bool, final_norm: bool = True) -> Tensor:
         L = x.shape[0]
         ctx.cache.reserve(L)
-        out = self.language_model(x, n_und, positions, ctx.cache, ctx.cache.length, causal, fp32_qk)
+        out = self.language_model(x, n_und, positions, ctx.cache, ctx.cache.length, causal, fp32_qk, final_norm)
         if commit:
             ctx.cache.length += L
         return out
@@ -147,10 +148,21 @@ class BagelModel(nn.Module):
     @torch.no_grad()
     def velocity(self, ctx: Context, x_t: Tensor, t: float, h: int, w: int) -> Tensor:
         """Velocity of noised latents x_t [h*w, 64] at time t given ``ctx`` (not cached) -> [h*w, 64]."""
+        return self.velocity_head(self.velocity_hidden(ctx, x_t, t, h, w))
+
+    @torch.no_grad()
+    def velocity_hidden(self, ctx: Context, x_t: Tensor, t: float, h: int, w: int) -> Tensor:
+        """The last decoder layer's output [h*w, H] on the latent rows of :meth:`velocity`'s forward, before the
+        final norm (what step caching keeps and extrapolates, :mod:`bagel_rt.step_cache`)."""
         x = self.latent_block(x_t, t, h, w)
         out = self._forward(ctx, x, 2, self._block_positions(ctx, x.shape[0]), causal=False, fp32_qk=True,
-                            commit=False)
-        return self.llm2vae(out[2:])
+                            commit=False, final_norm=False)
+        return out[2:]
+
+    @torch.no_grad()
+    def velocity_head(self, hidden: Tensor) -> Tensor:
+        """Velocity [N, 64] of latent rows' last-layer output hidden [N, H]: final gen norm, then ``llm2vae``."""
+        return self.llm2vae(self.language_model.model.norm_moe_gen(hidden))
 
     @torch.no_grad()
     def decode_step(self, ctx: Context, token: int) -> Tensor:

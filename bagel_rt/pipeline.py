@@ -21,9 +21,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from . import validate
 from .errors import InputError
-from .sampler import CFGSettings
-from .session import Result, Session
+from .sampler import MAX_SCALE, MAX_STEPS, CFGSettings
+from .serial import new_lock, serialized
+from .session import Result, Session, check_image_shape
+from .step_cache import StepCacheSettings
 
 #: The official app's aspect-ratio presets as (H, W).
 ASPECT_PRESETS: dict[str, tuple[int, int]] = {
@@ -64,6 +67,8 @@ class Bagel:
         #: ViT, VAE and embeddings live on the CPU between uses (set by :meth:`limit_gpu_memory`)
         self.offload = False
         self.gpu_budget_gib: float | None = None
+        #: one request at a time: threads sharing this pipeline are served in turn (:mod:`bagel_rt.serial`)
+        self.lock = new_lock()
 
     def limit_gpu_memory(self, gib: float) -> dict:
         """Keep only what each phase needs on the GPU and cap the process at ``gib`` GiB
@@ -120,6 +125,7 @@ class Bagel:
         """A multi-turn session: add texts and images turn by turn, then understand or generate."""
         return Session(self, think=think, understanding_only=understanding_only, seed=seed)
 
+    @serialized
     @torch.no_grad()
     def interleave(self, inputs: list, *, think: bool = False, understanding_output: bool = False,
                    max_think_token_n: int = 1000, do_sample: bool = False, text_temperature: float = 0.3,
@@ -127,7 +133,9 @@ class Bagel:
                    cfg_interval: tuple[float, float] = (0.4, 1.0), timestep_shift: float = 3.0,
                    num_timesteps: int = 50, cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global",
                    image_shapes: tuple[int, int] = (1024, 1024), seed: int | None = None,
-                   noise: Tensor | None = None, record: bool = False, progress: bool = False) -> Result:
+                   noise: Tensor | None = None, record: bool = False, progress: bool = False,
+                   on_token=None, enable_taylorseer: bool = False,
+                   taylorseer_settings: StepCacheSettings | None = None) -> Result:
         """Run an interleaved request like the official ``interleave_inference``.
 
         Args:
@@ -142,16 +150,26 @@ class Bagel:
             noise: explicit initial latents [h*w, 64] (token layout) instead of drawing them.
             record: also return every step's combined velocity / every decoding step's logits.
             progress: show progress bars (stderr).
+            on_token: optional callable taking each decoded token id as it comes (streaming the think text or
+                the answer; ``tokenizer.decode`` turns ids into text). Interrupted, the ids seen so far stand.
+            enable_taylorseer: step caching with the official TaylorSeer semantics (opt-in, approximate; see
+                :meth:`bagel_rt.session.Session.gen_image`); ``Result.info["step_cache"]`` reports what ran.
+            taylorseer_settings: a :class:`bagel_rt.step_cache.StepCacheSettings` (default: the official values).
         Returns:
             :class:`Result` with ``text`` (understanding, or the think text), ``image`` and ``latents``.
+        Raises:
+            InputError: an argument is out of range (checked before any model work); NonFiniteError: the
+            latents or the decoded image came out NaN/Inf. Requests from several threads run one at a time.
         """
         if not isinstance(inputs, (list, tuple)) or not inputs:
             raise InputError("inputs must be a non-empty list of strings and PIL images")
+        seed = self._check_request(understanding_output, max_think_token_n, text_temperature, timestep_shift,
+                                   num_timesteps, image_shapes, seed, noise)
         try:
             return self._interleave(inputs, think, understanding_output, max_think_token_n, do_sample,
                                     text_temperature, cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift,
                                     num_timesteps, cfg_renorm_min, cfg_renorm_type, image_shapes, seed, noise,
-                                    record, progress)
+                                    record, progress, on_token, enable_taylorseer, taylorseer_settings)
         except torch.cuda.OutOfMemoryError as e:
             if self.gpu_budget_gib is None:
                 raise
@@ -160,18 +178,39 @@ class Bagel:
             self.fast_cache.clear()  # under a budget, leave the GPU usable for the next (smaller) request
             raise out_of_memory_error(self, e) from None
 
+    def _check_request(self, understanding_output, max_tokens, temperature, timestep_shift, num_timesteps,
+                       image_shapes, seed, noise) -> int | None:
+        """Every number of a request checked before any model work (:class:`InputError` naming it); the seed."""
+        validate.integer("max_think_token_n", max_tokens, 1, self.model.params.llm.max_positions - 1)
+        validate.number("text_temperature", temperature, 0.0, MAX_SCALE, lo_open=True)
+        if not understanding_output:
+            validate.integer("num_timesteps", num_timesteps, 2, MAX_STEPS)
+            validate.number("timestep_shift", timestep_shift, 0.0, MAX_SCALE, lo_open=True)
+            check_image_shape(image_shapes, self.model.params)
+            if noise is not None and not (isinstance(noise, Tensor) and noise.is_floating_point()):
+                raise InputError(f"noise must be a float tensor, got {type(noise).__name__}")
+        return validate.seed(seed)
+
     def _interleave(self, inputs, think, understanding_output, max_think_token_n, do_sample, text_temperature,
                     cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift, num_timesteps, cfg_renorm_min,
-                    cfg_renorm_type, image_shapes, seed, noise, record, progress) -> Result:
-        cfg = CFGSettings(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_min, cfg_renorm_type)
+                    cfg_renorm_type, image_shapes, seed, noise, record, progress, on_token,
+                    enable_taylorseer=False, taylorseer_settings=None) -> Result:
+        try:
+            lo, hi = cfg_interval
+        except (TypeError, ValueError):
+            raise InputError(f"cfg_interval must be a pair (lo, hi), got {cfg_interval!r}") from None
+        cfg = CFGSettings(cfg_text_scale, cfg_img_scale, (lo, hi), cfg_renorm_min, cfg_renorm_type)
         s = self.session(think=think, understanding_only=understanding_output, seed=seed)
         for item in inputs:
             s.add(item)
         if understanding_output:
-            return s.gen_text(max_think_token_n, do_sample, text_temperature, record, progress, "answering")
-        thought = s.think(max_think_token_n, do_sample, text_temperature, record, progress) if think else None
+            return s.gen_text(max_think_token_n, do_sample, text_temperature, record, progress, "answering",
+                              on_token)
+        thought = (s.think(max_think_token_n, do_sample, text_temperature, record, progress, on_token) if think
+                   else None)
         shapes = s.image_shapes or image_shapes
-        res = s.gen_image(shapes, cfg, num_timesteps, timestep_shift, noise, record, progress)
+        res = s.gen_image(shapes, cfg, num_timesteps, timestep_shift, noise, record, progress, enable_taylorseer,
+                          taylorseer_settings)
         if thought is not None:
             res.text, res.token_ids, res.logits = thought.text, thought.token_ids, thought.logits
         return res
@@ -182,7 +221,8 @@ class Bagel:
                  num_timesteps: int = 50, cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global",
                  max_think_token_n: int = 1024, do_sample: bool = False, text_temperature: float = 0.3,
                  seed: int | None = None, noise: Tensor | None = None, record: bool = False,
-                 progress: bool = False) -> Result:
+                 progress: bool = False, on_token=None, enable_taylorseer: bool = False,
+                 taylorseer_settings: StepCacheSettings | None = None) -> Result:
         """Text-to-image with the official app's defaults (see the module docstring)."""
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -191,7 +231,9 @@ class Bagel:
                                cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,
                                timestep_shift=timestep_shift, num_timesteps=num_timesteps,
                                cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type,
-                               image_shapes=image_shapes, seed=seed, noise=noise, record=record, progress=progress)
+                               image_shapes=image_shapes, seed=seed, noise=noise, record=record, progress=progress,
+                               on_token=on_token, enable_taylorseer=enable_taylorseer,
+                               taylorseer_settings=taylorseer_settings)
 
     def edit(self, image: Image.Image | str | Path, instruction: str, *, think: bool = False,
              cfg_text_scale: float = 4.0, cfg_img_scale: float = 2.0,
@@ -199,7 +241,8 @@ class Bagel:
              timestep_shift: float = 3.0, num_timesteps: int = 50, cfg_renorm_min: float = 0.0,
              cfg_renorm_type: str = "text_channel", max_think_token_n: int = 1024, do_sample: bool = False,
              text_temperature: float = 0.3, seed: int | None = None, noise: Tensor | None = None,
-             record: bool = False, progress: bool = False) -> Result:
+             record: bool = False, progress: bool = False, on_token=None, enable_taylorseer: bool = False,
+             taylorseer_settings: StepCacheSettings | None = None) -> Result:
         """Edit ``image`` following ``instruction`` (app defaults). Output size = the VAE-resized input size."""
         return self.interleave([open_image(image), instruction], think=think, max_think_token_n=max_think_token_n,
                                do_sample=do_sample, text_temperature=text_temperature,
@@ -207,16 +250,19 @@ class Bagel:
                                cfg_interval=cfg_interval, timestep_shift=timestep_shift,
                                num_timesteps=num_timesteps, cfg_renorm_min=cfg_renorm_min,
                                cfg_renorm_type=cfg_renorm_type, seed=seed, noise=noise, record=record,
-                               progress=progress)
+                               progress=progress, on_token=on_token, enable_taylorseer=enable_taylorseer,
+                               taylorseer_settings=taylorseer_settings)
 
     def understand(self, image: Image.Image | str | Path | None, question: str, *, think: bool = False,
                    max_think_token_n: int = 512, do_sample: bool = False, text_temperature: float = 0.3,
-                   seed: int | None = None, record: bool = False, progress: bool = False) -> Result:
+                   seed: int | None = None, record: bool = False, progress: bool = False, on_token=None) -> Result:
         """Answer ``question`` about ``image`` (or about nothing: text only). Returns ``Result.text``."""
+        if not isinstance(question, str):
+            raise InputError(f"question must be a string, got {type(question).__name__}")
         inputs = ([open_image(image)] if image is not None else []) + [question]
         return self.interleave(inputs, think=think, understanding_output=True, max_think_token_n=max_think_token_n,
                                do_sample=do_sample, text_temperature=text_temperature, seed=seed, record=record,
-                               progress=progress)
+                               progress=progress, on_token=on_token)
 
 
 BACKENDS = ("auto", "torch", "triton")

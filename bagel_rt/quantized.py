@@ -30,7 +30,6 @@ bf16 checkpoint as it is loaded gives the same tensors as loading the converted 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -52,6 +51,7 @@ from .quant import (
     nf4,
     quantize_model,
 )
+from .validate import df11_declared
 
 __all__ = [
     "FORMATS",
@@ -111,14 +111,7 @@ _ST_DTYPES = {v: k for k, v in _DTYPES.items()}  # torch dtype -> safetensors dt
 # -- formats ----------------------------------------------------------------------------------------------------
 def declares_df11(path: Path) -> bool:
     """Whether ``path`` is in the DFloat11 layout: its ``config.json`` holds ``dfloat11_config``."""
-    cfg = path / CONFIG_FILE
-    if not cfg.is_file():
-        return False
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
-    return isinstance(data, dict) and "dfloat11_config" in data
+    return df11_declared(path / CONFIG_FILE) is not None
 
 
 def ema_format(ema: SafetensorsHeader) -> str:

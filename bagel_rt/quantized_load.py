@@ -9,7 +9,6 @@ Linears in. Split from :mod:`bagel_rt.quantized` to keep each file to one job.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,8 +38,10 @@ from .quant import (
     load_int8,
     load_nf4,
 )
+from .quant.df11_check import check_unit
 from .quant.df11_decode import BUFFER_NAMES
 from .quant.fp8_matmul import FP8
+from .quant.nf4 import BLOCKSIZES as NF4_BLOCKSIZES
 from .quantized import (
     CONFIG_FILE,
     EMA_FILE,
@@ -52,6 +53,7 @@ from .quantized import (
     quantize_linear,
     quantized_specs,
 )
+from .validate import df11_declared, df11_patterns, metadata_int
 
 __all__ = ["load_weights", "weight_files"]
 
@@ -91,7 +93,7 @@ def weight_files(path: Path, stored: str) -> list[Path]:
     """The safetensors files holding the model weights (not the VAE) of a ``stored``-format checkpoint."""
     if stored != "df11":
         return [path / EMA_FILE]
-    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    files = sorted(path.glob("*.safetensors"))  # a directory or a dangling link there is an error naming it
     if not files:
         raise CheckpointError(f"{path}: {CONFIG_FILE} declares DFloat11 weights but there is no top-level "
                               "*.safetensors file")
@@ -100,13 +102,12 @@ def weight_files(path: Path, stored: str) -> list[Path]:
 
 def _df11_layout(path: Path, model: nn.Module) -> tuple[dict[str, SafetensorsHeader], dict[str, list[str]]]:
     """DFloat11 files: (key -> header of the file holding it, compressed unit -> its weight names, in order)."""
-    cfg = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))["dfloat11_config"]
+    cfg = df11_declared(path / CONFIG_FILE)
     try:
-        DF11Config(threads_per_block=int(cfg["threads_per_block"][0]),
-                   bytes_per_thread=int(cfg["bytes_per_thread"]))
-        patterns = {str(k): [str(a) for a in v] for k, v in cfg["pattern_dict"].items()}
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        DF11Config(threads_per_block=cfg["threads_per_block"][0], bytes_per_thread=cfg["bytes_per_thread"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: invalid dfloat11_config ({e})") from None
+    patterns = df11_patterns(path / CONFIG_FILE, cfg.get("pattern_dict"))
     found: dict[str, SafetensorsHeader] = {}
     for p in weight_files(path, "df11"):
         h = read_header(p)
@@ -163,7 +164,8 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
     units: dict[str, list[str]] = {}
     if stored == "df11":
         found, units = _df11_layout(path, model)
-        expected, where = _df11_specs(shapes, units), path
+        files = {h.path for h in found.values()}
+        expected, where = _df11_specs(shapes, units), files.pop() if len(files) == 1 else path
     else:
         ema = read_header(path / EMA_FILE)
         found, where = dict.fromkeys(ema.tensors, ema), ema.path
@@ -172,7 +174,7 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
     double: set[str] = set()  # NF4 Linears stored with double quantization
     blocksize = NF4_BLOCKSIZE
     if stored in LINEAR_FORMATS:  # a Linear is quantized when the file holds its quantization side tensors
-        blocksize = int(ema.metadata.get("bagel_rt.blocksize", NF4_BLOCKSIZE))
+        blocksize = metadata_int(ema.path, ema.metadata, "bagel_rt.blocksize", NF4_BLOCKSIZE, NF4_BLOCKSIZES)
         for x, lin in linears.items():
             f = _stored_linear_format(x, found, LINEAR_FORMATS[stored])
             if f is not None:
@@ -182,6 +184,9 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
                 del expected[f"{x}.weight"]
                 specs = quantized_specs(x, lin.out_features, lin.in_features, f, x in double, blocksize)
                 expected.update({k: _Spec(s, d) for k, (s, d) in specs.items()})
+        if not swaps:
+            raise CheckpointError(f"{ema.path}: its metadata declares {stored} weights (bagel_rt.format) but no "
+                                  f"Linear of the file is stored in {stored}")
     elif fmt in LINEAR_FORMATS:
         swaps = linear_formats(model, fmt, skip)[0]
     _check_tensors(found, expected, where,
@@ -292,6 +297,10 @@ def _unit_weights(u: str, ws: list[str], buffers: dict[str, Tensor], where: Path
         raise CheckpointError(f"{where}: {u}.split_positions is {stored_split.tolist()}, expected "
                               f"{split.tolist()} (the cumulative sizes of {', '.join(ws)})")
     buffers["split_positions"] = split.to(device)
+    try:
+        check_unit(buffers)  # damage is an error here, not wrong weights or a decoder that never stops
+    except ValueError as e:
+        raise CheckpointError(f"{where}: DFloat11 unit {u!r}: {e}") from None
     if resident is not None:
         resident.add(model, u, [(w, shapes[w]) for w in ws], buffers, split.tolist())
         return
@@ -299,7 +308,7 @@ def _unit_weights(u: str, ws: list[str], buffers: dict[str, Tensor], where: Path
     try:
         (df11_decode if device.type == "cuda" else df11_decode_ref)(buffers, out)
     except ValueError as e:
-        raise CheckpointError(f"{where}: unit {u!r}: {e}") from None
+        raise CheckpointError(f"{where}: DFloat11 unit {u!r}: {e}") from None
     for w, part in zip(ws, torch.tensor_split(out, split.tolist())):
         yield w, part.view(shapes[w])
 

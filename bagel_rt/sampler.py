@@ -21,8 +21,11 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
+from .validate import integer, number
 
 RENORM_TYPES = ("global", "channel", "text_channel")
+#: Largest guidance scale and timestep shift accepted (the app's sliders stop at 8 and 5), and most steps.
+MAX_SCALE, MAX_STEPS = 100.0, 1000
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,11 @@ class CFGSettings:
     cfg_renorm_type: str = "global"
 
     def __post_init__(self):
+        number("cfg_text_scale", self.cfg_text_scale, 0.0, MAX_SCALE)
+        number("cfg_img_scale", self.cfg_img_scale, 0.0, MAX_SCALE)
+        for name, v in zip(("cfg_interval[0]", "cfg_interval[1]", "cfg_renorm_min"), (*self.cfg_interval,
+                                                                                       self.cfg_renorm_min)):
+            number(name, v, 0.0, 1.0)
         if self.cfg_renorm_type not in RENORM_TYPES:
             raise InputError(f"cfg_renorm_type {self.cfg_renorm_type!r} is not supported; "
                              f"choose one of {', '.join(RENORM_TYPES)}")
@@ -55,10 +63,8 @@ class CFGSettings:
 
 def schedule(num_timesteps: int, shift: float) -> Tensor:
     """Shifted timesteps [num_timesteps] float32 from 1 to 0 (the last, 0, is never evaluated)."""
-    if num_timesteps < 2:
-        raise InputError(f"num_timesteps must be at least 2, got {num_timesteps}")
-    if shift <= 0:
-        raise InputError(f"timestep_shift must be positive, got {shift}")
+    integer("num_timesteps", num_timesteps, 2, MAX_STEPS)
+    number("timestep_shift", shift, 0.0, MAX_SCALE, lo_open=True)
     t = torch.linspace(1, 0, num_timesteps)
     return shift * t / (1 + (shift - 1) * t)
 
@@ -111,7 +117,7 @@ VelocityFn = Callable[[str, Tensor, float], Tensor]
 
 def denoise(velocity: VelocityFn, noise: Tensor, num_timesteps: int, timestep_shift: float, cfg: CFGSettings,
             text_is_cond: bool = False, img_is_cond: bool = False,
-            on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
+            on_step: Callable[[int, Tensor], None] | None = None, step_cache=None) -> Tensor:
     """Integrate from noise to latents.
 
     Args:
@@ -119,6 +125,8 @@ def denoise(velocity: VelocityFn, noise: Tensor, num_timesteps: int, timestep_sh
         noise: [N, C] float32 initial latents (token layout).
         text_is_cond / img_is_cond: the branch's context equals the conditional one (exact dedup).
         on_step: called with (step index, combined velocity) after each step (progress, recording).
+        step_cache: the request's :class:`bagel_rt.step_cache.StepCache` when ``velocity`` is a cached one
+            (:func:`bagel_rt.step_cache.velocity.cached_velocity`): told which branch supplied each velocity.
     Returns:
         [N, C] float32 final latents.
     """
@@ -133,6 +141,8 @@ def denoise(velocity: VelocityFn, noise: Tensor, num_timesteps: int, timestep_sh
         v_t = computed[src["text"]] if "text" in src else None
         v_i = computed[src["img"]] if "img" in src else None
         v = combine_cfg(computed["cond"], v_t, v_i, st, si, cfg.cfg_renorm_type, cfg.cfg_renorm_min)
+        if step_cache is not None:
+            step_cache.record_step(src)
         # the reference multiplies the bf16 velocity by a 0-dim fp32 dt (result bf16), then updates fp32 x
         x = x - (v * dts[i].to(v.device)).float()
         if on_step is not None:

@@ -21,10 +21,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from . import validate
 from .cache import Context
 from .errors import InputError
 from .placement import visiting
 from .sampler import CFGSettings, denoise
+from .serial import serialized
+from .step_cache import StepCache, StepCacheSettings, exact_dedup
+from .step_cache.velocity import cached_velocity
 from .transforms import (
     VAE_RESIZE,
     VIT_RESIZE,
@@ -85,7 +89,7 @@ class Session:
 
     def __init__(self, bagel, think: bool = False, understanding_only: bool = False, seed: int | None = None):
         self.bagel, self.model = bagel, bagel.model
-        self.seed = secrets.randbits(62) if seed is None else int(seed)
+        self.seed = secrets.randbits(62) if seed is None else validate.seed(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.text_generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
         self.for_generation = not understanding_only
@@ -106,6 +110,7 @@ class Session:
         self.model.prefill_text(ctx, ids)
         ctx.history += (("text", tuple(ids)),)
 
+    @serialized
     def add_text(self, text: str) -> None:
         """Append a text turn (``cfg_text`` becomes the context before it)."""
         if not isinstance(text, str):
@@ -116,6 +121,7 @@ class Session:
         if self.for_generation:
             self._prefill_text(self.cfg_img, text)
 
+    @serialized
     @torch.no_grad()
     def add_image(self, image: Image.Image) -> Image.Image:
         """Append an image turn: VAE block (generation sessions) then ViT block. Returns the resized image.
@@ -154,12 +160,13 @@ class Session:
             raise InputError(f"inputs must be strings or PIL images, got {type(item).__name__}")
 
     # -- text ---------------------------------------------------------------------------------------------
+    @serialized
     @torch.no_grad()
     def gen_text(self, max_length: int = 512, do_sample: bool = False, temperature: float = 0.3,
-                 record: bool = False, progress: bool = False, desc: str = "decoding") -> Result:
-        """Decode from a copy of ``gen``: feed ``<|im_start|>``, stop at ``<|im_end|>`` or ``max_length``."""
-        if max_length < 1:
-            raise InputError(f"max_think_token_n / max_new_tokens must be >= 1, got {max_length}")
+                 record: bool = False, progress: bool = False, desc: str = "decoding", on_token=None) -> Result:
+        """Decode from a copy of ``gen``: feed ``<|im_start|>``, stop at ``<|im_end|>`` or ``max_length``.
+        ``on_token``: optional callable taking each predicted id as it is decoded (streaming)."""
+        validate.token_limit(max_length, self.gen.length, self.model.params.llm.max_positions)
         if do_sample and not temperature > 0:
             raise InputError(f"text_temperature must be > 0 when sampling, got {temperature}")
         tok, sp = self.bagel.tokenizer, self.model.special
@@ -168,16 +175,16 @@ class Session:
             from .fast_decode import fast_gen_text
 
             predicted, logits = fast_gen_text(self.bagel.decoder, ctx, max_length, do_sample, temperature,
-                                              self.text_generator, record)
+                                              self.text_generator, record, on_token)
         else:
             predicted, logits = self._decode_loop(ctx, max_length, do_sample, temperature, record,
-                                                  _bar(max_length, desc, progress))
+                                                  _bar(max_length, desc, progress), on_token)
         # the reference decodes the fed tokens (start token + every prediction but the last), then cuts
         text = tok.decode([sp.bos, *predicted[:-1]]).split("<|im_end|>")[0].split("<|im_start|>")[1]
         return Result(text=text, token_ids=predicted, seed=self.seed, logits=logits)
 
     def _decode_loop(self, ctx: Context, max_length: int, do_sample: bool, temperature: float, record: bool,
-                     bar) -> tuple[list[int], Tensor | None]:
+                     bar, on_token=None) -> tuple[list[int], Tensor | None]:
         """The torch path's token loop: (predicted ids incl. a final stop token, [n, vocab] logits or None)."""
         sp = self.model.special
         token, predicted, logits_rec = sp.bos, [], []
@@ -191,6 +198,8 @@ class Session:
             else:
                 token = int(torch.argmax(logits))
             predicted.append(token)
+            if on_token is not None:
+                on_token(token)
             if bar:
                 bar.update(1)
             if token == sp.eos or step == max_length - 1:
@@ -200,17 +209,17 @@ class Session:
         return predicted, torch.stack(logits_rec) if record else None
 
     def reply(self, max_length: int = 512, do_sample: bool = False, temperature: float = 0.3,
-              record: bool = False, progress: bool = False) -> Result:
+              record: bool = False, progress: bool = False, on_token=None) -> Result:
         """Answer from ``gen`` and append the answer as a text turn, so later turns see the conversation
         (``cfg_text`` becomes the context before the answer, ``cfg_img`` gets it too, as for any text)."""
-        res = self.gen_text(max_length, do_sample, temperature, record, progress, desc="answering")
+        res = self.gen_text(max_length, do_sample, temperature, record, progress, "answering", on_token)
         self.add_text(res.text)
         return res
 
     def think(self, max_length: int = 1024, do_sample: bool = False, temperature: float = 0.3,
-              record: bool = False, progress: bool = False) -> Result:
+              record: bool = False, progress: bool = False, on_token=None) -> Result:
         """Decode a planning text and append it to ``gen`` only (think mode before an image)."""
-        res = self.gen_text(max_length, do_sample, temperature, record, progress, desc="thinking")
+        res = self.gen_text(max_length, do_sample, temperature, record, progress, "thinking", on_token)
         self._prefill_text(self.gen, res.text)
         return res
 
@@ -224,14 +233,21 @@ class Session:
                      img_is_cond=self.cfg_img.history == self.gen.history)
         return ctxs, dedup
 
+    @serialized
     def gen_image(self, image_shapes: tuple[int, int] | None = None, cfg: CFGSettings | None = None,
                   num_timesteps: int = 50, timestep_shift: float = 3.0, noise: Tensor | None = None,
-                  record: bool = False, progress: bool = False) -> Result:
+                  record: bool = False, progress: bool = False, enable_taylorseer: bool = False,
+                  taylorseer_settings: StepCacheSettings | None = None) -> Result:
         """Denoise an image conditioned on the three contexts and decode it with the VAE.
 
         Args:
             image_shapes: (H, W) in pixels, multiples of 16 up to 1024 (default: the last input image's size).
             noise: optional [h*w, 64] initial latents; otherwise drawn from the session's CPU generator.
+            enable_taylorseer: step caching (approximate, opt-in; :mod:`bagel_rt.step_cache`): most evaluations
+                of each CFG branch are Taylor predictions from its last full forwards. ``Result.info
+                ["step_cache"]`` then reports the schedule that ran.
+            taylorseer_settings: a :class:`bagel_rt.step_cache.StepCacheSettings` (default: the official values;
+                ``max_order=0`` is FORA); only with ``enable_taylorseer``.
         """
         if not self.for_generation:
             raise InputError("this session was created for understanding only; it cannot generate images")
@@ -245,6 +261,9 @@ class Session:
         elif tuple(noise.shape) != (n, c):
             raise InputError(f"noise has shape {list(noise.shape)}, expected [{n}, {c}] for {H}x{W}")
         ctxs, dedup = self.branches()
+        step_cache = step_cache_for(enable_taylorseer, taylorseer_settings)
+        if step_cache is not None:  # dedup stays exact only for branches evaluated on the conditional one's steps
+            dedup = exact_dedup(cfg, num_timesteps, timestep_shift, **dedup)
         vels = []
         bar = _bar(num_timesteps, "denoising", progress)
 
@@ -262,19 +281,26 @@ class Session:
                                use_graphs=self.bagel.use_graphs and not resident, on_step=on_step,
                                cache=self.bagel.fast_cache, mlp_chunks=4 if self.bagel.offload else 1,
                                run_hooks=resident,
-                               attention=self.bagel.attention, **dedup)
+                               attention=self.bagel.attention, step_cache=step_cache, **dedup)
         else:
             vel = lambda branch, x, t: self.model.velocity(ctxs[branch], x, t, h, w)
+            if step_cache is not None:
+                hidden = lambda branch, x, t: self.model.velocity_hidden(ctxs[branch], x, t, h, w)
+                vel = cached_velocity(step_cache, hidden, self.model.velocity_head)
             x = denoise(vel, noise.to(self.model.device), num_timesteps, timestep_shift, cfg, on_step=on_step,
-                        **dedup)
+                        step_cache=step_cache, **dedup)
+        validate.finite(x, "the final latents", validate.NON_FINITE_HINT)
         if bar:
             bar.set_description("decoding")
         image = self.decode_latents(x, h, w)
         if bar:
             bar.update(1)
             bar.close()
-        return Result(image=image, latents=x.float().cpu(), seed=self.seed,
-                      velocities=torch.stack(vels) if record else None)
+        res = Result(image=image, latents=x.float().cpu(), seed=self.seed,
+                     velocities=torch.stack(vels) if record else None)
+        if step_cache is not None:
+            res.info["step_cache"] = step_cache.report()
+        return res
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor, h: int, w: int) -> Image.Image:
@@ -287,7 +313,19 @@ class Session:
             torch.cuda.empty_cache()
         with visiting(vae, self.model.device, self.bagel.offload):
             img = vae.decode(z[None].to(self.model.device, torch.float32))
+        validate.finite(img, "the decoded image", validate.NON_FINITE_HINT)
         return tensor_to_image(img[0].cpu())
+
+
+def step_cache_for(enable_taylorseer: bool, settings: StepCacheSettings | None) -> StepCache | None:
+    """A new request's step-cache state (None when off): each request starts from empty caches."""
+    if not enable_taylorseer:
+        if settings is not None:
+            raise InputError("taylorseer_settings are given but enable_taylorseer is off")
+        return None
+    if settings is not None and not isinstance(settings, StepCacheSettings):
+        raise InputError(f"taylorseer_settings must be a StepCacheSettings, got {type(settings).__name__}")
+    return StepCache(settings or StepCacheSettings())
 
 
 def check_image_shape(shape, params) -> tuple[int, int]:

@@ -9,7 +9,6 @@ Special tokens are looked up by string, never by id.
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from .errors import CheckpointError
 from .model import SpecialTokens
+from .validate import MAX_JSON_BYTES, read_bytes, read_json_object
 
 # Qwen2's pre-tokenisation pattern (a fact of the published tokenizer, needed for the vocab+merges path).
 _QWEN2_SPLIT = (
@@ -42,8 +42,9 @@ class TextTokenizer:
     @classmethod
     def from_file(cls, path: Path) -> TextTokenizer:
         """Load one ``tokenizer.json`` file."""
+        raw = read_bytes(path, MAX_JSON_BYTES, "tokenizer file")
         try:
-            return cls(Tokenizer.from_file(str(path)), str(path))
+            return cls(Tokenizer.from_str(raw.decode("utf-8")), str(path))
         except CheckpointError:
             raise
         except Exception as e:  # the tokenizers library raises plain Exceptions for parse errors
@@ -53,7 +54,7 @@ class TextTokenizer:
     def from_dir(cls, path: Path) -> TextTokenizer:
         """Load from a checkpoint directory (``tokenizer.json``, else ``vocab.json`` + ``merges.txt``)."""
         tj = path / "tokenizer.json"
-        if tj.is_file():
+        if tj.exists() or tj.is_symlink():  # anything but a readable file there is an error naming it
             return cls.from_file(tj)
         vocab, merges = path / "vocab.json", path / "merges.txt"
         if not (vocab.is_file() and merges.is_file()):
@@ -93,17 +94,20 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def max_id(self) -> int:
+        """The largest token id (ids may have gaps, so this, not the count, must fit the embedding)."""
+        return max(self.tok.get_vocab(with_added_tokens=True).values())
+
 
 def _added_tokens(path: Path) -> list[tuple[str, int | None]]:
     """Added tokens of ``tokenizer_config.json`` in id order, then any missing BAGEL framing token."""
     entries: list[tuple[str, int | None]] = []
     cfg = path / "tokenizer_config.json"
     if cfg.is_file():
-        try:
-            data = json.loads(cfg.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
-        table = data.get("added_tokens_decoder") or {}
+        table = read_json_object(cfg, "tokenizer config").get("added_tokens_decoder") or {}
+        if not isinstance(table, dict):
+            raise CheckpointError(f"{cfg}: 'added_tokens_decoder' is {type(table).__name__}, expected an object")
         for key in sorted(table, key=lambda k: int(k) if str(k).isdigit() else 1 << 62):
             entry = table[key]
             if isinstance(entry, dict) and entry.get("content"):

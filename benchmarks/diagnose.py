@@ -94,12 +94,12 @@ def profile_forward(pipe, size):
     den = PackedDenoiser(pipe.model, [s.gen, s.cfg_text], h, w, use_graphs=False)
     den.x_in.normal_()
     for _ in range(2):
-        den._forward(2)
+        den._forward("full", (0, 1))
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        den._forward(2)
+        den._forward("full", (0, 1))
         torch.cuda.synchronize()
     groups = defaultdict(float)
     for e in prof.key_averages():
@@ -229,7 +229,7 @@ def attention_ab(pipe, size, rounds: int = 1):
         outs = {}
         for impl in ("triton", "cudnn"):
             den = PackedDenoiser(pipe.model, ctxs, h, w, use_graphs=False, attention=impl)
-            nb, m = den.B, den.meta[den.B]
+            nb, m = den.B, den.branch_meta(tuple(range(den.B)))
             g = torch.Generator(device="cuda").manual_seed(0)
             q = torch.randn(nb * den.N, den.Hq, den.D, device="cuda", dtype=den.dtype, generator=g)
             den.k[0].normal_(generator=g)

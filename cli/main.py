@@ -18,15 +18,20 @@ import click
 import torch
 
 import bagel_rt
+from bagel_rt import validate
+from bagel_rt.config import MAX_POSITIONS
 from bagel_rt.convert import convert_checkpoint
-from bagel_rt.errors import InputError
+from bagel_rt.errors import CheckpointError, InputError
 from bagel_rt.info import _human, checkpoint_info, format_info
 from bagel_rt.pipeline import ASPECT_PRESETS, open_image
 from bagel_rt.quantized import FORMATS, LLM_FORMATS, quantize_in_place
+from bagel_rt.sampler import MAX_STEPS
 from bagel_rt.tiny import write_tiny_checkpoint
 
 from .options import (
     DTYPES,
+    IMAGE_FORMATS,
+    TextStream,
     _cfg_kwargs,
     _check_device,
     _check_output,
@@ -86,9 +91,11 @@ def generate(prompt: str, height, width, aspect, **o):
     path = _check_output(o["output"], "bagel-{seed}.png", seed, o["overwrite"])
     pipe = _load(o)
     t0 = time.perf_counter()
-    res = pipe.generate(prompt, image_shapes=shape, seed=seed, progress=not o["no_progress"], **cfg, **text)
+    stream = TextStream(pipe.tokenizer, echo=not o["as_json"])
+    res = pipe.generate(prompt, image_shapes=shape, seed=seed, progress=not o["no_progress"], on_token=stream,
+                        **cfg, **text)
     _image_result(pipe, res, path, o["overwrite"], time.perf_counter() - t0,
-                  _settings(o, prompt=prompt, image_shapes=list(shape), **cfg, **text), o["as_json"])
+                  _settings(o, prompt=prompt, image_shapes=list(shape), **cfg, **text), o["as_json"], stream)
 
 
 @cli.command()
@@ -111,9 +118,10 @@ def edit(image: str, instruction: str, **o):
     path = _check_output(o["output"], "bagel-edit-{seed}.png", seed, o["overwrite"])
     pipe = _load(o)
     t0 = time.perf_counter()
-    res = pipe.edit(img, instruction, seed=seed, progress=not o["no_progress"], **cfg, **text)
+    stream = TextStream(pipe.tokenizer, echo=not o["as_json"])
+    res = pipe.edit(img, instruction, seed=seed, progress=not o["no_progress"], on_token=stream, **cfg, **text)
     _image_result(pipe, res, path, o["overwrite"], time.perf_counter() - t0,
-                  _settings(o, image=image, instruction=instruction, **cfg, **text), o["as_json"])
+                  _settings(o, image=image, instruction=instruction, **cfg, **text), o["as_json"], stream)
 
 
 @cli.command()
@@ -125,32 +133,52 @@ def understand(inputs: tuple[str, ...], **o):
     """Answer QUESTION about IMAGE (or, without IMAGE, as a text chat) and print the answer on stdout.
 
     Defaults are the official app's: up to 512 new tokens, greedy. With --think the answer starts with the
-    model's reasoning in <think> </think> tags.
+    model's reasoning in <think> </think> tags. The answer is printed as it is decoded; Ctrl-C keeps what was
+    printed (with --json, the partial answer is printed with "interrupted": true).
     """
     if len(inputs) > 2:
         raise click.UsageError(f"expected [IMAGE] QUESTION, got {len(inputs)} arguments (quote the question)")
+    if len(inputs) == 1 and _looks_like_image(inputs[0]):
+        raise InputError(f"{inputs[0]!r} looks like an image file but no question was given; use: bagel-rt "
+                         "understand IMAGE \"QUESTION\"")
     image, question = (None, inputs[0]) if len(inputs) == 1 else inputs
     img = open_image(image) if image is not None else None
     text = _text_kwargs(o)
     seed = _seed(o)
     pipe = _load(o)
     t0 = time.perf_counter()
-    res = pipe.understand(img, question, seed=seed, progress=not o["no_progress"], **text)
+    stream = TextStream(pipe.tokenizer, echo=not o["as_json"])
+    report = {"model": str(pipe.path), "device": str(pipe.device),
+              "settings": _settings(o, image=image, question=question, **text)}
+    try:
+        res = pipe.understand(img, question, seed=seed, progress=not o["no_progress"], on_token=stream, **text)
+    except KeyboardInterrupt:
+        if o["as_json"]:
+            partial = {"answer": stream.text, "tokens": len(stream.ids), "interrupted": True}
+            click.echo(json.dumps({**partial, **report}))
+        else:
+            stream.finish(None)
+        raise
     seconds = time.perf_counter() - t0
     if o["as_json"]:
         click.echo(json.dumps({
             "answer": res.text, "tokens": len(res.token_ids or []), "seed": res.seed,
-            "seconds": {"load": round(pipe.load_seconds, 3), "run": round(seconds, 3)},
-            "model": str(pipe.path), "device": str(pipe.device),
-            "settings": _settings(o, image=image, question=question, **text),
+            "seconds": {"load": round(pipe.load_seconds, 3), "run": round(seconds, 3)}, **report,
         }))
     else:
-        click.echo(res.text)
+        stream.finish(res.text)
+
+
+def _looks_like_image(arg: str) -> bool:
+    """An argument that names an image file (an existing file, or one word ending in an image extension)."""
+    p = Path(arg).expanduser()
+    return (len(arg.split()) == 1 and p.suffix.lower() in (*IMAGE_FORMATS, ".gif", ".bmp", ".tif", ".tiff")) or (
+        len(arg) < 4096 and p.is_file())
 
 
 @cli.command("init-tiny")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the random weights.")
+@click.option("--seed", type=click.IntRange(0, validate.MAX_SEED), default=0, help="Seed of the random weights.")
 @click.option("--overwrite", is_flag=True, help="Replace DIRECTORY if it exists.")
 def init_tiny(directory: Path, seed: int, overwrite: bool):
     """Write a deterministic tiny BAGEL (random weights, a few MB) in the official layout to DIRECTORY."""
@@ -162,15 +190,30 @@ def init_tiny(directory: Path, seed: int, overwrite: bool):
 @cli.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def info(directory: Path, as_json: bool):
+@click.option("--verify", is_flag=True,
+              help="Also read every tensor and report the ones holding NaN/Inf values (or a damaged DFloat11 "
+                   "unit); exit code 2 if any.")
+def info(directory: Path, as_json: bool, verify: bool):
     """Say what the checkpoint in DIRECTORY holds, from file headers only (no weights are loaded).
 
     Format (bf16 / int8 / nf4 / fp8 / fp8-gen-nf4-und / df11) and the format of each part (ViT, connector, und
     and gen experts, lm_head, VAE), files and sizes, tensor and parameter counts per component, the
-    hyper-parameters, and an estimate of the GPU memory that bf16 inference at 1024x1024 needs.
+    hyper-parameters, and an estimate of the GPU memory that bf16 inference at 1024x1024 needs. With --verify,
+    every tensor is read (memory-mapped, in chunks) and checked for NaN/Inf.
     """
     d = checkpoint_info(directory)
+    if verify:
+        from bagel_rt.verify import format_report, verify_checkpoint
+
+        d["verify"] = verify_checkpoint(directory)
     click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
+    if verify:
+        if not as_json:
+            click.echo(format_report(d["verify"]))
+        if d["verify"]["problems"]:
+            first = d["verify"]["problems"][0]
+            raise CheckpointError(f"{directory}: {len(d['verify']['problems'])} tensors fail verification, e.g. "
+                                  f"{first['file']}: {first['key']}: {first['problem']}")
 
 
 @cli.command()
@@ -218,10 +261,11 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
 @click.option("--tasks", default="t2i,edit,decode", show_default=True,
               help="Comma-separated: t2i (text-to-image), edit, decode (greedy text).")
 @click.option("--size", type=_Side(), default=1024, help="Image side for t2i and the edit input.")
-@click.option("--steps", type=click.IntRange(min=2), default=50, help="Denoising steps (num_timesteps).")
-@click.option("--runs", type=click.IntRange(min=1), default=3, help="Timed runs per task (median reported).")
-@click.option("--warmup", type=click.IntRange(min=0), default=1, help="Untimed warm-up runs (reported apart).")
-@click.option("--tokens", type=click.IntRange(min=1), default=256, help="Tokens to decode for the decode task.")
+@click.option("--steps", type=click.IntRange(2, MAX_STEPS), default=50, help="Denoising steps (num_timesteps).")
+@click.option("--runs", type=click.IntRange(1, 1000), default=3, help="Timed runs per task (median reported).")
+@click.option("--warmup", type=click.IntRange(0, 100), default=1, help="Untimed warm-up runs (reported apart).")
+@click.option("--tokens", type=click.IntRange(1, MAX_POSITIONS), default=256,
+              help="Tokens to decode for the decode task.")
 @click.option("--compare-torch", is_flag=True,
               help="Also run the torch backend in the same process: speed ratio and relative L2 of final latents.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Append the JSON lines to this file.")
@@ -236,8 +280,11 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
 @click.option("--weights", type=click.Choice(["auto", "int8", "nf4", *LLM_FORMATS]), default="auto",
               help="Quantize the LLM's Linears to int8/nf4/fp8, or the gen expert to fp8 and the und expert and "
                    "lm_head to nf4 (fp8-gen-nf4-und) (on load for --model, in place for --random-weights).")
+@click.option("--taylorseer", is_flag=True,
+              help="Image tasks with step caching (official TaylorSeer settings); rows carry step_cache and "
+                   "full_evaluations.")
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
-          device, dtype, compute, attention, weights):
+          device, dtype, compute, attention, weights, taylorseer):
     """Time text-to-image, editing and decoding (app defaults): seconds per image and per step, tokens/s, peak
     GPU memory, achieved TFLOP/s and its share of the measured bf16 matmul peak. One JSON line per result
     on stdout (and appended to --out)."""
@@ -278,7 +325,7 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     pipe.attention = attention
     rows = run_bench(pipe, task_list, size=size, steps=steps, runs=runs, warmup=warmup, tokens=tokens,
                      compare_torch=compare_torch, weights=pipe.weights, commit=commit,
-                     log=lambda line: click.echo(line, err=True))
+                     log=lambda line: click.echo(line, err=True), taylorseer=taylorseer)
     lines = [json.dumps(r) for r in rows]
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,11 @@ import click
 import torch
 
 import bagel_rt
-from bagel_rt.errors import BagelError, InputError
+from bagel_rt import validate
+from bagel_rt.config import MAX_POSITIONS, llm_params_from_json
+from bagel_rt.errors import BagelError, InputError, OutputError
 from bagel_rt.quantized import WEIGHTS
-from bagel_rt.sampler import RENORM_TYPES, CFGSettings
+from bagel_rt.sampler import MAX_SCALE, MAX_STEPS, RENORM_TYPES, CFGSettings
 from bagel_rt.tiny import ensure_tiny_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -28,8 +30,10 @@ class UserError(click.ClickException):
 
     exit_code = 2
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, exit_code: int | None = None):
         super().__init__(" ".join(str(message).split()))
+        if exit_code is not None:
+            self.exit_code = exit_code
 
     def show(self, file=None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
@@ -60,6 +64,8 @@ class _Group(click.Group):
             raise _usage_error(e) from None
         except (BagelError, FileExistsError) as e:
             raise UserError(str(e)) from None
+        except KeyboardInterrupt:  # what was already printed (streamed text) stays; exit code 130 as a shell's
+            raise UserError("interrupted (Ctrl-C)", exit_code=130) from None
 
 
 # -- shared options -------------------------------------------------------------------------------------------
@@ -75,12 +81,33 @@ def _options(*decorators):
 
 
 def _check_device(ctx, param, value):
+    """Only devices this build can run on (cpu; cuda when present): mps or meta are refused, not run on the CPU."""
     if value is None:
         return None
     try:
-        return str(torch.device(value))
-    except (RuntimeError, ValueError):
-        raise click.BadParameter(f"{value!r} is not a torch device (try cpu, cuda or cuda:1)") from None
+        return str(validate.device(value))
+    except InputError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+class _Number(click.ParamType):
+    """A finite float in [lo, hi] (``(lo, hi]`` with ``lo_open``): nan, inf and out-of-range values are refused
+    when the options are parsed, before any model work."""
+
+    name = "FLOAT"
+
+    def __init__(self, lo: float, hi: float, lo_open: bool = False):
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+
+    def convert(self, value, param, ctx):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        try:
+            return validate.number("the value", v, self.lo, self.hi, self.lo_open)
+        except InputError as e:
+            self.fail(str(e).replace("the value must be", "must be"), param, ctx)
 
 
 class _Side(click.ParamType):
@@ -122,14 +149,15 @@ model_options = _options(
     click.option("--attention", type=click.Choice(["auto", "triton", "cudnn"]), default="auto",
                  help="Latent attention of the triton backend's denoiser: cudnn (cuDNN fused attention via "
                       "PyTorch SDPA), triton (bagel-rt's kernel) or auto (cudnn on Hopper, else triton)."),
-    click.option("--max-gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GIB",
+    click.option("--max-gpu-memory", type=_Number(0, 1e6, lo_open=True), default=None, metavar="GIB",
                  help="GPU memory budget: the ViT, VAE and embeddings leave the GPU between their phases and "
                       "the process is capped at GIB; a request that cannot fit fails with a clear message."),
     click.option("--no-progress", is_flag=True, help="Hide the progress bars (stderr)."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text."),
 )
 
-seed_option = click.option("--seed", type=click.IntRange(min=0), default=None, show_default="random, reported",
+seed_option = click.option("--seed", type=click.IntRange(0, validate.MAX_SEED), default=None,
+                           show_default="random, reported",
                            help="Seeds the noise (and sampled text): the same seed gives the same output.")
 
 
@@ -138,10 +166,11 @@ def text_options(think_default_tokens: int, tokens_flag: str):
     return _options(
         click.option("--think", is_flag=True,
                      help="Think mode: decode a reasoning/planning text first (the official think prompts)."),
-        click.option(tokens_flag, "max_tokens", type=click.IntRange(min=1), default=think_default_tokens,
-                     help="Most tokens to decode."),
+        click.option(tokens_flag, "max_tokens", type=click.IntRange(1, MAX_POSITIONS),
+                     default=think_default_tokens,
+                     help="Most tokens to decode (at most the model's context, max_position_embeddings)."),
         click.option("--do-sample", is_flag=True, help="Sample the text instead of greedy decoding."),
-        click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=0.3,
+        click.option("--temperature", type=_Number(0.0, MAX_SCALE, lo_open=True), default=0.3,
                      help="Sampling temperature for the text (with --do-sample)."),
     )
 
@@ -150,15 +179,24 @@ def image_options(cfg_text: float, cfg_img: float, interval: tuple[float, float]
                   default_name: str):
     """Sampler, CFG and output options, with the official app's defaults of the task."""
     return _options(
-        click.option("--steps", type=click.IntRange(min=2), default=50, help="Denoising steps (num_timesteps)."),
-        click.option("--cfg-text-scale", type=float, default=cfg_text, help="Text guidance (CFG) scale."),
-        click.option("--cfg-img-scale", type=float, default=cfg_img, help=img_help),
-        click.option("--cfg-interval", type=(float, float), default=interval, metavar="LO HI",
+        click.option("--steps", type=click.IntRange(2, MAX_STEPS), default=50,
+                     help="Denoising steps (num_timesteps)."),
+        click.option("--cfg-text-scale", type=_Number(0.0, MAX_SCALE), default=cfg_text,
+                     help="Text guidance (CFG) scale."),
+        click.option("--cfg-img-scale", type=_Number(0.0, MAX_SCALE), default=cfg_img, help=img_help),
+        click.option("--cfg-interval", type=(_Number(0.0, 1.0), _Number(0.0, 1.0)), default=interval,
+                     metavar="LO HI",
                      help="Guide only at timesteps t with LO < t <= HI (t runs from 1, noise, to 0)."),
-        click.option("--cfg-renorm-min", type=float, default=0.0, help="Lower clamp of the CFG renorm factor."),
+        click.option("--cfg-renorm-min", type=_Number(0.0, 1.0), default=0.0,
+                     help="Lower clamp of the CFG renorm factor."),
         click.option("--cfg-renorm-type", type=click.Choice(RENORM_TYPES), default=renorm,
                      help="How the guided velocity is renormalised."),
-        click.option("--timestep-shift", type=float, default=3.0, help="Shift of the timestep schedule."),
+        click.option("--timestep-shift", type=_Number(0.0, MAX_SCALE, lo_open=True), default=3.0,
+                     help="Shift of the timestep schedule."),
+        click.option("--taylorseer", is_flag=True,
+                     help="Step caching with the official TaylorSeer settings (opt-in, approximate): most "
+                          "denoiser evaluations are predicted from the last full ones. --json reports the "
+                          "schedule that ran."),
         click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="PATH",
                      help=f"Image to write (.png, .jpg or .webp) [default: {default_name} in the current "
                           "directory]. Written atomically."),
@@ -169,10 +207,13 @@ def image_options(cfg_text: float, cfg_img: float, interval: tuple[float, float]
 # -- helpers: everything checked before the model loads ---------------------------------------------------------
 def _check_output(output: Path | None, default_name: str, seed: int, overwrite: bool) -> Path:
     path = (output or Path(default_name.format(seed=seed))).expanduser()
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; -o takes an image file path (e.g. {path / 'out.png'})")
     if path.suffix.lower() not in IMAGE_FORMATS:
         raise InputError(f"{path}: unknown image extension {path.suffix or '(none)'!r}; use .png, .jpg or .webp")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory; -o takes an image file path")
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{path} is a symbolic link to a missing file ({os.readlink(path)}); remove it or choose "
+                         "another output path")
     if path.exists() and not overwrite:
         raise InputError(f"{path} already exists (pass --overwrite to replace it)")
     if not path.parent.is_dir():
@@ -186,12 +227,18 @@ def _save_image(image, path: Path, overwrite: bool) -> None:
     """Write to a temporary sibling, then move it into place (never leaves a half-written image)."""
     fmt = IMAGE_FORMATS[path.suffix.lower()]
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt, **({} if fmt == "PNG" else {"quality": 95}))
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot be written ({e.strerror or e})") from None
+    try:
+        try:
+            with os.fdopen(fd, "wb") as f:
+                image.save(f, format=fmt, **({} if fmt == "PNG" else {"quality": 95}))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full disk, a lost mount, a quota: the temporary file goes in `finally`
+            raise OutputError(f"{path}: cannot be written ({e.strerror or e}); nothing was left behind") from None
         if overwrite:
             os.replace(tmp, path)
             return
@@ -214,7 +261,8 @@ def _cfg_kwargs(o: dict) -> dict:
         raise InputError(f"--timestep-shift must be positive, got {o['timestep_shift']}")
     return dict(cfg_text_scale=cfg.cfg_text_scale, cfg_img_scale=cfg.cfg_img_scale,
                 cfg_interval=cfg.cfg_interval, cfg_renorm_min=cfg.cfg_renorm_min,
-                cfg_renorm_type=cfg.cfg_renorm_type, timestep_shift=o["timestep_shift"], num_timesteps=o["steps"])
+                cfg_renorm_type=cfg.cfg_renorm_type, timestep_shift=o["timestep_shift"], num_timesteps=o["steps"],
+                enable_taylorseer=o["taylorseer"])
 
 
 def _text_kwargs(o: dict) -> dict:
@@ -223,7 +271,8 @@ def _text_kwargs(o: dict) -> dict:
 
 
 def _load(o: dict):
-    """The pipeline for --model (or the embedded tiny model, with a notice on stderr)."""
+    """The pipeline for --model (or the embedded tiny model, with a notice on stderr). The token limit is checked
+    against the checkpoint's context (its llm_config.json) before anything is loaded."""
     path = o["model_dir"]
     if path is None:
         try:
@@ -234,6 +283,10 @@ def _load(o: dict):
         click.echo(f"note: no --model given; using the embedded tiny BAGEL at {path}"
                    f"{' (created now)' if created else ''} (random weights: outputs are noise; "
                    "use --model DIR for the real checkpoint)", err=True)
+    context = llm_params_from_json(Path(path).expanduser() / "llm_config.json").max_positions
+    if o.get("max_tokens") is not None and o["max_tokens"] >= context:
+        raise InputError(f"a token limit of {o['max_tokens']} does not fit the model's context of {context} "
+                         f"positions (max_position_embeddings of {path}/llm_config.json); use less")
     return bagel_rt.load(path, device=o["device"], dtype=DTYPES[o["dtype"]], progress=not o["no_progress"],
                          backend=o["backend"], weights=o["weights"], compute=o["compute"],
                          attention=o["attention"], max_gpu_memory=o["max_gpu_memory"])
@@ -243,7 +296,37 @@ def _seed(o: dict) -> int:
     return o["seed"] if o["seed"] is not None else secrets.randbelow(2**31)
 
 
-def _image_result(pipe, res, path: Path, overwrite: bool, seconds: float, settings: dict, as_json: bool) -> None:
+class TextStream:
+    """Prints decoded text on stdout as the token ids arrive (``on_token`` of the pipeline), so an answer or a
+    think text shows while it is decoded and a Ctrl-C keeps what was shown.
+
+    It runs one token behind, because the reference's text leaves out the last prediction (the stop token, or the
+    one that hit the limit), and holds back an incomplete multi-byte character. ``text`` is what was shown.
+    """
+
+    def __init__(self, tokenizer, echo: bool):
+        self.tok, self.echo = tokenizer, echo
+        self.ids: list[int] = []
+        self.shown = 0  # ids[:shown] are in text
+        self.text = ""
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        ready = self.tok.decode(self.ids[self.shown:-1])
+        if ready and not ready.endswith("\ufffd"):
+            self.text += ready
+            self.shown = len(self.ids) - 1
+            if self.echo:
+                click.echo(ready, nl=False)
+
+    def finish(self, final: str | None) -> None:
+        """End the shown text with what the final text adds (normally nothing) and a newline."""
+        if self.echo:
+            click.echo(final[len(self.text):] if final and final.startswith(self.text) else "")
+
+
+def _image_result(pipe, res, path: Path, overwrite: bool, seconds: float, settings: dict, as_json: bool,
+                  stream: TextStream | None = None) -> None:
     _save_image(res.image, path, overwrite)
     w, h = res.image.size
     if as_json:
@@ -251,10 +334,14 @@ def _image_result(pipe, res, path: Path, overwrite: bool, seconds: float, settin
             "output": str(path), "seed": res.seed, "size": {"height": h, "width": w}, "think": res.text,
             "seconds": {"load": round(pipe.load_seconds, 3), "run": round(seconds, 3)},
             "model": str(pipe.path), "device": str(pipe.device), "settings": settings,
+            **({"step_cache": res.info["step_cache"]} if "step_cache" in res.info else {}),
         }))
         return
     if res.text is not None:
-        click.echo(res.text)
+        if stream is not None:
+            stream.finish(res.text)
+        else:
+            click.echo(res.text)
     click.echo(str(path))
     click.echo(f"{w}x{h}, seed {res.seed}, {seconds:.1f} s (+{pipe.load_seconds:.1f} s loading)", err=True)
 

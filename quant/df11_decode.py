@@ -108,17 +108,21 @@ def df11_decode_ref(buffers: dict[str, Tensor], out: Tensor) -> Tensor:
         p = gaps[t0:t1].copy()
         syms = np.zeros((max_iters, t1 - t0), dtype=np.int64)
         counts = np.zeros(t1 - t0, dtype=np.int64)
+        in_data = np.zeros(t1 - t0, dtype=np.int64)  # codes that start before the end of the bitstream
+        bit0 = np.arange(t0, t1, dtype=np.int64) * 64
         for k in range(max_iters):
             act = np.flatnonzero(p < 64)
             if act.size == 0:
                 break
             pa = p[act]
+            in_data[act] += bit0[act] + pa < 8 * codes.size
             sh_hi, sh_lo = np.minimum(pa, 31).astype(np.uint64), np.maximum(pa - 32, 0).astype(np.uint64)
             peek = np.where(pa < 32, (x_hi[act] << sh_hi) >> np.uint64(32), (x_lo[act] << sh_lo) >> np.uint64(32))
             d = _lut_decode_np(luts, peek)
             syms[k, act] = d
             counts[act] += 1
             p[act] += luts[-1, d]
+        _check_stream(p, in_data, gaps, pos, b0, b1, n, codes.size)
         # first element index of each window: block offset + exclusive prefix sum inside the block
         c = counts.reshape(-1, THREADS_PER_BLOCK)
         start = (pos[b0:b1, None] + np.cumsum(c, axis=1) - c).reshape(-1)
@@ -130,6 +134,32 @@ def df11_decode_ref(buffers: dict[str, Tensor], out: Tensor) -> Tensor:
     words = ((s & 0x80) << 8) | (exps << 7) | (s & 0x7F)
     out.view(torch.int16).copy_(torch.from_numpy(words.view(np.int16)))
     return out
+
+
+def _check_stream(p: np.ndarray, in_data: np.ndarray, gaps: np.ndarray, pos: np.ndarray, b0: int, b1: int, n: int,
+                  n_bytes: int) -> None:
+    """What a sound bitstream satisfies, checked on blocks [b0, b1) as they are decoded (ValueError otherwise):
+    each window's last code ends where the next window's gap says its first code starts, and each block holds
+    the codes ``output_positions`` gives it (the last one up to 7 more: codes starting in the padding bits)."""
+    nxt = np.arange(b0 * THREADS_PER_BLOCK, b1 * THREADS_PER_BLOCK) + 1
+    # only where the next window holds a real code start (>= 32 bits before the padding): the encoder records
+    # no gap for a window whose only start is the padding's
+    inside = (nxt < gaps.size) & (nxt * BYTES_PER_THREAD + 5 <= n_bytes)
+    bad = np.flatnonzero((p < 64) | (inside & (p - 64 != gaps[np.minimum(nxt, gaps.size - 1)])))
+    if bad.size:
+        w = int(nxt[bad[0]] - 1)
+        raise ValueError(f"the bitstream does not decode consistently at window {w} (byte {w * BYTES_PER_THREAD} "
+                         "of 'encoded_exponent'): damaged 'encoded_exponent', 'gaps' or 'luts'")
+    got = in_data.reshape(-1, THREADS_PER_BLOCK).sum(axis=1)
+    want = pos[b0 + 1: b1 + 1] - pos[b0:b1]
+    last = b1 == pos.size - 1
+    ok = got == want
+    if last:
+        ok[-1] = want[-1] <= got[-1] <= want[-1] + 7
+    if not ok.all():
+        b = b0 + int(np.flatnonzero(~ok)[0])
+        raise ValueError(f"block {b} decodes {int(got[b - b0])} codes but 'output_positions' gives it "
+                         f"{int(want[b - b0])}: damaged 'encoded_exponent' or 'output_positions'")
 
 
 # ----------------------------------------------------------------------------------------------------------------

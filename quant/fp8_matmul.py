@@ -8,10 +8,14 @@
 * ``fp8_scaled_mm``: W8A8 on FP8 tensor cores (``torch._scaled_mm`` with a per-token and a per-channel scale and
   the bias in its epilogue), for rows already quantized by ``bagel_rt.kernels.quantize_rows_fp8``.
 
-The kernels read the weight as uint8 bit patterns and decode e4m3 with integer operations
-(:func:`e4m3_to_f32`): Triton's ``float8e4nv`` type compiles only for compute capability >= 8.9, and the
-interpreter cannot cast fp8 loads ("cannot cast"), while the bit decode runs in both and on every GPU. Each
-launcher has a ``*_ref`` twin with the same signature that dequantizes to fp32 and calls ``F.linear``.
+The kernels read the weight as uint8 bit patterns and decode e4m3 (:func:`e4m3_to_f32`) with the conversion
+instruction of compute capability >= 8.9 (``native``), else with integer bit moves: Triton's ``float8e4nv``
+type compiles only from 8.9 on, and the interpreter cannot convert fp8 ("cannot cast"), while the bit decode
+runs everywhere. The bit decode costs ~6 ALU operations per weight byte, about the H200's whole ALU budget per
+byte of bandwidth, so the GEMV was no faster than the bf16 one with it (H200, ``bench_kernels.py --only
+fp8_gemv``, commit ed3be34: down projection 51 vs 45 us); the instruction converts two codes at once. Both
+decodes are exact, and give the same bits. Each launcher has a ``*_ref`` twin with the same signature that
+dequantizes to fp32 and calls ``F.linear``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from bagel_rt.kernels._device import is_interpreting
+from bagel_rt.kernels._device import has_capability, is_interpreting
 from bagel_rt.kernels.gemv import INTERPRETER_CONFIG, _w_tile, _x_tile
 from torch import Tensor
 
@@ -50,13 +54,15 @@ GEMV_SETTINGS = dict(BN=8, BK=512, num_warps=4)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def fp8_dequant_ref(qweight: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """qweight [N, K] e4m3 * scale [N] fp32 -> [N, K] in ``dtype`` (computed in fp32)."""
+def fp8_dequant_ref(qweight: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32,
+                    native: bool | None = None) -> Tensor:
+    """qweight [N, K] e4m3 * scale [N] fp32 -> [N, K] in ``dtype`` (computed in fp32; ``native`` unused)."""
     return (qweight.float() * scale.float().reshape(-1, 1)).to(dtype)
 
 
-def fp8_gemv_ref(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [M, K] @ (qweight [N, K] e4m3 * scale [N])^T + bias in fp32 -> [M, N] in x.dtype."""
+def fp8_gemv_ref(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None,
+                 native: bool | None = None) -> Tensor:
+    """x [M, K] @ (qweight [N, K] e4m3 * scale [N])^T + bias in fp32 -> [M, N] in x.dtype (``native`` unused)."""
     b = None if bias is None else bias.float()
     return F.linear(x.float(), fp8_dequant_ref(qweight, scale), b).to(x.dtype)
 
@@ -76,20 +82,29 @@ def fp8_scaled_mm_ref(q: Tensor, sx: Tensor, qweight: Tensor, scale: Tensor, bia
 
 
 @triton.jit
-def e4m3_to_f32(b):
-    """uint8 e4m3 bit patterns -> their fp32 values, exactly (NaN codes excepted).
+def e4m3_to_f32(b, NATIVE: tl.constexpr):
+    """uint8 e4m3 bit patterns -> fp32, exactly (NaN codes excepted), times ``e4m3_unit(NATIVE)``: the
+    callers fold that power of two into their per-channel scale (exact), saving one multiply per weight.
 
-    Sign and the 7 exponent/mantissa bits moved into an fp16's bits give e4m3's value times 2^-8 (the fp16
-    exponent bias is 8 above e4m3's, and e4m3 subnormals land on fp16 subnormals), then a power-of-two
-    scaling: three integer ops and two exact conversions."""
+    NATIVE: the hardware conversion (sm_89+), the value itself. Otherwise sign and the 7 exponent/mantissa bits
+    moved into an fp16's bits give e4m3's value times 2^-8 (the fp16 exponent bias is 8 above e4m3's, and e4m3
+    subnormals land on fp16 subnormals): integer ops and exact conversions, on any GPU and in the interpreter."""
+    if NATIVE:
+        return b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     b = b.to(tl.int32)
     h = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16)
-    return h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+    return h.to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _fp8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr):
+def e4m3_unit(NATIVE: tl.constexpr):
+    """The factor by which :func:`e4m3_to_f32` divides the values (1 or 2^-8), as the scale's multiplier."""
+    return 1.0 if NATIVE else 256.0
+
+
+@triton.jit
+def _fp8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, NATIVE: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr):
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -101,25 +116,25 @@ def _fp8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.con
     for k0 in range(0, K, BK):
         # [BK]
         b_x = _x_tile(p_x, k0, K, BK)
-        acc += e4m3_to_f32(b_w) * b_x[None, :]
+        acc += e4m3_to_f32(b_w, NATIVE) * b_x[None, :]
         b_w = _w_tile(p_w, m_n, k0 + BK, K, BK)
     # [BN]: the per-channel scale, then the bias, on the fp32 sums (one rounding at the end)
-    b_y = tl.sum(acc, axis=1) * tl.load(s + o_n, mask=m_n, other=0.0)
+    b_y = tl.sum(acc, axis=1) * (tl.load(s + o_n, mask=m_n, other=0.0) * e4m3_unit(NATIVE))
     if HAS_BIAS:
         b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
     tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
 
 
 @triton.jit
-def _fp8_dequant_kernel(w, s, o, N, K, BN: tl.constexpr, BK: tl.constexpr):
+def _fp8_dequant_kernel(w, s, o, N, K, NATIVE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     i_n, i_k = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BN + tl.arange(0, BN)
     o_k = i_k * BK + tl.arange(0, BK)
     m = (o_n < N)[:, None] & (o_k < K)[None, :]
     o_e = o_n.to(tl.int64)[:, None] * K + o_k[None, :]
     # [BN, BK]
-    b_w = e4m3_to_f32(tl.load(w + o_e, mask=m, other=0))
-    b_s = tl.load(s + o_n, mask=o_n < N, other=0.0)
+    b_w = e4m3_to_f32(tl.load(w + o_e, mask=m, other=0), NATIVE)
+    b_s = tl.load(s + o_n, mask=o_n < N, other=0.0) * e4m3_unit(NATIVE)
     tl.store(o + o_e, (b_w * b_s[:, None]).to(o.dtype.element_ty), mask=m)
 
 
@@ -136,23 +151,36 @@ def _check_weight(qweight: Tensor, scale: Tensor) -> tuple[int, int]:
     return N, K
 
 
-def fp8_dequant(qweight: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """Triton: qweight [N, K] e4m3 * scale [N] fp32 (any shape of N elements) -> [N, K] in ``dtype``."""
+def _native(device: torch.device, native: bool | None) -> bool:
+    """Decode e4m3 with the conversion instruction: by default where there is one (CUDA, capability >= 8.9)."""
+    if native is None:
+        return device.type == "cuda" and has_capability(8, 9, device)
+    assert not native or not is_interpreting(), "the interpreter cannot convert fp8 (use native=False)"
+    return native
+
+
+def fp8_dequant(qweight: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16,
+                native: bool | None = None) -> Tensor:
+    """Triton: qweight [N, K] e4m3 * scale [N] fp32 (any shape of N elements) -> [N, K] in ``dtype``.
+    ``native``: e4m3 decode by the conversion instruction (default: where the GPU has one) or by bit moves."""
     N, K = _check_weight(qweight, scale)
     out = torch.empty(N, K, dtype=dtype, device=qweight.device)
     if N and K:
         BN, BK = 16, 256
         _fp8_dequant_kernel[(triton.cdiv(N, BN), triton.cdiv(K, BK))](qweight.view(torch.uint8), scale, out, N, K,
+                                                                       NATIVE=_native(qweight.device, native),
                                                                        BN=BN, BK=BK)
     return out
 
 
-def fp8_gemv(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+def fp8_gemv(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None,
+             native: bool | None = None) -> Tensor:
     """``x @ (qweight * scale[:, None]).T (+ bias)`` for a few rows (decode), weight-only.
 
     Args:
         x: [M, K], M <= ``GEMV_MAX_M``, fp16 / bf16 / fp32, last dim contiguous (any row stride).
         qweight: [N, K] float8_e4m3fn contiguous. scale: fp32, N elements. bias: [N] (any float dtype) or None.
+        native: e4m3 decode by the conversion instruction (default: where the GPU has one) or by bit moves.
     Returns:
         [M, N] in x.dtype; fp32 accumulation, scale and bias applied before the one rounding.
     """
@@ -167,7 +195,8 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = No
     cfg = dict(INTERPRETER_CONFIG) if is_interpreting() else GEMV_SETTINGS
     _fp8_gemv_kernel[(triton.cdiv(N, cfg["BN"]), M)](x, qweight.view(torch.uint8), scale,
                                                       bias if bias is not None else scale, y, N, K, x.stride(0),
-                                                      y.stride(0), HAS_BIAS=bias is not None, **cfg)
+                                                      y.stride(0), HAS_BIAS=bias is not None,
+                                                      NATIVE=_native(x.device, native), **cfg)
     return y
 
 

@@ -78,13 +78,17 @@ def dynamic_map(device: torch.device | str | None = None) -> Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32, device=device)
 
 
+#: The block sizes NF4 supports (bitsandbytes' set).
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
 @dataclass(frozen=True)
 class NF4Config:
     blocksize: int = 64
     double_quant: bool = False
 
     def __post_init__(self) -> None:
-        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"NF4 blocksize must be a power of two in [32, 4096], got {self.blocksize}")
 
 

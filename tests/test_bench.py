@@ -29,6 +29,21 @@ def test_bench_rows(tmp_path):
     assert decode["tokens"] <= 4 and decode["tokens_per_s"] > 0
 
 
+def test_bench_taylorseer_rows():
+    """--taylorseer: image rows carry what step caching ran and fewer full forwards than without it."""
+    rows = {}
+    for flag in ((), ("--taylorseer",)):
+        r = _bench("--tasks", "t2i", "--steps", "12", *flag)
+        assert r.exit_code == 0, r.output
+        rows[bool(flag)] = json.loads(r.stdout.strip().splitlines()[-1])
+    on, off = rows[True], rows[False]
+    sched = on["step_cache"]["schedule"]
+    assert on["step_cache"]["method"] == "taylorseer" and sched["cond"] == "FFFFFTTFTTF"
+    # without the cache every evaluation of cond and text is a full forward (img equals cond: never run)
+    assert off["step_cache"] is None and off["full_evaluations"] == len(sched["cond"]) + len(sched["text"])
+    assert on["full_evaluations"] == 7 + sched["text"].count("F") < off["full_evaluations"]
+
+
 def test_bench_weights_label_and_errors():
     r = _bench("--tasks", "t2i", "--weights", "int8")
     assert r.exit_code == 0, r.output

@@ -83,6 +83,20 @@ def test_generate_writes_png_and_json(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]  # no temporary file left behind
 
 
+def test_generate_taylorseer_json(tiny, tmp_path):
+    """--taylorseer: the request's settings say so and --json prints what ran (7 steps: warm-up of 5 full
+    evaluations, then a Taylor one; the image-unconditional branch equals the conditional one: not run)."""
+    r = ok(run("generate", "a red bagel", "--model", tiny, "--no-progress", "--height", "64", "--width", "96",
+               "--steps", "8", "-o", tmp_path / "ts.png", "--seed", "1", "--taylorseer", "--json"))
+    d = json.loads(r.stdout)
+    assert d["settings"]["enable_taylorseer"] is True
+    sc = d["step_cache"]
+    assert sc["method"] == "taylorseer" and sc["schedule"]["cond"] == "FFFFFTT"
+    assert sc["full_evaluations"] == 5 + sc["schedule"]["text"].count("F")
+    plain = json.loads(ok(gen(tiny, tmp_path / "p.png", "--json")).stdout)
+    assert "step_cache" not in plain and plain["settings"]["enable_taylorseer"] is False
+
+
 def test_same_seed_same_bytes(tiny, tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     ok(gen(tiny, a, "--seed", "3"))
@@ -212,7 +226,7 @@ def test_info_counts_quantized_weights(tiny, tmp_path):
 def test_info_df11_layout(tmp_path):
     d = tmp_path / "df11"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"dfloat11_config": {"version": "0.2.0"}}))
+    (d / "config.json").write_text(json.dumps({"dfloat11_config": {"version": "0.5.0"}}))
     r = json.loads(ok(run("info", d, "--json")).stdout)
     assert r["format"] == "df11" and r["parameters"] is None
     assert [f["name"] for f in r["files"]] == ["config.json"]

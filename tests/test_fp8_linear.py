@@ -102,7 +102,8 @@ def test_scaled_mm_matches_reference():
         out = fp8_scaled_mm(*xq, q, s, b, out_dtype)
         ref = fp8_scaled_mm_ref(*xq, q, s, b, out_dtype)
         assert out.dtype == out_dtype and out.shape == (37, 48)
-        assert rel_l2(out, ref) < (1e-5 if out_dtype == torch.float32 else 8e-3)
+        # on CUDA the row-scaled GEMM itself outputs bf16 (cast to fp32 after)
+        assert rel_l2(out, ref) < (1e-5 if out_dtype == torch.float32 and not CUDA else 8e-3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,3 +216,17 @@ def test_fp8_gemv_bf16_real_shape():
     x = torch.randn(1, 18944, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(3584, device="cuda", dtype=torch.bfloat16)
     assert rel_l2(fp8_gemv(x, q, s, b), fp8_gemv_ref(x, q, s, b)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_native_and_bit_decodes_agree():
+    """The conversion instruction (sm_89+) and the integer bit decode give the same bits, in both kernels."""
+    from bagel_rt.kernels._device import has_capability
+
+    if not has_capability(8, 9):
+        pytest.skip("no fp8 conversion instruction before compute capability 8.9")
+    q, s = fp8_case(3584, 3584, seed=6)
+    x = torch.randn(2, 3584, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(fp8_gemv(x, q, s, native=True), fp8_gemv(x, q, s, native=False))
+    assert torch.equal(fp8_dequant(q, s, native=True), fp8_dequant(q, s, native=False))

@@ -11,6 +11,7 @@ from bagel_rt.cli.main import cli
 from bagel_rt.quant import FP8Linear, NF4Linear
 from click.testing import CliRunner
 from conftest import rel_l2
+from safetensors.torch import load_file, save_file
 from test_quantized import GEN, PROMPT, Q, one_line_error, rewrite, same_state
 
 import bagel_rt
@@ -148,3 +149,10 @@ def test_quantize_in_place_equals_quantize_on_load(tiny):
     plan = quantize_in_place(model, RECIPE)
     assert plan[GEN_Q] == "fp8" and plan[UND_Q] == "nf4" and plan["language_model.lm_head"] == "nf4"
     same_state(model, bagel_rt.load(tiny, device="cpu", weights=RECIPE).model)
+
+
+def test_info_infers_fp8_without_metadata(conv, tmp_path):
+    d = shutil.copytree(conv["fp8"], tmp_path / "fp8")
+    save_file(load_file(str(d / "ema.safetensors")), str(d / "ema.safetensors"))  # no metadata
+    assert (checkpoint_info(d)["format"], checkpoint_info(d)["format_source"]) == (
+        "fp8", "inferred from FP8 weight_scale keys")
