@@ -54,14 +54,15 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90)
     a = ap.parse_args()
     io = dict(N="i32", K="i32", stride_xm="i32", stride_ym="i32")
-    q8 = dict(x="*bf16", w="*i8", s="*fp32", b="*fp32", y="*bf16", **io)
+    q8 = {code: dict(x="*bf16", w="*i8" if code == "int8" else "*u8", s="*fp32", b="*fp32", y="*bf16", **io)
+          for code in ("int8", "fp8", "fp8_native")}
     nf4 = dict(x="*bf16", p="*i32", a="*fp32", t="*fp32", b="*fp32", y="*bf16", **io)
     cases = [("bf16", bf16_gemv._gemv_kernel, dict(x="*bf16", w="*bf16", b="*bf16", y="*bf16", **io),
               dict(HAS_BIAS=False, BN=2, BK=2048, USE_GDC=True), 8)]
-    for fmt in ("int8", "fp8"):
+    for code in ("int8", "fp8", "fp8_native"):
         cfg = dg.SETTINGS["gemv"]["int8"]
-        consts = dict(HAS_BIAS=False, FP8=fmt == "fp8", BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True)
-        cases.append((fmt, dg._q8_gemv_kernel, q8, consts, cfg["num_warps"]))
+        consts = dict(HAS_BIAS=False, CODE=code, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True)
+        cases.append((code, dg._q8_gemv_kernel, q8[code], consts, cfg["num_warps"]))
     cfg = dg.SETTINGS["gemv"]["nf4"]
     cases.append(("nf4", dg._nf4_gemv_kernel, nf4, dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"],
                                                         USE_GDC=True), cfg["num_warps"]))
@@ -69,7 +70,7 @@ def main() -> None:
         ops = loop_ops(fn, sig, consts, nw, a.arch)
         per_thread = consts["BN"] * consts["BK"] // (32 * nw)  # weights per thread and loop iteration
         total = sum(ops.values())
-        print(f"{name:>5}: {total} loop instructions / {per_thread} weights = {total / per_thread:.2f} per "
+        print(f"{name:>10}: {total} loop instructions / {per_thread} weights = {total / per_thread:.2f} per "
               f"weight; {dict(ops.most_common(8))}")
 
 

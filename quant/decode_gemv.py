@@ -11,15 +11,14 @@ iteration ahead (the first before ``griddepcontrol.wait``: weights are never wri
 them while the previous kernel drains), fp32 partial sums per lane, the per-channel scale in the epilogue.
 
 The decode of a code to fp32 is where these kernels are won or lost: at 4.8 TB/s an H200 SM must consume about
-18 weight bytes per clock, and on sm_90 the int->float and fp16->fp32 converters run at 16 results per clock
-per SM (fp32 FMA: 128, integer ALU: 64). So no converter is used:
+18 weight bytes per clock, an SM issues 128 thread-instructions per clock (integer ALU: 64), and the int ->
+float converter (I2F) runs at 16 results per clock per SM. So:
 
 * INT8: ``bits(int32(q) + 0x4B400000) - 12582912.0`` (the float 1.5 * 2^23 + q, minus 1.5 * 2^23): one integer
   add and one fp32 add per weight, exact for any int8.
-* FP8 e4m3: the sign-extended code shifted left by 20 and masked with ``0x87F00000`` is an fp32 whose value
-  is the e4m3 value times 2^-120 (sign in bit 31, exponent and mantissa in bits 20..26; e4m3 subnormals land on
-  fp32 subnormals, which Triton's fp32 multiply keeps), times 2^120 (exact): two integer ops and a multiply.
-  The decode of ``quant.fp8_matmul`` (e4m3 -> fp16 bits -> fp32) costs six integer ops and a converter.
+* FP8 e4m3: :func:`quant.fp8_matmul.e4m3_to_f32`, the sm_89+ conversion instruction (two codes per
+  instruction, then fp16 -> fp32 as HADD2.F32 on the FMA pipe), integer bit moves elsewhere and in the
+  interpreter.
 * NF4: a gather from the 16-entry fp32 code table (64 bytes, one L1 line, so a warp's gather is one
   wavefront at any spread of indices): the exact codes. The packed codes are loaded as int32 words of 8 codes;
   a shift and a mask give each code's byte offset, OR-ed into the (64-byte aligned) table address, so the
@@ -32,7 +31,7 @@ per SM (fp32 FMA: 128, integer ALU: 64). So no converter is used:
   on 2-bit halves (still 15 selects per code).
 
 Offline sm_90 SASS of the loops (``benchmarks/decode_sass.py``: ``triton.compile`` for a CUDA target, no
-GPU needed), instructions per weight: bf16 GEMV 4.9, INT8 5.7, FP8 6.7, NF4 7.7 (the byte-wise gather: 8.7);
+GPU needed), instructions per weight: bf16 GEMV 4.9, INT8 5.7, FP8 6.4, NF4 7.7 (the byte-wise gather: 8.7);
 at 128 issue slots per clock per SM that leaves INT8 / FP8 at their 1-byte bandwidth with little headroom and
 NF4 issue-bound at about half of its 0.56-byte bandwidth. PTX ``prmt`` decodes of INT8 / FP8
 (``tl.inline_asm_elementwise``) compiled to more instructions (Triton unpacks the loaded bytes and packs them
@@ -51,13 +50,13 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from bagel_rt.kernels._device import gdc_wait
+from bagel_rt.kernels._device import gdc_wait, has_capability
 from bagel_rt.kernels.gemv import MAX_M, _launch, _w_tile, _x_tile, swiglu_store
 from bagel_rt.kernels.swiglu import swiglu_ref
 from torch import Tensor, nn
 
 from .fp8 import FP8Linear
-from .fp8_matmul import FP8
+from .fp8_matmul import FP8, e4m3_to_f32, e4m3_unit
 from .int8 import Int8Linear
 from .matmul import nf4_dequant_ref
 from .nf4 import NF4Linear
@@ -145,22 +144,30 @@ def qgemv_swiglu_ref(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool 
 # ----------------------------------------------------------------------------------------------------------------
 
 _INT8_MAGIC: tl.constexpr = tl.constexpr(0x4B400000)  # the bits of 1.5 * 2^23
-_E4M3_MASK: tl.constexpr = tl.constexpr(0x87F00000 - (1 << 32))  # sign bit + bits 20..26, as an int32
-_TWO_POW_120: tl.constexpr = tl.constexpr(2.0**120)
 
 
 @triton.jit
-def _decode8(b_w, FP8: tl.constexpr):
-    """[BN, BK] int8 codes (e4m3 bit patterns when ``FP8``) -> their exact fp32 values, no converter."""
-    b_i = b_w.to(tl.int32)  # sign-extended
-    if FP8:
-        return ((b_i << 20) & _E4M3_MASK).to(tl.float32, bitcast=True) * _TWO_POW_120
+def _decode8(b_w, CODE: tl.constexpr):
+    """[BN, BK] one-byte codes -> fp32, exact, times :func:`_code_unit`: "int8" (an integer add and an fp32 add
+    per code, no converter), "fp8" / "fp8_native" (:func:`quant.fp8_matmul.e4m3_to_f32`: integer bit moves, or
+    the sm_89+ conversion instruction)."""
+    if CODE == "int8":
+        return (b_w.to(tl.int32) + _INT8_MAGIC).to(tl.float32, bitcast=True) - 12582912.0
     else:
-        return (b_i + _INT8_MAGIC).to(tl.float32, bitcast=True) - 12582912.0
+        return e4m3_to_f32(b_w, CODE == "fp8_native")
 
 
 @triton.jit
-def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, FP8: tl.constexpr,
+def _code_unit(CODE: tl.constexpr):
+    # the power of two a decode leaves out, for the per-channel scale
+    if CODE == "int8":
+        return 1.0
+    else:
+        return e4m3_unit(CODE == "fp8_native")
+
+
+@triton.jit
+def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -174,17 +181,17 @@ def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.cons
     for k0 in range(0, K, BK):
         # [BK]
         b_x = _x_tile(p_x, k0, K, BK)
-        acc += _decode8(b_w, FP8) * b_x[None, :]
+        acc += _decode8(b_w, CODE) * b_x[None, :]
         b_w = _w_tile(p_w, m_n, k0 + BK, K, BK)
     # [BN]: the per-channel scale, then the bias, on the fp32 sums (one rounding)
-    b_y = tl.sum(acc, axis=1) * tl.load(s + o_n, mask=m_n, other=0.0)
+    b_y = tl.sum(acc, axis=1) * (tl.load(s + o_n, mask=m_n, other=0.0) * _code_unit(CODE))
     if HAS_BIAS:
         b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
     tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
 
 
 @triton.jit
-def _q8_gemv_swiglu_kernel(x, wg, wu, sg, su, y, N, K, stride_xm, stride_ym, FP8: tl.constexpr, BN: tl.constexpr,
+def _q8_gemv_swiglu_kernel(x, wg, wu, sg, su, y, N, K, stride_xm, stride_ym, CODE: tl.constexpr, BN: tl.constexpr,
                            BK: tl.constexpr, USE_GDC: tl.constexpr):
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -199,12 +206,12 @@ def _q8_gemv_swiglu_kernel(x, wg, wu, sg, su, y, N, K, stride_xm, stride_ym, FP8
     acc_u = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
         b_x = _x_tile(p_x, k0, K, BK)
-        acc_g += _decode8(b_g, FP8) * b_x[None, :]
-        acc_u += _decode8(b_u, FP8) * b_x[None, :]
+        acc_g += _decode8(b_g, CODE) * b_x[None, :]
+        acc_u += _decode8(b_u, CODE) * b_x[None, :]
         b_g = _w_tile(wg + rows, m_n, k0 + BK, K, BK)
         b_u = _w_tile(wu + rows, m_n, k0 + BK, K, BK)
-    g = tl.sum(acc_g, axis=1) * tl.load(sg + o_n, mask=m_n, other=0.0)
-    u = tl.sum(acc_u, axis=1) * tl.load(su + o_n, mask=m_n, other=0.0)
+    g = tl.sum(acc_g, axis=1) * (tl.load(sg + o_n, mask=m_n, other=0.0) * _code_unit(CODE))
+    u = tl.sum(acc_u, axis=1) * (tl.load(su + o_n, mask=m_n, other=0.0) * _code_unit(CODE))
     swiglu_store(y + i_m * stride_ym + o_n, g, u, m_n)
 
 
@@ -336,8 +343,14 @@ def _check(x: Tensor, *ws: DecodeWeight) -> tuple[int, int, int]:
     return M, ws[0].shape[0], K
 
 
+def _code(w: DecodeWeight, x: Tensor) -> str:
+    """The decode of a one-byte format: FP8 by the conversion instruction where there is one (sm_89+)."""
+    native = w.fmt == "fp8" and x.is_cuda and has_capability(8, 9, x.device)
+    return "fp8_native" if native else w.fmt
+
+
 def _codes(w: DecodeWeight) -> Tensor:
-    return w.codes.view(torch.int8) if w.fmt == "fp8" else w.codes
+    return w.codes.view(torch.uint8) if w.fmt == "fp8" else w.codes
 
 
 def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, pdl: bool, cfg: dict) -> Tensor:
@@ -351,7 +364,7 @@ def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, pdl: bool, cfg: dict
         _launch(_nf4_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize)
     else:
         args = (x, _codes(w), w.scale, b, y, N, K, x.stride(0), y.stride(0), M)
-        _launch(_q8_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, FP8=w.fmt == "fp8")
+        _launch(_q8_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, CODE=_code(w, x))
     return y
 
 
@@ -368,7 +381,7 @@ def _qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool, cf
         _launch(_nf4_gemv_swiglu_kernel, cfg, N, args, pdl, BLOCKSIZE=gate.blocksize)
     else:
         args = (x, _codes(gate), _codes(up), gate.scale, up.scale, y, N, K, x.stride(0), y.stride(0), M)
-        _launch(_q8_gemv_swiglu_kernel, cfg, N, args, pdl, FP8=gate.fmt == "fp8")
+        _launch(_q8_gemv_swiglu_kernel, cfg, N, args, pdl, CODE=_code(gate, x))
     return y
 
 
