@@ -9,9 +9,10 @@ length are [1] tensors), so the whole step can be captured once and replayed. Pe
 
 where the bracket is one small kernel (:func:`bagel_rt.kernels.qkv_rope_cache`) and the GEMVs are cuBLAS
 (``F.linear``) or, with ``gemv="triton"``, :func:`bagel_rt.kernels.gemv` with gate/up/SwiGLU fused into one
-kernel (a quantized module's own forward if the projections were swapped). With ``fuse_qkv`` the
-three projections read one concatenated copy of their weights (one GEMV instead of three; 0.9 GB extra at
-full size).
+kernel. INT8 / FP8 / NF4 weights run through their own decode GEMVs (:mod:`bagel_rt.quant.decode_gemv`: the
+same fusions, codes decoded in registers, fp32 scales cached when the layers are gathered, PDL). With
+``fuse_qkv`` the three projections read one concatenated copy of their weights (one GEMV instead of three;
+0.9 GB extra at full size in bf16, 0.46 GB in INT8 / FP8, 0.26 GB in NF4).
 
 :class:`GraphDecoder` owns a static KV cache, the static [1] inputs and one CUDA graph per mode (greedy /
 sampled) for its capacity. The greedy graph also takes the argmax, writes it as the next input token and
@@ -29,7 +30,7 @@ the fused path, SwiGLU rounded once, fp32 online softmax.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ from bagel_rt.kernels import (
     swiglu,
     varlen_attention,
 )
+from bagel_rt.quant.decode_gemv import DecodeWeight, concat, decode_weight, qgemv, qgemv_swiglu
 
 from .cache import Context, KVCache
 from .embeddings import rope_cos_sin
@@ -66,9 +68,11 @@ WARMUP_STEPS = 2  # eager steps on a side stream before a capture: Triton compil
 class UndLayer:
     """The und-expert tensors and modules one decoder layer reads when decoding.
 
-    ``qkv_weight`` is a fused [(Hq + 2 Hk) * D, hidden] copy of the q/k/v weights (None: call the q/k/v
-    modules, which then add their own biases); ``qkv_bias`` is the fused bias the epilogue kernel adds
-    (fused path only).
+    ``qkv_weight`` is a fused [(Hq + 2 Hk) * D, hidden] copy of the q/k/v weights, bf16 or compressed (None:
+    call the q/k/v modules, which then add their own biases); ``qkv_bias`` is the fused bias the epilogue
+    kernel adds (fused path only). ``compressed`` holds the INT8 / FP8 / NF4 projections ("o", "gate", "up",
+    "down") as the decode GEMVs of :mod:`bagel_rt.quant.decode_gemv` read them, scales computed once (gate and
+    up only as a pair of one format and shape, for the fused gate/up + SwiGLU kernel).
     """
 
     attn_norm: Tensor
@@ -77,21 +81,43 @@ class UndLayer:
     k_norm: Tensor
     attn: nn.Module
     mlp: nn.Module
-    qkv_weight: Tensor | None = None
+    qkv_weight: Tensor | DecodeWeight | None = None
     qkv_bias: Tensor | None = None
+    compressed: dict[str, DecodeWeight] = field(default_factory=dict)
 
 
-def und_layers(model, fuse_qkv: bool = False) -> list[UndLayer]:
-    """Collect every layer's und weights; ``fuse_qkv`` concatenates plain ``nn.Linear`` q/k/v weights."""
+def _same_kind(ws: list[DecodeWeight | None]) -> bool:
+    return all(w is not None and (w.fmt, w.blocksize) == (ws[0].fmt, ws[0].blocksize) for w in ws)
+
+
+def und_layers(model, fuse_qkv: bool = False, compressed: bool = True) -> list[UndLayer]:
+    """Collect every layer's und weights.
+
+    ``fuse_qkv`` concatenates the q/k/v weights once (plain ``nn.Linear``, or compressed modules of one format);
+    ``compressed`` gathers INT8 / FP8 / NF4 modules for the compressed decode GEMVs (False: their own forward).
+    """
     out = []
     for layer in model.language_model.model.layers:
-        a = layer.self_attn
+        a, mlp = layer.self_attn, layer.mlp
         lw = UndLayer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, a.q_norm.weight,
-                      a.k_norm.weight, a, layer.mlp)
+                      a.k_norm.weight, a, mlp)
         projs = (a.q_proj, a.k_proj, a.v_proj)
-        if fuse_qkv and all(type(m) is nn.Linear and m.bias is not None for m in projs):
-            lw.qkv_weight = torch.cat([m.weight for m in projs]).contiguous()
-            lw.qkv_bias = torch.cat([m.bias for m in projs]).contiguous()
+        qkv = [decode_weight(m) if compressed else None for m in projs]
+        if fuse_qkv and all(m.bias is not None for m in projs):
+            if all(type(m) is nn.Linear for m in projs):
+                lw.qkv_weight = torch.cat([m.weight for m in projs]).contiguous()
+            elif _same_kind(qkv):
+                lw.qkv_weight = concat(qkv)
+            if lw.qkv_weight is not None:
+                lw.qkv_bias = torch.cat([m.bias for m in projs]).contiguous()
+        if compressed:
+            named = {"o": a.o_proj, "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+            lw.compressed = {k: w for k, m in named.items() if (w := decode_weight(m)) is not None}
+            gate, up = lw.compressed.get("gate"), lw.compressed.get("up")
+            if not (_same_kind([gate, up]) and gate.shape == up.shape and mlp.gate_proj.bias is None
+                    and mlp.up_proj.bias is None and (gate.table is None or torch.equal(gate.table, up.table))):
+                lw.compressed.pop("gate", None)
+                lw.compressed.pop("up", None)
         out.append(lw)
     return out
 
@@ -105,25 +131,32 @@ def _check_gemv(impl: str) -> str:
     return impl
 
 
-def _linear(mod: nn.Module, x: Tensor, triton_gemv: bool, pdl: bool) -> Tensor:
+def _linear(mod: nn.Module, x: Tensor, triton_gemv: bool, pdl: bool, packed: DecodeWeight | None = None) -> Tensor:
+    # compressed weights always take their decode GEMV (``triton_gemv`` chooses for bf16 weights only)
+    if packed is not None:
+        return qgemv(x, packed, mod.bias, pdl)
     if triton_gemv and type(mod) is nn.Linear:
         return gemv(x, mod.weight, mod.bias, pdl)
     return mod(x)
 
 
-def _mlp(mlp: nn.Module, h: Tensor, triton_gemv: bool, pdl: bool) -> Tensor:
+def _mlp(lw: UndLayer, h: Tensor, triton_gemv: bool, pdl: bool) -> Tensor:
+    mlp, packed = lw.mlp, lw.compressed
     g, u = mlp.gate_proj, mlp.up_proj
-    if triton_gemv and type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None and u.bias is None:
+    if "gate" in packed:
+        act = qgemv_swiglu(h, packed["gate"], packed["up"], pdl)
+    elif triton_gemv and type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None and u.bias is None:
         act = gemv_swiglu(h, g.weight, u.weight, pdl)
     else:
         act = swiglu(g(h), u(h))
-    return _linear(mlp.down_proj, act, triton_gemv, pdl)
+    return _linear(mlp.down_proj, act, triton_gemv, pdl, packed.get("down"))
 
 
 @torch.no_grad()
 def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, length: Tensor,
                         layers: list[UndLayer] | None = None, num_splits: int | None = None,
-                        gemv_impl: str = DEFAULT_GEMV, pdl: bool = DEFAULT_PDL) -> Tensor:
+                        gemv_impl: str = DEFAULT_GEMV, pdl: bool = DEFAULT_PDL,
+                        head: DecodeWeight | None = None) -> Tensor:
     """One und-mode decoding step on the fused kernels (the twin of ``BagelModel.decode_step``).
 
     Host-sync free and allocation-stable, so it can be captured in a CUDA graph.
@@ -141,6 +174,8 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
         gemv_impl: "cublas" or "triton" (see ``DEFAULT_GEMV``).
         pdl: launch the step's Triton kernels with programmatic dependent launch (see ``DEFAULT_PDL``;
             Hopper and newer, ignored elsewhere).
+        head: the compressed ``lm_head`` (:func:`bagel_rt.quant.decode_gemv.decode_weight`), or None (the
+            module: bf16 GEMV or its own forward).
     Returns:
         [vocab] logits in the model dtype. ``token``, ``pos`` and ``length`` are not advanced.
     """
@@ -162,7 +197,10 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
         else:
             h, residual = add_rms_norm(delta, residual, lw.attn_norm, eps, pdl)
         a = lw.attn
-        if lw.qkv_weight is not None:
+        if isinstance(lw.qkv_weight, DecodeWeight):
+            qkv = qgemv(h, lw.qkv_weight, None, pdl)[0]
+            q, k, v = qkv.split([Hq * D, Hk * D, Hk * D])
+        elif lw.qkv_weight is not None:
             qkv = (gemv(h, lw.qkv_weight, None, pdl) if tg else F.linear(h, lw.qkv_weight))[0]
             q, k, v = qkv.split([Hq * D, Hk * D, Hk * D])
         else:
@@ -171,11 +209,11 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
         q = qkv_rope_cache(q.view(Hq, D), k.view(Hk, D), v.view(Hk, D), lw.qkv_bias, lw.q_norm, lw.k_norm, cos,
                            sin, eps, k_buf, v_buf, length, pdl)
         o = varlen_attention(q, k_buf, v_buf, cu_q, cu_k, True, sm_scale, 1, cache.capacity, num_splits, pdl)
-        h, residual = add_rms_norm(_linear(a.o_proj, o.view(1, Hq * D), tg, pdl), residual, lw.mlp_norm, eps,
-                                   pdl)
-        delta = _mlp(lw.mlp, h, tg, pdl)
+        o = _linear(a.o_proj, o.view(1, Hq * D), tg, pdl, lw.compressed.get("o"))
+        h, residual = add_rms_norm(o, residual, lw.mlp_norm, eps, pdl)
+        delta = _mlp(lw, h, tg, pdl)
     h, _ = add_rms_norm(delta, residual, lm.model.norm.weight, eps, pdl)
-    return _linear(lm.lm_head, h, tg, pdl)[0]
+    return _linear(lm.lm_head, h, tg, pdl, head)[0]
 
 
 # -- the decoder ------------------------------------------------------------------------------------------
@@ -191,15 +229,20 @@ class GraphDecoder:
     Args:
         model: the :class:`bagel_rt.model.BagelModel`.
         use_graphs: capture and replay CUDA graphs (CUDA only; otherwise the step runs eagerly).
-        fuse_qkv: one GEMV over a concatenated copy of the q/k/v weights (plain ``nn.Linear`` only).
+        fuse_qkv: one GEMV over a concatenated copy of the q/k/v weights (plain ``nn.Linear``, or INT8 / FP8 /
+            NF4 modules of one format).
         check_every: read the predicted ids (and stop) every this many tokens; default 8 on CUDA, 1 else.
         num_splits: attention key splits, None = heuristic (see :func:`decode_step_kernels`).
         gemv: the GEMV implementation, "cublas" or "triton" (default ``DEFAULT_GEMV``).
         pdl: programmatic dependent launch of the step's Triton kernels (default ``DEFAULT_PDL``).
+        compressed: run INT8 / FP8 / NF4 weights (und projections and ``lm_head``) through the compressed decode
+            GEMVs (``bagel_rt.quant.decode_gemv``: q/k/v as one, gate/up + SwiGLU as one, scales cached, PDL);
+            False: each quantized module's own forward.
     """
 
     def __init__(self, model, use_graphs: bool = True, fuse_qkv: bool = True, check_every: int | None = None,
-                 num_splits: int | None = None, gemv: str = DEFAULT_GEMV, pdl: bool = DEFAULT_PDL):
+                 num_splits: int | None = None, gemv: str = DEFAULT_GEMV, pdl: bool = DEFAULT_PDL,
+                 compressed: bool = True):
         self.gemv = _check_gemv(gemv)
         self.pdl = pdl
         self.model = model
@@ -208,7 +251,8 @@ class GraphDecoder:
         self.use_graphs = use_graphs and on_cuda
         self.check_every = check_every or (8 if on_cuda else 1)
         self.num_splits = num_splits
-        self.layers = und_layers(model, fuse_qkv)
+        self.layers = und_layers(model, fuse_qkv, compressed)
+        self.head = decode_weight(model.language_model.lm_head) if compressed else None
         i64 = dict(dtype=torch.long, device=self.device)
         # static per-token state (graph inputs/outputs): all [1] device tensors
         self.token = torch.zeros(1, **i64)  # input token id
@@ -223,7 +267,7 @@ class GraphDecoder:
     # -- one step, eager or captured -----------------------------------------------------------------------
     def _step(self, cache: KVCache, greedy: bool) -> Tensor:
         logits = decode_step_kernels(self.model, cache, self.token, self.pos, self.length, self.layers,
-                                     self.num_splits, self.gemv, self.pdl)
+                                     self.num_splits, self.gemv, self.pdl, self.head)
         self.pos.add_(1)
         self.length.add_(1)
         if greedy:  # the prediction becomes the next input, and is recorded for the host

@@ -308,6 +308,60 @@ def cases_fp8_gemv(K):
         }, N * Kd
 
 
+
+QGEMV_CANDIDATES = {  # (BN, BK, num_warps) tried beside the default settings of bagel_rt.quant.decode_gemv
+    "int8": [(2, 2048, 8), (4, 2048, 8), (4, 1024, 4), (8, 1024, 8), (8, 512, 4), (16, 512, 8)],
+    "nf4": [(4, 2048, 8), (8, 1024, 8), (8, 512, 4), (16, 512, 8), (4, 1024, 4), (16, 1024, 8)],
+}
+
+
+def cases_qgemv(K):
+    """Compressed-weight decode GEMVs (bagel_rt.quant.decode_gemv: INT8 / FP8 / NF4, q/k/v as one, gate/up +
+    SwiGLU as one) at the decode shapes, against each module's own forward (the path they replace) and the bf16
+    GEMV; the extra providers are candidate launch settings (BN x BK / warps). Rate: the compressed bytes."""
+    from bagel_rt.quant import FP8Linear, Int8Linear, NF4Linear
+    from bagel_rt.quant.decode_gemv import _qgemv, _qgemv_swiglu, concat, decode_weight, settings
+
+    convert = {"int8": Int8Linear.from_linear, "fp8": FP8Linear.from_linear, "nf4": NF4Linear.from_linear}
+
+    def modules(fmt, *shapes):
+        lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=BF16) for n, k in shapes]
+        return [convert[fmt](lin) for lin in lins], [lin.weight for lin in lins]
+
+    def candidates(fmt, w, run, kind):
+        out = {"triton": lambda: run(settings(kind, w))}
+        for bn, bk, nw in QGEMV_CANDIDATES["nf4" if fmt == "nf4" else "int8"]:
+            out[f"{bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw): run(c)
+        return out
+
+    def swiglu_case(fmt, per_weight):
+        (g, u), (wg, wu) = modules(fmt, (FFN, HIDDEN), (FFN, HIDDEN))
+        dg, du = decode_weight(g), decode_weight(u)
+        x = randn(1, HIDDEN)
+        return f"qgemv_{fmt}", {"proj": "gate_up+swiglu", "N": FFN, "K": HIDDEN}, {
+            **candidates(fmt, dg, lambda c: _qgemv_swiglu(x, dg, du, False, c), "swiglu"),
+            "module": lambda: K.swiglu(g(x), u(x)),
+            "bf16_gemv": lambda: K.gemv_swiglu(x, wg, wu),
+        }, int(2 * FFN * HIDDEN * per_weight)
+
+    for fmt in ("int8", "fp8", "nf4"):
+        per_weight = 0.5 + 4 / 64 if fmt == "nf4" else 1.0  # bytes per weight (NF4: + an fp32 absmax per 64)
+        projs = (("qkv", [(HQ * D, HIDDEN), (HK * D, HIDDEN), (HK * D, HIDDEN)]), ("o", [(HIDDEN, HIDDEN)]),
+                 ("down", [(HIDDEN, FFN)]), ("lm_head", [(152064, HIDDEN)]))
+        for name, shapes in projs:
+            mods, ws = modules(fmt, *shapes)
+            w = concat([decode_weight(m) for m in mods])
+            N, Kd = w.shape
+            x = randn(1, Kd)
+            wb = torch.cat(ws)
+            yield f"qgemv_{fmt}", {"proj": name, "N": N, "K": Kd}, {
+                **candidates(fmt, w, lambda c, x=x, w=w: _qgemv(x, w, None, False, c), "gemv"),
+                "module": lambda x=x, mods=mods: [m(x) for m in mods],
+                "bf16_gemv": lambda x=x, wb=wb: K.gemv(x, wb),
+            }, int(N * Kd * per_weight)
+        yield swiglu_case(fmt, per_weight)
+
+
 GROUPS = {
     "rms_norm": cases_rms_norm,
     "qk_norm_rope": cases_qk_norm_rope,
@@ -319,6 +373,7 @@ GROUPS = {
     "gemv": cases_gemv,
     "int8_w8a8": cases_int8_w8a8,
     "fp8_gemv": cases_fp8_gemv,
+    "qgemv": cases_qgemv,
 }
 
 

@@ -126,12 +126,16 @@ def _gemv_swiglu_kernel(x, wg, wu, y, N, K, stride_xm, stride_ym, BN: tl.constex
         acc_u += b_u.to(tl.float32) * b_x[None, :]
         b_g = _w_tile(wg + rows, m_n, k0 + BK, K, BK)
         b_u = _w_tile(wu + rows, m_n, k0 + BK, K, BK)
-    g = tl.sum(acc_g, axis=1)
-    u = tl.sum(acc_u, axis=1)
-    # round each projection to the activation dtype, as the unfused chain stores them
-    g = g.to(y.dtype.element_ty).to(tl.float32)
-    u = u.to(y.dtype.element_ty).to(tl.float32)
-    tl.store(y + i_m * stride_ym + o_n, (g / (1.0 + tl.exp(-g)) * u).to(y.dtype.element_ty), mask=m_n)
+    swiglu_store(y + i_m * stride_ym + o_n, tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), m_n)
+
+
+@triton.jit
+def swiglu_store(p_y, g, u, m_n):
+    """Store ``silu(g) * u`` of the fp32 [BN] projections at ``p_y``, rounded as the unfused chain: each
+    projection to the output dtype first (as it would be stored), the SwiGLU in fp32, rounded once."""
+    g = g.to(p_y.dtype.element_ty).to(tl.float32)
+    u = u.to(p_y.dtype.element_ty).to(tl.float32)
+    tl.store(p_y, (g / (1.0 + tl.exp(-g)) * u).to(p_y.dtype.element_ty), mask=m_n)
 
 
 def _check(x: Tensor, *ws: Tensor) -> tuple[int, int, int]:

@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 from bagel_rt.kernels import qkv_rope_cache, qkv_rope_cache_ref
+from bagel_rt.quant import NF4Config, quantize_model
+from bagel_rt.quant.decode_gemv import DecodeWeight
 from conftest import rel_l2, requires_cuda
 from test_kernels import assert_close
 
@@ -180,6 +182,34 @@ def test_errors(pipe32):
         fast_gen_text(s, s.gen.fork(extra=2), 2, do_sample=True, temperature=0.0)
 
 
+# ---------------------------------------------------------------- compressed weights: the decode GEMVs
+
+
+def quantized_pipe(tiny_dir, fmt, dtype=torch.float32, device=DEV):
+    """The tiny model with every LLM Linear (both experts, lm_head) in ``fmt`` (NF4 blocks of 32: the tiny MLP
+    is 160 wide)."""
+    pipe = bagel_rt.load(tiny_dir, device=device, dtype=dtype, backend="torch")
+    quantize_model(pipe.model.language_model, NF4Config(blocksize=32) if fmt == "nf4" else fmt)
+    return pipe
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "nf4"])
+def test_compressed_decoder_matches_session(tiny_dir, fmt):
+    """INT8 / FP8 / NF4 weights through the fused decode GEMVs: the torch backend's greedy tokens and logits."""
+    pipe = quantized_pipe(tiny_dir, fmt)
+    layers = und_layers(pipe.model, True)
+    assert isinstance(layers[0].qkv_weight, DecodeWeight) and layers[0].qkv_weight.fmt == fmt
+    assert set(layers[0].compressed) == {"o", "gate", "up", "down"}
+    s = prompted(pipe)
+    res = s.gen_text(max_length=8, record=True)
+    dec = GraphDecoder(pipe.model)
+    assert dec.head is not None and dec.head.fmt == fmt
+    ids, logits = dec.generate(s.gen.fork(extra=8), 8, record=True)
+    assert ids == res.token_ids
+    assert rel_l2(logits, res.logits) < 1e-3
+    assert und_layers(pipe.model, True, compressed=False)[0].qkv_weight is None  # the modules' own forward
+
+
 # ---------------------------------------------------------------- GPU: the CUDA graph
 
 
@@ -298,6 +328,35 @@ def test_greedy_matches_torch_bf16(pipe_cuda):
             top2 = ref_logits[i].topk(2).values
             assert top2[0] - top2[1] < 0.08 * ref_logits[i].std(), f"greedy ids diverge at step {i}"
             break
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "nf4"])
+def test_compressed_greedy_matches_torch_bf16(tiny_dir, fmt):
+    """Compressed weights in bf16 on the GPU: the graph decoder's greedy ids follow the torch backend (up to a
+    near-tie), PDL leaves them and the logits bit-identical, and the fused GEMVs match the modules' forward."""
+    pipe = quantized_pipe(tiny_dir, fmt, torch.bfloat16, "cuda")
+    model = pipe.model
+    s = prompted(pipe)
+    ctx = s.gen.fork(extra=24)
+    want, ref_logits, tok = [], [], model.special.bos
+    for _ in range(24):
+        ref_logits.append(model.decode_step(ctx, tok).float())
+        tok = int(ref_logits[-1].argmax())
+        want.append(tok)
+    runs = {}
+    for pdl, compressed in ((True, True), (False, True), (True, False)):
+        dec = GraphDecoder(model, num_splits=4, pdl=pdl, compressed=compressed)
+        runs[pdl, compressed] = dec.generate(s.gen.fork(extra=24), 24, record=True, stop_tokens=())
+    ids = runs[True, True][0]
+    for i, (a, b) in enumerate(zip(ids, want)):
+        if a != b:
+            top2 = ref_logits[i].topk(2).values
+            assert top2[0] - top2[1] < 0.08 * ref_logits[i].std(), f"greedy ids diverge at step {i}"
+            break
+    assert runs[False, True][0] == ids and torch.equal(runs[False, True][1], runs[True, True][1])
+    assert rel_l2(runs[True, True][1], runs[True, False][1]) < 2e-2
 
 
 # ---------------------------------------------------------------- benchmark (by hand, on a GPU)

@@ -1,0 +1,78 @@
+"""Instructions per weight in the main loop of each decode GEMV, from its sm_90 SASS: no GPU needed.
+
+    python benchmarks/decode_sass.py [--arch 90]
+
+Compiles the bf16 GEMV (``bagel_rt.kernels.gemv``) and the compressed decode GEMVs
+(``bagel_rt.quant.decode_gemv``) at their decode launch settings with ``triton.compile`` for a CUDA target
+(ptxas and cuobjdump come with Triton), finds the loop (the last backward branch) and counts its instructions
+by opcode. An SM issues 128 thread-instructions per clock, so instructions per weight bound the weights per
+clock a GEMV can stream; compare with the bytes per clock its share of the memory bandwidth brings (H200:
+~18 B per clock per SM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import re
+import subprocess
+from pathlib import Path
+
+import triton
+from bagel_rt.quant import decode_gemv as dg
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+bf16_gemv = importlib.import_module("bagel_rt.kernels.gemv")  # the module (the package exports the function)
+
+DIVISIBLE = ("N", "K", "stride_xm", "stride_ym")  # what Triton specializes at the decode shapes
+
+
+def loop_ops(fn, signature: dict, constexprs: dict, num_warps: int, arch: int) -> collections.Counter:
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(signature.items())
+             if t.startswith("*") or n in DIVISIBLE}
+    signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    cubin = Path(f"/tmp/decode_sass_{fn.__name__}.cubin")
+    cubin.write_bytes(k.asm["cubin"])
+    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    lines = [(int(a, 16), ins) for a, ins in re.findall(r"^\s+/\*([0-9a-f]+)\*/\s+(.*?);", sass, re.M)]
+    start = end = None
+    for addr, ins in lines:
+        m = re.search(r"BRA.*?(0x[0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < addr:
+            start, end = int(m.group(1), 16), addr
+    body = [re.sub(r"^@!?U?P\w+\s+", "", ins) for addr, ins in lines if start is not None and start <= addr <= end]
+    return collections.Counter(ins.split()[0].split(".")[0] for ins in body)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    a = ap.parse_args()
+    io = dict(N="i32", K="i32", stride_xm="i32", stride_ym="i32")
+    q8 = {code: dict(x="*bf16", w="*i8" if code == "int8" else "*u8", s="*fp32", b="*fp32", y="*bf16", **io)
+          for code in ("int8", "fp8", "fp8_native")}
+    nf4 = dict(x="*bf16", p="*i32", a="*fp32", t="*fp32", b="*fp32", y="*bf16", **io)
+    cases = [("bf16", bf16_gemv._gemv_kernel, dict(x="*bf16", w="*bf16", b="*bf16", y="*bf16", **io),
+              dict(HAS_BIAS=False, BN=2, BK=2048, USE_GDC=True), 8)]
+    for code in ("int8", "fp8", "fp8_native"):
+        cfg = dg.SETTINGS["gemv"]["int8"]
+        consts = dict(HAS_BIAS=False, CODE=code, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True)
+        cases.append((code, dg._q8_gemv_kernel, q8[code], consts, cfg["num_warps"]))
+    cfg = dg.SETTINGS["gemv"]["nf4"]
+    cases.append(("nf4", dg._nf4_gemv_kernel, nf4, dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"],
+                                                        USE_GDC=True), cfg["num_warps"]))
+    for name, fn, sig, consts, nw in cases:
+        ops = loop_ops(fn, sig, consts, nw, a.arch)
+        per_thread = consts["BN"] * consts["BK"] // (32 * nw)  # weights per thread and loop iteration
+        total = sum(ops.values())
+        print(f"{name:>10}: {total} loop instructions / {per_thread} weights = {total / per_thread:.2f} per "
+              f"weight; {dict(ops.most_common(8))}")
+
+
+if __name__ == "__main__":
+    main()

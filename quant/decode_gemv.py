@@ -1,0 +1,407 @@
+"""GEMVs of text decoding (batch 1) from compressed weights: INT8, FP8 (e4m3) and NF4, in the style of
+:mod:`bagel_rt.kernels.gemv`.
+
+A decode step reads every weight byte once per token, so a compressed weight should cost its bytes, not its
+decode: 1 byte per weight for INT8 / FP8 (half of bf16), 0.5625 for NF4 (packed nibbles + an fp32 absmax per
+64). :func:`qgemv` is ``x @ W.T`` and :func:`qgemv_swiglu` the MLP's gate/up + SwiGLU in one launch, for a
+:class:`DecodeWeight`: the codes and fp32 scales of one Linear, or of q/k/v concatenated once when the decoder is
+built (:func:`decode_weight`, :func:`concat`; INT8's ``SCB / 127`` is computed there once, never per call). As
+the bf16 GEMVs: one program owns ``BN`` output channels, streams their codes in ``BK``-wide tiles requested one
+iteration ahead (the first before ``griddepcontrol.wait``: weights are never written, so a PDL launch streams
+them while the previous kernel drains), fp32 partial sums per lane, the per-channel scale in the epilogue.
+
+The decode of a code to fp32 is where these kernels are won or lost: at 4.8 TB/s an H200 SM must consume about
+18 weight bytes per clock, an SM issues 128 thread-instructions per clock (integer ALU: 64), and the int ->
+float converter (I2F) runs at 16 results per clock per SM. So:
+
+* INT8: ``bits(int32(q) + 0x4B400000) - 12582912.0`` (the float 1.5 * 2^23 + q, minus 1.5 * 2^23): one integer
+  add and one fp32 add per weight, exact for any int8.
+* FP8 e4m3: :func:`quant.fp8_matmul.e4m3_to_f32`, the sm_89+ conversion instruction (two codes per
+  instruction, then fp16 -> fp32 as HADD2.F32 on the FMA pipe), integer bit moves elsewhere and in the
+  interpreter.
+* NF4: a gather from the 16-entry fp32 code table (64 bytes, one L1 line, so a warp's gather is one
+  wavefront at any spread of indices): the exact codes. The packed codes are loaded as int32 words of 8 codes;
+  a shift and a mask give each code's byte offset, OR-ed into the (64-byte aligned) table address, so the
+  loop spends about 4 integer ops and one L1 load per code, no 64-bit add. The select tree of ``quant.matmul``
+  costs 15 selects plus the bit tests per code (gate/up 18944 x 3584 at 1 row: 81 us, ~3 codes per clock per
+  SM). Evaluated on paper and rejected: a 256-entry table of code pairs per byte (2 KB: a warp's gather
+  spreads over 16 lines, up to 16 wavefronts); ``prmt`` byte permutes over the codes in registers (exact fp32
+  codes need four byte planes, 2 permutes and a select per plane and four codes, then a 4x4 byte transpose:
+  ~6 integer ops per code; fp16/bf16 pairs would be cheaper but are not the fp32 codes); ``tl.where`` chains
+  on 2-bit halves (still 15 selects per code).
+
+Offline sm_90 SASS of the loops (``benchmarks/decode_sass.py``: ``triton.compile`` for a CUDA target, no
+GPU needed), instructions per weight: bf16 GEMV 4.9, INT8 5.7, FP8 6.4, NF4 7.7 (the byte-wise gather: 8.7);
+at 128 issue slots per clock per SM that leaves INT8 / FP8 at their 1-byte bandwidth with little headroom and
+NF4 issue-bound at about half of its 0.56-byte bandwidth. PTX ``prmt`` decodes of INT8 / FP8
+(``tl.inline_asm_elementwise``) compiled to more instructions (Triton unpacks the loaded bytes and packs them
+again for the asm: 7.9 / 8.7 per weight), and on int32 words of four codes to 5.2 / 5.9 with x in four strided
+tiles: not kept.
+
+Each launcher has a ``*_ref`` twin with the same signature (dequantize to fp32, ``F.linear``); the rounding
+follows the bf16 GEMVs (fp32 sums, one rounding; SwiGLU as :func:`bagel_rt.kernels.gemv.swiglu_store`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from bagel_rt.kernels._device import gdc_wait, has_capability
+from bagel_rt.kernels.gemv import MAX_M, _launch, _w_tile, _x_tile, swiglu_store
+from bagel_rt.kernels.swiglu import swiglu_ref
+from torch import Tensor, nn
+
+from .fp8 import FP8Linear
+from .fp8_matmul import FP8, e4m3_to_f32, e4m3_unit
+from .int8 import Int8Linear
+from .matmul import nf4_dequant_ref
+from .nf4 import NF4Linear
+
+__all__ = [
+    "DecodeWeight",
+    "decode_weight",
+    "concat",
+    "dequantize_ref",
+    "qgemv",
+    "qgemv_ref",
+    "qgemv_swiglu",
+    "qgemv_swiglu_ref",
+]
+
+
+@dataclass
+class DecodeWeight:
+    """A compressed ``[N, K]`` weight as the decode GEMVs read it.
+
+    fmt: "int8", "fp8" or "nf4". codes: int8 [N, K] / float8_e4m3fn [N, K] / NF4 bytes uint8 [N * K // 2]
+    (row-major, high nibble = even element). scale: fp32 [N] per output channel (int8, fp8), or the fp32 NF4
+    absmax [N * K // blocksize]. table: the fp32 [16] NF4 code table (NF4 only).
+    """
+
+    fmt: str
+    codes: Tensor
+    scale: Tensor
+    shape: tuple[int, int]
+    blocksize: int = 0
+    table: Tensor | None = None
+
+
+def decode_weight(mod: nn.Module) -> DecodeWeight | None:
+    """The :class:`DecodeWeight` of an ``Int8Linear`` / ``FP8Linear`` / ``NF4Linear`` (scales computed once
+    here), None for any other module."""
+    shape = (mod.out_features, mod.in_features) if hasattr(mod, "out_features") else None
+    if type(mod) is Int8Linear:
+        return DecodeWeight("int8", mod.weight, (mod.SCB.float() / 127.0).contiguous(), shape)
+    if type(mod) is FP8Linear:
+        return DecodeWeight("fp8", mod.weight, mod.weight_scale.reshape(-1).float().contiguous(), shape)
+    if type(mod) is NF4Linear:
+        # a table of its own: a fresh allocation is 64-byte aligned (the kernels OR offsets into its address)
+        return DecodeWeight("nf4", mod.weight.reshape(-1), mod.absmax.reshape(-1), shape, mod.blocksize,
+                            mod.quant_map.float().clone())
+    return None
+
+
+def concat(ws: list[DecodeWeight]) -> DecodeWeight:
+    """The weights stacked along N (one GEMV for q/k/v): codes and scales copied once."""
+    w0 = ws[0]
+    for w in ws[1:]:
+        assert (w.fmt, w.shape[1], w.blocksize) == (w0.fmt, w0.shape[1], w0.blocksize), "mixed weights"
+        assert w.table is None or torch.equal(w.table, w0.table), "NF4 code tables differ"
+    return DecodeWeight(w0.fmt, torch.cat([w.codes for w in ws]).contiguous(),
+                        torch.cat([w.scale for w in ws]).contiguous(), (sum(w.shape[0] for w in ws), w0.shape[1]),
+                        w0.blocksize, w0.table)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# references
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def dequantize_ref(w: DecodeWeight) -> Tensor:
+    """The fp32 [N, K] weight: ``code * scale[n]`` (int8, fp8) or ``table[nibble] * absmax[block]`` (nf4)."""
+    if w.fmt == "nf4":
+        return nf4_dequant_ref(w.codes, w.scale, w.blocksize, w.shape, w.table)
+    return w.codes.float() * w.scale.reshape(-1, 1)
+
+
+def qgemv_ref(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False) -> Tensor:
+    """Reference. x [M, K] @ dequantize_ref(w)^T (+ bias) in fp32 -> [M, N] in x.dtype (``pdl`` unused)."""
+    return F.linear(x.float(), dequantize_ref(w), None if bias is None else bias.float()).to(x.dtype)
+
+
+def qgemv_swiglu_ref(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool = False) -> Tensor:
+    """Reference. silu(x @ gate^T) * (x @ up^T), each projection rounded to x.dtype -> [M, I] (``pdl``
+    unused)."""
+    return swiglu_ref(qgemv_ref(x, gate), qgemv_ref(x, up))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+_INT8_MAGIC: tl.constexpr = tl.constexpr(0x4B400000)  # the bits of 1.5 * 2^23
+
+
+@triton.jit
+def _decode8(b_w, CODE: tl.constexpr):
+    """[BN, BK] one-byte codes -> fp32, exact, times :func:`_code_unit`: "int8" (an integer add and an fp32 add
+    per code, no converter), "fp8" / "fp8_native" (:func:`quant.fp8_matmul.e4m3_to_f32`: integer bit moves, or
+    the sm_89+ conversion instruction)."""
+    if CODE == "int8":
+        return (b_w.to(tl.int32) + _INT8_MAGIC).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        return e4m3_to_f32(b_w, CODE == "fp8_native")
+
+
+@triton.jit
+def _code_unit(CODE: tl.constexpr):
+    # the power of two a decode leaves out, for the per-channel scale
+    if CODE == "int8":
+        return 1.0
+    else:
+        return e4m3_unit(CODE == "fp8_native")
+
+
+@triton.jit
+def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
+    i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    p_x = x + i_m * stride_xm
+    p_w = w + o_n.to(tl.int64) * K
+    # rotated loop as in bagel_rt.kernels.gemv: the first tile is requested before the wait
+    b_w = _w_tile(p_w, m_n, 0, K, BK)
+    gdc_wait(USE_GDC)
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        # [BK]
+        b_x = _x_tile(p_x, k0, K, BK)
+        acc += _decode8(b_w, CODE) * b_x[None, :]
+        b_w = _w_tile(p_w, m_n, k0 + BK, K, BK)
+    # [BN]: the per-channel scale, then the bias, on the fp32 sums (one rounding)
+    b_y = tl.sum(acc, axis=1) * (tl.load(s + o_n, mask=m_n, other=0.0) * _code_unit(CODE))
+    if HAS_BIAS:
+        b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
+    tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+
+
+@triton.jit
+def _q8_gemv_swiglu_kernel(x, wg, wu, sg, su, y, N, K, stride_xm, stride_ym, CODE: tl.constexpr, BN: tl.constexpr,
+                           BK: tl.constexpr, USE_GDC: tl.constexpr):
+    i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    p_x = x + i_m * stride_xm
+    rows = o_n.to(tl.int64) * K
+    # one loop over both weights (twice the bytes in flight), rotated
+    b_g = _w_tile(wg + rows, m_n, 0, K, BK)
+    b_u = _w_tile(wu + rows, m_n, 0, K, BK)
+    gdc_wait(USE_GDC)
+    acc_g = tl.zeros([BN, BK], dtype=tl.float32)
+    acc_u = tl.zeros([BN, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        b_x = _x_tile(p_x, k0, K, BK)
+        acc_g += _decode8(b_g, CODE) * b_x[None, :]
+        acc_u += _decode8(b_u, CODE) * b_x[None, :]
+        b_g = _w_tile(wg + rows, m_n, k0 + BK, K, BK)
+        b_u = _w_tile(wu + rows, m_n, k0 + BK, K, BK)
+    g = tl.sum(acc_g, axis=1) * (tl.load(sg + o_n, mask=m_n, other=0.0) * _code_unit(CODE))
+    u = tl.sum(acc_u, axis=1) * (tl.load(su + o_n, mask=m_n, other=0.0) * _code_unit(CODE))
+    swiglu_store(y + i_m * stride_ym + o_n, g, u, m_n)
+
+
+@triton.jit
+def _nf4_tile(p_p, p_a, m_n, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    # ([BN, BK // 8] int32 words of 8 codes, [BN, BK // BLOCKSIZE] absmax) of columns [k0, k0 + BK); whole
+    # quantization blocks past K read nothing (K is a multiple of BLOCKSIZE >= 32: rows start on a word)
+    o_j = k0 // 8 + tl.arange(0, BK // 8)
+    b_p = tl.load(p_p[:, None] + o_j[None, :], mask=m_n[:, None] & (o_j < K // 8)[None, :], other=0)
+    o_b = k0 // BLOCKSIZE + tl.arange(0, BK // BLOCKSIZE)
+    b_a = tl.load(p_a[:, None] + o_b[None, :], mask=m_n[:, None] & (o_b < K // BLOCKSIZE)[None, :], other=0.0)
+    return b_p, b_a
+
+
+@triton.jit
+def _nf4_code(t_bits, b_p, i: tl.constexpr):
+    # the exact fp32 code of element i of each word, gathered from the 16-entry table at ``t_bits`` (64-byte
+    # aligned, so the byte offset 4 * nibble is OR-ed into the address: no 64-bit add per code). Word j holds
+    # elements 8j .. 8j + 7; its byte b (little-endian) elements 8j + 2b (high nibble) and 8j + 2b + 1 (low)
+    SHIFT: tl.constexpr = 8 * (i // 2) + 4 - 4 * (i % 2) - 2  # the nibble's lowest bit -> bit 2
+    if SHIFT < 0:
+        off = (b_p << 2) & 0x3C
+    else:
+        off = (b_p >> SHIFT) & 0x3C
+    return tl.load((t_bits | off.to(tl.int64)).to(tl.pointer_type(tl.float32)))
+
+
+@triton.jit
+def _nf4_acc(acc, b_p, b_a, t, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    # acc [BN, NB, BLOCKSIZE // 8] += per block: absmax * sum over the 8 codes of each word of code * x
+    BN: tl.constexpr = acc.shape[0]
+    o_e = k0 + 8 * tl.arange(0, BK // 8)
+    m_e = o_e < K
+    t_bits = t.to(tl.int64)
+    b_s = tl.zeros([BN, BK // 8], dtype=tl.float32)
+    for i in tl.static_range(8):
+        b_x = tl.load(p_x + o_e + i, mask=m_e, other=0.0).to(tl.float32)
+        b_s += _nf4_code(t_bits, b_p, i) * b_x[None, :]
+    return acc + tl.reshape(b_s, [BN, BK // BLOCKSIZE, BLOCKSIZE // 8]) * b_a[:, :, None]
+
+
+@triton.jit
+def _nf4_gemv_kernel(x, p, a, t, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
+                     BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
+    tl.static_assert(BK % BLOCKSIZE == 0)
+    i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    p_x = x + i_m * stride_xm
+    p_p = p + o_n.to(tl.int64) * (K // 8)
+    p_a = a + o_n.to(tl.int64) * (K // BLOCKSIZE)
+    b_p, b_a = _nf4_tile(p_p, p_a, m_n, 0, K, BK, BLOCKSIZE)
+    gdc_wait(USE_GDC)
+    acc = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        acc = _nf4_acc(acc, b_p, b_a, t, p_x, k0, K, BK, BLOCKSIZE)
+        b_p, b_a = _nf4_tile(p_p, p_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
+    b_y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
+    tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+
+
+@triton.jit
+def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, y, N, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
+    tl.static_assert(BK % BLOCKSIZE == 0)
+    i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    p_x = x + i_m * stride_xm
+    o_p, o_a = o_n.to(tl.int64) * (K // 8), o_n.to(tl.int64) * (K // BLOCKSIZE)
+    b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, 0, K, BK, BLOCKSIZE)
+    b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, 0, K, BK, BLOCKSIZE)
+    gdc_wait(USE_GDC)
+    acc_g = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
+    acc_u = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        acc_g = _nf4_acc(acc_g, b_pg, b_ag, t, p_x, k0, K, BK, BLOCKSIZE)
+        acc_u = _nf4_acc(acc_u, b_pu, b_au, t, p_x, k0, K, BK, BLOCKSIZE)
+        b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
+        b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
+    swiglu_store(y + i_m * stride_ym + o_n, tl.sum(tl.sum(acc_g, axis=2), axis=1),
+                 tl.sum(tl.sum(acc_u, axis=2), axis=1), m_n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+# Launch settings (not measured yet: ``benchmarks/bench_kernels.py --only qgemv --graph`` times candidates). The
+# bf16 GEMV's best tiles hold 8 KB of weights per program and iteration (2 x 2048 x 2 B; 8 x 512 x 2 B for the
+# lm_head); the one-byte formats keep those bytes in flight with twice the columns or channels, NF4 (half a byte
+# per code) with 8 channels x 1024 codes (4 KB of codes + absmax, and the decode has more work per byte).
+SETTINGS = {
+    "gemv": {"int8": dict(BN=4, BK=2048, num_warps=8), "nf4": dict(BN=8, BK=1024, num_warps=8)},
+    "gemv_wide": {"int8": dict(BN=8, BK=1024, num_warps=8), "nf4": dict(BN=8, BK=1024, num_warps=8)},  # N > 32768
+    "swiglu": {"int8": dict(BN=8, BK=1024, num_warps=8), "nf4": dict(BN=8, BK=1024, num_warps=8)},
+}
+
+
+def settings(kind: str, w: DecodeWeight) -> dict:
+    """Launch settings of ``kind`` ("gemv" or "swiglu") for ``w`` (fp8 as int8: one byte per weight)."""
+    if kind == "gemv" and w.shape[0] > 32768:
+        kind = "gemv_wide"
+    cfg = dict(SETTINGS[kind]["nf4" if w.fmt == "nf4" else "int8"])
+    if w.fmt == "nf4":
+        cfg["BK"] = max(cfg["BK"], w.blocksize)
+    return cfg
+
+
+def _check(x: Tensor, *ws: DecodeWeight) -> tuple[int, int, int]:
+    assert x.dim() == 2 and x.stride(-1) == 1, f"x must be [M, K] with a contiguous last dim, got {tuple(x.shape)}"
+    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
+    M, K = x.shape
+    assert M <= MAX_M, f"qgemv handles at most {MAX_M} rows, got {M}"
+    for w in ws:
+        N = w.shape[0]
+        assert w.shape[1] == K and w.codes.is_contiguous() and w.scale.is_contiguous(), (w.shape, K)
+        assert w.scale.dtype == torch.float32 and w.codes.device == x.device
+        if w.fmt == "nf4":
+            assert K % w.blocksize == 0 and w.blocksize % 8 == 0, (K, w.blocksize)  # rows of whole int32 words
+            assert w.codes.dtype == torch.uint8 and w.codes.numel() == N * K // 2
+            assert w.scale.numel() == N * K // w.blocksize and w.table.dtype == torch.float32
+            assert w.table.numel() == 16 and w.table.data_ptr() % 64 == 0, "the NF4 table must be 64-byte aligned"
+        else:
+            assert w.codes.dtype == {"int8": torch.int8, "fp8": FP8}[w.fmt] and w.codes.shape == (N, K)
+            assert w.scale.numel() == N
+    return M, ws[0].shape[0], K
+
+
+def _code(w: DecodeWeight, x: Tensor) -> str:
+    """The decode of a one-byte format: FP8 by the conversion instruction where there is one (sm_89+)."""
+    native = w.fmt == "fp8" and x.is_cuda and has_capability(8, 9, x.device)
+    return "fp8_native" if native else w.fmt
+
+
+def _codes(w: DecodeWeight) -> Tensor:
+    return w.codes.view(torch.uint8) if w.fmt == "fp8" else w.codes
+
+
+def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, pdl: bool, cfg: dict) -> Tensor:
+    M, N, K = _check(x, w)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    b = bias if bias is not None else w.scale
+    if w.fmt == "nf4":
+        args = (x, w.codes.view(torch.int32), w.scale, w.table, b, y, N, K, x.stride(0), y.stride(0), M)
+        _launch(_nf4_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize)
+    else:
+        args = (x, _codes(w), w.scale, b, y, N, K, x.stride(0), y.stride(0), M)
+        _launch(_q8_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, CODE=_code(w, x))
+    return y
+
+
+def _qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool, cfg: dict) -> Tensor:
+    assert (gate.fmt, gate.shape, gate.blocksize) == (up.fmt, up.shape, up.blocksize), "gate / up differ"
+    M, N, K = _check(x, gate, up)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    if gate.fmt == "nf4":
+        assert torch.equal(gate.table, up.table), "gate / up NF4 code tables differ"
+        args = (x, gate.codes.view(torch.int32), gate.scale, up.codes.view(torch.int32), up.scale, gate.table, y,
+                N, K, x.stride(0), y.stride(0), M)
+        _launch(_nf4_gemv_swiglu_kernel, cfg, N, args, pdl, BLOCKSIZE=gate.blocksize)
+    else:
+        args = (x, _codes(gate), _codes(up), gate.scale, up.scale, y, N, K, x.stride(0), y.stride(0), M)
+        _launch(_q8_gemv_swiglu_kernel, cfg, N, args, pdl, CODE=_code(gate, x))
+    return y
+
+
+def qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False) -> Tensor:
+    """``x @ dequantize(w).T (+ bias)`` for a few rows (decode), the codes decoded in registers.
+
+    Args:
+        x: [M, K], M <= 4, bf16 / fp16 / fp32, last dim contiguous.
+        w: the compressed [N, K] weight (:func:`decode_weight`, :func:`concat`). bias: [N] or None.
+        pdl: programmatic dependent launch, as in :func:`bagel_rt.kernels.gemv`.
+    Returns:
+        [M, N] in x.dtype; fp32 sums, scale and bias applied before the one rounding.
+    """
+    return _qgemv(x, w, bias, pdl, settings("gemv", w))
+
+
+def qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool = False) -> Tensor:
+    """``silu(x @ gate.T) * (x @ up.T)`` for a few rows in one kernel (gate and up: same format and shape).
+
+    Returns:
+        [M, I] in x.dtype (each projection rounded to x.dtype, the SwiGLU in fp32, rounded once).
+    """
+    return _qgemv_swiglu(x, gate, up, pdl, settings("swiglu", gate))

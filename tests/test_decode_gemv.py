@@ -1,0 +1,142 @@
+"""Compressed-weight decode GEMVs (bagel_rt.quant.decode_gemv) against their references.
+
+CPU: the Triton interpreter, fp32 / fp16 activations, odd shapes. GPU (when there is one): the same tests on the
+device, plus bf16 at BAGEL's decode shapes. The exact-decode test puts one non-zero code per weight row, so each
+output is that code's fp32 value times its scale, rounded once, on both sides: it compares bit for bit.
+"""
+
+import pytest
+import torch
+from bagel_rt.quant import FP8Linear, Int8Linear, NF4Linear
+from bagel_rt.quant.decode_gemv import (
+    DecodeWeight,
+    concat,
+    decode_weight,
+    dequantize_ref,
+    qgemv,
+    qgemv_ref,
+    qgemv_swiglu,
+    qgemv_swiglu_ref,
+)
+from bagel_rt.quant.fp8_matmul import FP8
+from bagel_rt.quant.nf4 import NF4_CODE
+from conftest import requires_cuda
+from test_kernels import assert_close
+from torch import nn
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+FORMATS = ("int8", "fp8", "nf4")
+
+
+def make_weight(fmt: str, N: int, K: int, blocksize: int = 32, bias: bool = False, seed: int = 0):
+    """A DecodeWeight (through the format's Linear module, as the decoder builds it) and the module's bias."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(K, N, bias=bias).to(DEV)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+        lin.weight[0, :3] *= 20  # an outlier channel
+    mod = {"int8": Int8Linear.from_linear, "fp8": FP8Linear.from_linear,
+           "nf4": lambda m: NF4Linear.from_linear(m, blocksize)}[fmt](lin)
+    w = decode_weight(mod)
+    assert w is not None and w.fmt == fmt and w.shape == (N, K)
+    return w, (mod.bias if bias else None)
+
+
+def tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("fmt, N, K", [("int8", 37, 123), ("fp8", 5, 200), ("int8", 130, 64),
+                                       ("nf4", 37, 96), ("nf4", 9, 320), ("fp8", 70, 33)])
+def test_qgemv(fmt, N, K, M, dtype):
+    w, bias = make_weight(fmt, N, K, bias=True)
+    x = torch.randn(M, K, device=DEV).to(dtype)
+    for b in (None, bias.to(dtype)):
+        assert_close(f"{fmt} qgemv", qgemv_ref(x, w, b), qgemv(x, w, b), tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fmt, N, K", [("int8", 45, 77), ("fp8", 19, 130), ("nf4", 23, 160)])
+def test_qgemv_swiglu(fmt, N, K, dtype):
+    gate, _ = make_weight(fmt, N, K, seed=1)
+    up, _ = make_weight(fmt, N, K, seed=2)
+    x = torch.randn(2, K, device=DEV).to(dtype)
+    ref = qgemv_swiglu_ref(x, gate, up)
+    assert_close(f"{fmt} qgemv_swiglu", ref, qgemv_swiglu(x, gate, up), tol(dtype))
+    # the rounding of the unfused chain: each projection in x.dtype, then the SwiGLU
+    g, u = qgemv_ref(x, gate).float(), qgemv_ref(x, up).float()
+    chain = (g * torch.sigmoid(g) * u).to(dtype)
+    assert_close("swiglu chain", chain, ref, 1e-6 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_concat_qkv(fmt):
+    """One GEMV over q/k/v stacked (as the decoder concatenates them) equals the three GEMVs."""
+    ws = [make_weight(fmt, n, 64, seed=s)[0] for s, n in enumerate((24, 8, 8))]
+    qkv = concat(ws)
+    assert qkv.shape == (40, 64)
+    x = torch.randn(1, 64, device=DEV)
+    parts = torch.cat([qgemv_ref(x, w) for w in ws], dim=1)
+    assert torch.equal(dequantize_ref(qkv), torch.cat([dequantize_ref(w) for w in ws]))
+    assert_close("qkv", parts, qgemv(x, qkv), 1e-5)
+
+
+def one_code_per_row(fmt: str, K: int) -> DecodeWeight:
+    """Every code of the format once, each alone in its own row (all other codes decode to 0), random scales."""
+    g = torch.Generator().manual_seed(0)
+    if fmt == "nf4":
+        idx = torch.full((16 * 2, K), 7, dtype=torch.uint8)  # code 7 is 0.0
+        rows = torch.arange(32)
+        idx[rows, (5 * rows) % K] = (rows % 16).to(torch.uint8)
+        packed = ((idx.reshape(-1)[0::2] << 4) | idx.reshape(-1)[1::2]).contiguous()
+        absmax = torch.rand(32 * K // 32, generator=g) * 3 + 0.01
+        table = torch.tensor(NF4_CODE, dtype=torch.float32)
+        return DecodeWeight("nf4", packed.to(DEV), absmax.to(DEV), (32, K), 32, table.to(DEV))
+    if fmt == "int8":
+        values = torch.arange(-128, 128, dtype=torch.int32)
+        codes = torch.zeros(256, K, dtype=torch.int8)
+    else:  # every e4m3 bit pattern but the two NaNs, subnormals and -0 included
+        values = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.int32)
+        codes = torch.zeros(len(values), K, dtype=torch.int8)
+    rows = torch.arange(len(values))
+    codes[rows, (7 * rows) % K] = (values - 256 * (values > 127)).to(torch.int8)
+    scale = torch.rand(len(values), generator=g) * 2 + 1e-3
+    codes = codes if fmt == "int8" else codes.view(torch.uint8).view(FP8)
+    return DecodeWeight(fmt, codes.to(DEV), scale.to(DEV), (len(values), K))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_decode_is_exact(fmt):
+    """In-register decode (no converter, NF4 table gather) == the reference dequantization, bit for bit."""
+    w = one_code_per_row(fmt, 96)
+    x = torch.ones(1, 96, device=DEV)
+    want = dequantize_ref(w).sum(dim=1)[None]  # one non-zero per row: exact
+    got = qgemv(x, w)
+    assert torch.equal(got, want), (got - want).abs().max()
+    gate, up = one_code_per_row(fmt, 96), one_code_per_row(fmt, 96)
+    up.scale = up.scale.flip(0).contiguous()
+    # the SwiGLU's exp differs from torch's sigmoid in the last bits
+    assert_close(f"{fmt} swiglu", qgemv_swiglu_ref(x, gate, up), qgemv_swiglu(x, gate, up), 1e-6)
+
+
+def test_decode_weight_other_modules():
+    assert decode_weight(nn.Linear(4, 4)) is None
+    assert decode_weight(nn.LayerNorm(4)) is None
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_decode_shapes_bf16(fmt):
+    """bf16 activations at BAGEL-7B's decode shapes (q/k/v fused, o, down, gate/up, a slice of the lm_head)."""
+    x = torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16)
+    for N, K in ((4608, 3584), (3584, 3584), (3584, 18944), (40000, 3584)):
+        w, _ = make_weight(fmt, N, K, blocksize=64)
+        xk = x if K == 3584 else torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        for pdl in (False, True):
+            assert_close(f"{fmt} {N}x{K}", qgemv_ref(xk, w), qgemv(xk, w, None, pdl), 1e-2)
+    gate, _ = make_weight(fmt, 18944, 3584, blocksize=64, seed=1)
+    up, _ = make_weight(fmt, 18944, 3584, blocksize=64, seed=2)
+    assert_close(f"{fmt} gate/up", qgemv_swiglu_ref(x, gate, up), qgemv_swiglu(x, gate, up, True), 1e-2)
