@@ -55,6 +55,7 @@ from bagel_rt.kernels.gemv import MAX_M, _launch, _w_tile, _x_tile, swiglu_store
 from bagel_rt.kernels.swiglu import swiglu_ref
 from torch import Tensor, nn
 
+from . import fp8_matmul
 from .fp8 import FP8Linear
 from .fp8_matmul import FP8, e4m3_to_f32, e4m3_unit
 from .int8 import Int8Linear
@@ -344,8 +345,10 @@ def _check(x: Tensor, *ws: DecodeWeight) -> tuple[int, int, int]:
 
 
 def _code(w: DecodeWeight, x: Tensor) -> str:
-    """The decode of a one-byte format: FP8 by the conversion instruction where there is one (sm_89+)."""
-    native = w.fmt == "fp8" and x.is_cuda and has_capability(8, 9, x.device)
+    """The decode of a one-byte format: FP8 by the conversion instruction where there is one (sm_89+) and
+    ``quant.fp8_matmul.NATIVE_DEFAULT`` allows it (off until run on a GPU), else by bit moves."""
+    native = (w.fmt == "fp8" and fp8_matmul.NATIVE_DEFAULT and x.is_cuda
+              and has_capability(8, 9, x.device))
     return "fp8_native" if native else w.fmt
 
 
