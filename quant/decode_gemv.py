@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from bagel_rt.kernels._device import gdc_wait, has_capability
+from bagel_rt.kernels._device import gdc_wait
 from bagel_rt.kernels.gemv import MAX_M, _launch, _w_tile, _x_tile, swiglu_store
 from bagel_rt.kernels.swiglu import swiglu_ref
 from torch import Tensor, nn
@@ -344,19 +344,18 @@ def _check(x: Tensor, *ws: DecodeWeight) -> tuple[int, int, int]:
     return M, ws[0].shape[0], K
 
 
-def _code(w: DecodeWeight, x: Tensor) -> str:
-    """The decode of a one-byte format: FP8 by the conversion instruction where there is one (sm_89+) and
-    ``quant.fp8_matmul.NATIVE_DEFAULT`` allows it (off until run on a GPU), else by bit moves."""
-    native = (w.fmt == "fp8" and fp8_matmul.NATIVE_DEFAULT and x.is_cuda
-              and has_capability(8, 9, x.device))
-    return "fp8_native" if native else w.fmt
+def _code(w: DecodeWeight, x: Tensor, native: bool | None = None) -> str:
+    """The decode of a one-byte format: FP8 by the conversion instruction or by bit moves, as
+    :func:`quant.fp8_matmul._native` decides (``native``: None = its default)."""
+    return "fp8_native" if w.fmt == "fp8" and fp8_matmul._native(x.device, native) else w.fmt
 
 
 def _codes(w: DecodeWeight) -> Tensor:
     return w.codes.view(torch.uint8) if w.fmt == "fp8" else w.codes
 
 
-def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, pdl: bool, cfg: dict) -> Tensor:
+def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, pdl: bool, cfg: dict,
+           native: bool | None = None) -> Tensor:
     M, N, K = _check(x, w)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
@@ -367,7 +366,7 @@ def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, pdl: bool, cfg: dict
         _launch(_nf4_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize)
     else:
         args = (x, _codes(w), w.scale, b, y, N, K, x.stride(0), y.stride(0), M)
-        _launch(_q8_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, CODE=_code(w, x))
+        _launch(_q8_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, CODE=_code(w, x, native))
     return y
 
 
@@ -388,17 +387,19 @@ def _qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool, cf
     return y
 
 
-def qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False) -> Tensor:
+def qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False,
+          native: bool | None = None) -> Tensor:
     """``x @ dequantize(w).T (+ bias)`` for a few rows (decode), the codes decoded in registers.
 
     Args:
         x: [M, K], M <= 4, bf16 / fp16 / fp32, last dim contiguous.
         w: the compressed [N, K] weight (:func:`decode_weight`, :func:`concat`). bias: [N] or None.
         pdl: programmatic dependent launch, as in :func:`bagel_rt.kernels.gemv`.
+        native: FP8 only: e4m3 decoded by the conversion instruction or by bit moves (None: the default).
     Returns:
         [M, N] in x.dtype; fp32 sums, scale and bias applied before the one rounding.
     """
-    return _qgemv(x, w, bias, pdl, settings("gemv", w))
+    return _qgemv(x, w, bias, pdl, settings("gemv", w), native)
 
 
 def qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool = False) -> Tensor:

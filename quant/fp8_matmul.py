@@ -2,7 +2,8 @@
 
 * ``fp8_gemv`` (decode, M <= ``GEMV_MAX_M``): weight-only, one byte per weight streamed once, each e4m3 code
   decoded to fp32 in registers, activations in x.dtype, fp32 partial sums per lane, the per-channel scale and
-  the bias in the epilogue. Memory bound, so it should take about half the time of the bf16 GEMV.
+  the bias in the epilogue: the one-byte decode GEMV of :mod:`quant.decode_gemv` (which the decoder also uses
+  for INT8 and FP8 weights). Memory bound, so it should take about half the time of the bf16 GEMV.
 * ``fp8_dequant``: a Triton kernel writes the weight in x.dtype (the weight-only path of many rows below compute
   capability 8.9, where there are no FP8 tensor cores: dequantize, then cuBLAS).
 * ``fp8_scaled_mm``: W8A8 on FP8 tensor cores (``torch._scaled_mm`` with a per-token and a per-channel scale and
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from bagel_rt.kernels._device import has_capability, is_interpreting
-from bagel_rt.kernels.gemv import INTERPRETER_CONFIG, _w_tile, _x_tile
 from torch import Tensor
 
 from .matmul import _dequant_linear
@@ -45,8 +45,6 @@ __all__ = [
 ]
 
 FP8 = torch.float8_e4m3fn
-# as the int8 GEMV of quant.matmul (one byte per weight too): 8 channels x 512-wide tiles, 4 warps
-GEMV_SETTINGS = dict(BN=8, BK=512, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,29 +98,6 @@ def e4m3_to_f32(b, NATIVE: tl.constexpr):
 def e4m3_unit(NATIVE: tl.constexpr):
     """The factor by which :func:`e4m3_to_f32` divides the values (1 or 2^-8), as the scale's multiplier."""
     return 1.0 if NATIVE else 256.0
-
-
-@triton.jit
-def _fp8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, NATIVE: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr):
-    i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    p_x = x + i_m * stride_xm
-    p_w = w + o_n.to(tl.int64) * K
-    # rotated loop as in bagel_rt.kernels.gemv: each [BN, BK] uint8 weight tile is requested one step ahead
-    b_w = _w_tile(p_w, m_n, 0, K, BK)
-    acc = tl.zeros([BN, BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        # [BK]
-        b_x = _x_tile(p_x, k0, K, BK)
-        acc += e4m3_to_f32(b_w, NATIVE) * b_x[None, :]
-        b_w = _w_tile(p_w, m_n, k0 + BK, K, BK)
-    # [BN]: the per-channel scale, then the bias, on the fp32 sums (one rounding at the end)
-    b_y = tl.sum(acc, axis=1) * (tl.load(s + o_n, mask=m_n, other=0.0) * e4m3_unit(NATIVE))
-    if HAS_BIAS:
-        b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
-    tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
 
 
 @triton.jit
@@ -191,20 +166,13 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = No
     Returns:
         [M, N] in x.dtype; fp32 accumulation, scale and bias applied before the one rounding.
     """
+    from .decode_gemv import DecodeWeight, qgemv  # the decode GEMVs' kernel (it imports this module)
+
     N, K = _check_weight(qweight, scale)
     assert x.dim() == 2 and x.shape[1] == K and x.stride(1) == 1, f"x must be [M, {K}], got {tuple(x.shape)}"
-    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
-    M = x.shape[0]
-    assert M <= GEMV_MAX_M, f"fp8_gemv handles at most {GEMV_MAX_M} rows, got {M}"
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return y
-    cfg = dict(INTERPRETER_CONFIG) if is_interpreting() else GEMV_SETTINGS
-    _fp8_gemv_kernel[(triton.cdiv(N, cfg["BN"]), M)](x, qweight.view(torch.uint8), scale,
-                                                      bias if bias is not None else scale, y, N, K, x.stride(0),
-                                                      y.stride(0), HAS_BIAS=bias is not None,
-                                                      NATIVE=_native(x.device, native), **cfg)
-    return y
+    assert x.shape[0] <= GEMV_MAX_M, f"fp8_gemv handles at most {GEMV_MAX_M} rows, got {x.shape[0]}"
+    w = DecodeWeight("fp8", qweight, scale.reshape(-1).float().contiguous(), (N, K))
+    return qgemv(x, w, bias, native=native)
 
 
 def fp8_linear_dequant(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
