@@ -321,21 +321,22 @@ class PackedDenoiser:
 
     def _mlp_rows(self, mlp, h: Tensor | None, hq: tuple | None, res: Tensor, dense: dict | None = None) -> Tensor:
         """``res + mlp(h)``; ``dense``: dequantized weights by ``id(module)`` to use instead of the modules'."""
-        lin = self._linear if not dense else (
-            lambda m, x, xq=None: F.linear(x, dense[id(m)], m.bias) if id(m) in dense else self._linear(m, x, xq))
         if hq is None:
             hq = quantized_rows((mlp.gate_proj, mlp.up_proj), h)
-        g, u = lin(mlp.gate_proj, h, hq), lin(mlp.up_proj, h, hq)
+        g, u = self._linear(mlp.gate_proj, h, hq, dense), self._linear(mlp.up_proj, h, hq, dense)
         down = mlp.down_proj
         if act_format([down]) == "fp8":  # the SwiGLU writes the FP8 rows the down projection reads
-            return res + lin(down, None, self.k_ops.swiglu_fp8(g, u))
+            return res + self._linear(down, None, self.k_ops.swiglu_fp8(g, u))
         act = self.k_ops.swiglu(g, u)
-        return res + lin(down, act, quantized_rows([down], act))
+        return res + self._linear(down, act, quantized_rows([down], act), dense)
 
-    def _linear(self, mod, x: Tensor | None, xq=None) -> Tensor:
-        """A Linear of the model: cuBLAS for plain bf16, the module's 8-bit product when ``xq`` (``x``'s 8-bit
-        rows, see :func:`quantized_rows`) is given (``x`` may then be None), else the module's own forward
-        (weight-only formats dequantize inside their kernels)."""
+    def _linear(self, mod, x: Tensor | None, xq=None, dense: dict | None = None) -> Tensor:
+        """A Linear of the model: cuBLAS for plain bf16 (or on its weight already dequantized in ``dense``, by
+        ``id(mod)``), the module's 8-bit product when ``xq`` (``x``'s 8-bit rows, see :func:`quantized_rows`) is
+        given (``x`` may then be None), else the module's own forward (weight-only formats dequantize inside
+        their kernels)."""
+        if dense and id(mod) in dense:
+            return F.linear(x, dense[id(mod)], mod.bias)
         if xq is not None:
             return mod.forward_quantized(xq, self.dtype)
         if type(mod) is torch.nn.Linear:
