@@ -148,7 +148,7 @@ class PackedDenoiser:
         self.pools: dict[str, object] = {}
         self.key = denoiser_key(ctxs, h, w)
         #: the Linear modules' formats at construction (a module swap, e.g. compute="fp8", needs new graphs)
-        self.formats = linear_formats(model)
+        self.formats = linear_modules_signature(model)
         #: the step cache's derivative buffers (allocated by the first step-cached request, see
         #: :meth:`step_store`)
         self.derivatives: PackedDerivatives | None = None
@@ -454,7 +454,7 @@ class PackedDenoiser:
         return graph, out
 
 
-def linear_formats(model) -> tuple:
+def linear_modules_signature(model) -> tuple:
     """Each decoder Linear's module type and activation format (what a captured graph depends on)."""
     return tuple((type(m).__name__, getattr(m, "act_format", None))
                  for m in model.language_model.model.layers.modules() if not list(m.children()))
@@ -526,7 +526,7 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     key = denoiser_key(branch_ctxs, h, w)
     den = cache.get("denoiser") if cache is not None else None
     if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
-            and den.formats == linear_formats(model) and den.requested_attention == attention
+            and den.formats == linear_modules_signature(model) and den.requested_attention == attention
             and den.mlp_chunks == mlp_chunks
             and all(den.options.get(k) == v for k, v in options.items())):
         den.refill(branch_ctxs)  # same shapes: keep the captured graphs, copy the new caches in

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from diagnose import APP_CFG, _kind  # noqa: E402
+from diagnose import APP_CFG, _kind, emit  # noqa: E402
 from quant_full_size import psnr, track_phase_peaks  # noqa: E402
 
 from bagel_rt.bench import environment, test_image  # noqa: E402
@@ -153,14 +153,9 @@ def main():
     formats = a.formats.split(",")
     tasks = a.tasks.split(",")
 
-    def emit(row):
-        print(json.dumps(row), flush=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
     if a.micro:
         for r in micro(formats):
-            emit(dict(diag="compressed_linear_micro", **r, **env))
+            emit(dict(diag="compressed_linear_micro", **r, **env), a.out)
     ref: dict = {}
     for spec in formats:  # "FORMAT" or "FORMAT:COMPUTE" (e.g. int8:int8 for INT8 W8A8, bf16:fp8)
         fmt, _, compute = spec.partition(":")
@@ -182,7 +177,7 @@ def main():
                         ref["decode"] = row["tokens_per_s"]
                     elif "decode" in ref:
                         row.update(vs_bf16_tokens_per_s=round(row["tokens_per_s"] / ref["decode"], 3))
-                    emit(row)
+                    emit(row, a.out)
                     continue
                 # warm-up (captures, first-use costs): 10 steps reach every branch count of the 50-step schedule
                 request(pipe, task, a.size, min(a.steps, 10), seed=1)
@@ -205,7 +200,7 @@ def main():
                     row.update(profile_steps=a.profile_steps, **kernel_groups(p))
             except (torch.cuda.OutOfMemoryError, RuntimeError, InputError) as e:
                 row.update(error=str(e).splitlines()[0][:300])
-            emit(row)
+            emit(row, a.out)
         torch.cuda.set_per_process_memory_fraction(1.0)
         del pipe
         gc.collect()

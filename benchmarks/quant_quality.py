@@ -16,7 +16,6 @@ structure that random ones lack, and what matters is the image, not one Linear's
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bagel_rt.quant import quantize_model  # noqa: E402
+from diagnose import emit  # noqa: E402
 
 from bagel_rt.bench import environment  # noqa: E402
 from bagel_rt.random_weights import random_bagel  # noqa: E402
@@ -96,9 +96,7 @@ def main():
         sqnr = {g: round(10 * math.log10(signal[g] / noise[f][g]), 2) for g in sorted(signal) if noise[f][g]}
         row = dict(diag="linear_sqnr_db", weights=f, size=size, steps=a.steps, model="tiny" if a.tiny else "7b",
                    sqnr_db=sqnr, note="random weights: a proxy, not real-weight quality", **env)
-        print(json.dumps(row), flush=True)
-        with open(a.out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        emit(row, a.out)
 
 
 if __name__ == "__main__":

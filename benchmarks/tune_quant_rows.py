@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
+import sys
 from functools import partial
+from pathlib import Path
 
 import torch
-from bagel_rt.quant import Int8Linear, NF4Linear, matmul
 
-from bagel_rt.bench import environment, graph_of
+sys.path.insert(0, str(Path(__file__).parent))
+from bagel_rt.quant import Int8Linear, NF4Linear, matmul  # noqa: E402
+from diagnose import emit  # noqa: E402
+
+from bagel_rt.bench import environment, graph_of  # noqa: E402
 
 SHAPES = {"q/o": (3584, 3584), "k/v": (512, 3584), "gate/up": (18944, 3584), "down": (3584, 18944)}
 CANDIDATES = [dict(BM=16, BN=bn, BK=bk, GROUP_M=1, num_warps=4, num_stages=st)
@@ -86,9 +90,7 @@ def main():
             for fmt, q in mods.items():
                 row.update(format_row(fmt, q, x, n, k))
             row.update(env)
-            print(json.dumps(row), flush=True)
-            with open(a.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            emit(row, a.out)
 
 
 if __name__ == "__main__":
