@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .arena import ArenaLayout
+from .batch import ImageJob
 from .cache import Context
-from .embeddings import rope_cos_sin
 from .errors import InputError
 from .sampler import CFGSettings, schedule, velocity_sources
 from .step_cache import StepCache
@@ -82,19 +83,23 @@ def _kernels():
 
 
 class PackedDenoiser:
-    """Batched-CFG velocity for up to ``len(ctxs)`` branches over one KV arena.
+    """Batched-CFG velocity for the branches of one or several images over one KV arena
+    (:class:`bagel_rt.arena.ArenaLayout`).
 
     Args:
         model: the :class:`bagel_rt.model.BagelModel`.
-        ctxs: the branch contexts in arena order (conditional first).
-        h, w: latent grid (tokens per side); the block has ``h*w + 2`` tokens.
-        use_graphs: capture each branch count's forward in a CUDA graph (CUDA only).
+        ctxs: the branch contexts in arena order (each image's together, its conditional first).
+        h, w: the latent grid (tokens per side) of a single image; a block has ``h*w + 2`` tokens.
+        use_graphs: capture each branch set's forward in a CUDA graph (CUDA only).
         attention: "triton" or "cudnn" for the latent queries (see :func:`resolve_attention`).
+        image_of, grids: for several images, the image of each context and each image's (h, w) grid (``h``
+            and ``w`` are then ignored); default: every context belongs to the one image of grid (h, w).
     """
 
-    def __init__(self, model, ctxs: list[Context], h: int, w: int, use_graphs: bool = True,
+    def __init__(self, model, ctxs: list[Context], h: int | None, w: int | None, use_graphs: bool = True,
                  mlp_chunks: int = 1, run_hooks: bool = False, attention: str = "triton",
-                 marker_stream: bool | None = None):
+                 marker_stream: bool | None = None, image_of: list[int] | None = None,
+                 grids: list[tuple[int, int]] | None = None):
         self.k_ops = _kernels()
         self.attention = resolve_attention(attention, model.device, model.dtype)
         #: as asked: under "auto", a cuDNN refusal of this request's shapes hands over to the Triton kernel
@@ -114,85 +119,61 @@ class PackedDenoiser:
         self.side = torch.cuda.Stream(device=model.device) if marker_stream else None
         #: the tuning options as given (a cached denoiser is reused only for the same ones)
         self.options = dict(marker_stream=self.side is not None)
-        self.model, self.h, self.w = model, h, w
+        self.model = model
         p = model.params.llm
         self.Hq, self.Hk, self.D, self.eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
-        self.N, self.L, self.B = h * w, h * w + 2, len(ctxs)
+        if grids is None:
+            grids, image_of = [(h, w)], [0] * len(ctxs)
+        self.layout = ArenaLayout([c.length for c in ctxs], [c.rope for c in ctxs], image_of, grids)
+        self.B = len(ctxs)
+        #: latent tokens per branch when every image has one grid size (None for a batch of mixed sizes)
+        self.N = self.layout.rows[0] if len(set(self.layout.rows)) == 1 else None
         dev, dt = model.device, model.dtype
         self.device, self.dtype = dev, dt
-        lens = [c.length for c in ctxs]
-        starts = [0]
-        for n in lens:
-            starts.append(starts[-1] + n + self.L)
-        self.k = torch.empty(p.num_layers, starts[-1], self.Hk, self.D, device=dev, dtype=dt)
+        self.k = torch.empty(p.num_layers, self.layout.starts[-1], self.Hk, self.D, device=dev, dtype=dt)
         self.v = torch.empty_like(self.k)
-        for b, c in enumerate(ctxs):
-            self.k[:, starts[b]: starts[b] + lens[b]] = c.cache.k[:, : lens[b]]
-            self.v[:, starts[b]: starts[b] + lens[b]] = c.cache.v[:, : lens[b]]
+        self.refill(ctxs)
         self.sm_scale = 1.0 / math.sqrt(self.D)
-        self.starts, self.lens, self.ropes = starts, lens, [c.rope for c in ctxs]
-        #: per set of branches (a tuple of arena indices, built on first use): arena rows of the packed block,
-        #: cu_seqlens, rope tables
-        self.meta: dict[tuple[int, ...], dict] = {}
         s = model.special
         self.markers = model.embed([s.start_of_image, s.end_of_image])  # [2, H]
-        pos = flattened_position_ids(h, w, model.params.max_latent_size).to(dev)
-        self.pos_emb = model.latent_pos_embed(pos)  # [N, H]
-        # static inputs (graph replays read these)
-        self.x_in = torch.zeros(self.N, model.params.patch_latent_dim, device=dev, dtype=torch.float32)
+        #: latent position embeddings of every image's rows of x_in [X, H]
+        side = model.params.max_latent_size
+        self.pos_emb = torch.cat([model.latent_pos_embed(flattened_position_ids(gh, gw, side).to(dev))
+                                  for gh, gw in grids])
+        # static inputs (graph replays read these): every image's latents, one shared timestep
+        self.x_in = torch.zeros(self.layout.x_offsets[-1], model.params.patch_latent_dim, device=dev,
+                                dtype=torch.float32)
         self.t_in = torch.zeros(1, device=dev, dtype=torch.float32)
         self.use_graphs = use_graphs and dev.type == "cuda"
         #: captured graphs by (kind, branches): kind "full" (the packed forward) or "taylor" (step caching)
         self.graphs: dict[tuple, tuple] = {}
         #: one memory pool per kind: a step may replay a full and a Taylor graph and use both outputs
         self.pools: dict[str, object] = {}
-        self.key = denoiser_key(ctxs, h, w)
         #: the Linear modules' formats at construction (a module swap, e.g. compute="fp8", needs new graphs)
         self.formats = linear_modules_signature(model)
         #: the step cache's derivative buffers (allocated by the first step-cached request, see
         #: :meth:`step_store`)
         self.derivatives: PackedDerivatives | None = None
 
+    @property
+    def key(self) -> tuple:
+        """What this denoiser's arena and graphs depend on (:func:`denoiser_key`)."""
+        return self.layout.key
+
     def branch_meta(self, sel: tuple[int, ...]) -> dict:
         """The metadata of a forward over the arena branches ``sel`` (sorted, any subset: branches on
-        different step-cache schedules need not form a prefix). The attention's key sequences are the arena
-        sections ``min(sel) .. max(sel)``; a section between them that is not in ``sel`` gets no queries."""
-        if sel in self.meta:
-            return self.meta[sel]
-        p, dev, dt = self.model.params.llm, self.device, self.dtype
-        starts, lens = self.starts, self.lens
-        span = range(sel[0], sel[-1] + 1)
-        gen_rows = torch.cat([torch.arange(self.N) + starts[b] + lens[b] + 2 for b in sel])
-        und_rows = torch.cat([torch.arange(2) + starts[b] + lens[b] for b in sel])
-        cos_g, sin_g, cos_u, sin_u = [], [], [], []
-        for b in sel:
-            c, s = rope_cos_sin(torch.tensor([self.ropes[b]], device=dev), self.D, p.rope_theta, dt)
-            cos_g.append(c.expand(self.N, -1))
-            sin_g.append(s.expand(self.N, -1))
-            cos_u.append(c.expand(2, -1))
-            sin_u.append(s.expand(2, -1))
-        i32 = dict(dtype=torch.int32, device=dev)
-        queries = torch.tensor([0] + [int(b in sel) for b in span]).cumsum(0)
-        self.meta[sel] = dict(
-            gen_rows=gen_rows.to(dev), und_rows=und_rows.to(dev),
-            cu_k=torch.tensor(starts[sel[0]: sel[-1] + 2], **i32),
-            cu_qg=(queries * self.N).to(**i32), cu_qu=(queries * 2).to(**i32),
-            max_k=max(lens[b] for b in sel) + self.L,
-            k_ranges=[(starts[b], starts[b] + lens[b] + self.L) for b in sel],
-            cos_g=torch.cat(cos_g).contiguous(), sin_g=torch.cat(sin_g).contiguous(),
-            cos_u=torch.cat(cos_u).contiguous(), sin_u=torch.cat(sin_u).contiguous(),
-        )
-        return self.meta[sel]
+        different step-cache schedules, or of images at different steps of their schedules, need not form a
+        prefix); see :meth:`bagel_rt.arena.ArenaLayout.meta`."""
+        return self.layout.meta(sel, self.D, self.model.params.llm.rope_theta, self.device, self.dtype)
 
     def refill(self, ctxs: list[Context]) -> None:
-        """Reuse this denoiser (and its captured graphs) for new contexts of the same lengths and ropes."""
-        assert denoiser_key(ctxs, self.h, self.w) == self.key
-        start = 0
-        for c in ctxs:
-            n = c.length
-            self.k[:, start: start + n] = c.cache.k[:, :n]
-            self.v[:, start: start + n] = c.cache.v[:, :n]
-            start += n + self.L
+        """Copy the contexts' caches into the arena (at construction, and to reuse this denoiser and its
+        captured graphs for new contexts of the same layout key)."""
+        assert denoiser_key(ctxs, self.layout.image_of, self.layout.grids) == self.key
+        for b, c in enumerate(ctxs):
+            a0, a1 = self.layout.cache_range(b)
+            self.k[:, a0:a1] = c.cache.k[:, : c.length]
+            self.v[:, a0:a1] = c.cache.v[:, : c.length]
 
     # -- the packed forward ---------------------------------------------------------------------------------
     def _layer(self, i: int, layer, xg: Tensor, xu: Tensor, m: dict) -> tuple[Tensor, Tensor]:
@@ -264,22 +245,22 @@ class PackedDenoiser:
             torch.cuda.current_stream().wait_stream(self.side)
 
     def _latent_attention(self, q: Tensor, K: Tensor, V: Tensor, m: dict) -> Tensor:
-        """Attention of the latent queries q [nb*N, Hq, D] of the branches described by ``m`` (a ``meta``
-        entry) over the arena rows K, V [rows, Hk, D], with the chosen implementation."""
+        """Attention of the latent queries q [R, Hq, D] (R: the latent rows of the branches described by ``m``,
+        a ``meta`` entry) over the arena rows K, V [rows, Hk, D], with the chosen implementation."""
         if self.attention == "cudnn":
-            return self._attention_cudnn(q, K, V, m["k_ranges"])
-        return self.k_ops.varlen_attention(q, K, V, m["cu_qg"], m["cu_k"], False, self.sm_scale, self.N,
+            return self._attention_cudnn(q, K, V, m["q_ranges"], m["k_ranges"])
+        return self.k_ops.varlen_attention(q, K, V, m["cu_qg"], m["cu_k"], False, self.sm_scale, m["max_qg"],
                                            m["max_k"])
 
-    def _attention_cudnn(self, q: Tensor, K: Tensor, V: Tensor, k_ranges: list) -> Tensor:
-        """Latent-query attention through cuDNN: branch b's N queries q[bN:(b+1)N] [N, Hq, D] attend to the
-        arena rows k_ranges[b] of K, V [rows, Hk, D] (GQA without expanding K/V). Returns [nb*N, Hq, D]."""
+    def _attention_cudnn(self, q: Tensor, K: Tensor, V: Tensor, q_ranges: list, k_ranges: list) -> Tensor:
+        """Latent-query attention through cuDNN: the j-th branch's queries q[q_ranges[j]] [n, Hq, D] attend to
+        the arena rows k_ranges[j] of K, V [rows, Hk, D] (GQA without expanding K/V). Returns [R, Hq, D]."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         outs = []
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            for b, (k0, k1) in enumerate(k_ranges):
-                qb = q[b * self.N:(b + 1) * self.N].transpose(0, 1)[None]  # [1, Hq, N, D] (strided view)
+            for (q0, q1), (k0, k1) in zip(q_ranges, k_ranges):
+                qb = q[q0:q1].transpose(0, 1)[None]  # [1, Hq, n, D] (strided view)
                 kb, vb = K[k0:k1].transpose(0, 1)[None], V[k0:k1].transpose(0, 1)[None]
                 ob = F.scaled_dot_product_attention(qb, kb, vb, scale=self.sm_scale, enable_gqa=True)
                 outs.append(ob[0].transpose(0, 1))
@@ -344,11 +325,11 @@ class PackedDenoiser:
         return mod(x)
 
     def _hidden(self, sel: tuple[int, ...]) -> Tensor:
-        """The last decoder layer's output [len(sel)*N, H] (latent rows, before the final norm) of the branches
-        ``sel`` for the static inputs x_in, t_in."""
+        """The last decoder layer's output [R, H] (the latent rows of the branches ``sel``, packed in order, see
+        ``q_ranges`` of :meth:`branch_meta`; before the final norm) for the static inputs x_in, t_in."""
         model, m, nb = self.model, self.branch_meta(sel), len(sel)
         lat = model.vae2llm(self.x_in.to(self.dtype)) + model.time_embedder(self.t_in) + self.pos_emb
-        xg = lat.to(self.dtype).repeat(nb, 1)
+        xg = lat.to(self.dtype)[m["lat_rows"]]  # each branch's copy of its image's rows
         if self.side is not None:  # fork: the marker stream starts after everything queued so far
             self.side.wait_stream(torch.cuda.current_stream())
         with self._on_side():  # xu lives on the marker stream only (allocated, used and freed there)
@@ -359,37 +340,50 @@ class PackedDenoiser:
         return xg
 
     def _head(self, hidden: Tensor) -> Tensor:
-        """Velocities [nb, N, 64] of hidden states [nb*N, H]: the final gen norm, then ``llm2vae``."""
+        """Velocities [R, 64] of hidden states [R, H]: the final gen norm, then ``llm2vae``."""
         out = self.k_ops.rms_norm(hidden, self.model.language_model.model.norm_moe_gen.weight, self.eps)
-        return self.model.llm2vae(out).view(-1, self.N, self.model.params.patch_latent_dim)
+        return self.model.llm2vae(out)
 
     def _forward(self, kind: str, sel: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """(hidden states [len(sel)*N, H], velocities [len(sel), N, 64]) of a full forward ("full") or of the
-        Taylor series of the cached derivatives ("taylor": no LLM forward at all)."""
+        """(hidden states [R, H], velocities [R, 64]) of a full forward ("full") or of the Taylor series of the
+        cached derivatives ("taylor": no LLM forward at all); R: the branches' latent rows, packed in order."""
         hidden = self._hidden(sel) if kind == "full" else self.derivatives.series(sel)
         return hidden, self._head(hidden)
+
+    def split(self, sel: tuple[int, ...], rows: Tensor) -> list[Tensor]:
+        """Packed rows [R, ...] of the branches ``sel`` -> one contiguous view per branch [h*w, ...]."""
+        return [rows[a:b] for a, b in self.branch_meta(sel)["q_ranges"]]
 
     @torch.no_grad()
     def velocities(self, x: Tensor, t: float, sel: int | tuple[int, ...]) -> Tensor:
         """Velocities [len(sel), N, 64] of the arena branches ``sel`` (or of the first ``sel`` ones) at
-        (x [N, 64] fp32, t)."""
-        return self.full(x, t, sel)[1]
+        (x [N, 64] fp32, t), for branches of one grid size (a single image, or a batch of one size)."""
+        sel = tuple(range(sel)) if isinstance(sel, int) else tuple(sel)
+        v = self.full(x, t, sel)[1]
+        assert len({self.layout.rows[b] for b in sel}) == 1, "velocities() stacks branches of one grid size"
+        return v.view(len(sel), -1, v.shape[-1])
 
     @torch.no_grad()
-    def full(self, x: Tensor, t: float, sel: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """The packed forward of the branches ``sel`` at (x, t): (hidden states [len(sel)*N, H] before the final
-        norm, velocities [len(sel), N, 64]).
+    def full(self, x: Tensor | list[Tensor], t: float, sel: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """The packed forward of the branches ``sel`` at (x, t): (hidden states [R, H] before the final norm,
+        velocities [R, 64]; :meth:`split` cuts them per branch). ``x``: every image's latents [X, 64] fp32, or
+        a list of each image's [h*w, 64].
 
         A branch set's first call runs eagerly (Triton compiles, cuBLAS/cuDNN pick their kernels; its result
         is this step's), the second captures the forward in a CUDA graph, later calls replay it."""
-        self.x_in.copy_(x)
+        if isinstance(x, Tensor):
+            self.x_in.copy_(x)
+        else:
+            o = self.layout.x_offsets
+            for i, xi in enumerate(x):
+                self.x_in[o[i]:o[i + 1]].copy_(xi)
         self.t_in.fill_(t)
         return self._run("full", tuple(range(sel)) if isinstance(sel, int) else tuple(sel))
 
     @torch.no_grad()
     def taylor_velocities(self, sel: tuple[int, ...], distances: list[int]) -> Tensor:
-        """Velocities [len(sel), N, 64] of the branches ``sel`` predicted from their cached derivatives at the
-        given distances (step caching; a graph of its own per branch set, like :meth:`full`)."""
+        """Velocities [R, 64] of the branches ``sel`` predicted from their cached derivatives at the given
+        distances (step caching; a graph of its own per branch set, like :meth:`full`)."""
         for b, k in zip(sel, distances):
             self.derivatives.set_distance(b, k)
         return self._run("taylor", tuple(sel))[1]
@@ -402,8 +396,9 @@ class PackedDenoiser:
             for key in [k for k in self.graphs if k[0] == "taylor"]:
                 del self.graphs[key]
             self._checked = {k for k in self._checked if k[0] != "taylor"}
-            self.derivatives = PackedDerivatives(self.B, orders, self.N, self.model.params.llm.hidden_size,
-                                                 max_distance, self.device, self.dtype)
+            self.derivatives = PackedDerivatives(self.B, orders, self.layout.rows,
+                                                 self.model.params.llm.hidden_size, max_distance, self.device,
+                                                 self.dtype)
         self.derivatives.reset()
         return self.derivatives
 
@@ -490,9 +485,10 @@ def quantized_rows(mods, x: Tensor):
     return None
 
 
-def denoiser_key(ctxs: list[Context], h: int, w: int) -> tuple:
-    """What a captured denoiser depends on: grid size and each branch's cache length and RoPE position."""
-    return (h, w, tuple((c.length, c.rope) for c in ctxs))
+def denoiser_key(ctxs: list[Context], image_of: list[int], grids: list[tuple[int, int]]) -> tuple:
+    """What a captured denoiser depends on: each image's grid and each branch's image, cache length and RoPE
+    position (:attr:`bagel_rt.arena.ArenaLayout.key`)."""
+    return ArenaLayout([c.length for c in ctxs], [c.rope for c in ctxs], image_of, grids).key
 
 
 @torch.no_grad()
@@ -501,76 +497,116 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
                    use_graphs: bool = True, on_step=None, cache: dict | None = None,
                    mlp_chunks: int = 1, run_hooks: bool = False, attention: str = "triton",
                    step_cache: StepCache | None = None, **options) -> Tensor:
-    """The sampler loop of :func:`bagel_rt.sampler.denoise` on the packed fast path.
+    """The sampler loop of :func:`bagel_rt.sampler.denoise` on the packed fast path, for one image: its
+    ``ctxs`` ({"cond", "text", "img"}), initial ``noise`` [h*w, 64] and exact-dedup flags (under step caching,
+    only those of :func:`bagel_rt.step_cache.exact_dedup`). ``on_step(i, combined velocity)`` after each step.
+    See :func:`denoise_batch` for the other arguments. Returns the [h*w, 64] float32 final latents."""
+    job = ImageJob(ctxs, noise, h, w, text_is_cond, img_is_cond, step_cache, on_step)
+    return denoise_batch(model, [job], num_timesteps, timestep_shift, cfg, use_graphs, None, cache, mlp_chunks,
+                         run_hooks, attention, **options)[0]
+
+
+@torch.no_grad()
+def denoise_batch(model, jobs: list[ImageJob], num_timesteps: int, timestep_shift: float, cfg: CFGSettings,
+                  use_graphs: bool = True, on_step=None, cache: dict | None = None, mlp_chunks: int = 1,
+                  run_hooks: bool = False, attention: str = "triton", **options) -> list[Tensor]:
+    """The sampler loop of :func:`bagel_rt.sampler.denoise` for several images at once: at each step, every
+    branch any image needs runs in **one** packed forward; then each image's CFG combination + Euler update
+    (its own branches' velocities, the shared scales of the step).
 
     Args:
-        ctxs: {"cond", "text", "img"} contexts.
-        text_is_cond / img_is_cond: exact dedup flags (that branch reuses the conditional velocity; under step
-            caching, only the flags of :func:`bagel_rt.step_cache.exact_dedup`).
+        jobs: the images (:class:`bagel_rt.batch.ImageJob`: contexts, grid, noise, dedup flags, step cache,
+            per-image ``on_step(i, combined velocity)``). Step caching is on for all of them or for none.
+        use_graphs: capture the packed forwards in CUDA graphs.
+        on_step: ``on_step(i)`` after step i of the whole batch (after the images' own callbacks).
+        cache: a dict keeping the last denoiser (``cache["denoiser"]``), reused with its graphs while the
+            arena layout (grids, branch cache lengths and ropes) stays the same.
         attention: the latent-query attention ("auto", "triton", "cudnn"; :func:`resolve_attention`).
-        step_cache: the request's step-cache state (None: every evaluation is a full forward). At each step
-            the branches on a full evaluation run one packed forward, the others one Taylor graph.
         options: tuning options of :class:`PackedDenoiser` (``marker_stream``), for A/B measurements; the
             defaults are the measured best.
     Returns:
-        [h*w, 64] float32 final latents.
+        each image's [h*w, 64] float32 final latents.
     """
     k_ops = _kernels()
     ts = schedule(num_timesteps, timestep_shift)
     steps = [(float(ts[i]), float(ts[i] - ts[i + 1])) for i in range(num_timesteps - 1)]
-    # the branches ever computed, in arena order (conditional first)
-    ever = set().union(*(velocity_sources(*cfg.scales_at(t), text_is_cond, img_is_cond).values()
-                         for t, _ in steps))
-    order = [b for b in ("cond", "text", "img") if b in ever]
-    branch_ctxs = [ctxs[b] for b in order]
-    key = denoiser_key(branch_ctxs, h, w)
+    caching = {job.step_cache is not None for job in jobs}
+    assert len(caching) == 1, "step caching is on for every image of a batch or for none"
+    # the branches each image ever computes, in arena order (each image's together, conditional first)
+    ctxs, image_of, names = [], [], []
+    for k, job in enumerate(jobs):
+        ever = set().union(*(velocity_sources(*cfg.scales_at(t), job.text_is_cond, job.img_is_cond).values()
+                             for t, _ in steps))
+        for b in ("cond", "text", "img"):
+            if b in ever:
+                ctxs.append(job.ctxs[b])
+                image_of.append(k)
+                names.append(b)
+    arena = {(k, b): a for a, (k, b) in enumerate(zip(image_of, names))}
+    den = _denoiser(model, ctxs, image_of, [(job.h, job.w) for job in jobs], cache, use_graphs, mlp_chunks,
+                    run_hooks, attention, options)
+    if caching == {True}:
+        s = jobs[0].step_cache.settings
+        den.step_store(s.max_order + 1, s.fresh_threshold - 1)
+    xs = [job.noise.to(model.device, torch.float32).contiguous() for job in jobs]
+    for i, (t, dt) in enumerate(steps):
+        st, si = cfg.scales_at(t)
+        srcs = [velocity_sources(st, si, job.text_is_cond, job.img_is_cond) for job in jobs]
+        sel = tuple(sorted(arena[k, b] for k, src in enumerate(srcs) for b in set(src.values())))
+        if caching == {False}:
+            v = dict(zip(sel, den.split(sel, den.full(xs, t, sel)[1])))
+        else:
+            v = _cached_step(den, jobs, xs, t, sel, image_of, names)
+        for k, (job, src) in enumerate(zip(jobs, srcs)):
+            if job.step_cache is not None:
+                job.step_cache.record_step(src)
+            v_t = v[arena[k, src["text"]]] if "text" in src else None
+            v_i = v[arena[k, src["img"]]] if "img" in src else None
+            xs[k], v_comb = k_ops.cfg_euler(xs[k], v[arena[k, "cond"]], v_t, v_i, st, si, cfg.cfg_renorm_type,
+                                            cfg.cfg_renorm_min, dt)
+            if job.on_step is not None:
+                job.on_step(i, v_comb)
+        if on_step is not None:
+            on_step(i)
+    return xs
+
+
+def _denoiser(model, ctxs: list[Context], image_of: list[int], grids: list[tuple[int, int]], cache: dict | None,
+              use_graphs: bool, mlp_chunks: int, run_hooks: bool, attention: str, options: dict) -> PackedDenoiser:
+    """The cached denoiser refilled with ``ctxs`` when its layout and settings match, else a new one (kept in
+    ``cache``)."""
+    key = denoiser_key(ctxs, image_of, grids)
     den = cache.get("denoiser") if cache is not None else None
     if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
             and den.formats == linear_modules_signature(model) and den.requested_attention == attention
             and den.mlp_chunks == mlp_chunks
             and all(den.options.get(k) == v for k, v in options.items())):
-        den.refill(branch_ctxs)  # same shapes: keep the captured graphs, copy the new caches in
-    else:
-        if cache is not None:
-            cache.pop("denoiser", None)  # free the old arena and graph pool before allocating new ones
-        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, mlp_chunks, run_hooks, attention, **options)
-        if cache is not None:
-            cache["denoiser"] = den
-    if step_cache is not None:
-        s = step_cache.settings
-        den.step_store(s.max_order + 1, s.fresh_threshold - 1)
-    x = noise.to(model.device, torch.float32).contiguous()
-    for i, (t, dt) in enumerate(steps):
-        st, si = cfg.scales_at(t)
-        src = velocity_sources(st, si, text_is_cond, img_is_cond)
-        sel = tuple(sorted(order.index(b) for b in set(src.values())))
-        if step_cache is None:
-            v = dict(zip(sel, den.velocities(x, t, sel)))
-        else:
-            v = _cached_step(den, step_cache, x, t, sel, order)
-            step_cache.record_step(src)
-        v_t = v[order.index(src["text"])] if "text" in src else None
-        v_i = v[order.index(src["img"])] if "img" in src else None
-        x, v_comb = k_ops.cfg_euler(x, v[0], v_t, v_i, st, si, cfg.cfg_renorm_type, cfg.cfg_renorm_min, dt)
-        if on_step is not None:
-            on_step(i, v_comb)
-    return x
+        den.refill(ctxs)  # same shapes: keep the captured graphs, copy the new caches in
+        return den
+    if cache is not None:
+        cache.pop("denoiser", None)  # free the old arena and graph pool before allocating new ones
+    den = PackedDenoiser(model, ctxs, None, None, use_graphs, mlp_chunks, run_hooks, attention,
+                         image_of=image_of, grids=grids, **options)
+    if cache is not None:
+        cache["denoiser"] = den
+    return den
 
 
-def _cached_step(den: PackedDenoiser, step_cache: StepCache, x: Tensor, t: float, sel: tuple[int, ...],
-                 order: list[str]) -> dict[int, Tensor]:
-    """One step under step caching: {arena branch: velocity [N, 64]} of the branches ``sel``. Those on a full
-    evaluation run one packed forward (and refresh their derivatives), the others one Taylor graph; branches on
-    the same schedule stay packed together."""
-    evs = {b: step_cache.evaluation(order[b]) for b in sel}
+def _cached_step(den: PackedDenoiser, jobs: list[ImageJob], xs: list[Tensor], t: float, sel: tuple[int, ...],
+                 image_of: list[int], names: list[str]) -> dict[int, Tensor]:
+    """One step under step caching: {arena branch: velocity [h*w, 64]} of the branches ``sel``. Those on a
+    full evaluation (by their image's step cache) run one packed forward (and refresh their derivatives), the
+    others one Taylor graph; branches on the same schedule stay packed together, across images too."""
+    evs = {b: jobs[image_of[b]].step_cache.evaluation(names[b]) for b in sel}
     full = tuple(b for b in sel if evs[b].full)
     taylor = tuple(b for b in sel if not evs[b].full)
     v = {}
     if full:
-        hidden, vf = den.full(x, t, full)
-        for j, b in enumerate(full):
-            den.derivatives.update(b, hidden[j * den.N:(j + 1) * den.N], evs[b])
-            v[b] = vf[j]
+        hidden, vf = den.full(xs, t, full)
+        for b, hb, vb in zip(full, den.split(full, hidden), den.split(full, vf)):
+            den.derivatives.update(b, hb, evs[b])
+            v[b] = vb
     if taylor:
-        v.update(zip(taylor, den.taylor_velocities(taylor, [evs[b].distance for b in taylor])))
+        vt = den.taylor_velocities(taylor, [evs[b].distance for b in taylor])
+        v.update(zip(taylor, den.split(taylor, vt)))
     return v

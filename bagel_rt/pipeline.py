@@ -14,18 +14,20 @@ directly. Defaults:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from . import validate
+from . import batch, validate
 from .errors import InputError
 from .sampler import MAX_SCALE, MAX_STEPS, CFGSettings
 from .serial import new_lock, serialized
-from .session import Result, Session, check_image_shape
+from .session import Result, Session, check_image_shape, gen_images, step_cache_for
 from .step_cache import StepCacheSettings
 
 #: The official app's aspect-ratio presets as (H, W).
@@ -135,7 +137,8 @@ class Bagel:
                    image_shapes: tuple[int, int] = (1024, 1024), seed: int | None = None,
                    noise: Tensor | None = None, record: bool = False, progress: bool = False,
                    on_token=None, enable_taylorseer: bool = False,
-                   taylorseer_settings: StepCacheSettings | None = None) -> Result:
+                   taylorseer_settings: StepCacheSettings | None = None,
+                   on_step: Callable[[int, int], None] | None = None) -> Result:
         """Run an interleaved request like the official ``interleave_inference``.
 
         Args:
@@ -155,6 +158,9 @@ class Bagel:
             enable_taylorseer: step caching with the official TaylorSeer semantics (opt-in, approximate; see
                 :meth:`bagel_rt.session.Session.gen_image`); ``Result.info["step_cache"]`` reports what ran.
             taylorseer_settings: a :class:`bagel_rt.step_cache.StepCacheSettings` (default: the official values).
+            on_step: optional callable ``on_step(step_index, num_steps)`` after every denoising step (0-based;
+                ``num_steps = num_timesteps - 1``, the last timestep is never evaluated). An exception raised in
+                it stops the request at that step and propagates; the pipeline stays usable.
         Returns:
             :class:`Result` with ``text`` (understanding, or the think text), ``image`` and ``latents``.
         Raises:
@@ -165,11 +171,18 @@ class Bagel:
             raise InputError("inputs must be a non-empty list of strings and PIL images")
         seed = self._check_request(understanding_output, max_think_token_n, text_temperature, timestep_shift,
                                    num_timesteps, image_shapes, seed, noise)
-        try:
+        with self._budget_errors():
             return self._interleave(inputs, think, understanding_output, max_think_token_n, do_sample,
                                     text_temperature, cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift,
                                     num_timesteps, cfg_renorm_min, cfg_renorm_type, image_shapes, seed, noise,
-                                    record, progress, on_token, enable_taylorseer, taylorseer_settings)
+                                    record, progress, on_token, enable_taylorseer, taylorseer_settings, on_step)
+
+    @contextlib.contextmanager
+    def _budget_errors(self):
+        """Under a GPU memory budget, running out of memory is the clear :class:`InputError` of
+        :func:`bagel_rt.placement.out_of_memory_error` (and the GPU is left usable for the next request)."""
+        try:
+            yield
         except torch.cuda.OutOfMemoryError as e:
             if self.gpu_budget_gib is None:
                 raise
@@ -194,12 +207,8 @@ class Bagel:
     def _interleave(self, inputs, think, understanding_output, max_think_token_n, do_sample, text_temperature,
                     cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift, num_timesteps, cfg_renorm_min,
                     cfg_renorm_type, image_shapes, seed, noise, record, progress, on_token,
-                    enable_taylorseer=False, taylorseer_settings=None) -> Result:
-        try:
-            lo, hi = cfg_interval
-        except (TypeError, ValueError):
-            raise InputError(f"cfg_interval must be a pair (lo, hi), got {cfg_interval!r}") from None
-        cfg = CFGSettings(cfg_text_scale, cfg_img_scale, (lo, hi), cfg_renorm_min, cfg_renorm_type)
+                    enable_taylorseer=False, taylorseer_settings=None, on_step=None) -> Result:
+        cfg = cfg_settings(cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type)
         s = self.session(think=think, understanding_only=understanding_output, seed=seed)
         for item in inputs:
             s.add(item)
@@ -210,48 +219,117 @@ class Bagel:
                    else None)
         shapes = s.image_shapes or image_shapes
         res = s.gen_image(shapes, cfg, num_timesteps, timestep_shift, noise, record, progress, enable_taylorseer,
-                          taylorseer_settings)
+                          taylorseer_settings, on_step)
         if thought is not None:
             res.text, res.token_ids, res.logits = thought.text, thought.token_ids, thought.logits
         return res
 
-    def generate(self, prompt: str, *, image_shapes: tuple[int, int] = (1024, 1024), think: bool = False,
-                 cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.5,
+    def generate(self, prompt: str | list[str], *, n: int = 1, image_shapes: tuple[int, int] = (1024, 1024),
+                 think: bool = False, cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.5,
                  cfg_interval: tuple[float, float] = (0.4, 1.0), timestep_shift: float = 3.0,
                  num_timesteps: int = 50, cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global",
                  max_think_token_n: int = 1024, do_sample: bool = False, text_temperature: float = 0.3,
-                 seed: int | None = None, noise: Tensor | None = None, record: bool = False,
+                 seed: int | list[int] | None = None, noise: Tensor | None = None, record: bool = False,
                  progress: bool = False, on_token=None, enable_taylorseer: bool = False,
-                 taylorseer_settings: StepCacheSettings | None = None) -> Result:
-        """Text-to-image with the official app's defaults (see the module docstring)."""
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-        return self.interleave([prompt], think=think, max_think_token_n=max_think_token_n, do_sample=do_sample,
-                               text_temperature=text_temperature, cfg_text_scale=cfg_text_scale,
-                               cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,
-                               timestep_shift=timestep_shift, num_timesteps=num_timesteps,
-                               cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type,
-                               image_shapes=image_shapes, seed=seed, noise=noise, record=record, progress=progress,
-                               on_token=on_token, enable_taylorseer=enable_taylorseer,
-                               taylorseer_settings=taylorseer_settings)
+                 taylorseer_settings: StepCacheSettings | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> Result | list[Result]:
+        """Text-to-image with the official app's defaults (see the module docstring).
 
-    def edit(self, image: Image.Image | str | Path, instruction: str, *, think: bool = False,
-             cfg_text_scale: float = 4.0, cfg_img_scale: float = 2.0,
+        One prompt (a string) and ``n == 1`` give one :class:`Result`. A list of prompts, or ``n > 1``, gives a
+        list: prompt 0's ``n`` images, then prompt 1's, ..., denoised together (:mod:`bagel_rt.batch`: image k
+        uses ``seed + k``, or ``seed[k]`` for a list, and is the image ``generate(prompt_k, seed=seed_k)``
+        makes alone). ``noise`` is for single images only. See :meth:`interleave` for the other arguments."""
+        prompts, single = batch.as_list("prompt", prompt, (str,), "a string")
+        kw = dict(think=think, max_think_token_n=max_think_token_n, do_sample=do_sample,
+                  text_temperature=text_temperature, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
+                  cfg_interval=cfg_interval, timestep_shift=timestep_shift, num_timesteps=num_timesteps,
+                  cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type, image_shapes=image_shapes,
+                  record=record, progress=progress, on_token=on_token, enable_taylorseer=enable_taylorseer,
+                  taylorseer_settings=taylorseer_settings, on_step=on_step)
+        images = batch.count(n, len(prompts))
+        if single and n == 1:
+            return self.interleave(prompts, seed=batch.seeds(seed, 1)[0] if seed is not None else None,
+                                   noise=noise, **kw)
+        return self._batch([[p] for p in prompts for _ in range(n)], batch.seeds(seed, images), noise, **kw)
+
+    def edit(self, image: Image.Image | str | Path | list, instruction: str | list[str], *, n: int = 1,
+             think: bool = False, cfg_text_scale: float = 4.0, cfg_img_scale: float = 2.0,
              cfg_interval: tuple[float, float] = (0.0, 1.0),
              timestep_shift: float = 3.0, num_timesteps: int = 50, cfg_renorm_min: float = 0.0,
              cfg_renorm_type: str = "text_channel", max_think_token_n: int = 1024, do_sample: bool = False,
-             text_temperature: float = 0.3, seed: int | None = None, noise: Tensor | None = None,
+             text_temperature: float = 0.3, seed: int | list[int] | None = None, noise: Tensor | None = None,
              record: bool = False, progress: bool = False, on_token=None, enable_taylorseer: bool = False,
-             taylorseer_settings: StepCacheSettings | None = None) -> Result:
-        """Edit ``image`` following ``instruction`` (app defaults). Output size = the VAE-resized input size."""
-        return self.interleave([open_image(image), instruction], think=think, max_think_token_n=max_think_token_n,
-                               do_sample=do_sample, text_temperature=text_temperature,
-                               cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
-                               cfg_interval=cfg_interval, timestep_shift=timestep_shift,
-                               num_timesteps=num_timesteps, cfg_renorm_min=cfg_renorm_min,
-                               cfg_renorm_type=cfg_renorm_type, seed=seed, noise=noise, record=record,
-                               progress=progress, on_token=on_token, enable_taylorseer=enable_taylorseer,
-                               taylorseer_settings=taylorseer_settings)
+             taylorseer_settings: StepCacheSettings | None = None,
+             on_step: Callable[[int, int], None] | None = None) -> Result | list[Result]:
+        """Edit ``image`` following ``instruction`` (app defaults). Output size = the VAE-resized input size.
+
+        Lists of images and instructions pair up (equal lengths), or a single one goes with every item of the
+        other; with ``n`` images per pair, pair-major, denoised together (as :meth:`generate`; images of
+        different sizes pack into one forward too). One image, one instruction and ``n == 1`` give one
+        :class:`Result`, else a list."""
+        imgs, img_single = batch.as_list("image", image, (Image.Image, str, Path), "a PIL image or a path")
+        texts, text_single = batch.as_list("instruction", instruction, (str,), "a string")
+        pairs = batch.pair_up("image", imgs, img_single, "instruction", texts, text_single)
+        images = batch.count(n, len(pairs))
+        opened = {id(i): open_image(i) for i in imgs}  # each file read once, however often it is paired
+        kw = dict(think=think, max_think_token_n=max_think_token_n, do_sample=do_sample,
+                  text_temperature=text_temperature, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
+                  cfg_interval=cfg_interval, timestep_shift=timestep_shift, num_timesteps=num_timesteps,
+                  cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type, record=record,
+                  progress=progress, on_token=on_token, enable_taylorseer=enable_taylorseer,
+                  taylorseer_settings=taylorseer_settings, on_step=on_step)
+        inputs = [[opened[id(i)], t] for i, t in pairs for _ in range(n)]
+        if img_single and text_single and n == 1:
+            return self.interleave(inputs[0], seed=batch.seeds(seed, 1)[0] if seed is not None else None,
+                                   noise=noise, **kw)
+        return self._batch(inputs, batch.seeds(seed, images), noise, **kw)
+
+    @serialized
+    @torch.no_grad()
+    def _batch(self, inputs: list[list], seeds: list[int], noise, *, think, max_think_token_n, do_sample,
+               text_temperature, cfg_text_scale, cfg_img_scale, cfg_interval, timestep_shift, num_timesteps,
+               cfg_renorm_min, cfg_renorm_type, record, progress, on_token, enable_taylorseer, taylorseer_settings,
+               on_step, image_shapes=(1024, 1024)) -> list[Result]:
+        """Images of ``inputs`` (one input list per image, in order) with ``seeds``, denoised together.
+
+        Each image gets its own session (prefill, VAE noise, think text from its seed: decoded one image after
+        another, ``on_token`` receiving each image's tokens in turn); then :func:`bagel_rt.session.gen_images`.
+        Under a GPU memory budget the images run one at a time instead (packing multiplies the denoiser's
+        activations and arena by the images; a budget is there because memory is short): the same images, and
+        ``on_step`` then reports each image's steps in turn. ``Result.info["batch"]``: the image's index, the
+        call's image count, and how many were denoised together."""
+        if noise is not None:
+            raise InputError("noise applies to single-image requests; each image of a batch draws its noise from "
+                             "its seed")
+        self._check_request(False, max_think_token_n, text_temperature, timestep_shift, num_timesteps,
+                            image_shapes, None, None)
+        cfg = cfg_settings(cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type)
+        step_cache_for(enable_taylorseer, taylorseer_settings)  # its errors before any model work
+        for items in inputs:
+            for item in items:
+                if not isinstance(item, (str, Image.Image)):
+                    raise InputError(f"inputs must be strings or PIL images, got {type(item).__name__}")
+        group = 1 if self.gpu_budget_gib is not None else len(inputs)
+        results = []
+        with self._budget_errors():
+            for g in range(0, len(inputs), group):
+                sessions, thoughts = [], []
+                for items, seed in zip(inputs[g:g + group], seeds[g:g + group]):
+                    s = self.session(think=think, seed=seed)
+                    for item in items:
+                        s.add(item)
+                    thoughts.append(s.think(max_think_token_n, do_sample, text_temperature, record, progress,
+                                            on_token) if think else None)
+                    sessions.append(s)
+                done = gen_images(sessions, [s.image_shapes or image_shapes for s in sessions], cfg,
+                                  num_timesteps, timestep_shift, None, record, progress, enable_taylorseer,
+                                  taylorseer_settings, on_step)
+                for res, thought in zip(done, thoughts):
+                    if thought is not None:
+                        res.text, res.token_ids, res.logits = thought.text, thought.token_ids, thought.logits
+                    res.info["batch"] = {"index": len(results), "size": len(inputs), "packed": len(sessions)}
+                    results.append(res)
+        return results
 
     def understand(self, image: Image.Image | str | Path | None, question: str, *, think: bool = False,
                    max_think_token_n: int = 512, do_sample: bool = False, text_temperature: float = 0.3,
@@ -263,6 +341,15 @@ class Bagel:
         return self.interleave(inputs, think=think, understanding_output=True, max_think_token_n=max_think_token_n,
                                do_sample=do_sample, text_temperature=text_temperature, seed=seed, record=record,
                                progress=progress, on_token=on_token)
+
+
+def cfg_settings(cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type) -> CFGSettings:
+    """The request's :class:`CFGSettings` (checked: :class:`InputError` naming what is out of range)."""
+    try:
+        lo, hi = cfg_interval
+    except (TypeError, ValueError):
+        raise InputError(f"cfg_interval must be a pair (lo, hi), got {cfg_interval!r}") from None
+    return CFGSettings(cfg_text_scale, cfg_img_scale, (lo, hi), cfg_renorm_min, cfg_renorm_type)
 
 
 BACKENDS = ("auto", "torch", "triton")

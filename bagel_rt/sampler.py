@@ -14,7 +14,7 @@ Exact shortcuts (DESIGN §3), decided per step and never approximate:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +130,21 @@ def denoise(velocity: VelocityFn, noise: Tensor, num_timesteps: int, timestep_sh
     Returns:
         [N, C] float32 final latents.
     """
+    x = noise.float()
+    for i, x_i, v in denoise_steps(velocity, noise, num_timesteps, timestep_shift, cfg, text_is_cond, img_is_cond,
+                                   step_cache):
+        x = x_i
+        if on_step is not None:
+            on_step(i, v)
+    return x
+
+
+def denoise_steps(velocity: VelocityFn, noise: Tensor, num_timesteps: int, timestep_shift: float,
+                  cfg: CFGSettings, text_is_cond: bool = False, img_is_cond: bool = False,
+                  step_cache=None) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """:func:`denoise` one step at a time: yields (step index, x after the step [N, C] float32, combined
+    velocity [N, C]) after each step, so that several images can be stepped in lockstep (a batch on the torch
+    backend)."""
     ts = schedule(num_timesteps, timestep_shift)
     dts = ts[:-1] - ts[1:]
     x = noise.float()
@@ -145,6 +160,4 @@ def denoise(velocity: VelocityFn, noise: Tensor, num_timesteps: int, timestep_sh
             step_cache.record_step(src)
         # the reference multiplies the bf16 velocity by a 0-dim fp32 dt (result bf16), then updates fp32 x
         x = x - (v * dts[i].to(v.device)).float()
-        if on_step is not None:
-            on_step(i, v)
-    return x
+        yield i, x, v

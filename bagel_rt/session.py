@@ -15,6 +15,8 @@ Earlier turns are never prefilled again: each call extends the cached contexts.
 from __future__ import annotations
 
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,10 +24,11 @@ from PIL import Image
 from torch import Tensor
 
 from . import validate
+from .batch import ImageJob
 from .cache import Context
 from .errors import InputError
 from .placement import visiting
-from .sampler import CFGSettings, denoise
+from .sampler import CFGSettings, denoise_steps
 from .serial import serialized
 from .step_cache import StepCache, StepCacheSettings, exact_dedup
 from .step_cache.velocity import cached_velocity
@@ -237,7 +240,8 @@ class Session:
     def gen_image(self, image_shapes: tuple[int, int] | None = None, cfg: CFGSettings | None = None,
                   num_timesteps: int = 50, timestep_shift: float = 3.0, noise: Tensor | None = None,
                   record: bool = False, progress: bool = False, enable_taylorseer: bool = False,
-                  taylorseer_settings: StepCacheSettings | None = None) -> Result:
+                  taylorseer_settings: StepCacheSettings | None = None,
+                  on_step: Callable[[int, int], None] | None = None) -> Result:
         """Denoise an image conditioned on the three contexts and decode it with the VAE.
 
         Args:
@@ -248,10 +252,17 @@ class Session:
                 ["step_cache"]`` then reports the schedule that ran.
             taylorseer_settings: a :class:`bagel_rt.step_cache.StepCacheSettings` (default: the official values;
                 ``max_order=0`` is FORA); only with ``enable_taylorseer``.
+            on_step: ``on_step(step_index, num_steps)`` after every denoising step (see :func:`gen_images`).
         """
+        return gen_images([self], [image_shapes], cfg, num_timesteps, timestep_shift, [noise], record, progress,
+                          enable_taylorseer, taylorseer_settings, on_step)[0]
+
+    def image_job(self, image_shapes: tuple[int, int] | None, cfg: CFGSettings, num_timesteps: int,
+                  timestep_shift: float, noise: Tensor | None, step_cache: StepCache | None) -> ImageJob:
+        """This session's image of a denoising call: its grid, its initial noise (drawn now from the session's
+        generator unless given), its branch contexts and exact-dedup flags."""
         if not self.for_generation:
             raise InputError("this session was created for understanding only; it cannot generate images")
-        cfg = cfg or CFGSettings()
         H, W = check_image_shape(image_shapes or self.image_shapes or (1024, 1024), self.model.params)
         ds = self.model.params.latent_downsample
         h, w = H // ds, W // ds
@@ -261,46 +272,9 @@ class Session:
         elif tuple(noise.shape) != (n, c):
             raise InputError(f"noise has shape {list(noise.shape)}, expected [{n}, {c}] for {H}x{W}")
         ctxs, dedup = self.branches()
-        step_cache = step_cache_for(enable_taylorseer, taylorseer_settings)
         if step_cache is not None:  # dedup stays exact only for branches evaluated on the conditional one's steps
             dedup = exact_dedup(cfg, num_timesteps, timestep_shift, **dedup)
-        vels = []
-        bar = _bar(num_timesteps, "denoising", progress)
-
-        def on_step(i, v):
-            if record:  # opt-in: copying each step's velocity to the host syncs the loop
-                vels.append(v.float().cpu())
-            if bar:
-                bar.update(1)
-
-        if self.bagel.backend == "triton":
-            from .fast import denoise_packed
-
-            resident = self.bagel.df11_resident  # decode kernels not validated inside a graph capture yet
-            x = denoise_packed(self.model, ctxs, noise, h, w, num_timesteps, timestep_shift, cfg,
-                               use_graphs=self.bagel.use_graphs and not resident, on_step=on_step,
-                               cache=self.bagel.fast_cache, mlp_chunks=4 if self.bagel.offload else 1,
-                               run_hooks=resident,
-                               attention=self.bagel.attention, step_cache=step_cache, **dedup)
-        else:
-            vel = lambda branch, x, t: self.model.velocity(ctxs[branch], x, t, h, w)
-            if step_cache is not None:
-                hidden = lambda branch, x, t: self.model.velocity_hidden(ctxs[branch], x, t, h, w)
-                vel = cached_velocity(step_cache, hidden, self.model.velocity_head)
-            x = denoise(vel, noise.to(self.model.device), num_timesteps, timestep_shift, cfg, on_step=on_step,
-                        step_cache=step_cache, **dedup)
-        validate.finite(x, "the final latents", validate.NON_FINITE_HINT)
-        if bar:
-            bar.set_description("decoding")
-        image = self.decode_latents(x, h, w)
-        if bar:
-            bar.update(1)
-            bar.close()
-        res = Result(image=image, latents=x.float().cpu(), seed=self.seed,
-                     velocities=torch.stack(vels) if record else None)
-        if step_cache is not None:
-            res.info["step_cache"] = step_cache.report()
-        return res
+        return ImageJob(ctxs, noise, h, w, step_cache=step_cache, **dedup)
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor, h: int, w: int) -> Image.Image:
@@ -315,6 +289,100 @@ class Session:
             img = vae.decode(z[None].to(self.model.device, torch.float32))
         validate.finite(img, "the decoded image", validate.NON_FINITE_HINT)
         return tensor_to_image(img[0].cpu())
+
+
+def gen_images(sessions: list[Session], image_shapes: list, cfg: CFGSettings | None = None,
+               num_timesteps: int = 50, timestep_shift: float = 3.0, noises: list | None = None,
+               record: bool = False, progress: bool = False, enable_taylorseer: bool = False,
+               taylorseer_settings: StepCacheSettings | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> list[Result]:
+    """One image per session, denoised together (a batch: :mod:`bagel_rt.batch`), each decoded with the VAE.
+
+    The triton backend runs every image's CFG branches as one packed forward per step
+    (:func:`bagel_rt.fast.denoise_batch`); the torch backend steps the images in lockstep, one after another
+    within each step (the same operations as alone, so the same bits). Settings are shared; ``image_shapes``
+    and ``noises`` are per session (None: the session's last input image's size / noise drawn from its
+    generator). ``on_step(step_index, num_steps)`` is called after every denoising step of the batch
+    (``num_steps = num_timesteps - 1``: the last timestep, 0, is never evaluated); an exception raised there
+    stops the work and propagates. Each :class:`Result` has its image's seed, latents, step-cache report and,
+    for more than one image, ``info["batch"]`` (its index, the batch size and the batch's denoising seconds,
+    shared by its images).
+    """
+    bagel = sessions[0].bagel
+    assert all(s.bagel is bagel for s in sessions), "the sessions of a batch share one pipeline"
+    with bagel.lock, torch.no_grad():
+        cfg = cfg or CFGSettings()
+        noises = noises or [None] * len(sessions)
+        jobs = [s.image_job(shape, cfg, num_timesteps, timestep_shift, noise,
+                            step_cache_for(enable_taylorseer, taylorseer_settings))
+                for s, shape, noise in zip(sessions, image_shapes, noises, strict=True)]
+        steps = num_timesteps - 1
+        vels: list[list[Tensor]] = [[] for _ in jobs]
+        if record:  # opt-in: copying each step's velocity to the host syncs the loop
+            for job, rec in zip(jobs, vels):
+                job.on_step = lambda i, v, rec=rec: rec.append(v.float().cpu())
+        bar = _bar(steps + len(jobs), "denoising", progress)
+
+        def batch_step(i: int) -> None:
+            if bar:
+                bar.update(1)
+            if on_step is not None:
+                on_step(i, steps)
+
+        model, t0 = bagel.model, time.perf_counter()
+        try:
+            if bagel.backend == "triton":
+                from . import fast
+
+                resident = bagel.df11_resident  # decode kernels not validated inside a graph capture yet
+                xs = fast.denoise_batch(model, jobs, num_timesteps, timestep_shift, cfg,
+                                        use_graphs=bagel.use_graphs and not resident, on_step=batch_step,
+                                        cache=bagel.fast_cache, mlp_chunks=4 if bagel.offload else 1,
+                                        run_hooks=resident, attention=bagel.attention)
+            else:
+                xs = _denoise_lockstep(model, jobs, num_timesteps, timestep_shift, cfg, batch_step)
+            for x in xs:
+                validate.finite(x, "the final latents", validate.NON_FINITE_HINT)
+            seconds = time.perf_counter() - t0
+            if bar:
+                bar.set_description("decoding")
+            results = []
+            for k, (s, job, x) in enumerate(zip(sessions, jobs, xs)):
+                res = Result(image=s.decode_latents(x, job.h, job.w), latents=x.float().cpu(), seed=s.seed,
+                             velocities=torch.stack(vels[k]) if record else None)
+                if job.step_cache is not None:
+                    res.info["step_cache"] = job.step_cache.report()
+                if len(jobs) > 1:
+                    res.info["batch"] = {"index": k, "size": len(jobs), "denoise_seconds": round(seconds, 3)}
+                results.append(res)
+                if bar:
+                    bar.update(1)
+        finally:
+            if bar:
+                bar.close()
+        return results
+
+
+def _denoise_lockstep(model, jobs: list[ImageJob], num_timesteps: int, timestep_shift: float, cfg: CFGSettings,
+                      on_step: Callable[[int], None]) -> list[Tensor]:
+    """The torch backend's batch: each image's own :func:`bagel_rt.sampler.denoise_steps` loop, all advanced one
+    step at a time (the images run one after another within a step; nothing is packed)."""
+    loops = []
+    for job in jobs:
+        vel = lambda branch, x, t, job=job: model.velocity(job.ctxs[branch], x, t, job.h, job.w)
+        if job.step_cache is not None:
+            hidden = lambda branch, x, t, job=job: model.velocity_hidden(job.ctxs[branch], x, t, job.h, job.w)
+            vel = cached_velocity(job.step_cache, hidden, model.velocity_head)
+        loops.append(denoise_steps(vel, job.noise.to(model.device), num_timesteps, timestep_shift, cfg,
+                                   job.text_is_cond, job.img_is_cond, job.step_cache))
+    xs: list[Tensor] = [job.noise for job in jobs]
+    for i in range(num_timesteps - 1):
+        for k, (job, loop) in enumerate(zip(jobs, loops)):
+            _, xs[k], v = next(loop)
+            if job.on_step is not None:
+                job.on_step(i, v)
+        on_step(i)
+    return xs
 
 
 def step_cache_for(enable_taylorseer: bool, settings: StepCacheSettings | None) -> StepCache | None:

@@ -22,14 +22,17 @@ class PackedDerivatives:
     """Derivatives [branches, orders, rows, hidden] of the final hidden state, in the hidden state's dtype.
 
     Args:
-        branches: arena branches; orders: ``max_order + 1``; rows: latent tokens; hidden: model width.
+        branches: arena branches; orders: ``max_order + 1``; hidden: model width.
+        rows: latent tokens of every branch, or a list of each branch's (a batch of images of several sizes:
+            branch b uses the first ``rows[b]`` rows of its slot).
         max_distance: the largest Taylor distance (``fresh_threshold - 1``).
     """
 
-    def __init__(self, branches: int, orders: int, rows: int, hidden: int, max_distance: int,
+    def __init__(self, branches: int, orders: int, rows: int | list[int], hidden: int, max_distance: int,
                  device: torch.device, dtype: torch.dtype):
-        self.orders, self.rows = orders, rows
-        self.d = torch.zeros(branches, orders, rows, hidden, device=device, dtype=dtype)
+        self.orders = orders
+        self.rows = [rows] * branches if isinstance(rows, int) else list(rows)
+        self.d = torch.zeros(branches, orders, max(self.rows), hidden, device=device, dtype=dtype)
         # powers[k, i] = k**i (exact in fp32 for these small integers); pow_in[b] = the row of b's distance
         self.powers = torch.tensor([[float(k ** i) for i in range(orders)] for k in range(max_distance + 1)],
                                    device=device)
@@ -44,14 +47,16 @@ class PackedDerivatives:
 
     def update(self, b: int, feature: Tensor, ev: Evaluation) -> None:
         """After branch ``b``'s full evaluation ``ev`` with hidden state ``feature`` [rows, hidden]."""
-        new = update_derivatives(list(self.d[b, : ev.orders - 1]), feature, ev)
+        n = self.rows[b]
+        new = update_derivatives(list(self.d[b, : ev.orders - 1, :n]), feature, ev)
         for i, t in enumerate(new):
-            self.d[b, i].copy_(t)
+            self.d[b, i, :n].copy_(t)
 
     def set_distance(self, b: int, distance: int) -> None:
         """Branch ``b``'s next Taylor evaluation is at ``distance`` (a device-side copy: no host sync)."""
         self.pow_in[b].copy_(self.powers[distance])
 
     def series(self, sel: tuple[int, ...]) -> Tensor:
-        """The predicted hidden states [len(sel) * rows, hidden] of the branches ``sel`` (capturable)."""
-        return torch.cat([taylor_series(list(self.d[b]), list(self.pow_in[b])) for b in sel])
+        """The predicted hidden states [sum of rows[b], hidden] of the branches ``sel``, packed in order
+        (capturable)."""
+        return torch.cat([taylor_series(list(self.d[b, :, : self.rows[b]]), list(self.pow_in[b])) for b in sel])
