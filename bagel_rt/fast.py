@@ -1,10 +1,12 @@
 """The fast denoising path (``triton`` backend): batched CFG, static buffers, fused kernels, CUDA graphs.
 
-One :class:`PackedDenoiser` serves one image request. At construction it copies the KV caches of the
-branches that will ever be computed (conditional first, then text-unconditional, then image-unconditional)
-into one contiguous *arena* per layer, each branch followed by room for the query block:
+One :class:`PackedDenoiser` serves one request: one image, or a batch of images (:mod:`bagel_rt.batch`). At
+construction it copies the KV caches of the branches that will ever be computed (per image: conditional first,
+then text-unconditional, then image-unconditional) into one contiguous *arena* per layer, each branch followed
+by room for its query block (:mod:`bagel_rt.arena`: each image has its own grid, each branch its own cache
+length and RoPE position):
 
-    arena rows: [ cond cache | cond block ][ text cache | text block ][ img cache | img block ]
+    arena rows: [ cond cache | cond block ][ text cache | text block ][ img cache | img block ] [ image 1 ...
 
 A step then runs every active branch in **one** forward. The residual stream is packed
 ``[gen rows of branch 0..B-1 | und (marker) rows of branch 0..B-1]``, so each expert's GEMMs see one

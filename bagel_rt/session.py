@@ -304,9 +304,8 @@ def gen_images(sessions: list[Session], image_shapes: list, cfg: CFGSettings | N
     and ``noises`` are per session (None: the session's last input image's size / noise drawn from its
     generator). ``on_step(step_index, num_steps)`` is called after every denoising step of the batch
     (``num_steps = num_timesteps - 1``: the last timestep, 0, is never evaluated); an exception raised there
-    stops the work and propagates. Each :class:`Result` has its image's seed, latents, step-cache report and,
-    for more than one image, ``info["batch"]`` (its index, the batch size and the batch's denoising seconds,
-    shared by its images).
+    stops the work and propagates. Each :class:`Result` has its image's seed, latents, step-cache report and
+    ``info["denoise_seconds"]``: the denoising loop's wall time, shared by the images denoised together.
     """
     bagel = sessions[0].bagel
     assert all(s.bagel is bagel for s in sessions), "the sessions of a batch share one pipeline"
@@ -352,8 +351,7 @@ def gen_images(sessions: list[Session], image_shapes: list, cfg: CFGSettings | N
                              velocities=torch.stack(vels[k]) if record else None)
                 if job.step_cache is not None:
                     res.info["step_cache"] = job.step_cache.report()
-                if len(jobs) > 1:
-                    res.info["batch"] = {"index": k, "size": len(jobs), "denoise_seconds": round(seconds, 3)}
+                res.info["denoise_seconds"] = round(seconds, 3)
                 results.append(res)
                 if bar:
                     bar.update(1)

@@ -87,7 +87,7 @@ def track_phase_peaks() -> dict:
             return out
         return wrapped
 
-    fast.denoise_packed = phase("denoise", fast.denoise_packed)
+    fast.denoise_batch = phase("denoise", fast.denoise_batch)  # what Session.gen_image runs
     session.Session.decode_latents = phase("vae_decode", session.Session.decode_latents)
     return peaks
 

@@ -18,7 +18,8 @@ import click
 import torch
 
 import bagel_rt
-from bagel_rt import validate
+from bagel_rt import batch, validate
+from bagel_rt.batch import MAX_BATCH_IMAGES
 from bagel_rt.config import MAX_POSITIONS
 from bagel_rt.convert import convert_checkpoint
 from bagel_rt.errors import CheckpointError, InputError
@@ -44,6 +45,7 @@ from .options import (
     _text_kwargs,
     image_options,
     model_options,
+    numbered,
     seed_option,
     text_options,
 )
@@ -63,7 +65,10 @@ def cli():
 
 
 @cli.command()
-@click.argument("prompt")
+@click.argument("prompts", nargs=-1, required=True, metavar="PROMPT...")
+@click.option("-n", "--num-images", "n", type=click.IntRange(1, MAX_BATCH_IMAGES), default=1,
+              help=f"Images per prompt, denoised together with the other prompts' (at most {MAX_BATCH_IMAGES} "
+                   "in all); image k gets seed + k.")
 @click.option("--height", type=_Side(), default=None, help="Image height (a multiple of 16, at most 1024).")
 @click.option("--width", type=_Side(), default=None, help="Image width (a multiple of 16, at most 1024).")
 @click.option("--aspect", type=click.Choice(list(ASPECT_PRESETS)), default=None, show_default="1:1 = 1024x1024",
@@ -75,12 +80,16 @@ def cli():
 @text_options(1024, "--max-think-tokens")
 @seed_option
 @model_options
-def generate(prompt: str, height, width, aspect, **o):
+def generate(prompts: tuple[str, ...], n: int, height, width, aspect, **o):
     """Text-to-image: draw PROMPT and write the image.
 
     Defaults are the official app's: 1024x1024, 50 steps, text CFG 4.0 with the app's implicit image CFG 1.5
     (an effective text scale of 5.5 at no extra cost), CFG interval 0.4-1.0, global renorm, timestep shift
     3.0; --think plans in up to 1024 tokens, greedily. Prints the image path (after the think text) on stdout.
+
+    Several prompts and/or -n N make a batch, denoised together: prompt 0's N images, then prompt 1's, ...;
+    image k uses seed + k and is written to PATH with -k before the extension (out.png -> out-0.png,
+    out-1.png, ...; default bagel-<seed>.png each); one path (and, with --json, one JSON line) per image.
     """
     if aspect is not None and (height is not None or width is not None):
         raise InputError("give either --aspect or --height/--width, not both")
@@ -88,14 +97,23 @@ def generate(prompt: str, height, width, aspect, **o):
         raise InputError("--height and --width go together (or use --aspect)")
     shape = (height, width) if height is not None else ASPECT_PRESETS[aspect or "1:1"]
     cfg, text, seed = _cfg_kwargs(o), _text_kwargs(o), _seed(o)
-    path = _check_output(o["output"], "bagel-{seed}.png", seed, o["overwrite"])
+    seeds = batch.seeds(seed, batch.count(n, len(prompts)))
+    if len(seeds) == 1:
+        paths = [_check_output(o["output"], "bagel-{seed}.png", seed, o["overwrite"])]
+    else:
+        paths = [_check_output(o["output"] and numbered(o["output"], k), "bagel-{seed}.png", s, o["overwrite"])
+                 for k, s in enumerate(seeds)]
     pipe = _load(o)
     t0 = time.perf_counter()
-    stream = TextStream(pipe.tokenizer, echo=not o["as_json"])
-    res = pipe.generate(prompt, image_shapes=shape, seed=seed, progress=not o["no_progress"], on_token=stream,
-                        **cfg, **text)
-    _image_result(pipe, res, path, o["overwrite"], time.perf_counter() - t0,
-                  _settings(o, prompt=prompt, image_shapes=list(shape), **cfg, **text), o["as_json"], stream)
+    # one image's think text streams as it is decoded; a batch's are printed with their images
+    stream = TextStream(pipe.tokenizer, echo=not o["as_json"]) if len(seeds) == 1 else None
+    res = pipe.generate(list(prompts) if len(prompts) > 1 else prompts[0], n=n, image_shapes=shape, seed=seed,
+                        progress=not o["no_progress"], on_token=stream, **cfg, **text)
+    seconds = time.perf_counter() - t0
+    for k, (r, path) in enumerate(zip(res if isinstance(res, list) else [res], paths)):
+        _image_result(pipe, r, path, o["overwrite"], seconds,
+                      _settings(o, prompt=prompts[k // n], image_shapes=list(shape), **cfg, **text), o["as_json"],
+                      stream)
 
 
 @cli.command()

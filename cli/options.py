@@ -223,6 +223,11 @@ def _check_output(output: Path | None, default_name: str, seed: int, overwrite: 
     return path
 
 
+def numbered(path: Path, k: int) -> Path:
+    """The output of a batch's image k: ``out.png`` -> ``out-k.png``."""
+    return path.with_name(f"{path.stem}-{k}{path.suffix}")
+
+
 def _save_image(image, path: Path, overwrite: bool) -> None:
     """Write to a temporary sibling, then move it into place (never leaves a half-written image)."""
     fmt = IMAGE_FORMATS[path.suffix.lower()]
@@ -335,6 +340,7 @@ def _image_result(pipe, res, path: Path, overwrite: bool, seconds: float, settin
             "seconds": {"load": round(pipe.load_seconds, 3), "run": round(seconds, 3)},
             "model": str(pipe.path), "device": str(pipe.device), "settings": settings,
             **({"step_cache": res.info["step_cache"]} if "step_cache" in res.info else {}),
+            **({"batch": res.info["batch"]} if "batch" in res.info else {}),
         }))
         return
     if res.text is not None:

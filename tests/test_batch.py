@@ -11,8 +11,6 @@ from conftest import rel_l2
 from PIL import Image
 
 import bagel_rt
-from bagel_rt.batch import MAX_BATCH_IMAGES
-from bagel_rt.errors import InputError
 from bagel_rt.sampler import CFGSettings
 from bagel_rt.session import gen_images
 from bagel_rt.step_cache import StepCacheSettings
@@ -176,48 +174,3 @@ def test_on_step_and_cancellation(pipes, backend):
     assert got == [True]
     after = pipe.generate(PROMPTS[:2], seed=2, **KW)
     assert all(torch.equal(a.latents, b.latents) for a, b in zip(after, before))
-
-
-# -- validation: before any model work --------------------------------------------------------------------
-@pytest.fixture
-def no_model_work(pipes, monkeypatch):
-    pipe = pipes[0]
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model ran")
-
-    for name in ("prefill_text", "prefill_vit", "prefill_vae", "decode_step", "velocity"):
-        monkeypatch.setattr(pipe.model, name, refuse)
-    return pipe
-
-
-GENERATE_BAD = [
-    (dict(prompt=[]), "empty"), (dict(prompt=("a", 3)), r"prompt\[1\] must be a string"),
-    (dict(prompt=5), "prompt must be a string"), (dict(prompt="a", n=0), "n must be"),
-    (dict(prompt="a", n=MAX_BATCH_IMAGES + 1), "n must be"), (dict(prompt="a", n=2.0), "n must be an integer"),
-    (dict(prompt="a", n=True), "n must be an integer"),
-    (dict(prompt=["a"] * 9, n=2), f"at most {MAX_BATCH_IMAGES}"),
-    (dict(prompt=["a", "b"], seed=[1]), "one per image"), (dict(prompt=["a", "b"], seed=[1, -1]), "seed"),
-    (dict(prompt="a", n=2, seed=2**64 - 1), "largest seed"), (dict(prompt="a", seed=[1, 2]), "one per image"),
-    (dict(prompt=["a", "b"], noise=torch.zeros(6, 64)), "noise"),
-    (dict(prompt=["a", "b"], num_timesteps=1), "num_timesteps"),
-    (dict(prompt=["a", "b"], cfg_interval=(0.9, 0.1)), "cfg_interval"),
-    (dict(prompt=["a", "b"], taylorseer_settings=StepCacheSettings()), "enable_taylorseer"),
-]
-
-
-@pytest.mark.parametrize("kwargs,match", GENERATE_BAD, ids=[m for _, m in GENERATE_BAD])
-def test_generate_batch_refused_before_model_work(no_model_work, kwargs, match):
-    with pytest.raises(InputError, match=match):
-        no_model_work.generate(**{"image_shapes": (16, 16), **kwargs})
-
-
-def test_edit_batch_refused_before_model_work(no_model_work, tmp_path):
-    img = Image.new("RGB", (16, 16))
-    for args, match in [(([img, img], ["a", "b", "c"]), "equal length"), (([], "a"), "empty"),
-                        ((img, []), "empty"), (([img, 3], "a"), r"image\[1\]"), ((img, ["a", None]), r"instr"),
-                        (([img, tmp_path / "missing.png"], "a"), "not found")]:
-        with pytest.raises(InputError, match=match):
-            no_model_work.edit(*args, num_timesteps=2)
-    with pytest.raises(InputError, match="n must be"):
-        no_model_work.edit(img, "a", n=0)

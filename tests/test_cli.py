@@ -97,6 +97,27 @@ def test_generate_taylorseer_json(tiny, tmp_path):
     assert "step_cache" not in plain and plain["settings"]["enable_taylorseer"] is False
 
 
+def test_generate_batch_numbers_the_outputs(tiny, tmp_path):
+    """Two prompts, -n 2: four images, prompt-major, seed + k, out.png -> out-0.png ... out-3.png, one JSON line
+    each; image k is the image a single run with seed + k writes."""
+    out = tmp_path / "out.png"
+    r = ok(run("generate", "a red bagel", "two cats", "-n", "2", "--model", tiny, "--no-progress", *SMALL,
+               "-o", out, "--seed", "5", "--json"))
+    lines = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert [d["output"] for d in lines] == [str(tmp_path / f"out-{k}.png") for k in range(4)]
+    assert [d["seed"] for d in lines] == [5, 6, 7, 8]
+    assert [d["settings"]["prompt"] for d in lines] == ["a red bagel"] * 2 + ["two cats"] * 2
+    assert lines[3]["batch"] == {"index": 3, "size": 4, "packed": 4}
+    ok(run("generate", "two cats", "--model", tiny, "--no-progress", *SMALL, "-o", tmp_path / "one.png",
+           "--seed", "7"))
+    assert (tmp_path / "out-2.png").read_bytes() == (tmp_path / "one.png").read_bytes()
+    assert not (tmp_path / "out.png").exists()
+    (tmp_path / "b-1.png").write_bytes(b"precious")  # any numbered output that exists is refused up front
+    user_error(gen(tiny, tmp_path / "b.png", "-n", "2"), "b-1.png", "--overwrite")
+    assert not (tmp_path / "b-0.png").exists()
+    user_error(gen(tiny, tmp_path / "c.png", "-n", "17"), "17")
+
+
 def test_same_seed_same_bytes(tiny, tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     ok(gen(tiny, a, "--seed", "3"))

@@ -5,12 +5,16 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from bagel_rt.cli.main import cli
 from click.testing import CliRunner
+from PIL import Image
 
 import bagel_rt
 from bagel_rt import validate
+from bagel_rt.batch import MAX_BATCH_IMAGES
 from bagel_rt.errors import InputError
+from bagel_rt.step_cache import StepCacheSettings
 
 
 @pytest.fixture
@@ -57,8 +61,6 @@ def test_cfg_interval_out_of_range(interval, tmp_path, no_load):
 
 
 def test_devices_this_build_cannot_use(no_load):
-    import torch
-
     bad = ["mps", "meta"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:0"])
     for dev in bad:
         line = one_line_error(CliRunner().invoke(cli, ["understand", "hi", "--device", dev]))
@@ -157,3 +159,36 @@ def test_token_limit_counts_the_prompt(pipe):
 def test_largest_seed_works(pipe):
     a = pipe.generate("a cat", image_shapes=(16, 16), num_timesteps=2, seed=2**64 - 1)
     assert a.seed == 2**64 - 1
+
+
+# -- batched requests (bagel_rt.batch): refused before any model work ---------------------------------
+BATCH_BAD = [
+    (dict(prompt=[]), "empty"), (dict(prompt=("a", 3)), r"prompt\[1\] must be a string"),
+    (dict(prompt=5), "prompt must be a string"), (dict(prompt="a", n=0), "n must be"),
+    (dict(prompt="a", n=MAX_BATCH_IMAGES + 1), "n must be"), (dict(prompt="a", n=2.0), "n must be an integer"),
+    (dict(prompt="a", n=True), "n must be an integer"),
+    (dict(prompt=["a"] * 9, n=2), f"at most {MAX_BATCH_IMAGES}"),
+    (dict(prompt=["a", "b"], seed=[1]), "one per image"), (dict(prompt=["a", "b"], seed=[1, -1]), "seed"),
+    (dict(prompt="a", n=2, seed=2**64 - 1), "largest seed"), (dict(prompt="a", seed=[1, 2]), "one per image"),
+    (dict(prompt=["a", "b"], noise=torch.zeros(6, 64)), "noise"),
+    (dict(prompt=["a", "b"], num_timesteps=1), "num_timesteps"),
+    (dict(prompt=["a", "b"], cfg_interval=(0.9, 0.1)), "cfg_interval"),
+    (dict(prompt=["a", "b"], taylorseer_settings=StepCacheSettings()), "enable_taylorseer"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BATCH_BAD, ids=[m for _, m in BATCH_BAD])
+def test_batch_refused_before_model_work(no_model_work, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        no_model_work.generate(**{"image_shapes": (16, 16), **kwargs})
+
+
+def test_edit_batch_refused_before_model_work(no_model_work, tmp_path):
+    img = Image.new("RGB", (16, 16))
+    for args, match in [(([img, img], ["a", "b", "c"]), "equal length"), (([], "a"), "empty"),
+                        ((img, []), "empty"), (([img, 3], "a"), r"image\[1\]"), ((img, ["a", None]), r"instr"),
+                        (([img, tmp_path / "missing.png"], "a"), "not found")]:
+        with pytest.raises(InputError, match=match):
+            no_model_work.edit(*args, num_timesteps=2)
+    with pytest.raises(InputError, match="n must be"):
+        no_model_work.edit(img, "a", n=0)
