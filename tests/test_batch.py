@@ -46,6 +46,24 @@ def test_generate_batch_is_one_by_one_torch(pipes):
     assert isinstance(torch_pipe.generate("A cat", seed=[1], **KW), bagel_rt.Result)
 
 
+def test_think_and_budget_batches_torch(pipes, monkeypatch):
+    """think=True: each image's plan is decoded (one after another) and the image is the one it is alone. Under
+    a GPU memory budget the images run one at a time: the same images, on_step counting each image's steps."""
+    torch_pipe = pipes[0]
+    kw = dict(KW, think=True, max_think_token_n=4, do_sample=True)  # sampled: each seed its own plan
+    batch = torch_pipe.generate(PROMPTS[:2], seed=40, **kw)
+    for k, res in enumerate(batch):
+        alone = torch_pipe.generate(PROMPTS[k], seed=40 + k, **kw)
+        assert res.text == alone.text and res.token_ids == alone.token_ids
+        assert torch.equal(res.latents, alone.latents)
+    monkeypatch.setattr(torch_pipe, "gpu_budget_gib", 12.0)  # what limit_gpu_memory sets (CUDA only)
+    steps = []
+    budget = torch_pipe.generate(PROMPTS[:2], seed=40, on_step=lambda i, n: steps.append(i), **kw)
+    assert steps == [0, 1, 2, 0, 1, 2]
+    assert [r.info["batch"] for r in budget] == [{"index": k, "size": 2, "packed": 1} for k in range(2)]
+    assert all(torch.equal(a.latents, b.latents) and a.text == b.text for a, b in zip(budget, batch))
+
+
 def test_generate_batch_packs_every_image_triton(pipes):
     torch_pipe, fast_pipe = pipes
     seeds = [3, 7, 11, 5]
