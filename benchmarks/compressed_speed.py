@@ -60,8 +60,8 @@ def make_pipe(fmt: str):
     return pipe
 
 
-def request(pipe, task: str, size: int, steps: int, seed: int = 0, prof: bool = False):
-    """One app-defaults request: (seconds, final latents, image array, profiler or None)."""
+def request(pipe, task: str, size: int, steps: int, seed: int = 0, prof: bool = False, taylorseer: bool = False):
+    """One app-defaults request: (seconds, final latents, image array, profiler or None, result info)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -72,13 +72,13 @@ def request(pipe, task: str, size: int, steps: int, seed: int = 0, prof: bool = 
     s.add_text(PROMPTS[task])
     if prof:
         with profile(activities=[ProfilerActivity.CUDA]) as p:
-            res = s.gen_image((size, size), APP_CFG[task], num_timesteps=steps)
+            res = s.gen_image((size, size), APP_CFG[task], num_timesteps=steps, enable_taylorseer=taylorseer)
             torch.cuda.synchronize()
     else:
         p = None
-        res = s.gen_image((size, size), APP_CFG[task], num_timesteps=steps)
+        res = s.gen_image((size, size), APP_CFG[task], num_timesteps=steps, enable_taylorseer=taylorseer)
     torch.cuda.synchronize()
-    return time.perf_counter() - t0, res.latents, np.asarray(res.image), p
+    return time.perf_counter() - t0, res.latents, np.asarray(res.image), p, res.info
 
 
 def kernel_groups(p) -> dict:
@@ -144,6 +144,9 @@ def main():
     ap.add_argument("--cap", action="store_true", help="compressed formats under their card budgets")
     ap.add_argument("--profile-steps", type=int, default=0)
     ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--taylorseer", action="store_true",
+                    help="every image request (bf16 included) with the official TaylorSeer step cache, so vs_bf16 "
+                         "compares cached with cached")
     ap.add_argument("--phases", action="store_true",
                     help="record each phase's peak (prefill / denoise / VAE decode); with --cap, place the model "
                          "for the budget but lift the cap, to see what a request needs where it does not fit")
@@ -180,10 +183,13 @@ def main():
                     emit(row, a.out)
                     continue
                 # warm-up (captures, first-use costs): 10 steps reach every branch count of the 50-step schedule
-                request(pipe, task, a.size, min(a.steps, 10), seed=1)
+                request(pipe, task, a.size, min(a.steps, 10), seed=1, taylorseer=a.taylorseer)
                 torch.cuda.reset_peak_memory_stats()
-                sec, lat, img, _ = request(pipe, task, a.size, a.steps)
+                sec, lat, img, _, info = request(pipe, task, a.size, a.steps, taylorseer=a.taylorseer)
                 row.update(seconds=round(sec, 3), peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2))
+                if a.taylorseer:
+                    row.update(step_cache="taylorseer",
+                               full_evaluations=info["step_cache"]["full_evaluations"])
                 if phase_peaks is not None:  # the wrappers reset the peak between phases
                     row.update(phase_peaks_gib=dict(phase_peaks), peak_gib=max(phase_peaks.values()),
                                resident_gib=round(torch.cuda.memory_allocated() / GIB, 2))
@@ -196,7 +202,7 @@ def main():
                                psnr_vs_bf16_db=round(psnr(img, i0), 2),
                                note="deviation on random weights: a proxy, not real-weight quality")
                 if a.profile_steps:
-                    _, _, _, p = request(pipe, task, a.size, a.profile_steps, prof=True)
+                    _, _, _, p, _ = request(pipe, task, a.size, a.profile_steps, prof=True)
                     row.update(profile_steps=a.profile_steps, **kernel_groups(p))
             except (torch.cuda.OutOfMemoryError, RuntimeError, InputError) as e:
                 row.update(error=str(e).splitlines()[0][:300])
