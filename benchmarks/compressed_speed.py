@@ -2,7 +2,7 @@
 
     python benchmarks/compressed_speed.py --out benchmarks/results/compressed_h200.jsonl \
         [--formats bf16,int8,nf4,fp8,int8:int8] [--tasks t2i,edit,decode] [--steps 50] [--cap]
-        [--profile-steps 8] [--micro]
+        [--profile-steps 8] [--micro] [--taylorseer] [--fp8-native]
 
 Every format starts from the same random full-size model (same seed, built on the GPU) and quantizes the
 LLM's Linears of both experts + ``lm_head`` in place (what ``bagel-rt quantize`` does tensor by tensor), so
@@ -92,18 +92,28 @@ def kernel_groups(p) -> dict:
                 kernel_total_ms=round(sum(groups.values()), 1), top_kernels=sorted(top, reverse=True)[:15])
 
 
-def decode_rate(pipe, tokens: int = 256) -> float:
-    def once():
+def decode_rate(pipe, tokens: int = 256, prof_tokens: int = 0):
+    """Greedy decode tokens/s (after a warm-up that captures the graphs), and with ``prof_tokens`` the
+    profiler of a decode of that many tokens (None otherwise)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def once(n=tokens):
         s = pipe.session(understanding_only=True, seed=0)
         s.add_text("Describe a bagel in detail.")
-        return s.gen_text(tokens)
+        return s.gen_text(n)
 
     once()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     r = once()
     torch.cuda.synchronize()
-    return len(r.token_ids) / (time.perf_counter() - t0)
+    rate = len(r.token_ids) / (time.perf_counter() - t0)
+    if not prof_tokens:
+        return rate, None
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        once(prof_tokens)
+        torch.cuda.synchronize()
+    return rate, p
 
 
 def micro(formats: list[str], rows: int = 8196) -> list[dict]:
@@ -144,6 +154,8 @@ def main():
     ap.add_argument("--cap", action="store_true", help="compressed formats under their card budgets")
     ap.add_argument("--profile-steps", type=int, default=0)
     ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--fp8-native", action="store_true",
+                    help="decode e4m3 with the conversion instruction (quant.fp8_matmul.NATIVE_DEFAULT)")
     ap.add_argument("--taylorseer", action="store_true",
                     help="every image request (bf16 included) with the official TaylorSeer step cache, so vs_bf16 "
                          "compares cached with cached")
@@ -152,6 +164,10 @@ def main():
                          "for the budget but lift the cap, to see what a request needs where it does not fit")
     a = ap.parse_args()
     phase_peaks = track_phase_peaks() if a.phases else None
+    if a.fp8_native:
+        from bagel_rt.quant import fp8_matmul
+
+        fp8_matmul.NATIVE_DEFAULT = True
     env = environment(a.commit)
     formats = a.formats.split(",")
     tasks = a.tasks.split(",")
@@ -172,10 +188,14 @@ def main():
                 torch.cuda.set_per_process_memory_fraction(1.0)
         for task in tasks:
             row = dict(diag="compressed_vs_bf16", task=task, weights=fmt, compute=pipe.compute, cap_gib=cap,
+                       fp8_native=a.fp8_native,
                        height=a.size, width=a.size, num_timesteps=a.steps, **env)
             try:
                 if task == "decode":
-                    row.update(tokens_per_s=round(decode_rate(pipe), 1))
+                    rate, p = decode_rate(pipe, prof_tokens=a.profile_steps)
+                    row.update(tokens_per_s=round(rate, 1))
+                    if p is not None:
+                        row.update(profile_tokens=a.profile_steps, **kernel_groups(p))
                     if spec == "bf16":
                         ref["decode"] = row["tokens_per_s"]
                     elif "decode" in ref:
