@@ -72,13 +72,15 @@ class BagelModel(nn.Module):
         """An empty context (rope 0) with a cache of ``capacity`` rows reserved, for the key/value heads this
         process holds (all of them, or its share under tensor parallelism)."""
         p = self.params.llm
-        return Context(KVCache(p.num_layers, self.local_kv_heads, p.head_dim, self.device, self.dtype, capacity))
+        return Context(KVCache(p.num_layers, self.local_heads[1], p.head_dim, self.device, self.dtype, capacity))
 
     @property
-    def local_kv_heads(self) -> int:
-        """Key/value heads of the attention this process computes (fewer under tensor parallelism)."""
-        heads = self.params.llm.num_kv_heads
-        return heads // self.parallel.world if self.parallel is not None and self.parallel.mode == "tp" else heads
+    def local_heads(self) -> tuple[int, int]:
+        """(query heads, key/value heads) of the attention this process computes: its share under tensor
+        parallelism, else all."""
+        p = self.params.llm
+        n = self.parallel.world if self.parallel is not None and self.parallel.mode == "tp" else 1
+        return p.num_heads // n, p.num_kv_heads // n
 
     def embed(self, ids: list[int]) -> Tensor:
         """Embeddings [len(ids), H] on the model's device (looked up where the table lives: it may be kept

@@ -30,9 +30,10 @@ TINY_PARAMS = BagelParams(
     vae=VAEParams(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=2),
 )
 
-#: the tiny model with 8 query and 4 key/value heads (head size 8): tensor parallelism over 4 processes splits it
+#: the tiny model with 8 query and 4 key/value heads (head size 16, the smallest the Triton kernels take) and 4
+#: layers: tensor parallelism and a layer split over 4 processes split it
 TINY_TP4_PARAMS = BagelParams(
-    llm=LLMParams(hidden_size=64, intermediate_size=160, num_layers=4, num_heads=8, num_kv_heads=4,
+    llm=LLMParams(hidden_size=128, intermediate_size=160, num_layers=4, num_heads=8, num_kv_heads=4,
                   vocab_size=512, rope_theta=1_000_000.0),
     vit=TINY_PARAMS.vit, vae=TINY_PARAMS.vae,
 )
