@@ -44,7 +44,9 @@ from .options import (
     _text_kwargs,
     image_options,
     model_options,
+    parallel_options,
     seed_option,
+    spread,
     text_options,
 )
 
@@ -75,6 +77,7 @@ def cli():
 @text_options(1024, "--max-think-tokens")
 @seed_option
 @model_options
+@parallel_options
 def generate(prompt: str, height, width, aspect, **o):
     """Text-to-image: draw PROMPT and write the image.
 
@@ -82,6 +85,7 @@ def generate(prompt: str, height, width, aspect, **o):
     (an effective text scale of 5.5 at no extra cost), CFG interval 0.4-1.0, global renorm, timestep shift
     3.0; --think plans in up to 1024 tokens, greedily. Prints the image path (after the think text) on stdout.
     """
+    spread(o)
     if aspect is not None and (height is not None or width is not None):
         raise InputError("give either --aspect or --height/--width, not both")
     if (height is None) != (width is None):
@@ -95,7 +99,8 @@ def generate(prompt: str, height, width, aspect, **o):
     res = pipe.generate(prompt, image_shapes=shape, seed=seed, progress=not o["no_progress"], on_token=stream,
                         **cfg, **text)
     _image_result(pipe, res, path, o["overwrite"], time.perf_counter() - t0,
-                  _settings(o, prompt=prompt, image_shapes=list(shape), **cfg, **text), o["as_json"], stream)
+                  _settings(o, prompt=prompt, image_shapes=list(shape), **cfg, **text), o["as_json"], stream,
+                  o["first_rank"])
 
 
 @cli.command()
@@ -106,6 +111,7 @@ def generate(prompt: str, height, width, aspect, **o):
 @text_options(1024, "--max-think-tokens")
 @seed_option
 @model_options
+@parallel_options
 def edit(image: str, instruction: str, **o):
     """Edit IMAGE following INSTRUCTION and write the result.
 
@@ -113,6 +119,7 @@ def edit(image: str, instruction: str, **o):
     text_channel renorm, timestep shift 3.0. The output has the input's size after the VAE resize (long side
     at most 1024, short side at least 512, multiples of 16). Prints the image path on stdout.
     """
+    spread(o)
     img = open_image(image)
     cfg, text, seed = _cfg_kwargs(o), _text_kwargs(o), _seed(o)
     path = _check_output(o["output"], "bagel-edit-{seed}.png", seed, o["overwrite"])
@@ -121,7 +128,8 @@ def edit(image: str, instruction: str, **o):
     stream = TextStream(pipe.tokenizer, echo=not o["as_json"])
     res = pipe.edit(img, instruction, seed=seed, progress=not o["no_progress"], on_token=stream, **cfg, **text)
     _image_result(pipe, res, path, o["overwrite"], time.perf_counter() - t0,
-                  _settings(o, image=image, instruction=instruction, **cfg, **text), o["as_json"], stream)
+                  _settings(o, image=image, instruction=instruction, **cfg, **text), o["as_json"], stream,
+                  o["first_rank"])
 
 
 @cli.command()
@@ -129,6 +137,7 @@ def edit(image: str, instruction: str, **o):
 @text_options(512, "--max-new-tokens")
 @seed_option
 @model_options
+@parallel_options
 def understand(inputs: tuple[str, ...], **o):
     """Answer QUESTION about IMAGE (or, without IMAGE, as a text chat) and print the answer on stdout.
 
@@ -136,6 +145,7 @@ def understand(inputs: tuple[str, ...], **o):
     model's reasoning in <think> </think> tags. The answer is printed as it is decoded; Ctrl-C keeps what was
     printed (with --json, the partial answer is printed with "interrupted": true).
     """
+    spread(o)
     if len(inputs) > 2:
         raise click.UsageError(f"expected [IMAGE] QUESTION, got {len(inputs)} arguments (quote the question)")
     if len(inputs) == 1 and _looks_like_image(inputs[0]):

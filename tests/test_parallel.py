@@ -7,6 +7,7 @@ process without parallelism. fp32 on the CPU: CFG-parallel and the layer split c
 (equal up to the last bit); tensor parallelism sums partial products in another order (float noise).
 """
 
+import json
 import os
 import socket
 
@@ -194,3 +195,31 @@ def test_packed_denoiser_in_every_mode(tiny, reference_triton, tmp_path):
     assert_same(out["cfg", "triton"], reference_triton, 1e-5)
     assert_same(out["layers", "triton"], reference_triton, 0)
     assert_same(out["tp", "triton"], reference_triton, 1e-5)
+
+
+def _cli(*args, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "bagel_rt.cli.entry", *args], capture_output=True, text=True,
+                           env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_cli_gpus_starts_the_ranks(tiny):
+    """``--gpus 2`` starts two processes itself; rank 0 prints the answer, the same as one process's."""
+    args = ["understand", "What is it?", "--model", str(tiny), "--device", "cpu", "--dtype", "fp32",
+            "--max-new-tokens", "6", "--json", "--no-progress", "--seed", "0"]
+    one = _cli(*args)
+    two = _cli(*args, "--gpus", "2", "--parallel", "tp")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    a, b = (json.loads(r.stdout) for r in (one, two))  # one JSON object: only rank 0 printed
+    assert b["answer"] == a["answer"] and b["tokens"] == a["tokens"]
+    assert b["settings"]["parallel"] == "tp" and b["settings"]["gpus"] == 2
+
+
+def test_cli_gpus_reports_a_misfit_in_one_line(tiny):
+    """Three ranks cannot split 2 key/value heads: every rank fails at load, the launcher exits 2 with the
+    error line of rank 0."""
+    r = _cli("understand", "hi", "--model", str(tiny), "--device", "cpu", "--gpus", "3", "--parallel", "tp")
+    assert r.returncode == 2
+    assert "error: tensor parallelism over 3 processes needs" in r.stderr and "Traceback" not in r.stderr
