@@ -293,8 +293,9 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
 @click.option("--taylorseer", is_flag=True,
               help="Image tasks with step caching (official TaylorSeer settings); rows carry step_cache and "
                    "full_evaluations.")
+@parallel_options
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
-          device, dtype, compute, attention, weights, taylorseer):
+          device, dtype, compute, attention, weights, taylorseer, gpus, parallel):
     """Time text-to-image, editing and decoding (app defaults): seconds per image and per step, tokens/s, peak
     GPU memory, achieved TFLOP/s and its share of the measured bf16 matmul peak. One JSON line per result
     on stdout (and appended to --out)."""
@@ -302,6 +303,11 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     from bagel_rt.random_weights import random_bagel
     from bagel_rt.tiny import TINY_PARAMS
 
+    o = {"gpus": gpus, "parallel": parallel}
+    spread(o)
+    mode = o["parallel_mode"]
+    if mode is not None and compare_torch:
+        raise InputError("--compare-torch runs one process; leave it out with several GPUs")
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     bad = [t for t in task_list if t not in ("t2i", "edit", "decode")]
     if bad:
@@ -313,6 +319,12 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
         random_weights = "7b" if dev.startswith("cuda") else "tiny"
     if random_weights == "7b" and not dev.startswith("cuda"):
         raise InputError("--random-weights 7b needs a CUDA GPU (29 GB of weights); use --random-weights tiny")
+    group = None
+    if random_weights and mode is not None:
+        from bagel_rt.parallel import init_group
+
+        group = init_group(mode, device)
+        dev = group.device  # built whole on the rank's device, then split below
     if random_weights:
         pipe = random_bagel("bagel-7b-mot" if random_weights == "7b" else TINY_PARAMS, device=dev,
                             dtype=DTYPES[dtype], backend=backend)
@@ -327,8 +339,13 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
             except ValueError as e:
                 raise InputError(f"cannot quantize the random model to {weights}: {e}") from None
             pipe.weights = weights
+        if group is not None:
+            from bagel_rt.parallel import parallelize
+
+            parallelize(pipe.model, pipe.vae, group)
     else:
-        pipe = bagel_rt.load(model_dir, device=dev, dtype=DTYPES[dtype], backend=backend, weights=weights)
+        pipe = bagel_rt.load(model_dir, device=device if mode else dev, dtype=DTYPES[dtype], backend=backend,
+                             weights=weights, parallel=mode)
     pipe.keep_bf16 = compare_torch  # the torch comparison runs the exact bf16 path
     if compute != "auto":
         pipe.compute = compute
@@ -336,8 +353,11 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     rows = run_bench(pipe, task_list, size=size, steps=steps, runs=runs, warmup=warmup, tokens=tokens,
                      compare_torch=compare_torch, weights=pipe.weights, commit=commit,
                      log=lambda line: click.echo(line, err=True), taylorseer=taylorseer)
+    if pipe.model.parallel is not None:
+        for r in rows:
+            r.update(gpus=pipe.model.parallel.world, mode=mode)
     lines = [json.dumps(r) for r in rows]
-    if out is not None:
+    if out is not None and o["first_rank"]:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
