@@ -23,7 +23,12 @@ __all__ = ["MODES", "ParallelGroup", "init_group", "parallelize"]
 def parallelize(model, vae, group: ParallelGroup) -> None:
     """Split ``model`` (a :class:`bagel_rt.model.BagelModel`) for ``group``'s mode, in place, and move it and
     ``vae`` to the rank's device. "cfg" keeps the whole model on every rank; "tp" shards the decoder layers;
-    "layers" keeps this rank's decoder layers only."""
+    "layers" keeps this rank's decoder layers only; both split the token embedding and ``lm_head`` by vocabulary
+    rows (:mod:`.vocab`)."""
+    if group.mode in ("tp", "layers"):
+        from .vocab import split_vocab
+
+        split_vocab(model, group)
     if group.mode == "tp":
         from .tensor_parallel import shard_layers
 

@@ -3,7 +3,8 @@
 Every rank runs the same request. A forward enters rank 0's layers, whose last output is sent to rank 1
 (one activation hand-off per rank boundary: [rows, hidden], 29 MB for a t2i step at 1024²), and so on; the
 last rank broadcasts the final layer's output, so that every rank applies the final norms, ``lm_head`` and the
-velocity head itself and the sampler state stays identical everywhere. The ranks work one after another: the
+velocity head itself and the sampler state stays identical everywhere. The token embedding and ``lm_head``
+are split by vocabulary rows (:mod:`.vocab`); the ViT and VAE are replicated. The ranks work one after another: the
 point is memory (two 16 GB cards hold the bf16 model), not speed.
 
 Module swap: the layers another rank holds become :class:`AbsentLayer` (no weights; passes the hidden state

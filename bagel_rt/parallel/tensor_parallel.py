@@ -11,8 +11,8 @@ Module swap on every decoder layer, both experts alike:
 * The attention modules learn their local head counts, so the KV caches (``BagelModel.new_context``) and the
   packed denoiser's arena hold only this rank's key/value heads.
 
-Replicated on every rank: embeddings, ``lm_head`` (1.1 GB at full size; every rank needs the logits to pick the
-same next token), final norms, ViT, connector, VAE.
+The token embedding and ``lm_head`` are split by vocabulary rows (:mod:`.vocab`); replicated on every rank: the
+norms, ViT, connector, VAE and the latent glue.
 
 Compressed formats split exactly, because every one keeps its scales per output row or in blocks along a
 row: INT8 and FP8 (a scale per output row) split rows with their scales and columns under unchanged scales;
