@@ -529,27 +529,22 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     ever = set().union(*(velocity_sources(*cfg.scales_at(t), text_is_cond, img_is_cond).values()
                          for t, _ in steps))
     order = [b for b in ("cond", "text", "img") if b in ever]
-    exchange = None  # CFG-parallel: this rank's denoiser holds its branches only (bagel_rt.parallel.cfg_parallel)
+    exchange = None  # CFG-parallel: this rank's denoisers hold its branches only (bagel_rt.parallel.cfg_parallel)
     if model.parallel is not None and model.parallel.mode == "cfg":
-        from .parallel.cfg_parallel import BranchExchange
+        from .parallel.cfg_parallel import exchange_for
 
-        exchange = BranchExchange(model.parallel, order)
+        exchange = exchange_for(model, cfg, num_timesteps, timestep_shift, text_is_cond, img_is_cond,
+                                share=step_cache is None)
     local = order if exchange is None else exchange.mine
-    branch_ctxs = [ctxs[b] for b in local]
-    key = denoiser_key(branch_ctxs, h, w)
-    den = cache.get("denoiser") if cache is not None else None
-    if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
-            and den.formats == linear_modules_signature(model) and den.requested_attention == attention
-            and den.mlp_chunks == mlp_chunks
-            and all(den.options.get(k) == v for k, v in options.items())):
-        den.refill(branch_ctxs)  # same shapes: keep the captured graphs, copy the new caches in
-    else:
-        if cache is not None:
-            cache.pop("denoiser", None)  # free the old arena and graph pool before allocating new ones
-        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, mlp_chunks, run_hooks, attention, **options)
-        if cache is not None:
-            cache["denoiser"] = den
-    if step_cache is not None:
+    settings = (h, w, use_graphs, mlp_chunks, run_hooks, attention, options)
+    den = _cached_denoiser(cache, "denoiser", model, [ctxs[b] for b in local], *settings) if local else None
+    shared = None  # the leftover branches of uneven steps, tensor-parallel over all ranks
+    if exchange is not None and exchange.shared:
+        from .parallel.cfg_parallel import shared_contexts, shared_view
+
+        shared = _cached_denoiser(cache, "shared", shared_view(model),
+                                  shared_contexts(model, ctxs, exchange.shared), *settings)
+    if step_cache is not None and den is not None:
         s = step_cache.settings
         den.step_store(s.max_order + 1, s.fresh_threshold - 1)
     x = noise.to(model.device, torch.float32).contiguous()
@@ -557,7 +552,8 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
         st, si = cfg.scales_at(t)
         src = velocity_sources(st, si, text_is_cond, img_is_cond)
         needed = set(src.values())
-        sel = tuple(sorted(local.index(b) for b in needed if b in local))
+        mine = needed if exchange is None else exchange.local(needed)
+        sel = tuple(j for j, b in enumerate(local) if b in mine)
         v = {}
         if step_cache is None and sel:
             v = dict(zip(sel, den.velocities(x, t, sel)))
@@ -567,6 +563,9 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
         if exchange is not None:  # every rank gets every velocity of the step (one all_gather)
             exchange.count_others(step_cache, needed)
             v = exchange.gather(v, needed, tuple(x.shape), x.device, model.dtype)
+            leftover = exchange.plan(needed)[1]
+            if leftover:
+                v.update(zip(leftover, shared.velocities(x, t, tuple(exchange.shared.index(b) for b in leftover))))
         if step_cache is not None:
             step_cache.record_step(src)
         v_t = v[src["text"]] if "text" in src else None
@@ -575,6 +574,26 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
         if on_step is not None:
             on_step(i, v_comb)
     return x
+
+
+def _cached_denoiser(cache: dict | None, slot: str, model, ctxs: list, h: int, w: int, use_graphs: bool,
+                     mlp_chunks: int, run_hooks: bool, attention: str, options: dict) -> PackedDenoiser:
+    """The denoiser kept in ``cache[slot]`` when it fits this request (refilled with the new caches: its graphs
+    stay), else a new one (kept there)."""
+    key = denoiser_key(ctxs, h, w)
+    den = cache.get(slot) if cache is not None else None
+    if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
+            and den.formats == linear_modules_signature(model) and den.requested_attention == attention
+            and den.mlp_chunks == mlp_chunks
+            and all(den.options.get(k) == v for k, v in options.items())):
+        den.refill(ctxs)  # same shapes: keep the captured graphs, copy the new caches in
+        return den
+    if cache is not None:
+        cache.pop(slot, None)  # free the old arena and graph pool before allocating new ones
+    den = PackedDenoiser(model, ctxs, h, w, use_graphs, mlp_chunks, run_hooks, attention, **options)
+    if cache is not None:
+        cache[slot] = den
+    return den
 
 
 def _cached_step(den: PackedDenoiser, step_cache: StepCache, x: Tensor, t: float, sel: tuple[int, ...],

@@ -58,7 +58,9 @@ def run_tasks(pipe, tasks: list[str]) -> dict:
     out = {}
     shape, steps = ((32, 48), 4) if pipe.backend == "torch" else ((16, 32), 3)
     if "t2i" in tasks:
-        r = pipe.generate("A red bagel", image_shapes=shape, num_timesteps=steps, seed=1, record=True)
+        # the last step outside the CFG interval: one branch (shared by the ranks on the triton backend)
+        r = pipe.generate("A red bagel", image_shapes=shape, num_timesteps=steps, seed=1, record=True,
+                          cfg_interval=(0.8, 1.0))
         out["t2i"] = (r.latents, r.velocities)
     if "edit" in tasks:  # three distinct CFG branches over an image context
         r = _edit_session(pipe).gen_image(shape, CFGSettings(4.0, 2.0, (0.0, 1.0), 0.0, "text_channel"),
@@ -188,8 +190,9 @@ def test_parallel_needs_a_launched_run(tiny, monkeypatch):
 
 def test_packed_denoiser_in_every_mode(tiny, reference_triton, tmp_path):
     """The triton backend's packed denoiser (Triton interpreter; the 2-layer tiny model with 4 query and 2
-    key/value heads): CFG-parallel gives each rank a denoiser over its branches (fewer rows per GEMM: float
-    noise), tensor parallelism its heads, the layer split its layers."""
+    key/value heads): CFG-parallel gives each rank a denoiser over its whole branches (fewer rows per GEMM: float
+    noise) and runs the leftover branch of uneven steps (t2i's last step, an edit's third branch)
+    tensor-parallel over both; tensor parallelism splits the heads, the layer split the layers."""
     runs = [("cfg", "triton"), ("tp", "triton"), ("layers", "triton")]
     out = run_parallel(tiny, 2, runs, tmp_path)
     assert_same(out["cfg", "triton"], reference_triton, 1e-5)
@@ -230,10 +233,11 @@ def test_cli_gpus_reports_a_misfit_in_one_line(tiny):
 def test_shard_linear_is_exact_in_every_format(fmt, world):
     """Rows (column-parallel) concatenate, columns (row-parallel) add up to the whole module's output: the
     scales follow their rows (INT8, FP8) and blocks (NF4), the bias counts once."""
-    from bagel_rt.parallel.tensor_parallel import shard_linear
     from bagel_rt.quant.fp8 import FP8Linear
     from bagel_rt.quant.int8 import Int8Linear
     from bagel_rt.quant.nf4 import NF4Linear
+
+    from bagel_rt.parallel.tensor_parallel import shard_linear
 
     g = torch.Generator().manual_seed(world)
     lin = torch.nn.Linear(512, 96, bias=True).to(torch.bfloat16)

@@ -36,6 +36,9 @@ class ParallelGroup:
         owns_process_group: this object initialised ``torch.distributed`` (and tears it down in :meth:`close`).
         stage: mode "layers": this rank's :class:`bagel_rt.parallel.layer_split.LayerStage` (set when the model
             is split).
+        share_leftover: mode "cfg", triton backend: run the leftover branches of uneven steps tensor-parallel
+            over all ranks (:mod:`bagel_rt.parallel.cfg_parallel`; a split copy of the decoder layers per GPU).
+        shared_view: (the Linears' formats it was split from, that split copy of the model), built on first use.
     """
 
     mode: str
@@ -46,6 +49,8 @@ class ParallelGroup:
     backend: str
     owns_process_group: bool = False
     stage: object = None
+    share_leftover: bool = True
+    shared_view: object = None
 
     @property
     def is_first(self) -> bool:

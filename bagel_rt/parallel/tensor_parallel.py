@@ -148,15 +148,30 @@ def _shard_nf4(mod, dim: int, lo: int, hi: int, out_f: int, in_f: int, bias: boo
 def shard_layers(model, group: ParallelGroup) -> None:
     """Split every decoder layer of ``model`` (a :class:`bagel_rt.model.BagelModel`) over the ranks, in place."""
     check_shapes(model.params, group.world)
-    p, r, n = model.params.llm, group.rank, group.world
     for layer in model.language_model.model.layers:
-        for sfx in ("", "_moe_gen"):
-            for path in _COLUMN:
-                _swap(layer, _expert(path, sfx), lambda m: shard_linear(m, 0, r, n))
-            for path in _ROW:
-                _swap(layer, _expert(path, sfx), lambda m: RowParallelLinear(shard_linear(m, 1, r, n), group))
-        layer.self_attn.num_heads = p.num_heads // n
-        layer.self_attn.num_kv_heads = p.num_kv_heads // n
+        shard_layer(layer, model.params.llm, group)
+
+
+def shard_layer(layer: nn.Module, p, group: ParallelGroup) -> None:
+    """Split one decoder layer (both experts) over the ranks, in place: its Linears swapped for this rank's
+    parts, its attention told the local head counts."""
+    r, n = group.rank, group.world
+    for sfx in ("", "_moe_gen"):
+        for path in _COLUMN:
+            _swap(layer, _expert(path, sfx), lambda m: shard_linear(m, 0, r, n))
+        for path in _ROW:
+            _swap(layer, _expert(path, sfx), lambda m: RowParallelLinear(shard_linear(m, 1, r, n), group))
+    layer.self_attn.num_heads = p.num_heads // n
+    layer.self_attn.num_kv_heads = p.num_kv_heads // n
+
+
+def fits(params, world: int) -> bool:
+    """Whether tensor parallelism over ``world`` ranks can split this model (see :func:`check_shapes`)."""
+    try:
+        check_shapes(params, world)
+    except InputError:
+        return False
+    return True
 
 
 def _expert(path: str, sfx: str) -> str:
