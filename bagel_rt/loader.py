@@ -120,6 +120,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     _check_dir(path)
     df11 = declares_df11(path)
     params = read_params(path, DF11_VAE if df11 else AE_FILE)
+    if group is not None:
+        from .parallel import check_fit
+
+        check_fit(params, group)
     tokenizer = TextTokenizer.from_dir(path)
     if tokenizer.max_id >= params.llm.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has token id {tokenizer.max_id} but the model's embedding "

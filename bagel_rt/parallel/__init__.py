@@ -17,7 +17,22 @@ from __future__ import annotations
 
 from .group import MODES, ParallelGroup, init_group
 
-__all__ = ["MODES", "ParallelGroup", "init_group", "parallelize"]
+__all__ = ["MODES", "ParallelGroup", "check_fit", "init_group", "parallelize"]
+
+
+def check_fit(params, group: ParallelGroup) -> None:
+    """The model's shapes split over ``group`` in its mode (a clear :class:`bagel_rt.InputError` before any
+    weight is read otherwise): heads, MLP width and vocabulary for "tp", layers and vocabulary for "layers"."""
+    if group.mode == "tp":
+        from .tensor_parallel import check_shapes
+
+        check_shapes(params, group.world)
+    elif group.mode == "layers":
+        from .layer_split import layer_ranges
+        from .vocab import check_vocab
+
+        layer_ranges(params.llm.num_layers, group.world)
+        check_vocab(params.llm.vocab_size, group.world)
 
 
 def parallelize(model, vae, group: ParallelGroup) -> None:

@@ -67,7 +67,7 @@ def check_shapes(params, world: int) -> None:
     """Heads, key/value heads and the MLP width must divide by the number of ranks (clear error otherwise)."""
     p = params.llm
     for name, n in (("attention heads", p.num_heads), ("key/value heads", p.num_kv_heads),
-                    ("MLP width (intermediate_size)", p.intermediate_size)):
+                    ("MLP width (intermediate_size)", p.intermediate_size), ("vocabulary", p.vocab_size)):
         if n % world:
             raise InputError(f"tensor parallelism over {world} processes needs the model's {name} ({n}) to be "
                              f"divisible by {world}; use {_divisors(p, world)} processes or parallel='layers'")
@@ -75,7 +75,7 @@ def check_shapes(params, world: int) -> None:
 
 def _divisors(p, world: int) -> str:
     ok = [d for d in range(2, max(world, 8) + 1)
-          if p.num_heads % d == 0 and p.num_kv_heads % d == 0 and p.intermediate_size % d == 0]
+          if not (p.num_heads % d or p.num_kv_heads % d or p.intermediate_size % d or p.vocab_size % d)]
     return " or ".join(map(str, ok)) if ok else "no other number of"
 
 

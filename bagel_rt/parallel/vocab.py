@@ -22,7 +22,8 @@ from .group import ParallelGroup
 
 def check_vocab(vocab: int, world: int) -> None:
     if vocab % world:
-        raise InputError(f"the vocabulary ({vocab} rows) does not split over {world} processes")
+        raise InputError(f"the vocabulary ({vocab} rows) does not split evenly over {world} processes; use a "
+                         "number of processes that divides it")
 
 
 class VocabParallelEmbedding(nn.Embedding):
