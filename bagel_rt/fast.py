@@ -109,14 +109,15 @@ class PackedDenoiser:
         self.mlp_chunks = mlp_chunks
         #: the stream of the und (marker) rows' kernels, overlapping the gen rows' (None: one stream). Default:
         #: on for CUDA unless pre-hooks run (they would have to be ordered before both streams)
-        if marker_stream is None:
-            marker_stream = model.device.type == "cuda" and not run_hooks
+        if marker_stream is None:  # (and not for split models: their collectives must keep one order on all ranks)
+            split = model.parallel is not None and model.parallel.mode != "cfg"
+            marker_stream = model.device.type == "cuda" and not run_hooks and not split
         self.side = torch.cuda.Stream(device=model.device) if marker_stream else None
         #: the tuning options as given (a cached denoiser is reused only for the same ones)
         self.options = dict(marker_stream=self.side is not None)
         self.model, self.h, self.w = model, h, w
         p = model.params.llm
-        self.Hq, self.Hk, self.D, self.eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
+        (self.Hq, self.Hk), self.D, self.eps = model.local_heads, p.head_dim, p.rms_norm_eps
         self.N, self.L, self.B = h * w, h * w + 2, len(ctxs)
         dev, dt = model.device, model.dtype
         self.device, self.dtype = dev, dt
@@ -353,10 +354,16 @@ class PackedDenoiser:
             self.side.wait_stream(torch.cuda.current_stream())
         with self._on_side():  # xu lives on the marker stream only (allocated, used and freed there)
             xu = self.markers.repeat(nb, 1)
+        stage = model.parallel.stage if model.parallel is not None else None  # layer split: this rank's layers
         for i, layer in enumerate(model.language_model.model.layers):
-            xg, xu = self._layer(i, layer, xg, xu, m)
+            if stage is None:
+                xg, xu = self._layer(i, layer, xg, xu, m)
+            elif stage.holds(i):
+                xg, xu = stage.receive(i, [xg, xu])
+                xg, xu = self._layer(i, layer, xg, xu, m)
+                stage.send(i, [xg, xu])
         self._wait_side()  # join (a graph capture must end with every stream joined)
-        return xg
+        return xg if stage is None else stage.share(xg)
 
     def _head(self, hidden: Tensor) -> Tensor:
         """Velocities [nb, N, 64] of hidden states [nb*N, H]: the final gen norm, then ``llm2vae``."""
@@ -522,39 +529,71 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     ever = set().union(*(velocity_sources(*cfg.scales_at(t), text_is_cond, img_is_cond).values()
                          for t, _ in steps))
     order = [b for b in ("cond", "text", "img") if b in ever]
-    branch_ctxs = [ctxs[b] for b in order]
-    key = denoiser_key(branch_ctxs, h, w)
-    den = cache.get("denoiser") if cache is not None else None
-    if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
-            and den.formats == linear_modules_signature(model) and den.requested_attention == attention
-            and den.mlp_chunks == mlp_chunks
-            and all(den.options.get(k) == v for k, v in options.items())):
-        den.refill(branch_ctxs)  # same shapes: keep the captured graphs, copy the new caches in
-    else:
-        if cache is not None:
-            cache.pop("denoiser", None)  # free the old arena and graph pool before allocating new ones
-        den = PackedDenoiser(model, branch_ctxs, h, w, use_graphs, mlp_chunks, run_hooks, attention, **options)
-        if cache is not None:
-            cache["denoiser"] = den
-    if step_cache is not None:
+    exchange = None  # CFG-parallel: this rank's denoisers hold its branches only (bagel_rt.parallel.cfg_parallel)
+    if model.parallel is not None and model.parallel.mode == "cfg":
+        from .parallel.cfg_parallel import exchange_for
+
+        exchange = exchange_for(model, cfg, num_timesteps, timestep_shift, text_is_cond, img_is_cond,
+                                share=step_cache is None)
+    local = order if exchange is None else exchange.mine
+    settings = (h, w, use_graphs, mlp_chunks, run_hooks, attention, options)
+    den = _cached_denoiser(cache, "denoiser", model, [ctxs[b] for b in local], *settings) if local else None
+    shared = None  # the leftover branches of uneven steps, tensor-parallel over all ranks
+    if exchange is not None and exchange.shared:
+        from .parallel.cfg_parallel import shared_contexts, shared_view
+
+        shared = _cached_denoiser(cache, "shared", shared_view(model),
+                                  shared_contexts(model, ctxs, exchange.shared), *settings)
+    if step_cache is not None and den is not None:
         s = step_cache.settings
         den.step_store(s.max_order + 1, s.fresh_threshold - 1)
     x = noise.to(model.device, torch.float32).contiguous()
     for i, (t, dt) in enumerate(steps):
         st, si = cfg.scales_at(t)
         src = velocity_sources(st, si, text_is_cond, img_is_cond)
-        sel = tuple(sorted(order.index(b) for b in set(src.values())))
-        if step_cache is None:
+        needed = set(src.values())
+        mine = needed if exchange is None else exchange.local(needed)
+        sel = tuple(j for j, b in enumerate(local) if b in mine)
+        v = {}
+        if step_cache is None and sel:
             v = dict(zip(sel, den.velocities(x, t, sel)))
-        else:
-            v = _cached_step(den, step_cache, x, t, sel, order)
+        elif sel:
+            v = _cached_step(den, step_cache, x, t, sel, local)
+        v = {local[j]: vj for j, vj in v.items()}
+        if exchange is not None:  # every rank gets every velocity of the step (one all_gather)
+            exchange.count_others(step_cache, needed)
+            v = exchange.gather(v, needed, tuple(x.shape), x.device, model.dtype)
+            leftover = exchange.plan(needed)[1]
+            if leftover:
+                v.update(zip(leftover, shared.velocities(x, t, tuple(exchange.shared.index(b) for b in leftover))))
+        if step_cache is not None:
             step_cache.record_step(src)
-        v_t = v[order.index(src["text"])] if "text" in src else None
-        v_i = v[order.index(src["img"])] if "img" in src else None
-        x, v_comb = k_ops.cfg_euler(x, v[0], v_t, v_i, st, si, cfg.cfg_renorm_type, cfg.cfg_renorm_min, dt)
+        v_t = v[src["text"]] if "text" in src else None
+        v_i = v[src["img"]] if "img" in src else None
+        x, v_comb = k_ops.cfg_euler(x, v["cond"], v_t, v_i, st, si, cfg.cfg_renorm_type, cfg.cfg_renorm_min, dt)
         if on_step is not None:
             on_step(i, v_comb)
     return x
+
+
+def _cached_denoiser(cache: dict | None, slot: str, model, ctxs: list, h: int, w: int, use_graphs: bool,
+                     mlp_chunks: int, run_hooks: bool, attention: str, options: dict) -> PackedDenoiser:
+    """The denoiser kept in ``cache[slot]`` when it fits this request (refilled with the new caches: its graphs
+    stay), else a new one (kept there)."""
+    key = denoiser_key(ctxs, h, w)
+    den = cache.get(slot) if cache is not None else None
+    if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
+            and den.formats == linear_modules_signature(model) and den.requested_attention == attention
+            and den.mlp_chunks == mlp_chunks
+            and all(den.options.get(k) == v for k, v in options.items())):
+        den.refill(ctxs)  # same shapes: keep the captured graphs, copy the new caches in
+        return den
+    if cache is not None:
+        cache.pop(slot, None)  # free the old arena and graph pool before allocating new ones
+    den = PackedDenoiser(model, ctxs, h, w, use_graphs, mlp_chunks, run_hooks, attention, **options)
+    if cache is not None:
+        cache[slot] = den
+    return den
 
 
 def _cached_step(den: PackedDenoiser, step_cache: StepCache, x: Tensor, t: float, sel: tuple[int, ...],

@@ -171,7 +171,9 @@ class Session:
             raise InputError(f"text_temperature must be > 0 when sampling, got {temperature}")
         tok, sp = self.bagel.tokenizer, self.model.special
         ctx = self.gen.fork(extra=max_length)
-        if self.bagel.backend == "triton" and not self.bagel.df11_resident:  # the graph decoder copies weights
+        # the graph decoder copies the weights of every layer: not for split models (tensor-parallel, layer split)
+        split = self.model.parallel is not None and self.model.parallel.mode != "cfg"
+        if self.bagel.backend == "triton" and not self.bagel.df11_resident and not split:
             from .fast_decode import fast_gen_text
 
             predicted, logits = fast_gen_text(self.bagel.decoder, ctx, max_length, do_sample, temperature,
@@ -287,6 +289,10 @@ class Session:
             if step_cache is not None:
                 hidden = lambda branch, x, t: self.model.velocity_hidden(ctxs[branch], x, t, h, w)
                 vel = cached_velocity(step_cache, hidden, self.model.velocity_head)
+            if self.model.parallel is not None:  # CFG-parallel: this rank's branches, exchanged each step
+                from .parallel.cfg_parallel import spread_velocity
+
+                vel = spread_velocity(self.model, vel, cfg, num_timesteps, timestep_shift, step_cache, **dedup)
             x = denoise(vel, noise.to(self.model.device), num_timesteps, timestep_shift, cfg, on_step=on_step,
                         step_cache=step_cache, **dedup)
         validate.finite(x, "the final latents", validate.NON_FINITE_HINT)

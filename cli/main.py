@@ -44,7 +44,9 @@ from .options import (
     _text_kwargs,
     image_options,
     model_options,
+    parallel_options,
     seed_option,
+    spread,
     text_options,
 )
 
@@ -75,6 +77,7 @@ def cli():
 @text_options(1024, "--max-think-tokens")
 @seed_option
 @model_options
+@parallel_options
 def generate(prompt: str, height, width, aspect, **o):
     """Text-to-image: draw PROMPT and write the image.
 
@@ -82,6 +85,7 @@ def generate(prompt: str, height, width, aspect, **o):
     (an effective text scale of 5.5 at no extra cost), CFG interval 0.4-1.0, global renorm, timestep shift
     3.0; --think plans in up to 1024 tokens, greedily. Prints the image path (after the think text) on stdout.
     """
+    spread(o)
     if aspect is not None and (height is not None or width is not None):
         raise InputError("give either --aspect or --height/--width, not both")
     if (height is None) != (width is None):
@@ -95,7 +99,8 @@ def generate(prompt: str, height, width, aspect, **o):
     res = pipe.generate(prompt, image_shapes=shape, seed=seed, progress=not o["no_progress"], on_token=stream,
                         **cfg, **text)
     _image_result(pipe, res, path, o["overwrite"], time.perf_counter() - t0,
-                  _settings(o, prompt=prompt, image_shapes=list(shape), **cfg, **text), o["as_json"], stream)
+                  _settings(o, prompt=prompt, image_shapes=list(shape), **cfg, **text), o["as_json"], stream,
+                  o["first_rank"])
 
 
 @cli.command()
@@ -106,6 +111,7 @@ def generate(prompt: str, height, width, aspect, **o):
 @text_options(1024, "--max-think-tokens")
 @seed_option
 @model_options
+@parallel_options
 def edit(image: str, instruction: str, **o):
     """Edit IMAGE following INSTRUCTION and write the result.
 
@@ -113,6 +119,7 @@ def edit(image: str, instruction: str, **o):
     text_channel renorm, timestep shift 3.0. The output has the input's size after the VAE resize (long side
     at most 1024, short side at least 512, multiples of 16). Prints the image path on stdout.
     """
+    spread(o)
     img = open_image(image)
     cfg, text, seed = _cfg_kwargs(o), _text_kwargs(o), _seed(o)
     path = _check_output(o["output"], "bagel-edit-{seed}.png", seed, o["overwrite"])
@@ -121,7 +128,8 @@ def edit(image: str, instruction: str, **o):
     stream = TextStream(pipe.tokenizer, echo=not o["as_json"])
     res = pipe.edit(img, instruction, seed=seed, progress=not o["no_progress"], on_token=stream, **cfg, **text)
     _image_result(pipe, res, path, o["overwrite"], time.perf_counter() - t0,
-                  _settings(o, image=image, instruction=instruction, **cfg, **text), o["as_json"], stream)
+                  _settings(o, image=image, instruction=instruction, **cfg, **text), o["as_json"], stream,
+                  o["first_rank"])
 
 
 @cli.command()
@@ -129,6 +137,7 @@ def edit(image: str, instruction: str, **o):
 @text_options(512, "--max-new-tokens")
 @seed_option
 @model_options
+@parallel_options
 def understand(inputs: tuple[str, ...], **o):
     """Answer QUESTION about IMAGE (or, without IMAGE, as a text chat) and print the answer on stdout.
 
@@ -136,6 +145,7 @@ def understand(inputs: tuple[str, ...], **o):
     model's reasoning in <think> </think> tags. The answer is printed as it is decoded; Ctrl-C keeps what was
     printed (with --json, the partial answer is printed with "interrupted": true).
     """
+    spread(o)
     if len(inputs) > 2:
         raise click.UsageError(f"expected [IMAGE] QUESTION, got {len(inputs)} arguments (quote the question)")
     if len(inputs) == 1 and _looks_like_image(inputs[0]):
@@ -283,8 +293,9 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
 @click.option("--taylorseer", is_flag=True,
               help="Image tasks with step caching (official TaylorSeer settings); rows carry step_cache and "
                    "full_evaluations.")
+@parallel_options
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
-          device, dtype, compute, attention, weights, taylorseer):
+          device, dtype, compute, attention, weights, taylorseer, gpus, parallel):
     """Time text-to-image, editing and decoding (app defaults): seconds per image and per step, tokens/s, peak
     GPU memory, achieved TFLOP/s and its share of the measured bf16 matmul peak. One JSON line per result
     on stdout (and appended to --out)."""
@@ -292,6 +303,11 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     from bagel_rt.random_weights import random_bagel
     from bagel_rt.tiny import TINY_PARAMS
 
+    o = {"gpus": gpus, "parallel": parallel}
+    spread(o)
+    mode = o["parallel_mode"]
+    if mode is not None and compare_torch:
+        raise InputError("--compare-torch runs one process; leave it out with several GPUs")
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     bad = [t for t in task_list if t not in ("t2i", "edit", "decode")]
     if bad:
@@ -303,6 +319,12 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
         random_weights = "7b" if dev.startswith("cuda") else "tiny"
     if random_weights == "7b" and not dev.startswith("cuda"):
         raise InputError("--random-weights 7b needs a CUDA GPU (29 GB of weights); use --random-weights tiny")
+    group = None
+    if random_weights and mode is not None:
+        from bagel_rt.parallel import init_group
+
+        group = init_group(mode, device)
+        dev = group.device  # built whole on the rank's device, then split below
     if random_weights:
         pipe = random_bagel("bagel-7b-mot" if random_weights == "7b" else TINY_PARAMS, device=dev,
                             dtype=DTYPES[dtype], backend=backend)
@@ -317,8 +339,13 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
             except ValueError as e:
                 raise InputError(f"cannot quantize the random model to {weights}: {e}") from None
             pipe.weights = weights
+        if group is not None:
+            from bagel_rt.parallel import parallelize
+
+            parallelize(pipe.model, pipe.vae, group)
     else:
-        pipe = bagel_rt.load(model_dir, device=dev, dtype=DTYPES[dtype], backend=backend, weights=weights)
+        pipe = bagel_rt.load(model_dir, device=device if mode else dev, dtype=DTYPES[dtype], backend=backend,
+                             weights=weights, parallel=mode)
     pipe.keep_bf16 = compare_torch  # the torch comparison runs the exact bf16 path
     if compute != "auto":
         pipe.compute = compute
@@ -326,8 +353,11 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     rows = run_bench(pipe, task_list, size=size, steps=steps, runs=runs, warmup=warmup, tokens=tokens,
                      compare_torch=compare_torch, weights=pipe.weights, commit=commit,
                      log=lambda line: click.echo(line, err=True), taylorseer=taylorseer)
+    if pipe.model.parallel is not None:
+        for r in rows:
+            r.update(gpus=pipe.model.parallel.world, mode=mode)
     lines = [json.dumps(r) for r in rows]
-    if out is not None:
+    if out is not None and o["first_rank"]:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")

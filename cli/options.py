@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from pathlib import Path
 
 import click
@@ -15,6 +16,8 @@ import bagel_rt
 from bagel_rt import validate
 from bagel_rt.config import MAX_POSITIONS, llm_params_from_json
 from bagel_rt.errors import BagelError, InputError, OutputError
+from bagel_rt.parallel.group import MODES, env_world
+from bagel_rt.parallel.launch import MAX_GPUS
 from bagel_rt.quantized import WEIGHTS
 from bagel_rt.sampler import MAX_SCALE, MAX_STEPS, RENORM_TYPES, CFGSettings
 from bagel_rt.tiny import ensure_tiny_checkpoint
@@ -156,6 +159,16 @@ model_options = _options(
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text."),
 )
 
+parallel_options = _options(
+    click.option("--gpus", type=click.IntRange(1, MAX_GPUS), default=1, metavar="N",
+                 help="Run on N GPUs of this host: starts N processes, one per GPU (as torchrun "
+                      "--nproc-per-node N does; under torchrun leave it out). Rank 0 prints and writes."),
+    click.option("--parallel", type=click.Choice(MODES), default="cfg",
+                 help="How several GPUs share the work: cfg (CFG branches per GPU; each GPU holds the model), "
+                      "tp (tensor parallel: heads and MLP columns split; NVLink), layers (consecutive layers per "
+                      "GPU; for memory on PCIe cards)."),
+)
+
 seed_option = click.option("--seed", type=click.IntRange(0, validate.MAX_SEED), default=None,
                            show_default="random, reported",
                            help="Seeds the noise (and sampled text): the same seed gives the same output.")
@@ -289,7 +302,30 @@ def _load(o: dict):
                          f"positions (max_position_embeddings of {path}/llm_config.json); use less")
     return bagel_rt.load(path, device=o["device"], dtype=DTYPES[o["dtype"]], progress=not o["no_progress"],
                          backend=o["backend"], weights=o["weights"], compute=o["compute"],
-                         attention=o["attention"], max_gpu_memory=o["max_gpu_memory"])
+                         attention=o["attention"], max_gpu_memory=o["max_gpu_memory"],
+                         parallel=o.get("parallel_mode"))
+
+
+def spread(o: dict) -> None:
+    """Multi-GPU runs, first thing in a command: with ``--gpus N`` outside a launched run, start N ranks of this
+    command line and exit with their code; inside one (``--gpus`` or ``torchrun``), set ``o["parallel_mode"]``
+    and silence every rank but 0 (only rank 0 prints, shows progress and writes the output)."""
+    world = env_world()
+    if world is None:
+        if o["gpus"] > 1:
+            from bagel_rt.parallel.launch import relaunch_cli
+
+            click.get_current_context().exit(relaunch_cli(o["gpus"]))
+        o["parallel_mode"], o["first_rank"] = None, True
+        return
+    rank, n, _ = world
+    if o["gpus"] > 1 and o["gpus"] != n:
+        raise InputError(f"--gpus {o['gpus']} but this run has {n} processes (WORLD_SIZE); under torchrun leave "
+                         "--gpus out")
+    o["parallel_mode"], o["first_rank"] = (o["parallel"] if n > 1 else None), rank == 0
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
+        o["no_progress"] = True
 
 
 def _seed(o: dict) -> int:
@@ -326,8 +362,9 @@ class TextStream:
 
 
 def _image_result(pipe, res, path: Path, overwrite: bool, seconds: float, settings: dict, as_json: bool,
-                  stream: TextStream | None = None) -> None:
-    _save_image(res.image, path, overwrite)
+                  stream: TextStream | None = None, write: bool = True) -> None:
+    if write:  # (rank 0 of a multi-GPU run writes; the other ranks hold the same image)
+        _save_image(res.image, path, overwrite)
     w, h = res.image.size
     if as_json:
         click.echo(json.dumps({
@@ -348,6 +385,8 @@ def _image_result(pipe, res, path: Path, overwrite: bool, seconds: float, settin
 
 def _settings(o: dict, **kw) -> dict:
     s = dict(kw, dtype=o["dtype"])
+    if o.get("parallel_mode"):
+        s.update(parallel=o["parallel_mode"], gpus=env_world()[1])
     if "cfg_interval" in s:
         s["cfg_interval"] = list(s["cfg_interval"])
     return s
