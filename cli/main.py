@@ -24,7 +24,7 @@ from bagel_rt.convert import convert_checkpoint
 from bagel_rt.errors import CheckpointError, InputError
 from bagel_rt.info import _human, checkpoint_info, format_info
 from bagel_rt.pipeline import ASPECT_PRESETS, open_image
-from bagel_rt.quantized import FORMATS, LLM_FORMATS, quantize_in_place
+from bagel_rt.quantized import FORMATS, LLM_FORMATS
 from bagel_rt.sampler import MAX_STEPS
 from bagel_rt.tiny import write_tiny_checkpoint
 
@@ -38,6 +38,7 @@ from .options import (
     _Group,
     _image_result,
     _load,
+    _random_pipe,
     _seed,
     _settings,
     _Side,
@@ -289,8 +290,6 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     GPU memory, achieved TFLOP/s and its share of the measured bf16 matmul peak. One JSON line per result
     on stdout (and appended to --out)."""
     from bagel_rt.bench import run_bench
-    from bagel_rt.random_weights import random_bagel
-    from bagel_rt.tiny import TINY_PARAMS
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     bad = [t for t in task_list if t not in ("t2i", "edit", "decode")]
@@ -301,22 +300,8 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model_dir is None and random_weights is None:
         random_weights = "7b" if dev.startswith("cuda") else "tiny"
-    if random_weights == "7b" and not dev.startswith("cuda"):
-        raise InputError("--random-weights 7b needs a CUDA GPU (29 GB of weights); use --random-weights tiny")
     if random_weights:
-        pipe = random_bagel("bagel-7b-mot" if random_weights == "7b" else TINY_PARAMS, device=dev,
-                            dtype=DTYPES[dtype], backend=backend)
-        if weights != "auto":
-            from bagel_rt.quant import quantize_model
-
-            try:
-                if weights in LLM_FORMATS:
-                    quantize_in_place(pipe.model, weights)
-                else:
-                    quantize_model(pipe.model.language_model, weights)
-            except ValueError as e:
-                raise InputError(f"cannot quantize the random model to {weights}: {e}") from None
-            pipe.weights = weights
+        pipe = _random_pipe(random_weights, dev, DTYPES[dtype], backend, weights)
     else:
         pipe = bagel_rt.load(model_dir, device=dev, dtype=DTYPES[dtype], backend=backend, weights=weights)
     pipe.keep_bf16 = compare_torch  # the torch comparison runs the exact bf16 path

@@ -18,6 +18,7 @@ from bagel_rt.errors import BagelError, InputError, OutputError
 from bagel_rt.quantized import WEIGHTS
 from bagel_rt.sampler import MAX_SCALE, MAX_STEPS, RENORM_TYPES, CFGSettings
 from bagel_rt.tiny import ensure_tiny_checkpoint
+from bagel_rt.tokenizer import TextDeltas
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -125,7 +126,8 @@ class _Side(click.ParamType):
         return v
 
 
-model_options = _options(
+#: where and how the model runs (every command that loads one; also ``serve`` and ``app``)
+load_options = _options(
     click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
                  help="Checkpoint directory (the official BAGEL-7B-MoT layout). "
                       "Default: the embedded tiny model with RANDOM weights (outputs are noise), created on "
@@ -152,6 +154,10 @@ model_options = _options(
     click.option("--max-gpu-memory", type=_Number(0, 1e6, lo_open=True), default=None, metavar="GIB",
                  help="GPU memory budget: the ViT, VAE and embeddings leave the GPU between their phases and "
                       "the process is capped at GIB; a request that cannot fit fails with a clear message."),
+)
+
+model_options = _options(
+    load_options,
     click.option("--no-progress", is_flag=True, help="Hide the progress bars (stderr)."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text."),
 )
@@ -287,42 +293,57 @@ def _load(o: dict):
     if o.get("max_tokens") is not None and o["max_tokens"] >= context:
         raise InputError(f"a token limit of {o['max_tokens']} does not fit the model's context of {context} "
                          f"positions (max_position_embeddings of {path}/llm_config.json); use less")
-    return bagel_rt.load(path, device=o["device"], dtype=DTYPES[o["dtype"]], progress=not o["no_progress"],
+    return bagel_rt.load(path, device=o["device"], dtype=DTYPES[o["dtype"]], progress=not o.get("no_progress"),
                          backend=o["backend"], weights=o["weights"], compute=o["compute"],
                          attention=o["attention"], max_gpu_memory=o["max_gpu_memory"])
+
+
+def _random_pipe(kind: str, device: str, dtype: torch.dtype, backend: str, weights: str):
+    """A pipeline with random weights (``--random-weights``): "7b" is the real BAGEL-7B-MoT configuration, built
+    directly on the GPU; "tiny" the tiny one. ``weights`` other than auto quantizes its LLM Linears in place."""
+    from bagel_rt.quantized import LLM_FORMATS, quantize_in_place
+    from bagel_rt.random_weights import random_bagel
+    from bagel_rt.tiny import TINY_PARAMS
+
+    if kind == "7b" and not device.startswith("cuda"):
+        raise InputError("--random-weights 7b needs a CUDA GPU (29 GB of weights); use --random-weights tiny")
+    pipe = random_bagel("bagel-7b-mot" if kind == "7b" else TINY_PARAMS, device=device, dtype=dtype,
+                        backend=backend)
+    if weights != "auto":
+        from bagel_rt.quant import quantize_model
+
+        try:
+            if weights in LLM_FORMATS:
+                quantize_in_place(pipe.model, weights)
+            else:
+                quantize_model(pipe.model.language_model, weights)
+        except ValueError as e:
+            raise InputError(f"cannot quantize the random model to {weights}: {e}") from None
+        pipe.weights = weights
+    return pipe
 
 
 def _seed(o: dict) -> int:
     return o["seed"] if o["seed"] is not None else secrets.randbelow(2**31)
 
 
-class TextStream:
+class TextStream(TextDeltas):
     """Prints decoded text on stdout as the token ids arrive (``on_token`` of the pipeline), so an answer or a
-    think text shows while it is decoded and a Ctrl-C keeps what was shown.
-
-    It runs one token behind, because the reference's text leaves out the last prediction (the stop token, or the
-    one that hit the limit), and holds back an incomplete multi-byte character. ``text`` is what was shown.
-    """
+    think text shows while it is decoded and a Ctrl-C keeps what was shown (``text``; see :class:`TextDeltas`)."""
 
     def __init__(self, tokenizer, echo: bool):
-        self.tok, self.echo = tokenizer, echo
-        self.ids: list[int] = []
-        self.shown = 0  # ids[:shown] are in text
-        self.text = ""
+        super().__init__(tokenizer)
+        self.echo = echo
 
     def __call__(self, token: int) -> None:
-        self.ids.append(token)
-        ready = self.tok.decode(self.ids[self.shown:-1])
-        if ready and not ready.endswith("\ufffd"):
-            self.text += ready
-            self.shown = len(self.ids) - 1
-            if self.echo:
-                click.echo(ready, nl=False)
+        ready = self.push(token)
+        if ready and self.echo:
+            click.echo(ready, nl=False)
 
     def finish(self, final: str | None) -> None:
         """End the shown text with what the final text adds (normally nothing) and a newline."""
         if self.echo:
-            click.echo(final[len(self.text):] if final and final.startswith(self.text) else "")
+            click.echo(self.rest(final))
 
 
 def _image_result(pipe, res, path: Path, overwrite: bool, seconds: float, settings: dict, as_json: bool,
