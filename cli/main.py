@@ -44,8 +44,10 @@ from .options import (
     _Side,
     _text_kwargs,
     image_options,
+    load_options,
     model_options,
     seed_option,
+    server_options,
     text_options,
 )
 
@@ -317,6 +319,75 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
         with open(out, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
     click.echo("\n".join(lines))
+
+
+@cli.command()
+@server_options
+@load_options
+def serve(**o):
+    """Serve the model over HTTP with an OpenAI-compatible API.
+
+    POST /v1/images/generations, /v1/images/edits, /v1/chat/completions (streaming with "stream": true);
+    GET /health, /metrics (Prometheus), /v1/models. BAGEL's options go as extra JSON fields with the official
+    names (seed, num_timesteps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type,
+    timestep_shift, think, max_think_token_n, enable_taylorseer). One GPU worker; waiting requests with the same
+    task, size and settings run as one batch. Without --model: the embedded tiny model (random weights).
+    """
+    _run_server(o, with_app=False)
+
+
+@cli.command()
+@server_options
+@load_options
+def app(**o):
+    """Serve the web app (text to image, edit, understanding, think) and the HTTP API of `serve` together.
+
+    The app is at http://HOST:PORT/ and shows each request's progress; it runs on the same engine (queue,
+    batching, one GPU worker) as the API under /v1. Needs the [app] extra (Gradio).
+    """
+    _run_server(o, with_app=True)
+
+
+def _run_server(o: dict, with_app: bool) -> None:
+    try:
+        from bagel_rt.serve.api import create_app
+        from bagel_rt.serve.engine import Engine
+        from bagel_rt.serve.server import bound_socket, make_server
+    except ImportError as e:
+        raise InputError(f"serving needs the optional dependencies ({e.name} is missing): "
+                         "pip install 'bagel-rt[serve]'") from None
+    if with_app:
+        try:
+            from bagel_rt.serve.webapp import mount_webapp
+        except ImportError as e:
+            raise InputError(f"the web app needs the optional dependencies ({e.name} is missing): "
+                             "pip install 'bagel-rt[app]'") from None
+    if o["random_weights"] and o["model_dir"] is not None:
+        raise InputError("give either --model or --random-weights, not both")
+    try:
+        sock = bound_socket(o["host"], o["port"])
+    except OSError as e:
+        raise InputError(f"cannot listen on {o['host']}:{o['port']} ({e.strerror or e})") from None
+    if o["random_weights"]:
+        dev = o["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = _random_pipe(o["random_weights"], dev, DTYPES[o["dtype"]], o["backend"], o["weights"])
+        if o["compute"] != "auto":
+            pipe.compute = o["compute"]
+        pipe.attention = o["attention"]
+        name = f"bagel-7b-mot-random-{o['random_weights']}"
+    else:
+        pipe = _load(o)
+        name = Path(pipe.path).name if pipe.path is not None else "bagel"
+    engine = Engine(pipe, max_batch=o["max_batch"], max_queue=o["max_queue"], timeout_s=o["request_timeout"])
+    api = create_app(engine, model_name=name, max_body_bytes=int(o["max_body_mb"] * 2**20))
+    if with_app:
+        mount_webapp(api, engine)
+    server = make_server(api, engine, o["host"], o["port"], o["grace"], o["log_level"])
+    host, port = sock.getsockname()[:2]
+    click.echo(f"serving {name} on http://{host}:{port} ({pipe.device}, {pipe.backend} backend, max batch "
+               f"{o['max_batch']}, queue {o['max_queue']}){'; the web app is at /' if with_app else ''}", err=True)
+    server.run(sockets=[sock])
+    click.echo("stopped", err=True)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,29 @@ model_options = _options(
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text."),
 )
 
+#: the options of the commands that serve the model over HTTP (``serve``, ``app``)
+server_options = _options(
+    click.option("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    click.option("--port", type=click.IntRange(0, 65535), default=8000, help="TCP port (0: a free one)."),
+    click.option("--random-weights", type=click.Choice(["7b", "tiny"]), default=None,
+                 help="Serve a model with random weights built on the device instead of --model (7b: the real "
+                      "BAGEL-7B-MoT configuration, for throughput measurements on a GPU)."),
+    click.option("--max-batch", type=click.IntRange(1, 256), default=8,
+                 help="Most images of one batched forward made of several waiting requests with the same task, "
+                      "size and settings; 1 turns batching across requests off."),
+    click.option("--max-queue", type=click.IntRange(1, 100_000), default=64,
+                 help="Most requests waiting; more are refused with HTTP 429 and a Retry-After estimate."),
+    click.option("--request-timeout", type=_Number(0, 1e6, lo_open=True), default=600.0, metavar="SECONDS",
+                 help="A request still queued or running after this fails with HTTP 504 (its work stops)."),
+    click.option("--max-body-mb", type=_Number(0, 4096, lo_open=True), default=32.0, metavar="MB",
+                 help="Largest request body (images included); larger ones get HTTP 413."),
+    click.option("--grace", type=_Number(0, 3600), default=30.0, metavar="SECONDS",
+                 help="On SIGTERM or Ctrl-C: seconds to finish the queued and running requests (new ones get "
+                      "503) before the rest is rejected."),
+    click.option("--log-level", type=click.Choice(["warning", "info", "debug"]), default="info",
+                 help="uvicorn's log level (debug adds the access log)."),
+)
+
 seed_option = click.option("--seed", type=click.IntRange(0, validate.MAX_SEED), default=None,
                            show_default="random, reported",
                            help="Seeds the noise (and sampled text): the same seed gives the same output.")
