@@ -258,9 +258,9 @@ def parse_generation(body, limits: Limits) -> ImageRequest:
 def parse_edit(body, limits: Limits) -> ImageRequest:
     """A ``/v1/images/edits`` body -> :class:`ImageRequest` (edit). ``image`` is the uploaded file's bytes (a
     multipart form) or a data URL (a JSON body)."""
-    body = _check_fields(body, EDIT_FIELDS, "/v1/images/edits")
-    if "mask" in body:
+    if isinstance(body, dict) and "mask" in body:
         raise InputError("mask is not supported: BAGEL edits follow the instruction over the whole image")
+    body = _check_fields(body, EDIT_FIELDS, "/v1/images/edits")
     raw = body.get("image")
     if raw is None:
         raise InputError("image is missing: upload it as the form field 'image' (or a data URL in a JSON body)")
