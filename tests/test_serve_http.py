@@ -218,6 +218,17 @@ def test_bad_requests_get_a_clear_4xx_before_any_model_work(server, path, kwargs
     assert batches(engine) == before  # nothing reached the worker
 
 
+def test_chunked_bodies_over_the_limit_and_a_draining_server(pipe):
+    with serving(pipe, max_body_bytes=1 << 20) as (url, engine):
+        chunks = (b"x" * 65536 for _ in range(40))  # no Content-Length: counted while read
+        r = httpx.post(url + GEN, content=chunks, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 413 and "larger than the server accepts" in r.json()["error"]["message"]
+        engine.close()  # what SIGTERM does first
+        r = httpx.post(url + GEN, json={"prompt": "x", **SMALL}, timeout=30)
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        assert httpx.get(url + "/health").json()["status"] == "draining"
+
+
 # -- clients that go away -----------------------------------------------------------------------------------------
 def test_a_client_that_disconnects_stops_its_work(server):
     url, engine = server

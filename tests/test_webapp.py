@@ -87,6 +87,13 @@ def test_text_to_image_in_a_browser(app_url):
         page.screenshot(path=str(shot), full_page=True)
         print(f"\nscreenshot: {shot}")
         data = page.request.get(src if src.startswith("http") else app_url + "/" + src.lstrip("/")).body()
+
+        # understanding: the answer streams into its box
+        page.get_by_role("tab", name="Understanding").click()
+        page.locator("#und-question textarea").fill("Why is the sky blue?")
+        page.locator("#und-run").click()
+        page.wait_for_function("() => document.querySelector('#und-answer textarea').value.length > 5",
+                               timeout=60_000)
         browser.close()
     assert shown == [64, 48]
     image = Image.open(io.BytesIO(data))

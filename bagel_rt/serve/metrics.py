@@ -54,7 +54,8 @@ class Metrics:
 
     HELP = {
         "bagel_requests_total": ("counter", "Requests answered, by endpoint and HTTP status."),
-        "bagel_request_seconds": ("histogram", "Time from a request's arrival to its answer, by endpoint."),
+        "bagel_request_seconds": ("histogram", "Seconds from a request's arrival to its answer (a stream's "
+                                                 "start), by endpoint."),
         "bagel_queue_wait_seconds": ("histogram", "Time a job waited in the queue before its batch started."),
         "bagel_batch_images": ("histogram", "Images in one batched library call."),
         "bagel_batch_seconds": ("histogram", "Run time of one batched library call."),

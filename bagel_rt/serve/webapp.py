@@ -78,9 +78,10 @@ def _image_request(engine: Engine, task: str, body: dict, progress) -> tuple[Ima
     return res.image, res.text or ""
 
 
-def _settings(seed, steps, cfg_text, interval_lo, shift, renorm_type, renorm_min, taylorseer, think,
+def _settings(seed, steps, cfg_text, cfg_img, interval_lo, shift, renorm_type, renorm_min, taylorseer, think,
               think_tokens) -> dict:
-    body = {"num_timesteps": int(steps), "cfg_text_scale": float(cfg_text),
+    """The API fields of an image tab's settings (as :func:`_image_settings` lists them)."""
+    body = {"num_timesteps": int(steps), "cfg_text_scale": float(cfg_text), "cfg_img_scale": float(cfg_img),
             "cfg_interval": [float(interval_lo), 1.0], "timestep_shift": float(shift),
             "cfg_renorm_type": renorm_type, "cfg_renorm_min": float(renorm_min),
             "enable_taylorseer": bool(taylorseer), "think": bool(think), "max_think_token_n": int(think_tokens)}
@@ -89,19 +90,25 @@ def _settings(seed, steps, cfg_text, interval_lo, shift, renorm_type, renorm_min
     return body
 
 
-def _sampler_controls(task: str, tab: str) -> list:
-    """Seed, steps, text CFG, CFG interval start, shift, renorm type and minimum, TaylorSeer (task defaults)."""
+def _image_settings(task: str, tab: str, think: bool | None) -> list:
+    """The Settings of an image tab with the task's defaults, in :func:`_settings`'s order: seed, steps, text and
+    image guidance, CFG interval start, shift, renorm type and minimum, TaylorSeer, think (a checkbox, or fixed
+    for a tab that always thinks) and the most think tokens."""
     d = TASK_DEFAULTS[task]
-    return [
-        gr.Number(0, precision=0, minimum=0, label="Seed (0: random)"),
-        gr.Slider(2, 100, d["num_timesteps"], step=1, label="Steps (num_timesteps)", elem_id=f"{tab}-steps"),
-        gr.Slider(1.0, 8.0, d["cfg_text_scale"], step=0.1, label="Text guidance (cfg_text_scale)"),
-        gr.Slider(0.0, 1.0, d["cfg_interval"][0], step=0.1, label="Guidance from (cfg_interval start)"),
-        gr.Slider(1.0, 5.0, d["timestep_shift"], step=0.5, label="Timestep shift"),
-        gr.Dropdown(list(RENORM_TYPES), value=d["cfg_renorm_type"], label="CFG renorm type"),
-        gr.Slider(0.0, 1.0, d["cfg_renorm_min"], step=0.1, label="CFG renorm minimum"),
-        gr.Checkbox(d["enable_taylorseer"], label="TaylorSeer step caching (approximate, faster)"),
-    ]
+    with gr.Accordion("Settings", open=False, elem_id=f"{tab}-settings"):
+        return [
+            gr.Number(0, precision=0, minimum=0, label="Seed (0: random)"),
+            gr.Slider(2, 100, d["num_timesteps"], step=1, label="Steps (num_timesteps)", elem_id=f"{tab}-steps"),
+            gr.Slider(1.0, 8.0, d["cfg_text_scale"], step=0.1, label="Text guidance (cfg_text_scale)"),
+            gr.Slider(1.0, 4.0, d["cfg_img_scale"], step=0.1, label="Image guidance (cfg_img_scale)"),
+            gr.Slider(0.0, 1.0, d["cfg_interval"][0], step=0.1, label="Guidance from (cfg_interval start)"),
+            gr.Slider(1.0, 5.0, d["timestep_shift"], step=0.5, label="Timestep shift"),
+            gr.Dropdown(list(RENORM_TYPES), value=d["cfg_renorm_type"], label="CFG renorm type"),
+            gr.Slider(0.0, 1.0, d["cfg_renorm_min"], step=0.1, label="CFG renorm minimum"),
+            gr.Checkbox(d["enable_taylorseer"], label="TaylorSeer step caching (approximate, faster)"),
+            gr.Checkbox(False, label="Think first (plan, then draw)") if think is None else gr.State(think),
+            gr.Slider(64, 4096, 1024, step=64, label="Most think tokens"),
+        ]
 
 
 def build_webapp(engine: Engine) -> gr.Blocks:
@@ -109,18 +116,14 @@ def build_webapp(engine: Engine) -> gr.Blocks:
     side = engine.limits.params.max_image_side
     step = engine.limits.params.latent_downsample
 
-    def t2i(prompt, height, width, *rest, progress=PROGRESS):
-        *sampler, think, think_tokens = rest
-        body = {"prompt": prompt, "size": f"{int(width)}x{int(height)}",
-                **_settings(*sampler, think, think_tokens)}
+    def t2i(prompt, height, width, *settings, progress=PROGRESS):
+        body = {"prompt": prompt, "size": f"{int(width)}x{int(height)}", **_settings(*settings)}
         return _image_request(engine, "t2i", body, progress)
 
-    def edit(image, instruction, cfg_img, *rest, progress=PROGRESS):
+    def edit(image, instruction, *settings, progress=PROGRESS):
         if image is None:
             raise gr.Error("upload an image to edit")
-        *sampler, think_box, think_tokens = rest
-        body = {"image": _png(image), "prompt": instruction, "cfg_img_scale": float(cfg_img),
-                **_settings(*sampler, think_box, think_tokens)}
+        body = {"image": _png(image), "prompt": instruction, **_settings(*settings)}
         return _image_request(engine, "edit", body, progress)
 
     def understand(image, question, think, do_sample, temperature, max_tokens):
@@ -151,77 +154,55 @@ def build_webapp(engine: Engine) -> gr.Blocks:
         finally:  # the page went away: stop decoding
             job.cancel("the web page closed the request")
 
-    def size_from_aspect(aspect):
-        h, w = ASPECT_PRESETS[aspect]
-        return h, w
+    def text_to_image_tab(tab: str, think: bool | None, button: str):
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt")
+                aspect = gr.Dropdown(list(ASPECT_PRESETS), value="1:1", label="Aspect ratio (H x W presets)")
+                height = gr.Slider(step, side, 1024, step=step, label="Height", elem_id=f"{tab}-height")
+                width = gr.Slider(step, side, 1024, step=step, label="Width", elem_id=f"{tab}-width")
+                settings = _image_settings("t2i", tab, think)
+                go = gr.Button(button, variant="primary", elem_id=f"{tab}-run")
+            with gr.Column():
+                image = gr.Image(type="pil", label="Image", format="png", elem_id=f"{tab}-image")
+                plan = gr.Textbox(label="Plan (think mode)", lines=6)
+        aspect.change(lambda a: ASPECT_PRESETS[a], aspect, [height, width])
+        go.click(t2i, [prompt, height, width, *settings], [image, plan])
 
     with gr.Blocks(title="bagel-rt") as app:
         gr.Markdown("# BAGEL (bagel-rt)\nText to image, editing, understanding and think mode on one engine.")
         with gr.Tab("Text to Image"):
-            with gr.Row():
-                with gr.Column():
-                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="t2i-prompt")
-                    aspect = gr.Dropdown(list(ASPECT_PRESETS), value="1:1", label="Aspect ratio (H x W presets)")
-                    height = gr.Slider(step, side, 1024, step=step, label="Height", elem_id="t2i-height")
-                    width = gr.Slider(step, side, 1024, step=step, label="Width", elem_id="t2i-width")
-                    with gr.Accordion("Settings", open=False, elem_id="t2i-settings"):
-                        sampler = _sampler_controls("t2i", "t2i")
-                        think = gr.Checkbox(False, label="Think first (plan in text, then draw)")
-                        think_tokens = gr.Slider(64, 4096, 1024, step=64, label="Most think tokens")
-                    go = gr.Button("Generate", variant="primary", elem_id="t2i-run")
-                with gr.Column():
-                    image = gr.Image(type="pil", label="Image", format="png", elem_id="t2i-image")
-                    plan = gr.Textbox(label="Thinking", lines=4)
-            aspect.change(size_from_aspect, aspect, [height, width])
-            go.click(t2i, [prompt, height, width, *sampler, think, think_tokens], [image, plan])
+            text_to_image_tab("t2i", None, "Generate")
 
         with gr.Tab("Edit"):
             with gr.Row():
                 with gr.Column():
                     source = gr.Image(type="pil", label="Image to edit")
                     instruction = gr.Textbox(label="Instruction", lines=2)
-                    with gr.Accordion("Settings", open=False):
-                        sampler_e = _sampler_controls("edit", "edit")
-                        cfg_img = gr.Slider(1.0, 4.0, TASK_DEFAULTS["edit"]["cfg_img_scale"], step=0.1,
-                                            label="Image guidance (cfg_img_scale)")
-                        think_e = gr.Checkbox(False, label="Think first")
-                        think_tokens_e = gr.Slider(64, 4096, 1024, step=64, label="Most think tokens")
-                    go_e = gr.Button("Edit", variant="primary")
+                    settings = _image_settings("edit", "edit", None)
+                    go = gr.Button("Edit", variant="primary")
                 with gr.Column():
                     edited = gr.Image(type="pil", label="Edited", format="png")
-                    plan_e = gr.Textbox(label="Thinking", lines=4)
-            go_e.click(edit, [source, instruction, cfg_img, *sampler_e, think_e, think_tokens_e], [edited, plan_e])
+                    plan = gr.Textbox(label="Plan (think mode)", lines=6)
+            go.click(edit, [source, instruction, *settings], [edited, plan])
 
         with gr.Tab("Understanding"):
             with gr.Row():
                 with gr.Column():
                     seen = gr.Image(type="pil", label="Image (optional)")
-                    question = gr.Textbox(label="Question", lines=2)
-                    think_u = gr.Checkbox(False, label="Think first (reasoning in <think> tags)")
+                    question = gr.Textbox(label="Question", lines=2, elem_id="und-question")
+                    think = gr.Checkbox(False, label="Think first (reasoning in <think> tags)")
                     with gr.Accordion("Settings", open=False):
                         sample = gr.Checkbox(False, label="Sample (instead of greedy)")
                         temperature = gr.Slider(0.1, 1.0, 0.3, step=0.1, label="Temperature")
                         max_new = gr.Slider(64, 4096, 512, step=64, label="Most new tokens")
-                    go_u = gr.Button("Ask", variant="primary")
-                answer = gr.Textbox(label="Answer", lines=12)
-            go_u.click(understand, [seen, question, think_u, sample, temperature, max_new], answer)
+                    go = gr.Button("Ask", variant="primary", elem_id="und-run")
+                answer = gr.Textbox(label="Answer", lines=12, elem_id="und-answer")
+            go.click(understand, [seen, question, think, sample, temperature, max_new], answer)
 
         with gr.Tab("Think"):
             gr.Markdown("Think mode: the model writes a plan first, then draws from its prompt and the plan.")
-            with gr.Row():
-                with gr.Column():
-                    prompt_t = gr.Textbox(label="Prompt", lines=2)
-                    height_t = gr.Slider(step, side, 1024, step=step, label="Height")
-                    width_t = gr.Slider(step, side, 1024, step=step, label="Width")
-                    with gr.Accordion("Settings", open=False):
-                        sampler_t = _sampler_controls("t2i", "think")
-                        think_tokens_t = gr.Slider(64, 4096, 1024, step=64, label="Most think tokens")
-                    go_t = gr.Button("Think and draw", variant="primary")
-                with gr.Column():
-                    plan_t = gr.Textbox(label="Plan", lines=6)
-                    image_t = gr.Image(type="pil", label="Image", format="png")
-            go_t.click(t2i, [prompt_t, height_t, width_t, *sampler_t, gr.State(True), think_tokens_t],
-                       [image_t, plan_t])
+            text_to_image_tab("think", True, "Think and draw")
     return app
 
 
