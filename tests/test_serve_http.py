@@ -21,6 +21,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from bagel_rt.cli.main import cli
+from click.testing import CliRunner
 from PIL import Image
 
 import bagel_rt
@@ -273,6 +275,20 @@ def test_200_requests_at_concurrency_16_all_answered_once(pipe, monkeypatch):
         assert served == s["ok"] and engine.metrics.counter("bagel_images_total") == s["ok"]
         batch_images = engine.metrics._hists["bagel_batch_images"][()]
         assert batch_images.sum == s["ok"] and batch_images.count < s["ok"]  # some requests shared a batch
+
+
+def test_serve_command_options_and_errors(tiny):
+    helped = " ".join(CliRunner().invoke(cli, ["serve", "--help"]).output.split())
+    for option in ("--max-batch", "--max-queue", "--request-timeout", "--max-body-mb", "--grace",
+                   "--random-weights", "--weights", "--compute", "--max-gpu-memory"):
+        assert option in helped
+    assert "--json" not in helped and "1 turns batching across requests off" in helped
+    r = CliRunner().invoke(cli, ["serve", "--model", str(tiny), "--random-weights", "tiny"])
+    assert r.exit_code == 2 and "either --model or --random-weights" in r.output
+    with bound_socket("127.0.0.1", 0) as busy:
+        busy.listen()
+        r = CliRunner().invoke(cli, ["serve", "--model", str(tiny), "--port", str(busy.getsockname()[1])])
+    assert r.exit_code == 2 and "cannot listen on 127.0.0.1" in r.output
 
 
 # -- the server process: killed mid-request, restarted, stopped gracefully ----------------------------------------
