@@ -17,6 +17,7 @@ from bagel_rt.config import MAX_POSITIONS, llm_params_from_json
 from bagel_rt.errors import BagelError, InputError, OutputError
 from bagel_rt.quantized import WEIGHTS
 from bagel_rt.sampler import MAX_SCALE, MAX_STEPS, RENORM_TYPES, CFGSettings
+from bagel_rt.serve.requests import MAX_N
 from bagel_rt.tiny import ensure_tiny_checkpoint
 from bagel_rt.tokenizer import TextDeltas
 
@@ -169,9 +170,10 @@ server_options = _options(
     click.option("--random-weights", type=click.Choice(["7b", "tiny"]), default=None,
                  help="Serve a model with random weights built on the device instead of --model (7b: the real "
                       "BAGEL-7B-MoT configuration, for throughput measurements on a GPU)."),
-    click.option("--max-batch", type=click.IntRange(1, 256), default=8,
+    click.option("--max-batch", type=click.IntRange(1, MAX_N), default=8,
                  help="Most images of one batched forward made of several waiting requests with the same task, "
-                      "size and settings; 1 turns batching across requests off."),
+                      "size and settings; 1 turns batching across requests off (a request's own n images always "
+                      "run together)."),
     click.option("--max-queue", type=click.IntRange(1, 100_000), default=64,
                  help="Most requests waiting; more are refused with HTTP 429 and a Retry-After estimate."),
     click.option("--request-timeout", type=_Number(0, 1e6, lo_open=True), default=600.0, metavar="SECONDS",

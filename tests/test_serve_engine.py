@@ -4,16 +4,18 @@ raising in it stops the work)."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from bagel_rt.errors import InputError
 from bagel_rt.serve.engine import Engine
-from bagel_rt.serve.requests import Limits, parse_chat, parse_generation
+from bagel_rt.serve.requests import Limits, parse_chat, parse_edit, parse_generation
 from bagel_rt.serve.scheduler import Cancelled, QueueFull, ShuttingDown, TimedOut
 from bagel_rt.session import Result
 from bagel_rt.tiny import TINY_PARAMS
@@ -206,3 +208,49 @@ def test_shutdown_drains_within_the_grace_period_and_rejects_the_rest():
     with pytest.raises(Cancelled, match="shut down"):
         first.future.result(0)
     assert not eng._thread.is_alive() and run.stopped_at
+
+
+class ContractBagel:
+    """The batched library API (``generate``/``edit`` with prompt lists, per-image seeds and ``on_step``) as a
+    recording stand-in: one call per batch, ``num_timesteps`` steps, one Result per image in order."""
+
+    def __init__(self):
+        self.model = SimpleNamespace(params=TINY_PARAMS)
+        self.device = torch.device("cpu")
+        self.calls = []
+
+    def _run(self, name, prompts, images, seed, on_step, kw):
+        self.calls.append((name, list(prompts), images, list(seed), kw))
+        for i in range(kw["num_timesteps"]):
+            on_step(i, kw["num_timesteps"])
+        return [Result(seed=s, text=p) for p, s in zip(prompts, seed)]
+
+    def generate(self, prompt, *, n=1, seed=None, on_step=None, **kw):
+        return self._run("generate", prompt, None, seed, on_step, kw)
+
+    def edit(self, image, instruction, *, n=1, seed=None, on_step=None, **kw):
+        return self._run("edit", instruction, image, seed, on_step, kw)
+
+
+def test_runner_makes_one_library_call_per_batch_request_major():
+    bagel = ContractBagel()
+    eng = Engine(bagel, max_batch=8)
+    hold = threading.Event()
+    blocker = eng.submit(t2i("blocker"), on_step=lambda i, n: hold.wait(5))
+    a = eng.submit(t2i("a", size="48x32", n=2, seed=10, cfg_text_scale=5.0))
+    b = eng.submit(t2i("b", size="48x32", n=1, seed=3, cfg_text_scale=5.0))
+    hold.set()
+    assert [r.seed for r in a.future.result(5)] == [10, 11] and [r.text for r in b.future.result(5)] == ["b"]
+    blocker.future.result(5)
+    name, prompts, _, seeds, kw = bagel.calls[1]
+    assert (name, prompts, seeds) == ("generate", ["a", "a", "b"], [10, 11, 3])
+    assert kw["image_shapes"] == (32, 48) and kw["cfg_text_scale"] == 5.0 and kw["cfg_renorm_type"] == "global"
+    img = Image.new("RGB", (40, 30))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    e = eng.submit(parse_edit({"image": buf.getvalue(), "prompt": "blue", "n": 2, "seed": 1}, LIMITS))
+    assert len(e.future.result(5)) == 2
+    name, prompts, images, seeds, kw = bagel.calls[2]
+    assert (name, prompts, seeds, len(images)) == ("edit", ["blue", "blue"], [1, 2], 2)
+    assert images[0].size == (40, 30) and "image_shapes" not in kw and kw["cfg_img_scale"] == 2.0
+    eng.shutdown(1)

@@ -32,7 +32,7 @@ from ..sampler import MAX_SCALE, MAX_STEPS, CFGSettings
 from ..session import check_image_shape
 from ..transforms import VAE_RESIZE, resize_dims
 
-#: Most images one request may ask for (``n``).
+#: Most images one request may ask for (``n``); also the most of one batched call (``serve --max-batch``).
 MAX_N = 16
 #: Longest prompt or message text, in characters (a prompt must also fit the model's context, in tokens).
 MAX_TEXT_CHARS = 32_000
