@@ -92,6 +92,13 @@ def summarize(run: dict, requests: int) -> dict:
 
 
 # -- starting a server --------------------------------------------------------------------------------------------
+def gpu_peak_gib(url: str) -> float | None:
+    """The server's peak allocated GPU memory from its /metrics (None on a CPU server)."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    m = re.search(r'^bagel_gpu_memory_bytes\{kind="peak_allocated"\} ([0-9.e+]+)$', text, re.M)
+    return round(float(m[1]) / 2**30, 2) if m else None
+
+
 def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
     """``bagel-rt serve`` in a subprocess on a free port; returns (process, base URL) once /health answers."""
     cmd = [sys.executable, "-m", "bagel_rt.cli.entry", "serve", "--port", "0", "--max-batch", str(max_batch),
@@ -173,7 +180,7 @@ def main() -> None:
                               args.requests)
                 row = {"bench": "serve_load", "url": url, "max_batch": max_batch, "concurrency": c,
                        "size": args.size, "steps": args.steps,
-                       "images_per_s": s["requests_per_s"], **s, **env,
+                       "images_per_s": s["requests_per_s"], "gpu_peak_gib": gpu_peak_gib(url), **s, **env,
                        "model": args.model or (f"random-{args.random_weights}" if args.start else None),
                        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}
                 emit(row, args.out)

@@ -374,7 +374,7 @@ def _run_server(o: dict, with_app: bool) -> None:
         if o["compute"] != "auto":
             pipe.compute = o["compute"]
         pipe.attention = o["attention"]
-        name = f"bagel-7b-mot-random-{o['random_weights']}"
+        name = f"random-{o['random_weights']}"
     else:
         pipe = _load(o)
         name = Path(pipe.path).name if pipe.path is not None else "bagel"

@@ -100,6 +100,12 @@ def test_generations_are_the_librarys_images_for_the_same_seeds(server, pipe):
         assert decode(d).shape == (32, 48, 3)  # size is WxH
         assert np.array_equal(decode(d), pixels(alone.image))
     assert decode(body["data"][0]).tolist() != decode(body["data"][1]).tolist()
+    think = httpx.post(url + "/v1/images/generations", json={"prompt": "a red bagel", "seed": 2, "think": True,
+                                                             "max_think_token_n": 12, **SMALL}, timeout=60).json()
+    alone = pipe.generate("a red bagel", seed=2, think=True, max_think_token_n=12, image_shapes=(32, 32),
+                          num_timesteps=3)
+    assert think["data"][0]["revised_prompt"] == alone.text and alone.text
+    assert np.array_equal(decode(think["data"][0]), pixels(alone.image))
 
 
 def test_edits_by_upload_and_by_data_url(server, pipe):
