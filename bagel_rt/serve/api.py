@@ -196,10 +196,18 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def result_of(job) -> asyncio.Future:
+    """The job's result as an asyncio future of the running loop (its error counts as seen even when nobody
+    is left to read it: a job cancelled for a client that went away)."""
+    result = asyncio.wrap_future(job.future)
+    result.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return result
+
+
 async def wait(request: Request, job) -> list:
     """The job's results; cancels the job when the client goes away or the handler is cancelled."""
     watcher = asyncio.ensure_future(_disconnected(request))
-    result = asyncio.wrap_future(job.future)
+    result = result_of(job)
     try:
         while True:
             left = job.deadline - time.monotonic()
@@ -239,7 +247,6 @@ def create_app(engine: Engine, model_name: str = "bagel-7b-mot", max_body_bytes:
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.engine = engine
     metrics = engine.metrics
-    tokenizer = engine.bagel.tokenizer if hasattr(engine.bagel, "tokenizer") else None
 
     async def answer(request: Request, endpoint: str, handle) -> Response:
         """Run ``handle`` and turn what it raises into an error response; record status and latency."""
@@ -284,17 +291,14 @@ def create_app(engine: Engine, model_name: str = "bagel-7b-mot", max_body_bytes:
             if req.stream:
                 return await stream_chat(request, req)
             res = (await wait(request, engine.submit(req)))[0]
-            return JSONResponse(_completion(res, req, model_name, eos(), _chat_id()))
+            return JSONResponse(_completion(res, model_name, engine.bagel.model.special.eos))
         return await answer(request, "/v1/chat/completions", handle)
-
-    def eos() -> int | None:
-        return engine.bagel.model.special.eos if hasattr(engine.bagel.model, "special") else None
 
     async def stream_chat(request: Request, req: ChatRequest) -> StreamingResponse:
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
         job = engine.submit(req, on_token=lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t))
-        result = asyncio.wrap_future(job.future)
+        result = result_of(job)
         cid, created = _chat_id(), int(time.time())
 
         def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
@@ -303,19 +307,22 @@ def create_app(engine: Engine, model_name: str = "bagel-7b-mot", max_body_bytes:
                                           "model": model_name, "choices": choices, **extra}) + "\n\n"
 
         async def events():
-            deltas = TextDeltas(tokenizer)
+            deltas = TextDeltas(engine.bagel.tokenizer)
             try:
                 yield chunk({"role": "assistant", "content": ""})
-                while not (result.done() and tokens.empty()):
-                    try:
-                        token = await asyncio.wait_for(tokens.get(), HEARTBEAT_S)
-                    except asyncio.TimeoutError:
-                        job.expire_if_late(time.monotonic())
-                        if not result.done():
-                            yield ": keep-alive\n\n"
+                while True:  # the worker puts every token before it settles the result (both in order on the loop)
+                    if tokens.empty() and result.done():
+                        break
+                    getter = asyncio.ensure_future(tokens.get())
+                    await asyncio.wait({getter, result}, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        if piece := deltas.push(getter.result()):
+                            yield chunk({"content": piece})
                         continue
-                    if piece := deltas.push(token):
-                        yield chunk({"content": piece})
+                    getter.cancel()
+                    if not result.done():
+                        job.expire_if_late(time.monotonic())
+                        yield ": keep-alive\n\n"
                 try:
                     res = result.result()[0]
                 except Exception as e:
@@ -323,7 +330,7 @@ def create_app(engine: Engine, model_name: str = "bagel-7b-mot", max_body_bytes:
                     return
                 if rest := deltas.rest(res.text):
                     yield chunk({"content": rest})
-                yield chunk({}, _finish_reason(res, eos()))
+                yield chunk({}, _finish_reason(res, engine.bagel.model.special.eos))
                 if req.include_usage:
                     yield chunk(None, usage=_usage(res))
                 yield "data: [DONE]\n\n"
@@ -365,12 +372,12 @@ def _chat_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
 
 
-def _finish_reason(res, eos: int | None) -> str:
+def _finish_reason(res, eos: int) -> str:
     return "stop" if res.token_ids and res.token_ids[-1] == eos else "length"
 
 
-def _completion(res, req: ChatRequest, model_name: str, eos: int | None, cid: str) -> dict:
-    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
+def _completion(res, model_name: str, eos: int) -> dict:
+    return {"id": _chat_id(), "object": "chat.completion", "created": int(time.time()), "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
                          "finish_reason": _finish_reason(res, eos)}],
             "seed": res.seed, "usage": _usage(res)}
