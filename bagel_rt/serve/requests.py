@@ -191,8 +191,10 @@ def _seeds(seed, n: int) -> tuple[int, ...]:
 
 
 def _library_defaults(method) -> dict:
-    return {name: p.default for name, p in inspect.signature(method).parameters.items()
-            if name in IMAGE_OPTIONS}
+    found = {name: p.default for name, p in inspect.signature(method).parameters.items() if name in IMAGE_OPTIONS}
+    missing = sorted(set(IMAGE_OPTIONS) - set(found))
+    assert not missing, f"{method.__qualname__} has no keyword default for {', '.join(missing)}"
+    return found
 
 
 #: The official app's defaults per task: the library's (one table, in the signatures).
