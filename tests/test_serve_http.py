@@ -136,7 +136,8 @@ def chat_body(**kw):
 
 
 def test_chat_completion_and_its_stream_say_the_same(server, pipe):
-    url, _ = server
+    url, engine = server
+    tokens_before = engine.metrics.counter("bagel_tokens_total")
     r = httpx.post(url + "/v1/chat/completions", json=chat_body(), timeout=60)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
@@ -158,6 +159,7 @@ def test_chat_completion_and_its_stream_say_the_same(server, pipe):
             finish = c["finish_reason"] or finish
     assert len(pieces) > 3 and "".join(pieces) == alone.text and finish == choice["finish_reason"]
     assert usage == {"completion_tokens": len(alone.token_ids)}
+    assert engine.metrics.counter("bagel_tokens_total") == tokens_before + 2 * len(alone.token_ids)
     think = httpx.post(url + "/v1/chat/completions", json=chat_body(think=True), timeout=60)
     assert think.status_code == 200
     assert think.json()["choices"][0]["message"]["content"] == pipe.understand(

@@ -156,9 +156,10 @@ class Engine:
         else:
             for job, res in zip(jobs, results):
                 job.settle(result=res)
-            images = sum(j.images for j in jobs if not isinstance(j.request, ChatRequest))
-            if images:
-                self.metrics.inc("bagel_images_total", images)
+            if isinstance(jobs[0].request, ChatRequest):
+                self.metrics.inc("bagel_tokens_total", sum(len(r.token_ids or []) for rs in results for r in rs))
+            else:
+                self.metrics.inc("bagel_images_total", sum(j.images for j in jobs))
         finally:
             seconds = time.monotonic() - t0
             self.running = []

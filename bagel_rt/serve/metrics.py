@@ -57,7 +57,7 @@ class Metrics:
         "bagel_request_seconds": ("histogram", "Seconds from a request's arrival to its answer (a stream's "
                                                  "start), by endpoint."),
         "bagel_queue_wait_seconds": ("histogram", "Time a job waited in the queue before its batch started."),
-        "bagel_batch_images": ("histogram", "Images in one batched library call."),
+        "bagel_batch_images": ("histogram", "Images (a chat: 1) in one batched library call."),
         "bagel_batch_seconds": ("histogram", "Run time of one batched library call."),
         "bagel_images_total": ("counter", "Images generated or edited."),
         "bagel_tokens_total": ("counter", "Tokens decoded for chat completions."),
