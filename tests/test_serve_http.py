@@ -23,6 +23,7 @@ import pytest
 import torch
 from bagel_rt.cli.main import cli
 from click.testing import CliRunner
+from conftest import requires_cuda
 from PIL import Image
 
 import bagel_rt
@@ -360,3 +361,20 @@ def test_server_killed_mid_request_restarts_cleanly_and_stops_gracefully(tiny):
     assert proc.wait(30) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_on_a_gpu_batched_requests_and_memory_metrics(tiny):
+    """The triton backend behind the server: the images of one batched call are each within float noise of the
+    library's image alone for its seed, and /metrics reports GPU memory."""
+    gpu = bagel_rt.load(tiny, device="cuda")
+    with serving(gpu) as (url, engine):
+        r = httpx.post(url + GEN, json={"prompt": "a red bagel", "size": "64x64", "num_timesteps": 4, "n": 2,
+                                        "seed": 1}, timeout=300)
+        assert r.status_code == 200, r.text
+        for item in r.json()["data"]:
+            alone = gpu.generate("a red bagel", seed=item["seed"], image_shapes=(64, 64), num_timesteps=4)
+            assert np.abs(decode(item).astype(int) - pixels(alone.image).astype(int)).mean() < 2.0
+        text = httpx.get(url + "/metrics").text
+        assert 'bagel_gpu_memory_bytes{kind="peak_allocated"}' in text and 'kind="total"' in text
