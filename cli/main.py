@@ -24,7 +24,7 @@ from bagel_rt.convert import convert_checkpoint
 from bagel_rt.errors import CheckpointError, InputError
 from bagel_rt.info import _human, checkpoint_info, format_info
 from bagel_rt.pipeline import ASPECT_PRESETS, open_image
-from bagel_rt.quantized import FORMATS, LLM_FORMATS, quantize_in_place
+from bagel_rt.quantized import FORMATS, LLM_FORMATS
 from bagel_rt.sampler import MAX_STEPS
 from bagel_rt.tiny import write_tiny_checkpoint
 
@@ -38,14 +38,17 @@ from .options import (
     _Group,
     _image_result,
     _load,
+    _random_pipe,
     _seed,
     _settings,
     _Side,
     _text_kwargs,
     image_options,
+    load_options,
     model_options,
     parallel_options,
     seed_option,
+    server_options,
     spread,
     text_options,
 )
@@ -300,8 +303,6 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     GPU memory, achieved TFLOP/s and its share of the measured bf16 matmul peak. One JSON line per result
     on stdout (and appended to --out)."""
     from bagel_rt.bench import run_bench
-    from bagel_rt.random_weights import random_bagel
-    from bagel_rt.tiny import TINY_PARAMS
 
     o = {"gpus": gpus, "parallel": parallel}
     spread(o)
@@ -317,28 +318,14 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model_dir is None and random_weights is None:
         random_weights = "7b" if dev.startswith("cuda") else "tiny"
-    if random_weights == "7b" and not dev.startswith("cuda"):
-        raise InputError("--random-weights 7b needs a CUDA GPU (29 GB of weights); use --random-weights tiny")
     group = None
     if random_weights and mode is not None:
         from bagel_rt.parallel import init_group
 
         group = init_group(mode, device)
-        dev = group.device  # built whole on the rank's device, then split below
+        dev = str(group.device)  # built whole on the rank's device, then split below
     if random_weights:
-        pipe = random_bagel("bagel-7b-mot" if random_weights == "7b" else TINY_PARAMS, device=dev,
-                            dtype=DTYPES[dtype], backend=backend)
-        if weights != "auto":
-            from bagel_rt.quant import quantize_model
-
-            try:
-                if weights in LLM_FORMATS:
-                    quantize_in_place(pipe.model, weights)
-                else:
-                    quantize_model(pipe.model.language_model, weights)
-            except ValueError as e:
-                raise InputError(f"cannot quantize the random model to {weights}: {e}") from None
-            pipe.weights = weights
+        pipe = _random_pipe(random_weights, dev, DTYPES[dtype], backend, weights)
         if group is not None:
             from bagel_rt.parallel import parallelize
 
@@ -362,6 +349,75 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
         with open(out, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
     click.echo("\n".join(lines))
+
+
+@cli.command()
+@server_options
+@load_options
+def serve(**o):
+    """Serve the model over HTTP with an OpenAI-compatible API.
+
+    POST /v1/images/generations, /v1/images/edits, /v1/chat/completions (streaming with "stream": true);
+    GET /health, /metrics (Prometheus), /v1/models. BAGEL's options go as extra JSON fields with the official
+    names (seed, num_timesteps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type,
+    timestep_shift, think, max_think_token_n, enable_taylorseer). One GPU worker; waiting requests with the same
+    task, size and settings run as one batch. Without --model: the embedded tiny model (random weights).
+    """
+    _run_server(o, with_app=False)
+
+
+@cli.command()
+@server_options
+@load_options
+def app(**o):
+    """Serve the web app (text to image, edit, understanding, think) and the HTTP API of `serve` together.
+
+    The app is at http://HOST:PORT/ and shows each request's progress; it runs on the same engine (queue,
+    batching, one GPU worker) as the API under /v1. Needs the [app] extra (Gradio).
+    """
+    _run_server(o, with_app=True)
+
+
+def _run_server(o: dict, with_app: bool) -> None:
+    try:
+        from bagel_rt.serve.api import create_app
+        from bagel_rt.serve.engine import Engine
+        from bagel_rt.serve.server import bound_socket, make_server
+    except ImportError as e:
+        raise InputError(f"serving needs the optional dependencies ({e.name} is missing): "
+                         "pip install 'bagel-rt[serve]'") from None
+    if with_app:
+        try:
+            from bagel_rt.serve.webapp import mount_webapp
+        except ImportError as e:
+            raise InputError(f"the web app needs the optional dependencies ({e.name} is missing): "
+                             "pip install 'bagel-rt[app]'") from None
+    if o["random_weights"] and o["model_dir"] is not None:
+        raise InputError("give either --model or --random-weights, not both")
+    try:
+        sock = bound_socket(o["host"], o["port"])
+    except OSError as e:
+        raise InputError(f"cannot listen on {o['host']}:{o['port']} ({e.strerror or e})") from None
+    if o["random_weights"]:
+        dev = o["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = _random_pipe(o["random_weights"], dev, DTYPES[o["dtype"]], o["backend"], o["weights"])
+        if o["compute"] != "auto":
+            pipe.compute = o["compute"]
+        pipe.attention = o["attention"]
+        name = f"random-{o['random_weights']}"
+    else:
+        pipe = _load(o)
+        name = Path(pipe.path).name if pipe.path is not None else "bagel"
+    engine = Engine(pipe, max_batch=o["max_batch"], max_queue=o["max_queue"], timeout_s=o["request_timeout"])
+    api = create_app(engine, model_name=name, max_body_bytes=int(o["max_body_mb"] * 2**20))
+    if with_app:
+        mount_webapp(api, engine)
+    server = make_server(api, engine, o["host"], o["port"], o["grace"], o["log_level"])
+    host, port = sock.getsockname()[:2]
+    click.echo(f"serving {name} on http://{host}:{port} ({pipe.device}, {pipe.backend} backend, max batch "
+               f"{o['max_batch']}, queue {o['max_queue']}){'; the web app is at /' if with_app else ''}", err=True)
+    server.run(sockets=[sock])
+    click.echo("stopped", err=True)
 
 
 if __name__ == "__main__":
