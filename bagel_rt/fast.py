@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import Context
+from .df11_resident import LayerPrefetch
 from .embeddings import rope_cos_sin
 from .errors import InputError
 from .sampler import CFGSettings, schedule, velocity_sources
@@ -90,28 +91,35 @@ class PackedDenoiser:
         h, w: latent grid (tokens per side); the block has ``h*w + 2`` tokens.
         use_graphs: capture each branch count's forward in a CUDA graph (CUDA only).
         attention: "triton" or "cudnn" for the latent queries (see :func:`resolve_attention`).
+        df11: the model's compressed DF11 units (``df11_resident``; :mod:`bagel_rt.df11_resident`), or None.
+        lean: under a memory budget (see :attr:`lean`).
     """
 
     def __init__(self, model, ctxs: list[Context], h: int, w: int, use_graphs: bool = True,
-                 mlp_chunks: int = 1, run_hooks: bool = False, attention: str = "triton",
+                 mlp_chunks: int = 1, df11=None, attention: str = "triton", lean: bool = False,
                  marker_stream: bool | None = None):
         self.k_ops = _kernels()
         self.attention = resolve_attention(attention, model.device, model.dtype)
         #: as asked: under "auto", a cuDNN refusal of this request's shapes hands over to the Triton kernel
         self.requested_attention = attention
         self._checked: set[tuple] = set()  # (kind, branches) whose forward has run once
-        #: run each decoder layer's forward pre-hooks before the packed layer (DF11 units decoded just before
-        #: use, see bagel_rt.quantized): the packed forward reads the Linears' weights without calling the layer
-        self.run_hooks = run_hooks
+        #: the decode schedule of the compressed DF11 layers (``df11``: the model's
+        #: :class:`bagel_rt.df11_resident.ResidentDF11`, or None): the packed forward reads the Linears' weights
+        #: without calling the layers, so it decodes each layer's unit itself, one layer ahead
+        self.prefetch = LayerPrefetch(df11, model.device) if df11 is not None else None
+        #: under a memory budget: the general pool's cached blocks are released before a capture (while a graph
+        #: is captured the allocator cannot release them, so the eager forward's freed activations would stay
+        #: reserved beside the graph's own pool)
+        self.lean = lean
         #: row chunks of the MLP (its [rows, 18944] intermediates dominate the activations); >1 under a
         #: memory budget, trading a little GEMM efficiency for memory (weight-only formats dequantize once per
         #: layer for all chunks: see :meth:`_mlp`)
         self.mlp_chunks = mlp_chunks
         #: the stream of the und (marker) rows' kernels, overlapping the gen rows' (None: one stream). Default:
-        #: on for CUDA unless pre-hooks run (they would have to be ordered before both streams)
-        if marker_stream is None:  # (and not for split models: their collectives must keep one order on all ranks)
+        #: on for CUDA (not for split models: their collectives must keep one order on all ranks)
+        if marker_stream is None:
             split = model.parallel is not None and model.parallel.mode != "cfg"
-            marker_stream = model.device.type == "cuda" and not run_hooks and not split
+            marker_stream = model.device.type == "cuda" and not split
         self.side = torch.cuda.Stream(device=model.device) if marker_stream else None
         #: the tuning options as given (a cached denoiser is reused only for the same ones)
         self.options = dict(marker_stream=self.side is not None)
@@ -207,9 +215,6 @@ class PackedDenoiser:
         slower end to end (H200, same process, 9.63 vs 9.59 s per t2i, commit 5691509), and adding the
         residual in the down projection's GEMM epilogue (addmm) no faster (8.92 vs 8.92 s t2i, 17.22 vs 17.21 s
         edit, b06ae36, ``diagnose.py --only-denoiser-ab residual_gemm`` of that commit)."""
-        if self.run_hooks:
-            for hook in list(layer._forward_pre_hooks.values()):
-                hook(layer, ())
         K, V = self.k[i], self.v[i]
         with self._on_side():
             qu = self._qkv_to_arena(layer, "", xu, K, V, m["und_rows"], m["cos_u"], m["sin_u"])
@@ -355,13 +360,23 @@ class PackedDenoiser:
         with self._on_side():  # xu lives on the marker stream only (allocated, used and freed there)
             xu = self.markers.repeat(nb, 1)
         stage = model.parallel.stage if model.parallel is not None else None  # layer split: this rank's layers
+        pf = self.prefetch
+        if pf is not None:
+            pf.start()
         for i, layer in enumerate(model.language_model.model.layers):
-            if stage is None:
-                xg, xu = self._layer(i, layer, xg, xu, m)
-            elif stage.holds(i):
+            if stage is not None:
+                if not stage.holds(i):
+                    continue
                 xg, xu = stage.receive(i, [xg, xu])
-                xg, xu = self._layer(i, layer, xg, xu, m)
+            if pf is not None:
+                pf.before(i, self.side)
+            xg, xu = self._layer(i, layer, xg, xu, m)
+            if pf is not None:
+                pf.after(i, self.side)
+            if stage is not None:
                 stage.send(i, [xg, xu])
+        if pf is not None:
+            pf.finish()
         self._wait_side()  # join (a graph capture must end with every stream joined)
         return xg if stage is None else stage.share(xg)
 
@@ -448,6 +463,8 @@ class PackedDenoiser:
         """The forward of a branch set captured in a CUDA graph (after its eager first run), and its outputs,
         which each replay rewrites."""
         graph = torch.cuda.CUDAGraph()
+        if self.lean:
+            torch.cuda.empty_cache()
         if kind not in self.pools:
             self.pools[kind] = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pools[kind]):
@@ -506,7 +523,7 @@ def denoiser_key(ctxs: list[Context], h: int, w: int) -> tuple:
 def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: int, num_timesteps: int,
                    timestep_shift: float, cfg: CFGSettings, text_is_cond: bool, img_is_cond: bool,
                    use_graphs: bool = True, on_step=None, cache: dict | None = None,
-                   mlp_chunks: int = 1, run_hooks: bool = False, attention: str = "triton",
+                   mlp_chunks: int = 1, df11=None, lean: bool = False, attention: str = "triton",
                    step_cache: StepCache | None = None, **options) -> Tensor:
     """The sampler loop of :func:`bagel_rt.sampler.denoise` on the packed fast path.
 
@@ -515,6 +532,8 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
         text_is_cond / img_is_cond: exact dedup flags (that branch reuses the conditional velocity; under step
             caching, only the flags of :func:`bagel_rt.step_cache.exact_dedup`).
         attention: the latent-query attention ("auto", "triton", "cudnn"; :func:`resolve_attention`).
+        df11: the compressed DF11 units (``df11_resident``), decoded layer by layer inside the forward.
+        lean: under a memory budget (see :attr:`PackedDenoiser.lean`).
         step_cache: the request's step-cache state (None: every evaluation is a full forward). At each step
             the branches on a full evaluation run one packed forward, the others one Taylor graph.
         options: tuning options of :class:`PackedDenoiser` (``marker_stream``), for A/B measurements; the
@@ -536,7 +555,7 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
         exchange = exchange_for(model, cfg, num_timesteps, timestep_shift, text_is_cond, img_is_cond,
                                 share=step_cache is None)
     local = order if exchange is None else exchange.mine
-    settings = (h, w, use_graphs, mlp_chunks, run_hooks, attention, options)
+    settings = (h, w, use_graphs, mlp_chunks, df11, lean, attention, options)
     den = _cached_denoiser(cache, "denoiser", model, [ctxs[b] for b in local], *settings) if local else None
     shared = None  # the leftover branches of uneven steps, tensor-parallel over all ranks
     if exchange is not None and exchange.shared:
@@ -577,20 +596,20 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
 
 
 def _cached_denoiser(cache: dict | None, slot: str, model, ctxs: list, h: int, w: int, use_graphs: bool,
-                     mlp_chunks: int, run_hooks: bool, attention: str, options: dict) -> PackedDenoiser:
+                     mlp_chunks: int, df11, lean: bool, attention: str, options: dict) -> PackedDenoiser:
     """The denoiser kept in ``cache[slot]`` when it fits this request (refilled with the new caches: its graphs
     stay), else a new one (kept there)."""
     key = denoiser_key(ctxs, h, w)
     den = cache.get(slot) if cache is not None else None
     if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
             and den.formats == linear_modules_signature(model) and den.requested_attention == attention
-            and den.mlp_chunks == mlp_chunks
+            and den.mlp_chunks == mlp_chunks and den.lean == lean and (den.prefetch is None) == (df11 is None)
             and all(den.options.get(k) == v for k, v in options.items())):
         den.refill(ctxs)  # same shapes: keep the captured graphs, copy the new caches in
         return den
     if cache is not None:
         cache.pop(slot, None)  # free the old arena and graph pool before allocating new ones
-    den = PackedDenoiser(model, ctxs, h, w, use_graphs, mlp_chunks, run_hooks, attention, **options)
+    den = PackedDenoiser(model, ctxs, h, w, use_graphs, mlp_chunks, df11, attention, lean, **options)
     if cache is not None:
         cache[slot] = den
     return den

@@ -73,9 +73,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
             checkpoint decodes to exact bf16; asking for what the checkpoint cannot give (bf16 from nf4) is an
             error.
         df11_resident: DF11 only: keep the weights compressed on the device and decode each unit (an LLM layer,
-            a ViT layer, the embeddings, lm_head) just before it runs, into one shared buffer (bf16; on the
-            triton backend without CUDA graphs and with torch-path text decoding). Saves ~30 % of the weight
-            memory at the cost of a decode per unit per forward.
+            a ViT layer, the embeddings, lm_head) just before it runs, into one of two shared buffers (bf16; the
+            triton backend's denoiser decodes layer i+1 while layer i computes, inside its CUDA graph; text
+            decoding runs on the torch path). Saves ~30 % of the weight memory at the cost of a decode per unit
+            per forward; with ``max_gpu_memory`` as many LLM layers as the budget allows stay decoded.
         skip: regular expressions of Linear weight names to keep bf16 when quantizing as it loads.
         compute: the generation expert's GEMM precision: "auto" (what the weights compute: FP8 weights in FP8
             on Ada/Hopper, everything else in bf16), "bf16", "fp8" (W8A8 on FP8 tensor cores, approximate; on
@@ -137,9 +138,6 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
             raise InputError(f"df11_resident needs DFloat11 weights; {path} holds {stored}, loaded as {fmt}")
         if dtype != torch.bfloat16:
             raise InputError(f"df11_resident decodes to bf16; got dtype {dtype}")
-        if max_gpu_memory is not None:
-            raise InputError("df11_resident does not combine with max_gpu_memory yet (the decoded weights are "
-                             "views that module moves do not carry)")
     ae = read_header(path / (DF11_VAE if df11 else AE_FILE))
     with torch.device("meta"):
         model = BagelModel(params, tokenizer.special)
@@ -151,11 +149,12 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     phases = {"read headers and configs": time.perf_counter() - t0}
     headers = [ema] if plain else [read_header(f) for f in weight_files(path, stored)]
     bar = _bytes_bar(sum(t.nbytes for h in (*headers, ae) for t in h.tensors.values()), progress)
+    units = None  # the compressed DF11 units, with df11_resident
     if plain:
         load_into(model, ema, load_device, dtype, bar.update if bar else None)
     else:
-        load_weights(model, path, stored, fmt, load_device, dtype, skip, bar.update if bar else None,
-                     df11_resident)
+        units = load_weights(model, path, stored, fmt, load_device, dtype, skip, bar.update if bar else None,
+                             df11_resident)
     phases["LLM + ViT weights"] = time.perf_counter() - t0 - sum(phases.values())
     load_into(vae, ae, load_device, torch.float32, bar.update if bar else None)
     if bar:
@@ -173,7 +172,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     pipe = Bagel(model, vae, tokenizer, path=path, load_seconds=time.perf_counter() - t0, backend=backend,
                  weights=fmt)
     pipe.load_phases = {k: round(v, 3) for k, v in phases.items()}
-    pipe.df11_resident = df11_resident
+    pipe.df11 = units
     pipe.keep_bf16 = keep_bf16
     if compute != "auto":
         pipe.compute = compute

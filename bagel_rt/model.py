@@ -91,7 +91,7 @@ class BagelModel(nn.Module):
     def _forward(self, ctx: Context, x: Tensor, n_und: int, positions: Tensor, causal: bool, fp32_qk: bool,
                  commit: bool, final_norm: bool = True) -> Tensor:
         L = x.shape[0]
-        ctx.cache.reserve(L)
+        ctx.cache.to(self.device).reserve(L)  # a cache set aside on the CPU under a budget comes back
         out = self.language_model(x, n_und, positions, ctx.cache, ctx.cache.length, causal, fp32_qk, final_norm)
         if commit:
             ctx.cache.length += L

@@ -24,6 +24,7 @@ from torch import Tensor
 from . import validate
 from .cache import Context
 from .errors import InputError
+from .memory_plan import TEXT_ROOM, vae_rows, vit_rows
 from .placement import visiting
 from .sampler import CFGSettings, denoise
 from .serial import serialized
@@ -116,6 +117,7 @@ class Session:
         if not isinstance(text, str):
             raise InputError(f"expected a text string, got {type(text).__name__}")
         if self.for_generation:
+            self.cfg_text = self.gen  # the old copy is released before the new one is made (not both at once)
             self.cfg_text = self.gen.fork()
         self._prefill_text(self.gen, text)
         if self.for_generation:
@@ -132,8 +134,14 @@ class Session:
         if not isinstance(image, Image.Image):
             raise InputError(f"expected a PIL image, got {type(image).__name__}")
         img = resize_image(to_rgb(image), *VAE_RESIZE)
+        vit_img = resize_image(img, *VIT_RESIZE)
         self._images += 1
         key = self._images
+        # room for both blocks and a text at once: growing the cache block by block would copy it each time and,
+        # at 1024^2, hold a 0.24 GiB and a 0.5 GiB cache at the same time
+        p, (H, W) = self.model.params, (img.height, img.width)
+        rows = vit_rows(p, H, W) + (vae_rows(p, H, W) if self.for_generation else 0) + TEXT_ROOM
+        self.gen.cache.to(self.model.device).reserve(rows)
         if self.for_generation:
             x = image_to_tensor(img)[None].to(self.model.device)
             with visiting(self.bagel.vae, self.model.device, self.bagel.offload):
@@ -142,11 +150,11 @@ class Session:
             h, w = img.height // ds, img.width // ds
             self.model.prefill_vae(self.gen, patchify(z[:, : h * p, : w * p], p), h, w)
             self.gen.history += (("vae", key),)
-        vit_img = resize_image(img, *VIT_RESIZE)
         self.model.prefill_vit(self.gen, image_to_tensor(vit_img))
         self.gen.history += (("vit", key),)
         self.image_shapes = (img.height, img.width)
         if self.for_generation:
+            self.cfg_text = self.gen  # the old copy is released before the new one is made
             self.cfg_text = self.gen.fork()
         return img
 
@@ -277,12 +285,16 @@ class Session:
 
         if self.bagel.backend == "triton":
             from .fast import denoise_packed
+            from .placement import mlp_chunks
 
-            resident = self.bagel.df11_resident  # decode kernels not validated inside a graph capture yet
+            if self.bagel.offload:  # the arena holds copies of the caches: the originals wait on the CPU
+                for c in ctxs.values():
+                    c.cache.to("cpu")
+            rows = (3 - sum(dedup.values())) * n  # latent rows of the widest packed forward
             x = denoise_packed(self.model, ctxs, noise, h, w, num_timesteps, timestep_shift, cfg,
-                               use_graphs=self.bagel.use_graphs and not resident, on_step=on_step,
-                               cache=self.bagel.fast_cache, mlp_chunks=4 if self.bagel.offload else 1,
-                               run_hooks=resident,
+                               use_graphs=self.bagel.use_graphs, on_step=on_step,
+                               cache=self.bagel.fast_cache, mlp_chunks=mlp_chunks(self.bagel, rows),
+                               df11=self.bagel.df11, lean=self.bagel.offload,
                                attention=self.bagel.attention, step_cache=step_cache, **dedup)
         else:
             vel = lambda branch, x, t: self.model.velocity(ctxs[branch], x, t, h, w)

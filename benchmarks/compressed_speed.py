@@ -227,10 +227,15 @@ def main():
             except (torch.cuda.OutOfMemoryError, RuntimeError, InputError) as e:
                 row.update(error=str(e).splitlines()[0][:300])
             emit(row, a.out)
-        torch.cuda.set_per_process_memory_fraction(1.0)
         del pipe
-        gc.collect()
-        torch.cuda.empty_cache()
+        release_gpu()
+
+
+def release_gpu() -> None:
+    """After a format's runs (its pipe deleted): lift the cap and give the memory back for the next format."""
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
