@@ -49,6 +49,16 @@ class KVCache:
         v[:, : self.length] = self.v[:, : self.length]
         self.k, self.v = k, v
 
+    def to(self, device: torch.device | str) -> KVCache:
+        """Move the buffers to ``device`` (in place; a no-op where they are). Under a memory budget the
+        contexts' caches wait on the CPU while the denoiser's arena, which holds copies of them, is on the GPU
+        (an edit's conditional and text-unconditional caches are ~0.5 GiB each at 1024^2)."""
+        device = torch.device(device)
+        if device != self.device:
+            self.k, self.v = self.k.to(device), self.v.to(device)
+            self.device = device
+        return self
+
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
         """This layer's K and V buffers, each [capacity, kv_heads, head_dim]."""
         return self.k[i], self.v[i]

@@ -28,9 +28,12 @@ _GEN = ("self_attn.q_proj_moe_gen", "self_attn.k_proj_moe_gen", "self_attn.v_pro
 
 
 def gen_linears(model) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent module, attribute name, Linear module) of every generation-expert Linear, layer by layer."""
+    """(parent module, attribute name, Linear module) of every generation-expert Linear, layer by layer (of
+    the layers this process holds: another rank's layers are absent under a layer split)."""
     out = []
     for layer in model.language_model.model.layers:
+        if not hasattr(layer, "self_attn"):
+            continue
         for path in _GEN:
             parent_path, _, name = path.rpartition(".")
             parent = layer.get_submodule(parent_path)

@@ -46,6 +46,7 @@ from torch import Tensor
 from .arena import ArenaLayout
 from .batch import ImageJob
 from .cache import Context
+from .df11_resident import LayerPrefetch
 from .errors import InputError
 from .sampler import CFGSettings, schedule, velocity_sources
 from .step_cache import StepCache
@@ -96,10 +97,12 @@ class PackedDenoiser:
         attention: "triton" or "cudnn" for the latent queries (see :func:`resolve_attention`).
         image_of, grids: for several images, the image of each context and each image's (h, w) grid (``h``
             and ``w`` are then ignored); default: every context belongs to the one image of grid (h, w).
+        df11: the model's compressed DF11 units (``df11_resident``; :mod:`bagel_rt.df11_resident`), or None.
+        lean: under a memory budget (see :attr:`lean`).
     """
 
     def __init__(self, model, ctxs: list[Context], h: int | None, w: int | None, use_graphs: bool = True,
-                 mlp_chunks: int = 1, run_hooks: bool = False, attention: str = "triton",
+                 mlp_chunks: int = 1, df11=None, attention: str = "triton", lean: bool = False,
                  marker_stream: bool | None = None, image_of: list[int] | None = None,
                  grids: list[tuple[int, int]] | None = None):
         self.k_ops = _kernels()
@@ -107,23 +110,29 @@ class PackedDenoiser:
         #: as asked: under "auto", a cuDNN refusal of this request's shapes hands over to the Triton kernel
         self.requested_attention = attention
         self._checked: set[tuple] = set()  # (kind, branches) whose forward has run once
-        #: run each decoder layer's forward pre-hooks before the packed layer (DF11 units decoded just before
-        #: use, see bagel_rt.quantized): the packed forward reads the Linears' weights without calling the layer
-        self.run_hooks = run_hooks
+        #: the decode schedule of the compressed DF11 layers (``df11``: the model's
+        #: :class:`bagel_rt.df11_resident.ResidentDF11`, or None): the packed forward reads the Linears' weights
+        #: without calling the layers, so it decodes each layer's unit itself, one layer ahead
+        self.prefetch = LayerPrefetch(df11, model.device) if df11 is not None else None
+        #: under a memory budget: the general pool's cached blocks are released before a capture (while a graph
+        #: is captured the allocator cannot release them, so the eager forward's freed activations would stay
+        #: reserved beside the graph's own pool)
+        self.lean = lean
         #: row chunks of the MLP (its [rows, 18944] intermediates dominate the activations); >1 under a
         #: memory budget, trading a little GEMM efficiency for memory (weight-only formats dequantize once per
         #: layer for all chunks: see :meth:`_mlp`)
         self.mlp_chunks = mlp_chunks
         #: the stream of the und (marker) rows' kernels, overlapping the gen rows' (None: one stream). Default:
-        #: on for CUDA unless pre-hooks run (they would have to be ordered before both streams)
+        #: on for CUDA (not for split models: their collectives must keep one order on all ranks)
         if marker_stream is None:
-            marker_stream = model.device.type == "cuda" and not run_hooks
+            split = model.parallel is not None and model.parallel.mode != "cfg"
+            marker_stream = model.device.type == "cuda" and not split
         self.side = torch.cuda.Stream(device=model.device) if marker_stream else None
         #: the tuning options as given (a cached denoiser is reused only for the same ones)
         self.options = dict(marker_stream=self.side is not None)
         self.model = model
         p = model.params.llm
-        self.Hq, self.Hk, self.D, self.eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
+        (self.Hq, self.Hk), self.D, self.eps = model.local_heads, p.head_dim, p.rms_norm_eps
         if grids is None:
             grids, image_of = [(h, w)], [0] * len(ctxs)
         self.layout = ArenaLayout([c.length for c in ctxs], [c.rope for c in ctxs], image_of, grids)
@@ -189,9 +198,6 @@ class PackedDenoiser:
         slower end to end (H200, same process, 9.63 vs 9.59 s per t2i, commit 5691509), and adding the
         residual in the down projection's GEMM epilogue (addmm) no faster (8.92 vs 8.92 s t2i, 17.22 vs 17.21 s
         edit, b06ae36, ``diagnose.py --only-denoiser-ab residual_gemm`` of that commit)."""
-        if self.run_hooks:
-            for hook in list(layer._forward_pre_hooks.values()):
-                hook(layer, ())
         K, V = self.k[i], self.v[i]
         with self._on_side():
             qu = self._qkv_to_arena(layer, "", xu, K, V, m["und_rows"], m["cos_u"], m["sin_u"])
@@ -336,10 +342,26 @@ class PackedDenoiser:
             self.side.wait_stream(torch.cuda.current_stream())
         with self._on_side():  # xu lives on the marker stream only (allocated, used and freed there)
             xu = self.markers.repeat(nb, 1)
+        stage = model.parallel.stage if model.parallel is not None else None  # layer split: this rank's layers
+        pf = self.prefetch
+        if pf is not None:
+            pf.start()
         for i, layer in enumerate(model.language_model.model.layers):
+            if stage is not None:
+                if not stage.holds(i):
+                    continue
+                xg, xu = stage.receive(i, [xg, xu])
+            if pf is not None:
+                pf.before(i, self.side)
             xg, xu = self._layer(i, layer, xg, xu, m)
+            if pf is not None:
+                pf.after(i, self.side)
+            if stage is not None:
+                stage.send(i, [xg, xu])
+        if pf is not None:
+            pf.finish()
         self._wait_side()  # join (a graph capture must end with every stream joined)
-        return xg
+        return xg if stage is None else stage.share(xg)
 
     def _head(self, hidden: Tensor) -> Tensor:
         """Velocities [R, 64] of hidden states [R, H]: the final gen norm, then ``llm2vae``."""
@@ -438,6 +460,8 @@ class PackedDenoiser:
         """The forward of a branch set captured in a CUDA graph (after its eager first run), and its outputs,
         which each replay rewrites."""
         graph = torch.cuda.CUDAGraph()
+        if self.lean:
+            torch.cuda.empty_cache()
         if kind not in self.pools:
             self.pools[kind] = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pools[kind]):
@@ -497,7 +521,7 @@ def denoiser_key(ctxs: list[Context], image_of: list[int], grids: list[tuple[int
 def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: int, num_timesteps: int,
                    timestep_shift: float, cfg: CFGSettings, text_is_cond: bool, img_is_cond: bool,
                    use_graphs: bool = True, on_step=None, cache: dict | None = None,
-                   mlp_chunks: int = 1, run_hooks: bool = False, attention: str = "triton",
+                   mlp_chunks: int = 1, df11=None, lean: bool = False, attention: str = "triton",
                    step_cache: StepCache | None = None, **options) -> Tensor:
     """The sampler loop of :func:`bagel_rt.sampler.denoise` on the packed fast path, for one image: its
     ``ctxs`` ({"cond", "text", "img"}), initial ``noise`` [h*w, 64] and exact-dedup flags (under step caching,
@@ -505,13 +529,13 @@ def denoise_packed(model, ctxs: dict[str, Context], noise: Tensor, h: int, w: in
     See :func:`denoise_batch` for the other arguments. Returns the [h*w, 64] float32 final latents."""
     job = ImageJob(ctxs, noise, h, w, text_is_cond, img_is_cond, step_cache, on_step)
     return denoise_batch(model, [job], num_timesteps, timestep_shift, cfg, use_graphs, None, cache, mlp_chunks,
-                         run_hooks, attention, **options)[0]
+                         df11, lean, attention, **options)[0]
 
 
 @torch.no_grad()
 def denoise_batch(model, jobs: list[ImageJob], num_timesteps: int, timestep_shift: float, cfg: CFGSettings,
                   use_graphs: bool = True, on_step=None, cache: dict | None = None, mlp_chunks: int = 1,
-                  run_hooks: bool = False, attention: str = "triton", **options) -> list[Tensor]:
+                  df11=None, lean: bool = False, attention: str = "triton", **options) -> list[Tensor]:
     """The sampler loop of :func:`bagel_rt.sampler.denoise` for several images at once: at each step, every
     branch any image needs runs in **one** packed forward; then each image's CFG combination + Euler update
     (its own branches' velocities, the shared scales of the step).
@@ -524,6 +548,8 @@ def denoise_batch(model, jobs: list[ImageJob], num_timesteps: int, timestep_shif
         cache: a dict keeping the last denoiser (``cache["denoiser"]``), reused with its graphs while the
             arena layout (grids, branch cache lengths and ropes) stays the same.
         attention: the latent-query attention ("auto", "triton", "cudnn"; :func:`resolve_attention`).
+        df11: the compressed DF11 units (``df11_resident``), decoded layer by layer inside the forward.
+        lean: under a memory budget (see :attr:`PackedDenoiser.lean`).
         options: tuning options of :class:`PackedDenoiser` (``marker_stream``), for A/B measurements; the
             defaults are the measured best.
     Returns:
@@ -532,6 +558,11 @@ def denoise_batch(model, jobs: list[ImageJob], num_timesteps: int, timestep_shif
     k_ops = _kernels()
     ts = schedule(num_timesteps, timestep_shift)
     steps = [(float(ts[i]), float(ts[i] - ts[i + 1])) for i in range(num_timesteps - 1)]
+    settings = (use_graphs, mlp_chunks, df11, lean, attention, options)
+    if model.parallel is not None and model.parallel.mode == "cfg":
+        # CFG-parallel spreads one image's branches over the ranks: a batch's images run one after another
+        return [_denoise_cfg_parallel(model, job, steps, num_timesteps, timestep_shift, cfg, on_step, cache,
+                                      settings) for job in jobs]
     caching = {job.step_cache is not None for job in jobs}
     assert len(caching) == 1, "step caching is on for every image of a batch or for none"
     # the branches each image ever computes, in arena order (each image's together, conditional first)
@@ -545,8 +576,7 @@ def denoise_batch(model, jobs: list[ImageJob], num_timesteps: int, timestep_shif
                 image_of.append(k)
                 names.append(b)
     arena = {(k, b): a for a, (k, b) in enumerate(zip(image_of, names))}
-    den = _denoiser(model, ctxs, image_of, [(job.h, job.w) for job in jobs], cache, use_graphs, mlp_chunks,
-                    run_hooks, attention, options)
+    den = _cached_denoiser(cache, "denoiser", model, ctxs, image_of, [(job.h, job.w) for job in jobs], *settings)
     if caching == {True}:
         s = jobs[0].step_cache.settings
         den.step_store(s.max_order + 1, s.fresh_threshold - 1)
@@ -573,24 +603,82 @@ def denoise_batch(model, jobs: list[ImageJob], num_timesteps: int, timestep_shif
     return xs
 
 
-def _denoiser(model, ctxs: list[Context], image_of: list[int], grids: list[tuple[int, int]], cache: dict | None,
-              use_graphs: bool, mlp_chunks: int, run_hooks: bool, attention: str, options: dict) -> PackedDenoiser:
-    """The cached denoiser refilled with ``ctxs`` when its layout and settings match, else a new one (kept in
-    ``cache``)."""
+def _denoise_cfg_parallel(model, job: ImageJob, steps: list[tuple[float, float]], num_timesteps: int,
+                          timestep_shift: float, cfg: CFGSettings, on_step, cache: dict | None,
+                          settings: tuple) -> Tensor:
+    """One image under CFG-parallel (:mod:`bagel_rt.parallel.cfg_parallel`): this rank's packed denoiser holds
+    its own branches only; the velocities of a step meet in one all_gather, and the leftover branches of uneven
+    steps run tensor-parallel over all ranks in a second denoiser. Returns the [h*w, 64] final latents."""
+    from .parallel.cfg_parallel import exchange_for, shared_contexts, shared_view
+
+    k_ops = _kernels()
+    step_cache, grid = job.step_cache, [(job.h, job.w)]
+    ever = set().union(*(velocity_sources(*cfg.scales_at(t), job.text_is_cond, job.img_is_cond).values()
+                         for t, _ in steps))
+    order = [b for b in ("cond", "text", "img") if b in ever]
+    exchange = exchange_for(model, cfg, num_timesteps, timestep_shift, job.text_is_cond, job.img_is_cond,
+                            share=step_cache is None)
+    local = order if exchange is None else exchange.mine
+    den = (_cached_denoiser(cache, "denoiser", model, [job.ctxs[b] for b in local], [0] * len(local), grid,
+                            *settings) if local else None)
+    shared = None  # the leftover branches of uneven steps, tensor-parallel over all ranks
+    if exchange is not None and exchange.shared:
+        shared = _cached_denoiser(cache, "shared", shared_view(model),
+                                  shared_contexts(model, job.ctxs, exchange.shared), [0] * len(exchange.shared),
+                                  grid, *settings)
+    if step_cache is not None and den is not None:
+        s = step_cache.settings
+        den.step_store(s.max_order + 1, s.fresh_threshold - 1)
+    x = job.noise.to(model.device, torch.float32).contiguous()
+    for i, (t, dt) in enumerate(steps):
+        st, si = cfg.scales_at(t)
+        src = velocity_sources(st, si, job.text_is_cond, job.img_is_cond)
+        needed = set(src.values())
+        mine = needed if exchange is None else exchange.local(needed)
+        sel = tuple(j for j, b in enumerate(local) if b in mine)
+        v = {}
+        if step_cache is None and sel:
+            v = dict(zip(sel, den.velocities(x, t, sel)))
+        elif sel:
+            v = _cached_step(den, [job], [x], t, sel, [0] * len(local), local)
+        v = {local[j]: vj for j, vj in v.items()}
+        if exchange is not None:  # every rank gets every velocity of the step (one all_gather)
+            exchange.count_others(step_cache, needed)
+            v = exchange.gather(v, needed, tuple(x.shape), x.device, model.dtype)
+            leftover = exchange.plan(needed)[1]
+            if leftover:
+                v.update(zip(leftover, shared.velocities(x, t, tuple(exchange.shared.index(b) for b in leftover))))
+        if step_cache is not None:
+            step_cache.record_step(src)
+        v_t = v[src["text"]] if "text" in src else None
+        v_i = v[src["img"]] if "img" in src else None
+        x, v_comb = k_ops.cfg_euler(x, v["cond"], v_t, v_i, st, si, cfg.cfg_renorm_type, cfg.cfg_renorm_min, dt)
+        if job.on_step is not None:
+            job.on_step(i, v_comb)
+        if on_step is not None:
+            on_step(i)
+    return x
+
+
+def _cached_denoiser(cache: dict | None, slot: str, model, ctxs: list[Context], image_of: list[int],
+                     grids: list[tuple[int, int]], use_graphs: bool, mlp_chunks: int, df11, lean: bool,
+                     attention: str, options: dict) -> PackedDenoiser:
+    """The denoiser kept in ``cache[slot]`` refilled with ``ctxs`` when its layout and settings match (its
+    graphs stay), else a new one (kept there)."""
     key = denoiser_key(ctxs, image_of, grids)
-    den = cache.get("denoiser") if cache is not None else None
+    den = cache.get(slot) if cache is not None else None
     if (den is not None and den.key == key and den.use_graphs == (use_graphs and model.device.type == "cuda")
             and den.formats == linear_modules_signature(model) and den.requested_attention == attention
-            and den.mlp_chunks == mlp_chunks
+            and den.mlp_chunks == mlp_chunks and den.lean == lean and (den.prefetch is None) == (df11 is None)
             and all(den.options.get(k) == v for k, v in options.items())):
         den.refill(ctxs)  # same shapes: keep the captured graphs, copy the new caches in
         return den
     if cache is not None:
-        cache.pop("denoiser", None)  # free the old arena and graph pool before allocating new ones
-    den = PackedDenoiser(model, ctxs, None, None, use_graphs, mlp_chunks, run_hooks, attention,
+        cache.pop(slot, None)  # free the old arena and graph pool before allocating new ones
+    den = PackedDenoiser(model, ctxs, None, None, use_graphs, mlp_chunks, df11, attention, lean,
                          image_of=image_of, grids=grids, **options)
     if cache is not None:
-        cache["denoiser"] = den
+        cache[slot] = den
     return den
 
 

@@ -45,7 +45,14 @@ from bagel_rt.kernels import (
     swiglu,
     varlen_attention,
 )
-from bagel_rt.quant.decode_gemv import DecodeWeight, concat, decode_weight, qgemv, qgemv_swiglu
+from bagel_rt.quant.decode_gemv import (
+    DecodeWeight,
+    concat,
+    decode_weight,
+    qgemv,
+    qgemv_swiglu,
+    swiglu_pair,
+)
 
 from .cache import Context, KVCache
 from .embeddings import rope_cos_sin
@@ -113,11 +120,11 @@ def und_layers(model, fuse_qkv: bool = False, compressed: bool = True) -> list[U
         if compressed:
             named = {"o": a.o_proj, "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
             lw.compressed = {k: w for k, m in named.items() if (w := decode_weight(m)) is not None}
-            gate, up = lw.compressed.get("gate"), lw.compressed.get("up")
-            if not (_same_kind([gate, up]) and gate.shape == up.shape and mlp.gate_proj.bias is None
-                    and mlp.up_proj.bias is None and (gate.table is None or torch.equal(gate.table, up.table))):
-                lw.compressed.pop("gate", None)
-                lw.compressed.pop("up", None)
+            gate, up = lw.compressed.pop("gate", None), lw.compressed.pop("up", None)
+            pair = (swiglu_pair(gate, up) if _same_kind([gate, up]) and mlp.gate_proj.bias is None
+                    and mlp.up_proj.bias is None else None)
+            if pair is not None:
+                lw.compressed["gate"], lw.compressed["up"] = pair
         out.append(lw)
     return out
 

@@ -38,16 +38,45 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+#: row granularity of the prefill MLP's chunks (see :class:`MLP`)
+ROW_ALIGN = 256
+
+
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases.
+
+    ``max_rows``: None (default) runs all rows at once; else row chunks of ``max_rows`` rows (a multiple of
+    :data:`ROW_ALIGN`), the remainder joining the last chunk (so it has fewer than ``2 * max_rows``). Set under
+    a memory budget by :func:`bagel_rt.placement.limit_gpu_memory`: three [rows, intermediate] tensors are live
+    at once, 3 x 177 MiB for an edit's 4902-row ViT block at full size. Each output row depends on its input row
+    only, but a GEMM's accumulation order may depend on where a row falls in the kernel's row tiles: on the CPU
+    (MKL, one thread) chunks of 100 rows, equal chunks or a 2-row tail changed a few rows' last bits, while
+    chunks starting at multiples of 256 rows with no small tail gave the whole block's bits at every size tried
+    (tests/test_memory.py checks them). With several threads MKL also splits the rows between threads at
+    M-dependent points, and cuBLAS picks kernels by M: there the chunked rows may differ in their last bits
+    (bf16 rounding level), which is why chunks run only under a budget.
+    """
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.max_rows: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [M, hidden] -> [M, hidden]."""
+        M, rows = x.shape[0], self.max_rows
+        if rows is None or M < 2 * rows:
+            return self._rows(x)
+        step = max(ROW_ALIGN, rows // ROW_ALIGN * ROW_ALIGN)
+        bounds = [i * step for i in range(M // step)] + [M]  # the remainder joins the last chunk
+        out = x.new_empty(M, self.down_proj.out_features)
+        for r0, r1 in zip(bounds, bounds[1:]):
+            out[r0:r1] = self._rows(x[r0:r1])
+        return out
+
+    def _rows(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -52,7 +52,7 @@ def read_params(path: Path, ae_file: str = AE_FILE) -> BagelParams:
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
          progress: bool = False, backend: str = "auto", weights: str = "auto", df11_resident: bool = False,
          skip: Sequence[str] = (), compute: str = "auto", max_gpu_memory: float | None = None,
-         attention: str = "auto", keep_bf16: bool = False):
+         attention: str = "auto", keep_bf16: bool = False, parallel: str | None = None):
     """Load a BAGEL checkpoint directory.
 
     Args:
@@ -73,9 +73,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
             checkpoint decodes to exact bf16; asking for what the checkpoint cannot give (bf16 from nf4) is an
             error.
         df11_resident: DF11 only: keep the weights compressed on the device and decode each unit (an LLM layer,
-            a ViT layer, the embeddings, lm_head) just before it runs, into one shared buffer (bf16; on the
-            triton backend without CUDA graphs and with torch-path text decoding). Saves ~30 % of the weight
-            memory at the cost of a decode per unit per forward.
+            a ViT layer, the embeddings, lm_head) just before it runs, into one of two shared buffers (bf16; the
+            triton backend's denoiser decodes layer i+1 while layer i computes, inside its CUDA graph; text
+            decoding runs on the torch path). Saves ~30 % of the weight memory at the cost of a decode per unit
+            per forward; with ``max_gpu_memory`` as many LLM layers as the budget allows stay decoded.
         skip: regular expressions of Linear weight names to keep bf16 when quantizing as it loads.
         compute: the generation expert's GEMM precision: "auto" (what the weights compute: FP8 weights in FP8
             on Ada/Hopper, everything else in bf16), "bf16", "fp8" (W8A8 on FP8 tensor cores, approximate; on
@@ -88,6 +89,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         max_gpu_memory: GPU budget in GiB: the ViT, VAE and embeddings leave the GPU between their phases and
             the process is capped there; a request that cannot fit fails with a clear error
             (:mod:`bagel_rt.placement`).
+        parallel: inside a multi-process run (``torchrun``, ``bagel-rt --gpus N``): "cfg" (CFG branches over the
+            ranks), "tp" (tensor-parallel layers) or "layers" (consecutive layers per rank); each rank runs on
+            ``cuda:LOCAL_RANK`` (or the CPU, with gloo). See :mod:`bagel_rt.parallel`.
     Returns:
         a :class:`bagel_rt.pipeline.Bagel` pipeline.
     """
@@ -97,7 +101,17 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     from .quantized_load import load_weights, weight_files
 
     path = Path(path).expanduser()
+    group = None
+    if parallel is not None:
+        from .parallel import init_group
+
+        if max_gpu_memory is not None or df11_resident:
+            raise InputError("parallel does not combine with max_gpu_memory or df11_resident yet")
+        group = init_group(parallel, device)
+        device = group.device
     device = validate.device(device) if device is not None else default_device()
+    # where the weights are read: a split model is read on the CPU, and each rank moves only its part over
+    load_device = group.load_device if group is not None else device
     resolve_attention(attention, device, dtype)  # an impossible choice fails before any weight is read
     t0 = time.perf_counter()
     if device.type == "cuda" and backend in ("triton", "auto"):
@@ -107,6 +121,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     _check_dir(path)
     df11 = declares_df11(path)
     params = read_params(path, DF11_VAE if df11 else AE_FILE)
+    if group is not None:
+        from .parallel import check_fit
+
+        check_fit(params, group)
     tokenizer = TextTokenizer.from_dir(path)
     if tokenizer.max_id >= params.llm.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has token id {tokenizer.max_id} but the model's embedding "
@@ -120,9 +138,6 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
             raise InputError(f"df11_resident needs DFloat11 weights; {path} holds {stored}, loaded as {fmt}")
         if dtype != torch.bfloat16:
             raise InputError(f"df11_resident decodes to bf16; got dtype {dtype}")
-        if max_gpu_memory is not None:
-            raise InputError("df11_resident does not combine with max_gpu_memory yet (the decoded weights are "
-                             "views that module moves do not carry)")
     ae = read_header(path / (DF11_VAE if df11 else AE_FILE))
     with torch.device("meta"):
         model = BagelModel(params, tokenizer.special)
@@ -134,12 +149,14 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     phases = {"read headers and configs": time.perf_counter() - t0}
     headers = [ema] if plain else [read_header(f) for f in weight_files(path, stored)]
     bar = _bytes_bar(sum(t.nbytes for h in (*headers, ae) for t in h.tensors.values()), progress)
+    units = None  # the compressed DF11 units, with df11_resident
     if plain:
-        load_into(model, ema, device, dtype, bar.update if bar else None)
+        load_into(model, ema, load_device, dtype, bar.update if bar else None)
     else:
-        load_weights(model, path, stored, fmt, device, dtype, skip, bar.update if bar else None, df11_resident)
+        units = load_weights(model, path, stored, fmt, load_device, dtype, skip, bar.update if bar else None,
+                             df11_resident)
     phases["LLM + ViT weights"] = time.perf_counter() - t0 - sum(phases.values())
-    load_into(vae, ae, device, torch.float32, bar.update if bar else None)
+    load_into(vae, ae, load_device, torch.float32, bar.update if bar else None)
     if bar:
         bar.close()
     phases["VAE weights"] = time.perf_counter() - t0 - sum(phases.values())
@@ -147,10 +164,15 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     # edit's VAE encode at 1024^2 would keep ~17 GiB of activations alive)
     model.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
+    if group is not None:
+        from .parallel import parallelize
+
+        parallelize(model, vae, group)
+        phases["split over ranks"] = time.perf_counter() - t0 - sum(phases.values())
     pipe = Bagel(model, vae, tokenizer, path=path, load_seconds=time.perf_counter() - t0, backend=backend,
                  weights=fmt)
     pipe.load_phases = {k: round(v, 3) for k, v in phases.items()}
-    pipe.df11_resident = df11_resident
+    pipe.df11 = units
     pipe.keep_bf16 = keep_bf16
     if compute != "auto":
         pipe.compute = compute

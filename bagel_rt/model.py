@@ -56,6 +56,8 @@ class BagelModel(nn.Module):
         self.time_embedder = TimestepEmbedder(H, p.timestep_freq_dim)
         self.vae2llm = nn.Linear(p.patch_latent_dim, H)
         self.llm2vae = nn.Linear(H, p.patch_latent_dim)
+        #: the multi-process run this model is split for (:class:`bagel_rt.parallel.ParallelGroup`), or None
+        self.parallel = None
 
     # -- helpers -------------------------------------------------------------------------------------------
     @property
@@ -67,9 +69,18 @@ class BagelModel(nn.Module):
         return self.language_model.model.embed_tokens.weight.dtype
 
     def new_context(self, capacity: int = 0) -> Context:
-        """An empty context (rope 0) with a cache of ``capacity`` rows reserved."""
+        """An empty context (rope 0) with a cache of ``capacity`` rows reserved, for the key/value heads this
+        process holds (all of them, or its share under tensor parallelism)."""
         p = self.params.llm
-        return Context(KVCache(p.num_layers, p.num_kv_heads, p.head_dim, self.device, self.dtype, capacity))
+        return Context(KVCache(p.num_layers, self.local_heads[1], p.head_dim, self.device, self.dtype, capacity))
+
+    @property
+    def local_heads(self) -> tuple[int, int]:
+        """(query heads, key/value heads) of the attention this process computes: its share under tensor
+        parallelism, else all."""
+        p = self.params.llm
+        n = self.parallel.world if self.parallel is not None and self.parallel.mode == "tp" else 1
+        return p.num_heads // n, p.num_kv_heads // n
 
     def embed(self, ids: list[int]) -> Tensor:
         """Embeddings [len(ids), H] on the model's device (looked up where the table lives: it may be kept
@@ -80,7 +91,7 @@ class BagelModel(nn.Module):
     def _forward(self, ctx: Context, x: Tensor, n_und: int, positions: Tensor, causal: bool, fp32_qk: bool,
                  commit: bool, final_norm: bool = True) -> Tensor:
         L = x.shape[0]
-        ctx.cache.reserve(L)
+        ctx.cache.to(self.device).reserve(L)  # a cache set aside on the CPU under a budget comes back
         out = self.language_model(x, n_und, positions, ctx.cache, ctx.cache.length, causal, fp32_qk, final_norm)
         if commit:
             ctx.cache.length += L

@@ -64,13 +64,19 @@ class Bagel:
         #: dropping them; keyed by (id(parent module), attribute name)
         self.keep_bf16 = False
         self.bf16_linears: dict = {}
-        #: DF11 units stay compressed and are decoded by forward pre-hooks just before use (set by the loader)
-        self.df11_resident = False
+        #: the compressed DF11 units (:class:`bagel_rt.df11_resident.ResidentDF11`) when loaded with
+        #: ``df11_resident=True``, each decoded just before use (set by the loader), else None
+        self.df11 = None
         #: ViT, VAE and embeddings live on the CPU between uses (set by :meth:`limit_gpu_memory`)
         self.offload = False
         self.gpu_budget_gib: float | None = None
         #: one request at a time: threads sharing this pipeline are served in turn (:mod:`bagel_rt.serial`)
         self.lock = new_lock()
+
+    @property
+    def df11_resident(self) -> bool:
+        """The DF11 weights stay compressed on the device (``load(..., df11_resident=True)``)."""
+        return self.df11 is not None
 
     def limit_gpu_memory(self, gib: float) -> dict:
         """Keep only what each phase needs on the GPU and cap the process at ``gib`` GiB

@@ -14,12 +14,14 @@ fit raises :class:`bagel_rt.errors.InputError` saying what was resident and what
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .errors import InputError
+from .llm import ROW_ALIGN
 
 GIB = 2**30
 
@@ -56,26 +58,120 @@ def limit_gpu_memory(bagel, gib: float) -> dict:
     device = bagel.device
     if device.type != "cuda":
         raise InputError("max_gpu_memory applies to CUDA devices only")
-    if bagel.df11_resident:
-        raise InputError("max_gpu_memory does not combine with df11_resident yet")
     model = bagel.model
+    bagel.fast_cache.clear()
+    if bagel.df11 is not None:  # units of modules that move to the CPU are decoded for good first
+        for prefix in ("language_model.model.embed_tokens", "vit_model"):
+            bagel.df11.keep_decoded_under(prefix)
     emb = model.language_model.model.embed_tokens
     emb.to("cpu")
     for m in phase_modules(model):
         m.to("cpu")
     bagel.vae.to("cpu")
     bagel.offload = True
-    bagel.fast_cache.clear()
     torch.cuda.empty_cache()
     resident = torch.cuda.memory_allocated(device) / GIB
     if resident > gib:
         raise InputError(f"the resident weights need {resident:.2f} GiB of GPU memory, more than the "
                          f"max_gpu_memory budget of {gib:g} GiB (try nf4 weights)")
+    decoded = keep_layers_decoded(bagel, gib * GIB) if bagel.df11 is not None else 0
+    lean_modules(bagel, gib * GIB)
+    resident = torch.cuda.memory_allocated(device) / GIB
     total = torch.cuda.get_device_properties(device).total_memory / GIB
     torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total), device)
     bagel.gpu_budget_gib = gib
-    return {"resident_gib": round(resident, 2), "budget_gib": gib,
-            "offloaded": ["embed_tokens", "vit_model", "connector", "vit_pos_embed", "vae"]}
+    out = {"resident_gib": round(resident, 2), "budget_gib": gib,
+           "offloaded": ["embed_tokens", "vit_model", "connector", "vit_pos_embed", "vae"]}
+    if bagel.df11 is not None:
+        out["df11_layers_decoded"] = decoded
+    return out
+
+
+def lean_modules(bagel, budget_bytes: float) -> None:
+    """Under a budget: the LLM's MLPs prefill in row chunks (:func:`prefill_mlp_rows`), and NF4 Linears
+    multiply a few rows (the denoiser's image-marker rows) with the fused GEMM instead of materialising the
+    dequantized weight (130 MiB per MLP weight at full size)."""
+    from .quant import NF4Linear
+
+    model = bagel.model
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            m.lean = True
+    rows = prefill_mlp_rows(bagel, budget_bytes)
+    for layer in model.language_model.model.layers:
+        layer.mlp.max_rows = layer.mlp_moe_gen.max_rows = rows
+
+
+#: the share of the memory a budget leaves above the resident weights that the MLP intermediates of one row
+#: chunk may take (prefill and denoiser alike): a quarter leaves room for the KV caches, the denoiser's arena and
+#: the rest of the activations
+MLP_SHARE = 0.25
+#: fewest row chunks of the denoiser's MLPs under a budget (the setting of the measured budget runs)
+MIN_MLP_CHUNKS = 4
+
+
+def _mlp_row_bytes(bagel) -> int:
+    """Bytes per row of an MLP's live intermediates: gate, up and their SwiGLU, [rows, intermediate] each."""
+    p = bagel.model.params.llm
+    return 3 * p.intermediate_size * bagel.model.dtype.itemsize
+
+
+def _headroom(bagel, budget_bytes: float | None = None) -> float | None:
+    """Bytes the budget leaves above what is allocated now (None without a CUDA budget)."""
+    budget = budget_bytes if budget_bytes is not None else (
+        bagel.gpu_budget_gib * GIB if bagel.gpu_budget_gib is not None else None)
+    if budget is None or bagel.device.type != "cuda":
+        return None
+    return max(0.0, budget - torch.cuda.memory_allocated(bagel.device))
+
+
+def prefill_mlp_rows(bagel, budget_bytes: float) -> int | None:
+    """Rows per chunk of the prefill MLPs under a budget of ``budget_bytes`` (None without a CUDA budget):
+    computed from sizes when the budget is set, so that a chunk's intermediates take at most :data:`MLP_SHARE`
+    of the headroom above the resident weights (a multiple of ``ROW_ALIGN`` rows; :class:`bagel_rt.llm.MLP`).
+    An edit's ViT block at 1024^2 has 4902 rows: unchunked, its gate/up/SwiGLU are 3 x 177 MiB."""
+    free = _headroom(bagel, budget_bytes)
+    if free is None:
+        return None
+    rows = int(MLP_SHARE * free) // (2 * _mlp_row_bytes(bagel))  # the last chunk takes up to twice the rows
+    return max(ROW_ALIGN, rows // ROW_ALIGN * ROW_ALIGN)
+
+
+def mlp_chunks(bagel, rows: int) -> int:
+    """Row chunks of the packed denoiser's MLPs for a forward of ``rows`` latent rows: 1 without a budget;
+    under one, enough that a chunk's intermediates take at most :data:`MLP_SHARE` of the headroom the budget
+    leaves now, and at least :data:`MIN_MLP_CHUNKS`."""
+    if not bagel.offload:
+        return 1
+    free = _headroom(bagel)
+    if not free:
+        return MIN_MLP_CHUNKS
+    return max(MIN_MLP_CHUNKS, math.ceil(rows * _mlp_row_bytes(bagel) / (MLP_SHARE * free)))
+
+
+def keep_layers_decoded(bagel, budget_bytes: float) -> int:
+    """DF11 resident under a budget: decode for good as many LLM layers as the headroom allows after the
+    predicted transients of a 1024^2 edit (:func:`bagel_rt.memory_plan.request_transients`); returns how many.
+    Layers decoded for good need no per-step decode (each costs ~0.28 GB more than compressed at full size)."""
+    from .memory_plan import request_transients
+
+    store = bagel.df11
+    cost = store.layer_cost()
+    free = _headroom(bagel, budget_bytes)
+    if not cost or free is None:
+        return 0
+    spare = free - request_transients(bagel.model.params, "edit", 1024, 1024, bagel.model.dtype.itemsize)["peak"]
+    n = 0
+    for u in reversed(store.layer_units()):
+        if u is None:
+            continue
+        if spare < cost:
+            break
+        store.keep_decoded(u.name)
+        spare -= cost
+        n += 1
+    store.layout()
+    return n
 
 
 def out_of_memory_error(bagel, e: Exception) -> InputError:

@@ -25,6 +25,7 @@ from .checkpoint import (
     raise_key_problems,
     read_header,
 )
+from .df11_resident import ResidentDF11
 from .errors import CheckpointError
 from .quant import (
     DF11Config,
@@ -146,7 +147,7 @@ def _df11_specs(model_shapes: dict[str, tuple[int, ...]], units: dict[str, list[
 
 # -- loading ----------------------------------------------------------------------------------------------------
 def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: torch.device, dtype: torch.dtype,
-                 skip: Sequence[str] = (), progress=None, df11_resident: bool = False) -> None:
+                 skip: Sequence[str] = (), progress=None, df11_resident: bool = False) -> ResidentDF11 | None:
     """Fill ``model`` (built on the meta device) from the checkpoint ``path`` holding ``stored`` weights.
 
     fmt: what the model holds (see :func:`resolve_weights`): "int8"/"nf4"/"fp8"/"fp8-gen-nf4-und" swap the
@@ -154,8 +155,8 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
     tensors, or :func:`linear_formats`' choice with ``skip`` when quantizing a bf16/df11 checkpoint as it loads,
     tensor by tensor on ``device``: no bf16 copy of a quantized weight outlives its own quantization);
     "bf16"/"df11" keep the modules (DF11 units decoded once, with the Triton kernel on CUDA), unless
-    ``df11_resident``: then the units stay compressed on ``device`` and each is decoded into one shared buffer just
-    before its module runs (bf16 only).
+    ``df11_resident``: then the units stay compressed on ``device`` and each is decoded into a shared buffer just
+    before its module runs (bf16 only; :mod:`bagel_rt.df11_resident`), and the store of units is returned.
     Float tensors go to ``dtype``; quantization side tensors keep theirs. ``progress``: callable(bytes read).
     Every key and shape is checked before any data is read (:class:`CheckpointError` names file and key).
     """
@@ -204,7 +205,7 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
         setattr(model.get_submodule(parent), attr, new)
 
     to_quantize = {} if stored in LINEAR_FORMATS else {f"{x}.weight": x for x in swaps}
-    resident = _ResidentUnits(device) if df11_resident else None
+    resident = ResidentDF11(device) if df11_resident else None
     state: dict[str, Tensor] = {}
     for key, t in _stream(found, units, shapes, device, progress, resident, model):
         if key in to_quantize:
@@ -234,6 +235,9 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
             mod.bias = state.pop(f"{x}.bias")
     result = model.load_state_dict(state, strict=False, assign=True)
     assert not result.unexpected_keys and all(k.rpartition(".")[0] in swaps for k in result.missing_keys), result
+    if resident is not None:
+        resident.layout()
+    return resident
 
 
 #: the Linear format a quantized weight's own dtype implies
@@ -256,7 +260,7 @@ def _stored_linear_format(x: str, found: dict[str, SafetensorsHeader], allowed: 
 
 
 def _stream(found: dict[str, SafetensorsHeader], units: dict[str, list[str]],
-            shapes: dict[str, tuple[int, ...]], device: torch.device, progress, resident: _ResidentUnits | None,
+            shapes: dict[str, tuple[int, ...]], device: torch.device, progress, resident: ResidentDF11 | None,
             model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(key, tensor on ``device``) of every tensor of the files; DF11 units decoded to their bf16 weights (or, with
     ``resident``, kept compressed and handed to it) as soon as all their buffers are read."""
@@ -286,7 +290,7 @@ def _read(found: dict[str, SafetensorsHeader], device: torch.device, progress) -
 
 
 def _unit_weights(u: str, ws: list[str], buffers: dict[str, Tensor], where: Path,
-                  shapes: dict[str, tuple[int, ...]], device: torch.device, resident: _ResidentUnits | None,
+                  shapes: dict[str, tuple[int, ...]], device: torch.device, resident: ResidentDF11 | None,
                   model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """The bf16 weights ``ws`` of the DF11 unit ``u`` decoded from its ``buffers`` (none with ``resident``,
     which keeps the unit compressed)."""
@@ -311,44 +315,3 @@ def _unit_weights(u: str, ws: list[str], buffers: dict[str, Tensor], where: Path
         raise CheckpointError(f"{where}: DFloat11 unit {u!r}: {e}") from None
     for w, part in zip(ws, torch.tensor_split(out, split.tolist())):
         yield w, part.view(shapes[w])
-
-
-class _ResidentUnits:
-    """DF11 units kept compressed on the device, each decoded by a forward pre-hook on its module into one
-    shared bf16 buffer (grown to the largest unit) whose slices are the modules' ``weight`` attributes.
-
-    Decoding happens on every forward of the unit's module, so a weight is valid only while its unit's module
-    runs: this suits the torch backend, whose forwards go through the modules.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.scratch = torch.empty(0, dtype=torch.bfloat16, device=device)
-        self.units: list[tuple[dict[str, Tensor], list[tuple[nn.Module, tuple[int, ...]]], list[int]]] = []
-
-    def add(self, model: nn.Module, unit: str, weights: list[tuple[str, tuple[int, ...]]],
-            buffers: dict[str, Tensor], split: list[int]) -> None:
-        targets = []
-        for w, shape in weights:
-            mod = model.get_submodule(w.rpartition(".")[0])
-            del mod.weight  # from now on a plain attribute, set to a slice of the shared buffer
-            targets.append((mod, tuple(shape)))
-        entry = (buffers, targets, split)
-        self.units.append(entry)
-        if buffers["sign_mantissa"].numel() > self.scratch.numel():
-            self.scratch = torch.empty(buffers["sign_mantissa"].numel(), dtype=torch.bfloat16, device=self.device)
-            for e in self.units:  # every unit's weights now point at the new buffer
-                self._views(*e)
-        else:
-            self._views(*entry)
-        model.get_submodule(unit).register_forward_pre_hook(lambda mod, args: self._decode(*entry))
-
-    def _views(self, buffers: dict[str, Tensor], targets, split: list[int]) -> Tensor:
-        out = self.scratch[: buffers["sign_mantissa"].numel()]
-        for (mod, shape), part in zip(targets, torch.tensor_split(out, split)):
-            mod.weight = part.view(shape)
-        return out
-
-    def _decode(self, buffers: dict[str, Tensor], targets, split: list[int]) -> None:
-        out = self._views(buffers, targets, split)
-        (df11_decode if self.device.type == "cuda" else df11_decode_ref)(buffers, out)

@@ -27,6 +27,7 @@ from . import validate
 from .batch import ImageJob
 from .cache import Context
 from .errors import InputError
+from .memory_plan import TEXT_ROOM, vae_rows, vit_rows
 from .placement import visiting
 from .sampler import CFGSettings, denoise_steps
 from .serial import serialized
@@ -119,6 +120,7 @@ class Session:
         if not isinstance(text, str):
             raise InputError(f"expected a text string, got {type(text).__name__}")
         if self.for_generation:
+            self.cfg_text = self.gen  # the old copy is released before the new one is made (not both at once)
             self.cfg_text = self.gen.fork()
         self._prefill_text(self.gen, text)
         if self.for_generation:
@@ -135,8 +137,14 @@ class Session:
         if not isinstance(image, Image.Image):
             raise InputError(f"expected a PIL image, got {type(image).__name__}")
         img = resize_image(to_rgb(image), *VAE_RESIZE)
+        vit_img = resize_image(img, *VIT_RESIZE)
         self._images += 1
         key = self._images
+        # room for both blocks and a text at once: growing the cache block by block would copy it each time and,
+        # at 1024^2, hold a 0.24 GiB and a 0.5 GiB cache at the same time
+        p, (H, W) = self.model.params, (img.height, img.width)
+        rows = vit_rows(p, H, W) + (vae_rows(p, H, W) if self.for_generation else 0) + TEXT_ROOM
+        self.gen.cache.to(self.model.device).reserve(rows)
         if self.for_generation:
             x = image_to_tensor(img)[None].to(self.model.device)
             with visiting(self.bagel.vae, self.model.device, self.bagel.offload):
@@ -145,11 +153,11 @@ class Session:
             h, w = img.height // ds, img.width // ds
             self.model.prefill_vae(self.gen, patchify(z[:, : h * p, : w * p], p), h, w)
             self.gen.history += (("vae", key),)
-        vit_img = resize_image(img, *VIT_RESIZE)
         self.model.prefill_vit(self.gen, image_to_tensor(vit_img))
         self.gen.history += (("vit", key),)
         self.image_shapes = (img.height, img.width)
         if self.for_generation:
+            self.cfg_text = self.gen  # the old copy is released before the new one is made
             self.cfg_text = self.gen.fork()
         return img
 
@@ -174,7 +182,9 @@ class Session:
             raise InputError(f"text_temperature must be > 0 when sampling, got {temperature}")
         tok, sp = self.bagel.tokenizer, self.model.special
         ctx = self.gen.fork(extra=max_length)
-        if self.bagel.backend == "triton" and not self.bagel.df11_resident:  # the graph decoder copies weights
+        # the graph decoder copies the weights of every layer: not for split models (tensor-parallel, layer split)
+        split = self.model.parallel is not None and self.model.parallel.mode != "cfg"
+        if self.bagel.backend == "triton" and not self.bagel.df11_resident and not split:
             from .fast_decode import fast_gen_text
 
             predicted, logits = fast_gen_text(self.bagel.decoder, ctx, max_length, do_sample, temperature,
@@ -332,12 +342,17 @@ def gen_images(sessions: list[Session], image_shapes: list, cfg: CFGSettings | N
         try:
             if bagel.backend == "triton":
                 from . import fast
+                from .placement import mlp_chunks
 
-                resident = bagel.df11_resident  # decode kernels not validated inside a graph capture yet
+                if bagel.offload:  # the arena holds copies of the caches: the originals wait on the CPU
+                    for job in jobs:
+                        for c in job.ctxs.values():
+                            c.cache.to("cpu")
+                rows = sum((3 - job.text_is_cond - job.img_is_cond) * job.h * job.w for job in jobs)
                 xs = fast.denoise_batch(model, jobs, num_timesteps, timestep_shift, cfg,
-                                        use_graphs=bagel.use_graphs and not resident, on_step=batch_step,
-                                        cache=bagel.fast_cache, mlp_chunks=4 if bagel.offload else 1,
-                                        run_hooks=resident, attention=bagel.attention)
+                                        use_graphs=bagel.use_graphs, on_step=batch_step,
+                                        cache=bagel.fast_cache, mlp_chunks=mlp_chunks(bagel, rows),
+                                        df11=bagel.df11, lean=bagel.offload, attention=bagel.attention)
             else:
                 xs = _denoise_lockstep(model, jobs, num_timesteps, timestep_shift, cfg, batch_step)
             for x in xs:
@@ -371,6 +386,11 @@ def _denoise_lockstep(model, jobs: list[ImageJob], num_timesteps: int, timestep_
         if job.step_cache is not None:
             hidden = lambda branch, x, t, job=job: model.velocity_hidden(job.ctxs[branch], x, t, job.h, job.w)
             vel = cached_velocity(job.step_cache, hidden, model.velocity_head)
+        if model.parallel is not None:  # CFG-parallel: this rank's branches, exchanged each step
+            from .parallel.cfg_parallel import spread_velocity
+
+            vel = spread_velocity(model, vel, cfg, num_timesteps, timestep_shift, job.step_cache,
+                                  text_is_cond=job.text_is_cond, img_is_cond=job.img_is_cond)
         loops.append(denoise_steps(vel, job.noise.to(model.device), num_timesteps, timestep_shift, cfg,
                                    job.text_is_cond, job.img_is_cond, job.step_cache))
     xs: list[Tensor] = [job.noise for job in jobs]

@@ -30,6 +30,14 @@ TINY_PARAMS = BagelParams(
     vae=VAEParams(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=2),
 )
 
+#: the tiny model with 8 query and 4 key/value heads (head size 16, the smallest the Triton kernels take) and 4
+#: layers: tensor parallelism and a layer split over 4 processes split it
+TINY_TP4_PARAMS = BagelParams(
+    llm=LLMParams(hidden_size=128, intermediate_size=160, num_layers=4, num_heads=8, num_kv_heads=4,
+                  vocab_size=512, rope_theta=1_000_000.0),
+    vit=TINY_PARAMS.vit, vae=TINY_PARAMS.vae,
+)
+
 
 def default_tiny_dir() -> Path:
     """Where the CLI keeps the embedded tiny model: ``$BAGEL_RT_CACHE`` or ``$XDG_CACHE_HOME/bagel-rt``."""
@@ -83,11 +91,12 @@ def _vit_config(p: ViTParams) -> dict:
     }
 
 
-def write_tiny_checkpoint(path: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+def write_tiny_checkpoint(path: str | Path, seed: int = 0, overwrite: bool = False,
+                          params: BagelParams = TINY_PARAMS) -> Path:
     """Write the tiny checkpoint to ``path`` atomically (a temporary sibling renamed into place).
 
     The same ``seed`` gives byte-identical files. Refuses to replace an existing directory unless
-    ``overwrite``.
+    ``overwrite``. ``params``: another tiny configuration (e.g. :data:`TINY_TP4_PARAMS`).
     """
     path = Path(path).expanduser()
     if path.exists() and not overwrite:
@@ -95,7 +104,7 @@ def write_tiny_checkpoint(path: str | Path, seed: int = 0, overwrite: bool = Fal
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory; refusing to replace a file")
     with writing_directory(path) as tmp:
-        p = TINY_PARAMS
+        p = params
         special = SpecialTokens(476, 477, 478, 479)
         with torch.device("meta"):
             model, vae = BagelModel(p, special), AutoEncoder(p.vae)

@@ -100,6 +100,36 @@ class TextTokenizer:
         return max(self.tok.get_vocab(with_added_tokens=True).values())
 
 
+
+class TextDeltas:
+    """The text of a stream of decoded token ids, piece by piece, as the ids arrive (streamed answers and think
+    texts: the CLI prints the pieces, the server sends them as SSE chunks).
+
+    It runs one token behind, because the reference's text leaves out the last prediction (the stop token, or the
+    one that hit the limit), and holds back an incomplete multi-byte character. ``text`` is what was given out.
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0  # ids[:shown] are in text
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        """Take the next id; return the text it completes ("" while a character is incomplete)."""
+        self.ids.append(token)
+        ready = self.tok.decode(self.ids[self.shown:-1])
+        if not ready or ready.endswith("\ufffd"):
+            return ""
+        self.text += ready
+        self.shown = len(self.ids) - 1
+        return ready
+
+    def rest(self, final: str | None) -> str:
+        """What the request's final text adds to the text given out (normally nothing)."""
+        return final[len(self.text):] if final and final.startswith(self.text) else ""
+
+
 def _added_tokens(path: Path) -> list[tuple[str, int | None]]:
     """Added tokens of ``tokenizer_config.json`` in id order, then any missing BAGEL framing token."""
     entries: list[tuple[str, int | None]] = []

@@ -320,7 +320,14 @@ def cases_qgemv(K):
     SwiGLU as one) at the decode shapes, against each module's own forward (the path they replace) and the bf16
     GEMV; the extra providers are candidate launch settings (BN x BK / warps). Rate: the compressed bytes."""
     from bagel_rt.quant import FP8Linear, Int8Linear, NF4Linear
-    from bagel_rt.quant.decode_gemv import _qgemv, _qgemv_swiglu, concat, decode_weight, settings
+    from bagel_rt.quant.decode_gemv import (
+        _qgemv,
+        _qgemv_swiglu,
+        concat,
+        decode_weight,
+        settings,
+        swiglu_pair,
+    )
 
     convert = {"int8": Int8Linear.from_linear, "fp8": FP8Linear.from_linear, "nf4": NF4Linear.from_linear}
 
@@ -336,7 +343,7 @@ def cases_qgemv(K):
 
     def swiglu_case(fmt, per_weight):
         (g, u), (wg, wu) = modules(fmt, (FFN, HIDDEN), (FFN, HIDDEN))
-        dg, du = decode_weight(g), decode_weight(u)
+        dg, du = swiglu_pair(decode_weight(g), decode_weight(u))
         x = randn(1, HIDDEN)
         return f"qgemv_{fmt}", {"proj": "gate_up+swiglu", "N": FFN, "K": HIDDEN}, {
             **candidates(fmt, dg, lambda c: _qgemv_swiglu(x, dg, du, False, c), "swiglu"),

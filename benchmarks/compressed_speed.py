@@ -2,7 +2,7 @@
 
     python benchmarks/compressed_speed.py --out benchmarks/results/compressed_h200.jsonl \
         [--formats bf16,int8,nf4,fp8,int8:int8] [--tasks t2i,edit,decode] [--steps 50] [--cap]
-        [--profile-steps 8] [--micro]
+        [--profile-steps 8] [--micro] [--taylorseer] [--fp8-native]
 
 Every format starts from the same random full-size model (same seed, built on the GPU) and quantizes the
 LLM's Linears of both experts + ``lm_head`` in place (what ``bagel-rt quantize`` does tensor by tensor), so
@@ -60,8 +60,8 @@ def make_pipe(fmt: str):
     return pipe
 
 
-def request(pipe, task: str, size: int, steps: int, seed: int = 0, prof: bool = False):
-    """One app-defaults request: (seconds, final latents, image array, profiler or None)."""
+def request(pipe, task: str, size: int, steps: int, seed: int = 0, prof: bool = False, taylorseer: bool = False):
+    """One app-defaults request: (seconds, final latents, image array, profiler or None, result info)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -72,13 +72,13 @@ def request(pipe, task: str, size: int, steps: int, seed: int = 0, prof: bool = 
     s.add_text(PROMPTS[task])
     if prof:
         with profile(activities=[ProfilerActivity.CUDA]) as p:
-            res = s.gen_image((size, size), APP_CFG[task], num_timesteps=steps)
+            res = s.gen_image((size, size), APP_CFG[task], num_timesteps=steps, enable_taylorseer=taylorseer)
             torch.cuda.synchronize()
     else:
         p = None
-        res = s.gen_image((size, size), APP_CFG[task], num_timesteps=steps)
+        res = s.gen_image((size, size), APP_CFG[task], num_timesteps=steps, enable_taylorseer=taylorseer)
     torch.cuda.synchronize()
-    return time.perf_counter() - t0, res.latents, np.asarray(res.image), p
+    return time.perf_counter() - t0, res.latents, np.asarray(res.image), p, res.info
 
 
 def kernel_groups(p) -> dict:
@@ -92,18 +92,28 @@ def kernel_groups(p) -> dict:
                 kernel_total_ms=round(sum(groups.values()), 1), top_kernels=sorted(top, reverse=True)[:15])
 
 
-def decode_rate(pipe, tokens: int = 256) -> float:
-    def once():
+def decode_rate(pipe, tokens: int = 256, prof_tokens: int = 0):
+    """Greedy decode tokens/s (after a warm-up that captures the graphs), and with ``prof_tokens`` the
+    profiler of a decode of that many tokens (None otherwise)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def once(n=tokens):
         s = pipe.session(understanding_only=True, seed=0)
         s.add_text("Describe a bagel in detail.")
-        return s.gen_text(tokens)
+        return s.gen_text(n)
 
     once()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     r = once()
     torch.cuda.synchronize()
-    return len(r.token_ids) / (time.perf_counter() - t0)
+    rate = len(r.token_ids) / (time.perf_counter() - t0)
+    if not prof_tokens:
+        return rate, None
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        once(prof_tokens)
+        torch.cuda.synchronize()
+    return rate, p
 
 
 def micro(formats: list[str], rows: int = 8196) -> list[dict]:
@@ -144,11 +154,20 @@ def main():
     ap.add_argument("--cap", action="store_true", help="compressed formats under their card budgets")
     ap.add_argument("--profile-steps", type=int, default=0)
     ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--fp8-native", action="store_true",
+                    help="decode e4m3 with the conversion instruction (quant.fp8_matmul.NATIVE_DEFAULT)")
+    ap.add_argument("--taylorseer", action="store_true",
+                    help="every image request (bf16 included) with the official TaylorSeer step cache, so vs_bf16 "
+                         "compares cached with cached")
     ap.add_argument("--phases", action="store_true",
                     help="record each phase's peak (prefill / denoise / VAE decode); with --cap, place the model "
                          "for the budget but lift the cap, to see what a request needs where it does not fit")
     a = ap.parse_args()
     phase_peaks = track_phase_peaks() if a.phases else None
+    if a.fp8_native:
+        from bagel_rt.quant import fp8_matmul
+
+        fp8_matmul.NATIVE_DEFAULT = True
     env = environment(a.commit)
     formats = a.formats.split(",")
     tasks = a.tasks.split(",")
@@ -169,10 +188,14 @@ def main():
                 torch.cuda.set_per_process_memory_fraction(1.0)
         for task in tasks:
             row = dict(diag="compressed_vs_bf16", task=task, weights=fmt, compute=pipe.compute, cap_gib=cap,
+                       fp8_native=a.fp8_native,
                        height=a.size, width=a.size, num_timesteps=a.steps, **env)
             try:
                 if task == "decode":
-                    row.update(tokens_per_s=round(decode_rate(pipe), 1))
+                    rate, p = decode_rate(pipe, prof_tokens=a.profile_steps)
+                    row.update(tokens_per_s=round(rate, 1))
+                    if p is not None:
+                        row.update(profile_tokens=a.profile_steps, **kernel_groups(p))
                     if spec == "bf16":
                         ref["decode"] = row["tokens_per_s"]
                     elif "decode" in ref:
@@ -180,10 +203,13 @@ def main():
                     emit(row, a.out)
                     continue
                 # warm-up (captures, first-use costs): 10 steps reach every branch count of the 50-step schedule
-                request(pipe, task, a.size, min(a.steps, 10), seed=1)
+                request(pipe, task, a.size, min(a.steps, 10), seed=1, taylorseer=a.taylorseer)
                 torch.cuda.reset_peak_memory_stats()
-                sec, lat, img, _ = request(pipe, task, a.size, a.steps)
+                sec, lat, img, _, info = request(pipe, task, a.size, a.steps, taylorseer=a.taylorseer)
                 row.update(seconds=round(sec, 3), peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2))
+                if a.taylorseer:
+                    row.update(step_cache="taylorseer",
+                               full_evaluations=info["step_cache"]["full_evaluations"])
                 if phase_peaks is not None:  # the wrappers reset the peak between phases
                     row.update(phase_peaks_gib=dict(phase_peaks), peak_gib=max(phase_peaks.values()),
                                resident_gib=round(torch.cuda.memory_allocated() / GIB, 2))
@@ -196,15 +222,20 @@ def main():
                                psnr_vs_bf16_db=round(psnr(img, i0), 2),
                                note="deviation on random weights: a proxy, not real-weight quality")
                 if a.profile_steps:
-                    _, _, _, p = request(pipe, task, a.size, a.profile_steps, prof=True)
+                    _, _, _, p, _ = request(pipe, task, a.size, a.profile_steps, prof=True)
                     row.update(profile_steps=a.profile_steps, **kernel_groups(p))
             except (torch.cuda.OutOfMemoryError, RuntimeError, InputError) as e:
                 row.update(error=str(e).splitlines()[0][:300])
             emit(row, a.out)
-        torch.cuda.set_per_process_memory_fraction(1.0)
         del pipe
-        gc.collect()
-        torch.cuda.empty_cache()
+        release_gpu()
+
+
+def release_gpu() -> None:
+    """After a format's runs (its pipe deleted): lift the cap and give the memory back for the next format."""
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

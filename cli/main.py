@@ -25,7 +25,7 @@ from bagel_rt.convert import convert_checkpoint
 from bagel_rt.errors import CheckpointError, InputError
 from bagel_rt.info import _human, checkpoint_info, format_info
 from bagel_rt.pipeline import ASPECT_PRESETS, open_image
-from bagel_rt.quantized import FORMATS, LLM_FORMATS, quantize_in_place
+from bagel_rt.quantized import FORMATS, LLM_FORMATS
 from bagel_rt.sampler import MAX_STEPS
 from bagel_rt.tiny import write_tiny_checkpoint
 
@@ -39,14 +39,19 @@ from .options import (
     _Group,
     _image_result,
     _load,
+    _random_pipe,
     _seed,
     _settings,
     _Side,
     _text_kwargs,
     image_options,
+    load_options,
     model_options,
     numbered,
+    parallel_options,
     seed_option,
+    server_options,
+    spread,
     text_options,
 )
 
@@ -80,6 +85,7 @@ def cli():
 @text_options(1024, "--max-think-tokens")
 @seed_option
 @model_options
+@parallel_options
 def generate(prompts: tuple[str, ...], n: int, height, width, aspect, **o):
     """Text-to-image: draw PROMPT and write the image.
 
@@ -91,6 +97,7 @@ def generate(prompts: tuple[str, ...], n: int, height, width, aspect, **o):
     image k uses seed + k and is written to PATH with -k before the extension (out.png -> out-0.png,
     out-1.png, ...; default bagel-<seed>.png each); one path (and, with --json, one JSON line) per image.
     """
+    spread(o)
     if aspect is not None and (height is not None or width is not None):
         raise InputError("give either --aspect or --height/--width, not both")
     if (height is None) != (width is None):
@@ -113,7 +120,7 @@ def generate(prompts: tuple[str, ...], n: int, height, width, aspect, **o):
     for k, (r, path) in enumerate(zip(res if isinstance(res, list) else [res], paths)):
         _image_result(pipe, r, path, o["overwrite"], seconds,
                       _settings(o, prompt=prompts[k // n], image_shapes=list(shape), **cfg, **text), o["as_json"],
-                      stream)
+                      stream, o["first_rank"])
 
 
 @cli.command()
@@ -124,6 +131,7 @@ def generate(prompts: tuple[str, ...], n: int, height, width, aspect, **o):
 @text_options(1024, "--max-think-tokens")
 @seed_option
 @model_options
+@parallel_options
 def edit(image: str, instruction: str, **o):
     """Edit IMAGE following INSTRUCTION and write the result.
 
@@ -131,6 +139,7 @@ def edit(image: str, instruction: str, **o):
     text_channel renorm, timestep shift 3.0. The output has the input's size after the VAE resize (long side
     at most 1024, short side at least 512, multiples of 16). Prints the image path on stdout.
     """
+    spread(o)
     img = open_image(image)
     cfg, text, seed = _cfg_kwargs(o), _text_kwargs(o), _seed(o)
     path = _check_output(o["output"], "bagel-edit-{seed}.png", seed, o["overwrite"])
@@ -139,7 +148,8 @@ def edit(image: str, instruction: str, **o):
     stream = TextStream(pipe.tokenizer, echo=not o["as_json"])
     res = pipe.edit(img, instruction, seed=seed, progress=not o["no_progress"], on_token=stream, **cfg, **text)
     _image_result(pipe, res, path, o["overwrite"], time.perf_counter() - t0,
-                  _settings(o, image=image, instruction=instruction, **cfg, **text), o["as_json"], stream)
+                  _settings(o, image=image, instruction=instruction, **cfg, **text), o["as_json"], stream,
+                  o["first_rank"])
 
 
 @cli.command()
@@ -147,6 +157,7 @@ def edit(image: str, instruction: str, **o):
 @text_options(512, "--max-new-tokens")
 @seed_option
 @model_options
+@parallel_options
 def understand(inputs: tuple[str, ...], **o):
     """Answer QUESTION about IMAGE (or, without IMAGE, as a text chat) and print the answer on stdout.
 
@@ -154,6 +165,7 @@ def understand(inputs: tuple[str, ...], **o):
     model's reasoning in <think> </think> tags. The answer is printed as it is decoded; Ctrl-C keeps what was
     printed (with --json, the partial answer is printed with "interrupted": true).
     """
+    spread(o)
     if len(inputs) > 2:
         raise click.UsageError(f"expected [IMAGE] QUESTION, got {len(inputs)} arguments (quote the question)")
     if len(inputs) == 1 and _looks_like_image(inputs[0]):
@@ -301,15 +313,19 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
 @click.option("--taylorseer", is_flag=True,
               help="Image tasks with step caching (official TaylorSeer settings); rows carry step_cache and "
                    "full_evaluations.")
+@parallel_options
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
-          device, dtype, compute, attention, weights, taylorseer):
+          device, dtype, compute, attention, weights, taylorseer, gpus, parallel):
     """Time text-to-image, editing and decoding (app defaults): seconds per image and per step, tokens/s, peak
     GPU memory, achieved TFLOP/s and its share of the measured bf16 matmul peak. One JSON line per result
     on stdout (and appended to --out)."""
     from bagel_rt.bench import run_bench
-    from bagel_rt.random_weights import random_bagel
-    from bagel_rt.tiny import TINY_PARAMS
 
+    o = {"gpus": gpus, "parallel": parallel}
+    spread(o)
+    mode = o["parallel_mode"]
+    if mode is not None and compare_torch:
+        raise InputError("--compare-torch runs one process; leave it out with several GPUs")
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     bad = [t for t in task_list if t not in ("t2i", "edit", "decode")]
     if bad:
@@ -319,24 +335,21 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model_dir is None and random_weights is None:
         random_weights = "7b" if dev.startswith("cuda") else "tiny"
-    if random_weights == "7b" and not dev.startswith("cuda"):
-        raise InputError("--random-weights 7b needs a CUDA GPU (29 GB of weights); use --random-weights tiny")
-    if random_weights:
-        pipe = random_bagel("bagel-7b-mot" if random_weights == "7b" else TINY_PARAMS, device=dev,
-                            dtype=DTYPES[dtype], backend=backend)
-        if weights != "auto":
-            from bagel_rt.quant import quantize_model
+    group = None
+    if random_weights and mode is not None:
+        from bagel_rt.parallel import init_group
 
-            try:
-                if weights in LLM_FORMATS:
-                    quantize_in_place(pipe.model, weights)
-                else:
-                    quantize_model(pipe.model.language_model, weights)
-            except ValueError as e:
-                raise InputError(f"cannot quantize the random model to {weights}: {e}") from None
-            pipe.weights = weights
+        group = init_group(mode, device)
+        dev = str(group.device)  # built whole on the rank's device, then split below
+    if random_weights:
+        pipe = _random_pipe(random_weights, dev, DTYPES[dtype], backend, weights)
+        if group is not None:
+            from bagel_rt.parallel import parallelize
+
+            parallelize(pipe.model, pipe.vae, group)
     else:
-        pipe = bagel_rt.load(model_dir, device=dev, dtype=DTYPES[dtype], backend=backend, weights=weights)
+        pipe = bagel_rt.load(model_dir, device=device if mode else dev, dtype=DTYPES[dtype], backend=backend,
+                             weights=weights, parallel=mode)
     pipe.keep_bf16 = compare_torch  # the torch comparison runs the exact bf16 path
     if compute != "auto":
         pipe.compute = compute
@@ -344,12 +357,84 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     rows = run_bench(pipe, task_list, size=size, steps=steps, runs=runs, warmup=warmup, tokens=tokens,
                      compare_torch=compare_torch, weights=pipe.weights, commit=commit,
                      log=lambda line: click.echo(line, err=True), taylorseer=taylorseer)
+    if pipe.model.parallel is not None:
+        for r in rows:
+            r.update(gpus=pipe.model.parallel.world, mode=mode)
     lines = [json.dumps(r) for r in rows]
-    if out is not None:
+    if out is not None and o["first_rank"]:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
     click.echo("\n".join(lines))
+
+
+@cli.command()
+@server_options
+@load_options
+def serve(**o):
+    """Serve the model over HTTP with an OpenAI-compatible API.
+
+    POST /v1/images/generations, /v1/images/edits, /v1/chat/completions (streaming with "stream": true);
+    GET /health, /metrics (Prometheus), /v1/models. BAGEL's options go as extra JSON fields with the official
+    names (seed, num_timesteps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type,
+    timestep_shift, think, max_think_token_n, enable_taylorseer). One GPU worker; waiting requests with the same
+    task, size and settings run as one batch. Without --model: the embedded tiny model (random weights).
+    """
+    _run_server(o, with_app=False)
+
+
+@cli.command()
+@server_options
+@load_options
+def app(**o):
+    """Serve the web app (text to image, edit, understanding, think) and the HTTP API of `serve` together.
+
+    The app is at http://HOST:PORT/ and shows each request's progress; it runs on the same engine (queue,
+    batching, one GPU worker) as the API under /v1. Needs the [app] extra (Gradio).
+    """
+    _run_server(o, with_app=True)
+
+
+def _run_server(o: dict, with_app: bool) -> None:
+    try:
+        from bagel_rt.serve.api import create_app
+        from bagel_rt.serve.engine import Engine
+        from bagel_rt.serve.server import bound_socket, make_server
+    except ImportError as e:
+        raise InputError(f"serving needs the optional dependencies ({e.name} is missing): "
+                         "pip install 'bagel-rt[serve]'") from None
+    if with_app:
+        try:
+            from bagel_rt.serve.webapp import mount_webapp
+        except ImportError as e:
+            raise InputError(f"the web app needs the optional dependencies ({e.name} is missing): "
+                             "pip install 'bagel-rt[app]'") from None
+    if o["random_weights"] and o["model_dir"] is not None:
+        raise InputError("give either --model or --random-weights, not both")
+    try:
+        sock = bound_socket(o["host"], o["port"])
+    except OSError as e:
+        raise InputError(f"cannot listen on {o['host']}:{o['port']} ({e.strerror or e})") from None
+    if o["random_weights"]:
+        dev = o["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = _random_pipe(o["random_weights"], dev, DTYPES[o["dtype"]], o["backend"], o["weights"])
+        if o["compute"] != "auto":
+            pipe.compute = o["compute"]
+        pipe.attention = o["attention"]
+        name = f"random-{o['random_weights']}"
+    else:
+        pipe = _load(o)
+        name = Path(pipe.path).name if pipe.path is not None else "bagel"
+    engine = Engine(pipe, max_batch=o["max_batch"], max_queue=o["max_queue"], timeout_s=o["request_timeout"])
+    api = create_app(engine, model_name=name, max_body_bytes=int(o["max_body_mb"] * 2**20))
+    if with_app:
+        mount_webapp(api, engine)
+    server = make_server(api, engine, o["host"], o["port"], o["grace"], o["log_level"])
+    host, port = sock.getsockname()[:2]
+    click.echo(f"serving {name} on http://{host}:{port} ({pipe.device}, {pipe.backend} backend, max batch "
+               f"{o['max_batch']}, queue {o['max_queue']}){'; the web app is at /' if with_app else ''}", err=True)
+    server.run(sockets=[sock])
+    click.echo("stopped", err=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from pathlib import Path
 
 import click
@@ -15,9 +16,13 @@ import bagel_rt
 from bagel_rt import validate
 from bagel_rt.config import MAX_POSITIONS, llm_params_from_json
 from bagel_rt.errors import BagelError, InputError, OutputError
+from bagel_rt.parallel.group import MODES, env_world
+from bagel_rt.parallel.launch import MAX_GPUS
 from bagel_rt.quantized import WEIGHTS
 from bagel_rt.sampler import MAX_SCALE, MAX_STEPS, RENORM_TYPES, CFGSettings
+from bagel_rt.serve.requests import MAX_N
 from bagel_rt.tiny import ensure_tiny_checkpoint
+from bagel_rt.tokenizer import TextDeltas
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -125,7 +130,8 @@ class _Side(click.ParamType):
         return v
 
 
-model_options = _options(
+#: where and how the model runs (every command that loads one; also ``serve`` and ``app``)
+load_options = _options(
     click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
                  help="Checkpoint directory (the official BAGEL-7B-MoT layout). "
                       "Default: the embedded tiny model with RANDOM weights (outputs are noise), created on "
@@ -152,8 +158,46 @@ model_options = _options(
     click.option("--max-gpu-memory", type=_Number(0, 1e6, lo_open=True), default=None, metavar="GIB",
                  help="GPU memory budget: the ViT, VAE and embeddings leave the GPU between their phases and "
                       "the process is capped at GIB; a request that cannot fit fails with a clear message."),
+)
+
+model_options = _options(
+    load_options,
     click.option("--no-progress", is_flag=True, help="Hide the progress bars (stderr)."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text."),
+)
+
+parallel_options = _options(
+    click.option("--gpus", type=click.IntRange(1, MAX_GPUS), default=1, metavar="N",
+                 help="Run on N GPUs of this host: starts N processes, one per GPU (as torchrun "
+                      "--nproc-per-node N does; under torchrun leave it out). Rank 0 prints and writes."),
+    click.option("--parallel", type=click.Choice(MODES), default="cfg",
+                 help="How several GPUs share the work: cfg (CFG branches per GPU; each GPU holds the model), "
+                      "tp (tensor parallel: heads and MLP columns split; NVLink), layers (consecutive layers per "
+                      "GPU; for memory on PCIe cards)."),
+)
+
+#: the options of the commands that serve the model over HTTP (``serve``, ``app``)
+server_options = _options(
+    click.option("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    click.option("--port", type=click.IntRange(0, 65535), default=8000, help="TCP port (0: a free one)."),
+    click.option("--random-weights", type=click.Choice(["7b", "tiny"]), default=None,
+                 help="Serve a model with random weights built on the device instead of --model (7b: the real "
+                      "BAGEL-7B-MoT configuration, for throughput measurements on a GPU)."),
+    click.option("--max-batch", type=click.IntRange(1, MAX_N), default=8,
+                 help="Most images of one batched forward made of several waiting requests with the same task, "
+                      "size and settings; 1 turns batching across requests off (a request's own n images always "
+                      "run together)."),
+    click.option("--max-queue", type=click.IntRange(1, 100_000), default=64,
+                 help="Most requests waiting; more are refused with HTTP 429 and a Retry-After estimate."),
+    click.option("--request-timeout", type=_Number(0, 1e6, lo_open=True), default=600.0, metavar="SECONDS",
+                 help="A request still queued or running after this fails with HTTP 504 (its work stops)."),
+    click.option("--max-body-mb", type=_Number(0, 4096, lo_open=True), default=32.0, metavar="MB",
+                 help="Largest request body (images included); larger ones get HTTP 413."),
+    click.option("--grace", type=_Number(0, 3600), default=30.0, metavar="SECONDS",
+                 help="On SIGTERM or Ctrl-C: seconds to finish the queued and running requests (new ones get "
+                      "503) before the rest is rejected."),
+    click.option("--log-level", type=click.Choice(["warning", "info", "debug"]), default="info",
+                 help="uvicorn's log level (debug adds the access log)."),
 )
 
 seed_option = click.option("--seed", type=click.IntRange(0, validate.MAX_SEED), default=None,
@@ -292,47 +336,86 @@ def _load(o: dict):
     if o.get("max_tokens") is not None and o["max_tokens"] >= context:
         raise InputError(f"a token limit of {o['max_tokens']} does not fit the model's context of {context} "
                          f"positions (max_position_embeddings of {path}/llm_config.json); use less")
-    return bagel_rt.load(path, device=o["device"], dtype=DTYPES[o["dtype"]], progress=not o["no_progress"],
+    return bagel_rt.load(path, device=o["device"], dtype=DTYPES[o["dtype"]], progress=not o.get("no_progress"),
                          backend=o["backend"], weights=o["weights"], compute=o["compute"],
-                         attention=o["attention"], max_gpu_memory=o["max_gpu_memory"])
+                         attention=o["attention"], max_gpu_memory=o["max_gpu_memory"],
+                         parallel=o.get("parallel_mode"))
+
+
+def spread(o: dict) -> None:
+    """Multi-GPU runs, first thing in a command: with ``--gpus N`` outside a launched run, start N ranks of this
+    command line and exit with their code; inside one (``--gpus`` or ``torchrun``), set ``o["parallel_mode"]``
+    and silence every rank but 0 (only rank 0 prints, shows progress and writes the output)."""
+    world = env_world()
+    if world is None:
+        if o["gpus"] > 1:
+            from bagel_rt.parallel.launch import relaunch_cli
+
+            click.get_current_context().exit(relaunch_cli(o["gpus"]))
+        o["parallel_mode"], o["first_rank"] = None, True
+        return
+    rank, n, _ = world
+    if o["gpus"] > 1 and o["gpus"] != n:
+        raise InputError(f"--gpus {o['gpus']} but this run has {n} processes (WORLD_SIZE); under torchrun leave "
+                         "--gpus out")
+    o["parallel_mode"], o["first_rank"] = (o["parallel"] if n > 1 else None), rank == 0
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
+        o["no_progress"] = True
+
+
+def _random_pipe(kind: str, device: str, dtype: torch.dtype, backend: str, weights: str):
+    """A pipeline with random weights (``--random-weights``): "7b" is the real BAGEL-7B-MoT configuration, built
+    directly on the GPU; "tiny" the tiny one. ``weights`` other than auto quantizes its LLM Linears in place."""
+    from bagel_rt.quantized import LLM_FORMATS, quantize_in_place
+    from bagel_rt.random_weights import random_bagel
+    from bagel_rt.tiny import TINY_PARAMS
+
+    if kind == "7b" and not device.startswith("cuda"):
+        raise InputError("--random-weights 7b needs a CUDA GPU (29 GB of weights); use --random-weights tiny")
+    pipe = random_bagel("bagel-7b-mot" if kind == "7b" else TINY_PARAMS, device=device, dtype=dtype,
+                        backend=backend)
+    if weights != "auto":
+        from bagel_rt.quant import quantize_model
+
+        try:
+            if weights in LLM_FORMATS:
+                quantize_in_place(pipe.model, weights)
+            else:
+                quantize_model(pipe.model.language_model, weights)
+        except ValueError as e:
+            raise InputError(f"cannot quantize the random model to {weights}: {e}") from None
+        pipe.weights = weights
+    return pipe
 
 
 def _seed(o: dict) -> int:
     return o["seed"] if o["seed"] is not None else secrets.randbelow(2**31)
 
 
-class TextStream:
+class TextStream(TextDeltas):
     """Prints decoded text on stdout as the token ids arrive (``on_token`` of the pipeline), so an answer or a
-    think text shows while it is decoded and a Ctrl-C keeps what was shown.
-
-    It runs one token behind, because the reference's text leaves out the last prediction (the stop token, or the
-    one that hit the limit), and holds back an incomplete multi-byte character. ``text`` is what was shown.
-    """
+    think text shows while it is decoded and a Ctrl-C keeps what was shown (``text``; see :class:`TextDeltas`)."""
 
     def __init__(self, tokenizer, echo: bool):
-        self.tok, self.echo = tokenizer, echo
-        self.ids: list[int] = []
-        self.shown = 0  # ids[:shown] are in text
-        self.text = ""
+        super().__init__(tokenizer)
+        self.echo = echo
 
     def __call__(self, token: int) -> None:
-        self.ids.append(token)
-        ready = self.tok.decode(self.ids[self.shown:-1])
-        if ready and not ready.endswith("\ufffd"):
-            self.text += ready
-            self.shown = len(self.ids) - 1
-            if self.echo:
-                click.echo(ready, nl=False)
+        ready = self.push(token)
+        if ready and self.echo:
+            click.echo(ready, nl=False)
 
     def finish(self, final: str | None) -> None:
         """End the shown text with what the final text adds (normally nothing) and a newline."""
         if self.echo:
-            click.echo(final[len(self.text):] if final and final.startswith(self.text) else "")
+            click.echo(self.rest(final))
 
 
 def _image_result(pipe, res, path: Path, overwrite: bool, seconds: float, settings: dict, as_json: bool,
-                  stream: TextStream | None = None) -> None:
-    _save_image(res.image, path, overwrite)
+                  stream: TextStream | None = None, write: bool = True) -> None:
+    if write:  # (rank 0 of a multi-GPU run writes; the other ranks hold the same image)
+        _save_image(res.image, path, overwrite)
     w, h = res.image.size
     if as_json:
         click.echo(json.dumps({
@@ -354,6 +437,8 @@ def _image_result(pipe, res, path: Path, overwrite: bool, seconds: float, settin
 
 def _settings(o: dict, **kw) -> dict:
     s = dict(kw, dtype=o["dtype"])
+    if o.get("parallel_mode"):
+        s.update(parallel=o["parallel_mode"], gpus=env_world()[1])
     if "cfg_interval" in s:
         s["cfg_interval"] = list(s["cfg_interval"])
     return s

@@ -44,7 +44,7 @@ follows the bf16 GEMVs (fp32 sums, one rounding; SwiGLU as :func:`bagel_rt.kerne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,7 @@ __all__ = [
     "qgemv_ref",
     "qgemv_swiglu",
     "qgemv_swiglu_ref",
+    "swiglu_pair",
 ]
 
 
@@ -115,6 +116,18 @@ def concat(ws: list[DecodeWeight]) -> DecodeWeight:
     return DecodeWeight(w0.fmt, torch.cat([w.codes for w in ws]).contiguous(),
                         torch.cat([w.scale for w in ws]).contiguous(), (sum(w.shape[0] for w in ws), w0.shape[1]),
                         w0.blocksize, w0.table)
+
+
+def swiglu_pair(gate: DecodeWeight, up: DecodeWeight) -> tuple[DecodeWeight, DecodeWeight] | None:
+    """``(gate, up)`` ready for :func:`qgemv_swiglu` (same format, shape and block size; NF4: one shared code
+    table, compared once here, never per call), or None when they cannot run fused."""
+    if (gate.fmt, gate.shape, gate.blocksize) != (up.fmt, up.shape, up.blocksize):
+        return None
+    if gate.table is not None:
+        if not torch.equal(gate.table, up.table):
+            return None
+        up = replace(up, table=gate.table)
+    return gate, up
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,7 +390,9 @@ def _qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool, cf
     if M == 0 or N == 0:
         return y
     if gate.fmt == "nf4":
-        assert torch.equal(gate.table, up.table), "gate / up NF4 code tables differ"
+        # one table for both, shared when the weights are built (torch.equal here would synchronise the device
+        # on every call, which invalidates a CUDA-graph capture: the NF4 decode graph failed that way on the H200)
+        assert gate.table is up.table, "gate / up must share one NF4 code table (see swiglu_pair)"
         args = (x, gate.codes.view(torch.int32), gate.scale, up.codes.view(torch.int32), up.scale, gate.table, y,
                 N, K, x.stride(0), y.stride(0), M)
         _launch(_nf4_gemv_swiglu_kernel, cfg, N, args, pdl, BLOCKSIZE=gate.blocksize)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .matmul import nf4_dequant, nf4_dequant_ref, nf4_matmul, nf4_matmul_ref
+from .matmul import GEMV_MAX_M, ROWS_MAX_M, nf4_dequant, nf4_dequant_ref, nf4_matmul, nf4_matmul_ref
 
 __all__ = [
     "NF4_CODE",
@@ -319,6 +319,11 @@ class NF4Linear(nn.Module):
         else:
             self.bias = None
         self.use_kernel: bool | None = None
+        #: under a memory budget: a few rows (more than the GEMV's, at most ``ROWS_MAX_M``: the denoiser's
+        #: image-marker rows) go through the fused GEMM, which never materialises the dequantized weight (dequant
+        #: + cuBLAS would allocate the whole bf16 weight, 130 MiB for an MLP weight at full size; the GEMM took
+        #: 103 us against 91 us for gate/up on an H200, quant_rows_h200.jsonl)
+        self.lean = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64) -> "NF4Linear":
@@ -356,9 +361,13 @@ class NF4Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         wshape = (self.out_features, self.in_features)
         use_kernel = x.is_cuda if self.use_kernel is None else self.use_kernel
-        fn = nf4_matmul if use_kernel else nf4_matmul_ref
-        return fn(x2, self.weight, self.absmax, self.blocksize, wshape, quant_map=self.quant_map,
-                  bias=self.bias).reshape(*shape[:-1], self.out_features)
+        if not use_kernel:
+            out = nf4_matmul_ref(x2, self.weight, self.absmax, self.blocksize, wshape, self.quant_map, self.bias)
+        else:
+            few = self.lean and GEMV_MAX_M < x2.shape[0] <= ROWS_MAX_M
+            out = nf4_matmul(x2, self.weight, self.absmax, self.blocksize, wshape, quant_map=self.quant_map,
+                             bias=self.bias, mode="gemm" if few else "auto")
+        return out.reshape(*shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         name = prefix[:-1]

@@ -17,6 +17,7 @@ from bagel_rt.quant.decode_gemv import (
     qgemv_ref,
     qgemv_swiglu,
     qgemv_swiglu_ref,
+    swiglu_pair,
 )
 from bagel_rt.quant.fp8_matmul import FP8
 from bagel_rt.quant.nf4 import NF4_CODE
@@ -62,6 +63,7 @@ def test_qgemv(fmt, N, K, M, dtype):
 def test_qgemv_swiglu(fmt, N, K, dtype):
     gate, _ = make_weight(fmt, N, K, seed=1)
     up, _ = make_weight(fmt, N, K, seed=2)
+    gate, up = swiglu_pair(gate, up)
     x = torch.randn(2, K, device=DEV).to(dtype)
     ref = qgemv_swiglu_ref(x, gate, up)
     assert_close(f"{fmt} qgemv_swiglu", ref, qgemv_swiglu(x, gate, up), tol(dtype))
@@ -117,6 +119,7 @@ def test_decode_is_exact(fmt):
     assert torch.equal(got, want), (got - want).abs().max()
     gate, up = one_code_per_row(fmt, 96), one_code_per_row(fmt, 96)
     up.scale = up.scale.flip(0).contiguous()
+    gate, up = swiglu_pair(gate, up)
     # the SwiGLU's exp differs from torch's sigmoid in the last bits
     assert_close(f"{fmt} swiglu", qgemv_swiglu_ref(x, gate, up), qgemv_swiglu(x, gate, up), 1e-6)
 
@@ -139,4 +142,5 @@ def test_decode_shapes_bf16(fmt):
             assert_close(f"{fmt} {N}x{K}", qgemv_ref(xk, w), qgemv(xk, w, None, pdl), 1e-2)
     gate, _ = make_weight(fmt, 18944, 3584, blocksize=64, seed=1)
     up, _ = make_weight(fmt, 18944, 3584, blocksize=64, seed=2)
+    gate, up = swiglu_pair(gate, up)
     assert_close(f"{fmt} gate/up", qgemv_swiglu_ref(x, gate, up), qgemv_swiglu(x, gate, up, True), 1e-2)

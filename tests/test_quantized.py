@@ -184,6 +184,60 @@ def test_df11_resident_on_the_triton_backend(conv):
     assert resident.understand(None, "hi", max_think_token_n=4).token_ids == ids  # decoded on the torch path
 
 
+def test_df11_resident_layers_decoded_for_good_and_slots(conv, ref):
+    """Budget split: layers decoded for good get bf16 parameters and drop their compressed buffers; the rest
+    alternate between the two slots; the results stay bit-identical on the torch and the packed path."""
+    _, r0, _ = ref
+    pipe = bagel_rt.load(conv["df11"], device="cpu", df11_resident=True)
+    store = pipe.df11
+    units = store.layer_units()
+    assert [u.slot for u in units] == [0, 1]  # consecutive layers decode into different slots
+    before = store.nbytes()
+    freed = store.keep_decoded(units[1].name)
+    store.layout()
+    assert freed > 0 and store.nbytes() < before
+    layer1 = pipe.model.language_model.model.layers[1]
+    assert isinstance(layer1.mlp.up_proj.weight, torch.nn.Parameter)  # an ordinary weight again: moves carry it
+    assert store.layer_units()[1] is None and store.layer_units()[0].slot == 0
+    assert torch.equal(pipe.generate(PROMPT, **GEN).latents, r0.latents)
+    fast = bagel_rt.load(conv["df11"], device="cpu", backend="triton", df11_resident=True)
+    fast.df11.keep_decoded(fast.df11.layer_units()[0].name)
+    fast.df11.layout()
+    at_load = bagel_rt.load(conv["df11"], device="cpu", backend="triton")
+    assert torch.equal(fast.generate(PROMPT, **GEN).latents, at_load.generate(PROMPT, **GEN).latents)
+
+
+def test_df11_layer_prefetch_order():
+    """The packed denoiser's decode schedule: c0 and c1 decode at the start; c_{k+2} decodes into c_k's slot
+    only once c_k is done, so no layer's weights are overwritten before it ran (layers 2 and 4 decoded for good
+    take no slot)."""
+    from types import SimpleNamespace
+
+    from bagel_rt.df11_resident import LayerPrefetch
+
+    log = []
+    units = [SimpleNamespace(name=f"u{i}", slot=0) if i not in (2, 4) else None for i in range(7)]
+    compressed = [u for u in units if u is not None]
+    for k, u in enumerate(compressed):
+        u.slot = k % 2
+    store = SimpleNamespace(layer_units=lambda: units, decode=lambda u: log.append(("decode", u.name, u.slot)))
+    pf = LayerPrefetch(store, torch.device("cpu"))
+    pf.start()
+    for i in range(len(units)):
+        pf.before(i, None)
+        log.append(("run", i))
+        pf.after(i, None)
+    pf.finish()
+    in_slot = {}
+    for e in log:
+        if e[0] == "decode":
+            in_slot[e[2]] = e[1]
+        elif units[e[1]] is not None:
+            u = units[e[1]]
+            assert in_slot[u.slot] == u.name, (e, log)  # its slot still holds its own weights when it runs
+    assert [e[1] for e in log if e[0] == "decode"] == [u.name for u in compressed]  # each decoded once
+
+
 def test_df11_resident_errors(conv):
     one_line_error(InputError, lambda: bagel_rt.load(conv["int8"], device="cpu", df11_resident=True),
                    "needs DFloat11 weights")

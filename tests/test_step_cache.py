@@ -179,6 +179,22 @@ def test_golden_request_torch(golden_pipe, case):
     assert rel_l2(res.latents, load_file(TS / case["outputs"])["latents"]) < 5e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_golden_request_triton_gpu(case):
+    """The fast path in bf16 on a GPU (packed forwards and Taylor evaluations as CUDA graphs) against the official
+    outputs directly: the schedule exactly, the final latents as close as the torch backend's."""
+    pipe = bagel_rt.load(GOLDEN / "tiny-a", device="cuda", dtype=torch.bfloat16, backend="triton")
+    kw = {k: case[k] for k in ("cfg_text_scale", "cfg_img_scale", "cfg_interval", "timestep_shift",
+                               "num_timesteps", "cfg_renorm_min", "cfg_renorm_type", "image_shapes")}
+    inputs = [Image.open(GOLDEN / x) if x.startswith("inputs/") else x for x in case["inputs"]]
+    for _ in range(2):  # the first request captures the graphs, the second replays them
+        res = pipe.interleave(inputs, seed=case["seed"], enable_taylorseer=True, **kw)
+        assert res.info["step_cache"]["schedule"] == case["official_schedule"]
+        assert rel_l2(res.latents.cpu(), load_file(TS / case["outputs"])["latents"]) < 5e-2
+
+
 # -- exact dedup, request independence -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):

@@ -1,0 +1,160 @@
+"""The allocator's peak by phase of each format / budget / task on the GPU, beside the predicted peak.
+
+    python benchmarks/budget_memory.py --out benchmarks/results/budget_memory_h200.jsonl \
+        [--runs int8@16:edit,fp8@15.5:edit,nf4@12:edit,fp8-gen-nf4-und@12:t2i,df11@24:t2i] [--steps 50]
+        [--size 1024] [--uncapped]
+
+Each run builds the random full-size model in its format (``compressed_speed.make_pipe``; DF11: every LLM layer
+a copy of layer 0, compressed once and kept resident as one DF11 unit per layer, so the run takes seconds
+instead of the minutes a full compression would), places it for the budget (``limit_gpu_memory``), warms the
+task up with a 3-step request and then runs the app-defaults request, recording per phase (prefill, denoise,
+VAE decode) the allocator's peak (``max_memory_allocated``) and reserved peak (``max_memory_reserved``: what the
+budget caps). ``predicted_gib`` is :func:`bagel_rt.memory_plan.request_transients` on top of the resident
+weights. ``--uncapped`` places the model for the budget but lifts the cap, to see what a request needs where it
+does not fit. DF11 runs also time the request against bf16 in the same process (``vs_bf16``; the target is
+1.25x) and check the bits (``bit_identical``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compressed_speed import make_pipe, release_gpu, request  # noqa: E402
+from diagnose import emit  # noqa: E402
+
+from bagel_rt.bench import environment  # noqa: E402
+from bagel_rt.errors import InputError  # noqa: E402
+from bagel_rt.memory_plan import request_transients  # noqa: E402
+
+GIB = 2**30
+
+
+def phase_tracker() -> dict:
+    """Wraps the calls that separate a request's phases; fills {phase: (peak allocated GiB, peak reserved GiB)}
+    of the last request (the peaks are reset at each phase start)."""
+    import bagel_rt.fast as fast
+    import bagel_rt.session as session
+
+    peaks: dict = {}
+
+    def mark(name: str) -> None:
+        torch.cuda.synchronize()
+        peaks[name] = (round(torch.cuda.max_memory_allocated() / GIB, 2),
+                       round(torch.cuda.max_memory_reserved() / GIB, 2))
+        torch.cuda.reset_peak_memory_stats()
+
+    def phase(name, fn, before: str | None = None):
+        def wrapped(*args, **kwargs):
+            if before:
+                mark(before)
+            out = fn(*args, **kwargs)
+            mark(name)
+            return out
+        return wrapped
+
+    fast.denoise_packed = phase("denoise", fast.denoise_packed, before="prefill")
+    session.Session.decode_latents = phase("vae_decode", session.Session.decode_latents)
+    return peaks
+
+
+def df11_pipe(task: str, size: int, steps: int):
+    """(pipe, bf16 reference (seconds, latents)): the random model with each LLM layer a copy of layer 0, timed in
+    bf16 first, then kept as resident DF11 units (one compression serves all layers; DF11 is lossless, so the
+    latents must come out bit-identical)."""
+    from bagel_rt.quant import compress_units
+
+    from bagel_rt.df11_resident import ResidentDF11
+    from bagel_rt.quantized import _LLM_LINEARS
+
+    pipe = make_pipe("bf16")
+    layers = pipe.model.language_model.model.layers
+    with torch.no_grad():
+        for layer in layers[1:]:
+            for (_, p0), (_, p) in zip(layers[0].named_parameters(), layer.named_parameters()):
+                p.copy_(p0)
+    timed(pipe, task, size, 3, seed=1)
+    ref = timed(pipe, task, size, steps)
+    pipe.fast_cache.clear()
+    shapes = [tuple(layers[0].get_submodule(n).weight.shape) for n in _LLM_LINEARS]
+    t0 = time.perf_counter()
+    buffers = compress_units([layers[0].get_submodule(n).weight.detach().cpu() for n in _LLM_LINEARS])
+    print(f"compressed one layer in {time.perf_counter() - t0:.1f} s", flush=True)
+    split = torch.tensor([a * b for a, b in shapes]).cumsum(0)[:-1].tolist()
+    store = ResidentDF11(pipe.device)
+    for i in range(len(layers)):
+        unit = {k: v.to(pipe.device) for k, v in buffers.items()}
+        unit["split_positions"] = torch.tensor(split, dtype=torch.int64, device=pipe.device)
+        names = [(f"language_model.model.layers.{i}.{n}.weight", s) for n, s in zip(_LLM_LINEARS, shapes)]
+        store.add(pipe.model, f"language_model.model.layers.{i}", names, unit, split)
+    store.layout()
+    pipe.df11 = store
+    gc.collect()
+    torch.cuda.empty_cache()
+    return pipe, ref
+
+
+def timed(pipe, task: str, size: int, steps: int, seed: int = 0):
+    """(seconds, final latents) of one app-defaults request, the allocator's peaks reset first."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return request(pipe, task, size, steps, seed)[:2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--runs", default="int8@16:edit,fp8@15.5:edit,nf4@12:edit,fp8-gen-nf4-und@12:t2i,df11@24:t2i",
+                    help="comma-separated FORMAT@GIB:TASK (GIB 0: no budget)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--uncapped", action="store_true", help="place for the budget but lift the cap")
+    a = ap.parse_args()
+    env = environment(a.commit)
+    peaks = phase_tracker()
+    for run in a.runs.split(","):
+        spec, _, task = run.partition(":")
+        fmt, _, gib = spec.partition("@")
+        gib = float(gib or 0)
+        ref = None
+        if fmt == "df11":
+            pipe, ref = df11_pipe(task, a.size, a.steps)
+        else:
+            pipe = make_pipe(fmt)
+        row = dict(diag="budget_memory", weights=fmt, budget_gib=gib or None, task=task, height=a.size,
+                   width=a.size, num_timesteps=a.steps, uncapped=a.uncapped, **env)
+        try:
+            if gib:
+                row["placement"] = pipe.limit_gpu_memory(gib)
+                if a.uncapped:
+                    torch.cuda.set_per_process_memory_fraction(1.0)
+            resident = torch.cuda.memory_allocated() / GIB
+            timed(pipe, task, a.size, 3, seed=1)  # warm-up: compiles, captures
+            sec, lat = timed(pipe, task, a.size, a.steps)
+            weight_only = fmt in ("int8", "nf4")
+            plan = request_transients(pipe.model.params, task, a.size, a.size, weight_only=weight_only)
+            row.update(seconds=round(sec, 3), resident_gib=round(resident, 2),
+                       phase_peak_gib={k: v[0] for k, v in peaks.items()},
+                       phase_reserved_gib={k: v[1] for k, v in peaks.items()},
+                       peak_gib=max(v[0] for v in peaks.values()),
+                       reserved_peak_gib=max(v[1] for v in peaks.values()),
+                       predicted_gib={k: round(resident + v / GIB, 2) for k, v in plan.items()})
+            if ref is not None:
+                row.update(vs_bf16=round(sec / ref[0], 3), bf16_seconds=round(ref[0], 3),
+                           bit_identical=bool(torch.equal(lat, ref[1])))
+        except (torch.cuda.OutOfMemoryError, InputError, RuntimeError) as e:
+            row.update(error=str(e).splitlines()[0][:300])
+        emit(row, a.out)
+        del pipe
+        release_gpu()
+
+
+if __name__ == "__main__":
+    main()
