@@ -17,6 +17,9 @@ if not torch.cuda.is_available():
 GOLDEN = Path(__file__).parent / "golden"
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+#: tests that run the triton backend on the CPU (the Triton interpreter), e.g. on a CUDA machine's CPU device
+requires_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                          reason="runs Triton kernels on the CPU: needs TRITON_INTERPRET=1")
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -4,6 +4,7 @@ what a request allocates."""
 
 import pytest
 import torch
+from conftest import requires_interpreter
 from PIL import Image
 
 import bagel_rt
@@ -82,6 +83,7 @@ def test_image_cache_grows_once_and_the_plan_counts_it(tiny):
     assert plan["denoise"] > arena_bytes(p, "edit", H, W, text, 4) and plan["prefill"] > s.gen.cache.nbytes()
 
 
+@requires_interpreter
 def test_budget_sends_the_caches_to_the_cpu_and_back(tiny, monkeypatch):
     """Under a budget the contexts' caches leave the GPU while the denoiser runs (here: the CPU device, where
     the move is a no-op; what is checked is that every context is asked to move, and that a later turn brings

@@ -13,7 +13,7 @@ import torch
 from bagel_rt.cli.main import cli
 from bagel_rt.quant import Int8Linear, NF4Linear, int8, int8_state, load_int8, load_nf4, nf4, nf4_state
 from click.testing import CliRunner
-from conftest import rel_l2, requires_cuda
+from conftest import rel_l2, requires_cuda, requires_interpreter
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -184,6 +184,7 @@ def test_df11_resident_on_the_triton_backend(conv):
     assert resident.understand(None, "hi", max_think_token_n=4).token_ids == ids  # decoded on the torch path
 
 
+@requires_interpreter
 def test_df11_resident_layers_decoded_for_good_and_slots(conv, ref):
     """Budget split: layers decoded for good get bf16 parameters and drop their compressed buffers; the rest
     alternate between the two slots; the results stay bit-identical on the torch and the packed path."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from .. import validate
+from ..batch import MAX_BATCH_IMAGES
 from ..config import BagelParams
 from ..errors import InputError
 from ..pipeline import Bagel
@@ -32,8 +33,9 @@ from ..sampler import MAX_SCALE, MAX_STEPS, CFGSettings
 from ..session import check_image_shape
 from ..transforms import VAE_RESIZE, resize_dims
 
-#: Most images one request may ask for (``n``); also the most of one batched call (``serve --max-batch``).
-MAX_N = 16
+#: Most images one request may ask for (``n``); also the most of one batched call (``serve --max-batch``): the
+#: library's limit of one call
+MAX_N = MAX_BATCH_IMAGES
 #: Longest prompt or message text, in characters (a prompt must also fit the model's context, in tokens).
 MAX_TEXT_CHARS = 32_000
 #: Most input images of one chat request (each costs up to ~4,900 ViT tokens of context).

@@ -9,7 +9,6 @@ back into each job's ``n``. A chat job runs alone through ``Bagel.interleave``. 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 from ..pipeline import Bagel
@@ -33,19 +32,10 @@ def run_batch(bagel: Bagel, jobs: list[Job], on_step: Callable[[int, int], None]
     kwargs = dict(req.options)
     if req.task == "t2i":
         kwargs["image_shapes"] = req.size
-    if "on_step" in inspect.signature(bagel.generate).parameters:
-        if req.task == "t2i":
-            results = bagel.generate(prompts, seed=seeds, on_step=on_step, **kwargs)
-        else:
-            results = bagel.edit(images, prompts, seed=seeds, on_step=on_step, **kwargs)
-    else:  # a library without the batched API: one image at a time, stoppable between images
-        results = []
-        for k, (prompt, seed, image) in enumerate(zip(prompts, seeds, images)):
-            if req.task == "t2i":
-                results.append(bagel.generate(prompt, seed=seed, **kwargs))
-            else:
-                results.append(bagel.edit(image, prompt, seed=seed, **kwargs))
-            on_step(k, len(prompts))
+    if req.task == "t2i":
+        results = bagel.generate(prompts, seed=seeds, on_step=on_step, **kwargs)
+    else:
+        results = bagel.edit(images, prompts, seed=seeds, on_step=on_step, **kwargs)
     out, k = [], 0
     for j in jobs:
         out.append(list(results[k:k + j.request.n]))
