@@ -117,7 +117,7 @@ def cheap_vae(pipes, monkeypatch):
 
     def encode(x, generator):
         mean = F.avg_pool2d(x.float(), 8).repeat(1, 6, 1, 1)[:, :16]
-        return mean + 0.1 * torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+        return mean + 0.1 * torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
 
     monkeypatch.setattr(pipe.vae, "encode", encode)
     monkeypatch.setattr(pipe.vae, "decode", lambda z: F.interpolate(z[:, :3], scale_factor=8))
