@@ -231,7 +231,8 @@ class GraphDecoder:
 
     Keep one per model and reuse it: the fused weights, the static cache and the graphs are built once (a
     larger context capacity than any seen before costs one new capture). The graphs bake in the weights'
-    addresses: build a new decoder after replacing or moving the model's weights.
+    addresses: build a new decoder after replacing or moving the model's weights (``lm_head`` alone may move
+    between requests after :meth:`release_head`, as it does under a memory budget).
 
     Args:
         model: the :class:`bagel_rt.model.BagelModel`.
@@ -259,7 +260,9 @@ class GraphDecoder:
         self.check_every = check_every or (8 if on_cuda else 1)
         self.num_splits = num_splits
         self.layers = und_layers(model, fuse_qkv, compressed)
+        self.compressed = compressed
         self.head = decode_weight(model.language_model.lm_head) if compressed else None
+        self._head_bound = True  # False after release_head(): rebuilt from lm_head on the next request
         i64 = dict(dtype=torch.long, device=self.device)
         # static per-token state (graph inputs/outputs): all [1] device tensors
         self.token = torch.zeros(1, **i64)  # input token id
@@ -270,6 +273,25 @@ class GraphDecoder:
         self.cache: KVCache | None = None  # graph mode: the static cache the graphs read and write
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # greedy? -> (graph, logits)
         self.pool = None
+
+    # -- lm_head, which may leave the device between requests ----------------------------------------------
+    def release_head(self) -> None:
+        """Forget everything built from ``lm_head``'s weights, before it moves (``placement.text_phase``): the
+        compressed head (it references the module's CUDA buffers, which would stay allocated) and the graphs
+        (they bake the head's addresses). The next :meth:`generate` rebuilds both from where lm_head is then."""
+        self.head = None
+        self._head_bound = False
+        self.graphs.clear()
+        self.pool = None
+
+    def _bind_head(self) -> None:
+        head = self.model.language_model.lm_head
+        if head.weight.device != self.device:
+            raise RuntimeError(f"lm_head is on {head.weight.device}, the decoder runs on {self.device}: bring it "
+                               "to the device for the text phase (bagel_rt.placement.text_phase)")
+        if not self._head_bound:
+            self.head = decode_weight(head) if self.compressed else None
+            self._head_bound = True
 
     # -- one step, eager or captured -----------------------------------------------------------------------
     def _step(self, cache: KVCache, greedy: bool) -> Tensor:
@@ -349,6 +371,7 @@ class GraphDecoder:
             raise InputError(f"max_think_token_n / max_new_tokens must be >= 1, got {max_length}")
         if do_sample and not temperature > 0:
             raise InputError(f"text_temperature must be > 0 when sampling, got {temperature}")
+        self._bind_head()
         sp = self.model.special
         stops = {sp.eos} if stop_tokens is None else set(stop_tokens)
         start, rope = ctx.length, ctx.rope

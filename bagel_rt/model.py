@@ -62,7 +62,8 @@ class BagelModel(nn.Module):
     # -- helpers -------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.language_model.lm_head.weight.device
+        # the final norm stays resident on every rank; lm_head waits on the CPU under a budget (placement)
+        return self.language_model.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -67,7 +67,7 @@ class Bagel:
         #: the compressed DF11 units (:class:`bagel_rt.df11_resident.ResidentDF11`) when loaded with
         #: ``df11_resident=True``, each decoded just before use (set by the loader), else None
         self.df11 = None
-        #: ViT, VAE and embeddings live on the CPU between uses (set by :meth:`limit_gpu_memory`)
+        #: ViT, VAE, embeddings and lm_head live on the CPU between uses (set by :meth:`limit_gpu_memory`)
         self.offload = False
         self.gpu_budget_gib: float | None = None
         #: one request at a time: threads sharing this pipeline are served in turn (:mod:`bagel_rt.serial`)

@@ -28,7 +28,7 @@ from .batch import ImageJob
 from .cache import Context
 from .errors import InputError
 from .memory_plan import TEXT_ROOM, vae_rows, vit_rows
-from .placement import visiting
+from .placement import text_phase, visiting
 from .sampler import CFGSettings, denoise_steps
 from .serial import serialized
 from .step_cache import StepCache, StepCacheSettings, exact_dedup
@@ -184,14 +184,15 @@ class Session:
         ctx = self.gen.fork(extra=max_length)
         # the graph decoder copies the weights of every layer: not for split models (tensor-parallel, layer split)
         split = self.model.parallel is not None and self.model.parallel.mode != "cfg"
-        if self.bagel.backend == "triton" and not self.bagel.df11_resident and not split:
-            from .fast_decode import fast_gen_text
+        with text_phase(self.bagel):  # under a budget lm_head visits the GPU for this phase only
+            if self.bagel.backend == "triton" and not self.bagel.df11_resident and not split:
+                from .fast_decode import fast_gen_text
 
-            predicted, logits = fast_gen_text(self.bagel.decoder, ctx, max_length, do_sample, temperature,
-                                              self.text_generator, record, on_token)
-        else:
-            predicted, logits = self._decode_loop(ctx, max_length, do_sample, temperature, record,
-                                                  _bar(max_length, desc, progress), on_token)
+                predicted, logits = fast_gen_text(self.bagel.decoder, ctx, max_length, do_sample, temperature,
+                                                  self.text_generator, record, on_token)
+            else:
+                predicted, logits = self._decode_loop(ctx, max_length, do_sample, temperature, record,
+                                                      _bar(max_length, desc, progress), on_token)
         # the reference decodes the fed tokens (start token + every prediction but the last), then cuts
         text = tok.decode([sp.bos, *predicted[:-1]]).split("<|im_end|>")[0].split("<|im_start|>")[1]
         return Result(text=text, token_ids=predicted, seed=self.seed, logits=logits)

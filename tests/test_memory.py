@@ -102,3 +102,76 @@ def test_budget_sends_the_caches_to_the_cpu_and_back(tiny, monkeypatch):
     moves.clear()
     s.add_text("now blue")
     assert (id(s.gen.cache), "cpu") in moves  # the model's device (this CPU): the next prefill moves it there
+
+
+def _record_head(pipe, monkeypatch):
+    """Record lm_head's moves and each decode (torch step / graph-decoder request) of ``pipe`` in order."""
+    from bagel_rt.fast_decode import GraphDecoder
+
+    events = []
+    head = pipe.model.language_model.lm_head
+    real_to, real_step, real_gen = head.to, pipe.model.decode_step, GraphDecoder.generate
+    monkeypatch.setattr(head, "to", lambda d: events.append(f"to {d}") or real_to(d))
+    monkeypatch.setattr(pipe.model, "decode_step", lambda *a: events.append("decode") or real_step(*a))
+    monkeypatch.setattr(GraphDecoder, "generate", lambda *a, **k: events.append("decode") or real_gen(*a, **k))
+    return events
+
+
+def _collapse(events):
+    """Runs of decode steps as one."""
+    return [e for i, e in enumerate(events) if not (e == "decode" and i and events[i - 1] == "decode")]
+
+
+@requires_interpreter
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_budget_brings_lm_head_for_text_only(tiny, monkeypatch, backend):
+    """Under a budget lm_head (idle while denoising; resident, it made INT8 / FP8 edits and the FP8-gen/NF4-und
+    t2i run out of memory on an H200 by 74-112 MiB) is asked to come to the model's device (this CPU) before
+    each text phase and to go back to the CPU after it, never for an image; the graph decoder drops the
+    compressed head it built (no stale device buffers) and rebuilds it; the texts and logits are the same."""
+    from bagel_rt.quant import Int8Linear
+
+    def run(offload: bool):
+        pipe = bagel_rt.load(tiny, device="cpu", dtype=torch.float32, backend=backend)
+        lm = pipe.model.language_model
+        lm.lm_head = Int8Linear.from_linear(lm.lm_head)  # compressed: the graph decoder builds a DecodeWeight
+        pipe.offload = offload
+        events = _record_head(pipe, monkeypatch)
+        s = pipe.session(think=True, seed=0)
+        s.add_text("a cat")
+        think = s.think(max_length=6, record=True)
+        if backend == "triton" and offload:
+            assert pipe._decoder.head is None and not pipe._decoder.graphs  # released with the move
+        think_events = list(events)
+        events.clear()
+        s.gen_image((32, 32), num_timesteps=2)
+        assert events == []  # generation never moves (or uses) it
+        u = pipe.session(understanding_only=True, seed=0)
+        u.add_text("What is a bagel?")
+        answers = [u.reply(max_length=5, record=True), u.reply(max_length=5, record=True)]  # rebuilt each time
+        if backend == "triton" and offload:
+            assert pipe._decoder.head is None
+        return [think, *answers], think_events, events
+
+    ref, ref_think, ref_und = run(False)
+    assert "to cpu" not in ref_think + ref_und
+    res, think_events, und_events = run(True)
+    assert _collapse(think_events) == ["to cpu", "decode", "to cpu"]  # to the model's device, decode, back
+    assert _collapse(und_events) == ["to cpu", "decode", "to cpu"] * 2
+    for a, b in zip(res, ref):
+        assert a.token_ids == b.token_ids and a.text == b.text
+        assert torch.equal(a.logits, b.logits)
+
+
+def test_compressed_linears_move_every_tensor():
+    """INT8 / FP8 / NF4 Linears keep their weights in buffers: ``.to()`` moves all of them (a plain tensor
+    attribute would stay behind on the GPU when lm_head goes to the CPU)."""
+    from bagel_rt.quant import FP8Linear, Int8Linear, NF4Linear
+    from torch import nn
+
+    lin = nn.Linear(64, 32, bias=False)
+    for cls in (Int8Linear, FP8Linear, NF4Linear):
+        m = cls.from_linear(lin).to("meta")
+        assert [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)] == [], cls.__name__
+        assert {t.device.type for t in m.buffers()} == {"meta"}, cls.__name__
+        assert m.weight.device.type == "meta"

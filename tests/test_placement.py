@@ -14,15 +14,23 @@ def test_budget_offloads_and_keeps_results(tmp_path):
     from PIL import Image
 
     img = Image.new("RGB", (64, 48), (30, 60, 90))
-    ref = bagel_rt.load(d, device="cuda").edit(img, "make it red", num_timesteps=3, seed=0)
+    ref_pipe = bagel_rt.load(d, device="cuda")
+    ref = ref_pipe.edit(img, "make it red", num_timesteps=3, seed=0)
+    ref_text = ref_pipe.understand(img, "What is this?", max_think_token_n=8, record=True)
     pipe = bagel_rt.load(d, device="cuda")
+    pipe.understand(img, "What is this?", max_think_token_n=8)  # a graph decoder built before the budget
     info = pipe.limit_gpu_memory(40.0)
     try:
-        assert "vae" in info["offloaded"]
+        assert "vae" in info["offloaded"] and "lm_head" in info["offloaded"]
         assert next(pipe.vae.parameters()).device.type == "cpu"
+        assert pipe.model.language_model.lm_head.weight.device.type == "cpu"
         res = pipe.edit(img, "make it red", num_timesteps=3, seed=0)
         assert torch.equal(res.latents, ref.latents)  # placement moves data, never changes results
         assert next(pipe.vae.parameters()).device.type == "cpu"  # back after its phase
+        for _ in range(2):  # lm_head visits for each answer (the graph decoder rebuilt around it)
+            text = pipe.understand(img, "What is this?", max_think_token_n=8, record=True)
+            assert text.token_ids == ref_text.token_ids and torch.equal(text.logits, ref_text.logits)
+            assert pipe.model.language_model.lm_head.weight.device.type == "cpu"
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
 
