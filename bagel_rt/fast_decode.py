@@ -121,7 +121,8 @@ def und_layers(model, fuse_qkv: bool = False, compressed: bool = True) -> list[U
             named = {"o": a.o_proj, "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
             lw.compressed = {k: w for k, m in named.items() if (w := decode_weight(m)) is not None}
             gate, up = lw.compressed.pop("gate", None), lw.compressed.pop("up", None)
-            pair = (swiglu_pair(gate, up) if _same_kind([gate, up]) and mlp.gate_proj.bias is None
+            # (swiglu_pair checks format, shape, block size and the NF4 tables)
+            pair = (swiglu_pair(gate, up) if gate is not None and up is not None and mlp.gate_proj.bias is None
                     and mlp.up_proj.bias is None else None)
             if pair is not None:
                 lw.compressed["gate"], lw.compressed["up"] = pair
@@ -262,7 +263,6 @@ class GraphDecoder:
         self.layers = und_layers(model, fuse_qkv, compressed)
         self.compressed = compressed
         self.head = decode_weight(model.language_model.lm_head) if compressed else None
-        self._head_bound = True  # False after release_head(): rebuilt from lm_head on the next request
         i64 = dict(dtype=torch.long, device=self.device)
         # static per-token state (graph inputs/outputs): all [1] device tensors
         self.token = torch.zeros(1, **i64)  # input token id
@@ -280,7 +280,6 @@ class GraphDecoder:
         compressed head (it references the module's CUDA buffers, which would stay allocated) and the graphs
         (they bake the head's addresses). The next :meth:`generate` rebuilds both from where lm_head is then."""
         self.head = None
-        self._head_bound = False
         self.graphs.clear()
         self.pool = None
 
@@ -289,9 +288,8 @@ class GraphDecoder:
         if head.weight.device != self.device:
             raise RuntimeError(f"lm_head is on {head.weight.device}, the decoder runs on {self.device}: bring it "
                                "to the device for the text phase (bagel_rt.placement.text_phase)")
-        if not self._head_bound:
-            self.head = decode_weight(head) if self.compressed else None
-            self._head_bound = True
+        if self.compressed and self.head is None:  # released (or an uncompressed lm_head: None again)
+            self.head = decode_weight(head)
 
     # -- one step, eager or captured -----------------------------------------------------------------------
     def _step(self, cache: KVCache, greedy: bool) -> Tensor:
