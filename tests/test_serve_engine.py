@@ -150,6 +150,9 @@ def test_a_cancelled_job_in_a_batch_leaves_the_others_running():
     assert run.batches[1] == [b.id, c.id, d.id] and run.stopped_at == []
     with pytest.raises(Cancelled):
         c.future.result()
+    # both count as stopped work: c stopped while it ran, a was dropped from the queue before it ran (a stream
+    # whose client leaves before the worker takes it up is such a job)
+    assert eng.metrics.counter("bagel_stopped_total", reason="Cancelled") == 2
     eng.shutdown(1)
 
 
@@ -171,6 +174,7 @@ def test_deadlines_while_waiting_and_while_running():
     while run.stopped_at == [] and time.monotonic() - t0 < 5:
         time.sleep(0.01)
     assert run.stopped_at and run.stopped_at[0] < 500
+    assert eng.metrics.counter("bagel_stopped_total", reason="TimedOut") == 2  # the waiting one and the running one
     eng.shutdown(1)
 
 

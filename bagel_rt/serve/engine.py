@@ -49,7 +49,7 @@ class Engine:
                  runner: Callable = run_batch, metrics: Metrics | None = None):
         self.bagel = bagel
         self.limits = Limits(bagel.model.params)
-        self.scheduler = Scheduler(max_batch, max_queue)
+        self.scheduler = Scheduler(max_batch, max_queue, on_drop=self._count_stopped)
         self.timeout_s = timeout_s
         self.metrics = metrics or Metrics()
         self._runner = runner
@@ -114,7 +114,12 @@ class Engine:
     # -- the worker -----------------------------------------------------------------------------------------------
     def _work(self) -> None:
         while (batch := self.scheduler.next_batch()) is not None:
-            live = [job for job in batch if job.start()]
+            live = []
+            for job in batch:
+                if job.start():
+                    live.append(job)
+                else:  # settled between the queue's last look and now
+                    self._count_stopped(job)
             if live:
                 self._run(live)
 
@@ -167,6 +172,10 @@ class Engine:
             self.metrics.observe("bagel_batch_seconds", seconds)
             self.metrics.observe("bagel_batch_images", sum(j.images for j in jobs), BATCH_BUCKETS)
             for job in jobs:
-                err = job.future.exception() if job.done else None
-                if isinstance(err, (Cancelled, TimedOut)):
-                    self.metrics.inc("bagel_stopped_total", reason=type(err).__name__)
+                self._count_stopped(job)
+
+    def _count_stopped(self, job: Job) -> None:
+        """Count a job settled before its work finished (cancelled, timed out), whether it ran or waited."""
+        err = job.future.exception() if job.done else None
+        if isinstance(err, (Cancelled, TimedOut)):
+            self.metrics.inc("bagel_stopped_total", reason=type(err).__name__)

@@ -113,12 +113,15 @@ class Scheduler:
     Args:
         max_batch: most images of one batch made of several requests (1 turns batching off).
         max_queue: most waiting jobs; one more is refused with :class:`QueueFull`.
+        on_drop: called with each waiting job dropped because it was settled (cancelled, timed out) before it
+            ran — such a job never reaches a batch, so whoever counts stopped work hears of it here.
     """
 
-    def __init__(self, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, max_batch: int = 8, max_queue: int = 64, on_drop: Callable[[Job], None] | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be at least 1, got {max_batch}, {max_queue}")
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.on_drop = on_drop
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -194,4 +197,8 @@ class Scheduler:
         now = time.monotonic()
         keep = [job for job in self._waiting if not job.done and not job.expire_if_late(now)]
         if len(keep) != len(self._waiting):
+            if self.on_drop is not None:
+                for job in self._waiting:
+                    if job.done:
+                        self.on_drop(job)
             self._waiting = deque(keep)
