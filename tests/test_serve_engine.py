@@ -174,7 +174,7 @@ def test_deadlines_while_waiting_and_while_running():
     while run.stopped_at == [] and time.monotonic() - t0 < 5:
         time.sleep(0.01)
     assert run.stopped_at and run.stopped_at[0] < 500
-    assert eng.metrics.counter("bagel_stopped_total", reason="TimedOut") == 2  # the waiting one and the running one
+    assert eng.metrics.counter("bagel_stopped_total", reason="TimedOut") == 2  # the waiting and the running one
     eng.shutdown(1)
 
 
