@@ -568,13 +568,10 @@ def denoise_batch(model, jobs: list[ImageJob], num_timesteps: int, timestep_shif
     # the branches each image ever computes, in arena order (each image's together, conditional first)
     ctxs, image_of, names = [], [], []
     for k, job in enumerate(jobs):
-        ever = set().union(*(velocity_sources(*cfg.scales_at(t), job.text_is_cond, job.img_is_cond).values()
-                             for t, _ in steps))
-        for b in ("cond", "text", "img"):
-            if b in ever:
-                ctxs.append(job.ctxs[b])
-                image_of.append(k)
-                names.append(b)
+        for b in _branches_ever(job, cfg, steps):
+            ctxs.append(job.ctxs[b])
+            image_of.append(k)
+            names.append(b)
     arena = {(k, b): a for a, (k, b) in enumerate(zip(image_of, names))}
     den = _cached_denoiser(cache, "denoiser", model, ctxs, image_of, [(job.h, job.w) for job in jobs], *settings)
     if caching == {True}:
@@ -590,14 +587,8 @@ def denoise_batch(model, jobs: list[ImageJob], num_timesteps: int, timestep_shif
         else:
             v = _cached_step(den, jobs, xs, t, sel, image_of, names)
         for k, (job, src) in enumerate(zip(jobs, srcs)):
-            if job.step_cache is not None:
-                job.step_cache.record_step(src)
-            v_t = v[arena[k, src["text"]]] if "text" in src else None
-            v_i = v[arena[k, src["img"]]] if "img" in src else None
-            xs[k], v_comb = k_ops.cfg_euler(xs[k], v[arena[k, "cond"]], v_t, v_i, st, si, cfg.cfg_renorm_type,
-                                            cfg.cfg_renorm_min, dt)
-            if job.on_step is not None:
-                job.on_step(i, v_comb)
+            xs[k] = _update(k_ops, job, i, xs[k], {b: v[arena[k, b]] for b in set(src.values())}, src, st, si,
+                            dt, cfg)
         if on_step is not None:
             on_step(i)
     return xs
@@ -613,9 +604,7 @@ def _denoise_cfg_parallel(model, job: ImageJob, steps: list[tuple[float, float]]
 
     k_ops = _kernels()
     step_cache, grid = job.step_cache, [(job.h, job.w)]
-    ever = set().union(*(velocity_sources(*cfg.scales_at(t), job.text_is_cond, job.img_is_cond).values()
-                         for t, _ in steps))
-    order = [b for b in ("cond", "text", "img") if b in ever]
+    order = _branches_ever(job, cfg, steps)
     exchange = exchange_for(model, cfg, num_timesteps, timestep_shift, job.text_is_cond, job.img_is_cond,
                             share=step_cache is None)
     local = order if exchange is None else exchange.mine
@@ -648,15 +637,31 @@ def _denoise_cfg_parallel(model, job: ImageJob, steps: list[tuple[float, float]]
             leftover = exchange.plan(needed)[1]
             if leftover:
                 v.update(zip(leftover, shared.velocities(x, t, tuple(exchange.shared.index(b) for b in leftover))))
-        if step_cache is not None:
-            step_cache.record_step(src)
-        v_t = v[src["text"]] if "text" in src else None
-        v_i = v[src["img"]] if "img" in src else None
-        x, v_comb = k_ops.cfg_euler(x, v["cond"], v_t, v_i, st, si, cfg.cfg_renorm_type, cfg.cfg_renorm_min, dt)
-        if job.on_step is not None:
-            job.on_step(i, v_comb)
+        x = _update(k_ops, job, i, x, v, src, st, si, dt, cfg)
         if on_step is not None:
             on_step(i)
+    return x
+
+
+def _branches_ever(job: ImageJob, cfg: CFGSettings, steps: list[tuple[float, float]]) -> list[str]:
+    """The branches ("cond", "text", "img", in that order) that some step of ``job`` evaluates."""
+    ever = set().union(*(velocity_sources(*cfg.scales_at(t), job.text_is_cond, job.img_is_cond).values()
+                         for t, _ in steps))
+    return [b for b in ("cond", "text", "img") if b in ever]
+
+
+def _update(k_ops, job: ImageJob, i: int, x: Tensor, v: dict[str, Tensor], src: dict[str, str], st: float,
+            si: float, dt: float, cfg: CFGSettings) -> Tensor:
+    """Step i's tail for one image: record the step in its step cache, combine the velocities ``v`` (by branch;
+    ``src`` says which branch stands for each CFG term) and take the Euler step; calls ``job.on_step``.
+    Returns the next [h*w, 64] latents."""
+    if job.step_cache is not None:
+        job.step_cache.record_step(src)
+    v_t = v[src["text"]] if "text" in src else None
+    v_i = v[src["img"]] if "img" in src else None
+    x, v_comb = k_ops.cfg_euler(x, v[src["cond"]], v_t, v_i, st, si, cfg.cfg_renorm_type, cfg.cfg_renorm_min, dt)
+    if job.on_step is not None:
+        job.on_step(i, v_comb)
     return x
 
 

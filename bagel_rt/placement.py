@@ -127,9 +127,13 @@ def expandable_segments() -> bool:
     10.83 GiB and DF11 under 24 GiB with 21.85 GiB — each time with the capped reservation full of blocks of
     freed sizes that no new request fitted. Expandable segments grow one mapped address range instead, so
     freed memory is reused whatever the sizes."""
+    # torch >= 2.9 takes the setting device-generically (the CUDA spelling warns there as deprecated)
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:
+        setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-    except (AttributeError, RuntimeError):  # a torch without the setting: the budget still applies
+        setter("expandable_segments:True")
+    except (TypeError, RuntimeError):  # a torch without the setting: the budget still applies
         return False
     return True
 

@@ -245,7 +245,7 @@ def test_a_client_that_disconnects_stops_its_work(server):
     url, engine = server
     before = engine.metrics.counter("bagel_stopped_total", reason="Cancelled")
     images = engine.metrics.counter("bagel_images_total")
-    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
         httpx.post(url + "/v1/images/generations", json={"prompt": "slow", "n": 16, "size": "16x16",
                                                           "num_timesteps": 400}, timeout=0.5)
     t0 = time.monotonic()
