@@ -53,13 +53,18 @@ from bagel_rt.quant.decode_gemv import (
     qgemv_swiglu,
     swiglu_pair,
 )
+from bagel_rt.quant.decode_mma import MMA_FORMATS, mma_gemv, mma_gemv_swiglu
 
 from .cache import Context, KVCache
 from .embeddings import rope_cos_sin
 from .errors import InputError
 
 #: the decode step's matrix-vector products: "cublas" (F.linear) or "triton" (bagel_rt.kernels.gemv, with the
-#: MLP's gate/up/SwiGLU fused); plain bf16 nn.Linear weights only, quantized modules keep their own kernels
+#: MLP's gate/up/SwiGLU fused) for plain bf16 nn.Linear weights; compressed weights take the decode GEMVs of
+#: bagel_rt.quant.decode_gemv either way. "triton-mma": as "triton", and INT8 / FP8 weights on the tensor cores
+#: instead (bagel_rt.quant.decode_mma: ~1 instead of 5.7 sm_90 loop instructions per INT8 weight; speed not
+#: measured yet, so not the default)
+GEMVS = ("cublas", "triton", "triton-mma")
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
 #: before it drains, and the GEMVs request their first weight tile before waiting for its output
@@ -134,30 +139,39 @@ def und_layers(model, fuse_qkv: bool = False, compressed: bool = True) -> list[U
 
 
 def _check_gemv(impl: str) -> str:
-    if impl not in ("cublas", "triton"):
-        raise InputError(f"gemv must be 'cublas' or 'triton', got {impl!r}")
+    if impl not in GEMVS:
+        raise InputError(f"gemv must be one of {', '.join(map(repr, GEMVS))}, got {impl!r}")
     return impl
 
 
-def _linear(mod: nn.Module, x: Tensor, triton_gemv: bool, pdl: bool, packed: DecodeWeight | None = None) -> Tensor:
-    # compressed weights always take their decode GEMV (``triton_gemv`` chooses for bf16 weights only)
+def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, impl: str, pdl: bool) -> Tensor:
+    # a compressed weight's decode GEMV: on the tensor cores under "triton-mma" (one-byte formats; no PDL there)
+    if impl == "triton-mma" and w.fmt in MMA_FORMATS:
+        return mma_gemv(x, w, bias)
+    return qgemv(x, w, bias, pdl)
+
+
+def _linear(mod: nn.Module, x: Tensor, impl: str, pdl: bool, packed: DecodeWeight | None = None) -> Tensor:
+    # compressed weights always take a decode GEMV (``impl`` "cublas" / "triton" chooses for bf16 weights only)
     if packed is not None:
-        return qgemv(x, packed, mod.bias, pdl)
-    if triton_gemv and type(mod) is nn.Linear:
+        return _qgemv(x, packed, mod.bias, impl, pdl)
+    if impl != "cublas" and type(mod) is nn.Linear:
         return gemv(x, mod.weight, mod.bias, pdl)
     return mod(x)
 
 
-def _mlp(lw: UndLayer, h: Tensor, triton_gemv: bool, pdl: bool) -> Tensor:
+def _mlp(lw: UndLayer, h: Tensor, impl: str, pdl: bool) -> Tensor:
     mlp, packed = lw.mlp, lw.compressed
     g, u = mlp.gate_proj, mlp.up_proj
     if "gate" in packed:
-        act = qgemv_swiglu(h, packed["gate"], packed["up"], pdl)
-    elif triton_gemv and type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None and u.bias is None:
+        gate, up = packed["gate"], packed["up"]
+        act = (mma_gemv_swiglu(h, gate, up) if impl == "triton-mma" and gate.fmt in MMA_FORMATS
+               else qgemv_swiglu(h, gate, up, pdl))
+    elif impl != "cublas" and type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None and u.bias is None:
         act = gemv_swiglu(h, g.weight, u.weight, pdl)
     else:
         act = swiglu(g(h), u(h))
-    return _linear(mlp.down_proj, act, triton_gemv, pdl, packed.get("down"))
+    return _linear(mlp.down_proj, act, impl, pdl, packed.get("down"))
 
 
 @torch.no_grad()
@@ -179,7 +193,7 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
         layers: the gathered und weights (:func:`und_layers`); default: unfused, gathered now.
         num_splits: attention key splits (flash-decoding); None = the kernel's heuristic for a cache of
             ``cache.capacity`` keys (the split bounds themselves follow the actual length on the device).
-        gemv_impl: "cublas" or "triton" (see ``DEFAULT_GEMV``).
+        gemv_impl: "cublas", "triton" or "triton-mma" (see ``GEMVS``, ``DEFAULT_GEMV``).
         pdl: launch the step's Triton kernels with programmatic dependent launch (see ``DEFAULT_PDL``;
             Hopper and newer, ignored elsewhere).
         head: the compressed ``lm_head`` (:func:`bagel_rt.quant.decode_gemv.decode_weight`), or None (the
@@ -191,7 +205,7 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
     p = lm.params
     Hq, Hk, D, eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
     layers = layers if layers is not None else und_layers(model)
-    tg = _check_gemv(gemv_impl) == "triton"
+    impl = _check_gemv(gemv_impl)
     dev, dt = token.device, cache.dtype
     x = lm.model.embed_tokens(token)  # [1, H]
     cos, sin = rope_cos_sin(pos, D, p.rope_theta, dt)  # [1, D] each, rounded to dt like the reference
@@ -206,10 +220,10 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
             h, residual = add_rms_norm(delta, residual, lw.attn_norm, eps, pdl)
         a = lw.attn
         if isinstance(lw.qkv_weight, DecodeWeight):
-            qkv = qgemv(h, lw.qkv_weight, None, pdl)[0]
+            qkv = _qgemv(h, lw.qkv_weight, None, impl, pdl)[0]
             q, k, v = qkv.split([Hq * D, Hk * D, Hk * D])
         elif lw.qkv_weight is not None:
-            qkv = (gemv(h, lw.qkv_weight, None, pdl) if tg else F.linear(h, lw.qkv_weight))[0]
+            qkv = (gemv(h, lw.qkv_weight, None, pdl) if impl != "cublas" else F.linear(h, lw.qkv_weight))[0]
             q, k, v = qkv.split([Hq * D, Hk * D, Hk * D])
         else:
             q, k, v = a.q_proj(h)[0], a.k_proj(h)[0], a.v_proj(h)[0]
@@ -217,11 +231,11 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
         q = qkv_rope_cache(q.view(Hq, D), k.view(Hk, D), v.view(Hk, D), lw.qkv_bias, lw.q_norm, lw.k_norm, cos,
                            sin, eps, k_buf, v_buf, length, pdl)
         o = varlen_attention(q, k_buf, v_buf, cu_q, cu_k, True, sm_scale, 1, cache.capacity, num_splits, pdl)
-        o = _linear(a.o_proj, o.view(1, Hq * D), tg, pdl, lw.compressed.get("o"))
+        o = _linear(a.o_proj, o.view(1, Hq * D), impl, pdl, lw.compressed.get("o"))
         h, residual = add_rms_norm(o, residual, lw.mlp_norm, eps, pdl)
-        delta = _mlp(lw, h, tg, pdl)
+        delta = _mlp(lw, h, impl, pdl)
     h, _ = add_rms_norm(delta, residual, lm.model.norm.weight, eps, pdl)
-    return _linear(lm.lm_head, h, tg, pdl, head)[0]
+    return _linear(lm.lm_head, h, impl, pdl, head)[0]
 
 
 # -- the decoder ------------------------------------------------------------------------------------------
@@ -242,7 +256,8 @@ class GraphDecoder:
             NF4 modules of one format).
         check_every: read the predicted ids (and stop) every this many tokens; default 8 on CUDA, 1 else.
         num_splits: attention key splits, None = heuristic (see :func:`decode_step_kernels`).
-        gemv: the GEMV implementation, "cublas" or "triton" (default ``DEFAULT_GEMV``).
+        gemv: the GEMV implementation, "cublas", "triton" or "triton-mma" (see ``GEMVS``; default
+            ``DEFAULT_GEMV``).
         pdl: programmatic dependent launch of the step's Triton kernels (default ``DEFAULT_PDL``).
         compressed: run INT8 / FP8 / NF4 weights (und projections and ``lm_head``) through the compressed decode
             GEMVs (``bagel_rt.quant.decode_gemv``: q/k/v as one, gate/up + SwiGLU as one, scales cached, PDL);

@@ -318,7 +318,8 @@ QGEMV_CANDIDATES = {  # (BN, BK, num_warps) tried beside the default settings of
 def cases_qgemv(K):
     """Compressed-weight decode GEMVs (bagel_rt.quant.decode_gemv: INT8 / FP8 / NF4, q/k/v as one, gate/up +
     SwiGLU as one) at the decode shapes, against each module's own forward (the path they replace) and the bf16
-    GEMV; the extra providers are candidate launch settings (BN x BK / warps). Rate: the compressed bytes."""
+    GEMV; the extra providers are candidate launch settings (BN x BK / warps) and, for INT8 / FP8, the
+    tensor-core GEMVs (``mma``: bagel_rt.quant.decode_mma, digits launch included). Rate: the compressed bytes."""
     from bagel_rt.quant import FP8Linear, Int8Linear, NF4Linear
     from bagel_rt.quant.decode_gemv import (
         _qgemv,
@@ -328,6 +329,7 @@ def cases_qgemv(K):
         settings,
         swiglu_pair,
     )
+    from bagel_rt.quant.decode_mma import MMA_FORMATS, mma_gemv, mma_gemv_swiglu
 
     convert = {"int8": Int8Linear.from_linear, "fp8": FP8Linear.from_linear, "nf4": NF4Linear.from_linear}
 
@@ -345,8 +347,9 @@ def cases_qgemv(K):
         (g, u), (wg, wu) = modules(fmt, (FFN, HIDDEN), (FFN, HIDDEN))
         dg, du = swiglu_pair(decode_weight(g), decode_weight(u))
         x = randn(1, HIDDEN)
+        mma = {"mma": lambda: mma_gemv_swiglu(x, dg, du)} if fmt in MMA_FORMATS else {}
         return f"qgemv_{fmt}", {"proj": "gate_up+swiglu", "N": FFN, "K": HIDDEN}, {
-            **candidates(fmt, dg, lambda c: _qgemv_swiglu(x, dg, du, False, c), "swiglu"),
+            **candidates(fmt, dg, lambda c: _qgemv_swiglu(x, dg, du, False, c), "swiglu"), **mma,
             "module": lambda: K.swiglu(g(x), u(x)),
             "bf16_gemv": lambda: K.gemv_swiglu(x, wg, wu),
         }, int(2 * FFN * HIDDEN * per_weight)
@@ -361,8 +364,9 @@ def cases_qgemv(K):
             N, Kd = w.shape
             x = randn(1, Kd)
             wb = torch.cat(ws)
+            mma = {"mma": lambda x=x, w=w: mma_gemv(x, w)} if fmt in MMA_FORMATS else {}
             yield f"qgemv_{fmt}", {"proj": name, "N": N, "K": Kd}, {
-                **candidates(fmt, w, lambda c, x=x, w=w: _qgemv(x, w, None, False, c), "gemv"),
+                **candidates(fmt, w, lambda c, x=x, w=w: _qgemv(x, w, None, False, c), "gemv"), **mma,
                 "module": lambda x=x, mods=mods: [m(x) for m in mods],
                 "bf16_gemv": lambda x=x, wb=wb: K.gemv(x, wb),
             }, int(N * Kd * per_weight)

@@ -35,6 +35,7 @@ from quant_full_size import psnr, track_phase_peaks  # noqa: E402
 
 from bagel_rt.bench import environment, test_image  # noqa: E402
 from bagel_rt.errors import InputError  # noqa: E402
+from bagel_rt.fast_decode import GraphDecoder  # noqa: E402
 from bagel_rt.quantized import quantize_in_place  # noqa: E402
 from bagel_rt.random_weights import random_bagel  # noqa: E402
 
@@ -159,6 +160,9 @@ def main():
     ap.add_argument("--taylorseer", action="store_true",
                     help="every image request (bf16 included) with the official TaylorSeer step cache, so vs_bf16 "
                          "compares cached with cached")
+    ap.add_argument("--decode-gemvs", default="triton",
+                    help="comma-separated decode GEMV implementations (bagel_rt.fast_decode.GEMVS) each decode "
+                         "row is measured with, in this process (e.g. triton,triton-mma: the tensor-core GEMVs)")
     ap.add_argument("--phases", action="store_true",
                     help="record each phase's peak (prefill / denoise / VAE decode); with --cap, place the model "
                          "for the budget but lift the cap, to see what a request needs where it does not fit")
@@ -192,15 +196,18 @@ def main():
                        height=a.size, width=a.size, num_timesteps=a.steps, **env)
             try:
                 if task == "decode":
-                    rate, p = decode_rate(pipe, prof_tokens=a.profile_steps)
-                    row.update(tokens_per_s=round(rate, 1))
-                    if p is not None:
-                        row.update(profile_tokens=a.profile_steps, **kernel_groups(p))
-                    if spec == "bf16":
-                        ref["decode"] = row["tokens_per_s"]
-                    elif "decode" in ref:
-                        row.update(vs_bf16_tokens_per_s=round(row["tokens_per_s"] / ref["decode"], 3))
-                    emit(row, a.out)
+                    for impl in a.decode_gemvs.split(","):
+                        pipe._decoder = GraphDecoder(pipe.model, gemv=impl)  # the others' graphs freed first
+                        rate, p = decode_rate(pipe, prof_tokens=a.profile_steps)
+                        r = dict(row, gemv=impl, tokens_per_s=round(rate, 1))
+                        if p is not None:
+                            r.update(profile_tokens=a.profile_steps, **kernel_groups(p))
+                        if spec == "bf16" and "decode" not in ref:
+                            ref["decode"] = r["tokens_per_s"]
+                        elif "decode" in ref:
+                            r.update(vs_bf16_tokens_per_s=round(r["tokens_per_s"] / ref["decode"], 3))
+                        emit(r, a.out)
+                    pipe._decoder = None
                     continue
                 # warm-up (captures, first-use costs): 10 steps reach every branch count of the 50-step schedule
                 request(pipe, task, a.size, min(a.steps, 10), seed=1, taylorseer=a.taylorseer)

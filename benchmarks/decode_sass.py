@@ -1,13 +1,13 @@
 """Instructions per weight in the main loop of each decode GEMV, from its sm_90 SASS: no GPU needed.
 
-    python benchmarks/decode_sass.py [--arch 90]
+    python benchmarks/decode_sass.py [--arch 90] [--mma]
 
 Compiles the bf16 GEMV (``bagel_rt.kernels.gemv``) and the compressed decode GEMVs
 (``bagel_rt.quant.decode_gemv``) at their decode launch settings with ``triton.compile`` for a CUDA target
 (ptxas and cuobjdump come with Triton), finds the loop (the last backward branch) and counts its instructions
 by opcode. An SM issues 128 thread-instructions per clock, so instructions per weight bound the weights per
 clock a GEMV can stream; compare with the bytes per clock its share of the memory bandwidth brings (H200:
-~18 B per clock per SM).
+~18 B per clock per SM). ``--mma`` adds the tensor-core GEMVs (``bagel_rt.quant.decode_mma``) at their settings.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import triton
 from bagel_rt.quant import decode_gemv as dg
+from bagel_rt.quant import decode_mma as dm
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -52,6 +53,7 @@ def loop_ops(fn, signature: dict, constexprs: dict, num_warps: int, arch: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--mma", action="store_true", help="also the tensor-core GEMVs at each of their settings")
     a = ap.parse_args()
     io = dict(N="i32", K="i32", stride_xm="i32", stride_ym="i32")
     q8 = {code: dict(x="*bf16", w="*i8" if code == "int8" else "*u8", s="*fp32", b="*fp32", y="*bf16", **io)
@@ -66,11 +68,18 @@ def main() -> None:
     cfg = dg.SETTINGS["gemv"]["nf4"]
     cases.append(("nf4", dg._nf4_gemv_kernel, nf4, dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"],
                                                         USE_GDC=True), cfg["num_warps"]))
+    if a.mma:
+        mio = dict(N="i32", K="i32", M="i32", stride_ym="i32")
+        for fmt, code, wt, dt in (("int8", "int8", "*i8", "*i8"), ("fp8", "fp8_native", "*u8", "*fp16")):
+            for width, cfg in dm.SETTINGS[fmt].items():
+                sig = dict(dg=dt, un="*fp32", w=wt, s="*fp32", b="*fp32", y="*bf16", **mio)
+                consts = dict(HAS_BIAS=False, CODE=code, UNIT=1.0, BN=cfg["BN"], BK=cfg["BK"])
+                cases.append((f"mma {fmt} {width}", dm._mma_gemv_kernel, sig, consts, cfg["num_warps"]))
     for name, fn, sig, consts, nw in cases:
         ops = loop_ops(fn, sig, consts, nw, a.arch)
         per_thread = consts["BN"] * consts["BK"] // (32 * nw)  # weights per thread and loop iteration
         total = sum(ops.values())
-        print(f"{name:>10}: {total} loop instructions / {per_thread} weights = {total / per_thread:.2f} per "
+        print(f"{name:>16}: {total} loop instructions / {per_thread} weights = {total / per_thread:.2f} per "
               f"weight; {dict(ops.most_common(8))}")
 
 

@@ -1,0 +1,328 @@
+"""Decode GEMVs from one-byte weights on the tensor cores: the weights go to the MMA undecoded (INT8) or
+through one packed conversion (FP8), and the activation row is split into exact *digits* instead.
+
+:mod:`bagel_rt.quant.decode_gemv` decodes every weight to fp32 in registers and multiplies on the FMA pipe:
+5.7 (INT8) and 6.4 (FP8) instructions per weight in its sm_90 loop (``benchmarks/decode_sass.py``), issue-bound
+below the one-byte bandwidth (H200: ~2.2-2.4 TB/s measured against bf16's 3.3-4.1). Here the product runs on
+the tensor cores, which take a 16-row operand; a decode step has one row (at most ``MAX_M`` = 4), so the 16
+rows carry *digits* of the activation rows instead of padding:
+
+* INT8: ``x[m] ~= sum_d u[m, d] * X[m, d]`` with int8 digits ``X[m, d]`` (d = 0..3) on a per-row power-of-two
+  grid (``u[m, d] = 2^(E_m - 7 - 7 d)``, ``|x[m]| < 2^E_m``), so ``x @ W.T`` is four exact int8 x int8 MMAs
+  (int32 sums: 127 * 127 * 18944 < 2^31) combined in fp32 in the epilogue. The digits telescope (``X_d =
+  R_d - 128 R_{d-1}``, ``R_d = trunc(x / u_d)``), so they reconstruct ``x`` truncated to ``u[m, 3]``: an error
+  below ``2^-27`` of the row's largest element, under the fp32 rounding of the sums themselves.
+* FP8 (e4m3): the weight becomes fp16 exactly (every e4m3 value is an fp16 value; one conversion instruction
+  per two weights on sm_89+), the row two fp16 digits (hi + lo) of ``x / 2^(E_m - 14)``: exact for bf16 and
+  fp16 rows (fp16 holds their 8 / 11 significant bits in range), fp32 rows to ~22 bits; fp16 x fp16 products
+  are exact in the fp32 accumulators.
+
+Row ``4 m + d`` of the digit operand holds digit d of row m (unused rows are zero with unit 0).
+:func:`x_digits` computes them once per call (one small launch); the GEMV's loop then only streams weight
+tiles into the MMA: 0.85-1.84 sm_90 loop instructions per INT8 weight and 2.3-3.3 per FP8 weight, against 5.7
+and 6.4 for the FMA kernels (offline SASS, see :data:`SETTINGS`). Speed on a GPU: **not measured yet**
+(``benchmarks/bench_kernels.py --only qgemv`` times these as the ``mma`` providers, ``compressed_speed.py
+--tasks decode --decode-gemvs triton,triton-mma`` the decode); the decoder keeps the FMA kernels by default
+(``GraphDecoder(gemv="triton-mma")`` opts in) until a measurement says otherwise. Costs that the counts leave
+out: the digits launch per GEMV (four per layer), and the o / down projections (3584 channels) fill the GPU's
+SMs only with narrow tiles.
+
+Each launcher has a ``*_ref`` twin with the same signature (digits by PyTorch, the same combination in fp64),
+and ``tests/test_decode_mma.py`` compares both with the fp32 product.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from bagel_rt.kernels._device import is_interpreting
+from bagel_rt.kernels.gemv import MAX_M, swiglu_store
+from bagel_rt.kernels.swiglu import swiglu_ref
+from torch import Tensor
+
+from .decode_gemv import DecodeWeight
+from .fp8_matmul import FP8, e4m3_to_f32, e4m3_unit
+
+__all__ = ["MMA_FORMATS", "x_digits", "x_digits_ref", "mma_gemv", "mma_gemv_ref", "mma_gemv_swiglu",
+           "mma_gemv_swiglu_ref"]
+
+MMA_FORMATS = ("int8", "fp8")  # the formats these kernels take (NF4 keeps bagel_rt.quant.decode_gemv)
+ROWS = 16  # the MMA's row count: MAX_M rows x DIGITS digits
+DIGITS = 4
+assert MAX_M * DIGITS == ROWS
+
+# Launch settings (BN output channels x BK columns per program and iteration, warps), by format and by N: the
+# loop's instructions per weight fall with BN (sm_90 SASS, Triton 3.9, ``benchmarks/decode_sass.py``: INT8
+# BN 16 x BK 512 1.84, 32 x 512 1.02, 64 x 256 0.85; FP8 32 x 256 3.25, 64 x 512 2.31; the FMA kernels 5.69 /
+# 6.41), but the 3584-channel projections (o, down) need enough programs to fill 132 SMs, hence the narrow
+# tiles below N = 8192. Offline counts only: no setting here is measured on a GPU yet.
+SETTINGS = {
+    "int8": {"narrow": dict(BN=16, BK=512, num_warps=4), "wide": dict(BN=64, BK=256, num_warps=4)},
+    "fp8": {"narrow": dict(BN=32, BK=256, num_warps=4), "wide": dict(BN=64, BK=512, num_warps=4)},
+}
+WIDE_N = 8192
+INTERPRETER_SETTINGS = dict(BN=16, BK=64, num_warps=4)
+
+
+# -- the digits of the activation rows --------------------------------------------------------------------------
+def _exponent(amax: Tensor) -> Tensor:
+    """E with ``amax < 2^E`` (int32; from the fp32 exponent bits, 0 for a zero row)."""
+    e = ((amax.view(torch.int32) >> 23) & 0xFF) - 126
+    return torch.where(amax > 0, e, torch.zeros_like(e))
+
+
+def _pow2(e: Tensor) -> Tensor:
+    """2^e as fp32 for int32 e, clamped into the normal range (exact)."""
+    return ((e.clamp(-126, 127) + 127) << 23).view(torch.float32)
+
+
+def x_digits_ref(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """Reference. x [M, K] (M <= 4) -> (digits [16, K] int8 ("int8") or fp16 ("fp16"), units [16] fp32):
+    ``x[m] ~= sum_d units[4 m + d] * digits[4 m + d]`` (see the module docstring)."""
+    M, K = x.shape
+    xf = x.float()
+    amax = xf.abs().amax(dim=1) if K else torch.zeros(M, device=x.device)
+    E = _exponent(amax)
+    dt = torch.int8 if kind == "int8" else torch.float16
+    digits = torch.zeros(ROWS, K, dtype=dt, device=x.device)
+    units = torch.zeros(ROWS, dtype=torch.float32, device=x.device)
+    for m in range(M):
+        if kind == "int8":
+            prev = torch.zeros(K, dtype=torch.int32, device=x.device)
+            for d in range(DIGITS):
+                u = _pow2(E[m] - 7 - 7 * d)
+                r = torch.trunc(xf[m] / u).to(torch.int32)
+                digits[DIGITS * m + d] = (r - 128 * prev).to(torch.int8)
+                units[DIGITS * m + d] = u
+                prev = r
+        else:
+            u = _pow2(E[m] - 14)
+            v = xf[m] / u
+            hi = v.to(torch.float16)
+            digits[DIGITS * m] = hi
+            digits[DIGITS * m + 1] = (v - hi.float()).to(torch.float16)
+            units[DIGITS * m: DIGITS * m + 2] = u
+    return digits, units
+
+
+@triton.jit
+def _pow2_f32(e):
+    return ((tl.minimum(tl.maximum(e, -126), 127) + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_digits_kernel(x, dg, un, K, stride_xm, INT8: tl.constexpr, BK: tl.constexpr):
+    # one program per row m: the row's largest magnitude, then its digits into rows 4m .. 4m + 3
+    i_m = tl.program_id(0)
+    p_x = x + i_m.to(tl.int64) * stride_xm
+    amax = tl.zeros([BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        amax = tl.maximum(amax, tl.abs(tl.load(p_x + o_k, mask=o_k < K, other=0.0).to(tl.float32)))
+    a = tl.max(amax, axis=0)
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+    e = tl.where(a > 0, e, 0)
+    p_d = dg + (4 * i_m).to(tl.int64) * K
+    o_d = tl.arange(0, 4)
+    if INT8:
+        # units 2^(E - 7 - 7 d); R_d = trunc(x / u_d); digit d = R_d - 128 R_{d-1}
+        tl.store(un + 4 * i_m + o_d, _pow2_f32(e - 7 - 7 * o_d))
+        inv = _pow2_f32(7 - e + 7 * o_d)  # 1 / u_d, exact
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)
+            # [4, BK]
+            r = (b_x[None, :] * inv[:, None]).to(tl.int32)
+            prev = (b_x[None, :] * (inv[:, None] * 0.0078125)).to(tl.int32)  # R_{d-1} (1 / u_{d-1} = inv / 128)
+            prev = tl.where(o_d[:, None] == 0, 0, prev)
+            tl.store(p_d + o_d[:, None] * K + o_k[None, :], (r - 128 * prev).to(tl.int8), mask=m_k[None, :])
+    else:
+        # two fp16 digits of x / 2^(E - 14): hi, then the fp32 remainder rounded
+        u = _pow2_f32(e - 14)
+        tl.store(un + 4 * i_m + o_d, tl.where(o_d < 2, u, 0.0))
+        inv = _pow2_f32(14 - e)
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            v = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32) * inv
+            hi = v.to(tl.float16)
+            tl.store(p_d + o_k, hi, mask=m_k)
+            tl.store(p_d + K + o_k, (v - hi.to(tl.float32)).to(tl.float16), mask=m_k)
+
+
+def x_digits(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """Triton :func:`x_digits_ref`: one program per row."""
+    M, K = x.shape
+    assert M <= MAX_M and x.stride(-1) == 1 and kind in ("int8", "fp16"), (x.shape, kind)
+    dt = torch.int8 if kind == "int8" else torch.float16
+    # rows past M: zero digits, zero units
+    digits = torch.zeros(ROWS, K, dtype=dt, device=x.device)
+    units = torch.zeros(ROWS, dtype=torch.float32, device=x.device)
+    if M and K:
+        _x_digits_kernel[(M,)](x, digits, units, K, x.stride(0), INT8=kind == "int8",
+                               BK=64 if is_interpreting() else 1024, num_warps=4)
+    return digits, units
+
+
+# -- the GEMVs --------------------------------------------------------------------------------------------------
+@triton.jit
+def _w_operand(p_w_rows, m_n, k0, K, BK: tl.constexpr, CODE: tl.constexpr):
+    # [BK, BN] MMA operand of weight columns [k0, k0 + BK): int8 as stored, e4m3 as exact fp16
+    o_k = k0 + tl.arange(0, BK)
+    b_w = tl.load(p_w_rows[:, None] + o_k[None, :], mask=m_n[:, None] & (o_k < K)[None, :], other=0)
+    if CODE == "int8":
+        b = b_w
+    elif CODE == "fp8_native":
+        b = b_w.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    else:  # bit moves (the interpreter): value * 2^-8, times 256 exactly in fp32, then fp16 (exact)
+        b = (e4m3_to_f32(b_w, False) * e4m3_unit(False)).to(tl.float16)
+    return tl.trans(b)
+
+
+@triton.jit
+def _d_operand(dg, k0, K, BK: tl.constexpr):
+    # [16, BK] digit rows of columns [k0, k0 + BK)
+    o_k = k0 + tl.arange(0, BK)
+    o_r = tl.arange(0, 16)
+    return tl.load(dg + o_r[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0)
+
+
+@triton.jit
+def _combine(acc, un, s, o_n, m_n):
+    # [16, BN] digit sums -> [4, BN] fp32 rows: sum over each row's digits of unit * sum, times the channel scale
+    BN: tl.constexpr = acc.shape[1]
+    part = acc.to(tl.float32) * tl.load(un + tl.arange(0, 16))[:, None]
+    rows = tl.sum(tl.reshape(part, [4, 4, BN]), axis=1)
+    return rows * tl.load(s + o_n, mask=m_n, other=0.0)[None, :]
+
+
+@triton.jit
+def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
+                     UNIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    i_n = tl.program_id(0)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    p_w = w + o_n.to(tl.int64) * K
+    acc = tl.zeros([16, BN], dtype=tl.int32 if CODE == "int8" else tl.float32)
+    for k0 in range(0, K, BK):
+        acc = tl.dot(_d_operand(dg, k0, K, BK), _w_operand(p_w, m_n, k0, K, BK, CODE), acc)
+    b_y = _combine(acc, un, s, o_n, m_n) * UNIT
+    if HAS_BIAS:
+        b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    o_m = tl.arange(0, 4)
+    tl.store(y + o_m[:, None] * stride_ym + o_n[None, :], b_y.to(y.dtype.element_ty),
+             mask=(o_m < M)[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _mma_gemv_swiglu_kernel(dg, un, wg, wu, sg, su, y, N, K, M, stride_ym, CODE: tl.constexpr,
+                            UNIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    i_n = tl.program_id(0)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    rows = o_n.to(tl.int64) * K
+    acc_g = tl.zeros([16, BN], dtype=tl.int32 if CODE == "int8" else tl.float32)
+    acc_u = tl.zeros([16, BN], dtype=tl.int32 if CODE == "int8" else tl.float32)
+    for k0 in range(0, K, BK):
+        b_d = _d_operand(dg, k0, K, BK)
+        acc_g = tl.dot(b_d, _w_operand(wg + rows, m_n, k0, K, BK, CODE), acc_g)
+        acc_u = tl.dot(b_d, _w_operand(wu + rows, m_n, k0, K, BK, CODE), acc_u)
+    g = _combine(acc_g, un, sg, o_n, m_n) * UNIT
+    u = _combine(acc_u, un, su, o_n, m_n) * UNIT
+    o_m = tl.arange(0, 4)
+    swiglu_store(y + o_m[:, None] * stride_ym + o_n[None, :], g, u, (o_m < M)[:, None] & m_n[None, :])
+
+
+def _code(w: DecodeWeight) -> tuple[str, str]:
+    """(the weight operand's decode, the digit kind)."""
+    assert w.fmt in ("int8", "fp8"), f"the MMA decode GEMVs take int8 / fp8 weights, not {w.fmt}"
+    if w.fmt == "int8":
+        return "int8", "int8"
+    return ("fp8" if is_interpreting() else "fp8_native"), "fp16"
+
+
+def settings(w: DecodeWeight) -> dict:
+    """The launch settings of ``w`` (see :data:`SETTINGS`)."""
+    return dict(SETTINGS[w.fmt]["wide" if w.shape[0] > WIDE_N else "narrow"])
+
+
+def _settings(w: DecodeWeight, cfg: dict | None) -> dict:
+    return dict(INTERPRETER_SETTINGS if is_interpreting() else (cfg or settings(w)))
+
+
+def _check(x: Tensor, *ws: DecodeWeight) -> tuple[int, int, int]:
+    assert x.dim() == 2 and x.stride(-1) == 1 and x.shape[0] <= MAX_M, tuple(x.shape)
+    for w in ws:
+        assert w.shape[1] == x.shape[1] and w.codes.is_contiguous() and w.scale.numel() == w.shape[0]
+        assert w.codes.dtype == {"int8": torch.int8, "fp8": FP8}[w.fmt]
+    return x.shape[0], ws[0].shape[0], x.shape[1]
+
+
+def _codes(w: DecodeWeight) -> Tensor:
+    return w.codes.view(torch.uint8) if w.fmt == "fp8" else w.codes
+
+
+def mma_gemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, cfg: dict | None = None) -> Tensor:
+    """``x @ dequantize(w).T (+ bias)`` for a few rows on the tensor cores (see the module docstring).
+
+    Args:
+        x: [M, K], M <= 4, bf16 / fp16 / fp32, last dim contiguous. w: an int8 or fp8 :class:`DecodeWeight`
+            [N, K]. bias: [N] or None. cfg: launch settings (BN, BK, num_warps) for A/B runs.
+    Returns:
+        [M, N] in x.dtype: fp32 combination of the digit sums, scale and bias applied before one rounding.
+    """
+    M, N, K = _check(x, w)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    code, kind = _code(w)
+    dg, un = x_digits(x, kind)
+    c = _settings(w, cfg)
+    nw = c.pop("num_warps")
+    _mma_gemv_kernel[(triton.cdiv(N, c["BN"]),)](
+        dg, un, _codes(w), w.scale, bias if bias is not None else w.scale, y, N, K, M, y.stride(0),
+        HAS_BIAS=bias is not None, CODE=code, UNIT=1.0, num_warps=nw, **c)
+    return y
+
+
+def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, cfg: dict | None = None) -> Tensor:
+    """``silu(x @ gate.T) * (x @ up.T)`` on the tensor cores (gate and up: same format and shape), rounded as
+    :func:`bagel_rt.quant.decode_gemv.qgemv_swiglu`. Returns [M, I] in x.dtype."""
+    assert (gate.fmt, gate.shape) == (up.fmt, up.shape), "gate / up differ"
+    M, N, K = _check(x, gate, up)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    code, kind = _code(gate)
+    dg, un = x_digits(x, kind)
+    c = _settings(gate, cfg)
+    nw = c.pop("num_warps")
+    _mma_gemv_swiglu_kernel[(triton.cdiv(N, c["BN"]),)](
+        dg, un, _codes(gate), _codes(up), gate.scale, up.scale, y, N, K, M, y.stride(0), CODE=code, UNIT=1.0,
+        num_warps=nw, **c)
+    return y
+
+
+def _ref_rows(x: Tensor, w: DecodeWeight) -> Tensor:
+    # the digits' products summed in fp64 (exact for int8 digits, to fp64 for fp16), combined as the kernel does
+    kind = "int8" if w.fmt == "int8" else "fp16"
+    dg, un = x_digits_ref(x, kind)
+    codes = w.codes.double() if w.fmt == "int8" else w.codes.float().double()  # the codes' values
+    sums = dg.double() @ codes.T  # [16, N]
+    rows = (sums * un.double()[:, None]).reshape(MAX_M, DIGITS, -1).sum(dim=1)[: x.shape[0]]
+    return rows * w.scale.double()[None, :]
+
+
+def mma_gemv_ref(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, cfg: dict | None = None) -> Tensor:
+    """Reference of :func:`mma_gemv` (``cfg`` unused)."""
+    y = _ref_rows(x, w)
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
+
+
+def mma_gemv_swiglu_ref(x: Tensor, gate: DecodeWeight, up: DecodeWeight, cfg: dict | None = None) -> Tensor:
+    """Reference of :func:`mma_gemv_swiglu` (``cfg`` unused)."""
+    return swiglu_ref(_ref_rows(x, gate).to(x.dtype), _ref_rows(x, up).to(x.dtype))

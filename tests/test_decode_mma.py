@@ -1,0 +1,154 @@
+"""Decode GEMVs on the tensor cores (bagel_rt.quant.decode_mma) against their references and the fp32 product.
+
+CPU: the Triton interpreter (fp32 / fp16 rows, odd shapes; the interpreter's dots are exact here: int8 digits
+in int32, fp16 digits times fp16 codes in fp32). GPU: bf16 rows at BAGEL's decode shapes and the graph
+decoder's greedy tokens with ``gemv="triton-mma"``.
+"""
+
+import pytest
+import torch
+from bagel_rt.quant.decode_gemv import qgemv_ref, qgemv_swiglu_ref, swiglu_pair
+from bagel_rt.quant.decode_mma import (
+    mma_gemv,
+    mma_gemv_ref,
+    mma_gemv_swiglu,
+    mma_gemv_swiglu_ref,
+    x_digits,
+    x_digits_ref,
+)
+from conftest import requires_cuda
+from test_decode_gemv import make_weight, one_code_per_row
+from test_fast_decode import prompted, quantized_pipe, rel_l2
+from test_kernels import assert_close
+
+import bagel_rt
+from bagel_rt.errors import InputError
+from bagel_rt.fast_decode import GraphDecoder
+from bagel_rt.tiny import write_tiny_checkpoint
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def rows(M: int, K: int, dtype) -> torch.Tensor:
+    """Rows with a wide dynamic range: a zero row (when M > 2), an outlier, tiny values."""
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    x = torch.randn(M, K, generator=g) * torch.logspace(-6, 2, K)[torch.randperm(K, generator=g)]
+    if M > 2:
+        x[1] = 0
+    x[0, K // 2] = 300.0
+    return x.to(DEV, dtype)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M, K", [(1, 1), (1, 333), (3, 130), (4, 64)])
+def test_x_digits(kind, dtype, M, K):
+    """The kernel's digits and units equal the reference's bit for bit, and they reconstruct the rows: INT8 to
+    below 2^-26 of each row's largest magnitude, fp16 digits exactly for fp16 rows (hi + lo for fp32)."""
+    x = rows(M, K, dtype)
+    d, u = x_digits(x, kind)
+    dr, ur = x_digits_ref(x, kind)
+    assert d.dtype == (torch.int8 if kind == "int8" else torch.float16) and d.shape == (16, K)
+    assert torch.equal(u, ur) and torch.equal(d, dr)
+    back = (d.double() * u.double()[:, None]).reshape(4, 4, K).sum(dim=1)[:M]
+    err = (back - x.double()).abs().amax(dim=1)
+    amax = x.double().abs().amax(dim=1)
+    if kind == "int8":
+        assert (d.int().abs() <= 127).all()
+        assert (err <= amax * 2.0**-26).all(), (err / amax.clamp_min(1e-300)).max()
+    elif dtype == torch.float16:
+        assert (err == 0).all(), err.max()
+    else:
+        assert (err <= amax * 2.0**-21).all(), (err / amax.clamp_min(1e-300)).max()
+    assert (u[4 * M:] == 0).all() and (d[4 * M:] == 0).all()  # rows past M: nothing
+
+
+def tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("fmt, N, K", [("int8", 37, 123), ("fp8", 5, 200), ("int8", 130, 64), ("fp8", 70, 33)])
+def test_mma_gemv(fmt, N, K, M, dtype):
+    """Against its reference and against the fp32 product of the dequantized weight (the FMA kernels' ref)."""
+    w, bias = make_weight(fmt, N, K, bias=True)
+    x = rows(M, K, dtype)
+    for b in (None, bias.to(dtype)):
+        got = mma_gemv(x, w, b)
+        assert_close(f"{fmt} mma_gemv vs ref", mma_gemv_ref(x, w, b), got, tol(dtype))
+        assert_close(f"{fmt} mma_gemv vs fp32", qgemv_ref(x, w, b), got, tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fmt, N, K", [("int8", 45, 77), ("fp8", 19, 130)])
+def test_mma_gemv_swiglu(fmt, N, K, dtype):
+    gate, _ = make_weight(fmt, N, K, seed=1)
+    up, _ = make_weight(fmt, N, K, seed=2)
+    gate, up = swiglu_pair(gate, up)
+    x = rows(2, K, dtype)
+    got = mma_gemv_swiglu(x, gate, up)
+    assert_close(f"{fmt} swiglu vs ref", mma_gemv_swiglu_ref(x, gate, up), got, tol(dtype))
+    assert_close(f"{fmt} swiglu vs fp32", qgemv_swiglu_ref(x, gate, up), got, tol(dtype))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_every_code_exact(fmt):
+    """Every code of the format alone in its row, times a ones row: each output is that code times its scale,
+    rounded once — the tensor-core path sees the codes exactly (no fp16 rounding of e4m3, no int8 loss)."""
+    w = one_code_per_row(fmt, 96)
+    x = torch.ones(1, 96, device=DEV)
+    want = qgemv_ref(x, w)
+    assert torch.equal(mma_gemv(x, w), want)
+
+
+def test_decoder_with_mma_gemvs_matches_session(tiny_dir):
+    """gemv="triton-mma": INT8 and FP8 weights through the tensor-core GEMVs give the torch backend's greedy
+    tokens and logits (NF4 keeps its FMA kernels under the same option)."""
+    for fmt in ("int8", "fp8", "nf4"):
+        pipe = quantized_pipe(tiny_dir, fmt)
+        s = prompted(pipe)
+        res = s.gen_text(max_length=8, record=True)
+        ids, logits = GraphDecoder(pipe.model, gemv="triton-mma").generate(s.gen.fork(extra=8), 8, record=True)
+        assert ids == res.token_ids, fmt
+        assert rel_l2(logits, res.logits) < 1e-3, fmt
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_mma_decode_shapes_bf16(fmt):
+    """bf16 rows at BAGEL-7B's decode shapes, against the FMA kernels' reference."""
+    for N, K in ((4608, 3584), (3584, 3584), (3584, 18944), (40000, 3584)):
+        w, _ = make_weight(fmt, N, K)
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        assert_close(f"{fmt} {N}x{K}", qgemv_ref(x, w), mma_gemv(x, w), 1e-2)
+    gate, _ = make_weight(fmt, 18944, 3584, seed=1)
+    up, _ = make_weight(fmt, 18944, 3584, seed=2)
+    gate, up = swiglu_pair(gate, up)
+    x = torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16)
+    assert_close(f"{fmt} gate/up", qgemv_swiglu_ref(x, gate, up), mma_gemv_swiglu(x, gate, up), 1e-2)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_mma_greedy_matches_fma_bf16(tiny_dir, fmt):
+    """In bf16 with CUDA graphs: the tensor-core decoder's logits within 2e-2 of the FMA decoder's."""
+    pipe = quantized_pipe(tiny_dir, fmt, torch.bfloat16, "cuda")
+    s = prompted(pipe)
+    runs = {g: GraphDecoder(pipe.model, num_splits=4, gemv=g).generate(s.gen.fork(extra=24), 24, record=True,
+                                                                        stop_tokens=())
+            for g in ("triton", "triton-mma")}
+    assert rel_l2(runs["triton-mma"][1], runs["triton"][1]) < 2e-2
+
+
+def test_unknown_gemv_is_refused(tiny_dir):
+    pipe = bagel_rt.load(tiny_dir, device=DEV, backend="torch")
+    with pytest.raises(InputError, match="triton-mma"):
+        GraphDecoder(pipe.model, gemv="mma")
