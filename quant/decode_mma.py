@@ -113,8 +113,9 @@ def _pow2_f32(e):
 
 @triton.jit
 def _x_digits_kernel(x, dg, un, K, stride_xm, INT8: tl.constexpr, BK: tl.constexpr):
-    # one program per row m: the row's largest magnitude, then its digits into rows 4m .. 4m + 3
-    i_m = tl.program_id(0)
+    # program (m, j): row m's largest magnitude (each program reads the whole row: a few KB from L2), then the
+    # digits of its columns [j BK, (j + 1) BK) into rows 4m .. 4m + 3
+    i_m, i_k = tl.program_id(0), tl.program_id(1)
     p_x = x + i_m.to(tl.int64) * stride_xm
     amax = tl.zeros([BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -125,35 +126,31 @@ def _x_digits_kernel(x, dg, un, K, stride_xm, INT8: tl.constexpr, BK: tl.constex
     e = tl.where(a > 0, e, 0)
     p_d = dg + (4 * i_m).to(tl.int64) * K
     o_d = tl.arange(0, 4)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)
     if INT8:
         # units 2^(E - 7 - 7 d); R_d = trunc(x / u_d); digit d = R_d - 128 R_{d-1}
-        tl.store(un + 4 * i_m + o_d, _pow2_f32(e - 7 - 7 * o_d))
+        if i_k == 0:
+            tl.store(un + 4 * i_m + o_d, _pow2_f32(e - 7 - 7 * o_d))
         inv = _pow2_f32(7 - e + 7 * o_d)  # 1 / u_d, exact
-        for k0 in range(0, K, BK):
-            o_k = k0 + tl.arange(0, BK)
-            m_k = o_k < K
-            b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)
-            # [4, BK]
-            r = (b_x[None, :] * inv[:, None]).to(tl.int32)
-            prev = (b_x[None, :] * (inv[:, None] * 0.0078125)).to(tl.int32)  # R_{d-1} (1 / u_{d-1} = inv / 128)
-            prev = tl.where(o_d[:, None] == 0, 0, prev)
-            tl.store(p_d + o_d[:, None] * K + o_k[None, :], (r - 128 * prev).to(tl.int8), mask=m_k[None, :])
+        # [4, BK]
+        r = (b_x[None, :] * inv[:, None]).to(tl.int32)
+        prev = (b_x[None, :] * (inv[:, None] * 0.0078125)).to(tl.int32)  # R_{d-1} (1 / u_{d-1} = inv / 128)
+        prev = tl.where(o_d[:, None] == 0, 0, prev)
+        tl.store(p_d + o_d[:, None] * K + o_k[None, :], (r - 128 * prev).to(tl.int8), mask=m_k[None, :])
     else:
         # two fp16 digits of x / 2^(E - 14): hi, then the fp32 remainder rounded
-        u = _pow2_f32(e - 14)
-        tl.store(un + 4 * i_m + o_d, tl.where(o_d < 2, u, 0.0))
-        inv = _pow2_f32(14 - e)
-        for k0 in range(0, K, BK):
-            o_k = k0 + tl.arange(0, BK)
-            m_k = o_k < K
-            v = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32) * inv
-            hi = v.to(tl.float16)
-            tl.store(p_d + o_k, hi, mask=m_k)
-            tl.store(p_d + K + o_k, (v - hi.to(tl.float32)).to(tl.float16), mask=m_k)
+        if i_k == 0:
+            tl.store(un + 4 * i_m + o_d, tl.where(o_d < 2, _pow2_f32(e - 14), 0.0))
+        v = b_x * _pow2_f32(14 - e)
+        hi = v.to(tl.float16)
+        tl.store(p_d + o_k, hi, mask=m_k)
+        tl.store(p_d + K + o_k, (v - hi.to(tl.float32)).to(tl.float16), mask=m_k)
 
 
 def x_digits(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    """Triton :func:`x_digits_ref`: one program per row."""
+    """Triton :func:`x_digits_ref`: a program per row and column tile."""
     M, K = x.shape
     assert M <= MAX_M and x.stride(-1) == 1 and kind in ("int8", "fp16"), (x.shape, kind)
     dt = torch.int8 if kind == "int8" else torch.float16
@@ -161,8 +158,9 @@ def x_digits(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
     digits = torch.zeros(ROWS, K, dtype=dt, device=x.device)
     units = torch.zeros(ROWS, dtype=torch.float32, device=x.device)
     if M and K:
-        _x_digits_kernel[(M,)](x, digits, units, K, x.stride(0), INT8=kind == "int8",
-                               BK=64 if is_interpreting() else 1024, num_warps=4)
+        BK = 64 if is_interpreting() else 1024
+        _x_digits_kernel[(M, triton.cdiv(K, BK))](x, digits, units, K, x.stride(0), INT8=kind == "int8", BK=BK,
+                                                  num_warps=4)
     return digits, units
 
 
