@@ -112,15 +112,17 @@ def _pow2_f32(e):
 
 
 @triton.jit
-def _x_digits_kernel(x, dg, un, K, stride_xm, INT8: tl.constexpr, BK: tl.constexpr):
+def _x_digits_kernel(x, dg, un, M, K, stride_xm, INT8: tl.constexpr, BK: tl.constexpr):
     # program (m, j): row m's largest magnitude (each program reads the whole row: a few KB from L2), then the
-    # digits of its columns [j BK, (j + 1) BK) into rows 4m .. 4m + 3
+    # digits of its columns [j BK, (j + 1) BK) into rows 4m .. 4m + 3; rows m >= M get zeros (no memset launch)
     i_m, i_k = tl.program_id(0), tl.program_id(1)
-    p_x = x + i_m.to(tl.int64) * stride_xm
+    live = i_m < M
+    K_live = tl.where(live, K, 0)  # the columns read: none for a row past M
+    p_x = x + tl.minimum(i_m, M - 1).to(tl.int64) * stride_xm
     amax = tl.zeros([BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
-        amax = tl.maximum(amax, tl.abs(tl.load(p_x + o_k, mask=o_k < K, other=0.0).to(tl.float32)))
+        amax = tl.maximum(amax, tl.abs(tl.load(p_x + o_k, mask=o_k < K_live, other=0.0).to(tl.float32)))
     a = tl.max(amax, axis=0)
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
     e = tl.where(a > 0, e, 0)
@@ -128,11 +130,11 @@ def _x_digits_kernel(x, dg, un, K, stride_xm, INT8: tl.constexpr, BK: tl.constex
     o_d = tl.arange(0, 4)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
-    b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_x = tl.load(p_x + o_k, mask=o_k < K_live, other=0.0).to(tl.float32)
     if INT8:
         # units 2^(E - 7 - 7 d); R_d = trunc(x / u_d); digit d = R_d - 128 R_{d-1}
         if i_k == 0:
-            tl.store(un + 4 * i_m + o_d, _pow2_f32(e - 7 - 7 * o_d))
+            tl.store(un + 4 * i_m + o_d, tl.where(live, _pow2_f32(e - 7 - 7 * o_d), 0.0))
         inv = _pow2_f32(7 - e + 7 * o_d)  # 1 / u_d, exact
         # [4, BK]
         r = (b_x[None, :] * inv[:, None]).to(tl.int32)
@@ -142,11 +144,14 @@ def _x_digits_kernel(x, dg, un, K, stride_xm, INT8: tl.constexpr, BK: tl.constex
     else:
         # two fp16 digits of x / 2^(E - 14): hi, then the fp32 remainder rounded
         if i_k == 0:
-            tl.store(un + 4 * i_m + o_d, tl.where(o_d < 2, _pow2_f32(e - 14), 0.0))
+            tl.store(un + 4 * i_m + o_d, tl.where((o_d < 2) & live, _pow2_f32(e - 14), 0.0))
         v = b_x * _pow2_f32(14 - e)
         hi = v.to(tl.float16)
         tl.store(p_d + o_k, hi, mask=m_k)
         tl.store(p_d + K + o_k, (v - hi.to(tl.float32)).to(tl.float16), mask=m_k)
+        zero = tl.zeros([BK], dtype=tl.float16)  # digit rows 2 and 3: unused
+        tl.store(p_d + 2 * K + o_k, zero, mask=m_k)
+        tl.store(p_d + 3 * K + o_k, zero, mask=m_k)
 
 
 def x_digits(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
@@ -154,12 +159,13 @@ def x_digits(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
     M, K = x.shape
     assert M <= MAX_M and x.stride(-1) == 1 and kind in ("int8", "fp16"), (x.shape, kind)
     dt = torch.int8 if kind == "int8" else torch.float16
-    # rows past M: zero digits, zero units
-    digits = torch.zeros(ROWS, K, dtype=dt, device=x.device)
-    units = torch.zeros(ROWS, dtype=torch.float32, device=x.device)
-    if M and K:
-        BK = 64 if is_interpreting() else 1024
-        _x_digits_kernel[(M, triton.cdiv(K, BK))](x, digits, units, K, x.stride(0), INT8=kind == "int8", BK=BK,
+    if M == 0 or K == 0:
+        return torch.zeros(ROWS, K, dtype=dt, device=x.device), torch.zeros(ROWS, device=x.device)
+    # every row slot written by the kernel (rows past M: zero digits and units)
+    digits = torch.empty(ROWS, K, dtype=dt, device=x.device)
+    units = torch.empty(ROWS, dtype=torch.float32, device=x.device)
+    BK = 64 if is_interpreting() else 1024
+    _x_digits_kernel[(MAX_M, triton.cdiv(K, BK))](x, digits, units, M, K, x.stride(0), INT8=kind == "int8", BK=BK,
                                                   num_warps=4)
     return digits, units
 
