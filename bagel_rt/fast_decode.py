@@ -145,9 +145,9 @@ def _check_gemv(impl: str) -> str:
 
 
 def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, impl: str, pdl: bool) -> Tensor:
-    # a compressed weight's decode GEMV: on the tensor cores under "triton-mma" (one-byte formats; no PDL there)
+    # a compressed weight's decode GEMV: on the tensor cores under "triton-mma" (one-byte formats)
     if impl == "triton-mma" and w.fmt in MMA_FORMATS:
-        return mma_gemv(x, w, bias)
+        return mma_gemv(x, w, bias, pdl)
     return qgemv(x, w, bias, pdl)
 
 
@@ -165,7 +165,7 @@ def _mlp(lw: UndLayer, h: Tensor, impl: str, pdl: bool) -> Tensor:
     g, u = mlp.gate_proj, mlp.up_proj
     if "gate" in packed:
         gate, up = packed["gate"], packed["up"]
-        act = (mma_gemv_swiglu(h, gate, up) if impl == "triton-mma" and gate.fmt in MMA_FORMATS
+        act = (mma_gemv_swiglu(h, gate, up, pdl) if impl == "triton-mma" and gate.fmt in MMA_FORMATS
                else qgemv_swiglu(h, gate, up, pdl))
     elif impl != "cublas" and type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None and u.bias is None:
         act = gemv_swiglu(h, g.weight, u.weight, pdl)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from bagel_rt.kernels._device import is_interpreting
+from bagel_rt.kernels._device import gdc_wait, is_interpreting, pdl_kwargs
 from bagel_rt.kernels.gemv import MAX_M, swiglu_store
 from bagel_rt.kernels.swiglu import swiglu_ref
 from torch import Tensor
@@ -112,16 +112,19 @@ def _pow2_f32(e):
 
 
 @triton.jit
-def _x_digits_kernel(x, dg, un, M, K, stride_xm, INT8: tl.constexpr, BK: tl.constexpr):
+def _x_digits_kernel(x, dg, un, M, K, stride_xm, INT8: tl.constexpr, BK: tl.constexpr, BKA: tl.constexpr,
+                     USE_GDC: tl.constexpr):
     # program (m, j): row m's largest magnitude (each program reads the whole row: a few KB from L2), then the
     # digits of its columns [j BK, (j + 1) BK) into rows 4m .. 4m + 3; rows m >= M get zeros (no memset launch)
     i_m, i_k = tl.program_id(0), tl.program_id(1)
     live = i_m < M
     K_live = tl.where(live, K, 0)  # the columns read: none for a row past M
     p_x = x + tl.minimum(i_m, M - 1).to(tl.int64) * stride_xm
-    amax = tl.zeros([BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        o_k = k0 + tl.arange(0, BK)
+    gdc_wait(USE_GDC)
+    # wide tiles (BKA): a dependent chain of a few loads for the longest rows (18944: 5), not one per 1024
+    amax = tl.zeros([BKA], dtype=tl.float32)
+    for k0 in range(0, K, BKA):
+        o_k = k0 + tl.arange(0, BKA)
         amax = tl.maximum(amax, tl.abs(tl.load(p_x + o_k, mask=o_k < K_live, other=0.0).to(tl.float32)))
     a = tl.max(amax, axis=0)
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
@@ -154,8 +157,9 @@ def _x_digits_kernel(x, dg, un, M, K, stride_xm, INT8: tl.constexpr, BK: tl.cons
         tl.store(p_d + 3 * K + o_k, zero, mask=m_k)
 
 
-def x_digits(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    """Triton :func:`x_digits_ref`: a program per row and column tile."""
+def x_digits(x: Tensor, kind: str, pdl: bool = False) -> tuple[Tensor, Tensor]:
+    """Triton :func:`x_digits_ref`: a program per row slot and column tile (``pdl``: programmatic dependent
+    launch, as :func:`bagel_rt.kernels._device.pdl_kwargs`)."""
     M, K = x.shape
     assert M <= MAX_M and x.stride(-1) == 1 and kind in ("int8", "fp16"), (x.shape, kind)
     dt = torch.int8 if kind == "int8" else torch.float16
@@ -164,9 +168,9 @@ def x_digits(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
     # every row slot written by the kernel (rows past M: zero digits and units)
     digits = torch.empty(ROWS, K, dtype=dt, device=x.device)
     units = torch.empty(ROWS, dtype=torch.float32, device=x.device)
-    BK = 64 if is_interpreting() else 1024
+    BK, BKA = (64, 64) if is_interpreting() else (1024, 4096)
     _x_digits_kernel[(MAX_M, triton.cdiv(K, BK))](x, digits, units, M, K, x.stride(0), INT8=kind == "int8", BK=BK,
-                                                  num_warps=4)
+                                                  BKA=BKA, num_warps=8, **pdl_kwargs(pdl, x.device))
     return digits, units
 
 
@@ -204,11 +208,12 @@ def _combine(acc, un, s, o_n, m_n):
 
 @triton.jit
 def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
-                     UNIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                     UNIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
     i_n = tl.program_id(0)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_w = w + o_n.to(tl.int64) * K
+    gdc_wait(USE_GDC)  # the digits are the previous kernel's output
     acc = tl.zeros([16, BN], dtype=tl.int32 if CODE == "int8" else tl.float32)
     for k0 in range(0, K, BK):
         acc = tl.dot(_d_operand(dg, k0, K, BK), _w_operand(p_w, m_n, k0, K, BK, CODE), acc)
@@ -222,11 +227,12 @@ def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.conste
 
 @triton.jit
 def _mma_gemv_swiglu_kernel(dg, un, wg, wu, sg, su, y, N, K, M, stride_ym, CODE: tl.constexpr,
-                            UNIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                            UNIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
     i_n = tl.program_id(0)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     rows = o_n.to(tl.int64) * K
+    gdc_wait(USE_GDC)
     acc_g = tl.zeros([16, BN], dtype=tl.int32 if CODE == "int8" else tl.float32)
     acc_u = tl.zeros([16, BN], dtype=tl.int32 if CODE == "int8" else tl.float32)
     for k0 in range(0, K, BK):
@@ -268,12 +274,14 @@ def _codes(w: DecodeWeight) -> Tensor:
     return w.codes.view(torch.uint8) if w.fmt == "fp8" else w.codes
 
 
-def mma_gemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, cfg: dict | None = None) -> Tensor:
+def mma_gemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False,
+             cfg: dict | None = None) -> Tensor:
     """``x @ dequantize(w).T (+ bias)`` for a few rows on the tensor cores (see the module docstring).
 
     Args:
         x: [M, K], M <= 4, bf16 / fp16 / fp32, last dim contiguous. w: an int8 or fp8 :class:`DecodeWeight`
-            [N, K]. bias: [N] or None. cfg: launch settings (BN, BK, num_warps) for A/B runs.
+            [N, K]. bias: [N] or None. pdl: programmatic dependent launch of both kernels (the digits and
+            the GEMV), as the other decode GEMVs. cfg: launch settings (BN, BK, num_warps) for A/B runs.
     Returns:
         [M, N] in x.dtype: fp32 combination of the digit sums, scale and bias applied before one rounding.
     """
@@ -282,16 +290,17 @@ def mma_gemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, cfg: dict |
     if M == 0 or N == 0:
         return y
     code, kind = _code(w)
-    dg, un = x_digits(x, kind)
+    dg, un = x_digits(x, kind, pdl)
     c = _settings(w, cfg)
     nw = c.pop("num_warps")
     _mma_gemv_kernel[(triton.cdiv(N, c["BN"]),)](
         dg, un, _codes(w), w.scale, bias if bias is not None else w.scale, y, N, K, M, y.stride(0),
-        HAS_BIAS=bias is not None, CODE=code, UNIT=1.0, num_warps=nw, **c)
+        HAS_BIAS=bias is not None, CODE=code, UNIT=1.0, num_warps=nw, **c, **pdl_kwargs(pdl, x.device))
     return y
 
 
-def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, cfg: dict | None = None) -> Tensor:
+def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool = False,
+                    cfg: dict | None = None) -> Tensor:
     """``silu(x @ gate.T) * (x @ up.T)`` on the tensor cores (gate and up: same format and shape), rounded as
     :func:`bagel_rt.quant.decode_gemv.qgemv_swiglu`. Returns [M, I] in x.dtype."""
     assert (gate.fmt, gate.shape) == (up.fmt, up.shape), "gate / up differ"
@@ -300,12 +309,12 @@ def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, cfg: dict |
     if M == 0 or N == 0:
         return y
     code, kind = _code(gate)
-    dg, un = x_digits(x, kind)
+    dg, un = x_digits(x, kind, pdl)
     c = _settings(gate, cfg)
     nw = c.pop("num_warps")
     _mma_gemv_swiglu_kernel[(triton.cdiv(N, c["BN"]),)](
         dg, un, _codes(gate), _codes(up), gate.scale, up.scale, y, N, K, M, y.stride(0), CODE=code, UNIT=1.0,
-        num_warps=nw, **c)
+        num_warps=nw, **c, **pdl_kwargs(pdl, x.device))
     return y
 
 
@@ -319,14 +328,16 @@ def _ref_rows(x: Tensor, w: DecodeWeight) -> Tensor:
     return rows * w.scale.double()[None, :]
 
 
-def mma_gemv_ref(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, cfg: dict | None = None) -> Tensor:
-    """Reference of :func:`mma_gemv` (``cfg`` unused)."""
+def mma_gemv_ref(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False,
+                 cfg: dict | None = None) -> Tensor:
+    """Reference of :func:`mma_gemv` (``pdl``, ``cfg`` unused)."""
     y = _ref_rows(x, w)
     if bias is not None:
         y = y + bias.double()
     return y.to(x.dtype)
 
 
-def mma_gemv_swiglu_ref(x: Tensor, gate: DecodeWeight, up: DecodeWeight, cfg: dict | None = None) -> Tensor:
-    """Reference of :func:`mma_gemv_swiglu` (``cfg`` unused)."""
+def mma_gemv_swiglu_ref(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool = False,
+                        cfg: dict | None = None) -> Tensor:
+    """Reference of :func:`mma_gemv_swiglu` (``pdl``, ``cfg`` unused)."""
     return swiglu_ref(_ref_rows(x, gate).to(x.dtype), _ref_rows(x, up).to(x.dtype))
