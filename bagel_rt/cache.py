@@ -22,11 +22,16 @@ _ROUND = 256  # capacity granularity in tokens
 
 
 class KVCache:
-    """Keys/values of one context. ``length`` rows are valid; rows beyond are scratch."""
+    """Keys/values of one context. ``length`` rows are valid; rows beyond are scratch.
+
+    It holds ``num_layers`` decoder layers starting at layer ``first``: all of them, or under a layer split
+    (:mod:`bagel_rt.parallel.layer_split`) the ones this process runs, so a rank's caches cost its share of the
+    layers (half of them on each of two cards), not the whole model's."""
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, device: torch.device | str,
-                 dtype: torch.dtype, capacity: int = 0):
+                 dtype: torch.dtype, capacity: int = 0, first: int = 0):
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.first = first
         self.device, self.dtype = torch.device(device), dtype
         self.length = 0
         cap = _round_up(max(capacity, 1))
@@ -59,14 +64,20 @@ class KVCache:
             self.device = device
         return self
 
+    def holds(self, i: int) -> bool:
+        """Whether decoder layer ``i`` (the model's index) has buffers here."""
+        return self.first <= i < self.first + self.num_layers
+
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
-        """This layer's K and V buffers, each [capacity, kv_heads, head_dim]."""
-        return self.k[i], self.v[i]
+        """Decoder layer ``i``'s K and V buffers, each [capacity, kv_heads, head_dim]."""
+        last = self.first + self.num_layers - 1
+        assert self.holds(i), f"layer {i} is not in this cache (layers {self.first}..{last})"
+        return self.k[i - self.first], self.v[i - self.first]
 
     def fork(self, extra: int = 0) -> KVCache:
         """An independent copy of the valid rows, with room for ``extra`` more."""
         new = KVCache(self.num_layers, self.kv_heads, self.head_dim, self.device, self.dtype,
-                      capacity=self.length + extra)
+                      capacity=self.length + extra, first=self.first)
         new.k[:, : self.length] = self.k[:, : self.length]
         new.v[:, : self.length] = self.v[:, : self.length]
         new.length = self.length

@@ -141,7 +141,10 @@ class PackedDenoiser:
         self.N = self.layout.rows[0] if len(set(self.layout.rows)) == 1 else None
         dev, dt = model.device, model.dtype
         self.device, self.dtype = dev, dt
-        self.k = torch.empty(p.num_layers, self.layout.starts[-1], self.Hk, self.D, device=dev, dtype=dt)
+        # the arena holds this process's decoder layers (all, or its range under a layer split)
+        layers = model.local_layers
+        self.first = layers.start
+        self.k = torch.empty(len(layers), self.layout.starts[-1], self.Hk, self.D, device=dev, dtype=dt)
         self.v = torch.empty_like(self.k)
         self.refill(ctxs)
         self.sm_scale = 1.0 / math.sqrt(self.D)
@@ -198,7 +201,7 @@ class PackedDenoiser:
         slower end to end (H200, same process, 9.63 vs 9.59 s per t2i, commit 5691509), and adding the
         residual in the down projection's GEMM epilogue (addmm) no faster (8.92 vs 8.92 s t2i, 17.22 vs 17.21 s
         edit, b06ae36, ``diagnose.py --only-denoiser-ab residual_gemm`` of that commit)."""
-        K, V = self.k[i], self.v[i]
+        K, V = self.k[i - self.first], self.v[i - self.first]
         with self._on_side():
             qu = self._qkv_to_arena(layer, "", xu, K, V, m["und_rows"], m["cos_u"], m["sin_u"])
         qg = self._qkv_to_arena(layer, "_moe_gen", xg, K, V, m["gen_rows"], m["cos_g"], m["sin_g"])

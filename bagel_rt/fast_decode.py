@@ -323,9 +323,8 @@ class GraphDecoder:
         if self.cache is None or self.cache.capacity < need:
             self.graphs.clear()
             self.pool = self.cache = None
-            p = self.model.params.llm
             cap = -(-need // CAPACITY_STEP) * CAPACITY_STEP
-            self.cache = KVCache(p.num_layers, p.num_kv_heads, p.head_dim, self.device, self.dtype, cap)
+            self.cache = self.model.new_cache(cap)
             self.ids = torch.zeros(self.cache.capacity, dtype=torch.long, device=self.device)
         return self.cache
 

@@ -227,7 +227,8 @@ class LanguageModel(nn.Module):
         p = self.params
         cos, sin = rope_cos_sin(positions, p.head_dim, p.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, n_und, cos, sin, cache.layer(i), start, causal, fp32_qk)
+            # a layer another rank holds (layer split) has no buffers here, and needs none
+            x = layer(x, n_und, cos, sin, cache.layer(i) if cache.holds(i) else None, start, causal, fp32_qk)
         if not final_norm:
             return x
         m = self.model

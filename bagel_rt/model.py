@@ -70,10 +70,22 @@ class BagelModel(nn.Module):
         return self.language_model.model.embed_tokens.weight.dtype
 
     def new_context(self, capacity: int = 0) -> Context:
-        """An empty context (rope 0) with a cache of ``capacity`` rows reserved, for the key/value heads this
-        process holds (all of them, or its share under tensor parallelism)."""
-        p = self.params.llm
-        return Context(KVCache(p.num_layers, self.local_heads[1], p.head_dim, self.device, self.dtype, capacity))
+        """An empty context (rope 0) with a cache of ``capacity`` rows reserved, for the key/value heads and
+        decoder layers this process holds (all of them, or its share under tensor parallelism / a layer split)."""
+        return Context(self.new_cache(capacity))
+
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        """A :class:`KVCache` of ``capacity`` rows for this process's heads and layers (:meth:`new_context`)."""
+        p, layers = self.params.llm, self.local_layers
+        return KVCache(len(layers), self.local_heads[1], p.head_dim, self.device, self.dtype, capacity,
+                       first=layers.start)
+
+    @property
+    def local_layers(self) -> range:
+        """The decoder layers this process runs: all, or its range under a layer split."""
+        if self.parallel is not None and self.parallel.mode == "layers":
+            return self.parallel.stage.layers
+        return range(self.params.llm.num_layers)
 
     @property
     def local_heads(self) -> tuple[int, int]:

@@ -97,8 +97,21 @@ def _worker(rank, world, port, ckpt, runs, out_dir):
     for mode, backend in runs:
         pipe = bagel_rt.load(ckpt, device="cpu", dtype=torch.float32, backend=backend, parallel=mode)
         group = group or pipe.model.parallel  # the first load joined the run; later ones share its group
-        torch.save(run_tasks(pipe, TASKS[mode, backend]), os.path.join(out_dir, f"{mode}-{backend}-rank{rank}.pt"))
+        out = run_tasks(pipe, TASKS[mode, backend])
+        out["held"] = _held_layers(pipe)
+        torch.save(out, os.path.join(out_dir, f"{mode}-{backend}-rank{rank}.pt"))
     group.close()
+
+
+def _held_layers(pipe) -> dict:
+    """(first layer, layers) of what a rank allocates for a context's KV cache and the packed denoiser's arena."""
+    cache = pipe.model.new_context(4).cache
+    assert cache.k.shape[0] == cache.num_layers
+    held = {"context": (cache.first, cache.num_layers)}
+    den = pipe.fast_cache.get("denoiser")
+    if den is not None:
+        held["arena"] = (den.first, den.k.shape[0])
+    return held
 
 
 def _free_port() -> int:
@@ -146,6 +159,8 @@ def assert_same(ranks: list[dict], ref: dict, tol: float) -> None:
     token ids and reports exactly."""
     for r, out in enumerate(ranks):
         for task, values in out.items():
+            if task == "held":  # what the rank allocated: see the tests
+                continue
             for a, b in zip(values, ref[task]):
                 where = f"rank {r}, {task}"
                 if isinstance(b, torch.Tensor):
@@ -165,7 +180,10 @@ def test_cfg_parallel_matches_single_process(two_ranks, reference):
 
 
 def test_layer_split_matches_single_process(two_ranks, reference):
+    """Bit for bit, and each rank's KV caches hold its own layers only (half of the model's each)."""
     assert_same(two_ranks["layers", "torch"], reference, 0)
+    assert [out["held"]["context"] for out in two_ranks["layers", "torch"]] == [(0, 2), (2, 2)]
+    assert [out["held"]["context"] for out in two_ranks["cfg", "torch"]] == [(0, 4), (0, 4)]
 
 
 def test_tensor_parallel_matches_single_process(two_ranks, reference):
@@ -178,6 +196,7 @@ def test_four_ranks_match_single_process(tiny_tp4, reference, tmp_path):
     out = run_parallel(tiny_tp4, 4, [("tp", "torch"), ("layers", "torch")], tmp_path)
     assert_same(out["tp", "torch"], reference, 1e-5)
     assert_same(out["layers", "torch"], reference, 0)
+    assert [o["held"]["context"] for o in out["layers", "torch"]] == [(r, 1) for r in range(4)]
 
 
 def test_parallel_needs_a_launched_run(tiny, monkeypatch):
@@ -197,6 +216,8 @@ def test_packed_denoiser_in_every_mode(tiny, reference_triton, tmp_path):
     out = run_parallel(tiny, 2, runs, tmp_path)
     assert_same(out["cfg", "triton"], reference_triton, 1e-5)
     assert_same(out["layers", "triton"], reference_triton, 0)
+    assert [o["held"]["arena"] for o in out["layers", "triton"]] == [(0, 1), (1, 1)]  # its layer's rows only
+    assert [o["held"]["arena"] for o in out["tp", "triton"]] == [(0, 2), (0, 2)]
     assert_same(out["tp", "triton"], reference_triton, 1e-5)
 
 

@@ -10,8 +10,8 @@ point is memory (two 16 GB cards hold the bf16 model), not speed.
 Module swap: the layers another rank holds become :class:`AbsentLayer` (no weights; passes the hidden state
 through), and the hand-offs are forward hooks on the layers at the range boundaries — so
 :meth:`bagel_rt.llm.LanguageModel.forward` runs unchanged. The packed denoiser, which reads the layers' weights
-itself, calls :class:`LayerStage` directly. KV caches are allocated for all layers but written only for the
-held ones (the others' rows stay untouched; a context costs its full KV size on every rank).
+itself, calls :class:`LayerStage` directly. KV caches and the denoiser's arena hold this rank's layers only
+(:attr:`bagel_rt.model.BagelModel.local_layers`, ``KVCache(first=...)``): a context costs each rank its share.
 """
 
 from __future__ import annotations
