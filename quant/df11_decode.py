@@ -12,8 +12,11 @@ value >= 240 naming the table ``256 - value`` to be read with the following 8 bi
 with ``s = sign_mantissa[i]``.
 
 ``df11_decode`` is the Triton kernel (one program = one block of 512 windows: decode to count, ``tl.cumsum``
-seeded with ``output_positions[block]``, decode again and store). ``df11_decode_ref`` is a numpy reference with
-the same signature, vectorised over windows.
+seeded with ``output_positions[block]``, decode again and store). The counts depend on the bitstream only, so a
+unit decoded again and again (kept compressed on the device, :mod:`bagel_rt.df11_resident`) counts once
+(:func:`df11_window_counts`, one byte per 8-byte window) and every later decode skips the first pass: half of
+the table lookups, bits unchanged. ``df11_decode_ref`` is a numpy reference with the same signature (it ignores
+the counts), vectorised over windows.
 """
 
 import numpy as np
@@ -22,7 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["THREADS_PER_BLOCK", "BYTES_PER_THREAD", "BUFFER_NAMES", "df11_decode", "df11_decode_ref"]
+__all__ = ["THREADS_PER_BLOCK", "BYTES_PER_THREAD", "BUFFER_NAMES", "df11_decode", "df11_decode_ref",
+           "df11_window_counts"]
 
 THREADS_PER_BLOCK = 512
 BYTES_PER_THREAD = 8
@@ -189,12 +193,11 @@ def _peek32(b_hi, b_lo, b_p):
 
 
 @triton.jit
-def _df11_decode_kernel(luts_ptr, codes_ptr, sm_ptr, pos_ptr, gaps_ptr, out_ptr, n_luts, n_bytes, n_elements,
-                        n_gap_bytes, THREADS: tl.constexpr, BYTES: tl.constexpr):
-    i_b = tl.program_id(0)
+def _window(codes_ptr, gaps_ptr, i_b, n_bytes, n_gap_bytes, THREADS: tl.constexpr, BYTES: tl.constexpr):
+    """Block ``i_b``'s windows: the bits as two uint64 views (b_hi: words 0-1, b_lo: words 1-2 of the window's
+    8 bytes and 4 look-ahead bytes, big-endian) and each window's first code's bit (its 5-bit gap)."""
     o_t = i_b * THREADS + tl.arange(0, THREADS)  # global window index
     o_byte = o_t * BYTES
-    # [THREADS] x 3: the window's 8 bytes and 4 look-ahead bytes as big-endian 32-bit words
     b_w0 = tl.zeros([THREADS], dtype=tl.uint64)
     b_w1 = tl.zeros([THREADS], dtype=tl.uint64)
     b_w2 = tl.zeros([THREADS], dtype=tl.uint64)
@@ -210,8 +213,12 @@ def _df11_decode_kernel(luts_ptr, codes_ptr, sm_ptr, pos_ptr, gaps_ptr, out_ptr,
     b_g0 = tl.load(gaps_ptr + o_gbit // 8).to(tl.int32)
     b_g1 = tl.load(gaps_ptr + o_gbit // 8 + 1, mask=o_gbit // 8 + 1 < n_gap_bytes, other=0).to(tl.int32)
     b_gap = (((b_g0 << 8) | b_g1) >> (11 - o_gbit % 8)) & 31
+    return b_hi, b_lo, b_gap
 
-    # phase 1: count the codes that start in each window
+
+@triton.jit
+def _count(luts_ptr, b_hi, b_lo, b_gap, n_luts, THREADS: tl.constexpr):
+    """[THREADS] the number of codes that start in each window (decoding them: phase 1)."""
     b_p = b_gap
     b_cnt = tl.zeros([THREADS], dtype=tl.int32)
     m_act = b_p < 64
@@ -220,6 +227,30 @@ def _df11_decode_kernel(luts_ptr, codes_ptr, sm_ptr, pos_ptr, gaps_ptr, out_ptr,
         b_p = tl.where(m_act, b_p + b_len, b_p)
         b_cnt += m_act.to(tl.int32)
         m_act = b_p < 64
+    return b_cnt
+
+
+@triton.jit
+def _df11_count_kernel(luts_ptr, codes_ptr, gaps_ptr, cnt_ptr, n_luts, n_bytes, n_gap_bytes,
+                       THREADS: tl.constexpr, BYTES: tl.constexpr):
+    i_b = tl.program_id(0)
+    b_hi, b_lo, b_gap = _window(codes_ptr, gaps_ptr, i_b, n_bytes, n_gap_bytes, THREADS, BYTES)
+    # at most 64 codes start in a 64-bit window (codes are >= 1 bit): a byte each
+    b_cnt = _count(luts_ptr, b_hi, b_lo, b_gap, n_luts, THREADS)
+    tl.store(cnt_ptr + i_b * THREADS + tl.arange(0, THREADS), b_cnt.to(tl.uint8))
+
+
+@triton.jit
+def _df11_decode_kernel(luts_ptr, codes_ptr, sm_ptr, pos_ptr, gaps_ptr, cnt_ptr, out_ptr, n_luts, n_bytes,
+                        n_elements, n_gap_bytes, HAS_COUNTS: tl.constexpr, THREADS: tl.constexpr,
+                        BYTES: tl.constexpr):
+    i_b = tl.program_id(0)
+    b_hi, b_lo, b_gap = _window(codes_ptr, gaps_ptr, i_b, n_bytes, n_gap_bytes, THREADS, BYTES)
+    # phase 1, the codes that start in each window: counted once when the unit was loaded, or now
+    if HAS_COUNTS:
+        b_cnt = tl.load(cnt_ptr + i_b * THREADS + tl.arange(0, THREADS)).to(tl.int32)
+    else:
+        b_cnt = _count(luts_ptr, b_hi, b_lo, b_gap, n_luts, THREADS)
 
     # block prefix sum, seeded with the block's first output index
     b_start = tl.load(pos_ptr + i_b) + tl.cumsum(b_cnt, axis=0) - b_cnt
@@ -239,8 +270,22 @@ def _df11_decode_kernel(luts_ptr, codes_ptr, sm_ptr, pos_ptr, gaps_ptr, out_ptr,
         m_act = b_i < b_end
 
 
+def df11_window_counts(buffers: dict[str, Tensor]) -> Tensor:
+    """The number of codes that start in each window of the unit (uint8 [blocks * THREADS_PER_BLOCK], on the
+    buffers' device): phase 1 of :func:`df11_decode`, done once. Kept as ``buffers["window_counts"]``, it lets
+    every later decode skip that phase (half of the table lookups) for one byte per 8 code bytes."""
+    luts, codes, sm, pos, gaps = _unpack(buffers)
+    n_blocks = pos.numel() // 4 - 1
+    counts = torch.empty(n_blocks * THREADS_PER_BLOCK, dtype=torch.uint8, device=codes.device)
+    if n_blocks:
+        _df11_count_kernel[(n_blocks,)](luts, codes, gaps, counts, luts.shape[0], codes.numel(), gaps.numel(),
+                                        THREADS=THREADS_PER_BLOCK, BYTES=BYTES_PER_THREAD, num_warps=8)
+    return counts
+
+
 def df11_decode(buffers: dict[str, Tensor], out: Tensor) -> Tensor:
-    """Decodes the unit ``buffers`` (all on one CUDA device) into ``out`` (bf16 or int16, [n]); returns ``out``."""
+    """Decodes the unit ``buffers`` (all on one CUDA device) into ``out`` (bf16 or int16, [n]); returns ``out``.
+    With ``buffers["window_counts"]`` (:func:`df11_window_counts`) the counting phase is skipped."""
     luts, codes, sm, pos, gaps = _unpack(buffers)
     n = sm.numel()
     _check_out(out, n)
@@ -249,7 +294,11 @@ def df11_decode(buffers: dict[str, Tensor], out: Tensor) -> Tensor:
     n_blocks = pos.numel() // 4 - 1
     if n == 0:
         return out
-    _df11_decode_kernel[(n_blocks,)](luts, codes, sm, pos.view(torch.int32), gaps, out.view(torch.int16),
-                                     luts.shape[0], codes.numel(), n, gaps.numel(),
+    counts = buffers.get("window_counts")
+    if counts is not None:
+        assert counts.dtype == torch.uint8 and counts.numel() == n_blocks * THREADS_PER_BLOCK, "window_counts"
+    _df11_decode_kernel[(n_blocks,)](luts, codes, sm, pos.view(torch.int32), gaps,
+                                     counts if counts is not None else sm, out.view(torch.int16),
+                                     luts.shape[0], codes.numel(), n, gaps.numel(), HAS_COUNTS=counts is not None,
                                      THREADS=THREADS_PER_BLOCK, BYTES=BYTES_PER_THREAD, num_warps=8)
     return out

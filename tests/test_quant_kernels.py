@@ -14,6 +14,7 @@ from bagel_rt.quant import (
     compress_units,
     df11_decode,
     df11_decode_ref,
+    df11_window_counts,
     int8,
     int8_matmul,
     int8_matmul_ref,
@@ -133,10 +134,17 @@ def test_linear_modules_kernel_path_matches_reference(cls):
 
 
 def decode_both(buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's decode and the reference's; the kernel also with the window counts computed once (the
+    resident store's way), which must give the same bits."""
     n = buffers["sign_mantissa"].numel()
     ref = df11_decode_ref(buffers, torch.empty(n, dtype=torch.bfloat16))
     dev = {k: v.to(DEVICE) for k, v in buffers.items()}
     out = df11_decode(dev, torch.full((n,), 7.0, dtype=torch.bfloat16, device=DEVICE))
+    counts = df11_window_counts(dev)
+    assert counts.dtype == torch.uint8 and int(counts.sum()) >= n  # every code starts in some window
+    counted = df11_decode({**dev, "window_counts": counts}, torch.full((n,), 7.0, dtype=torch.bfloat16,
+                                                                         device=DEVICE))
+    assert torch.equal(counted.view(torch.int16), out.view(torch.int16))
     return out.cpu(), ref
 
 
@@ -175,5 +183,8 @@ def test_df11_kernel_same_exponent_and_tiny():
 def test_df11_kernel_large_unit_gpu():
     w = (torch.randn(4096, 4096) * 0.02).to(torch.bfloat16)
     b = {k: v.cuda() for k, v in compress_units(w).items()}
+    out = df11_decode(b, torch.empty(w.numel(), dtype=torch.bfloat16, device="cuda"))
+    assert_bits_equal(out.cpu().view(w.shape), w)
+    b["window_counts"] = df11_window_counts(b)
     out = df11_decode(b, torch.empty(w.numel(), dtype=torch.bfloat16, device="cuda"))
     assert_bits_equal(out.cpu().view(w.shape), w)
