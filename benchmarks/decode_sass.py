@@ -73,7 +73,7 @@ def main() -> None:
         for fmt, code, wt, dt in (("int8", "int8", "*i8", "*i8"), ("fp8", "fp8_native", "*u8", "*fp16")):
             for width, cfg in dm.SETTINGS[fmt].items():
                 sig = dict(dg=dt, un="*fp32", w=wt, s="*fp32", b="*fp32", y="*bf16", **mio)
-                consts = dict(HAS_BIAS=False, CODE=code, UNIT=1.0, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True)
+                consts = dict(HAS_BIAS=False, CODE=code, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True)
                 cases.append((f"mma {fmt} {width}", dm._mma_gemv_kernel, sig, consts, cfg["num_warps"]))
     for name, fn, sig, consts, nw in cases:
         ops = loop_ops(fn, sig, consts, nw, a.arch)

@@ -208,7 +208,7 @@ def _combine(acc, un, s, o_n, m_n):
 
 @triton.jit
 def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
-                     UNIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
+                     BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
     i_n = tl.program_id(0)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -217,7 +217,7 @@ def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.conste
     acc = tl.zeros([16, BN], dtype=tl.int32 if CODE == "int8" else tl.float32)
     for k0 in range(0, K, BK):
         acc = tl.dot(_d_operand(dg, k0, K, BK), _w_operand(p_w, m_n, k0, K, BK, CODE), acc)
-    b_y = _combine(acc, un, s, o_n, m_n) * UNIT
+    b_y = _combine(acc, un, s, o_n, m_n)
     if HAS_BIAS:
         b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     o_m = tl.arange(0, 4)
@@ -227,7 +227,7 @@ def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.conste
 
 @triton.jit
 def _mma_gemv_swiglu_kernel(dg, un, wg, wu, sg, su, y, N, K, M, stride_ym, CODE: tl.constexpr,
-                            UNIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
+                            BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
     i_n = tl.program_id(0)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -239,8 +239,8 @@ def _mma_gemv_swiglu_kernel(dg, un, wg, wu, sg, su, y, N, K, M, stride_ym, CODE:
         b_d = _d_operand(dg, k0, K, BK)
         acc_g = tl.dot(b_d, _w_operand(wg + rows, m_n, k0, K, BK, CODE), acc_g)
         acc_u = tl.dot(b_d, _w_operand(wu + rows, m_n, k0, K, BK, CODE), acc_u)
-    g = _combine(acc_g, un, sg, o_n, m_n) * UNIT
-    u = _combine(acc_u, un, su, o_n, m_n) * UNIT
+    g = _combine(acc_g, un, sg, o_n, m_n)
+    u = _combine(acc_u, un, su, o_n, m_n)
     o_m = tl.arange(0, 4)
     swiglu_store(y + o_m[:, None] * stride_ym + o_n[None, :], g, u, (o_m < M)[:, None] & m_n[None, :])
 
@@ -295,7 +295,7 @@ def mma_gemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool =
     nw = c.pop("num_warps")
     _mma_gemv_kernel[(triton.cdiv(N, c["BN"]),)](
         dg, un, _codes(w), w.scale, bias if bias is not None else w.scale, y, N, K, M, y.stride(0),
-        HAS_BIAS=bias is not None, CODE=code, UNIT=1.0, num_warps=nw, **c, **pdl_kwargs(pdl, x.device))
+        HAS_BIAS=bias is not None, CODE=code, num_warps=nw, **c, **pdl_kwargs(pdl, x.device))
     return y
 
 
@@ -313,7 +313,7 @@ def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool =
     c = _settings(gate, cfg)
     nw = c.pop("num_warps")
     _mma_gemv_swiglu_kernel[(triton.cdiv(N, c["BN"]),)](
-        dg, un, _codes(gate), _codes(up), gate.scale, up.scale, y, N, K, M, y.stride(0), CODE=code, UNIT=1.0,
+        dg, un, _codes(gate), _codes(up), gate.scale, up.scale, y, N, K, M, y.stride(0), CODE=code,
         num_warps=nw, **c, **pdl_kwargs(pdl, x.device))
     return y
 
