@@ -252,7 +252,8 @@ def run_bench(pipe, tasks=("t2i", "edit", "decode"), size: int = 1024, steps: in
 
             res, sec, warm, peak = _timed(once, runs, warmup)
             n = len(res.token_ids)
-            row = dict(task="decode", backend=pipe.backend, weights=weights, height=None, width=None,
+            row = dict(task="decode", backend=pipe.backend, weights=weights, decode_gemv=pipe.decode_gemv,
+                       height=None, width=None,
                        num_timesteps=None, seconds=round(sec, 3), peak_gib=peak and round(peak, 2), tokens=n,
                        tokens_per_s=round(n / sec, 1), tflops=None, warmup_seconds=[round(x, 2) for x in warm],
                        runs=runs, **env)

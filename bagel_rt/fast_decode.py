@@ -138,7 +138,8 @@ def und_layers(model, fuse_qkv: bool = False, compressed: bool = True) -> list[U
 # -- one decode step --------------------------------------------------------------------------------------
 
 
-def _check_gemv(impl: str) -> str:
+def check_gemv(impl: str) -> str:
+    """``impl`` if it names a decode GEMV implementation (:data:`GEMVS`), else an :class:`InputError`."""
     if impl not in GEMVS:
         raise InputError(f"gemv must be one of {', '.join(map(repr, GEMVS))}, got {impl!r}")
     return impl
@@ -205,7 +206,7 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
     p = lm.params
     Hq, Hk, D, eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
     layers = layers if layers is not None else und_layers(model)
-    impl = _check_gemv(gemv_impl)
+    impl = check_gemv(gemv_impl)
     dev, dt = token.device, cache.dtype
     x = lm.model.embed_tokens(token)  # [1, H]
     cos, sin = rope_cos_sin(pos, D, p.rope_theta, dt)  # [1, D] each, rounded to dt like the reference
@@ -267,7 +268,7 @@ class GraphDecoder:
     def __init__(self, model, use_graphs: bool = True, fuse_qkv: bool = True, check_every: int | None = None,
                  num_splits: int | None = None, gemv: str = DEFAULT_GEMV, pdl: bool = DEFAULT_PDL,
                  compressed: bool = True):
-        self.gemv = _check_gemv(gemv)
+        self.gemv = check_gemv(gemv)
         self.pdl = pdl
         self.model = model
         self.device, self.dtype = model.device, model.dtype

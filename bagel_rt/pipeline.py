@@ -57,6 +57,7 @@ class Bagel:
         #: capture CUDA graphs on the triton backend (turned off only to compare or debug)
         self.use_graphs = True
         self._decoder = None
+        self._decode_gemv = "triton"  # bagel_rt.fast_decode.DEFAULT_GEMV (not imported here: Triton stays lazy)
         #: the last captured denoiser, reused while the request shapes stay the same (see bagel_rt.fast)
         self.fast_cache: dict = {}
         self.attention = "auto"
@@ -122,8 +123,22 @@ class Bagel:
         if self._decoder is None:
             from .fast_decode import GraphDecoder
 
-            self._decoder = GraphDecoder(self.model, use_graphs=self.use_graphs)
+            self._decoder = GraphDecoder(self.model, use_graphs=self.use_graphs, gemv=self._decode_gemv)
         return self._decoder
+
+    @property
+    def decode_gemv(self) -> str:
+        """The triton backend's text-decoding GEMVs: "triton" (default), "cublas" (bf16 weights through
+        ``F.linear``) or "triton-mma" (INT8 / FP8 weights on the tensor cores, not yet measured against
+        "triton"; see :mod:`bagel_rt.quant.decode_mma`). Setting it rebuilds the decoder at its next use."""
+        return self._decode_gemv
+
+    @decode_gemv.setter
+    def decode_gemv(self, value: str) -> None:
+        from .fast_decode import check_gemv
+
+        self._decode_gemv = check_gemv(value)
+        self._decoder = None
 
     @property
     def device(self) -> torch.device:

@@ -313,9 +313,12 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
 @click.option("--taylorseer", is_flag=True,
               help="Image tasks with step caching (official TaylorSeer settings); rows carry step_cache and "
                    "full_evaluations.")
+@click.option("--decode-gemv", type=click.Choice(["triton", "triton-mma", "cublas"]), default="triton",
+              help="Text decoding's GEMVs: triton (default), triton-mma (INT8/FP8 weights on the tensor cores; "
+                   "not yet measured against triton) or cublas (bf16 weights through F.linear).")
 @parallel_options
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
-          device, dtype, compute, attention, weights, taylorseer, gpus, parallel):
+          device, dtype, compute, attention, weights, taylorseer, decode_gemv, gpus, parallel):
     """Time text-to-image, editing and decoding (app defaults): seconds per image and per step, tokens/s, peak
     GPU memory, achieved TFLOP/s and its share of the measured bf16 matmul peak. One JSON line per result
     on stdout (and appended to --out)."""
@@ -354,6 +357,7 @@ def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, 
     if compute != "auto":
         pipe.compute = compute
     pipe.attention = attention
+    pipe.decode_gemv = decode_gemv
     rows = run_bench(pipe, task_list, size=size, steps=steps, runs=runs, warmup=warmup, tokens=tokens,
                      compare_torch=compare_torch, weights=pipe.weights, commit=commit,
                      log=lambda line: click.echo(line, err=True), taylorseer=taylorseer)

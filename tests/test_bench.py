@@ -50,3 +50,18 @@ def test_bench_weights_label_and_errors():
     assert json.loads(r.stdout.strip().splitlines()[-1])["weights"] == "int8"
     r = _bench("--tasks", "t2i,paint")
     assert r.exit_code == 2 and "unknown task(s) paint" in r.output
+
+
+def test_bench_decode_gemv():
+    """--decode-gemv picks the text decoder's GEMVs and the decode row records it (INT8 weights through the
+    tensor-core GEMVs, in the Triton interpreter here); its choices are the decoder's."""
+    from bagel_rt.fast_decode import GEMVS
+
+    r = CliRunner().invoke(cli, ["bench", "--random-weights", "tiny", "--backend", "triton", "--tasks", "decode",
+                                 "--tokens", "4", "--runs", "1", "--warmup", "1", "--weights", "int8",
+                                 "--decode-gemv", "triton-mma"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["decode_gemv"] == "triton-mma" and row["weights"] == "int8" and row["tokens_per_s"] > 0
+    option = next(p for p in cli.commands["bench"].params if p.name == "decode_gemv")
+    assert set(option.type.choices) == set(GEMVS)

@@ -152,3 +152,14 @@ def test_unknown_gemv_is_refused(tiny_dir):
     pipe = bagel_rt.load(tiny_dir, device=DEV, backend="torch")
     with pytest.raises(InputError, match="triton-mma"):
         GraphDecoder(pipe.model, gemv="mma")
+
+
+def test_pipeline_decode_gemv_setting(tiny_dir):
+    """``Bagel.decode_gemv`` rebuilds the decoder with those GEMVs; an unknown name is refused."""
+    pipe = bagel_rt.load(tiny_dir, device=DEV, backend="triton")
+    assert pipe.decode_gemv == "triton" and pipe.decoder.gemv == "triton"
+    pipe.decode_gemv = "triton-mma"
+    assert pipe.decoder.gemv == "triton-mma"
+    with pytest.raises(InputError, match="gemv must be one of"):
+        pipe.decode_gemv = "mma"
+    assert pipe.decode_gemv == "triton-mma"
