@@ -41,8 +41,8 @@ from bagel_rt.kernels.gemv import MAX_M, swiglu_store
 from bagel_rt.kernels.swiglu import swiglu_ref
 from torch import Tensor
 
-from .decode_gemv import DecodeWeight
-from .fp8_matmul import FP8, e4m3_to_f32, e4m3_unit
+from .decode_gemv import DecodeWeight, _check, _codes  # the same argument checks and code views
+from .fp8_matmul import e4m3_to_f32, e4m3_unit
 
 __all__ = ["MMA_FORMATS", "x_digits", "x_digits_ref", "mma_gemv", "mma_gemv_ref", "mma_gemv_swiglu",
            "mma_gemv_swiglu_ref"]
@@ -262,16 +262,21 @@ def _settings(w: DecodeWeight, cfg: dict | None) -> dict:
     return dict(INTERPRETER_SETTINGS if is_interpreting() else (cfg or settings(w)))
 
 
-def _check(x: Tensor, *ws: DecodeWeight) -> tuple[int, int, int]:
-    assert x.dim() == 2 and x.stride(-1) == 1 and x.shape[0] <= MAX_M, tuple(x.shape)
-    for w in ws:
-        assert w.shape[1] == x.shape[1] and w.codes.is_contiguous() and w.scale.numel() == w.shape[0]
-        assert w.codes.dtype == {"int8": torch.int8, "fp8": FP8}[w.fmt]
-    return x.shape[0], ws[0].shape[0], x.shape[1]
-
-
-def _codes(w: DecodeWeight) -> Tensor:
-    return w.codes.view(torch.uint8) if w.fmt == "fp8" else w.codes
+def _launch(kernel, x: Tensor, w: DecodeWeight, weight_args: tuple, pdl: bool, cfg: dict | None, **kw) -> Tensor:
+    """The [M, N] output of ``kernel`` (``_mma_gemv_kernel`` or ``_mma_gemv_swiglu_kernel``: digits, units, the
+    weights' ``weight_args``, then y, N, K, M, y's row stride) over the digits of ``x`` (w: the first weight, for
+    the format and the settings)."""
+    M, N, K = x.shape[0], w.shape[0], x.shape[1]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    code, kind = _code(w)
+    dg, un = x_digits(x, kind, pdl)
+    c = _settings(w, cfg)
+    nw = c.pop("num_warps")
+    kernel[(triton.cdiv(N, c["BN"]),)](dg, un, *weight_args, y, N, K, M, y.stride(0), CODE=code, num_warps=nw,
+                                       **c, **kw, **pdl_kwargs(pdl, x.device))
+    return y
 
 
 def mma_gemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False,
@@ -285,18 +290,9 @@ def mma_gemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool =
     Returns:
         [M, N] in x.dtype: fp32 combination of the digit sums, scale and bias applied before one rounding.
     """
-    M, N, K = _check(x, w)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return y
-    code, kind = _code(w)
-    dg, un = x_digits(x, kind, pdl)
-    c = _settings(w, cfg)
-    nw = c.pop("num_warps")
-    _mma_gemv_kernel[(triton.cdiv(N, c["BN"]),)](
-        dg, un, _codes(w), w.scale, bias if bias is not None else w.scale, y, N, K, M, y.stride(0),
-        HAS_BIAS=bias is not None, CODE=code, num_warps=nw, **c, **pdl_kwargs(pdl, x.device))
-    return y
+    _check(x, w)
+    return _launch(_mma_gemv_kernel, x, w, (_codes(w), w.scale, bias if bias is not None else w.scale), pdl, cfg,
+                   HAS_BIAS=bias is not None)
 
 
 def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool = False,
@@ -304,18 +300,8 @@ def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool =
     """``silu(x @ gate.T) * (x @ up.T)`` on the tensor cores (gate and up: same format and shape), rounded as
     :func:`bagel_rt.quant.decode_gemv.qgemv_swiglu`. Returns [M, I] in x.dtype."""
     assert (gate.fmt, gate.shape) == (up.fmt, up.shape), "gate / up differ"
-    M, N, K = _check(x, gate, up)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return y
-    code, kind = _code(gate)
-    dg, un = x_digits(x, kind, pdl)
-    c = _settings(gate, cfg)
-    nw = c.pop("num_warps")
-    _mma_gemv_swiglu_kernel[(triton.cdiv(N, c["BN"]),)](
-        dg, un, _codes(gate), _codes(up), gate.scale, up.scale, y, N, K, M, y.stride(0), CODE=code,
-        num_warps=nw, **c, **pdl_kwargs(pdl, x.device))
-    return y
+    _check(x, gate, up)
+    return _launch(_mma_gemv_swiglu_kernel, x, gate, (_codes(gate), _codes(up), gate.scale, up.scale), pdl, cfg)
 
 
 def _ref_rows(x: Tensor, w: DecodeWeight) -> Tensor:
