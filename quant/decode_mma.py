@@ -214,9 +214,11 @@ def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.conste
     m_n = o_n < N
     p_w = w + o_n.to(tl.int64) * K
     gdc_wait(USE_GDC)  # the digits are the previous kernel's output
-    acc = tl.zeros([16, BN], dtype=tl.int32 if CODE == "int8" else tl.float32)
+    ACC: tl.constexpr = tl.int32 if CODE == "int8" else tl.float32
+    acc = tl.zeros([16, BN], dtype=ACC)
     for k0 in range(0, K, BK):
-        acc = tl.dot(_d_operand(dg, k0, K, BK), _w_operand(p_w, m_n, k0, K, BK, CODE), acc)
+        # out_dtype spelled out: Triton 3.6 checks an int32 accumulator against the float32 default
+        acc = tl.dot(_d_operand(dg, k0, K, BK), _w_operand(p_w, m_n, k0, K, BK, CODE), acc, out_dtype=ACC)
     b_y = _combine(acc, un, s, o_n, m_n)
     if HAS_BIAS:
         b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
@@ -233,12 +235,13 @@ def _mma_gemv_swiglu_kernel(dg, un, wg, wu, sg, su, y, N, K, M, stride_ym, CODE:
     m_n = o_n < N
     rows = o_n.to(tl.int64) * K
     gdc_wait(USE_GDC)
-    acc_g = tl.zeros([16, BN], dtype=tl.int32 if CODE == "int8" else tl.float32)
-    acc_u = tl.zeros([16, BN], dtype=tl.int32 if CODE == "int8" else tl.float32)
+    ACC: tl.constexpr = tl.int32 if CODE == "int8" else tl.float32
+    acc_g = tl.zeros([16, BN], dtype=ACC)
+    acc_u = tl.zeros([16, BN], dtype=ACC)
     for k0 in range(0, K, BK):
         b_d = _d_operand(dg, k0, K, BK)
-        acc_g = tl.dot(b_d, _w_operand(wg + rows, m_n, k0, K, BK, CODE), acc_g)
-        acc_u = tl.dot(b_d, _w_operand(wu + rows, m_n, k0, K, BK, CODE), acc_u)
+        acc_g = tl.dot(b_d, _w_operand(wg + rows, m_n, k0, K, BK, CODE), acc_g, out_dtype=ACC)
+        acc_u = tl.dot(b_d, _w_operand(wu + rows, m_n, k0, K, BK, CODE), acc_u, out_dtype=ACC)
     g = _combine(acc_g, un, sg, o_n, m_n)
     u = _combine(acc_u, un, su, o_n, m_n)
     o_m = tl.arange(0, 4)
