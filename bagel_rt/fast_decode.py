@@ -53,18 +53,18 @@ from bagel_rt.quant.decode_gemv import (
     qgemv_swiglu,
     swiglu_pair,
 )
-from bagel_rt.quant.decode_mma import MMA_FORMATS, mma_gemv, mma_gemv_swiglu
+from bagel_rt.quant.decode_mma import MMA_FORMATS, mma_gemv, mma_gemv_swiglu, prefers_mma
 
 from .cache import Context, KVCache
 from .embeddings import rope_cos_sin
 from .errors import InputError
 
 #: the decode step's matrix-vector products: "cublas" (F.linear) or "triton" (bagel_rt.kernels.gemv, with the
-#: MLP's gate/up/SwiGLU fused) for plain bf16 nn.Linear weights; compressed weights take the decode GEMVs of
-#: bagel_rt.quant.decode_gemv either way. "triton-mma": as "triton", and INT8 / FP8 weights on the tensor cores
-#: instead (bagel_rt.quant.decode_mma: ~1 instead of 5.7 sm_90 loop instructions per INT8 weight; speed not
-#: measured yet, so not the default)
-GEMVS = ("cublas", "triton", "triton-mma")
+#: MLP's gate/up/SwiGLU fused) for plain bf16 nn.Linear weights. Compressed weights take a decode GEMV either
+#: way: under "triton" and "cublas" the faster one for their shape (bagel_rt.quant.decode_mma.prefers_mma: INT8 /
+#: FP8 gate/up and lm_head on the tensor cores, the rest on the FMA kernels of bagel_rt.quant.decode_gemv, as
+#: measured per shape); "triton-fma" and "triton-mma" force one kind everywhere it applies, for A/B runs.
+GEMVS = ("cublas", "triton", "triton-fma", "triton-mma")
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
 #: before it drains, and the GEMVs request their first weight tile before waiting for its output
@@ -145,15 +145,19 @@ def check_gemv(impl: str) -> str:
     return impl
 
 
+def _on_mma(w: DecodeWeight, impl: str) -> bool:
+    # whether a compressed weight's decode GEMV runs on the tensor cores (see GEMVS)
+    if impl == "triton-fma" or w.fmt not in MMA_FORMATS:
+        return False
+    return impl == "triton-mma" or prefers_mma(w)
+
+
 def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, impl: str, pdl: bool) -> Tensor:
-    # a compressed weight's decode GEMV: on the tensor cores under "triton-mma" (one-byte formats)
-    if impl == "triton-mma" and w.fmt in MMA_FORMATS:
-        return mma_gemv(x, w, bias, pdl)
-    return qgemv(x, w, bias, pdl)
+    return mma_gemv(x, w, bias, pdl) if _on_mma(w, impl) else qgemv(x, w, bias, pdl)
 
 
 def _linear(mod: nn.Module, x: Tensor, impl: str, pdl: bool, packed: DecodeWeight | None = None) -> Tensor:
-    # compressed weights always take a decode GEMV (``impl`` "cublas" / "triton" chooses for bf16 weights only)
+    # compressed weights always take a decode GEMV (``impl`` "cublas" / "triton" chooses for bf16; see GEMVS)
     if packed is not None:
         return _qgemv(x, packed, mod.bias, impl, pdl)
     if impl != "cublas" and type(mod) is nn.Linear:
@@ -166,8 +170,7 @@ def _mlp(lw: UndLayer, h: Tensor, impl: str, pdl: bool) -> Tensor:
     g, u = mlp.gate_proj, mlp.up_proj
     if "gate" in packed:
         gate, up = packed["gate"], packed["up"]
-        act = (mma_gemv_swiglu(h, gate, up, pdl) if impl == "triton-mma" and gate.fmt in MMA_FORMATS
-               else qgemv_swiglu(h, gate, up, pdl))
+        act = mma_gemv_swiglu(h, gate, up, pdl) if _on_mma(gate, impl) else qgemv_swiglu(h, gate, up, pdl)
     elif impl != "cublas" and type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None and u.bias is None:
         act = gemv_swiglu(h, g.weight, u.weight, pdl)
     else:
@@ -194,7 +197,7 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
         layers: the gathered und weights (:func:`und_layers`); default: unfused, gathered now.
         num_splits: attention key splits (flash-decoding); None = the kernel's heuristic for a cache of
             ``cache.capacity`` keys (the split bounds themselves follow the actual length on the device).
-        gemv_impl: "cublas", "triton" or "triton-mma" (see ``GEMVS``, ``DEFAULT_GEMV``).
+        gemv_impl: one of ``GEMVS`` (see there and ``DEFAULT_GEMV``).
         pdl: launch the step's Triton kernels with programmatic dependent launch (see ``DEFAULT_PDL``;
             Hopper and newer, ignored elsewhere).
         head: the compressed ``lm_head`` (:func:`bagel_rt.quant.decode_gemv.decode_weight`), or None (the
@@ -257,7 +260,7 @@ class GraphDecoder:
             NF4 modules of one format).
         check_every: read the predicted ids (and stop) every this many tokens; default 8 on CUDA, 1 else.
         num_splits: attention key splits, None = heuristic (see :func:`decode_step_kernels`).
-        gemv: the GEMV implementation, "cublas", "triton" or "triton-mma" (see ``GEMVS``; default
+        gemv: the GEMV implementation, one of ``GEMVS`` (default
             ``DEFAULT_GEMV``).
         pdl: programmatic dependent launch of the step's Triton kernels (default ``DEFAULT_PDL``).
         compressed: run INT8 / FP8 / NF4 weights (und projections and ``lm_head``) through the compressed decode

@@ -128,9 +128,10 @@ class Bagel:
 
     @property
     def decode_gemv(self) -> str:
-        """The triton backend's text-decoding GEMVs: "triton" (default), "cublas" (bf16 weights through
-        ``F.linear``) or "triton-mma" (INT8 / FP8 weights on the tensor cores, not yet measured against
-        "triton"; see :mod:`bagel_rt.quant.decode_mma`). Setting it rebuilds the decoder at its next use."""
+        """The triton backend's text-decoding GEMVs: "triton" (default; INT8 / FP8 weights on the tensor cores or
+        the FMA kernels, whichever measured faster for their shape), "cublas" (bf16 weights through ``F.linear``),
+        "triton-fma" / "triton-mma" (every INT8 / FP8 weight on one kind, for A/B runs; see
+        :data:`bagel_rt.fast_decode.GEMVS`). Setting it rebuilds the decoder at its next use."""
         return self._decode_gemv
 
     @decode_gemv.setter

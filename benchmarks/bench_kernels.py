@@ -310,9 +310,13 @@ def cases_fp8_gemv(K):
 
 
 QGEMV_CANDIDATES = {  # (BN, BK, num_warps) tried beside the default settings of bagel_rt.quant.decode_gemv
-    "int8": [(2, 2048, 8), (4, 2048, 8), (4, 1024, 4), (8, 1024, 8), (8, 512, 4), (16, 512, 8)],
-    "nf4": [(4, 2048, 8), (8, 1024, 8), (8, 512, 4), (16, 512, 8), (4, 1024, 4), (16, 1024, 8)],
+    "int8": [(4, 2048, 8), (4, 1024, 4), (8, 512, 4), (16, 512, 8), (4, 512, 4), (8, 256, 2)],
+    "nf4": [(8, 1024, 8), (8, 512, 4), (4, 1024, 4), (4, 512, 4), (8, 256, 2)],
 }
+MMA_CANDIDATES = [  # (BN, BK, num_warps, num_stages) tried beside bagel_rt.quant.decode_mma's settings
+    (16, 256, 4, 3), (16, 1024, 4, 3), (16, 1024, 8, 3), (16, 512, 4, 5), (32, 512, 4, 3), (32, 256, 4, 4),
+    (64, 256, 4, 3), (64, 512, 8, 3), (128, 256, 8, 3),
+]
 
 
 def cases_qgemv(K):
@@ -343,11 +347,19 @@ def cases_qgemv(K):
             out[f"{bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw): run(c)
         return out
 
+    def mma_candidates(fmt, run):
+        if fmt not in MMA_FORMATS:
+            return {}
+        out = {"mma": lambda: run(None)}
+        for bn, bk, nw, ns in MMA_CANDIDATES:
+            out[f"mma {bn}x{bk}/{nw}/{ns}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw, num_stages=ns): run(c)
+        return out
+
     def swiglu_case(fmt, per_weight):
         (g, u), (wg, wu) = modules(fmt, (FFN, HIDDEN), (FFN, HIDDEN))
         dg, du = swiglu_pair(decode_weight(g), decode_weight(u))
         x = randn(1, HIDDEN)
-        mma = {"mma": lambda: mma_gemv_swiglu(x, dg, du)} if fmt in MMA_FORMATS else {}
+        mma = mma_candidates(fmt, lambda c: mma_gemv_swiglu(x, dg, du, cfg=c))
         return f"qgemv_{fmt}", {"proj": "gate_up+swiglu", "N": FFN, "K": HIDDEN}, {
             **candidates(fmt, dg, lambda c: _qgemv_swiglu(x, dg, du, False, c), "swiglu"), **mma,
             "module": lambda: K.swiglu(g(x), u(x)),
@@ -364,7 +376,7 @@ def cases_qgemv(K):
             N, Kd = w.shape
             x = randn(1, Kd)
             wb = torch.cat(ws)
-            mma = {"mma": lambda x=x, w=w: mma_gemv(x, w)} if fmt in MMA_FORMATS else {}
+            mma = mma_candidates(fmt, lambda c, x=x, w=w: mma_gemv(x, w, cfg=c))
             yield f"qgemv_{fmt}", {"proj": name, "N": N, "K": Kd}, {
                 **candidates(fmt, w, lambda c, x=x, w=w: _qgemv(x, w, None, False, c), "gemv"), **mma,
                 "module": lambda x=x, mods=mods: [m(x) for m in mods],

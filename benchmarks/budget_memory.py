@@ -59,7 +59,8 @@ def phase_tracker() -> dict:
             return out
         return wrapped
 
-    fast.denoise_packed = phase("denoise", fast.denoise_packed, before="prefill")
+    # the session calls the denoiser as fast.denoise_batch (a module attribute, so the wrapper is seen)
+    fast.denoise_batch = phase("denoise", fast.denoise_batch, before="prefill")
     session.Session.decode_latents = phase("vae_decode", session.Session.decode_latents)
     return peaks
 
@@ -120,6 +121,7 @@ def main() -> None:
     env = environment(a.commit)
     peaks = phase_tracker()
     for run in a.runs.split(","):
+        peaks.clear()
         spec, _, task = run.partition(":")
         fmt, _, gib = spec.partition("@")
         gib = float(gib or 0)
@@ -137,6 +139,7 @@ def main() -> None:
                     torch.cuda.set_per_process_memory_fraction(1.0)
             resident = torch.cuda.memory_allocated() / GIB
             timed(pipe, task, a.size, 3, seed=1)  # warm-up: compiles, captures
+            peaks.clear()  # the phases of the measured request only
             sec, lat = timed(pipe, task, a.size, a.steps)
             weight_only = fmt in ("int8", "nf4")
             plan = request_transients(pipe.model.params, task, a.size, a.size, weight_only=weight_only)
@@ -150,7 +153,12 @@ def main() -> None:
                 row.update(vs_bf16=round(sec / ref[0], 3), bf16_seconds=round(ref[0], 3),
                            bit_identical=bool(torch.equal(lat, ref[1])))
         except (torch.cuda.OutOfMemoryError, InputError, RuntimeError) as e:
-            row.update(error=str(e).splitlines()[0][:300])
+            # where it failed: the first phase the request did not finish, and the allocator's state then
+            done = [p for p in ("prefill", "denoise", "vae_decode") if p in peaks]
+            failed = next((p for p in ("prefill", "denoise", "vae_decode") if p not in done), "after")
+            row.update(error=str(e).splitlines()[0][:1000], failed_in=failed,
+                       at_failure_gib=dict(allocated=round(torch.cuda.memory_allocated() / GIB, 2),
+                                           reserved=round(torch.cuda.memory_reserved() / GIB, 2)))
         emit(row, a.out)
         del pipe
         release_gpu()

@@ -62,10 +62,10 @@ def main() -> None:
     cases = [("bf16", bf16_gemv._gemv_kernel, dict(x="*bf16", w="*bf16", b="*bf16", y="*bf16", **io),
               dict(HAS_BIAS=False, BN=2, BK=2048, USE_GDC=True), 8)]
     for code in ("int8", "fp8", "fp8_native"):
-        cfg = dg.SETTINGS["gemv"]["int8"]
+        cfg = dg.SETTINGS["gemv"]
         consts = dict(HAS_BIAS=False, CODE=code, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True)
         cases.append((code, dg._q8_gemv_kernel, q8[code], consts, cfg["num_warps"]))
-    cfg = dg.SETTINGS["gemv"]["nf4"]
+    cfg = dg.SETTINGS["gemv"]
     cases.append(("nf4", dg._nf4_gemv_kernel, nf4, dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"],
                                                         USE_GDC=True), cfg["num_warps"]))
     if a.mma:

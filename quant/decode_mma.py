@@ -44,7 +44,7 @@ from torch import Tensor
 from .decode_gemv import DecodeWeight, _check, _codes  # the same argument checks and code views
 from .fp8_matmul import e4m3_to_f32, e4m3_unit
 
-__all__ = ["MMA_FORMATS", "x_digits", "x_digits_ref", "mma_gemv", "mma_gemv_ref", "mma_gemv_swiglu",
+__all__ = ["MMA_FORMATS", "prefers_mma", "x_digits", "x_digits_ref", "mma_gemv", "mma_gemv_ref", "mma_gemv_swiglu",
            "mma_gemv_swiglu_ref"]
 
 MMA_FORMATS = ("int8", "fp8")  # the formats these kernels take (NF4 keeps bagel_rt.quant.decode_gemv)
@@ -62,6 +62,12 @@ SETTINGS = {
     "fp8": {"narrow": dict(BN=32, BK=256, num_warps=4), "wide": dict(BN=64, BK=512, num_warps=4)},
 }
 WIDE_N = 8192
+#: the decoder's default ("triton") takes these kernels for a one-byte weight of more than ``MMA_MIN_N`` output
+#: channels and the FMA kernels below it. Measured (H200, CUDA-graph replay, 186c6be, results/kernels_h200.jsonl,
+#: microseconds, digits launch included), INT8 mma vs the best FMA setting: gate/up + SwiGLU 39.6 vs 42.3,
+#: lm_head 129.3 vs 162.4, but qkv 10.1 vs 6.2, o 8.5 vs 5.4, down 32.7 vs 22.0; FP8: 46.1 vs 53.9, 136.5 vs
+#: 199.8, and 10.9 vs 8.5, 8.5 vs 6.9, 44.7 vs 29.2. The narrow projections fill too few programs per SM.
+MMA_MIN_N = 8192
 INTERPRETER_SETTINGS = dict(BN=16, BK=64, num_warps=4)
 
 
@@ -254,6 +260,11 @@ def _code(w: DecodeWeight) -> tuple[str, str]:
     if w.fmt == "int8":
         return "int8", "int8"
     return ("fp8" if is_interpreting() else "fp8_native"), "fp16"
+
+
+def prefers_mma(w: DecodeWeight) -> bool:
+    """Whether the decoder's default GEMVs take these kernels for ``w`` (see :data:`MMA_MIN_N`)."""
+    return w.fmt in MMA_FORMATS and w.shape[0] > MMA_MIN_N
 
 
 def settings(w: DecodeWeight) -> dict:

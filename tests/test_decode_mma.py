@@ -144,8 +144,24 @@ def test_mma_greedy_matches_fma_bf16(tiny_dir, fmt):
     s = prompted(pipe)
     runs = {g: GraphDecoder(pipe.model, num_splits=4, gemv=g).generate(s.gen.fork(extra=24), 24, record=True,
                                                                         stop_tokens=())
-            for g in ("triton", "triton-mma")}
-    assert rel_l2(runs["triton-mma"][1], runs["triton"][1]) < 2e-2
+            for g in ("triton-fma", "triton-mma")}
+    assert rel_l2(runs["triton-mma"][1], runs["triton-fma"][1]) < 2e-2
+
+
+def test_default_gemvs_choose_by_shape():
+    """"triton" (the default) puts INT8 / FP8 weights of more than MMA_MIN_N channels on the tensor cores and the
+    rest on the FMA kernels; "triton-fma" / "triton-mma" force one kind; NF4 never takes the tensor cores."""
+    from bagel_rt.quant.decode_mma import MMA_MIN_N
+
+    from bagel_rt.fast_decode import _on_mma
+
+    for fmt in ("int8", "fp8"):
+        wide, _ = make_weight(fmt, MMA_MIN_N + 8, 32)
+        narrow, _ = make_weight(fmt, 64, 32)
+        assert _on_mma(wide, "triton") and _on_mma(wide, "cublas") and not _on_mma(narrow, "triton"), fmt
+        assert _on_mma(narrow, "triton-mma") and not _on_mma(wide, "triton-fma"), fmt
+    nf4, _ = make_weight("nf4", MMA_MIN_N + 8, 64)
+    assert not any(_on_mma(nf4, g) for g in ("triton", "triton-mma"))
 
 
 def test_unknown_gemv_is_refused(tiny_dir):
