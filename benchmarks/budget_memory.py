@@ -2,7 +2,7 @@
 
     python benchmarks/budget_memory.py --out benchmarks/results/budget_memory_h200.jsonl \
         [--runs int8@16:edit,fp8@15.5:edit,nf4@12:edit,fp8-gen-nf4-und@12:t2i,df11@24:t2i] [--steps 50]
-        [--size 1024] [--uncapped]
+        [--size 1024] [--uncapped] [--history]
 
 Each run builds the random full-size model in its format (``compressed_speed.make_pipe``; DF11: every LLM layer
 a copy of layer 0, compressed once and kept resident as one DF11 unit per layer, so the run takes seconds
@@ -11,8 +11,10 @@ task up with a 3-step request and then runs the app-defaults request, recording 
 VAE decode) the allocator's peak (``max_memory_allocated``) and reserved peak (``max_memory_reserved``: what the
 budget caps). ``predicted_gib`` is :func:`bagel_rt.memory_plan.request_transients` on top of the resident
 weights. ``--uncapped`` places the model for the budget but lifts the cap, to see what a request needs where it
-does not fit. DF11 runs also time the request against bf16 in the same process (``vs_bf16``; the target is
-1.25x) and check the bits (``bit_identical``).
+does not fit; a task ending in ``+eager`` (``int8@16:edit+eager``) runs without CUDA graphs. A failed run
+records the phase it failed in and the allocator's pools then (``--history``: with the code that holds the
+CUDA-graph pools' live blocks). DF11 runs also time the request against bf16 in the same process
+(``vs_bf16``; the target is 1.25x) and check the bits (``bit_identical``).
 """
 
 from __future__ import annotations
@@ -101,6 +103,34 @@ def df11_pipe(task: str, size: int, steps: int):
     return pipe, ref
 
 
+def memory_at_failure(top: int = 8) -> dict:
+    """The allocator's segments at a failure, by pool (the default pool is ``(0, 0)``; CUDA-graph pools are
+    private): reserved and allocated MiB, and, with ``--history``, the largest live blocks of the private pools
+    with the bagel_rt frames that allocated them."""
+    try:
+        snap = torch.cuda.memory._snapshot()
+    except Exception as e:  # a diagnosis must not hide the failure it diagnoses
+        return dict(snapshot_error=str(e)[:200])
+    pools: dict = {}
+    live = []
+    for seg in snap["segments"]:
+        key = str(tuple(seg.get("segment_pool_id", (0, 0))))
+        p = pools.setdefault(key, dict(reserved_mib=0.0, allocated_mib=0.0, segments=0))
+        p["reserved_mib"] += seg["total_size"] / 2**20
+        p["allocated_mib"] += seg["allocated_size"] / 2**20
+        p["segments"] += 1
+        if key != str((0, 0)):
+            for b in seg["blocks"]:
+                if b["state"] == "active_allocated":
+                    frames = [f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in b.get("frames", [])
+                              if "bagel_rt" in f["filename"] or "/quant/" in f["filename"]]
+                    live.append((b["size"] / 2**20, key, frames[:4]))
+    for p in pools.values():
+        p["reserved_mib"], p["allocated_mib"] = round(p["reserved_mib"], 1), round(p["allocated_mib"], 1)
+    live.sort(key=lambda t: -t[0])
+    return dict(pools=pools, private_live=[dict(mib=round(m, 2), pool=k, frames=f) for m, k, f in live[:top]])
+
+
 def timed(pipe, task: str, size: int, steps: int, seed: int = 0):
     """(seconds, final latents) of one app-defaults request, the allocator's peaks reset first."""
     torch.cuda.synchronize()
@@ -117,12 +147,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--uncapped", action="store_true", help="place for the budget but lift the cap")
+    ap.add_argument("--history", action="store_true",
+                    help="record the allocator's history, so that a failure reports which code holds the memory "
+                         "of the CUDA-graph pools (slower; for diagnosis)")
     a = ap.parse_args()
+    if a.history:
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
     env = environment(a.commit)
     peaks = phase_tracker()
     for run in a.runs.split(","):
         peaks.clear()
         spec, _, task = run.partition(":")
+        task, _, mode = task.partition("+")  # "+eager": without CUDA graphs
         fmt, _, gib = spec.partition("@")
         gib = float(gib or 0)
         ref = None
@@ -130,8 +166,10 @@ def main() -> None:
             pipe, ref = df11_pipe(task, a.size, a.steps)
         else:
             pipe = make_pipe(fmt)
+        if mode == "eager":
+            pipe.use_graphs = False
         row = dict(diag="budget_memory", weights=fmt, budget_gib=gib or None, task=task, height=a.size,
-                   width=a.size, num_timesteps=a.steps, uncapped=a.uncapped, **env)
+                   width=a.size, num_timesteps=a.steps, uncapped=a.uncapped, use_graphs=pipe.use_graphs, **env)
         try:
             if gib:
                 row["placement"] = pipe.limit_gpu_memory(gib)
@@ -158,7 +196,8 @@ def main() -> None:
             failed = next((p for p in ("prefill", "denoise", "vae_decode") if p not in done), "after")
             row.update(error=str(e).splitlines()[0][:1000], failed_in=failed,
                        at_failure_gib=dict(allocated=round(torch.cuda.memory_allocated() / GIB, 2),
-                                           reserved=round(torch.cuda.memory_reserved() / GIB, 2)))
+                                           reserved=round(torch.cuda.memory_reserved() / GIB, 2)),
+                       at_failure=memory_at_failure())
         emit(row, a.out)
         del pipe
         release_gpu()

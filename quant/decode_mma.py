@@ -52,14 +52,19 @@ ROWS = 16  # the MMA's row count: MAX_M rows x DIGITS digits
 DIGITS = 4
 assert MAX_M * DIGITS == ROWS
 
-# Launch settings (BN output channels x BK columns per program and iteration, warps), by format and by N: the
-# loop's instructions per weight fall with BN (sm_90 SASS, Triton 3.9, ``benchmarks/decode_sass.py``: INT8
-# BN 16 x BK 512 1.84, 32 x 512 1.02, 64 x 256 0.85; FP8 32 x 256 3.25, 64 x 512 2.31; the FMA kernels 5.69 /
-# 6.41), but the 3584-channel projections (o, down) need enough programs to fill 132 SMs, hence the narrow
-# tiles below N = 8192. Offline counts only: no setting here is measured on a GPU yet.
+# Launch settings (BN output channels x BK columns per program and iteration, warps, pipeline stages), by format
+# and by kind: measured (``benchmarks/bench_kernels.py --only qgemv --graph``, H200, CUDA-graph replay, 5094047,
+# nine candidates each; microseconds, INT8 / FP8): gate/up + SwiGLU 32 x 256 / 4 warps / 4 stages 37.4 / 42.4
+# (64 x 256: 39.1 / 48.3; 16-channel tiles 46-218), lm_head 64 x 256 / 4 126.8 / 131.0 (16-channel tiles
+# 156-566), down at best 30.3 / 35.4 (32 x 512), still slower than the FMA kernels' 21.8 / 29.2. Offline sm_90
+# SASS (Triton 3.9, ``benchmarks/decode_sass.py``): INT8 BN 16 x BK 512 1.84 loop instructions per weight,
+# 32 x 512 1.02, 64 x 256 0.85; FP8 32 x 256 3.25, 64 x 512 2.31; the FMA kernels 5.69 / 6.41. "narrow" (N <=
+# WIDE_N) serves the A/B option "triton-mma" only (see MMA_MIN_N).
 SETTINGS = {
-    "int8": {"narrow": dict(BN=16, BK=512, num_warps=4), "wide": dict(BN=64, BK=256, num_warps=4)},
-    "fp8": {"narrow": dict(BN=32, BK=256, num_warps=4), "wide": dict(BN=64, BK=512, num_warps=4)},
+    "int8": {"narrow": dict(BN=32, BK=512, num_warps=4), "wide": dict(BN=64, BK=256, num_warps=4),
+             "swiglu": dict(BN=32, BK=256, num_warps=4, num_stages=4)},
+    "fp8": {"narrow": dict(BN=32, BK=512, num_warps=4), "wide": dict(BN=64, BK=256, num_warps=4),
+            "swiglu": dict(BN=32, BK=256, num_warps=4, num_stages=4)},
 }
 WIDE_N = 8192
 #: the decoder's default ("triton") takes these kernels for a one-byte weight of more than ``MMA_MIN_N`` output
@@ -267,26 +272,29 @@ def prefers_mma(w: DecodeWeight) -> bool:
     return w.fmt in MMA_FORMATS and w.shape[0] > MMA_MIN_N
 
 
-def settings(w: DecodeWeight) -> dict:
-    """The launch settings of ``w`` (see :data:`SETTINGS`)."""
+def settings(w: DecodeWeight, kind: str = "gemv") -> dict:
+    """The launch settings of ``w`` for ``kind`` ("gemv" or "swiglu"; see :data:`SETTINGS`)."""
+    if kind == "swiglu":
+        return dict(SETTINGS[w.fmt]["swiglu"])
     return dict(SETTINGS[w.fmt]["wide" if w.shape[0] > WIDE_N else "narrow"])
 
 
-def _settings(w: DecodeWeight, cfg: dict | None) -> dict:
-    return dict(INTERPRETER_SETTINGS if is_interpreting() else (cfg or settings(w)))
+def _settings(w: DecodeWeight, cfg: dict | None, kind: str) -> dict:
+    return dict(INTERPRETER_SETTINGS if is_interpreting() else (cfg or settings(w, kind)))
 
 
-def _launch(kernel, x: Tensor, w: DecodeWeight, weight_args: tuple, pdl: bool, cfg: dict | None, **kw) -> Tensor:
+def _launch(kernel, x: Tensor, w: DecodeWeight, weight_args: tuple, pdl: bool, cfg: dict | None, kind: str,
+            **kw) -> Tensor:
     """The [M, N] output of ``kernel`` (``_mma_gemv_kernel`` or ``_mma_gemv_swiglu_kernel``: digits, units, the
     weights' ``weight_args``, then y, N, K, M, y's row stride) over the digits of ``x`` (w: the first weight, for
-    the format and the settings)."""
+    the format and the settings of ``kind``)."""
     M, N, K = x.shape[0], w.shape[0], x.shape[1]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    code, kind = _code(w)
-    dg, un = x_digits(x, kind, pdl)
-    c = _settings(w, cfg)
+    code, digits = _code(w)
+    dg, un = x_digits(x, digits, pdl)
+    c = _settings(w, cfg, kind)
     nw = c.pop("num_warps")
     kernel[(triton.cdiv(N, c["BN"]),)](dg, un, *weight_args, y, N, K, M, y.stride(0), CODE=code, num_warps=nw,
                                        **c, **kw, **pdl_kwargs(pdl, x.device))
@@ -300,13 +308,13 @@ def mma_gemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool =
     Args:
         x: [M, K], M <= 4, bf16 / fp16 / fp32, last dim contiguous. w: an int8 or fp8 :class:`DecodeWeight`
             [N, K]. bias: [N] or None. pdl: programmatic dependent launch of both kernels (the digits and
-            the GEMV), as the other decode GEMVs. cfg: launch settings (BN, BK, num_warps) for A/B runs.
+            the GEMV), as the other decode GEMVs. cfg: launch settings (BN, BK, num_warps[, num_stages]), A/B.
     Returns:
         [M, N] in x.dtype: fp32 combination of the digit sums, scale and bias applied before one rounding.
     """
     _check(x, w)
     return _launch(_mma_gemv_kernel, x, w, (_codes(w), w.scale, bias if bias is not None else w.scale), pdl, cfg,
-                   HAS_BIAS=bias is not None)
+                   "gemv", HAS_BIAS=bias is not None)
 
 
 def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool = False,
@@ -315,7 +323,8 @@ def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool =
     :func:`bagel_rt.quant.decode_gemv.qgemv_swiglu`. Returns [M, I] in x.dtype."""
     assert (gate.fmt, gate.shape) == (up.fmt, up.shape), "gate / up differ"
     _check(x, gate, up)
-    return _launch(_mma_gemv_swiglu_kernel, x, gate, (_codes(gate), _codes(up), gate.scale, up.scale), pdl, cfg)
+    return _launch(_mma_gemv_swiglu_kernel, x, gate, (_codes(gate), _codes(up), gate.scale, up.scale), pdl, cfg,
+                   "swiglu")
 
 
 def _ref_rows(x: Tensor, w: DecodeWeight) -> Tensor:
