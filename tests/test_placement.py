@@ -63,3 +63,46 @@ def test_cli_options_fail_cleanly_without_cuda(tmp_path):
         r = CliRunner().invoke(cli, ["generate", "x", "--model", str(d), "--height", "32", "--width", "32",
                                      "--steps", "2", "--no-progress", "-o", str(tmp_path / "o.png"), *extra])
         assert r.exit_code == 2 and msg in r.output and r.output.count("\n") <= 2, r.output
+
+
+def test_reallocate_copies_each_storage_once_and_keeps_views():
+    """``reallocate`` (what :func:`bagel_rt.placement.compact` does to the resident model): new memory for every
+    tensor on the device, the Parameters the same objects, tensors sharing a storage still sharing one (a view
+    stays a view, so the resident bytes do not double), values unchanged."""
+    from bagel_rt.placement import reallocate
+
+    lin = torch.nn.Linear(6, 4)
+    lin.register_buffer("row", lin.weight.data[1])  # a view of the weight's storage
+    lin.register_buffer("own", torch.arange(5.0))
+    before = {n: (t.untyped_storage().data_ptr(), t.clone()) for n, t in [*lin.named_parameters(),
+                                                                          *lin.named_buffers()]}
+    weight = lin.weight
+    reallocate(lin, torch.device("cpu"))
+    assert lin.weight is weight
+    for n, t in [*lin.named_parameters(), *lin.named_buffers()]:
+        assert t.untyped_storage().data_ptr() != before[n][0], n
+        assert torch.equal(t, before[n][1]), n
+    assert lin.row.untyped_storage().data_ptr() == lin.weight.untyped_storage().data_ptr()
+    lin.weight.data[1, 0] = 7.0
+    assert lin.row[0] == 7.0
+
+
+@requires_cuda
+def test_compact_keeps_results(tmp_path, monkeypatch):
+    """With compaction forced (any held memory counts as stranded), the placement moves the resident model into
+    new memory without growing it, and a request gives the same latents as before."""
+    import bagel_rt.placement as placement
+
+    d = write_tiny_checkpoint(tmp_path / "tiny")
+    pipe = bagel_rt.load(d, device="cuda")
+    ref = pipe.generate("a red square", num_timesteps=3, seed=0, image_shapes=(64, 64))
+    monkeypatch.setattr(placement, "STRANDED_BYTES", -1)
+    w = pipe.model.language_model.model.layers[0].mlp.gate_proj.weight
+    ptr = w.data_ptr()
+    try:
+        info = pipe.limit_gpu_memory(40.0)
+        assert info["expandable_segments"] is False or ("compacted_mib" in info and w.data_ptr() != ptr)
+        res = pipe.generate("a red square", num_timesteps=3, seed=0, image_shapes=(64, 64))
+        assert torch.equal(res.latents, ref.latents)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
