@@ -295,9 +295,10 @@ class GraphDecoder:
 
     # -- lm_head, which may leave the device between requests ----------------------------------------------
     def release_head(self) -> None:
-        """Forget everything built from ``lm_head``'s weights, before it moves (``placement.text_phase``): the
-        compressed head (it references the module's CUDA buffers, which would stay allocated) and the graphs
-        (they bake the head's addresses). The next :meth:`generate` rebuilds both from where lm_head is then."""
+        """Forget everything built from ``lm_head``'s (and the token table's) weights, before they move
+        (``placement.text_phase``): the compressed head (it references the module's CUDA buffers, which would
+        stay allocated) and the graphs (they bake both tables' addresses). The next :meth:`generate` rebuilds them
+        from where the tables are then."""
         self.head = None
         self.graphs.clear()
         self.pool = None

@@ -59,20 +59,25 @@ def head_offloaded(bagel) -> bool:
 
 
 @contextmanager
-def text_phase(bagel):
-    """``lm_head`` on the model's device for one text-decoding phase (under a budget; a no-op otherwise).
+def text_phase(bagel, embeddings: bool = False):
+    """``lm_head`` on the model's device for one text-decoding phase (under a budget; a no-op otherwise), and
+    with ``embeddings`` the token table too (the graph decoder looks each sampled token up on the device, inside
+    its graph; prefill and the eager loop look tokens up where the table is).
 
-    Idle while an image is denoised, it takes 0.55 GB in INT8 / FP8 and ~0.29 GB in NF4 (1.09 GB bf16): on an
-    H200 an INT8 edit under 16 GiB and an FP8 edit under 15.5 GiB ran out of memory by 112 MiB, the
+    Idle while an image is denoised, lm_head takes 0.55 GB in INT8 / FP8 and ~0.29 GB in NF4 (1.09 GB bf16): on
+    an H200 an INT8 edit under 16 GiB and an FP8 edit under 15.5 GiB ran out of memory by 112 MiB, the
     FP8-gen/NF4-und t2i under 12 GiB by 74 MiB, with it resident. Afterwards the graph decoder forgets what it
-    built from it (its compressed ``DecodeWeight`` references the CUDA buffers, which would stay allocated, and
+    built from them (its compressed ``DecodeWeight`` references the CUDA buffers, which would stay allocated, and
     its captured graphs bake their addresses; it rebuilds both on the next phase)."""
-    enabled = head_offloaded(bagel)
-    with visiting(bagel.model.language_model.lm_head, bagel.model.device, enabled):
+    head = head_offloaded(bagel)
+    table = embeddings and bagel.offload
+    device = bagel.model.device
+    with visiting(bagel.model.language_model.lm_head, device, head), \
+            visiting(bagel.model.language_model.model.embed_tokens, device, table):
         try:
             yield
-        finally:  # before the move back, so that the CUDA buffers are freed with it
-            if enabled and bagel._decoder is not None:
+        finally:  # before the moves back, so that the CUDA buffers are freed with them
+            if (head or table) and bagel._decoder is not None:
                 bagel._decoder.release_head()
 
 
@@ -125,10 +130,10 @@ def limit_gpu_memory(bagel, gib: float) -> dict:
 
 
 #: reserved-but-unused memory (bytes) in the allocator's segments above which :func:`compact` moves the
-#: resident weights: an INT8 model quantized on the GPU from bf16 left 1.47 GiB of such holes (the int8 weights
-#: took half of each freed bf16 block; the segments, partly in use, cannot be released), and its edit under
-#: 16 GiB failed during the denoiser's graph capture, which cannot take the default pool's free blocks (H200,
-#: 7928ef3, budget_memory.py --history: default pool 15740 MiB reserved, 14231 MiB allocated)
+#: resident weights (holes left where weights were replaced on the GPU, e.g. quantized there from bf16: segments
+#: partly in use cannot be released). Measured on the H200 (d483d83): the random-weight INT8 model released
+#: 101 MiB this way; the INT8 edit under 16 GiB still failed — in the denoiser's graph capture, which cannot
+#: free the 1.4 GiB the default pool then caches (see ``PackedDenoiser._refuse_graphs``).
 STRANDED_BYTES = 256 * 2**20
 
 

@@ -184,8 +184,10 @@ class Session:
         ctx = self.gen.fork(extra=max_length)
         # the graph decoder copies the weights of every layer: not for split models (tensor-parallel, layer split)
         split = self.model.parallel is not None and self.model.parallel.mode != "cfg"
-        with text_phase(self.bagel):  # under a budget lm_head visits the GPU for this phase only
-            if self.bagel.backend == "triton" and not self.bagel.df11_resident and not split:
+        graphs = self.bagel.backend == "triton" and not self.bagel.df11_resident and not split
+        # under a budget lm_head (and, for the graph decoder, the token table) visits the GPU for this phase only
+        with text_phase(self.bagel, embeddings=graphs):
+            if graphs:
                 from .fast_decode import fast_gen_text
 
                 predicted, logits = fast_gen_text(self.bagel.decoder, ctx, max_length, do_sample, temperature,

@@ -195,3 +195,37 @@ def test_marker_stream_and_graphs_match_one_stream_eager(tmp_path):
             assert rel_l2(got, ref) < 1e-3, (nb, t, rel_l2(got, ref))
     assert set(two.graphs) == {("full", (0,)), ("full", (0, 1)), ("full", (0, 1, 2))}
 
+
+
+def test_capture_out_of_memory_under_a_budget_runs_eagerly(tmp_path):
+    """Under a budget a graph capture that runs out of memory (PyTorch cannot free cached blocks while one
+    captures) is not the request's end: the denoiser warns, drops its graphs and computes the same velocities
+    eagerly from then on; without a budget the error is raised."""
+    from bagel_rt.fast import PackedDenoiser
+
+    d = write_tiny_checkpoint(tmp_path / "tiny")
+    pipe = bagel_rt.load(d, device=DEV, dtype=torch.float32, backend="triton")
+    s = _three_branch_session(pipe)
+    ctxs = [s.gen, s.cfg_text, s.cfg_img]
+    ref = PackedDenoiser(pipe.model, ctxs, 3, 4, use_graphs=False)
+    captures = []
+
+    def no_memory(kind, sel):
+        captures.append((kind, sel))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 130.00 MiB.")
+
+    for lean in (True, False):
+        den = PackedDenoiser(pipe.model, ctxs, 3, 4, use_graphs=False, lean=lean)
+        den.use_graphs = True  # as on a GPU; the capture is what fails
+        den._capture = no_memory
+        x = torch.randn(12, pipe.model.params.patch_latent_dim, device=DEV, generator=torch.Generator(DEV))
+        assert torch.equal(den.velocities(x, 0.9, 3), ref.velocities(x, 0.9, 3))  # the eager first call
+        if not lean:
+            with pytest.raises(torch.cuda.OutOfMemoryError):
+                den.velocities(x, 0.8, 3)
+            continue
+        with pytest.warns(RuntimeWarning, match="without CUDA graphs"):
+            got = den.velocities(x, 0.8, 3)
+        assert torch.equal(got, ref.velocities(x, 0.8, 3)) and den.graphs_refused and den.graphs == {}
+        assert torch.equal(den.velocities(x, 0.7, 3), ref.velocities(x, 0.7, 3))
+        assert captures == [("full", (0, 1, 2))]  # tried once, then eager
