@@ -20,12 +20,12 @@ rows carry *digits* of the activation rows instead of padding:
 Row ``4 m + d`` of the digit operand holds digit d of row m (unused rows are zero with unit 0).
 :func:`x_digits` computes them once per call (one small launch); the GEMV's loop then only streams weight
 tiles into the MMA: 0.85-1.84 sm_90 loop instructions per INT8 weight and 2.3-3.3 per FP8 weight, against 5.7
-and 6.4 for the FMA kernels (offline SASS, see :data:`SETTINGS`). Speed on a GPU: **not measured yet**
-(``benchmarks/bench_kernels.py --only qgemv`` times these as the ``mma`` providers, ``compressed_speed.py
---tasks decode --decode-gemvs triton,triton-mma`` the decode); the decoder keeps the FMA kernels by default
-(``GraphDecoder(gemv="triton-mma")`` opts in) until a measurement says otherwise. Costs that the counts leave
-out: the digits launch per GEMV (four per layer), and the o / down projections (3584 channels) fill the GPU's
-SMs only with narrow tiles.
+and 6.4 for the FMA kernels (offline SASS, see :data:`SETTINGS`). Measured on the H200 (CUDA-graph replay,
+digits launch included): faster than the FMA kernels for the wide weights (gate/up + SwiGLU, lm_head: INT8 37.4
+vs 42.0 us and 126.8 vs 151.2 us), slower for the 3584-channel projections, which fill too few programs per SM
+(down 30.3 vs 21.8 us); so the decoder's default takes these kernels above :data:`MMA_MIN_N` channels only
+(:func:`prefers_mma`; greedy decode INT8 1.484x, FP8 1.287x bf16, against 1.45x / 1.13x on the FMA kernels
+alone, ``compressed_speed.py --tasks decode --decode-gemvs triton,triton-fma``, 7928ef3).
 
 Each launcher has a ``*_ref`` twin with the same signature (digits by PyTorch, the same combination in fp64),
 and ``tests/test_decode_mma.py`` compares both with the fp32 product.
