@@ -444,6 +444,7 @@ class PackedDenoiser:
             except torch.cuda.OutOfMemoryError:
                 if not self.lean:
                     raise
+            if key not in self.graphs:  # outside the except: its traceback would keep the failed capture alive
                 self._refuse_graphs()
                 return self._forward(kind, sel)
         graph, out = self.graphs[key]
