@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from bagel_rt.kernels import (
     add_rms_norm,
+    add_rms_norm_parts,
     gemv,
     gemv_swiglu,
     qkv_rope_cache,
@@ -53,7 +54,7 @@ from bagel_rt.quant.decode_gemv import (
     qgemv_swiglu,
     swiglu_pair,
 )
-from bagel_rt.quant.decode_mma import MMA_FORMATS, mma_gemv, mma_gemv_swiglu, prefers_mma
+from bagel_rt.quant.decode_mma import MMA_FORMATS, mma_gemv, mma_gemv_parts, mma_gemv_swiglu, prefers_mma
 
 from .cache import Context, KVCache
 from .embeddings import rope_cos_sin
@@ -63,8 +64,12 @@ from .errors import InputError
 #: MLP's gate/up/SwiGLU fused) for plain bf16 nn.Linear weights. Compressed weights take a decode GEMV either
 #: way: under "triton" and "cublas" the faster one for their shape (bagel_rt.quant.decode_mma.prefers_mma: INT8 /
 #: FP8 gate/up and lm_head on the tensor cores, the rest on the FMA kernels of bagel_rt.quant.decode_gemv, as
-#: measured per shape); "triton-fma" and "triton-mma" force one kind everywhere it applies, for A/B runs.
-GEMVS = ("cublas", "triton", "triton-fma", "triton-mma")
+#: measured per shape); "triton-fma" and "triton-mma" force one kind everywhere it applies, for A/B runs;
+#: "triton-split" is "triton" with the o and down projections of INT8 / FP8 weights on the tensor cores split
+#: over column ranges (decode_mma.mma_gemv_parts), their fp32 parts summed by the residual add that follows
+#: (kernels.add_rms_norm_parts) — for the 3584-channel projections, which fill too few SMs unsplit (an
+#: experiment: not measured on a GPU yet, so not the default).
+GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split")
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
 #: before it drains, and the GEMVs request their first weight tile before waiting for its output
@@ -145,6 +150,13 @@ def check_gemv(impl: str) -> str:
     return impl
 
 
+def _add_norm(delta: Tensor, residual: Tensor, weight: Tensor, eps: float, pdl: bool) -> tuple[Tensor, Tensor]:
+    # the residual add + RMSNorm after a block: its output as one row block, or as split-K parts [P, 1, H]
+    if delta.dim() == 3:
+        return add_rms_norm_parts(delta, residual, weight, eps, pdl)
+    return add_rms_norm(delta, residual, weight, eps, pdl)
+
+
 def _on_mma(w: DecodeWeight, impl: str) -> bool:
     # whether a compressed weight's decode GEMV runs on the tensor cores (see GEMVS)
     if impl == "triton-fma" or w.fmt not in MMA_FORMATS:
@@ -156,9 +168,13 @@ def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, impl: str, pdl: bool
     return mma_gemv(x, w, bias, pdl) if _on_mma(w, impl) else qgemv(x, w, bias, pdl)
 
 
-def _linear(mod: nn.Module, x: Tensor, impl: str, pdl: bool, packed: DecodeWeight | None = None) -> Tensor:
-    # compressed weights always take a decode GEMV (``impl`` "cublas" / "triton" chooses for bf16; see GEMVS)
+def _linear(mod: nn.Module, x: Tensor, impl: str, pdl: bool, packed: DecodeWeight | None = None,
+            parts: bool = False) -> Tensor:
+    # compressed weights always take a decode GEMV (``impl`` "cublas" / "triton" chooses for bf16; see GEMVS);
+    # ``parts``: the caller sums split-K parts [P, M, N] (a residual add follows), so "triton-split" may split
     if packed is not None:
+        if parts and impl == "triton-split" and packed.fmt in MMA_FORMATS:
+            return mma_gemv_parts(x, packed, mod.bias, pdl)
         return _qgemv(x, packed, mod.bias, impl, pdl)
     if impl != "cublas" and type(mod) is nn.Linear:
         return gemv(x, mod.weight, mod.bias, pdl)
@@ -175,7 +191,7 @@ def _mlp(lw: UndLayer, h: Tensor, impl: str, pdl: bool) -> Tensor:
         act = gemv_swiglu(h, g.weight, u.weight, pdl)
     else:
         act = swiglu(g(h), u(h))
-    return _linear(mlp.down_proj, act, impl, pdl, packed.get("down"))
+    return _linear(mlp.down_proj, act, impl, pdl, packed.get("down"), parts=True)
 
 
 @torch.no_grad()
@@ -221,7 +237,7 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
         if delta is None:
             h = rms_norm(x, lw.attn_norm, eps, pdl)
         else:
-            h, residual = add_rms_norm(delta, residual, lw.attn_norm, eps, pdl)
+            h, residual = _add_norm(delta, residual, lw.attn_norm, eps, pdl)
         a = lw.attn
         if isinstance(lw.qkv_weight, DecodeWeight):
             qkv = _qgemv(h, lw.qkv_weight, None, impl, pdl)[0]
@@ -235,10 +251,10 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
         q = qkv_rope_cache(q.view(Hq, D), k.view(Hk, D), v.view(Hk, D), lw.qkv_bias, lw.q_norm, lw.k_norm, cos,
                            sin, eps, k_buf, v_buf, length, pdl)
         o = varlen_attention(q, k_buf, v_buf, cu_q, cu_k, True, sm_scale, 1, cache.capacity, num_splits, pdl)
-        o = _linear(a.o_proj, o.view(1, Hq * D), impl, pdl, lw.compressed.get("o"))
-        h, residual = add_rms_norm(o, residual, lw.mlp_norm, eps, pdl)
+        o = _linear(a.o_proj, o.view(1, Hq * D), impl, pdl, lw.compressed.get("o"), parts=True)
+        h, residual = _add_norm(o, residual, lw.mlp_norm, eps, pdl)
         delta = _mlp(lw, h, impl, pdl)
-    h, _ = add_rms_norm(delta, residual, lm.model.norm.weight, eps, pdl)
+    h, _ = _add_norm(delta, residual, lm.model.norm.weight, eps, pdl)
     return _linear(lm.lm_head, h, impl, pdl, head)[0]
 
 

@@ -313,6 +313,9 @@ QGEMV_CANDIDATES = {  # (BN, BK, num_warps) tried beside the default settings of
     "int8": [(4, 2048, 8), (4, 1024, 4), (8, 512, 4), (16, 512, 8), (4, 512, 4), (8, 256, 2)],
     "nf4": [(8, 1024, 8), (8, 512, 4), (4, 1024, 4), (4, 512, 4), (8, 256, 2)],
 }
+MMA_SPLIT_CANDIDATES = [  # (parts, BN, BK, num_warps) of the split-K tensor-core GEMV (o, down; qkv to compare)
+    (2, 32, 512, 4), (4, 32, 512, 4), (8, 32, 256, 4), (4, 16, 512, 4), (4, 64, 256, 4), (6, 32, 512, 4),
+]
 MMA_CANDIDATES = [  # (BN, BK, num_warps, num_stages) tried beside bagel_rt.quant.decode_mma's settings
     (16, 256, 4, 3), (16, 1024, 4, 3), (16, 1024, 8, 3), (16, 512, 4, 5), (32, 512, 4, 3), (32, 256, 4, 4),
     (64, 256, 4, 3), (64, 512, 8, 3), (128, 256, 8, 3),
@@ -323,7 +326,8 @@ def cases_qgemv(K):
     """Compressed-weight decode GEMVs (bagel_rt.quant.decode_gemv: INT8 / FP8 / NF4, q/k/v as one, gate/up +
     SwiGLU as one) at the decode shapes, against each module's own forward (the path they replace) and the bf16
     GEMV; the extra providers are candidate launch settings (BN x BK / warps) and, for INT8 / FP8, the
-    tensor-core GEMVs (``mma``: bagel_rt.quant.decode_mma, digits launch included). Rate: the compressed bytes."""
+    tensor-core GEMVs (``mma``: bagel_rt.quant.decode_mma, digits launch included; ``split<P>``: split-K into P
+    fp32 parts, for the narrow projections). Rate: the compressed bytes."""
     from bagel_rt.quant import FP8Linear, Int8Linear, NF4Linear
     from bagel_rt.quant.decode_gemv import (
         _qgemv,
@@ -333,7 +337,7 @@ def cases_qgemv(K):
         settings,
         swiglu_pair,
     )
-    from bagel_rt.quant.decode_mma import MMA_FORMATS, mma_gemv, mma_gemv_swiglu
+    from bagel_rt.quant.decode_mma import MMA_FORMATS, mma_gemv, mma_gemv_parts, mma_gemv_swiglu
 
     convert = {"int8": Int8Linear.from_linear, "fp8": FP8Linear.from_linear, "nf4": NF4Linear.from_linear}
 
@@ -377,6 +381,10 @@ def cases_qgemv(K):
             x = randn(1, Kd)
             wb = torch.cat(ws)
             mma = mma_candidates(fmt, lambda c, x=x, w=w: mma_gemv(x, w, cfg=c))
+            if fmt in MMA_FORMATS and N < 8192:  # split-K parts (their sum is the next residual add's work)
+                for pp, bn, bk, nw in MMA_SPLIT_CANDIDATES:
+                    cfg = dict(parts=pp, BN=bn, BK=bk, num_warps=nw)
+                    mma[f"split{pp} {bn}x{bk}/{nw}"] = lambda x=x, w=w, c=cfg: mma_gemv_parts(x, w, cfg=c)
             yield f"qgemv_{fmt}", {"proj": name, "N": N, "K": Kd}, {
                 **candidates(fmt, w, lambda c, x=x, w=w: _qgemv(x, w, None, False, c), "gemv"), **mma,
                 "module": lambda x=x, mods=mods: [m(x) for m in mods],

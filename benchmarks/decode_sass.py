@@ -27,11 +27,12 @@ from triton.compiler import ASTSource
 
 bf16_gemv = importlib.import_module("bagel_rt.kernels.gemv")  # the module (the package exports the function)
 
-DIVISIBLE = ("N", "K", "stride_xm", "stride_ym")  # what Triton specializes at the decode shapes
+# what Triton specializes at the decode shapes (multiples of 16)
+DIVISIBLE = ("N", "K", "stride_xm", "stride_ym", "K_PER", "stride_yp")
 
 
 def loop_ops(fn, signature: dict, constexprs: dict, num_warps: int, arch: int) -> collections.Counter:
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(signature.items())
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
              if t.startswith("*") or n in DIVISIBLE}
     signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -74,6 +75,9 @@ def main() -> None:
             for width, cfg in dm.SETTINGS[fmt].items():
                 sig = dict(dg=dt, un="*fp32", w=wt, s="*fp32", b="*fp32", y="*bf16", **mio)
                 consts = dict(HAS_BIAS=False, CODE=code, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True)
+                if width == "split":  # the split-K variant: fp32 parts
+                    sig.update(y="*fp32", K_PER="i32", stride_yp="i32")
+                    consts["SPLIT"] = True
                 cases.append((f"mma {fmt} {width}", dm._mma_gemv_kernel, sig, consts, cfg["num_warps"]))
     for name, fn, sig, consts, nw in cases:
         ops = loop_ops(fn, sig, consts, nw, a.arch)

@@ -313,11 +313,12 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
 @click.option("--taylorseer", is_flag=True,
               help="Image tasks with step caching (official TaylorSeer settings); rows carry step_cache and "
                    "full_evaluations.")
-@click.option("--decode-gemv", type=click.Choice(["triton", "triton-fma", "triton-mma", "cublas"]),
+@click.option("--decode-gemv", type=click.Choice(["triton", "triton-fma", "triton-mma", "triton-split", "cublas"]),
               default="triton",
               help="Text decoding's GEMVs: triton (default: INT8/FP8 weights on the tensor cores or the FMA "
                    "kernels, the faster per shape), triton-fma / triton-mma (every INT8/FP8 weight on one kind, "
-                   "for A/B) or cublas (bf16 weights through F.linear).")
+                   "for A/B), triton-split (triton, with INT8/FP8 o/down split-K on the tensor cores; "
+                   "experimental) or cublas (bf16 weights through F.linear).")
 @parallel_options
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
           device, dtype, compute, attention, weights, taylorseer, decode_gemv, gpus, parallel):

@@ -35,6 +35,16 @@ def rms_norm_fp8_ref(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Ten
     return quantize_rows_fp8_ref(rms_norm_ref(x, weight, eps))
 
 
+def add_rms_norm_parts_ref(parts: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                           pdl: bool = False) -> tuple[Tensor, Tensor]:
+    """Reference of :func:`add_rms_norm_parts`: the parts summed in order in fp32, rounded to the residual's
+    dtype, then :func:`add_rms_norm_ref` (``pdl`` unused)."""
+    total = parts[0].float()
+    for p in parts[1:]:
+        total = total + p.float()
+    return add_rms_norm_ref(total.to(residual.dtype), residual, weight, eps)
+
+
 def add_rms_norm_fp8_ref(x: Tensor, residual: Tensor, weight: Tensor,
                          eps: float) -> tuple[tuple[Tensor, Tensor], Tensor]:
     """Reference. x, residual: [M, N] -> (FP8 rows of rms_norm(x + residual), x + residual)."""
@@ -89,13 +99,18 @@ def _rms_norm_kernel(x, w, y, s, stride_x, stride_y, N, eps, BLOCK_N: tl.constex
 
 @triton.jit
 def _add_rms_norm_kernel(x, r, w, y, s, r_out, stride_x, stride_r, stride_y, stride_ro, N, eps,
-                         BLOCK_N: tl.constexpr, FP8_OUT: tl.constexpr, USE_GDC: tl.constexpr):
+                         BLOCK_N: tl.constexpr, FP8_OUT: tl.constexpr, USE_GDC: tl.constexpr,
+                         PARTS: tl.constexpr = 0, stride_xp=0):
     gdc_wait(USE_GDC)
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < N
     # [BLOCK_N]
     b_x = tl.load(x + i_m * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
+    if PARTS > 0:  # fp32 partial sums of a split-K GEMV: added in order, then rounded as the GEMV's output
+        for p in range(1, PARTS):
+            b_x += tl.load(x + p * stride_xp + i_m * stride_x + o_n, mask=m_n, other=0.0)
+        b_x = b_x.to(r_out.dtype.element_ty).to(tl.float32)
     # [BLOCK_N]
     b_r = tl.load(r + i_m * stride_r + o_n, mask=m_n, other=0.0).to(tl.float32)
     # the new residual is rounded to the activation dtype first; the norm reads the rounded value
@@ -195,6 +210,35 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
     :func:`rms_norm` removes (2 reads and 2 writes in total).
     """
     return _add_norm(x, residual, weight, eps, pdl, False)
+
+
+def add_rms_norm_parts(parts: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                       pdl: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`add_rms_norm` whose block output comes as the fp32 partial sums of a split-K GEMV
+    (``bagel_rt.quant.decode_mma.mma_gemv_parts``): the reduction happens here, in the norm's one pass over
+    the row, instead of in a launch of its own.
+
+    Args:
+        parts: [P, M, N] fp32, rows contiguous. residual: [M, N] (bf16 / fp16 / fp32). weight: [N], the
+            residual's dtype. eps, pdl: as :func:`add_rms_norm`.
+    Returns:
+        as :func:`add_rms_norm` with ``x = (parts[0] + parts[1] + ...)`` (fp32, in order) rounded to the
+        residual's dtype — what the unsplit GEMV would have output.
+    """
+    _check(residual, weight)
+    P, M, N = parts.shape
+    assert parts.dtype == torch.float32 and parts.stride(-1) == 1 and P >= 1, (parts.dtype, parts.shape)
+    assert residual.shape == (M, N) and residual.stride(-1) == 1
+    y = torch.empty((M, N), dtype=residual.dtype, device=residual.device)
+    r_out = torch.empty((M, N), dtype=residual.dtype, device=residual.device)
+    if M > 0:
+        block_n, num_warps = _settings(N)
+        _add_rms_norm_kernel[(M,)](
+            parts, residual, weight, y, y, r_out, parts.stride(1), residual.stride(0), y.stride(0),
+            r_out.stride(0), N, eps, BLOCK_N=block_n, FP8_OUT=False, PARTS=P,
+            stride_xp=parts.stride(0), num_warps=num_warps, **pdl_kwargs(pdl, parts.device),
+        )
+    return y, r_out
 
 
 def add_rms_norm_fp8(x: Tensor, residual: Tensor, weight: Tensor,

@@ -44,8 +44,8 @@ from torch import Tensor
 from .decode_gemv import DecodeWeight, _check, _codes  # the same argument checks and code views
 from .fp8_matmul import e4m3_to_f32, e4m3_unit
 
-__all__ = ["MMA_FORMATS", "prefers_mma", "x_digits", "x_digits_ref", "mma_gemv", "mma_gemv_ref", "mma_gemv_swiglu",
-           "mma_gemv_swiglu_ref"]
+__all__ = ["MMA_FORMATS", "prefers_mma", "x_digits", "x_digits_ref", "mma_gemv", "mma_gemv_ref", "mma_gemv_parts",
+           "mma_gemv_parts_ref", "mma_gemv_swiglu", "mma_gemv_swiglu_ref"]
 
 MMA_FORMATS = ("int8", "fp8")  # the formats these kernels take (NF4 keeps bagel_rt.quant.decode_gemv)
 ROWS = 16  # the MMA's row count: MAX_M rows x DIGITS digits
@@ -62,9 +62,11 @@ assert MAX_M * DIGITS == ROWS
 # WIDE_N) serves the A/B option "triton-mma" only (see MMA_MIN_N).
 SETTINGS = {
     "int8": {"narrow": dict(BN=32, BK=512, num_warps=4), "wide": dict(BN=64, BK=256, num_warps=4),
-             "swiglu": dict(BN=32, BK=256, num_warps=4, num_stages=4)},
+             "swiglu": dict(BN=32, BK=256, num_warps=4, num_stages=4),
+             "split": dict(BN=32, BK=512, num_warps=4, parts=4)},
     "fp8": {"narrow": dict(BN=32, BK=512, num_warps=4), "wide": dict(BN=64, BK=256, num_warps=4),
-            "swiglu": dict(BN=32, BK=256, num_warps=4, num_stages=4)},
+            "swiglu": dict(BN=32, BK=256, num_warps=4, num_stages=4),
+            "split": dict(BN=32, BK=512, num_warps=4, parts=4)},
 }
 WIDE_N = 8192
 #: the decoder's default ("triton") takes these kernels for a one-byte weight of more than ``MMA_MIN_N`` output
@@ -219,22 +221,35 @@ def _combine(acc, un, s, o_n, m_n):
 
 @triton.jit
 def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
+                     BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr, K_PER=0, stride_yp=0,
+                     SPLIT: tl.constexpr = False):
+    # SPLIT: program (n, p) sums columns [p K_PER, (p + 1) K_PER) only and stores its fp32 partial rows at
+    # y + p stride_yp (the bias in part 0); the consumer adds the parts (kernels.add_rms_norm_parts)
     i_n = tl.program_id(0)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_w = w + o_n.to(tl.int64) * K
+    k_lo, k_hi = 0, K
+    if SPLIT:  # the masks stay against K (the last part's tail): bounds the compiler knows to be aligned
+        k_lo = tl.program_id(1) * K_PER
+        k_hi = k_lo + K_PER
     gdc_wait(USE_GDC)  # the digits are the previous kernel's output
     ACC: tl.constexpr = tl.int32 if CODE == "int8" else tl.float32
     acc = tl.zeros([16, BN], dtype=ACC)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):
         # out_dtype spelled out: Triton 3.6 checks an int32 accumulator against the float32 default
         acc = tl.dot(_d_operand(dg, k0, K, BK), _w_operand(p_w, m_n, k0, K, BK, CODE), acc, out_dtype=ACC)
     b_y = _combine(acc, un, s, o_n, m_n)
     if HAS_BIAS:
-        b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        b_b = tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
+        if SPLIT:
+            b_b = tl.where(tl.program_id(1) == 0, b_b, 0.0)
+        b_y += b_b[None, :]
     o_m = tl.arange(0, 4)
-    tl.store(y + o_m[:, None] * stride_ym + o_n[None, :], b_y.to(y.dtype.element_ty),
+    p_y = y
+    if SPLIT:
+        p_y = y + tl.program_id(1).to(tl.int64) * stride_yp
+    tl.store(p_y + o_m[:, None] * stride_ym + o_n[None, :], b_y.to(y.dtype.element_ty),
              mask=(o_m < M)[:, None] & m_n[None, :])
 
 
@@ -273,31 +288,41 @@ def prefers_mma(w: DecodeWeight) -> bool:
 
 
 def settings(w: DecodeWeight, kind: str = "gemv") -> dict:
-    """The launch settings of ``w`` for ``kind`` ("gemv" or "swiglu"; see :data:`SETTINGS`)."""
-    if kind == "swiglu":
-        return dict(SETTINGS[w.fmt]["swiglu"])
+    """The launch settings of ``w`` for ``kind`` ("gemv", "swiglu" or "split"; see :data:`SETTINGS`)."""
+    if kind in ("swiglu", "split"):
+        return dict(SETTINGS[w.fmt][kind])
     return dict(SETTINGS[w.fmt]["wide" if w.shape[0] > WIDE_N else "narrow"])
 
 
 def _settings(w: DecodeWeight, cfg: dict | None, kind: str) -> dict:
-    return dict(INTERPRETER_SETTINGS if is_interpreting() else (cfg or settings(w, kind)))
+    if is_interpreting():  # small tiles (the interpreter's time), the split's parts as asked
+        return dict(INTERPRETER_SETTINGS, **({"parts": (cfg or settings(w, kind))["parts"]} if kind == "split"
+                                              else {}))
+    return dict(cfg or settings(w, kind))
 
 
 def _launch(kernel, x: Tensor, w: DecodeWeight, weight_args: tuple, pdl: bool, cfg: dict | None, kind: str,
             **kw) -> Tensor:
     """The [M, N] output of ``kernel`` (``_mma_gemv_kernel`` or ``_mma_gemv_swiglu_kernel``: digits, units, the
     weights' ``weight_args``, then y, N, K, M, y's row stride) over the digits of ``x`` (w: the first weight, for
-    the format and the settings of ``kind``)."""
+    the format and the settings of ``kind``; kind "split": [P, M, N] fp32 partial sums over P column ranges)."""
     M, N, K = x.shape[0], w.shape[0], x.shape[1]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return y
-    code, digits = _code(w)
-    dg, un = x_digits(x, digits, pdl)
     c = _settings(w, cfg, kind)
     nw = c.pop("num_warps")
-    kernel[(triton.cdiv(N, c["BN"]),)](dg, un, *weight_args, y, N, K, M, y.stride(0), CODE=code, num_warps=nw,
-                                       **c, **kw, **pdl_kwargs(pdl, x.device))
+    grid, split = (triton.cdiv(N, c["BN"]),), {}
+    if kind == "split":
+        per = triton.cdiv(triton.cdiv(K, c.pop("parts")), c["BK"]) * c["BK"]  # whole BK tiles per part
+        parts = max(1, triton.cdiv(K, per))
+        y = torch.empty((parts, M, N), dtype=torch.float32, device=x.device)
+        grid, split = (grid[0], parts), dict(K_PER=per, stride_yp=y.stride(0), SPLIT=True)
+    else:
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y.zero_()
+    code, digits = _code(w)
+    dg, un = x_digits(x, digits, pdl)
+    kernel[grid](dg, un, *weight_args, y, N, K, M, y.stride(-2), CODE=code, num_warps=nw, **c, **split, **kw,
+                 **pdl_kwargs(pdl, x.device))
     return y
 
 
@@ -317,6 +342,34 @@ def mma_gemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool =
                    "gemv", HAS_BIAS=bias is not None)
 
 
+def mma_gemv_parts(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False,
+                   cfg: dict | None = None) -> Tensor:
+    """:func:`mma_gemv` split over column ranges (split-K) for the narrow projections (o, down: 3584 output
+    channels fill too few programs per SM otherwise): returns the fp32 partial products [P, M, N], whose sum
+    (in order) is ``x @ dequantize(w).T (+ bias)``; ``bagel_rt.kernels.add_rms_norm_parts`` adds them in the
+    residual add that follows, so the split costs no launch of its own. ``cfg``: as :func:`mma_gemv` plus
+    ``parts`` (the number of column ranges asked for; P may come out smaller for short rows)."""
+    _check(x, w)
+    return _launch(_mma_gemv_kernel, x, w, (_codes(w), w.scale, bias if bias is not None else w.scale), pdl, cfg,
+                   "split", HAS_BIAS=bias is not None)
+
+
+def mma_gemv_parts_ref(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False,
+                       cfg: dict | None = None) -> Tensor:
+    """Reference of :func:`mma_gemv_parts`: the same column ranges (from ``cfg`` / the settings), each range's
+    digit products summed in fp64 and combined as the kernel does (``pdl`` unused)."""
+    c = _settings(w, cfg, "split")
+    K = x.shape[1]
+    per = triton.cdiv(triton.cdiv(K, c["parts"]), c["BK"]) * c["BK"]
+    out = []
+    for lo in range(0, max(K, 1), per):
+        rows = _ref_rows(x, w, lo, lo + per)
+        if bias is not None and lo == 0:
+            rows = rows + bias.double()[None, :]
+        out.append(rows.float())
+    return torch.stack(out)
+
+
 def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool = False,
                     cfg: dict | None = None) -> Tensor:
     """``silu(x @ gate.T) * (x @ up.T)`` on the tensor cores (gate and up: same format and shape), rounded as
@@ -327,12 +380,13 @@ def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool =
                    "swiglu")
 
 
-def _ref_rows(x: Tensor, w: DecodeWeight) -> Tensor:
-    # the digits' products summed in fp64 (exact for int8 digits, to fp64 for fp16), combined as the kernel does
+def _ref_rows(x: Tensor, w: DecodeWeight, lo: int = 0, hi: int | None = None) -> Tensor:
+    # the digits' products summed in fp64 (exact for int8 digits, to fp64 for fp16), combined as the kernel does;
+    # columns [lo, hi) only (a split-K part: the digits are still those of the whole row)
     kind = "int8" if w.fmt == "int8" else "fp16"
     dg, un = x_digits_ref(x, kind)
     codes = w.codes.double() if w.fmt == "int8" else w.codes.float().double()  # the codes' values
-    sums = dg.double() @ codes.T  # [16, N]
+    sums = dg[:, lo:hi].double() @ codes[:, lo:hi].T  # [16, N]
     rows = (sums * un.double()[:, None]).reshape(MAX_M, DIGITS, -1).sum(dim=1)[: x.shape[0]]
     return rows * w.scale.double()[None, :]
 

@@ -5,11 +5,15 @@ in int32, fp16 digits times fp16 codes in fp32). GPU: bf16 rows at BAGEL's decod
 decoder's greedy tokens with ``gemv="triton-mma"``.
 """
 
+import math
+
 import pytest
 import torch
 from bagel_rt.quant.decode_gemv import qgemv_ref, qgemv_swiglu_ref, swiglu_pair
 from bagel_rt.quant.decode_mma import (
     mma_gemv,
+    mma_gemv_parts,
+    mma_gemv_parts_ref,
     mma_gemv_ref,
     mma_gemv_swiglu,
     mma_gemv_swiglu_ref,
@@ -86,6 +90,40 @@ def test_mma_gemv(fmt, N, K, M, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("parts", [1, 3, 4])
+@pytest.mark.parametrize("fmt, N, K", [("int8", 37, 300), ("fp8", 21, 200), ("int8", 40, 64)])
+def test_mma_gemv_parts(fmt, N, K, parts, dtype):
+    """Split-K: each part against its reference (same column ranges, the whole row's digits), the parts'
+    sum against the unsplit kernel and the fp32 product; the bias lands in part 0 only."""
+    from bagel_rt.kernels.rms_norm import add_rms_norm_parts, add_rms_norm_parts_ref
+
+    w, bias = make_weight(fmt, N, K, bias=True)
+    x = rows(2, K, dtype)
+    for b in (None, bias.to(dtype)):
+        got = mma_gemv_parts(x, w, b, cfg=dict(parts=parts))
+        ref = mma_gemv_parts_ref(x, w, b, cfg=dict(parts=parts))
+        assert got.dtype == torch.float32 and got.shape == ref.shape and got.shape[1:] == (2, N)
+        per = math.ceil(math.ceil(K / parts) / 64) * 64  # whole interpreter tiles (BK 64) per part
+        assert got.shape[0] == math.ceil(K / per) <= parts, got.shape
+        assert_close(f"{fmt} parts vs ref", ref, got, 1e-5)
+        total = got.sum(dim=0)
+        assert_close(f"{fmt} parts sum vs unsplit", mma_gemv(x.float(), w, b if b is None else b.float()), total,
+                     1e-5)
+        assert_close(f"{fmt} parts sum vs fp32", qgemv_ref(x.float(), w, b if b is None else b.float()), total,
+                     tol(dtype))
+        if b is not None:
+            assert torch.equal(mma_gemv_parts(x, w, b, cfg=dict(parts=parts))[1:],
+                               mma_gemv_parts(x, w, None, cfg=dict(parts=parts))[1:])
+        # the residual add that consumes the parts: their sum, rounded to the residual's dtype, then the norm
+        res = torch.randn(2, N, device=DEV, dtype=dtype)
+        wn = torch.rand(N, device=DEV, dtype=dtype) + 0.5
+        h, r = add_rms_norm_parts(got, res, wn, 1e-6)
+        h_ref, r_ref = add_rms_norm_parts_ref(got, res, wn, 1e-6)
+        assert torch.equal(r, r_ref)
+        assert_close("add_rms_norm_parts", h_ref, h, tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fmt, N, K", [("int8", 45, 77), ("fp8", 19, 130)])
 def test_mma_gemv_swiglu(fmt, N, K, dtype):
     gate, _ = make_weight(fmt, N, K, seed=1)
@@ -107,14 +145,16 @@ def test_every_code_exact(fmt):
     assert torch.equal(mma_gemv(x, w), want)
 
 
-def test_decoder_with_mma_gemvs_matches_session(tiny_dir):
-    """gemv="triton-mma": INT8 and FP8 weights through the tensor-core GEMVs give the torch backend's greedy
-    tokens and logits (NF4 keeps its FMA kernels under the same option)."""
+@pytest.mark.parametrize("gemv", ["triton-mma", "triton-split"])
+def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv):
+    """gemv="triton-mma" / "triton-split" (o and down split-K, summed by the residual add): INT8 and FP8
+    weights through the tensor-core GEMVs give the torch backend's greedy tokens and logits (NF4 keeps its FMA
+    kernels under the same options)."""
     for fmt in ("int8", "fp8", "nf4"):
         pipe = quantized_pipe(tiny_dir, fmt)
         s = prompted(pipe)
         res = s.gen_text(max_length=8, record=True)
-        ids, logits = GraphDecoder(pipe.model, gemv="triton-mma").generate(s.gen.fork(extra=8), 8, record=True)
+        ids, logits = GraphDecoder(pipe.model, gemv=gemv).generate(s.gen.fork(extra=8), 8, record=True)
         assert ids == res.token_ids, fmt
         assert rel_l2(logits, res.logits) < 1e-3, fmt
 
@@ -144,8 +184,9 @@ def test_mma_greedy_matches_fma_bf16(tiny_dir, fmt):
     s = prompted(pipe)
     runs = {g: GraphDecoder(pipe.model, num_splits=4, gemv=g).generate(s.gen.fork(extra=24), 24, record=True,
                                                                         stop_tokens=())
-            for g in ("triton-fma", "triton-mma")}
+            for g in ("triton-fma", "triton-mma", "triton-split")}
     assert rel_l2(runs["triton-mma"][1], runs["triton-fma"][1]) < 2e-2
+    assert rel_l2(runs["triton-split"][1], runs["triton-fma"][1]) < 2e-2
 
 
 def test_default_gemvs_choose_by_shape():
