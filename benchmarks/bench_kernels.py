@@ -349,6 +349,8 @@ def cases_qgemv(K):
         out = {"triton": lambda: run(settings(kind, w))}
         for bn, bk, nw in QGEMV_CANDIDATES["nf4" if fmt == "nf4" else "int8"]:
             out[f"{bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw): run(c)
+            if fmt == "nf4":  # the word-wise NF4 decode (decode_gemv._nf4_acc) at the same settings
+                out[f"wordwise {bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw, wordwise=True): run(c)
         return out
 
     def mma_candidates(fmt, run):

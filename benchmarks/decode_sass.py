@@ -67,8 +67,9 @@ def main() -> None:
         consts = dict(HAS_BIAS=False, CODE=code, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True)
         cases.append((code, dg._q8_gemv_kernel, q8[code], consts, cfg["num_warps"]))
     cfg = dg.SETTINGS["gemv"]
-    cases.append(("nf4", dg._nf4_gemv_kernel, nf4, dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"],
-                                                        USE_GDC=True), cfg["num_warps"]))
+    for wordwise in (False, True):
+        consts = dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, WORDWISE=wordwise)
+        cases.append(("nf4 wordwise" if wordwise else "nf4", dg._nf4_gemv_kernel, nf4, consts, cfg["num_warps"]))
     if a.mma:
         mio = dict(N="i32", K="i32", M="i32", stride_ym="i32")
         for fmt, code, wt, dt in (("int8", "int8", "*i8", "*i8"), ("fp8", "fp8_native", "*u8", "*fp16")):

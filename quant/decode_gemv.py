@@ -254,22 +254,41 @@ def _nf4_code(t_bits, b_p, i: tl.constexpr):
 
 
 @triton.jit
-def _nf4_acc(acc, b_p, b_a, t, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.constexpr):
+def _nf4_acc(acc, b_p, b_a, t, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.constexpr, WORDWISE: tl.constexpr):
     # acc [BN, NB, BLOCKSIZE // 8] += per block: absmax * sum over the 8 codes of each word of code * x
     BN: tl.constexpr = acc.shape[0]
-    o_e = k0 + 8 * tl.arange(0, BK // 8)
-    m_e = o_e < K
-    t_bits = t.to(tl.int64)
-    b_s = tl.zeros([BN, BK // 8], dtype=tl.float32)
-    for i in tl.static_range(8):
-        b_x = tl.load(p_x + o_e + i, mask=m_e, other=0.0).to(tl.float32)
-        b_s += _nf4_code(t_bits, b_p, i) * b_x[None, :]
+    if WORDWISE:
+        # the 8 codes of a word as a last, in-thread dimension: one x load of the tile, the nibbles' offsets in one
+        # shot, the products summed by in-thread splits. Offline sm_90 SASS (``benchmarks/decode_sass.py``): 9.0
+        # loop instructions per weight with Triton 3.6 (the GPU machine's) against 14.0 for the per-code loop
+        # below, whose word tile Triton 3.6 moves through shared memory once per code; but 10.9 against 7.7
+        # with Triton 3.9. Not measured on a GPU yet: opt-in through the settings (``wordwise``).
+        o_e = k0 + tl.arange(0, BK)
+        b_x = tl.reshape(tl.load(p_x + o_e, mask=o_e < K, other=0.0).to(tl.float32), [BK // 8, 8])
+        i = tl.arange(0, 8)
+        sh = 8 * (i // 2) + 4 - 4 * (i % 2)  # element i's nibble: bits [sh, sh + 4) of its word
+        off = ((b_p[:, :, None] >> sh[None, None, :]) & 0xF) << 2  # byte offsets into the 64-byte table
+        code = tl.load((t.to(tl.int64) | off.to(tl.int64)).to(tl.pointer_type(tl.float32)))
+        prod = code * b_x[None, :, :]  # [BN, BK // 8, 8]
+        lo, hi = tl.split(tl.reshape(prod, [BN, BK // 8, 4, 2]))
+        lo, hi = tl.split(tl.reshape(lo + hi, [BN, BK // 8, 2, 2]))
+        lo, hi = tl.split(lo + hi)
+        b_s = lo + hi
+    else:
+        o_e = k0 + 8 * tl.arange(0, BK // 8)
+        m_e = o_e < K
+        t_bits = t.to(tl.int64)
+        b_s = tl.zeros([BN, BK // 8], dtype=tl.float32)
+        for i in tl.static_range(8):
+            b_x = tl.load(p_x + o_e + i, mask=m_e, other=0.0).to(tl.float32)
+            b_s += _nf4_code(t_bits, b_p, i) * b_x[None, :]
     return acc + tl.reshape(b_s, [BN, BK // BLOCKSIZE, BLOCKSIZE // 8]) * b_a[:, :, None]
 
 
 @triton.jit
 def _nf4_gemv_kernel(x, p, a, t, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
-                     BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
+                     BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
+                     WORDWISE: tl.constexpr = False):
     tl.static_assert(BK % BLOCKSIZE == 0)
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -281,7 +300,7 @@ def _nf4_gemv_kernel(x, p, a, t, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.
     gdc_wait(USE_GDC)
     acc = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        acc = _nf4_acc(acc, b_p, b_a, t, p_x, k0, K, BK, BLOCKSIZE)
+        acc = _nf4_acc(acc, b_p, b_a, t, p_x, k0, K, BK, BLOCKSIZE, WORDWISE)
         b_p, b_a = _nf4_tile(p_p, p_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
     b_y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
@@ -291,7 +310,8 @@ def _nf4_gemv_kernel(x, p, a, t, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.
 
 @triton.jit
 def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, y, N, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
-                            BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
+                            BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
+                            WORDWISE: tl.constexpr = False):
     tl.static_assert(BK % BLOCKSIZE == 0)
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -304,8 +324,8 @@ def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, y, N, K, stride_xm, stride_ym,
     acc_g = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     acc_u = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        acc_g = _nf4_acc(acc_g, b_pg, b_ag, t, p_x, k0, K, BK, BLOCKSIZE)
-        acc_u = _nf4_acc(acc_u, b_pu, b_au, t, p_x, k0, K, BK, BLOCKSIZE)
+        acc_g = _nf4_acc(acc_g, b_pg, b_ag, t, p_x, k0, K, BK, BLOCKSIZE, WORDWISE)
+        acc_u = _nf4_acc(acc_u, b_pu, b_au, t, p_x, k0, K, BK, BLOCKSIZE, WORDWISE)
         b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
         b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
     swiglu_store(y + i_m * stride_ym + o_n, tl.sum(tl.sum(acc_g, axis=2), axis=1),
@@ -379,7 +399,9 @@ def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, pdl: bool, cfg: dict
     b = bias if bias is not None else w.scale
     if w.fmt == "nf4":
         args = (x, w.codes.view(torch.int32), w.scale, w.table, b, y, N, K, x.stride(0), y.stride(0), M)
-        _launch(_nf4_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize)
+        c = dict(cfg)
+        _launch(_nf4_gemv_kernel, c, N, args, pdl, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize,
+                WORDWISE=c.pop("wordwise", False))
     else:
         args = (x, _codes(w), w.scale, b, y, N, K, x.stride(0), y.stride(0), M)
         _launch(_q8_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, CODE=_code(w, x, native))
@@ -398,7 +420,9 @@ def _qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool, cf
         assert gate.table is up.table, "gate / up must share one NF4 code table (see swiglu_pair)"
         args = (x, gate.codes.view(torch.int32), gate.scale, up.codes.view(torch.int32), up.scale, gate.table, y,
                 N, K, x.stride(0), y.stride(0), M)
-        _launch(_nf4_gemv_swiglu_kernel, cfg, N, args, pdl, BLOCKSIZE=gate.blocksize)
+        c = dict(cfg)
+        _launch(_nf4_gemv_swiglu_kernel, c, N, args, pdl, BLOCKSIZE=gate.blocksize,
+                WORDWISE=c.pop("wordwise", False))
     else:
         args = (x, _codes(gate), _codes(up), gate.scale, up.scale, y, N, K, x.stride(0), y.stride(0), M)
         _launch(_q8_gemv_swiglu_kernel, cfg, N, args, pdl, CODE=_code(gate, x))

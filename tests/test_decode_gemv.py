@@ -73,6 +73,25 @@ def test_qgemv_swiglu(fmt, N, K, dtype):
     assert_close("swiglu chain", chain, ref, 1e-6 if dtype == torch.float32 else 1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N, K, blocksize", [(37, 96, 32), (9, 320, 64), (16, 64, 64)])
+def test_nf4_wordwise(N, K, blocksize, dtype):
+    """The word-wise NF4 decode (the 8 codes of a word as an in-thread dimension; opt-in ``wordwise``) against
+    the fp32 product, in the GEMV and in gate/up + SwiGLU, with a bias and three rows."""
+    from bagel_rt.quant.decode_gemv import _qgemv, _qgemv_swiglu, settings
+
+    w, bias = make_weight("nf4", N, K, blocksize=blocksize, bias=True)
+    x = torch.randn(3, K, device=DEV).to(dtype)
+    for b in (None, bias.to(dtype)):
+        got = _qgemv(x, w, b, False, dict(settings("gemv", w), wordwise=True))
+        assert_close("nf4 wordwise", qgemv_ref(x, w, b), got, tol(dtype))
+    gate, _ = make_weight("nf4", N, K, blocksize=blocksize, seed=1)
+    up, _ = make_weight("nf4", N, K, blocksize=blocksize, seed=2)
+    gate, up = swiglu_pair(gate, up)
+    got = _qgemv_swiglu(x, gate, up, False, dict(settings("swiglu", gate), wordwise=True))
+    assert_close("nf4 wordwise swiglu", qgemv_swiglu_ref(x, gate, up), got, tol(dtype))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_concat_qkv(fmt):
     """One GEMV over q/k/v stacked (as the decoder concatenates them) equals the three GEMVs."""
