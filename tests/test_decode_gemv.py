@@ -10,6 +10,8 @@ import torch
 from bagel_rt.quant import FP8Linear, Int8Linear, NF4Linear
 from bagel_rt.quant.decode_gemv import (
     DecodeWeight,
+    _qgemv,
+    _qgemv_swiglu,
     concat,
     decode_weight,
     dequantize_ref,
@@ -17,6 +19,7 @@ from bagel_rt.quant.decode_gemv import (
     qgemv_ref,
     qgemv_swiglu,
     qgemv_swiglu_ref,
+    settings,
     swiglu_pair,
 )
 from bagel_rt.quant.fp8_matmul import FP8
@@ -78,8 +81,6 @@ def test_qgemv_swiglu(fmt, N, K, dtype):
 def test_nf4_wordwise(N, K, blocksize, dtype):
     """The word-wise NF4 decode (the 8 codes of a word as an in-thread dimension; opt-in ``wordwise``) against
     the fp32 product, in the GEMV and in gate/up + SwiGLU, with a bias and three rows."""
-    from bagel_rt.quant.decode_gemv import _qgemv, _qgemv_swiglu, settings
-
     w, bias = make_weight("nf4", N, K, blocksize=blocksize, bias=True)
     x = torch.randn(3, K, device=DEV).to(dtype)
     for b in (None, bias.to(dtype)):
@@ -159,7 +160,13 @@ def test_decode_shapes_bf16(fmt):
         xk = x if K == 3584 else torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         for pdl in (False, True):
             assert_close(f"{fmt} {N}x{K}", qgemv_ref(xk, w), qgemv(xk, w, None, pdl), 1e-2)
+        if fmt == "nf4":  # the opt-in word-wise decode, compiled for the GPU
+            got = _qgemv(xk, w, None, True, dict(settings("gemv", w), wordwise=True))
+            assert_close(f"nf4 wordwise {N}x{K}", qgemv_ref(xk, w), got, 1e-2)
     gate, _ = make_weight(fmt, 18944, 3584, blocksize=64, seed=1)
     up, _ = make_weight(fmt, 18944, 3584, blocksize=64, seed=2)
     gate, up = swiglu_pair(gate, up)
     assert_close(f"{fmt} gate/up", qgemv_swiglu_ref(x, gate, up), qgemv_swiglu(x, gate, up, True), 1e-2)
+    if fmt == "nf4":
+        got = _qgemv_swiglu(x, gate, up, True, dict(settings("swiglu", gate), wordwise=True))
+        assert_close("nf4 wordwise gate/up", qgemv_swiglu_ref(x, gate, up), got, 1e-2)
