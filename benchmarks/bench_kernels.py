@@ -292,6 +292,25 @@ def cases_gemv(K):
     }, 2 * FFN * HIDDEN * 2
 
 
+def cases_df11(K):
+    """DFloat11 decode of one MLP weight (18944 x 3584, the unit a layer decodes per step comes in seven such
+    pieces): the kernel with its windows' counts given (what resident units do), without them (the counting
+    pass too), and a plain copy of the bf16 output (the bandwidth reference). Rate: the bf16 bytes written."""
+    from bagel_rt.quant import compress_units, df11_decode, df11_window_counts
+
+    w = (torch.randn(FFN, HIDDEN) * 0.02).to(BF16)  # on the CPU: compress_units works there
+    unit = {k: v.cuda() for k, v in compress_units(w).items()}
+    counted = {**unit, "window_counts": df11_window_counts(unit)}
+    out = torch.empty(FFN * HIDDEN, dtype=BF16, device="cuda")
+    ref = w.cuda().flatten()
+    assert torch.equal(df11_decode(counted, out), ref) and torch.equal(df11_decode(unit, out), ref)
+    yield "df11_decode", {"N": FFN, "K": HIDDEN}, {
+        "triton": lambda: df11_decode(counted, out),
+        "no_counts": lambda: df11_decode(unit, out),
+        "bf16_copy": lambda: out.copy_(ref),
+    }, FFN * HIDDEN * 2
+
+
 def cases_fp8_gemv(K):
     """FP8 weight-only GEMV (decode from FP8 weights: one byte per weight) against the bf16 GEMV and cuBLAS."""
     from bagel_rt.quant import fp8
@@ -407,6 +426,7 @@ GROUPS = {
     "int8_w8a8": cases_int8_w8a8,
     "fp8_gemv": cases_fp8_gemv,
     "qgemv": cases_qgemv,
+    "df11": cases_df11,
 }
 
 
