@@ -54,7 +54,15 @@ from bagel_rt.quant.decode_gemv import (
     qgemv_swiglu,
     swiglu_pair,
 )
-from bagel_rt.quant.decode_mma import MMA_FORMATS, mma_gemv, mma_gemv_parts, mma_gemv_swiglu, prefers_mma
+from bagel_rt.quant.decode_mma import (
+    MMA_FORMATS,
+    Digits,
+    add_rms_norm_digits,
+    mma_gemv,
+    mma_gemv_parts,
+    mma_gemv_swiglu,
+    prefers_mma,
+)
 
 from .cache import Context, KVCache
 from .embeddings import rope_cos_sin
@@ -67,8 +75,9 @@ from .errors import InputError
 #: measured per shape); "triton-fma" and "triton-mma" force one kind everywhere it applies, for A/B runs;
 #: "triton-split" is "triton" with the o and down projections of INT8 / FP8 weights on the tensor cores split
 #: over column ranges (decode_mma.mma_gemv_parts), their fp32 parts summed by the residual add that follows
-#: (kernels.add_rms_norm_parts) — for the 3584-channel projections, which fill too few SMs unsplit (an
-#: experiment: not measured on a GPU yet, so not the default).
+#: (kernels.add_rms_norm_parts) — for the 3584-channel projections, which fill too few SMs unsplit — and the
+#: norms before gate/up and lm_head writing the digits their tensor-core GEMVs read (decode_mma.
+#: add_rms_norm_digits: 29 digit launches fewer per token). An experiment: not measured on a GPU yet.
 GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split")
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
@@ -150,8 +159,12 @@ def check_gemv(impl: str) -> str:
     return impl
 
 
-def _add_norm(delta: Tensor, residual: Tensor, weight: Tensor, eps: float, pdl: bool) -> tuple[Tensor, Tensor]:
-    # the residual add + RMSNorm after a block: its output as one row block, or as split-K parts [P, 1, H]
+def _add_norm(delta: Tensor, residual: Tensor, weight: Tensor, eps: float, pdl: bool, impl: str = "triton",
+              consumer: DecodeWeight | None = None) -> tuple[Tensor | Digits, Tensor]:
+    # the residual add + RMSNorm after a block: its output as one row block, or as split-K parts [P, 1, H]; under
+    # "triton-split", when the normed rows feed a tensor-core GEMV (``consumer``), written as its digits
+    if impl == "triton-split" and consumer is not None and _on_mma(consumer, impl):
+        return add_rms_norm_digits(delta, residual, weight, eps, "int8" if consumer.fmt == "int8" else "fp16", pdl)
     if delta.dim() == 3:
         return add_rms_norm_parts(delta, residual, weight, eps, pdl)
     return add_rms_norm(delta, residual, weight, eps, pdl)
@@ -252,9 +265,9 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
                            sin, eps, k_buf, v_buf, length, pdl)
         o = varlen_attention(q, k_buf, v_buf, cu_q, cu_k, True, sm_scale, 1, cache.capacity, num_splits, pdl)
         o = _linear(a.o_proj, o.view(1, Hq * D), impl, pdl, lw.compressed.get("o"), parts=True)
-        h, residual = _add_norm(o, residual, lw.mlp_norm, eps, pdl)
+        h, residual = _add_norm(o, residual, lw.mlp_norm, eps, pdl, impl, lw.compressed.get("gate"))
         delta = _mlp(lw, h, impl, pdl)
-    h, _ = _add_norm(delta, residual, lm.model.norm.weight, eps, pdl)
+    h, _ = _add_norm(delta, residual, lm.model.norm.weight, eps, pdl, impl, head)
     return _linear(lm.lm_head, h, impl, pdl, head)[0]
 
 

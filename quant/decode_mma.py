@@ -33,18 +33,22 @@ and ``tests/test_decode_mma.py`` compares both with the fp32 product.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from bagel_rt.kernels._device import gdc_wait, is_interpreting, pdl_kwargs
 from bagel_rt.kernels.gemv import MAX_M, swiglu_store
+from bagel_rt.kernels.rms_norm import _rms_norm_row, add_rms_norm_parts_ref, add_rms_norm_ref
 from bagel_rt.kernels.swiglu import swiglu_ref
 from torch import Tensor
 
 from .decode_gemv import DecodeWeight, _check, _codes  # the same argument checks and code views
 from .fp8_matmul import e4m3_to_f32, e4m3_unit
 
-__all__ = ["MMA_FORMATS", "prefers_mma", "x_digits", "x_digits_ref", "mma_gemv", "mma_gemv_ref", "mma_gemv_parts",
+__all__ = ["MMA_FORMATS", "Digits", "prefers_mma", "x_digits", "x_digits_ref", "add_rms_norm_digits",
+           "add_rms_norm_digits_ref", "mma_gemv", "mma_gemv_ref", "mma_gemv_parts",
            "mma_gemv_parts_ref", "mma_gemv_swiglu", "mma_gemv_swiglu_ref"]
 
 MMA_FORMATS = ("int8", "fp8")  # the formats these kernels take (NF4 keeps bagel_rt.quant.decode_gemv)
@@ -125,6 +129,41 @@ def _pow2_f32(e):
 
 
 @triton.jit
+def _row_exponent(a):
+    # E with a < 2^E for a row's largest magnitude a (0 for a zero row): from the fp32 exponent bits
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+    return tl.where(a > 0, e, 0)
+
+
+@triton.jit
+def _store_digits(b_x, e, live, p_d, p_u, o_k, m_k, K, first, INT8: tl.constexpr):
+    # the digits of the values b_x (fp32, zeros for a dead row) at columns o_k of one row slot, written to its
+    # four digit rows at p_d (K columns each); ``first``: this program also writes the slot's four units at p_u
+    o_d = tl.arange(0, 4)
+    if INT8:
+        # units 2^(E - 7 - 7 d); R_d = trunc(x / u_d); digit d = R_d - 128 R_{d-1}
+        if first:
+            tl.store(p_u + o_d, tl.where(live, _pow2_f32(e - 7 - 7 * o_d), 0.0))
+        inv = _pow2_f32(7 - e + 7 * o_d)  # 1 / u_d, exact
+        # [4, BK]
+        r = (b_x[None, :] * inv[:, None]).to(tl.int32)
+        prev = (b_x[None, :] * (inv[:, None] * 0.0078125)).to(tl.int32)  # R_{d-1} (1 / u_{d-1} = inv / 128)
+        prev = tl.where(o_d[:, None] == 0, 0, prev)
+        tl.store(p_d + o_d[:, None] * K + o_k[None, :], (r - 128 * prev).to(tl.int8), mask=m_k[None, :])
+    else:
+        # two fp16 digits of x / 2^(E - 14): hi, then the fp32 remainder rounded
+        if first:
+            tl.store(p_u + o_d, tl.where((o_d < 2) & live, _pow2_f32(e - 14), 0.0))
+        v = b_x * _pow2_f32(14 - e)
+        hi = v.to(tl.float16)
+        tl.store(p_d + o_k, hi, mask=m_k)
+        tl.store(p_d + K + o_k, (v - hi.to(tl.float32)).to(tl.float16), mask=m_k)
+        zero = tl.zeros_like(hi)  # digit rows 2 and 3: unused
+        tl.store(p_d + 2 * K + o_k, zero, mask=m_k)
+        tl.store(p_d + 3 * K + o_k, zero, mask=m_k)
+
+
+@triton.jit
 def _x_digits_kernel(x, dg, un, M, K, stride_xm, INT8: tl.constexpr, BK: tl.constexpr, BKA: tl.constexpr,
                      USE_GDC: tl.constexpr):
     # program (m, j): row m's largest magnitude (each program reads the whole row: a few KB from L2), then the
@@ -139,35 +178,10 @@ def _x_digits_kernel(x, dg, un, M, K, stride_xm, INT8: tl.constexpr, BK: tl.cons
     for k0 in range(0, K, BKA):
         o_k = k0 + tl.arange(0, BKA)
         amax = tl.maximum(amax, tl.abs(tl.load(p_x + o_k, mask=o_k < K_live, other=0.0).to(tl.float32)))
-    a = tl.max(amax, axis=0)
-    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
-    e = tl.where(a > 0, e, 0)
-    p_d = dg + (4 * i_m).to(tl.int64) * K
-    o_d = tl.arange(0, 4)
+    e = _row_exponent(tl.max(amax, axis=0))
     o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
     b_x = tl.load(p_x + o_k, mask=o_k < K_live, other=0.0).to(tl.float32)
-    if INT8:
-        # units 2^(E - 7 - 7 d); R_d = trunc(x / u_d); digit d = R_d - 128 R_{d-1}
-        if i_k == 0:
-            tl.store(un + 4 * i_m + o_d, tl.where(live, _pow2_f32(e - 7 - 7 * o_d), 0.0))
-        inv = _pow2_f32(7 - e + 7 * o_d)  # 1 / u_d, exact
-        # [4, BK]
-        r = (b_x[None, :] * inv[:, None]).to(tl.int32)
-        prev = (b_x[None, :] * (inv[:, None] * 0.0078125)).to(tl.int32)  # R_{d-1} (1 / u_{d-1} = inv / 128)
-        prev = tl.where(o_d[:, None] == 0, 0, prev)
-        tl.store(p_d + o_d[:, None] * K + o_k[None, :], (r - 128 * prev).to(tl.int8), mask=m_k[None, :])
-    else:
-        # two fp16 digits of x / 2^(E - 14): hi, then the fp32 remainder rounded
-        if i_k == 0:
-            tl.store(un + 4 * i_m + o_d, tl.where((o_d < 2) & live, _pow2_f32(e - 14), 0.0))
-        v = b_x * _pow2_f32(14 - e)
-        hi = v.to(tl.float16)
-        tl.store(p_d + o_k, hi, mask=m_k)
-        tl.store(p_d + K + o_k, (v - hi.to(tl.float32)).to(tl.float16), mask=m_k)
-        zero = tl.zeros([BK], dtype=tl.float16)  # digit rows 2 and 3: unused
-        tl.store(p_d + 2 * K + o_k, zero, mask=m_k)
-        tl.store(p_d + 3 * K + o_k, zero, mask=m_k)
+    _store_digits(b_x, e, live, dg + (4 * i_m).to(tl.int64) * K, un + 4 * i_m, o_k, o_k < K, K, i_k == 0, INT8)
 
 
 def x_digits(x: Tensor, kind: str, pdl: bool = False) -> tuple[Tensor, Tensor]:
@@ -185,6 +199,84 @@ def x_digits(x: Tensor, kind: str, pdl: bool = False) -> tuple[Tensor, Tensor]:
     _x_digits_kernel[(MAX_M, triton.cdiv(K, BK))](x, digits, units, M, K, x.stride(0), INT8=kind == "int8", BK=BK,
                                                   BKA=BKA, num_warps=8, **pdl_kwargs(pdl, x.device))
     return digits, units
+
+
+class Digits(NamedTuple):
+    """The digits of a few activation rows (:func:`x_digits`), made by the kernel that produced the rows
+    (:func:`add_rms_norm_digits`): the tensor-core GEMVs take them in place of ``x`` and skip their own digits
+    launch. digits [16, K], units [16], rows M, dtype of the rows (the GEMV's output dtype)."""
+
+    digits: Tensor
+    units: Tensor
+    rows: int
+    dtype: torch.dtype
+
+
+@triton.jit
+def _add_rms_norm_digits_kernel(x, r, w, r_out, dg, un, M, N, stride_x, stride_r, stride_ro, eps, stride_xp,
+                                PARTS: tl.constexpr, INT8: tl.constexpr, BLOCK_N: tl.constexpr,
+                                USE_GDC: tl.constexpr):
+    # program m (of MAX_M): kernels.rms_norm's residual add + RMSNorm of row m (x: the block output, or PARTS
+    # fp32 split-K parts summed in order and rounded), then the digits of the normed row, rounded to the residual
+    # dtype as x_digits would read it; slots m >= M write zero digits and units
+    i_m = tl.program_id(0)
+    live = i_m < M
+    m = tl.minimum(i_m, M - 1).to(tl.int64)
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    gdc_wait(USE_GDC)
+    b_x = tl.load(x + m * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
+    if PARTS > 0:
+        for p in range(1, PARTS):
+            b_x += tl.load(x + p * stride_xp + m * stride_x + o_n, mask=m_n, other=0.0)
+        b_x = b_x.to(r_out.dtype.element_ty).to(tl.float32)
+    b_r = tl.load(r + m * stride_r + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_h = (b_x + b_r).to(r_out.dtype.element_ty)
+    tl.store(r_out + m * stride_ro + o_n, b_h, mask=o_n < tl.where(live, N, 0))  # live rows only
+    b_y = tl.where(live, _rms_norm_row(b_h.to(tl.float32), w, o_n, m_n, N, eps).to(tl.float32), 0.0)
+    e = _row_exponent(tl.max(tl.abs(b_y), axis=0))
+    _store_digits(b_y, e, live, dg + (4 * i_m).to(tl.int64) * N, un + 4 * i_m, o_n, m_n, N, True, INT8)
+
+
+def add_rms_norm_digits(x: Tensor, residual: Tensor, weight: Tensor, eps: float, kind: str,
+                        pdl: bool = False) -> tuple[Digits, Tensor]:
+    """``kernels.add_rms_norm`` (or ``add_rms_norm_parts`` for fp32 parts [P, M, N]) whose normed rows come out
+    as the digits a tensor-core GEMV reads: one launch instead of the norm's and :func:`x_digits`'.
+
+    Args:
+        x: [M, N] block output in the residual's dtype, or fp32 split-K parts [P, M, N]. residual: [M, N],
+            M <= 4. weight: [N]. eps: the norm's. kind: "int8" or "fp16" (the weights' digit kind).
+        pdl: programmatic dependent launch.
+    Returns:
+        (:class:`Digits` of ``rms_norm(x + residual)``, the new residual [M, N]): bit for bit the digits of the
+        unfused chain's normed rows.
+    """
+    M, N = residual.shape
+    parts = x.dim() == 3
+    assert M <= MAX_M and residual.stride(-1) == 1 and x.stride(-1) == 1 and kind in ("int8", "fp16")
+    assert weight.shape == (N,) and weight.dtype == residual.dtype, (weight.shape, weight.dtype)
+    assert (x.dtype == torch.float32 and x.shape[1:] == (M, N)) if parts else (x.shape == (M, N)
+                                                                                and x.dtype == residual.dtype)
+    dt = torch.int8 if kind == "int8" else torch.float16
+    digits = torch.empty(ROWS, N, dtype=dt, device=residual.device)
+    units = torch.empty(ROWS, dtype=torch.float32, device=residual.device)
+    r_out = torch.empty((M, N), dtype=residual.dtype, device=residual.device)
+    if M == 0:
+        return Digits(digits.zero_(), units.zero_(), 0, residual.dtype), r_out
+    block_n = triton.next_power_of_2(N)
+    _add_rms_norm_digits_kernel[(MAX_M,)](
+        x, residual, weight, r_out, digits, units, M, N, x.stride(-2), residual.stride(0), r_out.stride(0), eps,
+        x.stride(0) if parts else 0, PARTS=x.shape[0] if parts else 0, INT8=kind == "int8", BLOCK_N=block_n,
+        num_warps=16 if block_n >= 16384 else 8, **pdl_kwargs(pdl, residual.device))
+    return Digits(digits, units, M, residual.dtype), r_out
+
+
+def add_rms_norm_digits_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float, kind: str,
+                            pdl: bool = False) -> tuple[Digits, Tensor]:
+    """Reference of :func:`add_rms_norm_digits`: the unfused chain (``pdl`` unused)."""
+    ref = add_rms_norm_parts_ref if x.dim() == 3 else add_rms_norm_ref
+    h, r = ref(x, residual, weight, eps)
+    return Digits(*x_digits_ref(h, kind), residual.shape[0], residual.dtype), r
 
 
 # -- the GEMVs --------------------------------------------------------------------------------------------------
@@ -301,29 +393,43 @@ def _settings(w: DecodeWeight, cfg: dict | None, kind: str) -> dict:
     return dict(cfg or settings(w, kind))
 
 
-def _launch(kernel, x: Tensor, w: DecodeWeight, weight_args: tuple, pdl: bool, cfg: dict | None, kind: str,
-            **kw) -> Tensor:
+def _launch(kernel, x: Tensor | Digits, w: DecodeWeight, weight_args: tuple, pdl: bool, cfg: dict | None,
+            kind: str, **kw) -> Tensor:
     """The [M, N] output of ``kernel`` (``_mma_gemv_kernel`` or ``_mma_gemv_swiglu_kernel``: digits, units, the
-    weights' ``weight_args``, then y, N, K, M, y's row stride) over the digits of ``x`` (w: the first weight, for
-    the format and the settings of ``kind``; kind "split": [P, M, N] fp32 partial sums over P column ranges)."""
-    M, N, K = x.shape[0], w.shape[0], x.shape[1]
+    weights' ``weight_args``, then y, N, K, M, y's row stride) over the digits of ``x`` (made here, or given as
+    :class:`Digits`; w: the first weight, for the format and the settings of ``kind``; kind "split": [P, M, N]
+    fp32 partial sums over P column ranges)."""
+    code, digit_kind = _code(w)
+    if isinstance(x, Digits):
+        M, K, dtype, device = x.rows, x.digits.shape[1], x.dtype, x.digits.device
+        assert x.digits.dtype == (torch.int8 if digit_kind == "int8" else torch.float16), "digits of another kind"
+    else:
+        M, K, dtype, device = x.shape[0], x.shape[1], x.dtype, x.device
+    N = w.shape[0]
     c = _settings(w, cfg, kind)
     nw = c.pop("num_warps")
     grid, split = (triton.cdiv(N, c["BN"]),), {}
     if kind == "split":
         per = triton.cdiv(triton.cdiv(K, c.pop("parts")), c["BK"]) * c["BK"]  # whole BK tiles per part
         parts = max(1, triton.cdiv(K, per))
-        y = torch.empty((parts, M, N), dtype=torch.float32, device=x.device)
+        y = torch.empty((parts, M, N), dtype=torch.float32, device=device)
         grid, split = (grid[0], parts), dict(K_PER=per, stride_yp=y.stride(0), SPLIT=True)
     else:
-        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        y = torch.empty((M, N), dtype=dtype, device=device)
     if M == 0 or N == 0:
         return y.zero_()
-    code, digits = _code(w)
-    dg, un = x_digits(x, digits, pdl)
+    dg, un = (x.digits, x.units) if isinstance(x, Digits) else x_digits(x, digit_kind, pdl)
     kernel[grid](dg, un, *weight_args, y, N, K, M, y.stride(-2), CODE=code, num_warps=nw, **c, **split, **kw,
-                 **pdl_kwargs(pdl, x.device))
+                 **pdl_kwargs(pdl, device))
     return y
+
+
+def _check_rows(x: Tensor | Digits, *ws: DecodeWeight) -> None:
+    # decode_gemv's checks for rows; for digits, that the weights take their columns
+    if isinstance(x, Digits):
+        assert all(w.shape[1] == x.digits.shape[1] for w in ws), "digits and weights differ in K"
+    else:
+        _check(x, *ws)
 
 
 def mma_gemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False,
@@ -331,13 +437,14 @@ def mma_gemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool =
     """``x @ dequantize(w).T (+ bias)`` for a few rows on the tensor cores (see the module docstring).
 
     Args:
-        x: [M, K], M <= 4, bf16 / fp16 / fp32, last dim contiguous. w: an int8 or fp8 :class:`DecodeWeight`
+        x: [M, K], M <= 4, bf16 / fp16 / fp32, last dim contiguous (or their :class:`Digits`, made by the
+            kernel that produced them). w: an int8 or fp8 :class:`DecodeWeight`
             [N, K]. bias: [N] or None. pdl: programmatic dependent launch of both kernels (the digits and
             the GEMV), as the other decode GEMVs. cfg: launch settings (BN, BK, num_warps[, num_stages]), A/B.
     Returns:
         [M, N] in x.dtype: fp32 combination of the digit sums, scale and bias applied before one rounding.
     """
-    _check(x, w)
+    _check_rows(x, w)
     return _launch(_mma_gemv_kernel, x, w, (_codes(w), w.scale, bias if bias is not None else w.scale), pdl, cfg,
                    "gemv", HAS_BIAS=bias is not None)
 
@@ -349,7 +456,7 @@ def mma_gemv_parts(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: 
     (in order) is ``x @ dequantize(w).T (+ bias)``; ``bagel_rt.kernels.add_rms_norm_parts`` adds them in the
     residual add that follows, so the split costs no launch of its own. ``cfg``: as :func:`mma_gemv` plus
     ``parts`` (the number of column ranges asked for; P may come out smaller for short rows)."""
-    _check(x, w)
+    _check_rows(x, w)
     return _launch(_mma_gemv_kernel, x, w, (_codes(w), w.scale, bias if bias is not None else w.scale), pdl, cfg,
                    "split", HAS_BIAS=bias is not None)
 
@@ -375,7 +482,7 @@ def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool =
     """``silu(x @ gate.T) * (x @ up.T)`` on the tensor cores (gate and up: same format and shape), rounded as
     :func:`bagel_rt.quant.decode_gemv.qgemv_swiglu`. Returns [M, I] in x.dtype."""
     assert (gate.fmt, gate.shape) == (up.fmt, up.shape), "gate / up differ"
-    _check(x, gate, up)
+    _check_rows(x, gate, up)
     return _launch(_mma_gemv_swiglu_kernel, x, gate, (_codes(gate), _codes(up), gate.scale, up.scale), pdl, cfg,
                    "swiglu")
 

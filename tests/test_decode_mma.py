@@ -11,6 +11,8 @@ import pytest
 import torch
 from bagel_rt.quant.decode_gemv import qgemv_ref, qgemv_swiglu_ref, swiglu_pair
 from bagel_rt.quant.decode_mma import (
+    add_rms_norm_digits,
+    add_rms_norm_digits_ref,
     mma_gemv,
     mma_gemv_parts,
     mma_gemv_parts_ref,
@@ -124,6 +126,54 @@ def test_mma_gemv_parts(fmt, N, K, parts, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M, N", [(1, 77), (3, 130), (4, 64)])
+@pytest.mark.parametrize("parts", [0, 3])
+def test_add_rms_norm_digits(M, N, parts, dtype):
+    """The residual add + RMSNorm that writes its normed rows as digits: bit for bit the unfused chain's digits,
+    units and new residual (a block output or fp32 split-K parts; both digit kinds), and a tensor-core GEMV fed
+    those digits gives what it gives fed the normed rows."""
+    from bagel_rt.kernels import add_rms_norm, add_rms_norm_parts
+
+    g = torch.Generator().manual_seed(M * 100 + N + parts)
+    x = (torch.randn(parts, M, N, generator=g) if parts else torch.randn(M, N, generator=g).to(dtype)).to(DEV)
+    res = torch.randn(M, N, generator=g).to(DEV, dtype)
+    w = (torch.rand(N, generator=g) + 0.5).to(DEV, dtype)
+    h = (add_rms_norm_parts(x, res, w, 1e-6) if parts else add_rms_norm(x, res, w, 1e-6))[0]
+    for kind in ("int8", "fp16"):
+        d, r = add_rms_norm_digits(x, res, w, 1e-6, kind)
+        dr, rr = add_rms_norm_digits_ref(x, res, w, 1e-6, kind)
+        assert torch.equal(r, rr) and d.rows == M and d.dtype == dtype
+        # the Triton chain (same norm arithmetic) bit for bit; the PyTorch reference to its norm's rounding
+        chain = x_digits(h, kind)
+        assert torch.equal(d.digits, chain[0]) and torch.equal(d.units, chain[1]), kind
+        back = [(v.digits.double() * v.units.double()[:, None]).reshape(4, 4, N).sum(dim=1)[:M] for v in (d, dr)]
+        assert_close(f"{kind} digits vs reference", back[1], back[0], tol(dtype))
+    for fmt in ("int8", "fp8"):
+        gate, _ = make_weight(fmt, 24, N, seed=1)
+        up, _ = make_weight(fmt, 24, N, seed=2)
+        gate, up = swiglu_pair(gate, up)
+        d, _ = add_rms_norm_digits(x, res, w, 1e-6, "int8" if fmt == "int8" else "fp16")
+        assert torch.equal(mma_gemv_swiglu(d, gate, up), mma_gemv_swiglu(h, gate, up)), fmt
+        assert torch.equal(mma_gemv(d, gate), mma_gemv(h, gate)), fmt
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_add_rms_norm_digits_bf16():
+    """bf16 at the decode width (3584), plain and split-K parts: the fused norm's digits are the chain's."""
+    from bagel_rt.kernels import add_rms_norm, add_rms_norm_parts
+
+    res = torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(3584, device="cuda", dtype=torch.bfloat16) + 0.5
+    for x in (torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16), torch.randn(4, 1, 3584, device="cuda")):
+        h = (add_rms_norm_parts(x, res, w, 1e-6) if x.dim() == 3 else add_rms_norm(x, res, w, 1e-6))[0]
+        for kind in ("int8", "fp16"):
+            d, _ = add_rms_norm_digits(x, res, w, 1e-6, kind, True)
+            chain = x_digits(h, kind)
+            assert torch.equal(d.digits, chain[0]) and torch.equal(d.units, chain[1]), kind
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fmt, N, K", [("int8", 45, 77), ("fp8", 19, 130)])
 def test_mma_gemv_swiglu(fmt, N, K, dtype):
     gate, _ = make_weight(fmt, N, K, seed=1)
@@ -145,11 +195,21 @@ def test_every_code_exact(fmt):
     assert torch.equal(mma_gemv(x, w), want)
 
 
-@pytest.mark.parametrize("gemv", ["triton-mma", "triton-split"])
-def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv):
-    """gemv="triton-mma" / "triton-split" (o and down split-K, summed by the residual add): INT8 and FP8
-    weights through the tensor-core GEMVs give the torch backend's greedy tokens and logits (NF4 keeps its FMA
-    kernels under the same options)."""
+@pytest.mark.parametrize("gemv, min_n", [("triton-mma", None), ("triton-split", None), ("triton-split", 0)])
+def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv, min_n, monkeypatch):
+    """gemv="triton-mma" / "triton-split" (o and down split-K, summed by the residual add; with every weight
+    "wide" (min_n 0), gate/up and lm_head fed digits by the norms before them): INT8 and FP8 weights through the
+    tensor-core GEMVs give the torch backend's greedy tokens and logits (NF4 keeps its FMA kernels under the same
+    options)."""
+    import bagel_rt.quant.decode_mma as dm
+
+    import bagel_rt.fast_decode as fd
+
+    if min_n is not None:
+        monkeypatch.setattr(dm, "MMA_MIN_N", min_n)
+        fused = []
+        real = fd.add_rms_norm_digits
+        monkeypatch.setattr(fd, "add_rms_norm_digits", lambda *a: fused.append(a[4]) or real(*a))
     for fmt in ("int8", "fp8", "nf4"):
         pipe = quantized_pipe(tiny_dir, fmt)
         s = prompted(pipe)
@@ -157,6 +217,8 @@ def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv):
         ids, logits = GraphDecoder(pipe.model, gemv=gemv).generate(s.gen.fork(extra=8), 8, record=True)
         assert ids == res.token_ids, fmt
         assert rel_l2(logits, res.logits) < 1e-3, fmt
+    if min_n is not None:  # per step: one per layer (gate/up) and one for lm_head, INT8 and FP8 runs only
+        assert set(fused) == {"int8", "fp16"} and len(fused) % (pipe.model.params.llm.num_layers + 1) == 0
 
 
 @requires_cuda
