@@ -98,6 +98,20 @@ def _rms_norm_kernel(x, w, y, s, stride_x, stride_y, N, eps, BLOCK_N: tl.constex
 
 
 @triton.jit
+def _added_row(x, r, r_out, i_m, stride_x, stride_r, stride_xp, o_n, m_n, PARTS: tl.constexpr):
+    # [BLOCK_N] row i_m of the new residual x + r, rounded to r_out's dtype (the norm reads the rounded value);
+    # x: the block output, or (PARTS > 0) the first of PARTS fp32 partial sums of a split-K GEMV, added in order
+    # and rounded as the GEMV's output would be
+    b_x = tl.load(x + i_m * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
+    if PARTS > 0:
+        for p in range(1, PARTS):
+            b_x += tl.load(x + p * stride_xp + i_m * stride_x + o_n, mask=m_n, other=0.0)
+        b_x = b_x.to(r_out.dtype.element_ty).to(tl.float32)
+    b_r = tl.load(r + i_m * stride_r + o_n, mask=m_n, other=0.0).to(tl.float32)
+    return (b_x + b_r).to(r_out.dtype.element_ty)
+
+
+@triton.jit
 def _add_rms_norm_kernel(x, r, w, y, s, r_out, stride_x, stride_r, stride_y, stride_ro, N, eps,
                          BLOCK_N: tl.constexpr, FP8_OUT: tl.constexpr, USE_GDC: tl.constexpr,
                          PARTS: tl.constexpr = 0, stride_xp=0):
@@ -106,15 +120,7 @@ def _add_rms_norm_kernel(x, r, w, y, s, r_out, stride_x, stride_r, stride_y, str
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < N
     # [BLOCK_N]
-    b_x = tl.load(x + i_m * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
-    if PARTS > 0:  # fp32 partial sums of a split-K GEMV: added in order, then rounded as the GEMV's output
-        for p in range(1, PARTS):
-            b_x += tl.load(x + p * stride_xp + i_m * stride_x + o_n, mask=m_n, other=0.0)
-        b_x = b_x.to(r_out.dtype.element_ty).to(tl.float32)
-    # [BLOCK_N]
-    b_r = tl.load(r + i_m * stride_r + o_n, mask=m_n, other=0.0).to(tl.float32)
-    # the new residual is rounded to the activation dtype first; the norm reads the rounded value
-    b_h = (b_x + b_r).to(r_out.dtype.element_ty)
+    b_h = _added_row(x, r, r_out, i_m, stride_x, stride_r, stride_xp, o_n, m_n, PARTS)
     tl.store(r_out + i_m * stride_ro + o_n, b_h, mask=m_n)
     b_y = _rms_norm_row(b_h.to(tl.float32), w, o_n, m_n, N, eps)
     _store_row(y, s, i_m, stride_y, o_n, m_n, b_y, FP8_OUT)
@@ -148,16 +154,25 @@ def _norm(x: Tensor, weight: Tensor, eps: float, pdl: bool, fp8: bool):
 
 
 def _add_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, pdl: bool, fp8: bool):
-    _check(x, weight)
-    assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
-    M, N = x.shape
-    y, s = _outputs(x, fp8)
-    r_out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    # x: [M, N] in the residual's dtype, or fp32 split-K parts [P, M, N]
+    _check(residual, weight)
+    parts = x.dim() == 3
+    if parts:
+        assert x.dtype == torch.float32 and x.stride(-1) == 1 and x.shape[0] >= 1, (x.dtype, tuple(x.shape))
+        assert x.shape[1:] == residual.shape, (tuple(x.shape), tuple(residual.shape))
+    else:
+        _check(x, weight)
+        assert residual.shape == x.shape and residual.dtype == x.dtype
+    M, N = residual.shape
+    y, s = _outputs(residual, fp8)
+    r_out = torch.empty((M, N), dtype=residual.dtype, device=residual.device)
     if M > 0:
         block_n, num_warps = _settings(N)
         _add_rms_norm_kernel[(M,)](
-            x, residual, weight, y, s, r_out, x.stride(0), residual.stride(0), y.stride(0), r_out.stride(0), N,
-            eps, BLOCK_N=block_n, FP8_OUT=fp8, num_warps=num_warps, **pdl_kwargs(pdl, x.device),
+            x, residual, weight, y, s, r_out, x.stride(-2), residual.stride(0), y.stride(0), r_out.stride(0), N,
+            eps, BLOCK_N=block_n, FP8_OUT=fp8, PARTS=x.shape[0] if parts else 0,
+            stride_xp=x.stride(0) if parts else 0,
+            num_warps=num_warps, **pdl_kwargs(pdl, residual.device),
         )
     return ((y, s) if fp8 else y), r_out
 
@@ -225,20 +240,7 @@ def add_rms_norm_parts(parts: Tensor, residual: Tensor, weight: Tensor, eps: flo
         as :func:`add_rms_norm` with ``x = (parts[0] + parts[1] + ...)`` (fp32, in order) rounded to the
         residual's dtype — what the unsplit GEMV would have output.
     """
-    _check(residual, weight)
-    P, M, N = parts.shape
-    assert parts.dtype == torch.float32 and parts.stride(-1) == 1 and P >= 1, (parts.dtype, parts.shape)
-    assert residual.shape == (M, N) and residual.stride(-1) == 1
-    y = torch.empty((M, N), dtype=residual.dtype, device=residual.device)
-    r_out = torch.empty((M, N), dtype=residual.dtype, device=residual.device)
-    if M > 0:
-        block_n, num_warps = _settings(N)
-        _add_rms_norm_kernel[(M,)](
-            parts, residual, weight, y, y, r_out, parts.stride(1), residual.stride(0), y.stride(0),
-            r_out.stride(0), N, eps, BLOCK_N=block_n, FP8_OUT=False, PARTS=P,
-            stride_xp=parts.stride(0), num_warps=num_warps, **pdl_kwargs(pdl, parts.device),
-        )
-    return y, r_out
+    return _add_norm(parts, residual, weight, eps, pdl, False)
 
 
 def add_rms_norm_fp8(x: Tensor, residual: Tensor, weight: Tensor,

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from bagel_rt.kernels._device import gdc_wait, is_interpreting, pdl_kwargs
 from bagel_rt.kernels.gemv import MAX_M, swiglu_store
-from bagel_rt.kernels.rms_norm import _rms_norm_row, add_rms_norm_parts_ref, add_rms_norm_ref
+from bagel_rt.kernels.rms_norm import _added_row, _rms_norm_row, add_rms_norm_parts_ref, add_rms_norm_ref
 from bagel_rt.kernels.swiglu import swiglu_ref
 from torch import Tensor
 
@@ -225,13 +225,7 @@ def _add_rms_norm_digits_kernel(x, r, w, r_out, dg, un, M, N, stride_x, stride_r
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < N
     gdc_wait(USE_GDC)
-    b_x = tl.load(x + m * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
-    if PARTS > 0:
-        for p in range(1, PARTS):
-            b_x += tl.load(x + p * stride_xp + m * stride_x + o_n, mask=m_n, other=0.0)
-        b_x = b_x.to(r_out.dtype.element_ty).to(tl.float32)
-    b_r = tl.load(r + m * stride_r + o_n, mask=m_n, other=0.0).to(tl.float32)
-    b_h = (b_x + b_r).to(r_out.dtype.element_ty)
+    b_h = _added_row(x, r, r_out, m, stride_x, stride_r, stride_xp, o_n, m_n, PARTS)
     tl.store(r_out + m * stride_ro + o_n, b_h, mask=o_n < tl.where(live, N, 0))  # live rows only
     b_y = tl.where(live, _rms_norm_row(b_h.to(tl.float32), w, o_n, m_n, N, eps).to(tl.float32), 0.0)
     e = _row_exponent(tl.max(tl.abs(b_y), axis=0))
