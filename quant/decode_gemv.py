@@ -400,8 +400,9 @@ def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, pdl: bool, cfg: dict
     if w.fmt == "nf4":
         args = (x, w.codes.view(torch.int32), w.scale, w.table, b, y, N, K, x.stride(0), y.stride(0), M)
         c = dict(cfg)
+        wordwise = c.pop("wordwise", False)  # a kernel option, not a launch setting
         _launch(_nf4_gemv_kernel, c, N, args, pdl, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize,
-                WORDWISE=c.pop("wordwise", False))
+                WORDWISE=wordwise)
     else:
         args = (x, _codes(w), w.scale, b, y, N, K, x.stride(0), y.stride(0), M)
         _launch(_q8_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, CODE=_code(w, x, native))
@@ -421,8 +422,8 @@ def _qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool, cf
         args = (x, gate.codes.view(torch.int32), gate.scale, up.codes.view(torch.int32), up.scale, gate.table, y,
                 N, K, x.stride(0), y.stride(0), M)
         c = dict(cfg)
-        _launch(_nf4_gemv_swiglu_kernel, c, N, args, pdl, BLOCKSIZE=gate.blocksize,
-                WORDWISE=c.pop("wordwise", False))
+        wordwise = c.pop("wordwise", False)
+        _launch(_nf4_gemv_swiglu_kernel, c, N, args, pdl, BLOCKSIZE=gate.blocksize, WORDWISE=wordwise)
     else:
         args = (x, _codes(gate), _codes(up), gate.scale, up.scale, y, N, K, x.stride(0), y.stride(0), M)
         _launch(_q8_gemv_swiglu_kernel, cfg, N, args, pdl, CODE=_code(gate, x))
