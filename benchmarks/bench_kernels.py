@@ -356,7 +356,7 @@ def cases_qgemv(K):
         settings,
         swiglu_pair,
     )
-    from bagel_rt.quant.decode_mma import MMA_FORMATS, mma_gemv, mma_gemv_parts, mma_gemv_swiglu
+    from bagel_rt.quant.decode_mma import MMA_FORMATS, MMA_MIN_N, mma_gemv, mma_gemv_parts, mma_gemv_swiglu
 
     convert = {"int8": Int8Linear.from_linear, "fp8": FP8Linear.from_linear, "nf4": NF4Linear.from_linear}
 
@@ -402,7 +402,7 @@ def cases_qgemv(K):
             x = randn(1, Kd)
             wb = torch.cat(ws)
             mma = mma_candidates(fmt, lambda c, x=x, w=w: mma_gemv(x, w, cfg=c))
-            if fmt in MMA_FORMATS and N < 8192:  # split-K parts (their sum is the next residual add's work)
+            if fmt in MMA_FORMATS and N <= MMA_MIN_N:  # split-K parts (the next residual add sums them)
                 for pp, bn, bk, nw in MMA_SPLIT_CANDIDATES:
                     cfg = dict(parts=pp, BN=bn, BK=bk, num_warps=nw)
                     mma[f"split{pp} {bn}x{bk}/{nw}"] = lambda x=x, w=w, c=cfg: mma_gemv_parts(x, w, cfg=c)

@@ -192,8 +192,7 @@ def main() -> None:
                            bit_identical=bool(torch.equal(lat, ref[1])))
         except (torch.cuda.OutOfMemoryError, InputError, RuntimeError) as e:
             # where it failed: the first phase the request did not finish, and the allocator's state then
-            done = [p for p in ("prefill", "denoise", "vae_decode") if p in peaks]
-            failed = next((p for p in ("prefill", "denoise", "vae_decode") if p not in done), "after")
+            failed = next((p for p in ("prefill", "denoise", "vae_decode") if p not in peaks), "after")
             row.update(error=str(e).splitlines()[0][:1000], failed_in=failed,
                        at_failure_gib=dict(allocated=round(torch.cuda.memory_allocated() / GIB, 2),
                                            reserved=round(torch.cuda.memory_reserved() / GIB, 2)),
