@@ -695,6 +695,13 @@ def _update(k_ops, job: ImageJob, i: int, x: Tensor, v: dict[str, Tensor], src: 
     return x
 
 
+def graphs_refused(cache: dict | None) -> bool:
+    """Whether the denoiser kept in ``cache`` gave its CUDA graphs up (a capture ran out of memory under a
+    budget; see :meth:`PackedDenoiser._refuse_graphs`)."""
+    den = cache.get("denoiser") if cache is not None else None
+    return den is not None and den.graphs_refused
+
+
 def _cached_denoiser(cache: dict | None, slot: str, model, ctxs: list[Context], image_of: list[int],
                      grids: list[tuple[int, int]], use_graphs: bool, mlp_chunks: int, df11, lean: bool,
                      attention: str, options: dict) -> PackedDenoiser:

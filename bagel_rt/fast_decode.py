@@ -62,6 +62,7 @@ from bagel_rt.quant.decode_mma import (
     mma_gemv_parts,
     mma_gemv_swiglu,
     prefers_mma,
+    prefers_split,
 )
 
 from .cache import Context, KVCache
@@ -71,13 +72,16 @@ from .errors import InputError
 #: the decode step's matrix-vector products: "cublas" (F.linear) or "triton" (bagel_rt.kernels.gemv, with the
 #: MLP's gate/up/SwiGLU fused) for plain bf16 nn.Linear weights. Compressed weights take a decode GEMV either
 #: way: under "triton" and "cublas" the faster one for their shape (bagel_rt.quant.decode_mma.prefers_mma: INT8 /
-#: FP8 gate/up and lm_head on the tensor cores, the rest on the FMA kernels of bagel_rt.quant.decode_gemv, as
-#: measured per shape); "triton-fma" and "triton-mma" force one kind everywhere it applies, for A/B runs;
+#: FP8 gate/up and lm_head on the tensor cores, FP8 down split-K on them (decode_mma.prefers_split), the rest on
+#: the FMA kernels of bagel_rt.quant.decode_gemv, as measured per shape); "triton-fma" and "triton-mma" force one
+#: kind everywhere it applies, for A/B runs;
 #: "triton-split" is "triton" with the o and down projections of INT8 / FP8 weights on the tensor cores split
 #: over column ranges (decode_mma.mma_gemv_parts), their fp32 parts summed by the residual add that follows
 #: (kernels.add_rms_norm_parts) — for the 3584-channel projections, which fill too few SMs unsplit — and the
 #: norms before gate/up and lm_head writing the digits their tensor-core GEMVs read (decode_mma.
-#: add_rms_norm_digits: 29 digit launches fewer per token). An experiment: not measured on a GPU yet.
+#: add_rms_norm_digits: 29 digit launches fewer per token). An experiment, slower than "triton" on the H200
+#: (decode, one process, 9c4a67a: INT8 338.1 vs 363.4 tok/s, FP8 283.7 vs 304.3; its split settings were then
+#: 32 x 512, since retuned to 64 x 256).
 GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split")
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
@@ -177,6 +181,13 @@ def _on_mma(w: DecodeWeight, impl: str) -> bool:
     return impl == "triton-mma" or prefers_mma(w)
 
 
+def _on_split(w: DecodeWeight, impl: str) -> bool:
+    # whether a compressed weight whose output a residual add sums takes the split-K tensor-core GEMV
+    if impl in ("triton-fma", "triton-mma") or w.fmt not in MMA_FORMATS:
+        return False
+    return impl == "triton-split" or prefers_split(w)
+
+
 def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, impl: str, pdl: bool) -> Tensor:
     return mma_gemv(x, w, bias, pdl) if _on_mma(w, impl) else qgemv(x, w, bias, pdl)
 
@@ -186,7 +197,7 @@ def _linear(mod: nn.Module, x: Tensor, impl: str, pdl: bool, packed: DecodeWeigh
     # compressed weights always take a decode GEMV (``impl`` "cublas" / "triton" chooses for bf16; see GEMVS);
     # ``parts``: the caller sums split-K parts [P, M, N] (a residual add follows), so "triton-split" may split
     if packed is not None:
-        if parts and impl == "triton-split" and packed.fmt in MMA_FORMATS:
+        if parts and _on_split(packed, impl):
             return mma_gemv_parts(x, packed, mod.bias, pdl)
         return _qgemv(x, packed, mod.bias, impl, pdl)
     if impl != "cublas" and type(mod) is nn.Linear:

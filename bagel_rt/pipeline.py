@@ -71,6 +71,10 @@ class Bagel:
         #: ViT, VAE, embeddings and lm_head live on the CPU between uses (set by :meth:`limit_gpu_memory`)
         self.offload = False
         self.gpu_budget_gib: float | None = None
+        #: under the current budget a denoiser's CUDA-graph capture ran out of memory: later requests denoise
+        #: eagerly from the start instead of trying again (each retry costs a capture's forward and its memory;
+        #: a new budget clears it). See ``PackedDenoiser._refuse_graphs``.
+        self.graphs_refused = False
         #: one request at a time: threads sharing this pipeline are served in turn (:mod:`bagel_rt.serial`)
         self.lock = new_lock()
 

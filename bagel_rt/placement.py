@@ -101,6 +101,7 @@ def limit_gpu_memory(bagel, gib: float) -> dict:
         m.to("cpu")
     bagel.vae.to("cpu")
     bagel.offload = True
+    bagel.graphs_refused = False  # a new budget: captures may fit again
     offloaded = ["embed_tokens", "vit_model", "connector", "vit_pos_embed", "vae"]
     if head_offloaded(bagel):  # text phases bring it back (:func:`text_phase`)
         model.language_model.lm_head.to("cpu")

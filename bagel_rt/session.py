@@ -186,7 +186,8 @@ class Session:
         split = self.model.parallel is not None and self.model.parallel.mode != "cfg"
         graphs = self.bagel.backend == "triton" and not self.bagel.df11_resident and not split
         # under a budget lm_head (and, for the graph decoder, the token table) visits the GPU for this phase only
-        with text_phase(self.bagel, embeddings=graphs):
+        # under a budget, running out of memory is the pipeline's clear InputError (sessions are used directly too)
+        with self.bagel._budget_errors(), text_phase(self.bagel, embeddings=graphs):
             if graphs:
                 from .fast_decode import fast_gen_text
 
@@ -322,7 +323,7 @@ def gen_images(sessions: list[Session], image_shapes: list, cfg: CFGSettings | N
     """
     bagel = sessions[0].bagel
     assert all(s.bagel is bagel for s in sessions), "the sessions of a batch share one pipeline"
-    with bagel.lock, torch.no_grad():
+    with bagel.lock, torch.no_grad(), bagel._budget_errors():
         cfg = cfg or CFGSettings()
         noises = noises or [None] * len(sessions)
         jobs = [s.image_job(shape, cfg, num_timesteps, timestep_shift, noise,
@@ -353,9 +354,11 @@ def gen_images(sessions: list[Session], image_shapes: list, cfg: CFGSettings | N
                             c.cache.to("cpu")
                 rows = sum((3 - job.text_is_cond - job.img_is_cond) * job.h * job.w for job in jobs)
                 xs = fast.denoise_batch(model, jobs, num_timesteps, timestep_shift, cfg,
-                                        use_graphs=bagel.use_graphs, on_step=batch_step,
-                                        cache=bagel.fast_cache, mlp_chunks=mlp_chunks(bagel, rows),
-                                        df11=bagel.df11, lean=bagel.offload, attention=bagel.attention)
+                                        use_graphs=bagel.use_graphs and not bagel.graphs_refused,
+                                        on_step=batch_step, cache=bagel.fast_cache,
+                                        mlp_chunks=mlp_chunks(bagel, rows), df11=bagel.df11, lean=bagel.offload,
+                                        attention=bagel.attention)
+                bagel.graphs_refused |= fast.graphs_refused(bagel.fast_cache)
             else:
                 xs = _denoise_lockstep(model, jobs, num_timesteps, timestep_shift, cfg, batch_step)
             for x in xs:

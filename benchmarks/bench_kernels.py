@@ -330,8 +330,10 @@ def cases_fp8_gemv(K):
 
 QGEMV_CANDIDATES = {  # (BN, BK, num_warps) tried beside the default settings of bagel_rt.quant.decode_gemv
     "int8": [(4, 2048, 8), (4, 1024, 4), (8, 512, 4), (16, 512, 8), (4, 512, 4), (8, 256, 2)],
-    "nf4": [(8, 1024, 8), (8, 512, 4), (4, 1024, 4), (4, 512, 4), (8, 256, 2)],
+    "nf4": [(8, 1024, 8), (8, 512, 4), (4, 1024, 4), (4, 512, 4), (8, 256, 2), (4, 256, 2), (2, 512, 2),
+            (16, 256, 4), (2, 1024, 4)],
 }
+QGEMV_LONG_CANDIDATES = [(2, 1024, 2), (2, 2048, 4), (4, 2048, 4), (2, 1024, 4), (1, 2048, 2)]  # + for K > 8192
 MMA_SPLIT_CANDIDATES = [  # (parts, BN, BK, num_warps) of the split-K tensor-core GEMV (o, down; qkv to compare)
     (2, 32, 512, 4), (4, 32, 512, 4), (8, 32, 256, 4), (4, 16, 512, 4), (4, 64, 256, 4), (6, 32, 512, 4),
 ]
@@ -366,7 +368,8 @@ def cases_qgemv(K):
 
     def candidates(fmt, w, run, kind):
         out = {"triton": lambda: run(settings(kind, w))}
-        for bn, bk, nw in QGEMV_CANDIDATES["nf4" if fmt == "nf4" else "int8"]:
+        long = QGEMV_LONG_CANDIDATES if w.shape[1] > 8192 else []
+        for bn, bk, nw in QGEMV_CANDIDATES["nf4" if fmt == "nf4" else "int8"] + long:
             out[f"{bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw): run(c)
             if fmt == "nf4":  # the word-wise NF4 decode (decode_gemv._nf4_acc) at the same settings
                 out[f"wordwise {bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw, wordwise=True): run(c)
@@ -436,6 +439,9 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated subset of {list(GROUPS)}")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated substrings: only the cases whose shape (as JSON) holds one of them, "
+                             "e.g. down,lm_head")
     parser.add_argument("--graph", action="store_true",
                         help="time CUDA-graph replays (excludes launch overhead; matters for small shapes)")
     args = parser.parse_args()
@@ -455,6 +461,8 @@ def main() -> int:
     torch.manual_seed(0)
     for group in args.only.split(","):
         for name, shape, providers, work in GROUPS[group](K):
+            if args.shapes and not any(s in json.dumps(shape) for s in args.shapes.split(",")):
+                continue
             if args.no_compile:
                 providers.pop("compile", None)
             ms = {p: try_bench(fn, args.graph) for p, fn in providers.items()}

@@ -23,6 +23,7 @@ import argparse
 import gc
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -150,7 +151,15 @@ def main() -> None:
     ap.add_argument("--history", action="store_true",
                     help="record the allocator's history, so that a failure reports which code holds the memory "
                          "of the CUDA-graph pools (slower; for diagnosis)")
+    ap.add_argument("--expandable-start", action="store_true",
+                    help="expandable segments from the process start (otherwise from the first placement, as in "
+                         "the app): the bf16 model a DF11 run is built from then leaves no partly used fixed "
+                         "segments behind")
     a = ap.parse_args()
+    if a.expandable_start:
+        from bagel_rt.placement import expandable_segments
+
+        expandable_segments()
     if a.history:
         torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
     env = environment(a.commit)
@@ -169,10 +178,15 @@ def main() -> None:
         if mode == "eager":
             pipe.use_graphs = False
         row = dict(diag="budget_memory", weights=fmt, budget_gib=gib or None, task=task, height=a.size,
-                   width=a.size, num_timesteps=a.steps, uncapped=a.uncapped, use_graphs=pipe.use_graphs, **env)
+                   width=a.size, num_timesteps=a.steps, uncapped=a.uncapped, use_graphs=pipe.use_graphs,
+                   expandable_start=a.expandable_start, **env)
+        row["setup_gib"] = dict(allocated=round(torch.cuda.memory_allocated() / GIB, 2),
+                                reserved=round(torch.cuda.memory_reserved() / GIB, 2))
         try:
             if gib:
                 row["placement"] = pipe.limit_gpu_memory(gib)
+                row["placed_gib"] = dict(allocated=round(torch.cuda.memory_allocated() / GIB, 2),
+                                         reserved=round(torch.cuda.memory_reserved() / GIB, 2))
                 if a.uncapped:
                     torch.cuda.set_per_process_memory_fraction(1.0)
             resident = torch.cuda.memory_allocated() / GIB
@@ -193,7 +207,12 @@ def main() -> None:
         except (torch.cuda.OutOfMemoryError, InputError, RuntimeError) as e:
             # where it failed: the first phase the request did not finish, and the allocator's state then
             failed = next((p for p in ("prefill", "denoise", "vae_decode") if p not in peaks), "after")
-            row.update(error=str(e).splitlines()[0][:1000], failed_in=failed,
+            # the innermost frames of the project's code (which allocation ran out)
+            cause = e.__context__ if isinstance(e, InputError) and e.__context__ is not None else e  # the OOM
+            frames = [f"{Path(f.filename).name}:{f.lineno}:{f.name}"
+                      for f in traceback.extract_tb(cause.__traceback__)
+                      if "bagel_rt" in f.filename or "/quant/" in f.filename or "benchmarks" in f.filename]
+            row.update(error=str(e).splitlines()[0][:1000], failed_in=failed, failed_at=frames[-6:],
                        at_failure_gib=dict(allocated=round(torch.cuda.memory_allocated() / GIB, 2),
                                            reserved=round(torch.cuda.memory_reserved() / GIB, 2)),
                        at_failure=memory_at_failure())

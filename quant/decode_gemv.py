@@ -262,7 +262,8 @@ def _nf4_acc(acc, b_p, b_a, t, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.const
         # shot, the products summed by in-thread splits. Offline sm_90 SASS (``benchmarks/decode_sass.py``): 9.0
         # loop instructions per weight with Triton 3.6 (the GPU machine's) against 14.0 for the per-code loop
         # below, whose word tile Triton 3.6 moves through shared memory once per code; but 10.9 against 7.7
-        # with Triton 3.9. Not measured on a GPU yet: opt-in through the settings (``wordwise``).
+        # with Triton 3.9; on the H200 1.7-2.2x faster than the per-code loop at every decode shape (see
+        # ``NF4_SETTINGS``, which take it).
         o_e = k0 + tl.arange(0, BK)
         b_x = tl.reshape(tl.load(p_x + o_e, mask=o_e < K, other=0.0).to(tl.float32), [BK // 8, 8])
         i = tl.arange(0, 8)
@@ -338,25 +339,39 @@ def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, y, N, K, stride_xm, stride_ym,
 
 # Launch settings, measured (``benchmarks/bench_kernels.py --only qgemv --graph``, H200, CUDA-graph replay,
 # 186c6be; results/kernels_h200.jsonl): 8 channels x 512 columns per program and iteration with 4 warps is the
-# best or within 1% of it at every decode shape but down (K = 18944: 4 x 1024 / 4), for the one-byte formats and
-# NF4 alike. Against the first settings (4 x 2048 / 8, 8 x 1024 / 8) in microseconds, INT8: qkv 7.5 -> 6.2,
-# down 24.7 -> 22.0, gate/up + SwiGLU 56.2 -> 42.3, lm_head 214.5 -> 163.8; FP8: gate/up 94.5 -> 53.9, lm_head
-# 264.3 -> 199.8; NF4: gate/up 124.3 -> 98.6, lm_head 577.3 -> 415.5.
+# best or within 1% of it at every decode shape but down (K = 18944: 4 x 1024 / 4) for the one-byte formats.
+# Against the first settings (4 x 2048 / 8, 8 x 1024 / 8) in microseconds, INT8: qkv 7.5 -> 6.2, down 24.7 ->
+# 22.0, gate/up + SwiGLU 56.2 -> 42.3, lm_head 214.5 -> 163.8; FP8: gate/up 94.5 -> 53.9, lm_head 264.3 -> 199.8.
 SETTINGS = {
     "gemv": dict(BN=8, BK=512, num_warps=4),
     "gemv_long": dict(BN=4, BK=1024, num_warps=4),  # K > 8192 (down): fewer channels, longer rows per program
     "swiglu": dict(BN=8, BK=512, num_warps=4),
 }
+#: NF4 takes the word-wise decode (``_nf4_acc``), by shape. Measured (same sweep, 9c4a67a, microseconds, the
+#: per-code loop at its best settings -> word-wise at these): qkv 16.2 -> 8.9, o 13.4 -> 7.5, down 61.3 -> 31.6,
+#: gate/up + SwiGLU 98.7 -> 51.2, lm_head 415.8 -> 193.0 (bf16 GEMV: 7.9, 6.3, 34.2, 64.5, 242.5). Triton 3.6
+#: (the GPU machine's) moves the per-code loop's word tile through shared memory once per code (14.0 sm_90 loop
+#: instructions per weight against 9.0 word-wise, ``benchmarks/decode_sass.py``).
+NF4_SETTINGS = {
+    "gemv": dict(BN=4, BK=512, num_warps=4, wordwise=True),
+    "gemv_long": dict(BN=4, BK=1024, num_warps=4, wordwise=True),
+    "gemv_wide": dict(BN=8, BK=256, num_warps=2, wordwise=True),  # N > WIDE_N (lm_head)
+    "swiglu": dict(BN=4, BK=512, num_warps=4, wordwise=True),
+}
 LONG_K = 8192
+WIDE_N = 8192
 
 
 def settings(kind: str, w: DecodeWeight) -> dict:
     """Launch settings of ``kind`` ("gemv" or "swiglu") for ``w`` (every format; NF4's BK at least its block)."""
     if kind == "gemv" and w.shape[1] > LONG_K:
         kind = "gemv_long"
-    cfg = dict(SETTINGS[kind])
-    if w.fmt == "nf4":
-        cfg["BK"] = max(cfg["BK"], w.blocksize)
+    if w.fmt != "nf4":
+        return dict(SETTINGS[kind])
+    if kind == "gemv" and w.shape[0] > WIDE_N:
+        kind = "gemv_wide"
+    cfg = dict(NF4_SETTINGS[kind])
+    cfg["BK"] = max(cfg["BK"], w.blocksize)
     return cfg
 
 

@@ -47,8 +47,8 @@ from torch import Tensor
 from .decode_gemv import DecodeWeight, _check, _codes  # the same argument checks and code views
 from .fp8_matmul import e4m3_to_f32, e4m3_unit
 
-__all__ = ["MMA_FORMATS", "Digits", "prefers_mma", "x_digits", "x_digits_ref", "add_rms_norm_digits",
-           "add_rms_norm_digits_ref", "mma_gemv", "mma_gemv_ref", "mma_gemv_parts",
+__all__ = ["MMA_FORMATS", "Digits", "prefers_mma", "prefers_split", "x_digits", "x_digits_ref",
+           "add_rms_norm_digits", "add_rms_norm_digits_ref", "mma_gemv", "mma_gemv_ref", "mma_gemv_parts",
            "mma_gemv_parts_ref", "mma_gemv_swiglu", "mma_gemv_swiglu_ref"]
 
 MMA_FORMATS = ("int8", "fp8")  # the formats these kernels take (NF4 keeps bagel_rt.quant.decode_gemv)
@@ -67,10 +67,10 @@ assert MAX_M * DIGITS == ROWS
 SETTINGS = {
     "int8": {"narrow": dict(BN=32, BK=512, num_warps=4), "wide": dict(BN=64, BK=256, num_warps=4),
              "swiglu": dict(BN=32, BK=256, num_warps=4, num_stages=4),
-             "split": dict(BN=32, BK=512, num_warps=4, parts=4)},
+             "split": dict(BN=64, BK=256, num_warps=4, parts=4)},
     "fp8": {"narrow": dict(BN=32, BK=512, num_warps=4), "wide": dict(BN=64, BK=256, num_warps=4),
             "swiglu": dict(BN=32, BK=256, num_warps=4, num_stages=4),
-            "split": dict(BN=32, BK=512, num_warps=4, parts=4)},
+            "split": dict(BN=64, BK=256, num_warps=4, parts=4)},
 }
 WIDE_N = 8192
 #: the decoder's default ("triton") takes these kernels for a one-byte weight of more than ``MMA_MIN_N`` output
@@ -79,6 +79,11 @@ WIDE_N = 8192
 #: lm_head 129.3 vs 162.4, but qkv 10.1 vs 6.2, o 8.5 vs 5.4, down 32.7 vs 22.0; FP8: 46.1 vs 53.9, 136.5 vs
 #: 199.8, and 10.9 vs 8.5, 8.5 vs 6.9, 44.7 vs 29.2. The narrow projections fill too few programs per SM.
 MMA_MIN_N = 8192
+#: ... and the split-K kernels (:func:`mma_gemv_parts`, 4 parts of 64 x 256 / 4 warps) for FP8 weights of more
+#: than ``SPLIT_MIN_K`` columns (down). Measured (same sweep, 9c4a67a, microseconds): FP8 down 26.2 split against
+#: 29.2 on the FMA kernel; INT8 down 25.1 against 21.9 (the FMA kernel stays); o: FP8 7.1 vs 7.2, INT8 6.4 vs
+#: 5.3; qkv no better. The parts cost no launch: the residual add that follows sums them.
+SPLIT_MIN_K = 8192
 INTERPRETER_SETTINGS = dict(BN=16, BK=64, num_warps=4)
 
 
@@ -371,6 +376,11 @@ def _code(w: DecodeWeight) -> tuple[str, str]:
 def prefers_mma(w: DecodeWeight) -> bool:
     """Whether the decoder's default GEMVs take these kernels for ``w`` (see :data:`MMA_MIN_N`)."""
     return w.fmt in MMA_FORMATS and w.shape[0] > MMA_MIN_N
+
+
+def prefers_split(w: DecodeWeight) -> bool:
+    """Whether the decoder's default takes the split-K kernels for ``w`` (see :data:`SPLIT_MIN_K`)."""
+    return w.fmt == "fp8" and w.shape[1] > SPLIT_MIN_K
 
 
 def settings(w: DecodeWeight, kind: str = "gemv") -> dict:

@@ -78,19 +78,22 @@ def test_qgemv_swiglu(fmt, N, K, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("N, K, blocksize", [(37, 96, 32), (9, 320, 64), (16, 64, 64)])
-def test_nf4_wordwise(N, K, blocksize, dtype):
-    """The word-wise NF4 decode (the 8 codes of a word as an in-thread dimension; opt-in ``wordwise``) against
-    the fp32 product, in the GEMV and in gate/up + SwiGLU, with a bias and three rows."""
+@pytest.mark.parametrize("wordwise", [True, False])
+def test_nf4_decodes(N, K, blocksize, dtype, wordwise):
+    """Both NF4 decodes — word-wise (the 8 codes of a word as an in-thread dimension; the default settings) and
+    the per-code loop — against the fp32 product, in the GEMV and in gate/up + SwiGLU, with a bias and three
+    rows."""
     w, bias = make_weight("nf4", N, K, blocksize=blocksize, bias=True)
+    assert settings("gemv", w)["wordwise"] and settings("swiglu", w)["wordwise"]
     x = torch.randn(3, K, device=DEV).to(dtype)
     for b in (None, bias.to(dtype)):
-        got = _qgemv(x, w, b, False, dict(settings("gemv", w), wordwise=True))
-        assert_close("nf4 wordwise", qgemv_ref(x, w, b), got, tol(dtype))
+        got = _qgemv(x, w, b, False, dict(settings("gemv", w), wordwise=wordwise))
+        assert_close(f"nf4 wordwise={wordwise}", qgemv_ref(x, w, b), got, tol(dtype))
     gate, _ = make_weight("nf4", N, K, blocksize=blocksize, seed=1)
     up, _ = make_weight("nf4", N, K, blocksize=blocksize, seed=2)
     gate, up = swiglu_pair(gate, up)
-    got = _qgemv_swiglu(x, gate, up, False, dict(settings("swiglu", gate), wordwise=True))
-    assert_close("nf4 wordwise swiglu", qgemv_swiglu_ref(x, gate, up), got, tol(dtype))
+    got = _qgemv_swiglu(x, gate, up, False, dict(settings("swiglu", gate), wordwise=wordwise))
+    assert_close(f"nf4 wordwise={wordwise} swiglu", qgemv_swiglu_ref(x, gate, up), got, tol(dtype))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -160,13 +163,13 @@ def test_decode_shapes_bf16(fmt):
         xk = x if K == 3584 else torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         for pdl in (False, True):
             assert_close(f"{fmt} {N}x{K}", qgemv_ref(xk, w), qgemv(xk, w, None, pdl), 1e-2)
-        if fmt == "nf4":  # the opt-in word-wise decode, compiled for the GPU
-            got = _qgemv(xk, w, None, True, dict(settings("gemv", w), wordwise=True))
-            assert_close(f"nf4 wordwise {N}x{K}", qgemv_ref(xk, w), got, 1e-2)
+        if fmt == "nf4":  # the per-code loop (the default is word-wise), compiled for the GPU
+            got = _qgemv(xk, w, None, True, dict(settings("gemv", w), wordwise=False))
+            assert_close(f"nf4 per-code {N}x{K}", qgemv_ref(xk, w), got, 1e-2)
     gate, _ = make_weight(fmt, 18944, 3584, blocksize=64, seed=1)
     up, _ = make_weight(fmt, 18944, 3584, blocksize=64, seed=2)
     gate, up = swiglu_pair(gate, up)
     assert_close(f"{fmt} gate/up", qgemv_swiglu_ref(x, gate, up), qgemv_swiglu(x, gate, up, True), 1e-2)
     if fmt == "nf4":
-        got = _qgemv_swiglu(x, gate, up, True, dict(settings("swiglu", gate), wordwise=True))
-        assert_close("nf4 wordwise gate/up", qgemv_swiglu_ref(x, gate, up), got, 1e-2)
+        got = _qgemv_swiglu(x, gate, up, True, dict(settings("swiglu", gate), wordwise=False))
+        assert_close("nf4 per-code gate/up", qgemv_swiglu_ref(x, gate, up), got, 1e-2)

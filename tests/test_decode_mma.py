@@ -195,16 +195,23 @@ def test_every_code_exact(fmt):
     assert torch.equal(mma_gemv(x, w), want)
 
 
-@pytest.mark.parametrize("gemv, min_n", [("triton-mma", None), ("triton-split", None), ("triton-split", 0)])
+@pytest.mark.parametrize("gemv, min_n", [("triton-mma", None), ("triton-split", None), ("triton-split", 0),
+                                         ("triton", "split")])
 def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv, min_n, monkeypatch):
     """gemv="triton-mma" / "triton-split" (o and down split-K, summed by the residual add; with every weight
-    "wide" (min_n 0), gate/up and lm_head fed digits by the norms before them): INT8 and FP8 weights through the
-    tensor-core GEMVs give the torch backend's greedy tokens and logits (NF4 keeps its FMA kernels under the same
-    options)."""
+    "wide" (min_n 0), gate/up and lm_head fed digits by the norms before them), and the default "triton" with
+    FP8 down split-K (here every FP8 o/down: SPLIT_MIN_K 0): INT8 and FP8 weights through the tensor-core GEMVs
+    give the torch backend's greedy tokens and logits (NF4 keeps its FMA kernels under the same options)."""
     import bagel_rt.quant.decode_mma as dm
 
     import bagel_rt.fast_decode as fd
 
+    if min_n == "split":
+        monkeypatch.setattr(dm, "SPLIT_MIN_K", 0)
+        split = []
+        real_parts = fd.mma_gemv_parts
+        monkeypatch.setattr(fd, "mma_gemv_parts", lambda x, w, *a: split.append(w.fmt) or real_parts(x, w, *a))
+        min_n = None
     if min_n is not None:
         monkeypatch.setattr(dm, "MMA_MIN_N", min_n)
         fused = []
@@ -219,6 +226,8 @@ def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv, min_n, monkeypat
         assert rel_l2(logits, res.logits) < 1e-3, fmt
     if min_n is not None:  # per step: one per layer (gate/up) and one for lm_head, INT8 and FP8 runs only
         assert set(fused) == {"int8", "fp16"} and len(fused) % (pipe.model.params.llm.num_layers + 1) == 0
+    if gemv == "triton":  # o and down of every layer, FP8 only
+        assert set(split) == {"fp8"} and len(split) % (2 * pipe.model.params.llm.num_layers) == 0
 
 
 @requires_cuda
@@ -265,6 +274,24 @@ def test_default_gemvs_choose_by_shape():
         assert _on_mma(narrow, "triton-mma") and not _on_mma(wide, "triton-fma"), fmt
     nf4, _ = make_weight("nf4", MMA_MIN_N + 8, 64)
     assert not any(_on_mma(nf4, g) for g in ("triton", "triton-mma"))
+
+
+def test_default_split_by_shape():
+    """"triton" splits FP8 weights of more than SPLIT_MIN_K columns (down) over K on the tensor cores; INT8 and
+    NF4 keep their kernels; "triton-split" splits every one-byte weight it is given; "triton-fma" /
+    "triton-mma" never split."""
+    from bagel_rt.quant.decode_mma import SPLIT_MIN_K
+
+    from bagel_rt.fast_decode import _on_split
+
+    long8, _ = make_weight("fp8", 16, SPLIT_MIN_K + 64)
+    short8, _ = make_weight("fp8", 16, 64)
+    assert _on_split(long8, "triton") and _on_split(long8, "cublas") and not _on_split(short8, "triton")
+    assert not _on_split(long8, "triton-fma") and not _on_split(long8, "triton-mma")
+    long_int8, _ = make_weight("int8", 16, SPLIT_MIN_K + 64)
+    assert not _on_split(long_int8, "triton") and _on_split(long_int8, "triton-split")
+    long_nf4, _ = make_weight("nf4", 16, SPLIT_MIN_K + 64)
+    assert not any(_on_split(long_nf4, g) for g in ("triton", "triton-split"))
 
 
 def test_unknown_gemv_is_refused(tiny_dir):

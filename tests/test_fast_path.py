@@ -229,3 +229,27 @@ def test_capture_out_of_memory_under_a_budget_runs_eagerly(tmp_path):
         assert torch.equal(got, ref.velocities(x, 0.8, 3)) and den.graphs_refused and den.graphs == {}
         assert torch.equal(den.velocities(x, 0.7, 3), ref.velocities(x, 0.7, 3))
         assert captures == [("full", (0, 1, 2))]  # tried once, then eager
+
+
+def test_refused_graphs_are_remembered_by_the_pipeline(tmp_path, monkeypatch):
+    """Once a denoiser gave its graphs up under a budget, the pipeline's next requests denoise eagerly from the
+    start (under a budget the denoiser is rebuilt per request, and each retried capture cost a forward and its
+    memory: the INT8 edit under 16 GiB took 21.2 s with retries); a new budget (limit_gpu_memory) clears it."""
+    import bagel_rt.fast as fast
+
+    d = write_tiny_checkpoint(tmp_path / "tiny")
+    pipe = bagel_rt.load(d, device=DEV, dtype=torch.float32, backend="triton")
+    asked = []
+    real = fast.denoise_batch
+
+    def refusing(*args, use_graphs, cache, **kw):
+        asked.append(use_graphs)
+        out = real(*args, use_graphs=use_graphs, cache=cache, **kw)
+        cache["denoiser"].graphs_refused = True  # as after a capture that ran out of memory
+        return out
+
+    monkeypatch.setattr(fast, "denoise_batch", refusing)
+    cfg = CFGSettings(4.0, 1.0, (0.0, 1.0), 0.0, "global")
+    for _ in range(2):
+        pipe.session(seed=1).gen_image((32, 32), cfg, num_timesteps=3)
+    assert asked == [True, False] and pipe.graphs_refused
