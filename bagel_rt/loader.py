@@ -113,6 +113,13 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     # where the weights are read: a split model is read on the CPU, and each rank moves only its part over
     load_device = group.load_device if group is not None else device
     resolve_attention(attention, device, dtype)  # an impossible choice fails before any weight is read
+    if max_gpu_memory is not None and device.type == "cuda":
+        from .placement import expandable_segments
+
+        # the budget's allocator from the first allocation: weights staged and replaced while loading (DF11
+        # units decoded for good, modules converted on the GPU) then leave no partly used fixed segments, which
+        # the cap would count (see placement.STRANDED_BYTES)
+        expandable_segments()
     t0 = time.perf_counter()
     if device.type == "cuda" and backend in ("triton", "auto"):
         from .kernels._device import warm_triton_cache_key

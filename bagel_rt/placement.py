@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import math
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -111,6 +112,12 @@ def limit_gpu_memory(bagel, gib: float) -> dict:
     # DF11 modules read weights the store decodes into its own buffers: their tensors must stay where they are
     compacted = compact(bagel) if expandable and bagel.df11 is None else None
     resident = torch.cuda.memory_allocated(device) / GIB
+    stranded = torch.cuda.memory_reserved(device) / GIB - resident
+    if stranded * GIB > STRANDED_BYTES:
+        warnings.warn(f"{stranded:.2f} GiB of GPU memory stay reserved in allocator segments partly in use "
+                      f"(allocated before the budget was set); the {gib:g} GiB budget counts them. Pass "
+                      "max_gpu_memory to bagel_rt.load (--max-gpu-memory) so that it applies from the first "
+                      "allocation", RuntimeWarning, stacklevel=3)
     if resident > gib:
         raise InputError(f"the resident weights need {resident:.2f} GiB of GPU memory, more than the "
                          f"max_gpu_memory budget of {gib:g} GiB (try nf4 weights)")

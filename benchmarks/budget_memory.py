@@ -151,12 +151,13 @@ def main() -> None:
     ap.add_argument("--history", action="store_true",
                     help="record the allocator's history, so that a failure reports which code holds the memory "
                          "of the CUDA-graph pools (slower; for diagnosis)")
-    ap.add_argument("--expandable-start", action="store_true",
-                    help="expandable segments from the process start (otherwise from the first placement, as in "
-                         "the app): the bf16 model a DF11 run is built from then leaves no partly used fixed "
-                         "segments behind")
+    ap.add_argument("--late-expandable", action="store_true",
+                    help="switch to expandable segments at the placement only, not at the process start (as "
+                         "bagel_rt.load with max_gpu_memory does): the bf16 model a DF11 run is built from then "
+                         "strands ~5 GiB in fixed segments partly in use, and the DF11 t2i under 24 GiB fails "
+                         "(H200, c1fb778)")
     a = ap.parse_args()
-    if a.expandable_start:
+    if not a.late_expandable:
         from bagel_rt.placement import expandable_segments
 
         expandable_segments()
@@ -179,7 +180,7 @@ def main() -> None:
             pipe.use_graphs = False
         row = dict(diag="budget_memory", weights=fmt, budget_gib=gib or None, task=task, height=a.size,
                    width=a.size, num_timesteps=a.steps, uncapped=a.uncapped, use_graphs=pipe.use_graphs,
-                   expandable_start=a.expandable_start, **env)
+                   expandable_start=not a.late_expandable, **env)
         row["setup_gib"] = dict(allocated=round(torch.cuda.memory_allocated() / GIB, 2),
                                 reserved=round(torch.cuda.memory_reserved() / GIB, 2))
         try:
