@@ -197,6 +197,7 @@ def main() -> None:
             weight_only = fmt in ("int8", "nf4")
             plan = request_transients(pipe.model.params, task, a.size, a.size, weight_only=weight_only)
             row.update(seconds=round(sec, 3), resident_gib=round(resident, 2),
+                       cuda_graphs=pipe.use_graphs and not pipe.graphs_refused,  # False: a capture did not fit
                        phase_peak_gib={k: v[0] for k, v in peaks.items()},
                        phase_reserved_gib={k: v[1] for k, v in peaks.items()},
                        peak_gib=max(v[0] for v in peaks.values()),

@@ -213,7 +213,8 @@ def main():
                 request(pipe, task, a.size, min(a.steps, 10), seed=1, taylorseer=a.taylorseer)
                 torch.cuda.reset_peak_memory_stats()
                 sec, lat, img, _, info = request(pipe, task, a.size, a.steps, taylorseer=a.taylorseer)
-                row.update(seconds=round(sec, 3), peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2))
+                row.update(seconds=round(sec, 3), peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
+                           cuda_graphs=pipe.use_graphs and not pipe.graphs_refused)  # False: a capture did not fit
                 if a.taylorseer:
                     row.update(step_cache="taylorseer",
                                full_evaluations=info["step_cache"]["full_evaluations"])
