@@ -39,8 +39,6 @@ from torch import Tensor, nn
 from bagel_rt.kernels import (
     add_rms_norm,
     add_rms_norm_parts,
-    decode_attention,
-    decode_splits,
     gemv,
     gemv_swiglu,
     qkv_rope_cache,
@@ -89,9 +87,6 @@ DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gem
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
 #: before it drains, and the GEMVs request their first weight tile before waiting for its output
 DEFAULT_PDL = True
-#: the decoder's q/k/v epilogue, attention and split combine as one launch per layer
-#: (bagel_rt.kernels.decode_attention) instead of three. Not yet measured on a GPU: off by default
-FUSED_ATTENTION = False
 CAPACITY_STEP = 1024  # the static cache grows in these steps (a new capacity means a new capture)
 WARMUP_STEPS = 2  # eager steps on a side stream before a capture: Triton compiles and autotunes there
 
@@ -227,7 +222,7 @@ def _mlp(lw: UndLayer, h: Tensor, impl: str, pdl: bool) -> Tensor:
 def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, length: Tensor,
                         layers: list[UndLayer] | None = None, num_splits: int | None = None,
                         gemv_impl: str = DEFAULT_GEMV, pdl: bool = DEFAULT_PDL,
-                        head: DecodeWeight | None = None, counters: Tensor | None = None) -> Tensor:
+                        head: DecodeWeight | None = None) -> Tensor:
     """One und-mode decoding step on the fused kernels (the twin of ``BagelModel.decode_step``).
 
     Host-sync free and allocation-stable, so it can be captured in a CUDA graph.
@@ -247,9 +242,6 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
             Hopper and newer, ignored elsewhere).
         head: the compressed ``lm_head`` (:func:`bagel_rt.quant.decode_gemv.decode_weight`), or None (the
             module: bf16 GEMV or its own forward).
-        counters: [Hk] int32 zeros (left zero): the layers with a fused q/k/v run their q/k/v epilogue,
-            attention and split combine as one launch (:func:`bagel_rt.kernels.decode_attention`) instead of
-            three; None: the three.
     Returns:
         [vocab] logits in the model dtype. ``token``, ``pos`` and ``length`` are not advanced.
     """
@@ -265,7 +257,6 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
     cu_k = F.pad(length + 1, (1, 0))  # [0, length + 1]
     sm_scale = 1.0 / math.sqrt(D)
     residual, delta = x, None
-    splits = num_splits or (decode_splits(Hq // Hk, Hk, cache.capacity, dev) if counters is not None else None)
     for i, lw in enumerate(layers):
         if delta is None:
             h = rms_norm(x, lw.attn_norm, eps, pdl)
@@ -281,13 +272,9 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
         else:
             q, k, v = a.q_proj(h)[0], a.k_proj(h)[0], a.v_proj(h)[0]
         k_buf, v_buf = cache.layer(i)
-        if counters is not None and lw.qkv_weight is not None:  # epilogue + attention + combine: one launch
-            o = decode_attention(qkv, lw.qkv_bias, lw.q_norm, lw.k_norm, cos, sin, eps, k_buf, v_buf, length,
-                                 sm_scale, splits, counters, pdl)
-        else:
-            q = qkv_rope_cache(q.view(Hq, D), k.view(Hk, D), v.view(Hk, D), lw.qkv_bias, lw.q_norm, lw.k_norm,
-                               cos, sin, eps, k_buf, v_buf, length, pdl)
-            o = varlen_attention(q, k_buf, v_buf, cu_q, cu_k, True, sm_scale, 1, cache.capacity, num_splits, pdl)
+        q = qkv_rope_cache(q.view(Hq, D), k.view(Hk, D), v.view(Hk, D), lw.qkv_bias, lw.q_norm, lw.k_norm, cos,
+                           sin, eps, k_buf, v_buf, length, pdl)
+        o = varlen_attention(q, k_buf, v_buf, cu_q, cu_k, True, sm_scale, 1, cache.capacity, num_splits, pdl)
         o = _linear(a.o_proj, o.view(1, Hq * D), impl, pdl, lw.compressed.get("o"), parts=True)
         h, residual = _add_norm(o, residual, lw.mlp_norm, eps, pdl, impl, lw.compressed.get("gate"))
         delta = _mlp(lw, h, impl, pdl)
@@ -319,13 +306,11 @@ class GraphDecoder:
         compressed: run INT8 / FP8 / NF4 weights (und projections and ``lm_head``) through the compressed decode
             GEMVs (``bagel_rt.quant.decode_gemv``: q/k/v as one, gate/up + SwiGLU as one, scales cached, PDL);
             False: each quantized module's own forward.
-        fused_attention: the q/k/v epilogue, attention and split combine of each layer in one launch
-            (:func:`bagel_rt.kernels.decode_attention`; layers with a fused q/k/v); None: ``FUSED_ATTENTION``.
     """
 
     def __init__(self, model, use_graphs: bool = True, fuse_qkv: bool = True, check_every: int | None = None,
                  num_splits: int | None = None, gemv: str = DEFAULT_GEMV, pdl: bool = DEFAULT_PDL,
-                 compressed: bool = True, fused_attention: bool | None = None):
+                 compressed: bool = True):
         self.gemv = check_gemv(gemv)
         self.pdl = pdl
         self.model = model
@@ -347,11 +332,6 @@ class GraphDecoder:
         self.cache: KVCache | None = None  # graph mode: the static cache the graphs read and write
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # greedy? -> (graph, logits)
         self.pool = None
-        fused = FUSED_ATTENTION if fused_attention is None else fused_attention
-        p = model.language_model.params
-        #: per kv head, the fused attention's count of finished splits (zero between launches; see
-        #: kernels.decode_attention); None: the three-launch epilogue + attention + combine
-        self.counters = torch.zeros(p.num_kv_heads, dtype=torch.int32, device=self.device) if fused else None
 
     # -- lm_head, which may leave the device between requests ----------------------------------------------
     def release_head(self) -> None:
@@ -374,7 +354,7 @@ class GraphDecoder:
     # -- one step, eager or captured -----------------------------------------------------------------------
     def _step(self, cache: KVCache, greedy: bool) -> Tensor:
         logits = decode_step_kernels(self.model, cache, self.token, self.pos, self.length, self.layers,
-                                     self.num_splits, self.gemv, self.pdl, self.head, self.counters)
+                                     self.num_splits, self.gemv, self.pdl, self.head)
         self.pos.add_(1)
         self.length.add_(1)
         if greedy:  # the prediction becomes the next input, and is recorded for the host

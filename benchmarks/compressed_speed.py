@@ -162,9 +162,7 @@ def main():
                          "compares cached with cached")
     ap.add_argument("--decode-gemvs", default="triton",
                     help="comma-separated decode GEMV implementations (bagel_rt.fast_decode.GEMVS) each decode "
-                         "row is measured with, in this process (e.g. triton,triton-mma: the tensor-core GEMVs); "
-                         "IMPL+fused: with the one-launch attention (bagel_rt.kernels.decode_attention); each "
-                         "row's vs_bf16 is against bf16 with the same entry")
+                         "row is measured with, in this process (e.g. triton,triton-mma: the tensor-core GEMVs)")
     ap.add_argument("--phases", action="store_true",
                     help="record each phase's peak (prefill / denoise / VAE decode); with --cap, place the model "
                          "for the budget but lift the cap, to see what a request needs where it does not fit")
@@ -198,19 +196,16 @@ def main():
                        height=a.size, width=a.size, num_timesteps=a.steps, **env)
             try:
                 if task == "decode":
-                    for entry in a.decode_gemvs.split(","):  # IMPL or IMPL+fused (one-launch attention)
-                        impl, _, variant = entry.partition("+")
-                        fused = variant == "fused"
-                        pipe._decoder = None  # the others' graphs freed first
-                        pipe._decoder = GraphDecoder(pipe.model, gemv=impl, fused_attention=fused)
+                    for impl in a.decode_gemvs.split(","):
+                        pipe._decoder = GraphDecoder(pipe.model, gemv=impl)  # the others' graphs freed first
                         rate, p = decode_rate(pipe, prof_tokens=a.profile_steps)
-                        r = dict(row, gemv=impl, fused_attention=fused, tokens_per_s=round(rate, 1))
+                        r = dict(row, gemv=impl, tokens_per_s=round(rate, 1))
                         if p is not None:
                             r.update(profile_tokens=a.profile_steps, **kernel_groups(p))
-                        if spec == "bf16":  # the reference of each variant: bf16 with the same options
-                            ref.setdefault(("decode", entry), r["tokens_per_s"])
-                        elif ("decode", entry) in ref:
-                            r.update(vs_bf16_tokens_per_s=round(r["tokens_per_s"] / ref[("decode", entry)], 3))
+                        if spec == "bf16" and "decode" not in ref:
+                            ref["decode"] = r["tokens_per_s"]
+                        elif "decode" in ref:
+                            r.update(vs_bf16_tokens_per_s=round(r["tokens_per_s"] / ref["decode"], 3))
                         emit(r, a.out)
                     pipe._decoder = None
                     continue

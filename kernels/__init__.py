@@ -2,7 +2,6 @@
 
 from .attention import varlen_attention, varlen_attention_ref
 from .cfg_euler import cfg_euler, cfg_euler_ref
-from .decode_attention import decode_attention, decode_attention_ref, decode_splits
 from .fp8_quant import quantize_rows_fp8, quantize_rows_fp8_ref
 from .gemv import gemv, gemv_ref, gemv_swiglu, gemv_swiglu_ref
 from .int8_quant import quantize_rows_int8, quantize_rows_int8_ref
@@ -31,9 +30,6 @@ __all__ = [
     "add_rms_norm_ref",
     "cfg_euler",
     "cfg_euler_ref",
-    "decode_attention",
-    "decode_attention_ref",
-    "decode_splits",
     "gemv",
     "gemv_ref",
     "gemv_swiglu",
