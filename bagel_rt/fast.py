@@ -458,7 +458,8 @@ class PackedDenoiser:
         being captured), so under a cap it can fail where the same forward run eagerly fits: on the H200 an INT8
         edit under 16 GiB failed in its capture with 1.4 GiB of the default pool cached but unused, and ran
         eagerly in 19.36 s with a 15.22 GiB peak (7928ef3, ``budget_memory.py --history``; uncapped with graphs
-        18.15 s)."""
+        18.15 s). Since then the same edit keeps its graphs (20.24 / 20.74 s, 1.109x / 1.121x bf16, peak 15.29,
+        c1fb778 / 4db1cad); the pipeline remembers a refusal for its budget (``Bagel.graphs_refused``)."""
         warnings.warn("under the GPU memory budget the denoiser's CUDA-graph capture ran out of memory; it runs "
                       "without CUDA graphs (a few percent slower); a larger max_gpu_memory keeps them",
                       RuntimeWarning, stacklevel=3)

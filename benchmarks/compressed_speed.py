@@ -167,6 +167,11 @@ def main():
                     help="record each phase's peak (prefill / denoise / VAE decode); with --cap, place the model "
                          "for the budget but lift the cap, to see what a request needs where it does not fit")
     a = ap.parse_args()
+    if a.cap:  # as bagel_rt.load with max_gpu_memory: the budget's allocator from the first allocation (weights
+        # quantized on the GPU from bf16 otherwise strand ~1.4 GiB in fixed segments the cap counts, H200 4db1cad)
+        from bagel_rt.placement import expandable_segments
+
+        expandable_segments()
     phase_peaks = track_phase_peaks() if a.phases else None
     if a.fp8_native:
         from bagel_rt.quant import fp8_matmul

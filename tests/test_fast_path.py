@@ -233,8 +233,8 @@ def test_capture_out_of_memory_under_a_budget_runs_eagerly(tmp_path):
 
 def test_refused_graphs_are_remembered_by_the_pipeline(tmp_path, monkeypatch):
     """Once a denoiser gave its graphs up under a budget, the pipeline's next requests denoise eagerly from the
-    start (under a budget the denoiser is rebuilt per request, and each retried capture cost a forward and its
-    memory: the INT8 edit under 16 GiB took 21.2 s with retries); a new budget (limit_gpu_memory) clears it."""
+    start (under a budget the denoiser is rebuilt per request, and each retried capture would cost a forward and
+    its memory again); a new budget (limit_gpu_memory) clears it."""
     import bagel_rt.fast as fast
 
     d = write_tiny_checkpoint(tmp_path / "tiny")
