@@ -3,7 +3,9 @@
 A DF11 *unit* is one module's weights compressed together (an LLM decoder layer: both experts' 14 Linears,
 466 M weights at full size; a ViT layer; ``lm_head``; the token embedding). Compressed, a unit takes ~70% of its
 bf16 bytes (on a GPU plus its windows' code counts, :func:`bagel_rt.quant.df11_window_counts`: one byte per 8
-code bytes, so that each decode skips the counting pass); decoded (:func:`bagel_rt.quant.df11_decode`,
+code bytes, so that each decode skips the counting pass, and its first lookup level joined with the code lengths,
+:func:`bagel_rt.quant.df11_first_level`, 1 KB, so that a short code costs one table load on the decode loop's
+serial chain instead of two); decoded (:func:`bagel_rt.quant.df11_decode`,
 bit-identical to the bf16 original) it goes into one of two shared bf16 *slots*, whose slices are the unit's
 modules' ``weight`` attributes (fixed views: a unit's weights always live at the same addresses, which is what
 a CUDA graph needs).
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .quant import df11_decode, df11_decode_ref, df11_window_counts
+from .quant import df11_decode, df11_decode_ref, df11_first_level, df11_window_counts
 
 SLOTS = 2  # shared decode buffers: layer i+1 decodes into one while layer i computes from the other
 
@@ -76,8 +78,10 @@ class ResidentDF11:
             mod = model.get_submodule(w.rpartition(".")[0])
             del mod.weight  # from now on a plain attribute: a view of a slot
             targets.append((mod, tuple(shape)))
-        if buffers["sign_mantissa"].device.type == "cuda":  # decoded every step: count its windows once
-            buffers = {**buffers, "window_counts": df11_window_counts(buffers)}
+        if buffers["sign_mantissa"].device.type == "cuda":  # decoded every step: count its windows once, and
+            # join its first lookup level with the code lengths (one table load per short code in the loop)
+            buffers = {**buffers, "window_counts": df11_window_counts(buffers),
+                       "first_level": df11_first_level(buffers)}
         u = Unit(unit, buffers, targets, split)
         u.hook = model.get_submodule(unit).register_forward_pre_hook(lambda mod, args: self.decode(u))
         self.units[unit] = u

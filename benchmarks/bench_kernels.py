@@ -294,18 +294,22 @@ def cases_gemv(K):
 
 def cases_df11(K):
     """DFloat11 decode of one MLP weight (18944 x 3584, the unit a layer decodes per step comes in seven such
-    pieces): the kernel with its windows' counts given (what resident units do), without them (the counting
-    pass too), and a plain copy of the bf16 output (the bandwidth reference). Rate: the bf16 bytes written."""
-    from bagel_rt.quant import compress_units, df11_decode, df11_window_counts
+    pieces): the kernel with its windows' counts and the joined first level given (what resident units do),
+    with the counts only (two dependent table loads per code), without counts (the counting pass too), and a
+    plain copy of the bf16 output (the bandwidth reference). Rate: the bf16 bytes written."""
+    from bagel_rt.quant import compress_units, df11_decode, df11_first_level, df11_window_counts
 
     w = (torch.randn(FFN, HIDDEN) * 0.02).to(BF16)  # on the CPU: compress_units works there
     unit = {k: v.cuda() for k, v in compress_units(w).items()}
     counted = {**unit, "window_counts": df11_window_counts(unit)}
+    joined = {**counted, "first_level": df11_first_level(unit)}  # the resident store's buffers
     out = torch.empty(FFN * HIDDEN, dtype=BF16, device="cuda")
     ref = w.cuda().flatten()
-    assert torch.equal(df11_decode(counted, out), ref) and torch.equal(df11_decode(unit, out), ref)
+    for b in (joined, counted, unit):
+        assert torch.equal(df11_decode(b, out), ref)
     yield "df11_decode", {"N": FFN, "K": HIDDEN}, {
-        "triton": lambda: df11_decode(counted, out),
+        "triton": lambda: df11_decode(joined, out),
+        "two_loads": lambda: df11_decode(counted, out),  # level 0, then the length table, per code
         "no_counts": lambda: df11_decode(unit, out),
         "bf16_copy": lambda: out.copy_(ref),
     }, FFN * HIDDEN * 2

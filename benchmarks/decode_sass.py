@@ -1,6 +1,6 @@
 """Instructions per weight in the main loop of each decode GEMV, from its sm_90 SASS: no GPU needed.
 
-    python benchmarks/decode_sass.py [--arch 90] [--mma]
+    python benchmarks/decode_sass.py [--arch 90] [--mma] [--df11]
 
 Compiles the bf16 GEMV (``bagel_rt.kernels.gemv``) and the compressed decode GEMVs
 (``bagel_rt.quant.decode_gemv``) at their decode launch settings with ``triton.compile`` for a CUDA target
@@ -26,6 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 bf16_gemv = importlib.import_module("bagel_rt.kernels.gemv")  # the module (the package exports the function)
+df11 = importlib.import_module("bagel_rt.quant.df11_decode")  # likewise
 
 # what Triton specializes at the decode shapes (multiples of 16)
 DIVISIBLE = ("N", "K", "stride_xm", "stride_ym", "K_PER", "stride_yp")
@@ -55,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--mma", action="store_true", help="also the tensor-core GEMVs at each of their settings")
+    ap.add_argument("--df11", action="store_true", help="also the DF11 decode loop (instructions per code)")
     a = ap.parse_args()
     io = dict(N="i32", K="i32", stride_xm="i32", stride_ym="i32")
     q8 = {code: dict(x="*bf16", w="*i8" if code == "int8" else "*u8", s="*fp32", b="*fp32", y="*bf16", **io)
@@ -66,7 +68,7 @@ def main() -> None:
         cfg = dg.SETTINGS["gemv"]
         consts = dict(HAS_BIAS=False, CODE=code, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True)
         cases.append((code, dg._q8_gemv_kernel, q8[code], consts, cfg["num_warps"]))
-    cfg = dg.SETTINGS["gemv"]
+    cfg = dg.NF4_SETTINGS["gemv"]
     for wordwise in (False, True):
         consts = dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, WORDWISE=wordwise)
         cases.append(("nf4 wordwise" if wordwise else "nf4", dg._nf4_gemv_kernel, nf4, consts, cfg["num_warps"]))
@@ -80,8 +82,20 @@ def main() -> None:
                     sig.update(y="*fp32", K_PER="i32", stride_yp="i32")
                     consts["SPLIT"] = True
                 cases.append((f"mma {fmt} {width}", dm._mma_gemv_kernel, sig, consts, cfg["num_warps"]))
+    if a.df11:  # the resident store's per-step decode (window counts given), with and without the joined level
+        sig = dict(luts_ptr="*u8", codes_ptr="*u8", sm_ptr="*u8", pos_ptr="*i32", gaps_ptr="*u8", cnt_ptr="*u8",
+                   first_ptr="*i32", out_ptr="*i16", n_luts="i32", n_bytes="i32", n_elements="i32",
+                   n_gap_bytes="i32")
+        for first in (False, True):
+            consts = dict(HAS_COUNTS=True, HAS_FIRST=first, THREADS=df11.THREADS_PER_BLOCK,
+                          BYTES=df11.BYTES_PER_THREAD)
+            cases.append((f"df11{' first' if first else ''}", df11._df11_decode_kernel, sig, consts,
+                          df11.DECODE_WARPS))
     for name, fn, sig, consts, nw in cases:
         ops = loop_ops(fn, sig, consts, nw, a.arch)
+        if "THREADS" in consts:  # the DF11 decode: one code per thread and iteration
+            print(f"{name:>16}: {sum(ops.values())} loop instructions per code; {dict(ops.most_common(8))}")
+            continue
         per_thread = consts["BN"] * consts["BK"] // (32 * nw)  # weights per thread and loop iteration
         total = sum(ops.values())
         print(f"{name:>16}: {total} loop instructions / {per_thread} weights = {total / per_thread:.2f} per "

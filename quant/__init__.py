@@ -12,7 +12,7 @@ from collections.abc import Callable
 from torch import nn
 
 from . import dfloat11, fp8, int8, nf4
-from .df11_decode import df11_decode, df11_decode_ref, df11_window_counts
+from .df11_decode import df11_decode, df11_decode_ref, df11_first_level, df11_window_counts
 from .dfloat11 import (
     DF11Config,
     DF11Linear,
@@ -62,6 +62,7 @@ __all__ = [
     "df11_pattern_units",
     "df11_decode",
     "df11_decode_ref",
+    "df11_first_level",
     "df11_window_counts",
     "int8_matmul",
     "int8_matmul_ref",

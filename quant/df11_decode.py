@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = ["THREADS_PER_BLOCK", "BYTES_PER_THREAD", "BUFFER_NAMES", "df11_decode", "df11_decode_ref",
-           "df11_window_counts"]
+           "df11_window_counts", "df11_first_level"]
 
 THREADS_PER_BLOCK = 512
 #: warps of the decode kernel: one window per thread. With 8 (two windows per thread) Triton 3.6 stored the
@@ -190,6 +190,23 @@ def _lut_decode(luts_ptr, b_peek, n_luts):
 
 
 @triton.jit
+def _first_decode(first_ptr, luts_ptr, b_peek, n_luts):
+    """:func:`_lut_decode` with the first level and the code length in one load from the combined table
+    (:func:`df11_first_level`); codes of more than 8 bits (length field 0) continue through the next levels and
+    the length table as before."""
+    b_c = tl.load(first_ptr + (b_peek >> 24).to(tl.int32))
+    b_d = b_c & 0xFF
+    for level in tl.static_range(1, 4):
+        m_ptr = b_d >= 240
+        b_byte = ((b_peek >> (24 - 8 * level)) & 0xFF).to(tl.int32)
+        b_next = tl.load(luts_ptr + (256 - b_d) * 256 + b_byte, mask=m_ptr, other=0).to(tl.int32)
+        b_d = tl.where(m_ptr, b_next, b_d)
+    m_long = b_c < 256  # length field 0: resolved past the first level
+    b_len = tl.load(luts_ptr + (n_luts - 1) * 256 + b_d, mask=m_long, other=0).to(tl.int32)
+    return b_d, tl.where(m_long, b_len, b_c >> 8)
+
+
+@triton.jit
 def _peek32(b_hi, b_lo, b_p):
     """Bits [p, p + 32) of the window (p in [0, 64)), from its words 0-1 (b_hi) and 1-2 (b_lo)."""
     sh_hi = tl.minimum(b_p, 31).to(tl.uint64)
@@ -246,9 +263,9 @@ def _df11_count_kernel(luts_ptr, codes_ptr, gaps_ptr, cnt_ptr, n_luts, n_bytes, 
 
 
 @triton.jit
-def _df11_decode_kernel(luts_ptr, codes_ptr, sm_ptr, pos_ptr, gaps_ptr, cnt_ptr, out_ptr, n_luts, n_bytes,
-                        n_elements, n_gap_bytes, HAS_COUNTS: tl.constexpr, THREADS: tl.constexpr,
-                        BYTES: tl.constexpr):
+def _df11_decode_kernel(luts_ptr, codes_ptr, sm_ptr, pos_ptr, gaps_ptr, cnt_ptr, first_ptr, out_ptr, n_luts,
+                        n_bytes, n_elements, n_gap_bytes, HAS_COUNTS: tl.constexpr, HAS_FIRST: tl.constexpr,
+                        THREADS: tl.constexpr, BYTES: tl.constexpr):
     i_b = tl.program_id(0)
     b_hi, b_lo, b_gap = _window(codes_ptr, gaps_ptr, i_b, n_bytes, n_gap_bytes, THREADS, BYTES)
     # phase 1, the codes that start in each window: counted once when the unit was loaded, or now
@@ -270,7 +287,10 @@ def _df11_decode_kernel(luts_ptr, codes_ptr, sm_ptr, pos_ptr, gaps_ptr, cnt_ptr,
     n_iter = tl.max(b_end - b_start, axis=0)
     for _ in range(0, n_iter):
         m_act = b_i < b_end
-        b_d, b_len = _lut_decode(luts_ptr, _peek32(b_hi, b_lo, b_p), n_luts)
+        if HAS_FIRST:  # one table load on the loop-carried chain for codes of up to 8 bits, not two
+            b_d, b_len = _first_decode(first_ptr, luts_ptr, _peek32(b_hi, b_lo, b_p), n_luts)
+        else:
+            b_d, b_len = _lut_decode(luts_ptr, _peek32(b_hi, b_lo, b_p), n_luts)
         b_s = tl.load(sm_ptr + b_i, mask=m_act, other=0).to(tl.int32)
         b_word = ((b_s & 0x7F) | (b_d << 7)) - ((b_s & 0x80) << 8)  # signed 16-bit value of the bf16 word
         tl.store(out_ptr + b_i, b_word.to(tl.int16), mask=m_act)
@@ -291,9 +311,25 @@ def df11_window_counts(buffers: dict[str, Tensor]) -> Tensor:
     return counts
 
 
+def df11_first_level(buffers: dict[str, Tensor]) -> Tensor:
+    """The unit's first lookup level and code lengths as one table: int32 [256] on the buffers' device, entry
+    ``b`` = exponent | length << 8 for the code whose first byte is ``b`` when it is at most 8 bits long, else the
+    level-0 entry alone (length field 0: the next levels resolve it).
+
+    Kept as ``buffers["first_level"]``, it takes the length lookup off the decode loop's critical path: each
+    code's position depends on the previous code's length, and that chain was two dependent table loads per code
+    (level 0, then the length table) for the common short codes."""
+    luts = _unpack(buffers)[0]
+    d = luts[0].to(torch.int32)
+    short = d < 240
+    length = luts[-1].to(torch.int32)[torch.where(short, d, 0)]
+    return torch.where(short, d | (length << 8), d).contiguous()
+
+
 def df11_decode(buffers: dict[str, Tensor], out: Tensor) -> Tensor:
     """Decodes the unit ``buffers`` (all on one CUDA device) into ``out`` (bf16 or int16, [n]); returns ``out``.
-    With ``buffers["window_counts"]`` (:func:`df11_window_counts`) the counting phase is skipped."""
+    With ``buffers["window_counts"]`` (:func:`df11_window_counts`) the counting phase is skipped; with
+    ``buffers["first_level"]`` (:func:`df11_first_level`) each short code costs one table load, not two."""
     luts, codes, sm, pos, gaps = _unpack(buffers)
     n = sm.numel()
     _check_out(out, n)
@@ -302,11 +338,14 @@ def df11_decode(buffers: dict[str, Tensor], out: Tensor) -> Tensor:
     n_blocks = pos.numel() // 4 - 1
     if n == 0:
         return out
-    counts = buffers.get("window_counts")
+    counts, first = buffers.get("window_counts"), buffers.get("first_level")
     if counts is not None:
         assert counts.dtype == torch.uint8 and counts.numel() == n_blocks * THREADS_PER_BLOCK, "window_counts"
+    if first is not None:
+        assert first.dtype == torch.int32 and first.shape == (256,) and first.device == out.device, "first_level"
     _df11_decode_kernel[(n_blocks,)](luts, codes, sm, pos.view(torch.int32), gaps,
-                                     counts if counts is not None else sm, out.view(torch.int16),
-                                     luts.shape[0], codes.numel(), n, gaps.numel(), HAS_COUNTS=counts is not None,
+                                     counts if counts is not None else sm, first if first is not None else sm,
+                                     out.view(torch.int16), luts.shape[0], codes.numel(), n, gaps.numel(),
+                                     HAS_COUNTS=counts is not None, HAS_FIRST=first is not None,
                                      THREADS=THREADS_PER_BLOCK, BYTES=BYTES_PER_THREAD, num_warps=DECODE_WARPS)
     return out

@@ -14,6 +14,7 @@ from bagel_rt.quant import (
     compress_units,
     df11_decode,
     df11_decode_ref,
+    df11_first_level,
     df11_window_counts,
     int8,
     int8_matmul,
@@ -145,6 +146,14 @@ def decode_both(buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
     counted = df11_decode({**dev, "window_counts": counts}, torch.full((n,), 7.0, dtype=torch.bfloat16,
                                                                          device=DEVICE))
     assert torch.equal(counted.view(torch.int16), out.view(torch.int16))
+    # the first level joined with the code lengths (the resident store's way too): the same bits
+    first = df11_first_level(dev)
+    short = dev["luts"][0].to(torch.int32) < 240
+    assert first.dtype == torch.int32 and torch.equal(first[short] & 0xFF, dev["luts"][0][short].to(torch.int32))
+    assert bool((first[short] >> 8 >= 1).all()) and bool((first[~short] < 256).all())
+    for extra in ({"first_level": first}, {"first_level": first, "window_counts": counts}):
+        joined = df11_decode({**dev, **extra}, torch.full((n,), 7.0, dtype=torch.bfloat16, device=DEVICE))
+        assert torch.equal(joined.view(torch.int16), out.view(torch.int16))
     return out.cpu(), ref
 
 
