@@ -307,8 +307,10 @@ def cases_df11(K):
     ref = w.cuda().flatten()
     for b in (joined, counted, unit):
         assert torch.equal(df11_decode(b, out), ref)
+    assert torch.equal(df11_decode(joined, out, True), ref)
     yield "df11_decode", {"N": FFN, "K": HIDDEN}, {
         "triton": lambda: df11_decode(joined, out),
+        "wide": lambda: df11_decode(joined, out, True),  # four-element reads and writes
         "two_loads": lambda: df11_decode(counted, out),  # level 0, then the length table, per code
         "no_counts": lambda: df11_decode(unit, out),
         "bf16_copy": lambda: out.copy_(ref),

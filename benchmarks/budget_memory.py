@@ -156,7 +156,13 @@ def main() -> None:
                          "bagel_rt.load with max_gpu_memory does): the bf16 model a DF11 run is built from then "
                          "strands ~5 GiB in fixed segments partly in use, and the DF11 t2i under 24 GiB fails "
                          "(H200, c1fb778)")
+    ap.add_argument("--df11-wide", action="store_true",
+                    help="DF11 decodes with four-element reads and writes (quant.df11_decode.WIDE_ACCESS)")
     a = ap.parse_args()
+    if a.df11_wide:
+        import importlib
+
+        importlib.import_module("bagel_rt.quant.df11_decode").WIDE_ACCESS = True
     if not a.late_expandable:
         from bagel_rt.placement import expandable_segments
 
@@ -180,7 +186,7 @@ def main() -> None:
             pipe.use_graphs = False
         row = dict(diag="budget_memory", weights=fmt, budget_gib=gib or None, task=task, height=a.size,
                    width=a.size, num_timesteps=a.steps, uncapped=a.uncapped, use_graphs=pipe.use_graphs,
-                   expandable_start=not a.late_expandable, **env)
+                   expandable_start=not a.late_expandable, df11_wide=a.df11_wide, **env)
         row["setup_gib"] = dict(allocated=round(torch.cuda.memory_allocated() / GIB, 2),
                                 reserved=round(torch.cuda.memory_reserved() / GIB, 2))
         try:

@@ -86,15 +86,17 @@ def main() -> None:
         sig = dict(luts_ptr="*u8", codes_ptr="*u8", sm_ptr="*u8", pos_ptr="*i32", gaps_ptr="*u8", cnt_ptr="*u8",
                    first_ptr="*i32", out_ptr="*i16", n_luts="i32", n_bytes="i32", n_elements="i32",
                    n_gap_bytes="i32")
-        for first in (False, True):
+        for first, wide in ((False, False), (True, False), (True, True)):
             consts = dict(HAS_COUNTS=True, HAS_FIRST=first, THREADS=df11.THREADS_PER_BLOCK,
-                          BYTES=df11.BYTES_PER_THREAD)
-            cases.append((f"df11{' first' if first else ''}", df11._df11_decode_kernel, sig, consts,
-                          df11.DECODE_WARPS))
+                          BYTES=df11.BYTES_PER_THREAD, WIDE=wide)
+            cases.append((f"df11{' first' if first else ''}{' wide' if wide else ''}", df11._df11_decode_kernel,
+                          sig, consts, df11.DECODE_WARPS))
     for name, fn, sig, consts, nw in cases:
         ops = loop_ops(fn, sig, consts, nw, a.arch)
         if "THREADS" in consts:  # the DF11 decode: one code per thread and iteration
-            print(f"{name:>16}: {sum(ops.values())} loop instructions per code; {dict(ops.most_common(8))}")
+            mem = {k: v for k, v in ops.items() if k in ("LDG", "STG", "LDS", "STS", "BAR")}
+            print(f"{name:>16}: {sum(ops.values())} loop instructions per code; {dict(ops.most_common(6))}; "
+                  f"memory {mem}")
             continue
         per_thread = consts["BN"] * consts["BK"] // (32 * nw)  # weights per thread and loop iteration
         total = sum(ops.values())

@@ -265,7 +265,7 @@ def _df11_count_kernel(luts_ptr, codes_ptr, gaps_ptr, cnt_ptr, n_luts, n_bytes, 
 @triton.jit
 def _df11_decode_kernel(luts_ptr, codes_ptr, sm_ptr, pos_ptr, gaps_ptr, cnt_ptr, first_ptr, out_ptr, n_luts,
                         n_bytes, n_elements, n_gap_bytes, HAS_COUNTS: tl.constexpr, HAS_FIRST: tl.constexpr,
-                        THREADS: tl.constexpr, BYTES: tl.constexpr):
+                        THREADS: tl.constexpr, BYTES: tl.constexpr, WIDE: tl.constexpr = False):
     i_b = tl.program_id(0)
     b_hi, b_lo, b_gap = _window(codes_ptr, gaps_ptr, i_b, n_bytes, n_gap_bytes, THREADS, BYTES)
     # phase 1, the codes that start in each window: counted once when the unit was loaded, or now
@@ -285,15 +285,37 @@ def _df11_decode_kernel(luts_ptr, codes_ptr, sm_ptr, pos_ptr, gaps_ptr, cnt_ptr,
     b_p = b_gap
     b_i = b_start
     n_iter = tl.max(b_end - b_start, axis=0)
+    # WIDE: the 4-element groups of the output that lie inside a thread's range are read (sign/mantissa, one
+    # 32-bit word) and written (bf16, one 64-bit word) once per group, not once per element: a thread's
+    # elements are contiguous but a warp's 32 threads are ~24 elements apart, so every per-element access of
+    # the warp touches 32 separate sectors
+    b_acc = tl.zeros([THREADS], dtype=tl.int64)  # the current group's words, packed
+    b_sw = tl.zeros([THREADS], dtype=tl.int32)  # the current group's sign/mantissa bytes
     for _ in range(0, n_iter):
         m_act = b_i < b_end
         if HAS_FIRST:  # one table load on the loop-carried chain for codes of up to 8 bits, not two
             b_d, b_len = _first_decode(first_ptr, luts_ptr, _peek32(b_hi, b_lo, b_p), n_luts)
         else:
             b_d, b_len = _lut_decode(luts_ptr, _peek32(b_hi, b_lo, b_p), n_luts)
-        b_s = tl.load(sm_ptr + b_i, mask=m_act, other=0).to(tl.int32)
+        if WIDE:
+            lane = b_i & 3
+            g = b_i - lane  # the element's group
+            whole = g + 3 < n_elements  # the group's sign/mantissa word lies inside the buffer
+            m_new = m_act & whole & ((lane == 0) | (b_i == b_start))
+            b_sw = tl.where(m_new, tl.load(sm_ptr.to(tl.pointer_type(tl.int32)) + (g >> 2), mask=m_new, other=0),
+                            b_sw)
+            b_s = tl.where(whole, (b_sw >> (8 * lane)) & 0xFF,
+                           tl.load(sm_ptr + b_i, mask=m_act & ~whole, other=0).to(tl.int32))
+        else:
+            b_s = tl.load(sm_ptr + b_i, mask=m_act, other=0).to(tl.int32)
         b_word = ((b_s & 0x7F) | (b_d << 7)) - ((b_s & 0x80) << 8)  # signed 16-bit value of the bf16 word
-        tl.store(out_ptr + b_i, b_word.to(tl.int16), mask=m_act)
+        if WIDE:
+            inside = (g >= b_start) & (g + 3 < b_end)  # the whole group is this thread's: one 64-bit store
+            b_acc = tl.where(lane == 0, 0, b_acc) | ((b_word & 0xFFFF).to(tl.int64) << (16 * lane).to(tl.int64))
+            tl.store(out_ptr.to(tl.pointer_type(tl.int64)) + (g >> 2), b_acc, mask=m_act & inside & (lane == 3))
+            tl.store(out_ptr + b_i, b_word.to(tl.int16), mask=m_act & ~inside)
+        else:
+            tl.store(out_ptr + b_i, b_word.to(tl.int16), mask=m_act)
         b_p = tl.where(m_act, b_p + b_len, b_p)
         b_i += m_act.to(tl.int32)
 
@@ -326,10 +348,17 @@ def df11_first_level(buffers: dict[str, Tensor]) -> Tensor:
     return torch.where(short, d | (length << 8), d).contiguous()
 
 
-def df11_decode(buffers: dict[str, Tensor], out: Tensor) -> Tensor:
+#: group the decode's sign/mantissa reads and bf16 writes four elements at a time (``_df11_decode_kernel``'s
+#: WIDE) where the buffers are aligned for it. Not yet measured on a GPU: off until it is
+WIDE_ACCESS = False
+
+
+def df11_decode(buffers: dict[str, Tensor], out: Tensor, wide: bool | None = None) -> Tensor:
     """Decodes the unit ``buffers`` (all on one CUDA device) into ``out`` (bf16 or int16, [n]); returns ``out``.
     With ``buffers["window_counts"]`` (:func:`df11_window_counts`) the counting phase is skipped; with
-    ``buffers["first_level"]`` (:func:`df11_first_level`) each short code costs one table load, not two."""
+    ``buffers["first_level"]`` (:func:`df11_first_level`) each short code costs one table load, not two.
+    ``wide``: four-element reads and writes (None: :data:`WIDE_ACCESS`; used only where ``out`` is 8-byte and
+    the sign/mantissa buffer 4-byte aligned)."""
     luts, codes, sm, pos, gaps = _unpack(buffers)
     n = sm.numel()
     _check_out(out, n)
@@ -347,5 +376,7 @@ def df11_decode(buffers: dict[str, Tensor], out: Tensor) -> Tensor:
                                      counts if counts is not None else sm, first if first is not None else sm,
                                      out.view(torch.int16), luts.shape[0], codes.numel(), n, gaps.numel(),
                                      HAS_COUNTS=counts is not None, HAS_FIRST=first is not None,
-                                     THREADS=THREADS_PER_BLOCK, BYTES=BYTES_PER_THREAD, num_warps=DECODE_WARPS)
+                                     THREADS=THREADS_PER_BLOCK, BYTES=BYTES_PER_THREAD, num_warps=DECODE_WARPS,
+                                     WIDE=bool(WIDE_ACCESS if wide is None else wide) and out.data_ptr() % 8 == 0
+                                     and sm.data_ptr() % 4 == 0)
     return out

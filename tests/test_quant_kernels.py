@@ -152,8 +152,13 @@ def decode_both(buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
     assert first.dtype == torch.int32 and torch.equal(first[short] & 0xFF, dev["luts"][0][short].to(torch.int32))
     assert bool((first[short] >> 8 >= 1).all()) and bool((first[~short] < 256).all())
     for extra in ({"first_level": first}, {"first_level": first, "window_counts": counts}):
-        joined = df11_decode({**dev, **extra}, torch.full((n,), 7.0, dtype=torch.bfloat16, device=DEVICE))
-        assert torch.equal(joined.view(torch.int16), out.view(torch.int16))
+        for wide in (False, True):  # the four-element reads and writes too (the unit's last group partial)
+            fresh = torch.full((n,), 7.0, dtype=torch.bfloat16, device=DEVICE)
+            joined = df11_decode({**dev, **extra}, fresh, wide)
+            assert torch.equal(joined.view(torch.int16), out.view(torch.int16))
+    # wide, into an output that is not 8-byte aligned (it falls back to element accesses)
+    shifted = torch.full((n + 1,), 7.0, dtype=torch.bfloat16, device=DEVICE)[1:]
+    assert torch.equal(df11_decode(dev, shifted, True).view(torch.int16), out.view(torch.int16))
     return out.cpu(), ref
 
 
