@@ -351,9 +351,8 @@ SETTINGS = {
 #: per-code loop at its best settings -> word-wise at these): qkv 16.2 -> 8.9, o 13.4 -> 7.5, down 61.3 -> 28.5
 #: (4 x 2048, c1fb778; 4 x 1024: 29.9), gate/up + SwiGLU 98.7 -> 51.2, lm_head 415.8 -> 193.0 (bf16 GEMV: 7.9, 6.3,
 #: 34.2, 64.5, 242.5); greedy decode 140.6 -> 269.3 tok/s (bf16 251.1, ``compressed_speed.py --tasks decode``,
-#: c1fb778). Triton 3.6
-#: (the GPU machine's) moves the per-code loop's word tile through shared memory once per code (14.0 sm_90 loop
-#: instructions per weight against 9.0 word-wise, ``benchmarks/decode_sass.py``).
+#: c1fb778). Triton 3.6 (the GPU machine's) moves the per-code loop's word tile through shared memory once per
+#: code (14.0 sm_90 loop instructions per weight against 9.0 word-wise, ``benchmarks/decode_sass.py``).
 NF4_SETTINGS = {
     "gemv": dict(BN=4, BK=512, num_warps=4, wordwise=True),
     "gemv_long": dict(BN=4, BK=2048, num_warps=4, wordwise=True),
@@ -361,7 +360,7 @@ NF4_SETTINGS = {
     "swiglu": dict(BN=4, BK=512, num_warps=4, wordwise=True),
 }
 LONG_K = 8192
-WIDE_N = 8192
+WIDE_N = 8192  # more output channels than this: lm_head's settings (NF4 here, the tensor-core GEMVs' "wide")
 
 
 def settings(kind: str, w: DecodeWeight) -> dict:

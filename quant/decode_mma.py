@@ -44,7 +44,7 @@ from bagel_rt.kernels.rms_norm import _added_row, _rms_norm_row, add_rms_norm_pa
 from bagel_rt.kernels.swiglu import swiglu_ref
 from torch import Tensor
 
-from .decode_gemv import DecodeWeight, _check, _codes  # the same argument checks and code views
+from .decode_gemv import WIDE_N, DecodeWeight, _check, _codes  # the same argument checks, code views, widths
 from .fp8_matmul import e4m3_to_f32, e4m3_unit
 
 __all__ = ["MMA_FORMATS", "Digits", "prefers_mma", "prefers_split", "x_digits", "x_digits_ref",
@@ -72,7 +72,6 @@ SETTINGS = {
             "swiglu": dict(BN=32, BK=256, num_warps=4, num_stages=4),
             "split": dict(BN=64, BK=256, num_warps=4, parts=4)},
 }
-WIDE_N = 8192
 #: the decoder's default ("triton") takes these kernels for a one-byte weight of more than ``MMA_MIN_N`` output
 #: channels and the FMA kernels below it. Measured (H200, CUDA-graph replay, 186c6be, results/kernels_h200.jsonl,
 #: microseconds, digits launch included), INT8 mma vs the best FMA setting: gate/up + SwiGLU 39.6 vs 42.3,
