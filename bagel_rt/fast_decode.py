@@ -51,11 +51,13 @@ from bagel_rt.quant.decode_gemv import (
     concat,
     decode_weight,
     qgemv,
+    qgemv_parts,
     qgemv_swiglu,
     swiglu_pair,
 )
 from bagel_rt.quant.decode_mma import (
     MMA_FORMATS,
+    SPLIT_MIN_K,
     Digits,
     add_rms_norm_digits,
     mma_gemv,
@@ -81,8 +83,10 @@ from .errors import InputError
 #: norms before gate/up and lm_head writing the digits their tensor-core GEMVs read (decode_mma.
 #: add_rms_norm_digits: 29 digit launches fewer per token). An experiment, slower than "triton" on the H200
 #: (decode, one process, 9c4a67a: INT8 338.1 vs 363.4 tok/s, FP8 283.7 vs 304.3; its split settings were then
-#: 32 x 512, since retuned to 64 x 256).
-GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split")
+#: 32 x 512, since retuned to 64 x 256). "triton-fsplit" is "triton" with the INT8 / FP8 down projections split
+#: over column ranges on the FMA kernels instead (decode_gemv.qgemv_parts, summed the same way): an A/B candidate,
+#: not measured on a GPU yet.
+GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit")
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
 #: before it drains, and the GEMVs request their first weight tile before waiting for its output
@@ -197,6 +201,8 @@ def _linear(mod: nn.Module, x: Tensor, impl: str, pdl: bool, packed: DecodeWeigh
     # compressed weights always take a decode GEMV (``impl`` "cublas" / "triton" chooses for bf16; see GEMVS);
     # ``parts``: the caller sums split-K parts [P, M, N] (a residual add follows), so "triton-split" may split
     if packed is not None:
+        if parts and impl == "triton-fsplit" and packed.fmt in MMA_FORMATS and packed.shape[1] > SPLIT_MIN_K:
+            return qgemv_parts(x, packed, mod.bias, pdl)
         if parts and _on_split(packed, impl):
             return mma_gemv_parts(x, packed, mod.bias, pdl)
         return _qgemv(x, packed, mod.bias, impl, pdl)

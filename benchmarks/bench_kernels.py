@@ -343,6 +343,9 @@ QGEMV_LONG_CANDIDATES = [(2, 1024, 2), (2, 2048, 4), (4, 2048, 4), (2, 1024, 4),
 MMA_SPLIT_CANDIDATES = [  # (parts, BN, BK, num_warps) of the split-K tensor-core GEMV (o, down; qkv to compare)
     (2, 32, 512, 4), (4, 32, 512, 4), (8, 32, 256, 4), (4, 16, 512, 4), (4, 64, 256, 4), (6, 32, 512, 4),
 ]
+FMA_SPLIT_CANDIDATES = [  # (parts, BN, BK, num_warps) of the split-K FMA GEMV (down)
+    (2, 4, 1024, 4), (3, 4, 1024, 4), (4, 4, 1024, 4), (2, 8, 512, 4), (4, 8, 512, 4), (2, 2, 1024, 2),
+]
 MMA_CANDIDATES = [  # (BN, BK, num_warps, num_stages) tried beside bagel_rt.quant.decode_mma's settings
     (16, 256, 4, 3), (16, 1024, 4, 3), (16, 1024, 8, 3), (16, 512, 4, 5), (32, 512, 4, 3), (32, 256, 4, 4),
     (64, 256, 4, 3), (64, 512, 8, 3), (128, 256, 8, 3),
@@ -361,6 +364,7 @@ def cases_qgemv(K):
         _qgemv_swiglu,
         concat,
         decode_weight,
+        qgemv_parts,
         settings,
         swiglu_pair,
     )
@@ -415,6 +419,10 @@ def cases_qgemv(K):
                 for pp, bn, bk, nw in MMA_SPLIT_CANDIDATES:
                     cfg = dict(parts=pp, BN=bn, BK=bk, num_warps=nw)
                     mma[f"split{pp} {bn}x{bk}/{nw}"] = lambda x=x, w=w, c=cfg: mma_gemv_parts(x, w, cfg=c)
+                if Kd > 8192:  # ... and on the FMA kernels (decode_gemv.qgemv_parts)
+                    for pp, bn, bk, nw in FMA_SPLIT_CANDIDATES:
+                        cfg = dict(parts=pp, BN=bn, BK=bk, num_warps=nw)
+                        mma[f"fsplit{pp} {bn}x{bk}/{nw}"] = lambda x=x, w=w, c=cfg: qgemv_parts(x, w, cfg=c)
             yield f"qgemv_{fmt}", {"proj": name, "N": N, "K": Kd}, {
                 **candidates(fmt, w, lambda c, x=x, w=w: _qgemv(x, w, None, False, c), "gemv"), **mma,
                 "module": lambda x=x, mods=mods: [m(x) for m in mods],

@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from bagel_rt.kernels._device import gdc_wait
-from bagel_rt.kernels.gemv import MAX_M, _launch, _w_tile, _x_tile, swiglu_store
+from bagel_rt.kernels._device import gdc_wait, is_interpreting, pdl_kwargs
+from bagel_rt.kernels.gemv import INTERPRETER_CONFIG, MAX_M, _launch, _w_tile, _x_tile, swiglu_store
 from bagel_rt.kernels.swiglu import swiglu_ref
 from torch import Tensor, nn
 
@@ -68,6 +68,8 @@ __all__ = [
     "concat",
     "dequantize_ref",
     "qgemv",
+    "qgemv_parts",
+    "qgemv_parts_ref",
     "qgemv_ref",
     "qgemv_swiglu",
     "qgemv_swiglu_ref",
@@ -182,26 +184,42 @@ def _code_unit(CODE: tl.constexpr):
 
 @triton.jit
 def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
-    i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
+                    BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr, K_PER=0, stride_yp=0,
+                    SPLIT: tl.constexpr = False):
+    # SPLIT: program (n block, part p, row m) sums columns [p K_PER, (p + 1) K_PER) into fp32 part p of y [P, M, N]
+    # (the bias in part 0); else program (n block, row m) the whole row into y [M, N]
+    i_n = tl.program_id(0)
+    if SPLIT:
+        i_p, i_m = tl.program_id(1), tl.program_id(2).to(tl.int64)
+        k_lo = i_p * K_PER
+        k_hi = tl.minimum(k_lo + K_PER, K)
+    else:
+        i_p, i_m = 0, tl.program_id(1).to(tl.int64)
+        k_lo, k_hi = 0, K
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
     p_w = w + o_n.to(tl.int64) * K
     # rotated loop as in bagel_rt.kernels.gemv: the first tile is requested before the wait
-    b_w = _w_tile(p_w, m_n, 0, K, BK)
+    b_w = _w_tile(p_w, m_n, k_lo, k_hi, BK)
     gdc_wait(USE_GDC)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):
         # [BK]
-        b_x = _x_tile(p_x, k0, K, BK)
+        b_x = _x_tile(p_x, k0, k_hi, BK)
         acc += _decode8(b_w, CODE) * b_x[None, :]
-        b_w = _w_tile(p_w, m_n, k0 + BK, K, BK)
+        b_w = _w_tile(p_w, m_n, k0 + BK, k_hi, BK)
     # [BN]: the per-channel scale, then the bias, on the fp32 sums (one rounding)
     b_y = tl.sum(acc, axis=1) * (tl.load(s + o_n, mask=m_n, other=0.0) * _code_unit(CODE))
     if HAS_BIAS:
-        b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
-    tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+        b_b = tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
+        if SPLIT:  # the bias in part 0 only
+            b_b = tl.where(i_p == 0, b_b, 0.0)
+        b_y += b_b
+    if SPLIT:
+        tl.store(y + i_p * stride_yp + i_m * stride_ym + o_n, b_y, mask=m_n)
+    else:
+        tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
 
 
 @triton.jit
@@ -459,6 +477,64 @@ def qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = Fa
         [M, N] in x.dtype; fp32 sums, scale and bias applied before the one rounding.
     """
     return _qgemv(x, w, bias, pdl, settings("gemv", w), native)
+
+
+#: split-K settings of the one-byte formats' FMA GEMV (:func:`qgemv_parts`): the part count and the launch. An
+#: A/B candidate for the long down projection (K = 18944, 3.1 TB/s unsplit at 4 x 1024 / 4 on the H200: its 896
+#: programs leave SMs with 6 or 7, a one-program tail); not measured on a GPU yet
+PARTS_SETTINGS = dict(BN=4, BK=1024, num_warps=4, parts=2)
+
+
+def _parts_settings(cfg: dict | None) -> tuple[dict, int]:
+    # (launch settings, parts asked for): the interpreter's small tiles with the parts of ``cfg``
+    c = dict(cfg or PARTS_SETTINGS)
+    parts = c.pop("parts")
+    return (dict(INTERPRETER_CONFIG) if is_interpreting() else c), parts
+
+
+def _part_columns(K: int, BK: int, parts: int) -> int:
+    # columns per part: whole BK tiles (so every part's loop runs whole tiles but the last)
+    return triton.cdiv(triton.cdiv(K, parts), BK) * BK
+
+
+def qgemv_parts(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False,
+                cfg: dict | None = None) -> Tensor:
+    """:func:`qgemv` of an INT8 / FP8 weight split over column ranges (split-K): the fp32 partial products
+    [P, M, N] whose sum (in order) is ``x @ dequantize(w).T (+ bias, in part 0)``; ``bagel_rt.kernels.
+    add_rms_norm_parts`` sums them in the residual add that follows, so the split costs no launch of its own.
+    ``cfg``: launch settings plus ``parts`` (the ranges asked for; P may come out smaller for short rows;
+    default :data:`PARTS_SETTINGS`)."""
+    assert w.fmt in ("int8", "fp8"), f"qgemv_parts takes INT8 / FP8 weights, got {w.fmt}"
+    M, N, K = _check(x, w)
+    c, parts = _parts_settings(cfg)
+    per = _part_columns(K, c["BK"], parts)
+    P = max(1, triton.cdiv(K, per))
+    y = torch.empty((P, M, N), dtype=torch.float32, device=x.device)
+    if M == 0 or N == 0:
+        return y.zero_()
+    b = bias if bias is not None else w.scale
+    _q8_gemv_kernel[(triton.cdiv(N, c["BN"]), P, M)](x, _codes(w), w.scale, b, y, N, K, x.stride(0), y.stride(1),
+                                                     HAS_BIAS=bias is not None, CODE=_code(w, x), K_PER=per,
+                                                     stride_yp=y.stride(0), SPLIT=True, **c,
+                                                     **pdl_kwargs(pdl, x.device))
+    return y
+
+
+def qgemv_parts_ref(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False,
+                    cfg: dict | None = None) -> Tensor:
+    """Reference of :func:`qgemv_parts`: the same column ranges, each range's product in fp64 (the bias in part
+    0), as fp32 [P, M, N] (``pdl`` unused)."""
+    K = x.shape[1]
+    c, parts = _parts_settings(cfg)
+    per = _part_columns(K, c["BK"], parts)
+    wd, xd = dequantize_ref(w).double(), x.double()
+    out = []
+    for lo in range(0, max(K, 1), per):
+        part = xd[:, lo:lo + per] @ wd[:, lo:lo + per].T
+        if bias is not None and lo == 0:
+            part = part + bias.double()[None, :]
+        out.append(part.float())
+    return torch.stack(out)
 
 
 def qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool = False) -> Tensor:

@@ -16,6 +16,8 @@ from bagel_rt.quant.decode_gemv import (
     decode_weight,
     dequantize_ref,
     qgemv,
+    qgemv_parts,
+    qgemv_parts_ref,
     qgemv_ref,
     qgemv_swiglu,
     qgemv_swiglu_ref,
@@ -173,3 +175,34 @@ def test_decode_shapes_bf16(fmt):
     if fmt == "nf4":
         got = _qgemv_swiglu(x, gate, up, True, dict(settings("swiglu", gate), wordwise=False))
         assert_close("nf4 per-code gate/up", qgemv_swiglu_ref(x, gate, up), got, 1e-2)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N, K, parts", [(37, 200, 2), (9, 640, 3), (16, 64, 4), (5, 1000, 1)])
+def test_qgemv_parts(fmt, dtype, N, K, parts):
+    """The split-K FMA GEMV against its reference (the same column ranges in fp64), with a bias and three rows,
+    and its parts' sum against the whole product; a part count the row cannot fill gives fewer parts."""
+    w, bias = make_weight(fmt, N, K, bias=True)
+    x = torch.randn(3, K, device=DEV).to(dtype)
+    cfg = dict(BN=4, BK=128, num_warps=4, parts=parts)
+    for b in (None, bias):
+        got = qgemv_parts(x, w, b, False, cfg)
+        want = qgemv_parts_ref(x, w, b, False, cfg)
+        assert got.dtype == torch.float32 and got.shape == want.shape and got.shape[1:] == (3, N)
+        assert_close(f"{fmt} parts", want, got, 1e-5)
+        assert_close(f"{fmt} parts sum", qgemv_ref(x.float(), w, b), got.sum(0), 1e-5)
+    assert qgemv_parts(x[:, :64], make_weight(fmt, N, 64)[0], None, False, dict(cfg, parts=8)).shape[0] == 1
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_qgemv_parts_down_bf16(fmt):
+    """bf16 at BAGEL-7B's down projection (3584 x 18944), at the default and a few candidate settings."""
+    w, _ = make_weight(fmt, 3584, 18944)
+    x = torch.randn(1, 18944, device="cuda", dtype=torch.bfloat16)
+    want = qgemv_ref(x.float(), w)
+    for cfg in (None, dict(BN=4, BK=1024, num_warps=4, parts=4), dict(BN=8, BK=512, num_warps=4, parts=2)):
+        for pdl in (False, True):
+            assert_close(f"{fmt} down parts {cfg}", want, qgemv_parts(x, w, None, pdl, cfg).sum(0), 1e-4)

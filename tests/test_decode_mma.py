@@ -196,7 +196,7 @@ def test_every_code_exact(fmt):
 
 
 @pytest.mark.parametrize("gemv, min_n", [("triton-mma", None), ("triton-split", None), ("triton-split", 0),
-                                         ("triton", "split")])
+                                         ("triton", "split"), ("triton-fsplit", "fsplit")])
 def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv, min_n, monkeypatch):
     """gemv="triton-mma" / "triton-split" (o and down split-K, summed by the residual add; with every weight
     "wide" (min_n 0), gate/up and lm_head fed digits by the norms before them), and the default "triton" with
@@ -206,6 +206,12 @@ def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv, min_n, monkeypat
 
     import bagel_rt.fast_decode as fd
 
+    if min_n == "fsplit":  # every INT8 / FP8 o and down on the split-K FMA kernels
+        monkeypatch.setattr(fd, "SPLIT_MIN_K", 0)
+        fsplit = []
+        real_fsplit = fd.qgemv_parts
+        monkeypatch.setattr(fd, "qgemv_parts", lambda x, w, *a: fsplit.append(w.fmt) or real_fsplit(x, w, *a))
+        min_n = None
     if min_n == "split":
         monkeypatch.setattr(dm, "SPLIT_MIN_K", 0)
         split = []
@@ -228,6 +234,8 @@ def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv, min_n, monkeypat
         assert set(fused) == {"int8", "fp16"} and len(fused) % (pipe.model.params.llm.num_layers + 1) == 0
     if gemv == "triton":  # o and down of every layer, FP8 only
         assert set(split) == {"fp8"} and len(split) % (2 * pipe.model.params.llm.num_layers) == 0
+    if gemv == "triton-fsplit":  # o and down of every layer, INT8 and FP8
+        assert set(fsplit) == {"int8", "fp8"} and len(fsplit) % (2 * pipe.model.params.llm.num_layers) == 0
 
 
 @requires_cuda
@@ -255,9 +263,9 @@ def test_mma_greedy_matches_fma_bf16(tiny_dir, fmt):
     s = prompted(pipe)
     runs = {g: GraphDecoder(pipe.model, num_splits=4, gemv=g).generate(s.gen.fork(extra=24), 24, record=True,
                                                                         stop_tokens=())
-            for g in ("triton-fma", "triton-mma", "triton-split")}
-    assert rel_l2(runs["triton-mma"][1], runs["triton-fma"][1]) < 2e-2
-    assert rel_l2(runs["triton-split"][1], runs["triton-fma"][1]) < 2e-2
+            for g in ("triton-fma", "triton-mma", "triton-split", "triton-fsplit")}
+    for g in ("triton-mma", "triton-split", "triton-fsplit"):
+        assert rel_l2(runs[g][1], runs["triton-fma"][1]) < 2e-2, g
 
 
 def test_default_gemvs_choose_by_shape():
