@@ -185,11 +185,14 @@ def _on_mma(w: DecodeWeight, impl: str) -> bool:
     return impl == "triton-mma" or prefers_mma(w)
 
 
-def _on_split(w: DecodeWeight, impl: str) -> bool:
-    # whether a compressed weight whose output a residual add sums takes the split-K tensor-core GEMV
+def _split(w: DecodeWeight, impl: str) -> str | None:
+    # for a compressed weight whose output a residual add sums: the split-K GEMV it takes, "mma" (tensor cores)
+    # or "fma" (triton-fsplit, long rows), or None (unsplit)
     if impl in ("triton-fma", "triton-mma") or w.fmt not in MMA_FORMATS:
-        return False
-    return impl == "triton-split" or prefers_split(w)
+        return None
+    if impl == "triton-fsplit" and w.shape[1] > SPLIT_MIN_K:
+        return "fma"
+    return "mma" if impl == "triton-split" or prefers_split(w) else None
 
 
 def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, impl: str, pdl: bool) -> Tensor:
@@ -201,10 +204,9 @@ def _linear(mod: nn.Module, x: Tensor, impl: str, pdl: bool, packed: DecodeWeigh
     # compressed weights always take a decode GEMV (``impl`` "cublas" / "triton" chooses for bf16; see GEMVS);
     # ``parts``: the caller sums split-K parts [P, M, N] (a residual add follows), so "triton-split" may split
     if packed is not None:
-        if parts and impl == "triton-fsplit" and packed.fmt in MMA_FORMATS and packed.shape[1] > SPLIT_MIN_K:
-            return qgemv_parts(x, packed, mod.bias, pdl)
-        if parts and _on_split(packed, impl):
-            return mma_gemv_parts(x, packed, mod.bias, pdl)
+        split = _split(packed, impl) if parts else None
+        if split is not None:
+            return (qgemv_parts if split == "fma" else mma_gemv_parts)(x, packed, mod.bias, pdl)
         return _qgemv(x, packed, mod.bias, impl, pdl)
     if impl != "cublas" and type(mod) is nn.Linear:
         return gemv(x, mod.weight, mod.bias, pdl)

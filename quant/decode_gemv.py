@@ -493,8 +493,21 @@ def _parts_settings(cfg: dict | None) -> tuple[dict, int]:
 
 
 def _part_columns(K: int, BK: int, parts: int) -> int:
-    # columns per part: whole BK tiles (so every part's loop runs whole tiles but the last)
+    # columns per part of a split-K GEMV (this module's and decode_mma's): whole BK tiles, so every part's loop
+    # runs whole tiles but the last
     return triton.cdiv(triton.cdiv(K, parts), BK) * BK
+
+
+def _parts_ref(K: int, per: int, part, bias: Tensor | None) -> Tensor:
+    # fp32 [P, M, N] of a split-K reference: ``part(lo, hi)`` the fp64 [M, N] product of columns [lo, hi), the
+    # bias in part 0
+    out = []
+    for lo in range(0, max(K, 1), per):
+        rows = part(lo, lo + per)
+        if bias is not None and lo == 0:
+            rows = rows + bias.double()[None, :]
+        out.append(rows.float())
+    return torch.stack(out)
 
 
 def qgemv_parts(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False,
@@ -528,13 +541,7 @@ def qgemv_parts_ref(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl:
     c, parts = _parts_settings(cfg)
     per = _part_columns(K, c["BK"], parts)
     wd, xd = dequantize_ref(w).double(), x.double()
-    out = []
-    for lo in range(0, max(K, 1), per):
-        part = xd[:, lo:lo + per] @ wd[:, lo:lo + per].T
-        if bias is not None and lo == 0:
-            part = part + bias.double()[None, :]
-        out.append(part.float())
-    return torch.stack(out)
+    return _parts_ref(K, per, lambda lo, hi: xd[:, lo:hi] @ wd[:, lo:hi].T, bias)
 
 
 def qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool = False) -> Tensor:

@@ -44,7 +44,8 @@ from bagel_rt.kernels.rms_norm import _added_row, _rms_norm_row, add_rms_norm_pa
 from bagel_rt.kernels.swiglu import swiglu_ref
 from torch import Tensor
 
-from .decode_gemv import WIDE_N, DecodeWeight, _check, _codes  # the same argument checks, code views, widths
+# the same argument checks, code views, widths and split-K column ranges
+from .decode_gemv import WIDE_N, DecodeWeight, _check, _codes, _part_columns, _parts_ref
 from .fp8_matmul import e4m3_to_f32, e4m3_unit
 
 __all__ = ["MMA_FORMATS", "Digits", "prefers_mma", "prefers_split", "x_digits", "x_digits_ref",
@@ -413,7 +414,7 @@ def _launch(kernel, x: Tensor | Digits, w: DecodeWeight, weight_args: tuple, pdl
     nw = c.pop("num_warps")
     grid, split = (triton.cdiv(N, c["BN"]),), {}
     if kind == "split":
-        per = triton.cdiv(triton.cdiv(K, c.pop("parts")), c["BK"]) * c["BK"]  # whole BK tiles per part
+        per = _part_columns(K, c["BK"], c.pop("parts"))
         parts = max(1, triton.cdiv(K, per))
         y = torch.empty((parts, M, N), dtype=torch.float32, device=device)
         grid, split = (grid[0], parts), dict(K_PER=per, stride_yp=y.stride(0), SPLIT=True)
@@ -470,14 +471,7 @@ def mma_gemv_parts_ref(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, p
     digit products summed in fp64 and combined as the kernel does (``pdl`` unused)."""
     c = _settings(w, cfg, "split")
     K = x.shape[1]
-    per = triton.cdiv(triton.cdiv(K, c["parts"]), c["BK"]) * c["BK"]
-    out = []
-    for lo in range(0, max(K, 1), per):
-        rows = _ref_rows(x, w, lo, lo + per)
-        if bias is not None and lo == 0:
-            rows = rows + bias.double()[None, :]
-        out.append(rows.float())
-    return torch.stack(out)
+    return _parts_ref(K, _part_columns(K, c["BK"], c["parts"]), lambda lo, hi: _ref_rows(x, w, lo, hi), bias)
 
 
 def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool = False,

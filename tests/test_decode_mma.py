@@ -286,20 +286,22 @@ def test_default_gemvs_choose_by_shape():
 
 def test_default_split_by_shape():
     """"triton" splits FP8 weights of more than SPLIT_MIN_K columns (down) over K on the tensor cores; INT8 and
-    NF4 keep their kernels; "triton-split" splits every one-byte weight it is given; "triton-fma" /
-    "triton-mma" never split."""
+    NF4 keep their kernels; "triton-split" splits every one-byte weight it is given on the tensor cores,
+    "triton-fsplit" the long ones on the FMA kernels; "triton-fma" / "triton-mma" never split."""
     from bagel_rt.quant.decode_mma import SPLIT_MIN_K
 
-    from bagel_rt.fast_decode import _on_split
+    from bagel_rt.fast_decode import _split
 
     long8, _ = make_weight("fp8", 16, SPLIT_MIN_K + 64)
     short8, _ = make_weight("fp8", 16, 64)
-    assert _on_split(long8, "triton") and _on_split(long8, "cublas") and not _on_split(short8, "triton")
-    assert not _on_split(long8, "triton-fma") and not _on_split(long8, "triton-mma")
+    assert _split(long8, "triton") == _split(long8, "cublas") == "mma" and _split(short8, "triton") is None
+    assert _split(long8, "triton-fma") is None and _split(long8, "triton-mma") is None
     long_int8, _ = make_weight("int8", 16, SPLIT_MIN_K + 64)
-    assert not _on_split(long_int8, "triton") and _on_split(long_int8, "triton-split")
+    assert _split(long_int8, "triton") is None and _split(long_int8, "triton-split") == "mma"
+    assert _split(long_int8, "triton-fsplit") == _split(long8, "triton-fsplit") == "fma"
+    assert _split(short8, "triton-fsplit") is None
     long_nf4, _ = make_weight("nf4", 16, SPLIT_MIN_K + 64)
-    assert not any(_on_split(long_nf4, g) for g in ("triton", "triton-split"))
+    assert not any(_split(long_nf4, g) for g in ("triton", "triton-split", "triton-fsplit"))
 
 
 def test_unknown_gemv_is_refused(tiny_dir):
