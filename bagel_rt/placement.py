@@ -112,9 +112,9 @@ def limit_gpu_memory(bagel, gib: float) -> dict:
     # DF11 modules read weights the store decodes into its own buffers: their tensors must stay where they are
     compacted = compact(bagel) if expandable and bagel.df11 is None else None
     resident = torch.cuda.memory_allocated(device) / GIB
-    stranded = torch.cuda.memory_reserved(device) / GIB - resident
-    if stranded * GIB > STRANDED_BYTES:
-        warnings.warn(f"{stranded:.2f} GiB of GPU memory stay reserved in allocator segments partly in use "
+    stranded = held_bytes(device)
+    if stranded > STRANDED_BYTES:
+        warnings.warn(f"{stranded / GIB:.2f} GiB of GPU memory stay reserved in allocator segments partly in use "
                       f"(allocated before the budget was set); the {gib:g} GiB budget counts them. Pass "
                       "max_gpu_memory to bagel_rt.load (--max-gpu-memory) so that it applies from the first "
                       "allocation", RuntimeWarning, stacklevel=3)
@@ -145,18 +145,23 @@ def limit_gpu_memory(bagel, gib: float) -> dict:
 STRANDED_BYTES = 256 * 2**20
 
 
+def held_bytes(device: torch.device) -> int:
+    """Bytes the caching allocator holds reserved but unallocated on ``device`` (a cap counts them)."""
+    return torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def compact(bagel) -> int | None:
     """Move the model's resident tensors into the expandable segment when the allocator's old segments hold more
     than :data:`STRANDED_BYTES` it cannot release; returns the bytes of reservation released (None: not needed).
     Caches holding the old tensors (captured denoisers, the text decoder) must be dropped before."""
     device = bagel.device
-    held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    held = held_bytes(device)
     if held <= STRANDED_BYTES:
         return None
     reallocate(bagel.model, device)
     gc.collect()
     torch.cuda.empty_cache()
-    return max(0, held - (torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)))
+    return max(0, held - held_bytes(device))
 
 
 def reallocate(module: torch.nn.Module, device: torch.device) -> None:

@@ -185,8 +185,8 @@ class Session:
         # the graph decoder copies the weights of every layer: not for split models (tensor-parallel, layer split)
         split = self.model.parallel is not None and self.model.parallel.mode != "cfg"
         graphs = self.bagel.backend == "triton" and not self.bagel.df11_resident and not split
-        # under a budget lm_head (and, for the graph decoder, the token table) visits the GPU for this phase only
-        # under a budget, running out of memory is the pipeline's clear InputError (sessions are used directly too)
+        # under a budget: lm_head (and, for the graph decoder, the token table) visits the GPU for this phase only,
+        # and running out of memory is the pipeline's clear InputError (sessions are used directly too)
         with self.bagel._budget_errors(), text_phase(self.bagel, embeddings=graphs):
             if graphs:
                 from .fast_decode import fast_gen_text
