@@ -104,6 +104,17 @@ def df11_pipe(task: str, size: int, steps: int):
     return pipe, ref
 
 
+def ours(filename: str, benchmarks: bool = False) -> bool:
+    """Whether a frame is in the project's code (with ``benchmarks``, these scripts count too)."""
+    return "bagel_rt" in filename or "/quant/" in filename or (benchmarks and "benchmarks" in filename)
+
+
+def memory_gib() -> dict:
+    """The allocator's allocated and reserved GiB now."""
+    return dict(allocated=round(torch.cuda.memory_allocated() / GIB, 2),
+                reserved=round(torch.cuda.memory_reserved() / GIB, 2))
+
+
 def memory_at_failure(top: int = 8) -> dict:
     """The allocator's segments at a failure, by pool (the default pool is ``(0, 0)``; CUDA-graph pools are
     private): reserved and allocated MiB, and, with ``--history``, the largest live blocks of the private pools
@@ -124,7 +135,7 @@ def memory_at_failure(top: int = 8) -> dict:
             for b in seg["blocks"]:
                 if b["state"] == "active_allocated":
                     frames = [f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in b.get("frames", [])
-                              if "bagel_rt" in f["filename"] or "/quant/" in f["filename"]]
+                              if ours(f["filename"])]
                     live.append((b["size"] / 2**20, key, frames[:4]))
     for p in pools.values():
         p["reserved_mib"], p["allocated_mib"] = round(p["reserved_mib"], 1), round(p["allocated_mib"], 1)
@@ -152,10 +163,10 @@ def main() -> None:
                     help="record the allocator's history, so that a failure reports which code holds the memory "
                          "of the CUDA-graph pools (slower; for diagnosis)")
     ap.add_argument("--late-expandable", action="store_true",
-                    help="switch to expandable segments at the placement only, not at the process start (as "
-                         "bagel_rt.load with max_gpu_memory does): the bf16 model a DF11 run is built from then "
-                         "strands ~5 GiB in fixed segments partly in use, and the DF11 t2i under 24 GiB fails "
-                         "(H200, c1fb778)")
+                    help="switch to expandable segments at the placement only, not at the process start (where "
+                         "bagel_rt.load with max_gpu_memory switches): the bf16 model a DF11 run is built from "
+                         "then strands ~5 GiB in fixed segments partly in use, and the DF11 t2i under 24 GiB "
+                         "fails (H200, c1fb778)")
     ap.add_argument("--df11-wide", action="store_true",
                     help="DF11 decodes with four-element reads and writes (quant.df11_decode.WIDE_ACCESS)")
     a = ap.parse_args()
@@ -187,13 +198,11 @@ def main() -> None:
         row = dict(diag="budget_memory", weights=fmt, budget_gib=gib or None, task=task, height=a.size,
                    width=a.size, num_timesteps=a.steps, uncapped=a.uncapped, use_graphs=pipe.use_graphs,
                    expandable_start=not a.late_expandable, df11_wide=a.df11_wide, **env)
-        row["setup_gib"] = dict(allocated=round(torch.cuda.memory_allocated() / GIB, 2),
-                                reserved=round(torch.cuda.memory_reserved() / GIB, 2))
+        row["setup_gib"] = memory_gib()
         try:
             if gib:
                 row["placement"] = pipe.limit_gpu_memory(gib)
-                row["placed_gib"] = dict(allocated=round(torch.cuda.memory_allocated() / GIB, 2),
-                                         reserved=round(torch.cuda.memory_reserved() / GIB, 2))
+                row["placed_gib"] = memory_gib()
                 if a.uncapped:
                     torch.cuda.set_per_process_memory_fraction(1.0)
             resident = torch.cuda.memory_allocated() / GIB
@@ -218,11 +227,9 @@ def main() -> None:
             # the innermost frames of the project's code (which allocation ran out)
             cause = e.__context__ if isinstance(e, InputError) and e.__context__ is not None else e  # the OOM
             frames = [f"{Path(f.filename).name}:{f.lineno}:{f.name}"
-                      for f in traceback.extract_tb(cause.__traceback__)
-                      if "bagel_rt" in f.filename or "/quant/" in f.filename or "benchmarks" in f.filename]
+                      for f in traceback.extract_tb(cause.__traceback__) if ours(f.filename, True)]
             row.update(error=str(e).splitlines()[0][:1000], failed_in=failed, failed_at=frames[-6:],
-                       at_failure_gib=dict(allocated=round(torch.cuda.memory_allocated() / GIB, 2),
-                                           reserved=round(torch.cuda.memory_reserved() / GIB, 2)),
+                       at_failure_gib=memory_gib(),
                        at_failure=memory_at_failure())
         emit(row, a.out)
         del pipe
