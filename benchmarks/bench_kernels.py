@@ -339,7 +339,7 @@ QGEMV_CANDIDATES = {  # (BN, BK, num_warps) tried beside the default settings of
     "nf4": [(8, 1024, 8), (8, 512, 4), (4, 1024, 4), (4, 512, 4), (8, 256, 2), (4, 256, 2), (2, 512, 2),
             (16, 256, 4), (2, 1024, 4)],
 }
-QGEMV_LONG_CANDIDATES = [(2, 1024, 2), (2, 2048, 4), (4, 2048, 4), (2, 1024, 4), (1, 2048, 2)]  # + for K > 8192
+QGEMV_LONG_CANDIDATES = [(2, 1024, 2), (2, 2048, 4), (4, 2048, 4), (2, 1024, 4), (1, 2048, 2)]  # + for K > LONG_K
 MMA_SPLIT_CANDIDATES = [  # (parts, BN, BK, num_warps) of the split-K tensor-core GEMV (o, down; qkv to compare)
     (2, 32, 512, 4), (4, 32, 512, 4), (8, 32, 256, 4), (4, 16, 512, 4), (4, 64, 256, 4), (6, 32, 512, 4),
 ]
@@ -360,6 +360,7 @@ def cases_qgemv(K):
     fp32 parts, for the narrow projections). Rate: the compressed bytes."""
     from bagel_rt.quant import FP8Linear, Int8Linear, NF4Linear
     from bagel_rt.quant.decode_gemv import (
+        LONG_K,
         _qgemv,
         _qgemv_swiglu,
         concat,
@@ -378,7 +379,7 @@ def cases_qgemv(K):
 
     def candidates(fmt, w, run, kind):
         out = {"triton": lambda: run(settings(kind, w))}
-        long = QGEMV_LONG_CANDIDATES if w.shape[1] > 8192 else []
+        long = QGEMV_LONG_CANDIDATES if w.shape[1] > LONG_K else []
         for bn, bk, nw in QGEMV_CANDIDATES["nf4" if fmt == "nf4" else "int8"] + long:
             out[f"{bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw): run(c)
             if fmt == "nf4":  # the word-wise NF4 decode (decode_gemv._nf4_acc) at the same settings
@@ -419,7 +420,7 @@ def cases_qgemv(K):
                 for pp, bn, bk, nw in MMA_SPLIT_CANDIDATES:
                     cfg = dict(parts=pp, BN=bn, BK=bk, num_warps=nw)
                     mma[f"split{pp} {bn}x{bk}/{nw}"] = lambda x=x, w=w, c=cfg: mma_gemv_parts(x, w, cfg=c)
-                if Kd > 8192:  # ... and on the FMA kernels (decode_gemv.qgemv_parts)
+                if Kd > LONG_K:  # ... and on the FMA kernels (decode_gemv.qgemv_parts)
                     for pp, bn, bk, nw in FMA_SPLIT_CANDIDATES:
                         cfg = dict(parts=pp, BN=bn, BK=bk, num_warps=nw)
                         mma[f"fsplit{pp} {bn}x{bk}/{nw}"] = lambda x=x, w=w, c=cfg: qgemv_parts(x, w, cfg=c)
