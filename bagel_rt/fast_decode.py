@@ -46,6 +46,7 @@ from bagel_rt.kernels import (
     swiglu,
     varlen_attention,
 )
+from bagel_rt.kernels._device import l2_prefetch_on
 from bagel_rt.quant.decode_gemv import (
     DecodeWeight,
     concat,
@@ -85,8 +86,10 @@ from .errors import InputError
 #: (decode, one process, 9c4a67a: INT8 338.1 vs 363.4 tok/s, FP8 283.7 vs 304.3; its split settings were then
 #: 32 x 512, since retuned to 64 x 256). "triton-fsplit" is "triton" with the INT8 / FP8 down projections split
 #: over column ranges on the FMA kernels instead (decode_gemv.qgemv_parts, summed the same way): an A/B candidate,
-#: not measured on a GPU yet.
-GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit")
+#: not measured on a GPU yet. "triton-prefetch" is "triton" with every GEMV asking L2 for all of its weight lines
+#: before it waits for the previous kernel (bagel_rt.kernels._device.l2_prefetch; bf16 GEMVs too): an A/B
+#: candidate, not measured on a GPU yet.
+GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit", "triton-prefetch")
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
 #: before it drains, and the GEMVs request their first weight tile before waiting for its output
@@ -258,6 +261,9 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
     Hq, Hk, D, eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
     layers = layers if layers is not None else und_layers(model)
     impl = check_gemv(gemv_impl)
+    if impl == "triton-prefetch":
+        with l2_prefetch_on():
+            return decode_step_kernels(model, cache, token, pos, length, layers, num_splits, "triton", pdl, head)
     dev, dt = token.device, cache.dtype
     x = lm.model.embed_tokens(token)  # [1, H]
     cos, sin = rope_cos_sin(pos, D, p.rope_theta, dt)  # [1, D] each, rounded to dt like the reference

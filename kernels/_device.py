@@ -6,6 +6,7 @@ Nothing here runs at import time: every question is asked when a launcher calls 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -90,3 +91,48 @@ def gdc_wait(USE_GDC: tl.constexpr):
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+#: An A/B experiment of the decode GEMVs (``bagel_rt.fast_decode`` "triton-prefetch", not measured on a GPU yet):
+#: before a GEMV program waits for the previous kernel (PDL), it asks L2 for every weight line it will stream
+#: (:func:`l2_prefetch`), not only its first tile, so that the DRAM keeps busy through the short kernels between
+#: the GEMVs (norms, RoPE, attention; ~0.3 ms of a ~3.9 ms bf16 token on the H200). Read at launch by
+#: :func:`prefetch_kwargs`; set with :func:`l2_prefetch_on`.
+_L2_PREFETCH = [False]
+
+
+@contextlib.contextmanager
+def l2_prefetch_on(on: bool = True):
+    """Within the block, GEMV launches with PDL also prefetch their weights into L2 (see ``_L2_PREFETCH``)."""
+    old, _L2_PREFETCH[0] = _L2_PREFETCH[0], on
+    try:
+        yield
+    finally:
+        _L2_PREFETCH[0] = old
+
+
+def prefetch_kwargs(pdl: bool, device: torch.device) -> dict:
+    """:func:`pdl_kwargs` plus ``PREFETCH`` for the GEMV kernels that take it (on only with PDL, on CUDA, inside
+    :func:`l2_prefetch_on`; the interpreter has no inline assembly)."""
+    kw = pdl_kwargs(pdl, device)
+    return dict(kw, PREFETCH=kw["USE_GDC"] and _L2_PREFETCH[0])
+
+
+@triton.jit
+def l2_prefetch(p_rows, m_rows, lo, hi, ON: tl.constexpr):
+    """Ask L2 for elements [lo, hi) of each row starting at ``p_rows`` [R] (pointers; rows where ``m_rows`` is
+    False are skipped): one ``prefetch.global.L2`` per 128-byte line, spread over the program's threads. Only
+    for read-only buffers (weights), before ``gdc_wait``; nothing without ``ON``."""
+    if ON:
+        ES: tl.constexpr = p_rows.dtype.element_ty.primitive_bitwidth // 8
+        LINES: tl.constexpr = 32
+        a_rows = p_rows.to(tl.int64)
+        # masked rows prefetch the first row again (addresses past a buffer are never formed)
+        a_rows = tl.where(m_rows, a_rows, tl.min(a_rows, axis=0))
+        b_lo = lo * ES  # byte offsets within a row (int32: a row is < 2 GB)
+        b_hi = hi * ES
+        o_l = tl.arange(0, LINES).to(tl.int64) * 128
+        for c0 in range(b_lo, b_hi, LINES * 128):
+            off = tl.where(c0 + o_l < b_hi, c0 + o_l, b_lo)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                      [a_rows[:, None] + off[None, :]], dtype=tl.int32, is_pure=False, pack=1)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._device import gdc_wait, is_interpreting, pdl_kwargs
+from ._device import gdc_wait, is_interpreting, l2_prefetch, prefetch_kwargs
 from .swiglu import swiglu_ref
 
 MAX_M = 4  # rows handled by the GEMV path (decode is M = 1)
@@ -82,7 +82,7 @@ def _x_tile(p_x, k0, K, BK: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x, w, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, USE_GDC: tl.constexpr):
+                 BK: tl.constexpr, USE_GDC: tl.constexpr, PREFETCH: tl.constexpr = False):
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -91,6 +91,7 @@ def _gemv_kernel(x, w, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
     # the loop is rotated: each weight tile is requested one iteration ahead, and the first one before the
     # wait for the previous kernel (no kernel writes weights), so a PDL launch streams weights meanwhile
     b_w = _w_tile(p_w, m_n, 0, K, BK)
+    l2_prefetch(p_w, m_n, 0, K, PREFETCH)  # an A/B option: the rest of the rows too (_device._L2_PREFETCH)
     gdc_wait(USE_GDC)
     # [BN, BK] fp32 partial products per lane, reduced once at the end
     acc = tl.zeros([BN, BK], dtype=tl.float32)
@@ -108,7 +109,7 @@ def _gemv_kernel(x, w, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
 
 @triton.jit
 def _gemv_swiglu_kernel(x, wg, wu, y, N, K, stride_xm, stride_ym, BN: tl.constexpr, BK: tl.constexpr,
-                        USE_GDC: tl.constexpr):
+                        USE_GDC: tl.constexpr, PREFETCH: tl.constexpr = False):
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -117,6 +118,8 @@ def _gemv_swiglu_kernel(x, wg, wu, y, N, K, stride_xm, stride_ym, BN: tl.constex
     # one loop over both weights (twice the bytes in flight per iteration), rotated as in _gemv_kernel
     b_g = _w_tile(wg + rows, m_n, 0, K, BK)
     b_u = _w_tile(wu + rows, m_n, 0, K, BK)
+    l2_prefetch(wg + rows, m_n, 0, K, PREFETCH)
+    l2_prefetch(wu + rows, m_n, 0, K, PREFETCH)
     gdc_wait(USE_GDC)
     acc_g = tl.zeros([BN, BK], dtype=tl.float32)
     acc_u = tl.zeros([BN, BK], dtype=tl.float32)
@@ -150,7 +153,8 @@ def _check(x: Tensor, *ws: Tensor) -> tuple[int, int, int]:
 
 def _launch(kernel, settings: dict, grid_n: int, args, pdl: bool, **kw) -> None:
     cfg = dict(INTERPRETER_CONFIG) if is_interpreting() else settings
-    kernel[(triton.cdiv(grid_n, cfg["BN"]), args[-1])](*args[:-1], **kw, **cfg, **pdl_kwargs(pdl, args[0].device))
+    kernel[(triton.cdiv(grid_n, cfg["BN"]), args[-1])](*args[:-1], **kw, **cfg,
+                                                       **prefetch_kwargs(pdl, args[0].device))
 
 
 def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, pdl: bool = False) -> Tensor:

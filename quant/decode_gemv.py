@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from bagel_rt.kernels._device import gdc_wait, is_interpreting, pdl_kwargs
+from bagel_rt.kernels._device import gdc_wait, is_interpreting, l2_prefetch, prefetch_kwargs
 from bagel_rt.kernels.gemv import INTERPRETER_CONFIG, MAX_M, _launch, _w_tile, _x_tile, swiglu_store
 from bagel_rt.kernels.swiglu import swiglu_ref
 from torch import Tensor, nn
@@ -185,7 +185,7 @@ def _code_unit(CODE: tl.constexpr):
 @triton.jit
 def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr, K_PER=0, stride_yp=0,
-                    SPLIT: tl.constexpr = False):
+                    SPLIT: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     # SPLIT: program (n block, part p, row m) sums columns [p K_PER, (p + 1) K_PER) into fp32 part p of y [P, M, N]
     # (the bias in part 0); else program (n block, row m) the whole row into y [M, N]
     i_n = tl.program_id(0)
@@ -202,6 +202,7 @@ def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.cons
     p_w = w + o_n.to(tl.int64) * K
     # rotated loop as in bagel_rt.kernels.gemv: the first tile is requested before the wait
     b_w = _w_tile(p_w, m_n, k_lo, k_hi, BK)
+    l2_prefetch(p_w, m_n, k_lo, k_hi, PREFETCH)  # an A/B option (kernels._device._L2_PREFETCH)
     gdc_wait(USE_GDC)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
@@ -224,7 +225,7 @@ def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.cons
 
 @triton.jit
 def _q8_gemv_swiglu_kernel(x, wg, wu, sg, su, y, N, K, stride_xm, stride_ym, CODE: tl.constexpr, BN: tl.constexpr,
-                           BK: tl.constexpr, USE_GDC: tl.constexpr):
+                           BK: tl.constexpr, USE_GDC: tl.constexpr, PREFETCH: tl.constexpr = False):
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -233,6 +234,8 @@ def _q8_gemv_swiglu_kernel(x, wg, wu, sg, su, y, N, K, stride_xm, stride_ym, COD
     # one loop over both weights (twice the bytes in flight), rotated
     b_g = _w_tile(wg + rows, m_n, 0, K, BK)
     b_u = _w_tile(wu + rows, m_n, 0, K, BK)
+    l2_prefetch(wg + rows, m_n, 0, K, PREFETCH)
+    l2_prefetch(wu + rows, m_n, 0, K, PREFETCH)
     gdc_wait(USE_GDC)
     acc_g = tl.zeros([BN, BK], dtype=tl.float32)
     acc_u = tl.zeros([BN, BK], dtype=tl.float32)
@@ -307,7 +310,7 @@ def _nf4_acc(acc, b_p, b_a, t, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.const
 @triton.jit
 def _nf4_gemv_kernel(x, p, a, t, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
                      BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
-                     WORDWISE: tl.constexpr = False):
+                     WORDWISE: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     tl.static_assert(BK % BLOCKSIZE == 0)
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -316,6 +319,7 @@ def _nf4_gemv_kernel(x, p, a, t, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.
     p_p = p + o_n.to(tl.int64) * (K // 8)
     p_a = a + o_n.to(tl.int64) * (K // BLOCKSIZE)
     b_p, b_a = _nf4_tile(p_p, p_a, m_n, 0, K, BK, BLOCKSIZE)
+    l2_prefetch(p_p, m_n, 0, K // 8, PREFETCH)
     gdc_wait(USE_GDC)
     acc = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -330,7 +334,7 @@ def _nf4_gemv_kernel(x, p, a, t, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.
 @triton.jit
 def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, y, N, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
-                            WORDWISE: tl.constexpr = False):
+                            WORDWISE: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     tl.static_assert(BK % BLOCKSIZE == 0)
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -339,6 +343,8 @@ def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, y, N, K, stride_xm, stride_ym,
     o_p, o_a = o_n.to(tl.int64) * (K // 8), o_n.to(tl.int64) * (K // BLOCKSIZE)
     b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, 0, K, BK, BLOCKSIZE)
     b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, 0, K, BK, BLOCKSIZE)
+    l2_prefetch(pg + o_p, m_n, 0, K // 8, PREFETCH)
+    l2_prefetch(pu + o_p, m_n, 0, K // 8, PREFETCH)
     gdc_wait(USE_GDC)
     acc_g = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     acc_u = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
@@ -529,7 +535,7 @@ def qgemv_parts(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: boo
     _q8_gemv_kernel[(triton.cdiv(N, c["BN"]), P, M)](x, _codes(w), w.scale, b, y, N, K, x.stride(0), y.stride(1),
                                                      HAS_BIAS=bias is not None, CODE=_code(w, x), K_PER=per,
                                                      stride_yp=y.stride(0), SPLIT=True, **c,
-                                                     **pdl_kwargs(pdl, x.device))
+                                                     **prefetch_kwargs(pdl, x.device))
     return y
 
 

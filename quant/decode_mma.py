@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from bagel_rt.kernels._device import gdc_wait, is_interpreting, pdl_kwargs
+from bagel_rt.kernels._device import gdc_wait, is_interpreting, l2_prefetch, pdl_kwargs, prefetch_kwargs
 from bagel_rt.kernels.gemv import MAX_M, swiglu_store
 from bagel_rt.kernels.rms_norm import _added_row, _rms_norm_row, add_rms_norm_parts_ref, add_rms_norm_ref
 from bagel_rt.kernels.swiglu import swiglu_ref
@@ -313,7 +313,7 @@ def _combine(acc, un, s, o_n, m_n):
 @triton.jit
 def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr, K_PER=0, stride_yp=0,
-                     SPLIT: tl.constexpr = False):
+                     SPLIT: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     # SPLIT: program (n, p) sums columns [p K_PER, (p + 1) K_PER) only and stores its fp32 partial rows at
     # y + p stride_yp (the bias in part 0); the consumer adds the parts (kernels.add_rms_norm_parts)
     i_n = tl.program_id(0)
@@ -324,6 +324,7 @@ def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.conste
     if SPLIT:  # the masks stay against K (the last part's tail): bounds the compiler knows to be aligned
         k_lo = tl.program_id(1) * K_PER
         k_hi = k_lo + K_PER
+    l2_prefetch(p_w, m_n, k_lo, tl.minimum(k_hi, K), PREFETCH)  # an A/B option (kernels._device._L2_PREFETCH)
     gdc_wait(USE_GDC)  # the digits are the previous kernel's output
     ACC: tl.constexpr = tl.int32 if CODE == "int8" else tl.float32
     acc = tl.zeros([16, BN], dtype=ACC)
@@ -346,11 +347,14 @@ def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.conste
 
 @triton.jit
 def _mma_gemv_swiglu_kernel(dg, un, wg, wu, sg, su, y, N, K, M, stride_ym, CODE: tl.constexpr,
-                            BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
+                            BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
+                            PREFETCH: tl.constexpr = False):
     i_n = tl.program_id(0)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     rows = o_n.to(tl.int64) * K
+    l2_prefetch(wg + rows, m_n, 0, K, PREFETCH)
+    l2_prefetch(wu + rows, m_n, 0, K, PREFETCH)
     gdc_wait(USE_GDC)
     ACC: tl.constexpr = tl.int32 if CODE == "int8" else tl.float32
     acc_g = tl.zeros([16, BN], dtype=ACC)
@@ -424,7 +428,7 @@ def _launch(kernel, x: Tensor | Digits, w: DecodeWeight, weight_args: tuple, pdl
         return y.zero_()
     dg, un = (x.digits, x.units) if isinstance(x, Digits) else x_digits(x, digit_kind, pdl)
     kernel[grid](dg, un, *weight_args, y, N, K, M, y.stride(-2), CODE=code, num_warps=nw, **c, **split, **kw,
-                 **pdl_kwargs(pdl, device))
+                 **prefetch_kwargs(pdl, device))
     return y
 
 

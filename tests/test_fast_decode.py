@@ -359,6 +359,43 @@ def test_compressed_greedy_matches_torch_bf16(tiny_dir, fmt):
     assert rel_l2(runs[True, True][1], runs[True, False][1]) < 2e-2
 
 
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "fp8", "nf4"])
+def test_l2_prefetch_leaves_decode_bit_identical(tiny_dir, fmt):
+    """"triton-prefetch" (every GEMV asks L2 for its weight lines before its PDL wait) only moves data earlier:
+    greedy ids and logits bit-identical to "triton", bf16 and compressed weights (which take other kernels)."""
+    if fmt == "bf16":
+        pipe = bagel_rt.load(tiny_dir, device="cuda", dtype=torch.bfloat16)
+    else:
+        pipe = quantized_pipe(tiny_dir, fmt, torch.bfloat16, "cuda")
+    s = prompted(pipe)
+    runs = [GraphDecoder(pipe.model, num_splits=4, gemv=g).generate(s.gen.fork(extra=24), 24, record=True,
+                                                                    stop_tokens=())
+            for g in ("triton", "triton-prefetch")]
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
+def test_prefetch_option_is_scoped_and_off_in_the_interpreter(pipe32):
+    """The prefetch switch holds inside its block only; the interpreter (no inline assembly) never turns it on,
+    and the "triton-prefetch" decoder runs the same step there as "triton"."""
+    from bagel_rt.kernels._device import l2_prefetch_on, prefetch_kwargs
+
+    dev = torch.device(DEV)
+    assert not prefetch_kwargs(True, dev)["PREFETCH"]
+    with l2_prefetch_on():
+        on = prefetch_kwargs(True, dev)["PREFETCH"]
+        assert not prefetch_kwargs(False, dev)["PREFETCH"]  # never without PDL
+    assert on == (DEV == "cuda" and torch.cuda.get_device_capability() >= (9, 0))
+    assert not prefetch_kwargs(True, dev)["PREFETCH"]
+    s = prompted(pipe32)
+    runs = [GraphDecoder(pipe32.model, gemv=g).generate(s.gen.fork(extra=4), 4, record=True, stop_tokens=())
+            for g in ("triton", "triton-prefetch")]
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
 # ---------------------------------------------------------------- benchmark (by hand, on a GPU)
 
 
