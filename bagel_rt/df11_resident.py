@@ -35,8 +35,14 @@ import torch
 from torch import Tensor, nn
 
 from .quant import df11_decode, df11_decode_ref, df11_first_level, df11_window_counts
+from .quant.exp4 import exp4_decode, exp4_decode_ref, exp4_encode, is_exp4
 
 SLOTS = 2  # shared decode buffers: layer i+1 decodes into one while layer i computes from the other
+#: the form a unit is kept in: "huffman" (DF11's own buffers, decoded by quant.df11_decode: ~70% of bf16) or
+#: "exp4" (transcoded once when the unit is added, quant.exp4: ~75% of bf16, decoded at memory speed; bits
+#: identical either way). An A/B candidate, not measured on a GPU yet.
+FORMS = ("huffman", "exp4")
+DEFAULT_FORM = "huffman"
 
 
 @dataclass
@@ -62,8 +68,10 @@ class Unit:
 class ResidentDF11:
     """The compressed units of one model on ``device``, and the two slots they decode into."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, form: str | None = None) -> None:
         self.device = device
+        self.form = form or DEFAULT_FORM
+        assert self.form in FORMS, f"form must be one of {FORMS}, got {self.form!r}"
         self.units: dict[str, Unit] = {}
         self.slots: list[Tensor] = [torch.empty(0, dtype=torch.bfloat16, device=device) for _ in range(SLOTS)]
         self.model: nn.Module | None = None
@@ -78,7 +86,9 @@ class ResidentDF11:
             mod = model.get_submodule(w.rpartition(".")[0])
             del mod.weight  # from now on a plain attribute: a view of a slot
             targets.append((mod, tuple(shape)))
-        if buffers["sign_mantissa"].device.type == "cuda":  # decoded every step: count its windows once, and
+        if self.form == "exp4":
+            buffers = _transcode(buffers)
+        elif buffers["sign_mantissa"].device.type == "cuda":  # decoded every step: count its windows once, and
             # join its first lookup level with the code lengths (one table load per short code in the loop)
             buffers = {**buffers, "window_counts": df11_window_counts(buffers),
                        "first_level": df11_first_level(buffers)}
@@ -111,15 +121,14 @@ class ResidentDF11:
     # -- decoding ---------------------------------------------------------------------------------------------
     def decode(self, u: Unit) -> None:
         """Decode ``u`` into its slot on the current stream (no allocation, no host synchronisation)."""
-        out = self.slots[u.slot][: u.numel]
-        (df11_decode if self.device.type == "cuda" else df11_decode_ref)(u.buffers, out)
+        _decode(u.buffers, self.slots[u.slot][: u.numel])
 
     def keep_decoded(self, name: str) -> int:
         """Decode the unit ``name`` for good: its modules get bf16 parameters, the compressed buffers and the
         hook go. Returns the compressed bytes freed. Call :meth:`layout` afterwards (slots may shrink)."""
         u = self.units.pop(name)
         out = torch.empty(u.numel, dtype=torch.bfloat16, device=self.device)
-        (df11_decode if self.device.type == "cuda" else df11_decode_ref)(u.buffers, out)
+        _decode(u.buffers, out)
         _bind(u, out, parameters=True)
         u.hook.remove()
         freed = u.compressed_bytes()
@@ -141,6 +150,28 @@ class ResidentDF11:
         """Device bytes of the compressed buffers and the slots."""
         return (sum(u.compressed_bytes() for u in self.units.values())
                 + sum(s.numel() * s.element_size() for s in self.slots))
+
+
+def _decode(buffers: dict[str, Tensor], out: Tensor) -> None:
+    """Decode a unit (either form) into ``out`` [numel] bf16: the Triton kernels on CUDA, the references
+    elsewhere."""
+    cuda = out.device.type == "cuda"
+    if is_exp4(buffers):
+        (exp4_decode if cuda else exp4_decode_ref)(buffers, out)
+    else:
+        (df11_decode if cuda else df11_decode_ref)(buffers, out)
+
+
+def _transcode(buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The Exp4 buffers of a DF11 unit (decoded once here; a bf16 temporary of the unit's size), with its
+    ``split_positions`` if any."""
+    sm = buffers["sign_mantissa"]
+    out = torch.empty(sm.numel(), dtype=torch.bfloat16, device=sm.device)
+    _decode(buffers, out)
+    new = exp4_encode(out, sm)
+    if "split_positions" in buffers:
+        new["split_positions"] = buffers["split_positions"]
+    return new
 
 
 def _bind(u: Unit, flat: Tensor, parameters: bool) -> None:

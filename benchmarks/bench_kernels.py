@@ -298,6 +298,7 @@ def cases_df11(K):
     with the counts only (two dependent table loads per code), without counts (the counting pass too), and a
     plain copy of the bf16 output (the bandwidth reference). Rate: the bf16 bytes written."""
     from bagel_rt.quant import compress_units, df11_decode, df11_first_level, df11_window_counts
+    from bagel_rt.quant.exp4 import exp4_decode, exp4_encode
 
     w = (torch.randn(FFN, HIDDEN) * 0.02).to(BF16)  # on the CPU: compress_units works there
     unit = {k: v.cuda() for k, v in compress_units(w).items()}
@@ -308,7 +309,13 @@ def cases_df11(K):
     for b in (joined, counted, unit):
         assert torch.equal(df11_decode(b, out), ref)
     assert torch.equal(df11_decode(joined, out, True), ref)
+    exp4 = exp4_encode(ref, unit["sign_mantissa"])  # the resident Exp4 form (bagel_rt.df11_resident.FORMS)
+    assert torch.equal(exp4_decode(exp4, out), ref)
+    print(f"    exp4: {exp4['escape_index'].numel()} escapes of {ref.numel()}, "
+          f"{sum(t.numel() * t.element_size() for t in exp4.values()) / (2 * ref.numel()):.3f} of bf16 "
+          f"(DF11: {sum(t.numel() * t.element_size() for t in unit.values()) / (2 * ref.numel()):.3f})")
     yield "df11_decode", {"N": FFN, "K": HIDDEN}, {
+        "exp4": lambda: exp4_decode(exp4, out),
         "triton": lambda: df11_decode(joined, out),
         "wide": lambda: df11_decode(joined, out, True),  # four-element reads and writes
         "two_loads": lambda: df11_decode(counted, out),  # level 0, then the length table, per code

@@ -33,6 +33,7 @@ from compressed_speed import make_pipe, release_gpu, request  # noqa: E402
 from diagnose import emit  # noqa: E402
 
 from bagel_rt.bench import environment  # noqa: E402
+from bagel_rt.df11_resident import DEFAULT_FORM, FORMS  # noqa: E402
 from bagel_rt.errors import InputError  # noqa: E402
 from bagel_rt.memory_plan import request_transients  # noqa: E402
 
@@ -68,10 +69,10 @@ def phase_tracker() -> dict:
     return peaks
 
 
-def df11_pipe(task: str, size: int, steps: int):
+def df11_pipe(task: str, size: int, steps: int, form: str):
     """(pipe, bf16 reference (seconds, latents)): the random model with each LLM layer a copy of layer 0, timed in
     bf16 first, then kept as resident DF11 units (one compression serves all layers; DF11 is lossless, so the
-    latents must come out bit-identical)."""
+    latents must come out bit-identical); ``form``: the units' resident form (bagel_rt.df11_resident.FORMS)."""
     from bagel_rt.quant import compress_units
 
     from bagel_rt.df11_resident import ResidentDF11
@@ -91,7 +92,7 @@ def df11_pipe(task: str, size: int, steps: int):
     buffers = compress_units([layers[0].get_submodule(n).weight.detach().cpu() for n in _LLM_LINEARS])
     print(f"compressed one layer in {time.perf_counter() - t0:.1f} s", flush=True)
     split = torch.tensor([a * b for a, b in shapes]).cumsum(0)[:-1].tolist()
-    store = ResidentDF11(pipe.device)
+    store = ResidentDF11(pipe.device, form)
     for i in range(len(layers)):
         unit = {k: v.to(pipe.device) for k, v in buffers.items()}
         unit["split_positions"] = torch.tensor(split, dtype=torch.int64, device=pipe.device)
@@ -169,6 +170,9 @@ def main() -> None:
                          "fails (H200, c1fb778)")
     ap.add_argument("--df11-wide", action="store_true",
                     help="DF11 decodes with four-element reads and writes (quant.df11_decode.WIDE_ACCESS)")
+    ap.add_argument("--df11-form", choices=FORMS, default=DEFAULT_FORM,
+                    help="the form resident DF11 units are kept in (bagel_rt.df11_resident.FORMS): DF11's Huffman "
+                         "buffers, or transcoded to Exp4 (quant.exp4: 4-bit exponent codes, decoded fast)")
     a = ap.parse_args()
     if a.df11_wide:
         import importlib
@@ -190,14 +194,15 @@ def main() -> None:
         gib = float(gib or 0)
         ref = None
         if fmt == "df11":
-            pipe, ref = df11_pipe(task, a.size, a.steps)
+            pipe, ref = df11_pipe(task, a.size, a.steps, a.df11_form)
         else:
             pipe = make_pipe(fmt)
         if mode == "eager":
             pipe.use_graphs = False
         row = dict(diag="budget_memory", weights=fmt, budget_gib=gib or None, task=task, height=a.size,
                    width=a.size, num_timesteps=a.steps, uncapped=a.uncapped, use_graphs=pipe.use_graphs,
-                   expandable_start=not a.late_expandable, df11_wide=a.df11_wide, **env)
+                   expandable_start=not a.late_expandable, df11_wide=a.df11_wide,
+                   **(dict(df11_form=a.df11_form) if fmt == "df11" else {}), **env)
         row["setup_gib"] = memory_gib()
         try:
             if gib:

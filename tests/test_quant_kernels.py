@@ -24,6 +24,7 @@ from bagel_rt.quant import (
     nf4_matmul,
     nf4_matmul_ref,
 )
+from bagel_rt.quant.exp4 import exp4_decode, exp4_decode_ref, exp4_encode
 from bagel_rt.quant.matmul import int8_dequant, nf4_dequant, nf4_dequant_ref
 from test_quant import assert_bits_equal, bf16_from_fields, fibonacci_counts, skewed_bf16
 
@@ -202,3 +203,59 @@ def test_df11_kernel_large_unit_gpu():
     b["window_counts"] = df11_window_counts(b)
     out = df11_decode(b, torch.empty(w.numel(), dtype=torch.bfloat16, device="cuda"))
     assert_bits_equal(out.cpu().view(w.shape), w)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exp4 (the resident form of DF11 units: 4-bit exponent codes + escapes)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def exp4_round_trip(w: torch.Tensor, sign_mantissa: torch.Tensor | None = None) -> dict:
+    """Encode ``w`` (bf16), decode with the kernel and the reference: both must give its bits back."""
+    b = exp4_encode(w.to(DEVICE), None if sign_mantissa is None else sign_mantissa.to(DEVICE))
+    n = w.numel()
+    assert b["exp_codes"].numel() == (n + 1) // 2 and b["sign_mantissa"].numel() == n
+    ref = exp4_decode_ref({k: v.cpu() for k, v in b.items()}, torch.empty(n, dtype=torch.bfloat16))
+    out = exp4_decode(b, torch.full((n,), 7.0, dtype=torch.bfloat16, device=DEVICE))
+    assert_bits_equal(ref, w.reshape(-1))
+    assert_bits_equal(out.cpu(), w.reshape(-1))
+    return b
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 255, 256, 257, 1023, 5001])
+def test_exp4_kernel_odd_sizes(n):
+    g = torch.Generator().manual_seed(n)
+    exp4_round_trip((torch.randn(n, generator=g) * 0.02).to(torch.bfloat16))
+
+
+def test_exp4_escapes_and_special_values():
+    """Zeros, subnormals, huge values, infinities, NaNs, negative zero: escapes or not, every bit comes back;
+    a unit of one exponent has no escapes; DF11's sign + mantissa bytes are reused as they are."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(3000, generator=g) * 0.02).to(torch.bfloat16)
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-39, 3e38, float("inf"), -float("inf"), float("nan"), 1.0, -2.0])
+    w[::300] = special.to(torch.bfloat16)
+    b = exp4_round_trip(w)
+    assert 10 <= b["escape_index"].numel() < 300  # the specials (and the far tails) escape, the bulk does not
+    same = ((1 + torch.rand(999, generator=g)) * torch.randn(999, generator=g).sign()).to(torch.bfloat16)
+    assert exp4_round_trip(same)["escape_index"].numel() == 0
+    bits = w.view(torch.int16).to(torch.int32)
+    sm = (((bits >> 8) & 0x80) | (bits & 0x7F)).to(torch.uint8)
+    sm = sm.to(DEVICE)
+    assert exp4_round_trip(w, sm)["sign_mantissa"] is sm
+
+
+def test_exp4_from_a_df11_unit_and_size():
+    """The DF11 unit's weights transcoded: bits identical, 12 bits per weight plus the escapes."""
+    w = skewed_bf16(60_000, seed=5)
+    b = compress_units(w.reshape(300, 200))
+    e = exp4_round_trip(w, b["sign_mantissa"])
+    size = sum(t.numel() * t.element_size() for t in e.values())
+    assert size <= 1.5 * w.numel() + 10 * e["escape_index"].numel() + 16
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_exp4_kernel_large_unit_gpu():
+    w = (torch.randn(4096, 4099) * 0.02).to(torch.bfloat16)
+    w.view(-1)[::7919] = 0.0
+    exp4_round_trip(w)

@@ -12,14 +12,17 @@ import pytest
 import torch
 from bagel_rt.cli.main import cli
 from bagel_rt.quant import Int8Linear, NF4Linear, int8, int8_state, load_int8, load_nf4, nf4, nf4_state
+from bagel_rt.quant.exp4 import is_exp4
 from click.testing import CliRunner
 from conftest import rel_l2, requires_cuda, requires_interpreter
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import bagel_rt
+from bagel_rt import df11_resident
 from bagel_rt.checkpoint import read_header
 from bagel_rt.convert import SafetensorsWriter, convert_checkpoint
+from bagel_rt.df11_resident import FORMS
 from bagel_rt.errors import CheckpointError, InputError
 from bagel_rt.info import checkpoint_info
 from bagel_rt.quantized import BAGEL_DF11_PATTERNS, DTYPE_PROBES, quantize_linear
@@ -159,9 +162,13 @@ def test_df11_is_bit_identical(conv, ref, tiny):
     same_state(bagel_rt.load(conv["df11"], device="cpu", weights="bf16").model, pipe0.model)
 
 
-def test_df11_resident_is_bit_identical(conv, ref):
+@pytest.mark.parametrize("form", FORMS)
+def test_df11_resident_is_bit_identical(conv, ref, form, monkeypatch):
+    """Either resident form (DF11's Huffman buffers, or transcoded to Exp4 when loaded): bit-identical results."""
+    monkeypatch.setattr(df11_resident, "DEFAULT_FORM", form)
     _, r0, u0 = ref
     pipe = bagel_rt.load(conv["df11"], device="cpu", df11_resident=True)
+    assert {is_exp4(u.buffers) for u in pipe.df11.units.values()} == {form == "exp4"}
     lm = pipe.model.language_model
     assert "weight" not in lm.lm_head._parameters  # compressed: decoded on use into the shared buffer
     assert not any(k.endswith("q_proj.weight") for k in pipe.model.state_dict())
@@ -170,9 +177,11 @@ def test_df11_resident_is_bit_identical(conv, ref):
     assert torch.equal(pipe.generate(PROMPT, **GEN).latents, r0.latents)  # again, after other units ran
 
 
-def test_df11_resident_on_the_triton_backend(conv):
+@pytest.mark.parametrize("form", FORMS)
+def test_df11_resident_on_the_triton_backend(conv, form, monkeypatch):
     """The packed denoiser decodes each layer's unit just before it uses the weights: same result as the
-    weights decoded at load (interpreter on the CPU, kernels on a GPU)."""
+    weights decoded at load (interpreter on the CPU, kernels on a GPU), in either resident form."""
+    monkeypatch.setattr(df11_resident, "DEFAULT_FORM", form)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     at_load = bagel_rt.load(conv["df11"], device=dev, backend="triton")
     resident = bagel_rt.load(conv["df11"], device=dev, backend="triton", df11_resident=True)
