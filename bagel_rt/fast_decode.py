@@ -51,6 +51,7 @@ from bagel_rt.quant.decode_gemv import (
     DecodeWeight,
     concat,
     decode_weight,
+    nf4_prmt_on,
     qgemv,
     qgemv_parts,
     qgemv_swiglu,
@@ -87,9 +88,13 @@ from .errors import InputError
 #: 32 x 512, since retuned to 64 x 256). "triton-fsplit" is "triton" with the INT8 / FP8 down projections split
 #: over column ranges on the FMA kernels instead (decode_gemv.qgemv_parts, summed the same way): an A/B candidate,
 #: not measured on a GPU yet. "triton-prefetch" is "triton" with every GEMV asking L2 for all of its weight lines
-#: before it waits for the previous kernel (bagel_rt.kernels._device.l2_prefetch; bf16 GEMVs too): an A/B
-#: candidate, not measured on a GPU yet.
-GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit", "triton-prefetch")
+#: before it waits for the previous kernel (bagel_rt.kernels._device.l2_prefetch; bf16 GEMVs too), and
+#: "triton-prmt" is "triton" with NF4 weights decoded by byte permutes (decode_gemv.nf4_prmt_on): A/B candidates,
+#: not measured on a GPU yet.
+GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit", "triton-prefetch",
+         "triton-prmt")
+#: the variants that are "triton" run inside a context (see GEMVS)
+_VARIANTS = {"triton-prefetch": l2_prefetch_on, "triton-prmt": nf4_prmt_on}
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
 #: before it drains, and the GEMVs request their first weight tile before waiting for its output
@@ -261,8 +266,8 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
     Hq, Hk, D, eps = p.num_heads, p.num_kv_heads, p.head_dim, p.rms_norm_eps
     layers = layers if layers is not None else und_layers(model)
     impl = check_gemv(gemv_impl)
-    if impl == "triton-prefetch":
-        with l2_prefetch_on():
+    if impl in _VARIANTS:
+        with _VARIANTS[impl]():
             return decode_step_kernels(model, cache, token, pos, length, layers, num_splits, "triton", pdl, head)
     dev, dt = token.device, cache.dtype
     x = lm.model.embed_tokens(token)  # [1, H]

@@ -344,7 +344,7 @@ def cases_fp8_gemv(K):
 QGEMV_CANDIDATES = {  # (BN, BK, num_warps) tried beside the default settings of bagel_rt.quant.decode_gemv
     "int8": [(4, 2048, 8), (4, 1024, 4), (8, 512, 4), (16, 512, 8), (4, 512, 4), (8, 256, 2)],
     "nf4": [(8, 1024, 8), (8, 512, 4), (4, 1024, 4), (4, 512, 4), (8, 256, 2), (4, 256, 2), (2, 512, 2),
-            (16, 256, 4), (2, 1024, 4)],
+            (16, 256, 4), (2, 1024, 4), (8, 512, 2), (16, 1024, 8)],
 }
 QGEMV_LONG_CANDIDATES = [(2, 1024, 2), (2, 2048, 4), (4, 2048, 4), (2, 1024, 4), (1, 2048, 2)]  # + for K > LONG_K
 MMA_SPLIT_CANDIDATES = [  # (parts, BN, BK, num_warps) of the split-K tensor-core GEMV (o, down; qkv to compare)
@@ -389,8 +389,9 @@ def cases_qgemv(K):
         long = QGEMV_LONG_CANDIDATES if w.shape[1] > LONG_K else []
         for bn, bk, nw in QGEMV_CANDIDATES["nf4" if fmt == "nf4" else "int8"] + long:
             out[f"{bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw): run(c)
-            if fmt == "nf4":  # the word-wise NF4 decode (decode_gemv._nf4_acc) at the same settings
+            if fmt == "nf4":  # the word-wise and the byte-permute NF4 decodes (decode_gemv._nf4_acc) too
                 out[f"wordwise {bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw, wordwise=True): run(c)
+                out[f"prmt {bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw, prmt=True): run(c)
         return out
 
     def mma_candidates(fmt, run):

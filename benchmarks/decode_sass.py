@@ -61,7 +61,7 @@ def main() -> None:
     io = dict(N="i32", K="i32", stride_xm="i32", stride_ym="i32")
     q8 = {code: dict(x="*bf16", w="*i8" if code == "int8" else "*u8", s="*fp32", b="*fp32", y="*bf16", **io)
           for code in ("int8", "fp8", "fp8_native")}
-    nf4 = dict(x="*bf16", p="*i32", a="*fp32", t="*fp32", b="*fp32", y="*bf16", **io)
+    nf4 = dict(x="*bf16", p="*i32", a="*fp32", t="*fp32", pl="*i32", b="*fp32", y="*bf16", **io)
     cases = [("bf16", bf16_gemv._gemv_kernel, dict(x="*bf16", w="*bf16", b="*bf16", y="*bf16", **io),
               dict(HAS_BIAS=False, BN=2, BK=2048, USE_GDC=True), 8)]
     for code in ("int8", "fp8", "fp8_native"):
@@ -72,6 +72,9 @@ def main() -> None:
     for wordwise in (False, True):
         consts = dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, WORDWISE=wordwise)
         cases.append(("nf4 wordwise" if wordwise else "nf4", dg._nf4_gemv_kernel, nf4, consts, cfg["num_warps"]))
+    cfg = dg.NF4_PRMT_SETTINGS["gemv"]  # the byte-permute decode
+    consts = dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, PRMT=True)
+    cases.append(("nf4 prmt", dg._nf4_gemv_kernel, nf4, consts, cfg["num_warps"]))
     if a.mma:
         mio = dict(N="i32", K="i32", M="i32", stride_ym="i32")
         for fmt, code, wt, dt in (("int8", "int8", "*i8", "*i8"), ("fp8", "fp8_native", "*u8", "*fp16")):

@@ -44,6 +44,7 @@ follows the bf16 GEMVs (fp32 sums, one rounding; SwiGLU as :func:`bagel_rt.kerne
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -83,7 +84,11 @@ class DecodeWeight:
 
     fmt: "int8", "fp8" or "nf4". codes: int8 [N, K] / float8_e4m3fn [N, K] / NF4 bytes uint8 [N * K // 2]
     (row-major, high nibble = even element). scale: fp32 [N] per output channel (int8, fp8), or the fp32 NF4
-    absmax [N * K // blocksize]. table: the fp32 [16] NF4 code table (NF4 only).
+    absmax [N * K // blocksize]. table: the fp32 [16] NF4 code table (NF4 only), rounded to fp16 values when the
+    weight is made (the byte-permute decode, :func:`_nf4_prmt`, builds fp16 codes; NF4's codes lie in [-1, 1], so
+    that moves a code by at most 2^-11 of itself, below the bf16 rounding of the NF4 modules' own dequantized
+    weights). planes: int32 [8], the fp16 table's low and high bytes as the permutes read them (:func:`nf4_planes`;
+    made with the table).
     """
 
     fmt: str
@@ -92,6 +97,21 @@ class DecodeWeight:
     shape: tuple[int, int]
     blocksize: int = 0
     table: Tensor | None = None
+    planes: Tensor | None = None
+
+    def __post_init__(self):
+        if self.fmt == "nf4" and self.planes is None:
+            half = self.table.to(torch.float16)
+            self.table = half.float()  # a fresh allocation: 64-byte aligned (the kernels OR offsets into it)
+            self.planes = nf4_planes(half)
+
+
+def nf4_planes(table: Tensor) -> Tensor:
+    """int32 [8] of an fp16 [16] code table: the low bytes of codes 0-3, 4-7, 8-11, 12-15, then their high bytes
+    (little-endian words: a ``prmt`` over two words picks any of 8 codes' bytes). On the table's device, no
+    synchronisation."""
+    bits = table.view(torch.int16).to(torch.int32) & 0xFFFF
+    return torch.cat([bits & 0xFF, bits >> 8]).to(torch.uint8).view(torch.int32)
 
 
 def decode_weight(mod: nn.Module) -> DecodeWeight | None:
@@ -102,10 +122,9 @@ def decode_weight(mod: nn.Module) -> DecodeWeight | None:
         return DecodeWeight("int8", mod.weight, (mod.SCB.float() / 127.0).contiguous(), shape)
     if type(mod) is FP8Linear:
         return DecodeWeight("fp8", mod.weight, mod.weight_scale.reshape(-1).float().contiguous(), shape)
-    if type(mod) is NF4Linear:
-        # a table of its own: a fresh allocation is 64-byte aligned (the kernels OR offsets into its address)
+    if type(mod) is NF4Linear:  # the table rounded to fp16 values, its planes: see DecodeWeight
         return DecodeWeight("nf4", mod.weight.reshape(-1), mod.absmax.reshape(-1), shape, mod.blocksize,
-                            mod.quant_map.float().clone())
+                            mod.quant_map.float())
     return None
 
 
@@ -117,7 +136,7 @@ def concat(ws: list[DecodeWeight]) -> DecodeWeight:
         assert w.table is None or torch.equal(w.table, w0.table), "NF4 code tables differ"
     return DecodeWeight(w0.fmt, torch.cat([w.codes for w in ws]).contiguous(),
                         torch.cat([w.scale for w in ws]).contiguous(), (sum(w.shape[0] for w in ws), w0.shape[1]),
-                        w0.blocksize, w0.table)
+                        w0.blocksize, w0.table, w0.planes)
 
 
 def swiglu_pair(gate: DecodeWeight, up: DecodeWeight) -> tuple[DecodeWeight, DecodeWeight] | None:
@@ -128,7 +147,7 @@ def swiglu_pair(gate: DecodeWeight, up: DecodeWeight) -> tuple[DecodeWeight, Dec
     if gate.table is not None:
         if not torch.equal(gate.table, up.table):
             return None
-        up = replace(up, table=gate.table)
+        up = replace(up, table=gate.table, planes=gate.planes)
     return gate, up
 
 
@@ -274,11 +293,74 @@ def _nf4_code(t_bits, b_p, i: tl.constexpr):
     return tl.load((t_bits | off.to(tl.int64)).to(tl.pointer_type(tl.float32)))
 
 
+# The byte-permute decode of one int32 word of 8 NF4 codes ($8) into 8 fp16 codes ($0-$7, in the order elements
+# 1, 0, 3, 2, 5, 4, 7, 6: nibble i of the word is element i ^ 1), from the table planes $9-$16 (nf4_planes). Per
+# half word (4 codes): the 3 low bits of each code select its byte from codes 0-7 and from codes 8-15 of each
+# plane (4 prmt), bit 3 chooses between them (a byte mask made by one prmt in sign-replicate mode from the word
+# and the word << 4: each code's bit 3 sits at a byte's top bit in one of them; one lop3 per plane), and two
+# prmt interleave the low and high bytes into fp16 pairs: 11.5 instructions per 4 codes, no memory access.
+# Checked against a bit-exact emulation of prmt / lop3 over random words before it was written here.
+_NF4_PRMT_ASM: tl.constexpr = tl.constexpr("""
+{
+.reg .b32 s, m, w4, la, lb, ha, hb, lo, hi, p, q;
+shl.b32 w4, $8, 4;
+and.b32 s, $8, 0x7777;
+prmt.b32 m, $8, w4, 0x9D8C;
+prmt.b32 la, $9, $10, s;
+prmt.b32 lb, $11, $12, s;
+prmt.b32 ha, $13, $14, s;
+prmt.b32 hb, $15, $16, s;
+lop3.b32 lo, la, lb, m, 0xD8;
+lop3.b32 hi, ha, hb, m, 0xD8;
+prmt.b32 p, lo, hi, 0x5140;
+prmt.b32 q, lo, hi, 0x7362;
+mov.b32 {$0, $1}, p;
+mov.b32 {$2, $3}, q;
+shr.b32 s, $8, 16;
+and.b32 s, s, 0x7777;
+prmt.b32 m, $8, w4, 0xBFAE;
+prmt.b32 la, $9, $10, s;
+prmt.b32 lb, $11, $12, s;
+prmt.b32 ha, $13, $14, s;
+prmt.b32 hb, $15, $16, s;
+lop3.b32 lo, la, lb, m, 0xD8;
+lop3.b32 hi, ha, hb, m, 0xD8;
+prmt.b32 p, lo, hi, 0x5140;
+prmt.b32 q, lo, hi, 0x7362;
+mov.b32 {$4, $5}, p;
+mov.b32 {$6, $7}, q;
+}
+""")
+
+
 @triton.jit
-def _nf4_acc(acc, b_p, b_a, t, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.constexpr, WORDWISE: tl.constexpr):
+def _nf4_prmt(b_p, pl):
+    # the 8 fp16 codes of each word of b_p [BN, W] (see _NF4_PRMT_ASM), in element order 0..7
+    c1, c0, c3, c2, c5, c4, c7, c6 = tl.inline_asm_elementwise(
+        _NF4_PRMT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+        [b_p, tl.load(pl), tl.load(pl + 1), tl.load(pl + 2), tl.load(pl + 3), tl.load(pl + 4), tl.load(pl + 5),
+         tl.load(pl + 6), tl.load(pl + 7)], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.constexpr, WORDWISE: tl.constexpr,
+             PRMT: tl.constexpr = False):
     # acc [BN, NB, BLOCKSIZE // 8] += per block: absmax * sum over the 8 codes of each word of code * x
     BN: tl.constexpr = acc.shape[0]
-    if WORDWISE:
+    if PRMT:
+        # the codes by byte permutes in registers (_nf4_prmt; inline PTX, so not in the interpreter), joined into
+        # an in-thread last dimension of 8 as in the word-wise decode below (the joins' order gives 0..7)
+        o_e = k0 + tl.arange(0, BK)
+        b_x = tl.reshape(tl.load(p_x + o_e, mask=o_e < K, other=0.0).to(tl.float32), [BK // 8, 8])
+        c0, c1, c2, c3, c4, c5, c6, c7 = _nf4_prmt(b_p, pl)
+        code = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+        prod = tl.reshape(code, [BN, BK // 8, 8]).to(tl.float32) * b_x[None, :, :]
+        lo, hi = tl.split(tl.reshape(prod, [BN, BK // 8, 4, 2]))
+        lo, hi = tl.split(tl.reshape(lo + hi, [BN, BK // 8, 2, 2]))
+        lo, hi = tl.split(lo + hi)
+        b_s = lo + hi
+    elif WORDWISE:
         # the 8 codes of a word as a last, in-thread dimension: one x load of the tile, the nibbles' offsets in one
         # shot, the products summed by in-thread splits. Offline sm_90 SASS (``benchmarks/decode_sass.py``): 9.0
         # loop instructions per weight with Triton 3.6 (the GPU machine's) against 14.0 for the per-code loop
@@ -308,9 +390,9 @@ def _nf4_acc(acc, b_p, b_a, t, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.const
 
 
 @triton.jit
-def _nf4_gemv_kernel(x, p, a, t, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
+def _nf4_gemv_kernel(x, p, a, t, pl, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
                      BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
-                     WORDWISE: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                     WORDWISE: tl.constexpr = False, PREFETCH: tl.constexpr = False, PRMT: tl.constexpr = False):
     tl.static_assert(BK % BLOCKSIZE == 0)
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -323,7 +405,7 @@ def _nf4_gemv_kernel(x, p, a, t, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.
     gdc_wait(USE_GDC)
     acc = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        acc = _nf4_acc(acc, b_p, b_a, t, p_x, k0, K, BK, BLOCKSIZE, WORDWISE)
+        acc = _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT)
         b_p, b_a = _nf4_tile(p_p, p_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
     b_y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
@@ -332,9 +414,10 @@ def _nf4_gemv_kernel(x, p, a, t, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.
 
 
 @triton.jit
-def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, y, N, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
+def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, pl, y, N, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
-                            WORDWISE: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                            WORDWISE: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+                            PRMT: tl.constexpr = False):
     tl.static_assert(BK % BLOCKSIZE == 0)
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -349,8 +432,8 @@ def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, y, N, K, stride_xm, stride_ym,
     acc_g = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     acc_u = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        acc_g = _nf4_acc(acc_g, b_pg, b_ag, t, p_x, k0, K, BK, BLOCKSIZE, WORDWISE)
-        acc_u = _nf4_acc(acc_u, b_pu, b_au, t, p_x, k0, K, BK, BLOCKSIZE, WORDWISE)
+        acc_g = _nf4_acc(acc_g, b_pg, b_ag, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT)
+        acc_u = _nf4_acc(acc_u, b_pu, b_au, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT)
         b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
         b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
     swiglu_store(y + i_m * stride_ym + o_n, tl.sum(tl.sum(acc_g, axis=2), axis=1),
@@ -383,6 +466,29 @@ NF4_SETTINGS = {
     "gemv_wide": dict(BN=8, BK=256, num_warps=2, wordwise=True),  # N > WIDE_N (lm_head)
     "swiglu": dict(BN=4, BK=512, num_warps=4, wordwise=True),
 }
+#: the byte-permute NF4 decode (``prmt``: :func:`_nf4_prmt`) at settings chosen from offline sm_90 SASS (Triton
+#: 3.6, ``benchmarks/decode_sass.py``), loop instructions per weight: gemv 8 x 512 / 2 warps 6.28 against the
+#: word-wise gather's 8.47 at the same setting and 9.50 at its own 4 x 512 / 4; gate/up + SwiGLU 8 x 512 / 2 5.91
+#: against 7.23. An A/B candidate (:func:`nf4_prmt_on`, fast_decode "triton-prmt"), not measured on a GPU yet.
+NF4_PRMT_SETTINGS = {
+    "gemv": dict(BN=8, BK=512, num_warps=2, prmt=True),
+    "gemv_long": dict(BN=8, BK=1024, num_warps=4, prmt=True),
+    "gemv_wide": dict(BN=8, BK=512, num_warps=2, prmt=True),
+    "swiglu": dict(BN=8, BK=512, num_warps=2, prmt=True),
+}
+_NF4_PRMT = [False]
+
+
+@contextlib.contextmanager
+def nf4_prmt_on(on: bool = True):
+    """Within the block, NF4 decode GEMVs take the byte-permute decode (:data:`NF4_PRMT_SETTINGS`)."""
+    old, _NF4_PRMT[0] = _NF4_PRMT[0], on
+    try:
+        yield
+    finally:
+        _NF4_PRMT[0] = old
+
+
 LONG_K = 8192
 WIDE_N = 8192  # more output channels than this: lm_head's settings (NF4 here, the tensor-core GEMVs' "wide")
 
@@ -395,9 +501,20 @@ def settings(kind: str, w: DecodeWeight) -> dict:
         return dict(SETTINGS[kind])
     if kind == "gemv" and w.shape[0] > WIDE_N:
         kind = "gemv_wide"
-    cfg = dict(NF4_SETTINGS[kind])
+    cfg = dict((NF4_PRMT_SETTINGS if _NF4_PRMT[0] else NF4_SETTINGS)[kind])
     cfg["BK"] = max(cfg["BK"], w.blocksize)
     return cfg
+
+
+def _nf4_options(cfg: dict) -> tuple[dict, dict]:
+    """(launch settings, kernel options) of NF4 settings: ``wordwise`` and ``prmt`` are decodes, not launch
+    settings; the byte-permute decode (inline PTX) falls back to the per-code gather of the same fp16 codes in
+    the interpreter."""
+    c = dict(cfg)
+    wordwise, prmt = c.pop("wordwise", False), c.pop("prmt", False)
+    if prmt and is_interpreting():
+        return c, dict(WORDWISE=False, PRMT=False)
+    return c, dict(WORDWISE=wordwise and not prmt, PRMT=prmt)
 
 
 def _check(x: Tensor, *ws: DecodeWeight) -> tuple[int, int, int]:
@@ -414,6 +531,7 @@ def _check(x: Tensor, *ws: DecodeWeight) -> tuple[int, int, int]:
             assert w.codes.dtype == torch.uint8 and w.codes.numel() == N * K // 2
             assert w.scale.numel() == N * K // w.blocksize and w.table.dtype == torch.float32
             assert w.table.numel() == 16 and w.table.data_ptr() % 64 == 0, "the NF4 table must be 64-byte aligned"
+            assert w.planes is not None and w.planes.dtype == torch.int32 and w.planes.numel() == 8
         else:
             assert w.codes.dtype == {"int8": torch.int8, "fp8": FP8}[w.fmt] and w.codes.shape == (N, K)
             assert w.scale.numel() == N
@@ -438,11 +556,9 @@ def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, pdl: bool, cfg: dict
         return y
     b = bias if bias is not None else w.scale
     if w.fmt == "nf4":
-        args = (x, w.codes.view(torch.int32), w.scale, w.table, b, y, N, K, x.stride(0), y.stride(0), M)
-        c = dict(cfg)
-        wordwise = c.pop("wordwise", False)  # a kernel option, not a launch setting
-        _launch(_nf4_gemv_kernel, c, N, args, pdl, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize,
-                WORDWISE=wordwise)
+        args = (x, w.codes.view(torch.int32), w.scale, w.table, w.planes, b, y, N, K, x.stride(0), y.stride(0), M)
+        c, opts = _nf4_options(cfg)
+        _launch(_nf4_gemv_kernel, c, N, args, pdl, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize, **opts)
     else:
         args = (x, _codes(w), w.scale, b, y, N, K, x.stride(0), y.stride(0), M)
         _launch(_q8_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, CODE=_code(w, x, native))
@@ -459,11 +575,10 @@ def _qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool, cf
         # one table for both, shared when the weights are built (torch.equal here would synchronise the device
         # on every call, which invalidates a CUDA-graph capture: the NF4 decode graph failed that way on the H200)
         assert gate.table is up.table, "gate / up must share one NF4 code table (see swiglu_pair)"
-        args = (x, gate.codes.view(torch.int32), gate.scale, up.codes.view(torch.int32), up.scale, gate.table, y,
-                N, K, x.stride(0), y.stride(0), M)
-        c = dict(cfg)
-        wordwise = c.pop("wordwise", False)
-        _launch(_nf4_gemv_swiglu_kernel, c, N, args, pdl, BLOCKSIZE=gate.blocksize, WORDWISE=wordwise)
+        args = (x, gate.codes.view(torch.int32), gate.scale, up.codes.view(torch.int32), up.scale, gate.table,
+                gate.planes, y, N, K, x.stride(0), y.stride(0), M)
+        c, opts = _nf4_options(cfg)
+        _launch(_nf4_gemv_swiglu_kernel, c, N, args, pdl, BLOCKSIZE=gate.blocksize, **opts)
     else:
         args = (x, _codes(gate), _codes(up), gate.scale, up.scale, y, N, K, x.stride(0), y.stride(0), M)
         _launch(_q8_gemv_swiglu_kernel, cfg, N, args, pdl, CODE=_code(gate, x))

@@ -7,7 +7,7 @@ output is that code's fp32 value times its scale, rounded once, on both sides: i
 
 import pytest
 import torch
-from bagel_rt.quant import FP8Linear, Int8Linear, NF4Linear
+from bagel_rt.quant import FP8Linear, Int8Linear, NF4Linear, decode_gemv
 from bagel_rt.quant.decode_gemv import (
     DecodeWeight,
     _qgemv,
@@ -15,6 +15,8 @@ from bagel_rt.quant.decode_gemv import (
     concat,
     decode_weight,
     dequantize_ref,
+    nf4_planes,
+    nf4_prmt_on,
     qgemv,
     qgemv_parts,
     qgemv_parts_ref,
@@ -80,22 +82,102 @@ def test_qgemv_swiglu(fmt, N, K, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("N, K, blocksize", [(37, 96, 32), (9, 320, 64), (16, 64, 64)])
-@pytest.mark.parametrize("wordwise", [True, False])
-def test_nf4_decodes(N, K, blocksize, dtype, wordwise):
-    """Both NF4 decodes — word-wise (the 8 codes of a word as an in-thread dimension; the default settings) and
-    the per-code loop — against the fp32 product, in the GEMV and in gate/up + SwiGLU, with a bias and three
-    rows."""
+@pytest.mark.parametrize("decode", ["wordwise", "per-code", "prmt"])
+def test_nf4_decodes(N, K, blocksize, dtype, decode):
+    """The NF4 decodes — word-wise (the 8 codes of a word as an in-thread dimension; the default settings), the
+    per-code loop and the byte permutes (inline PTX on a GPU; the per-code gather of the same fp16 codes in the
+    interpreter) — against the fp32 product, in the GEMV and in gate/up + SwiGLU, with a bias and three rows."""
     w, bias = make_weight("nf4", N, K, blocksize=blocksize, bias=True)
     assert settings("gemv", w)["wordwise"] and settings("swiglu", w)["wordwise"]
+    opts = dict(wordwise=decode == "wordwise", prmt=decode == "prmt")
     x = torch.randn(3, K, device=DEV).to(dtype)
     for b in (None, bias.to(dtype)):
-        got = _qgemv(x, w, b, False, dict(settings("gemv", w), wordwise=wordwise))
-        assert_close(f"nf4 wordwise={wordwise}", qgemv_ref(x, w, b), got, tol(dtype))
+        got = _qgemv(x, w, b, False, dict(settings("gemv", w), **opts))
+        assert_close(f"nf4 {decode}", qgemv_ref(x, w, b), got, tol(dtype))
     gate, _ = make_weight("nf4", N, K, blocksize=blocksize, seed=1)
     up, _ = make_weight("nf4", N, K, blocksize=blocksize, seed=2)
     gate, up = swiglu_pair(gate, up)
-    got = _qgemv_swiglu(x, gate, up, False, dict(settings("swiglu", gate), wordwise=wordwise))
-    assert_close(f"nf4 wordwise={wordwise} swiglu", qgemv_swiglu_ref(x, gate, up), got, tol(dtype))
+    got = _qgemv_swiglu(x, gate, up, False, dict(settings("swiglu", gate), **opts))
+    assert_close(f"nf4 {decode} swiglu", qgemv_swiglu_ref(x, gate, up), got, tol(dtype))
+    with nf4_prmt_on():  # the decoder's A/B switch picks the byte-permute settings
+        assert settings("gemv", w)["prmt"] and settings("swiglu", gate)["prmt"]
+    assert "prmt" not in settings("gemv", w)
+
+
+def test_nf4_table_rounded_to_fp16_and_planes():
+    """A decode weight's NF4 table holds fp16 values (within 2^-11 of the exact codes), and its planes are the
+    fp16 codes' low and high bytes, four codes per little-endian word."""
+    w, _ = make_weight("nf4", 8, 64)
+    exact = torch.tensor(NF4_CODE, dtype=torch.float32)
+    table = w.table.cpu()
+    assert torch.equal(table, exact.half().float()) and not torch.equal(table, exact)
+    assert ((table - exact).abs() <= exact.abs() * 2**-11).all()
+    bits = exact.half().view(torch.int16).to(torch.int32) & 0xFFFF
+    planes = w.planes.cpu().view(torch.uint8).to(torch.int32)
+    assert torch.equal(planes, torch.cat([bits & 0xFF, bits >> 8]))
+    assert w.table.data_ptr() % 64 == 0
+
+
+# a bit-exact emulation of the PTX subset of decode_gemv._NF4_PRMT_ASM, run on its own text (CPU CI checks the
+# assembly's logic; the GPU tests above run it)
+def _prmt(a: int, b: int, c: int) -> int:
+    src = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+    out = 0
+    for j in range(4):
+        sel = (c >> 4 * j) & 0xF
+        byte = src[sel & 7]
+        if sel & 8:  # sign-replicate mode: the selected byte's top bit in all 8 bits
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << 8 * j
+    return out
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    return sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i
+               for i in range(32))
+
+
+def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
+    regs = dict(operands)
+    val = lambda t: int(t, 0) if t[0].isdigit() else regs[t]  # noqa: E731
+    for line in asm.split(";"):
+        line = line.strip(" \n{}")
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        args = [t.strip() for t in args.replace("{", "").replace("}", "").split(",")]
+        if op == "mov.b32":  # {lo, hi} <- a 32-bit register
+            regs[args[0]], regs[args[1]] = regs[args[2]] & 0xFFFF, regs[args[2]] >> 16
+        elif op == "shl.b32":
+            regs[args[0]] = (val(args[1]) << val(args[2])) & 0xFFFFFFFF
+        elif op == "shr.b32":
+            regs[args[0]] = val(args[1]) >> val(args[2])
+        elif op == "and.b32":
+            regs[args[0]] = val(args[1]) & val(args[2])
+        elif op == "prmt.b32":
+            regs[args[0]] = _prmt(val(args[1]), val(args[2]), val(args[3]))
+        elif op == "lop3.b32":
+            regs[args[0]] = _lop3(val(args[1]), val(args[2]), val(args[3]), val(args[4]))
+        else:
+            raise AssertionError(f"unemulated PTX: {line}")
+    return regs
+
+
+def test_nf4_prmt_assembly_decodes_every_code():
+    """The byte-permute assembly, emulated bit for bit on random words of NF4 bytes: outputs $0..$7 are the fp16
+    codes of elements 1, 0, 3, 2, 5, 4, 7, 6 (what _nf4_prmt reorders)."""
+    asm = str(decode_gemv._NF4_PRMT_ASM.value if hasattr(decode_gemv._NF4_PRMT_ASM, "value")
+              else decode_gemv._NF4_PRMT_ASM)
+    half = torch.tensor(NF4_CODE).half()
+    planes = nf4_planes(half).tolist()
+    bits = (half.view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        elems = torch.randint(0, 16, (8,), generator=g).tolist()
+        word = sum(((elems[2 * b] << 4) | elems[2 * b + 1]) << 8 * b for b in range(4))  # high nibble = even
+        regs = _run_ptx(asm, {"$8": word, **{f"${9 + i}": p & 0xFFFFFFFF for i, p in enumerate(planes)}})
+        got = [regs[f"${i}"] for i in range(8)]
+        assert got == [bits[elems[i ^ 1]] for i in range(8)], (elems, got)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
