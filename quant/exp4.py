@@ -104,14 +104,15 @@ def exp4_decode_ref(buffers: dict[str, Tensor], out: Tensor) -> Tensor:
 
 
 @triton.jit
-def _exp4_kernel(sm, codes, base, out, n, BLOCK: tl.constexpr):
+def _exp4_kernel(sm, codes, base, out, n, n_codes, BLOCK: tl.constexpr):
     # program p: elements [p BLOCK, (p + 1) BLOCK): BLOCK sign + mantissa bytes and BLOCK / 2 code bytes in,
     # BLOCK bf16 words out; escaped elements get a placeholder the scatter overwrites
     i = tl.program_id(0).to(tl.int64)
     o = i * BLOCK + tl.arange(0, BLOCK)
     s = tl.load(sm + o, mask=o < n, other=0).to(tl.int32)
     o_h = i * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
-    b = tl.load(codes + o_h, mask=o_h < (n + 1) // 2, other=0).to(tl.int32)
+    # n_codes = (n + 1) // 2, an argument: Triton specialises it as a multiple of 16 (vector loads) when it is one
+    b = tl.load(codes + o_h, mask=o_h < n_codes, other=0).to(tl.int32)
     code = tl.interleave(b & 15, b >> 4)  # element 2j: the low nibble of byte j
     e = (tl.load(base) + code) & 0xFF
     word = ((s & 0x80) << 8) | (e << 7) | (s & 0x7F)
@@ -127,7 +128,7 @@ def exp4_decode(buffers: dict[str, Tensor], out: Tensor) -> Tensor:
     flat = out.view(torch.int16)
     blk = 256 if is_interpreting() else BLOCK
     _exp4_kernel[(triton.cdiv(n, blk),)](buffers["sign_mantissa"], buffers["exp_codes"], buffers["exp_base"], flat,
-                                          n, BLOCK=blk, num_warps=4)
+                                          n, (n + 1) // 2, BLOCK=blk, num_warps=4)
     if buffers["escape_index"].numel():
         flat.index_copy_(0, buffers["escape_index"], buffers["escape_value"])
     return out

@@ -173,7 +173,8 @@ def test_streamed_levels_match_plain_path(monkeypatch, hw, rows):
         dec, enc = ae.decode(z), ae.encoder(x)
     for out, ref in ((dec, ref_dec), (enc, ref_enc)):
         assert out.shape == ref.shape
-        assert float((out - ref).norm() / ref.norm()) < 1e-6 and (out - ref).abs().max() < 1e-4
+        # fp32 rounding of two summation orders: 1.05e-6 seen on a CPU run with more threads than CI's two
+        assert float((out - ref).norm() / ref.norm()) < 4e-6 and (out - ref).abs().max() < 1e-4
 
 
 def test_band_statistics_match_group_norm(monkeypatch):
