@@ -84,11 +84,11 @@ class DecodeWeight:
 
     fmt: "int8", "fp8" or "nf4". codes: int8 [N, K] / float8_e4m3fn [N, K] / NF4 bytes uint8 [N * K // 2]
     (row-major, high nibble = even element). scale: fp32 [N] per output channel (int8, fp8), or the fp32 NF4
-    absmax [N * K // blocksize]. table: the fp32 [16] NF4 code table (NF4 only), rounded to fp16 values when the
-    weight is made (the byte-permute decode, :func:`_nf4_prmt`, builds fp16 codes; NF4's codes lie in [-1, 1], so
-    that moves a code by at most 2^-11 of itself, below the bf16 rounding of the NF4 modules' own dequantized
-    weights). planes: int32 [8], the fp16 table's low and high bytes as the permutes read them (:func:`nf4_planes`;
-    made with the table).
+    absmax [N * K // blocksize]. table: the fp32 [16] NF4 code table (NF4 only; 64-byte aligned). planes: int32
+    [8], the table's codes rounded to fp16 as the byte-permute decode reads them (:func:`nf4_planes`; made with
+    the weight). That decode computes with the fp16 codes (NF4's codes lie in [-1, 1]: at most 2^-11 of a code
+    away, below the bf16 rounding of the NF4 modules' own dequantized weights); every other decode with the
+    exact ones.
     """
 
     fmt: str
@@ -101,9 +101,7 @@ class DecodeWeight:
 
     def __post_init__(self):
         if self.fmt == "nf4" and self.planes is None:
-            half = self.table.to(torch.float16)
-            self.table = half.float()  # a fresh allocation: 64-byte aligned (the kernels OR offsets into it)
-            self.planes = nf4_planes(half)
+            self.planes = nf4_planes(self.table.to(torch.float16))
 
 
 def nf4_planes(table: Tensor) -> Tensor:
@@ -122,9 +120,10 @@ def decode_weight(mod: nn.Module) -> DecodeWeight | None:
         return DecodeWeight("int8", mod.weight, (mod.SCB.float() / 127.0).contiguous(), shape)
     if type(mod) is FP8Linear:
         return DecodeWeight("fp8", mod.weight, mod.weight_scale.reshape(-1).float().contiguous(), shape)
-    if type(mod) is NF4Linear:  # the table rounded to fp16 values, its planes: see DecodeWeight
+    if type(mod) is NF4Linear:
+        # a table of its own: a fresh allocation is 64-byte aligned (the kernels OR offsets into its address)
         return DecodeWeight("nf4", mod.weight.reshape(-1), mod.absmax.reshape(-1), shape, mod.blocksize,
-                            mod.quant_map.float())
+                            mod.quant_map.float().clone())
     return None
 
 
@@ -469,7 +468,8 @@ NF4_SETTINGS = {
 #: the byte-permute NF4 decode (``prmt``: :func:`_nf4_prmt`) at settings chosen from offline sm_90 SASS (Triton
 #: 3.6, ``benchmarks/decode_sass.py``), loop instructions per weight: gemv 8 x 512 / 2 warps 6.28 against the
 #: word-wise gather's 8.47 at the same setting and 9.50 at its own 4 x 512 / 4; gate/up + SwiGLU 8 x 512 / 2 5.91
-#: against 7.23. An A/B candidate (:func:`nf4_prmt_on`, fast_decode "triton-prmt"), not measured on a GPU yet.
+#: against 7.23. It computes with the codes rounded to fp16 (see DecodeWeight). An A/B candidate
+#: (:func:`nf4_prmt_on`, fast_decode "triton-prmt"), not measured on a GPU yet.
 NF4_PRMT_SETTINGS = {
     "gemv": dict(BN=8, BK=512, num_warps=2, prmt=True),
     "gemv_long": dict(BN=8, BK=1024, num_warps=4, prmt=True),
