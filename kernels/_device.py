@@ -93,29 +93,38 @@ def gdc_wait(USE_GDC: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
+class Switch:
+    """An on/off option that kernel launchers read when they launch (an A/B experiment), off unless a block
+    turns it on with :meth:`on`."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    @contextlib.contextmanager
+    def on(self, value: bool = True):
+        """Within the block, the switch is ``value``."""
+        old, self.value = self.value, value
+        try:
+            yield
+        finally:
+            self.value = old
+
+
 #: An A/B experiment of the decode GEMVs (``bagel_rt.fast_decode`` "triton-prefetch", not measured on a GPU yet):
 #: before a GEMV program waits for the previous kernel (PDL), it asks L2 for every weight line it will stream
 #: (:func:`l2_prefetch`), not only its first tile, so that the DRAM keeps busy through the short kernels between
 #: the GEMVs (norms, RoPE, attention; ~0.3 ms of a ~3.9 ms bf16 token on the H200). Read at launch by
 #: :func:`prefetch_kwargs`; set with :func:`l2_prefetch_on`.
-_L2_PREFETCH = [False]
-
-
-@contextlib.contextmanager
-def l2_prefetch_on(on: bool = True):
-    """Within the block, GEMV launches with PDL also prefetch their weights into L2 (see ``_L2_PREFETCH``)."""
-    old, _L2_PREFETCH[0] = _L2_PREFETCH[0], on
-    try:
-        yield
-    finally:
-        _L2_PREFETCH[0] = old
+_L2_PREFETCH = Switch()
+#: within the block, GEMV launches with PDL also prefetch their weights into L2 (see ``_L2_PREFETCH``)
+l2_prefetch_on = _L2_PREFETCH.on
 
 
 def prefetch_kwargs(pdl: bool, device: torch.device) -> dict:
     """:func:`pdl_kwargs` plus ``PREFETCH`` for the GEMV kernels that take it (on only with PDL, on CUDA, inside
     :func:`l2_prefetch_on`; the interpreter has no inline assembly)."""
     kw = pdl_kwargs(pdl, device)
-    return dict(kw, PREFETCH=kw["USE_GDC"] and _L2_PREFETCH[0])
+    return dict(kw, PREFETCH=kw["USE_GDC"] and _L2_PREFETCH.value)
 
 
 @triton.jit

@@ -44,14 +44,13 @@ follows the bf16 GEMVs (fp32 sums, one rounding; SwiGLU as :func:`bagel_rt.kerne
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from bagel_rt.kernels._device import gdc_wait, is_interpreting, l2_prefetch, prefetch_kwargs
+from bagel_rt.kernels._device import Switch, gdc_wait, is_interpreting, l2_prefetch, prefetch_kwargs
 from bagel_rt.kernels.gemv import INTERPRETER_CONFIG, MAX_M, _launch, _w_tile, _x_tile, swiglu_store
 from bagel_rt.kernels.swiglu import swiglu_ref
 from torch import Tensor, nn
@@ -299,12 +298,13 @@ def _nf4_code(t_bits, b_p, i: tl.constexpr):
 # and the word << 4: each code's bit 3 sits at a byte's top bit in one of them; one lop3 per plane), and two
 # prmt interleave the low and high bytes into fp16 pairs: 11.5 instructions per 4 codes, no memory access.
 # Checked against a bit-exact emulation of prmt / lop3 over random words before it was written here.
-_NF4_PRMT_ASM: tl.constexpr = tl.constexpr("""
-{
-.reg .b32 s, m, w4, la, lb, ha, hb, lo, hi, p, q;
-shl.b32 w4, $8, 4;
-and.b32 s, $8, 0x7777;
-prmt.b32 m, $8, w4, 0x9D8C;
+
+
+def _nf4_prmt_half(select: str, mask: int, first: int) -> str:
+    # the assembly of one half word: ``select`` puts its 4 codes' 3-bit selectors in s, the prmt selector ``mask``
+    # picks each code's bit 3 from $8 or w4 (= $8 << 4), and the fp16 pairs go to outputs $first .. $first + 3
+    return f"""{select}
+prmt.b32 m, $8, w4, {mask:#06x};
 prmt.b32 la, $9, $10, s;
 prmt.b32 lb, $11, $12, s;
 prmt.b32 ha, $13, $14, s;
@@ -313,23 +313,15 @@ lop3.b32 lo, la, lb, m, 0xD8;
 lop3.b32 hi, ha, hb, m, 0xD8;
 prmt.b32 p, lo, hi, 0x5140;
 prmt.b32 q, lo, hi, 0x7362;
-mov.b32 {$0, $1}, p;
-mov.b32 {$2, $3}, q;
-shr.b32 s, $8, 16;
-and.b32 s, s, 0x7777;
-prmt.b32 m, $8, w4, 0xBFAE;
-prmt.b32 la, $9, $10, s;
-prmt.b32 lb, $11, $12, s;
-prmt.b32 ha, $13, $14, s;
-prmt.b32 hb, $15, $16, s;
-lop3.b32 lo, la, lb, m, 0xD8;
-lop3.b32 hi, ha, hb, m, 0xD8;
-prmt.b32 p, lo, hi, 0x5140;
-prmt.b32 q, lo, hi, 0x7362;
-mov.b32 {$4, $5}, p;
-mov.b32 {$6, $7}, q;
-}
-""")
+mov.b32 {{${first}, ${first + 1}}}, p;
+mov.b32 {{${first + 2}, ${first + 3}}}, q;
+"""
+
+
+_NF4_PRMT_ASM: tl.constexpr = tl.constexpr(
+    "{\n.reg .b32 s, m, w4, la, lb, ha, hb, lo, hi, p, q;\nshl.b32 w4, $8, 4;\n"
+    + _nf4_prmt_half("and.b32 s, $8, 0x7777;", 0x9D8C, 0)
+    + _nf4_prmt_half("shr.b32 s, $8, 16;\nand.b32 s, s, 0x7777;", 0xBFAE, 4) + "}\n")
 
 
 @triton.jit
@@ -347,31 +339,26 @@ def _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.c
              PRMT: tl.constexpr = False):
     # acc [BN, NB, BLOCKSIZE // 8] += per block: absmax * sum over the 8 codes of each word of code * x
     BN: tl.constexpr = acc.shape[0]
-    if PRMT:
-        # the codes by byte permutes in registers (_nf4_prmt; inline PTX, so not in the interpreter), joined into
-        # an in-thread last dimension of 8 as in the word-wise decode below (the joins' order gives 0..7)
+    if PRMT or WORDWISE:
+        # the 8 codes of a word as a last, in-thread dimension: one x load of the tile, the codes of every word in
+        # one shot, the products summed by in-thread splits. Word-wise: the nibbles' offsets into the 64-byte
+        # table, one gather. Offline sm_90 SASS (``benchmarks/decode_sass.py``): 9.0 loop instructions per
+        # weight with Triton 3.6 (the GPU machine's) against 14.0 for the per-code loop below, whose word tile
+        # Triton 3.6 moves through shared memory once per code; but 10.9 against 7.7 with Triton 3.9; on the
+        # H200 1.7-2.2x faster than the per-code loop at every decode shape (see ``NF4_SETTINGS``, which take
+        # it). PRMT: byte permutes in registers (_nf4_prmt; inline PTX, so not in the interpreter), joined in an
+        # order that gives elements 0..7.
         o_e = k0 + tl.arange(0, BK)
         b_x = tl.reshape(tl.load(p_x + o_e, mask=o_e < K, other=0.0).to(tl.float32), [BK // 8, 8])
-        c0, c1, c2, c3, c4, c5, c6, c7 = _nf4_prmt(b_p, pl)
-        code = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
-        prod = tl.reshape(code, [BN, BK // 8, 8]).to(tl.float32) * b_x[None, :, :]
-        lo, hi = tl.split(tl.reshape(prod, [BN, BK // 8, 4, 2]))
-        lo, hi = tl.split(tl.reshape(lo + hi, [BN, BK // 8, 2, 2]))
-        lo, hi = tl.split(lo + hi)
-        b_s = lo + hi
-    elif WORDWISE:
-        # the 8 codes of a word as a last, in-thread dimension: one x load of the tile, the nibbles' offsets in one
-        # shot, the products summed by in-thread splits. Offline sm_90 SASS (``benchmarks/decode_sass.py``): 9.0
-        # loop instructions per weight with Triton 3.6 (the GPU machine's) against 14.0 for the per-code loop
-        # below, whose word tile Triton 3.6 moves through shared memory once per code; but 10.9 against 7.7
-        # with Triton 3.9; on the H200 1.7-2.2x faster than the per-code loop at every decode shape (see
-        # ``NF4_SETTINGS``, which take it).
-        o_e = k0 + tl.arange(0, BK)
-        b_x = tl.reshape(tl.load(p_x + o_e, mask=o_e < K, other=0.0).to(tl.float32), [BK // 8, 8])
-        i = tl.arange(0, 8)
-        sh = 8 * (i // 2) + 4 - 4 * (i % 2)  # element i's nibble: bits [sh, sh + 4) of its word
-        off = ((b_p[:, :, None] >> sh[None, None, :]) & 0xF) << 2  # byte offsets into the 64-byte table
-        code = tl.load((t.to(tl.int64) | off.to(tl.int64)).to(tl.pointer_type(tl.float32)))
+        if PRMT:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _nf4_prmt(b_p, pl)
+            code = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+            code = tl.reshape(code, [BN, BK // 8, 8]).to(tl.float32)
+        else:
+            i = tl.arange(0, 8)
+            sh = 8 * (i // 2) + 4 - 4 * (i % 2)  # element i's nibble: bits [sh, sh + 4) of its word
+            off = ((b_p[:, :, None] >> sh[None, None, :]) & 0xF) << 2  # byte offsets into the 64-byte table
+            code = tl.load((t.to(tl.int64) | off.to(tl.int64)).to(tl.pointer_type(tl.float32)))
         prod = code * b_x[None, :, :]  # [BN, BK // 8, 8]
         lo, hi = tl.split(tl.reshape(prod, [BN, BK // 8, 4, 2]))
         lo, hi = tl.split(tl.reshape(lo + hi, [BN, BK // 8, 2, 2]))
@@ -476,19 +463,9 @@ NF4_PRMT_SETTINGS = {
     "gemv_wide": dict(BN=8, BK=512, num_warps=2, prmt=True),
     "swiglu": dict(BN=8, BK=512, num_warps=2, prmt=True),
 }
-_NF4_PRMT = [False]
-
-
-@contextlib.contextmanager
-def nf4_prmt_on(on: bool = True):
-    """Within the block, NF4 decode GEMVs take the byte-permute decode (:data:`NF4_PRMT_SETTINGS`)."""
-    old, _NF4_PRMT[0] = _NF4_PRMT[0], on
-    try:
-        yield
-    finally:
-        _NF4_PRMT[0] = old
-
-
+_NF4_PRMT = Switch()
+#: within the block, NF4 decode GEMVs take the byte-permute decode (:data:`NF4_PRMT_SETTINGS`)
+nf4_prmt_on = _NF4_PRMT.on
 LONG_K = 8192
 WIDE_N = 8192  # more output channels than this: lm_head's settings (NF4 here, the tensor-core GEMVs' "wide")
 
@@ -501,15 +478,15 @@ def settings(kind: str, w: DecodeWeight) -> dict:
         return dict(SETTINGS[kind])
     if kind == "gemv" and w.shape[0] > WIDE_N:
         kind = "gemv_wide"
-    cfg = dict((NF4_PRMT_SETTINGS if _NF4_PRMT[0] else NF4_SETTINGS)[kind])
+    cfg = dict((NF4_PRMT_SETTINGS if _NF4_PRMT.value else NF4_SETTINGS)[kind])
     cfg["BK"] = max(cfg["BK"], w.blocksize)
     return cfg
 
 
 def _nf4_options(cfg: dict) -> tuple[dict, dict]:
     """(launch settings, kernel options) of NF4 settings: ``wordwise`` and ``prmt`` are decodes, not launch
-    settings; the byte-permute decode (inline PTX) falls back to the per-code gather of the same fp16 codes in
-    the interpreter."""
+    settings; the byte-permute decode (inline PTX) falls back to the per-code gather of the exact codes in the
+    interpreter."""
     c = dict(cfg)
     wordwise, prmt = c.pop("wordwise", False), c.pop("prmt", False)
     if prmt and is_interpreting():
