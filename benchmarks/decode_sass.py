@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
+import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import triton
@@ -24,6 +26,8 @@ from bagel_rt.quant import decode_gemv as dg
 from bagel_rt.quant import decode_mma as dm
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from bagel_rt.bench import environment
 
 bf16_gemv = importlib.import_module("bagel_rt.kernels.gemv")  # the module (the package exports the function)
 df11 = importlib.import_module("bagel_rt.quant.df11_decode")  # likewise
@@ -57,6 +61,7 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--mma", action="store_true", help="also the tensor-core GEMVs at each of their settings")
     ap.add_argument("--df11", action="store_true", help="also the DF11 decode loop (instructions per code)")
+    ap.add_argument("--out", help="append one JSON line per kernel to this file")
     a = ap.parse_args()
     io = dict(N="i32", K="i32", stride_xm="i32", stride_ym="i32")
     q8 = {code: dict(x="*bf16", w="*i8" if code == "int8" else "*u8", s="*fp32", b="*fp32", y="*bf16", **io)
@@ -72,9 +77,16 @@ def main() -> None:
     for wordwise in (False, True):
         consts = dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, WORDWISE=wordwise)
         cases.append(("nf4 wordwise" if wordwise else "nf4", dg._nf4_gemv_kernel, nf4, consts, cfg["num_warps"]))
-    cfg = dg.NF4_PRMT_SETTINGS["gemv"]  # the byte-permute decode
-    consts = dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, PRMT=True)
-    cases.append(("nf4 prmt", dg._nf4_gemv_kernel, nf4, consts, cfg["num_warps"]))
+    # the byte-permute decode at its settings beside the word-wise gather at the same (GEMV, gate/up + SwiGLU)
+    sw = dict(x="*bf16", pg="*i32", ag="*fp32", pu="*i32", au="*fp32", t="*fp32", pl="*i32", y="*bf16", **io)
+    for kind, fn, sig, extra in (("", dg._nf4_gemv_kernel, nf4, dict(HAS_BIAS=False)),
+                                 (" swiglu", dg._nf4_gemv_swiglu_kernel, sw, {})):
+        cfg = dg.NF4_PRMT_SETTINGS[kind.strip() or "gemv"]
+        for prmt in (False, True):
+            consts = dict(extra, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, WORDWISE=not prmt,
+                          PRMT=prmt)
+            name = f"nf4{kind} {'prmt' if prmt else 'wordwise'} {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}"
+            cases.append((name, fn, sig, consts, cfg["num_warps"]))
     if a.mma:
         mio = dict(N="i32", K="i32", M="i32", stride_ym="i32")
         for fmt, code, wt, dt in (("int8", "int8", "*i8", "*i8"), ("fp8", "fp8_native", "*u8", "*fp16")):
@@ -96,15 +108,24 @@ def main() -> None:
                           sig, consts, df11.DECODE_WARPS))
     for name, fn, sig, consts, nw in cases:
         ops = loop_ops(fn, sig, consts, nw, a.arch)
-        if "THREADS" in consts:  # the DF11 decode: one code per thread and iteration
-            mem = {k: v for k, v in ops.items() if k in ("LDG", "STG", "LDS", "STS", "BAR")}
-            print(f"{name:>16}: {sum(ops.values())} loop instructions per code; {dict(ops.most_common(6))}; "
-                  f"memory {mem}")
-            continue
-        per_thread = consts["BN"] * consts["BK"] // (32 * nw)  # weights per thread and loop iteration
         total = sum(ops.values())
-        print(f"{name:>16}: {total} loop instructions / {per_thread} weights = {total / per_thread:.2f} per "
-              f"weight; {dict(ops.most_common(8))}")
+        if "THREADS" in consts:  # the DF11 decode: one code per thread and iteration
+            per, unit = total, "code"
+            mem = {k: v for k, v in ops.items() if k in ("LDG", "STG", "LDS", "STS", "BAR")}
+            print(f"{name:>16}: {total} loop instructions per code; {dict(ops.most_common(6))}; memory {mem}")
+        else:
+            # weights per thread and loop iteration (gate/up + SwiGLU: two weights' tiles)
+            per_thread = consts["BN"] * consts["BK"] * (2 if "pg" in sig else 1) // (32 * nw)
+            per, unit = total / per_thread, "weight"
+            print(f"{name:>16}: {total} loop instructions / {per_thread} weights = {per:.2f} per weight; "
+                  f"{dict(ops.most_common(8))}")
+        if a.out:
+            row = dict(diag="decode_sass", kernel=name, arch=f"sm_{a.arch}", num_warps=nw,
+                       settings={k: v for k, v in consts.items() if k in ("BN", "BK")},
+                       loop_instructions_per=unit, loop_instructions=round(per, 2), ops=dict(ops.most_common()),
+                       command="python benchmarks/decode_sass.py " + " ".join(sys.argv[1:]), **environment())
+            with open(a.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ bf16 under a 24 GiB budget. Exp4 trades a little of the compression for a decode
 * ``escape_index`` (int64 [E]) / ``escape_value`` (int16 [E]): the bf16 bits of every escaped weight.
 
 12 bits per weight plus the escapes, ~75% of bf16: a normal(0, 0.02) bf16 weight of 18944 x 3584 escapes 1.5e-4
-of its weights (the far tails and zeros) and takes 0.751 of its bf16 bytes (``exp4_encode`` on the CPU).
+of its weights (the far tails and zeros) and takes 0.751 of its bf16 bytes (``benchmarks/exp4_size.py``, CPU).
 :func:`exp4_decode` is one elementwise pass (read 1.5 bytes, write 2 per weight) and a scatter of the escapes;
 :func:`exp4_encode` makes the buffers from the unit's bf16 bits (decoded once, when the unit is loaded).
 ``exp4_decode_ref`` is the PyTorch reference with the same signature.
