@@ -51,6 +51,7 @@ from bagel_rt.quant.decode_gemv import (
     DecodeWeight,
     concat,
     decode_weight,
+    nf4_hfma_on,
     nf4_prmt_on,
     qgemv,
     qgemv_parts,
@@ -89,12 +90,13 @@ from .errors import InputError
 #: over column ranges on the FMA kernels instead (decode_gemv.qgemv_parts, summed the same way): an A/B candidate,
 #: not measured on a GPU yet. "triton-prefetch" is "triton" with every GEMV asking L2 for all of its weight lines
 #: before it waits for the previous kernel (bagel_rt.kernels._device.l2_prefetch; bf16 GEMVs too), and
-#: "triton-prmt" is "triton" with NF4 weights decoded by byte permutes (decode_gemv.nf4_prmt_on): A/B candidates,
-#: not measured on a GPU yet.
+#: "triton-prmt" is "triton" with NF4 weights decoded by byte permutes (decode_gemv.nf4_prmt_on), "triton-hfma" the
+#: same with the products summed in packed bf16 pairs (decode_gemv.nf4_hfma_on): A/B candidates, not measured on a
+#: GPU yet.
 GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit", "triton-prefetch",
-         "triton-prmt")
+         "triton-prmt", "triton-hfma")
 #: the variants that are "triton" run inside a context (see GEMVS)
-_VARIANTS = {"triton-prefetch": l2_prefetch_on, "triton-prmt": nf4_prmt_on}
+_VARIANTS = {"triton-prefetch": l2_prefetch_on, "triton-prmt": nf4_prmt_on, "triton-hfma": nf4_hfma_on}
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
 #: before it drains, and the GEMVs request their first weight tile before waiting for its output

@@ -346,6 +346,10 @@ QGEMV_CANDIDATES = {  # (BN, BK, num_warps) tried beside the default settings of
     "nf4": [(8, 1024, 8), (8, 512, 4), (4, 1024, 4), (4, 512, 4), (8, 256, 2), (4, 256, 2), (2, 512, 2),
             (16, 256, 4), (2, 1024, 4), (8, 512, 2), (16, 1024, 8)],
 }
+#: the byte-permute NF4 decode with packed bf16 products: settings whose offline sm_90 loops are the shortest
+#: (benchmarks/decode_sass.py; single-warp programs keep the table planes in registers)
+HFMA_CANDIDATES = [(4, 512, 1), (2, 512, 1), (8, 256, 1), (4, 256, 1), (8, 512, 1), (8, 512, 2), (4, 1024, 2),
+                   (16, 512, 4), (8, 1024, 4)]
 QGEMV_LONG_CANDIDATES = [(2, 1024, 2), (2, 2048, 4), (4, 2048, 4), (2, 1024, 4), (1, 2048, 2)]  # + for K > LONG_K
 MMA_SPLIT_CANDIDATES = [  # (parts, BN, BK, num_warps) of the split-K tensor-core GEMV (o, down; qkv to compare)
     (2, 32, 512, 4), (4, 32, 512, 4), (8, 32, 256, 4), (4, 16, 512, 4), (4, 64, 256, 4), (6, 32, 512, 4),
@@ -392,6 +396,8 @@ def cases_qgemv(K):
             if fmt == "nf4":  # the word-wise and the byte-permute NF4 decodes (decode_gemv._nf4_acc) too
                 out[f"wordwise {bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw, wordwise=True): run(c)
                 out[f"prmt {bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw, prmt=True): run(c)
+        for bn, bk, nw in HFMA_CANDIDATES if fmt == "nf4" else []:
+            out[f"hfma {bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw, hfma=True): run(c)
         return out
 
     def mma_candidates(fmt, run):
@@ -465,6 +471,9 @@ def main() -> int:
     parser.add_argument("--shapes", default=None,
                         help="comma-separated substrings: only the cases whose shape (as JSON) holds one of them, "
                              "e.g. down,lm_head")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated substrings: only the providers whose name holds one of them (the "
+                             "first, the candidate, always runs), e.g. hfma,prmt")
     parser.add_argument("--graph", action="store_true",
                         help="time CUDA-graph replays (excludes launch overhead; matters for small shapes)")
     args = parser.parse_args()
@@ -488,6 +497,10 @@ def main() -> int:
                 continue
             if args.no_compile:
                 providers.pop("compile", None)
+            if args.providers:
+                first = next(iter(providers))
+                providers = {p: fn for p, fn in providers.items()
+                             if p == first or any(s in p for s in args.providers.split(","))}
             ms = {p: try_bench(fn, args.graph) for p, fn in providers.items()}
             ours = next(iter(ms))  # the first provider is the candidate; the rest are alternatives
             others = [t for p, t in ms.items() if p != ours and t is not None]

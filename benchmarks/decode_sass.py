@@ -77,15 +77,17 @@ def main() -> None:
     for wordwise in (False, True):
         consts = dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, WORDWISE=wordwise)
         cases.append(("nf4 wordwise" if wordwise else "nf4", dg._nf4_gemv_kernel, nf4, consts, cfg["num_warps"]))
-    # the byte-permute decode at its settings beside the word-wise gather at the same (GEMV, gate/up + SwiGLU)
+    # the byte-permute decodes (fp32 and packed bf16 products) at their settings beside the word-wise gather at the
+    # same (GEMV, gate/up + SwiGLU)
     sw = dict(x="*bf16", pg="*i32", ag="*fp32", pu="*i32", au="*fp32", t="*fp32", pl="*i32", y="*bf16", **io)
     for kind, fn, sig, extra in (("", dg._nf4_gemv_kernel, nf4, dict(HAS_BIAS=False)),
                                  (" swiglu", dg._nf4_gemv_swiglu_kernel, sw, {})):
-        cfg = dg.NF4_PRMT_SETTINGS[kind.strip() or "gemv"]
-        for prmt in (False, True):
-            consts = dict(extra, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, WORDWISE=not prmt,
-                          PRMT=prmt)
-            name = f"nf4{kind} {'prmt' if prmt else 'wordwise'} {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}"
+        for decode in ("wordwise", "prmt", "hfma"):
+            table = dg.NF4_HFMA_SETTINGS if decode == "hfma" else dg.NF4_PRMT_SETTINGS
+            cfg = table[kind.strip() or "gemv"]
+            consts = dict(extra, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True,
+                          WORDWISE=decode == "wordwise", PRMT=decode == "prmt", HFMA=decode == "hfma")
+            name = f"nf4{kind} {decode} {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}"
             cases.append((name, fn, sig, consts, cfg["num_warps"]))
     if a.mma:
         mio = dict(N="i32", K="i32", M="i32", stride_ym="i32")

@@ -84,10 +84,10 @@ class DecodeWeight:
     fmt: "int8", "fp8" or "nf4". codes: int8 [N, K] / float8_e4m3fn [N, K] / NF4 bytes uint8 [N * K // 2]
     (row-major, high nibble = even element). scale: fp32 [N] per output channel (int8, fp8), or the fp32 NF4
     absmax [N * K // blocksize]. table: the fp32 [16] NF4 code table (NF4 only; 64-byte aligned). planes: int32
-    [8], the table's codes rounded to fp16 as the byte-permute decode reads them (:func:`nf4_planes`; made with
-    the weight). That decode computes with the fp16 codes (NF4's codes lie in [-1, 1]: at most 2^-11 of a code
-    away, below the bf16 rounding of the NF4 modules' own dequantized weights); every other decode with the
-    exact ones.
+    [16], the table's codes rounded to fp16, then to bf16, as the byte-permute decodes read them
+    (:func:`nf4_planes`; made with the weight). Those decodes compute with the rounded codes (NF4's codes lie in
+    [-1, 1]: fp16 at most 2^-11 of a code away, below the bf16 rounding of the NF4 modules' own dequantized
+    weights; bf16 2^-9, that rounding itself); every other decode with the exact ones.
     """
 
     fmt: str
@@ -100,13 +100,14 @@ class DecodeWeight:
 
     def __post_init__(self):
         if self.fmt == "nf4" and self.planes is None:
-            self.planes = nf4_planes(self.table.to(torch.float16))
+            self.planes = torch.cat([nf4_planes(self.table.to(torch.float16)),
+                                     nf4_planes(self.table.to(torch.bfloat16))])
 
 
 def nf4_planes(table: Tensor) -> Tensor:
-    """int32 [8] of an fp16 [16] code table: the low bytes of codes 0-3, 4-7, 8-11, 12-15, then their high bytes
-    (little-endian words: a ``prmt`` over two words picks any of 8 codes' bytes). On the table's device, no
-    synchronisation."""
+    """int32 [8] of an fp16 or bf16 [16] code table: the low bytes of codes 0-3, 4-7, 8-11, 12-15, then their
+    high bytes (little-endian words: a ``prmt`` over two words picks any of 8 codes' bytes). On the table's
+    device, no synchronisation."""
     bits = table.view(torch.int16).to(torch.int32) & 0xFFFF
     return torch.cat([bits & 0xFF, bits >> 8]).to(torch.uint8).view(torch.int32)
 
@@ -300,46 +301,97 @@ def _nf4_code(t_bits, b_p, i: tl.constexpr):
 # Checked against a bit-exact emulation of prmt / lop3 over random words before it was written here.
 
 
-def _nf4_prmt_half(select: str, mask: int, first: int) -> str:
-    # the assembly of one half word: ``select`` puts its 4 codes' 3-bit selectors in s, the prmt selector ``mask``
-    # picks each code's bit 3 from $8 or w4 (= $8 << 4), and the fp16 pairs go to outputs $first .. $first + 3
+def _nf4_prmt_half(word: str, plane: int, select: str, mask: int, tail: str) -> str:
+    # the assembly of one half word of ``word``: ``select`` puts its 4 codes' 3-bit selectors in s, the prmt
+    # selector ``mask`` picks each code's bit 3 from the word or w4 (= word << 4), the planes are operands
+    # $plane .. $plane + 7; lo / hi get the codes' low / high bytes (nibble order), then ``tail``
+    pl = [f"${plane + i}" for i in range(8)]
     return f"""{select}
-prmt.b32 m, $8, w4, {mask:#06x};
-prmt.b32 la, $9, $10, s;
-prmt.b32 lb, $11, $12, s;
-prmt.b32 ha, $13, $14, s;
-prmt.b32 hb, $15, $16, s;
+prmt.b32 m, {word}, w4, {mask:#06x};
+prmt.b32 la, {pl[0]}, {pl[1]}, s;
+prmt.b32 lb, {pl[2]}, {pl[3]}, s;
+prmt.b32 ha, {pl[4]}, {pl[5]}, s;
+prmt.b32 hb, {pl[6]}, {pl[7]}, s;
 lop3.b32 lo, la, lb, m, 0xD8;
 lop3.b32 hi, ha, hb, m, 0xD8;
-prmt.b32 p, lo, hi, 0x5140;
-prmt.b32 q, lo, hi, 0x7362;
-mov.b32 {{${first}, ${first + 1}}}, p;
-mov.b32 {{${first + 2}, ${first + 3}}}, q;
-"""
+{tail}"""
+
+
+def _nf4_prmt_asm(word: str, plane: int, tails: tuple[str, str]) -> str:
+    # both half words of ``word`` (nibbles 0-3, then 4-7), each followed by its tail
+    return (f"shl.b32 w4, {word}, 4;\n"
+            + _nf4_prmt_half(word, plane, f"and.b32 s, {word}, 0x7777;", 0x9D8C, tails[0])
+            + _nf4_prmt_half(word, plane, f"shr.b32 s, {word}, 16;\nand.b32 s, s, 0x7777;", 0xBFAE, tails[1]))
 
 
 _NF4_PRMT_ASM: tl.constexpr = tl.constexpr(
-    "{\n.reg .b32 s, m, w4, la, lb, ha, hb, lo, hi, p, q;\nshl.b32 w4, $8, 4;\n"
-    + _nf4_prmt_half("and.b32 s, $8, 0x7777;", 0x9D8C, 0)
-    + _nf4_prmt_half("shr.b32 s, $8, 16;\nand.b32 s, s, 0x7777;", 0xBFAE, 4) + "}\n")
+    "{\n.reg .b32 s, m, w4, la, lb, ha, hb, lo, hi, p, q;\n"
+    + _nf4_prmt_asm("$8", 9, tuple(f"""prmt.b32 p, lo, hi, 0x5140;
+prmt.b32 q, lo, hi, 0x7362;
+mov.b32 {{${o}, ${o + 1}}}, p;
+mov.b32 {{${o + 2}, ${o + 3}}}, q;
+""" for o in (0, 4))) + "}\n")
+
+# The byte-permute decode with packed bf16 products: $0 (f32) = sum over the 8 elements of word $1 of code * x,
+# x the bf16 elements 0..7 of the word as four pairs ($2-$5, element 2i in the low half), codes from bf16 planes
+# ($6-$13). The interleave puts element 2i
+# in the low half of each pair (the x pair's order), and four ``fma.rn.bf16x2`` (sm_80+) sum the products per
+# lane in bf16; the two lanes are added in fp32. Per word: the decode's 23 instructions, 4 packed FMAs and 3 to
+# unpack, against the fp16 codes' 8 conversions, 8 FMAs and 7 adds. bf16 sums of four products carry about
+# 2^-9 of their size (the rounding of the NF4 modules' own bf16 dequantized weights), far below NF4's code
+# spacing (emulated bit for bit in tests/test_decode_gemv.py, which measures it).
+_NF4_HFMA_ASM: tl.constexpr = tl.constexpr(
+    "{\n.reg .b32 s, m, w4, la, lb, ha, hb, lo, hi, p, q, acc;\nmov.b32 acc, 0;\n"
+    + _nf4_prmt_asm("$1", 6, tuple(f"""prmt.b32 p, lo, hi, 0x4051;
+prmt.b32 q, lo, hi, 0x6273;
+fma.rn.bf16x2 acc, p, ${i}, acc;
+fma.rn.bf16x2 acc, q, ${i + 1}, acc;
+""" for i in (2, 4)))
+    + "shl.b32 lo, acc, 16;\nand.b32 hi, acc, 0xFFFF0000;\nadd.f32 $0, lo, hi;\n}\n")
+
+
+@triton.jit
+def _nf4_planes_args(pl):
+    return (tl.load(pl), tl.load(pl + 1), tl.load(pl + 2), tl.load(pl + 3), tl.load(pl + 4), tl.load(pl + 5),
+            tl.load(pl + 6), tl.load(pl + 7))
 
 
 @triton.jit
 def _nf4_prmt(b_p, pl):
     # the 8 fp16 codes of each word of b_p [BN, W] (see _NF4_PRMT_ASM), in element order 0..7
+    p0, p1, p2, p3, p4, p5, p6, p7 = _nf4_planes_args(pl)
     c1, c0, c3, c2, c5, c4, c7, c6 = tl.inline_asm_elementwise(
         _NF4_PRMT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
-        [b_p, tl.load(pl), tl.load(pl + 1), tl.load(pl + 2), tl.load(pl + 3), tl.load(pl + 4), tl.load(pl + 5),
-         tl.load(pl + 6), tl.load(pl + 7)], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        [b_p, p0, p1, p2, p3, p4, p5, p6, p7], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
     return c0, c1, c2, c3, c4, c5, c6, c7
 
 
 @triton.jit
+def _nf4_hfma(b_p, p_x, k0, K, pl):
+    # [BN, W] fp32: per word j of b_p [BN, W], the sum of its 8 codes times x[k0 + 8j .. k0 + 8j + 7] by
+    # _NF4_HFMA_ASM; p_x: the bf16 row of x (read as int32 pairs, four strided loads: a [W] slice each, so the
+    # operands need no layout conversion); pl: the bf16 planes
+    W: tl.constexpr = b_p.shape[1]
+    o_w = k0 // 2 + 4 * tl.arange(0, W)
+    m_w = o_w < K // 2
+    p_w = p_x.to(tl.pointer_type(tl.int32))
+    x0, x1 = tl.load(p_w + o_w, mask=m_w, other=0), tl.load(p_w + o_w + 1, mask=m_w, other=0)
+    x2, x3 = tl.load(p_w + o_w + 2, mask=m_w, other=0), tl.load(p_w + o_w + 3, mask=m_w, other=0)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _nf4_planes_args(pl)
+    return tl.inline_asm_elementwise(
+        _NF4_HFMA_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+        [b_p, x0[None, :], x1[None, :], x2[None, :], x3[None, :], p0, p1, p2, p3, p4, p5, p6, p7],
+        dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.constexpr, WORDWISE: tl.constexpr,
-             PRMT: tl.constexpr = False):
+             PRMT: tl.constexpr = False, HFMA: tl.constexpr = False):
     # acc [BN, NB, BLOCKSIZE // 8] += per block: absmax * sum over the 8 codes of each word of code * x
     BN: tl.constexpr = acc.shape[0]
-    if PRMT or WORDWISE:
+    if HFMA:  # byte permutes and packed bf16 products (_nf4_hfma; bf16 x, the decoder's dtype)
+        b_s = _nf4_hfma(b_p, p_x, k0, K, pl + 8)
+    elif PRMT or WORDWISE:
         # the 8 codes of a word as a last, in-thread dimension: one x load of the tile, the codes of every word in
         # one shot, the products summed by in-thread splits. Word-wise: the nibbles' offsets into the 64-byte
         # table, one gather. Offline sm_90 SASS (``benchmarks/decode_sass.py``): 9.0 loop instructions per
@@ -378,7 +430,8 @@ def _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.c
 @triton.jit
 def _nf4_gemv_kernel(x, p, a, t, pl, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
                      BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
-                     WORDWISE: tl.constexpr = False, PREFETCH: tl.constexpr = False, PRMT: tl.constexpr = False):
+                     WORDWISE: tl.constexpr = False, PREFETCH: tl.constexpr = False, PRMT: tl.constexpr = False,
+                     HFMA: tl.constexpr = False):
     tl.static_assert(BK % BLOCKSIZE == 0)
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -391,7 +444,7 @@ def _nf4_gemv_kernel(x, p, a, t, pl, b, y, N, K, stride_xm, stride_ym, HAS_BIAS:
     gdc_wait(USE_GDC)
     acc = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        acc = _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT)
+        acc = _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA)
         b_p, b_a = _nf4_tile(p_p, p_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
     b_y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
@@ -403,7 +456,7 @@ def _nf4_gemv_kernel(x, p, a, t, pl, b, y, N, K, stride_xm, stride_ym, HAS_BIAS:
 def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, pl, y, N, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
                             WORDWISE: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                            PRMT: tl.constexpr = False):
+                            PRMT: tl.constexpr = False, HFMA: tl.constexpr = False):
     tl.static_assert(BK % BLOCKSIZE == 0)
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -418,8 +471,8 @@ def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, pl, y, N, K, stride_xm, stride
     acc_g = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     acc_u = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        acc_g = _nf4_acc(acc_g, b_pg, b_ag, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT)
-        acc_u = _nf4_acc(acc_u, b_pu, b_au, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT)
+        acc_g = _nf4_acc(acc_g, b_pg, b_ag, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA)
+        acc_u = _nf4_acc(acc_u, b_pu, b_au, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA)
         b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
         b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
     swiglu_store(y + i_m * stride_ym + o_n, tl.sum(tl.sum(acc_g, axis=2), axis=1),
@@ -463,9 +516,25 @@ NF4_PRMT_SETTINGS = {
     "gemv_wide": dict(BN=8, BK=512, num_warps=2, prmt=True),
     "swiglu": dict(BN=8, BK=512, num_warps=2, prmt=True),
 }
+#: the byte-permute decode with packed bf16 products (``hfma``: :func:`_nf4_hfma`; bf16 x, else the byte-permute
+#: decode) at the settings whose offline sm_90 loops (Triton 3.6, ``benchmarks/decode_sass.py``) are the
+#: shortest: single-warp programs, where ptxas keeps the 8 table planes in registers (with 2-4 warps it holds
+#: half of them in uniform registers and copies one per table permute: +1 instruction per weight). Loop
+#: instructions per weight: gemv 4 x 512 / 1 4.97 (byte permutes with fp32 products 6.28 at their settings),
+#: gate/up + SwiGLU 2 x 512 / 1 5.05 (5.91). An A/B candidate (:func:`nf4_hfma_on`, fast_decode "triton-hfma"),
+#: not measured on a GPU yet.
+NF4_HFMA_SETTINGS = {
+    "gemv": dict(BN=4, BK=512, num_warps=1, hfma=True),
+    "gemv_long": dict(BN=4, BK=512, num_warps=1, hfma=True),
+    "gemv_wide": dict(BN=4, BK=512, num_warps=1, hfma=True),
+    "swiglu": dict(BN=2, BK=512, num_warps=1, hfma=True),
+}
 _NF4_PRMT = Switch()
+_NF4_HFMA = Switch()
 #: within the block, NF4 decode GEMVs take the byte-permute decode (:data:`NF4_PRMT_SETTINGS`)
 nf4_prmt_on = _NF4_PRMT.on
+#: within the block, NF4 decode GEMVs take the byte-permute decode with bf16 products (:data:`NF4_HFMA_SETTINGS`)
+nf4_hfma_on = _NF4_HFMA.on
 LONG_K = 8192
 WIDE_N = 8192  # more output channels than this: lm_head's settings (NF4 here, the tensor-core GEMVs' "wide")
 
@@ -478,20 +547,23 @@ def settings(kind: str, w: DecodeWeight) -> dict:
         return dict(SETTINGS[kind])
     if kind == "gemv" and w.shape[0] > WIDE_N:
         kind = "gemv_wide"
-    cfg = dict((NF4_PRMT_SETTINGS if _NF4_PRMT.value else NF4_SETTINGS)[kind])
+    table = NF4_HFMA_SETTINGS if _NF4_HFMA.value else NF4_PRMT_SETTINGS if _NF4_PRMT.value else NF4_SETTINGS
+    cfg = dict(table[kind])
     cfg["BK"] = max(cfg["BK"], w.blocksize)
     return cfg
 
 
-def _nf4_options(cfg: dict) -> tuple[dict, dict]:
-    """(launch settings, kernel options) of NF4 settings: ``wordwise`` and ``prmt`` are decodes, not launch
-    settings; the byte-permute decode (inline PTX) falls back to the per-code gather of the exact codes in the
-    interpreter."""
+def _nf4_options(cfg: dict, x: Tensor) -> tuple[dict, dict]:
+    """(launch settings, kernel options) of NF4 settings for activations ``x``: ``wordwise``, ``prmt`` and
+    ``hfma`` are decodes, not launch settings; ``hfma`` reads bf16 x (other dtypes take ``prmt``); the
+    byte-permute decodes (inline PTX) fall back to the per-code gather of the exact codes in the interpreter."""
     c = dict(cfg)
-    wordwise, prmt = c.pop("wordwise", False), c.pop("prmt", False)
-    if prmt and is_interpreting():
-        return c, dict(WORDWISE=False, PRMT=False)
-    return c, dict(WORDWISE=wordwise and not prmt, PRMT=prmt)
+    wordwise, prmt, hfma = c.pop("wordwise", False), c.pop("prmt", False), c.pop("hfma", False)
+    if hfma and x.dtype != torch.bfloat16:
+        prmt, hfma = True, False
+    if (prmt or hfma) and is_interpreting():
+        return c, dict(WORDWISE=False, PRMT=False, HFMA=False)
+    return c, dict(WORDWISE=wordwise and not (prmt or hfma), PRMT=prmt and not hfma, HFMA=hfma)
 
 
 def _check(x: Tensor, *ws: DecodeWeight) -> tuple[int, int, int]:
@@ -508,7 +580,7 @@ def _check(x: Tensor, *ws: DecodeWeight) -> tuple[int, int, int]:
             assert w.codes.dtype == torch.uint8 and w.codes.numel() == N * K // 2
             assert w.scale.numel() == N * K // w.blocksize and w.table.dtype == torch.float32
             assert w.table.numel() == 16 and w.table.data_ptr() % 64 == 0, "the NF4 table must be 64-byte aligned"
-            assert w.planes is not None and w.planes.dtype == torch.int32 and w.planes.numel() == 8
+            assert w.planes is not None and w.planes.dtype == torch.int32 and w.planes.numel() == 16
         else:
             assert w.codes.dtype == {"int8": torch.int8, "fp8": FP8}[w.fmt] and w.codes.shape == (N, K)
             assert w.scale.numel() == N
@@ -534,7 +606,7 @@ def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, pdl: bool, cfg: dict
     b = bias if bias is not None else w.scale
     if w.fmt == "nf4":
         args = (x, w.codes.view(torch.int32), w.scale, w.table, w.planes, b, y, N, K, x.stride(0), y.stride(0), M)
-        c, opts = _nf4_options(cfg)
+        c, opts = _nf4_options(cfg, x)
         _launch(_nf4_gemv_kernel, c, N, args, pdl, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize, **opts)
     else:
         args = (x, _codes(w), w.scale, b, y, N, K, x.stride(0), y.stride(0), M)
@@ -554,7 +626,7 @@ def _qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool, cf
         assert gate.table is up.table, "gate / up must share one NF4 code table (see swiglu_pair)"
         args = (x, gate.codes.view(torch.int32), gate.scale, up.codes.view(torch.int32), up.scale, gate.table,
                 gate.planes, y, N, K, x.stride(0), y.stride(0), M)
-        c, opts = _nf4_options(cfg)
+        c, opts = _nf4_options(cfg, x)
         _launch(_nf4_gemv_swiglu_kernel, c, N, args, pdl, BLOCKSIZE=gate.blocksize, **opts)
     else:
         args = (x, _codes(gate), _codes(up), gate.scale, up.scale, y, N, K, x.stride(0), y.stride(0), M)

@@ -5,7 +5,10 @@ device, plus bf16 at BAGEL's decode shapes. The exact-decode test puts one non-z
 output is that code's fp32 value times its scale, rounded once, on both sides: it compares bit for bit.
 """
 
+import math
+import struct
 from dataclasses import replace
+from fractions import Fraction
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from bagel_rt.quant.decode_gemv import (
     concat,
     decode_weight,
     dequantize_ref,
+    nf4_hfma_on,
     nf4_planes,
     nf4_prmt_on,
     qgemv,
@@ -84,17 +88,17 @@ def test_qgemv_swiglu(fmt, N, K, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("N, K, blocksize", [(37, 96, 32), (9, 320, 64), (16, 64, 64)])
-@pytest.mark.parametrize("decode", ["wordwise", "per-code", "prmt"])
+@pytest.mark.parametrize("decode", ["wordwise", "per-code", "prmt", "hfma"])
 def test_nf4_decodes(N, K, blocksize, dtype, decode):
     """The NF4 decodes — word-wise (the 8 codes of a word as an in-thread dimension; the default settings), the
     per-code loop and the byte permutes (inline PTX on a GPU, with the codes rounded to fp16; in the interpreter
-    the per-code gather) — against the fp32 product, in the GEMV and in gate/up + SwiGLU, with a bias and three
-    rows."""
+    the per-code gather; "hfma" takes them for fp32 / fp16 x, see test_nf4_hfma_bf16) — against the fp32
+    product, in the GEMV and in gate/up + SwiGLU, with a bias and three rows."""
     w, bias = make_weight("nf4", N, K, blocksize=blocksize, bias=True)
     assert settings("gemv", w)["wordwise"] and settings("swiglu", w)["wordwise"]
-    opts = dict(wordwise=decode == "wordwise", prmt=decode == "prmt")
+    opts = dict(wordwise=decode == "wordwise", prmt=decode == "prmt", hfma=decode == "hfma")
     # the reference of the byte permutes on a GPU: the same product with the fp16 codes they read
-    fp16_codes = decode == "prmt" and DEV == "cuda"
+    fp16_codes = decode in ("prmt", "hfma") and DEV == "cuda"
     ref_of = (lambda v: replace(v, table=v.table.half().float())) if fp16_codes else (lambda v: v)  # noqa: E731
     x = torch.randn(3, K, device=DEV).to(dtype)
     for b in (None, bias.to(dtype)):
@@ -105,20 +109,23 @@ def test_nf4_decodes(N, K, blocksize, dtype, decode):
     gate, up = swiglu_pair(gate, up)
     got = _qgemv_swiglu(x, gate, up, False, dict(settings("swiglu", gate), **opts))
     assert_close(f"nf4 {decode} swiglu", qgemv_swiglu_ref(x, ref_of(gate), ref_of(up)), got, tol(dtype))
-    with nf4_prmt_on():  # the decoder's A/B switch picks the byte-permute settings
+    with nf4_prmt_on():  # the decoder's A/B switches pick the byte-permute settings
         assert settings("gemv", w)["prmt"] and settings("swiglu", gate)["prmt"]
-    assert "prmt" not in settings("gemv", w)
+    with nf4_hfma_on():
+        assert settings("gemv", w)["hfma"] and settings("swiglu", gate)["hfma"]
+    assert "prmt" not in settings("gemv", w) and "hfma" not in settings("gemv", w)
 
 
 def test_nf4_planes():
     """A decode weight keeps the exact NF4 table (64-byte aligned) and, as its planes, the low and high bytes of
-    the codes rounded to fp16, four codes per little-endian word; gate/up and q/k/v share them."""
+    the codes rounded to fp16, then to bf16, four codes per little-endian word; gate/up and q/k/v share them."""
     w, _ = make_weight("nf4", 8, 64)
     exact = torch.tensor(NF4_CODE, dtype=torch.float32)
     assert torch.equal(w.table.cpu(), exact) and w.table.data_ptr() % 64 == 0
-    bits = exact.half().view(torch.int16).to(torch.int32) & 0xFFFF
     planes = w.planes.cpu().view(torch.uint8).to(torch.int32)
-    assert torch.equal(planes, torch.cat([bits & 0xFF, bits >> 8]))
+    for i, dt in enumerate((torch.float16, torch.bfloat16)):
+        bits = exact.to(dt).view(torch.int16).to(torch.int32) & 0xFFFF
+        assert torch.equal(planes[32 * i:32 * (i + 1)], torch.cat([bits & 0xFF, bits >> 8]))
     gate, up = swiglu_pair(w, make_weight("nf4", 8, 64, seed=1)[0])
     assert up.planes is gate.planes and up.table is gate.table
     assert concat([w, gate]).planes is w.planes
@@ -138,6 +145,26 @@ def _prmt(a: int, b: int, c: int) -> int:
     return out
 
 
+def _bf16(bits: int) -> float:
+    """The value of the bf16 in the low 16 bits (exactly, as a double)."""
+    return struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF) << 16))[0]
+
+
+def _bf16_bits(v: float) -> int:
+    """v (a double, finite, the exact sum of a bf16 product and a bf16 here) rounded once to the nearest bf16,
+    ties to even: its bits."""
+    if v == 0:
+        return 0x8000 if math.copysign(1.0, v) < 0 else 0
+    m, e = math.frexp(abs(v))  # |v| = m * 2^e, m in [0.5, 1)
+    assert -125 <= e <= 128, v  # normal bf16 range (the test's values lie well inside it)
+    q = Fraction(m) * 256  # 8 significant bits
+    r = round(q)  # Python rounds halves to even
+    if r == 256:
+        r, e = 128, e + 1
+    f32 = struct.unpack("<I", struct.pack("<f", math.copysign(r / 256 * 2.0 ** e, v)))[0]
+    return f32 >> 16
+
+
 def _lop3(a: int, b: int, c: int, lut: int) -> int:
     return sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i
                for i in range(32))
@@ -150,10 +177,19 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
         line = line.strip(" \n{}")
         if not line or line.startswith(".reg"):
             continue
-        op, args = line.split(None, 1)
-        args = [t.strip() for t in args.replace("{", "").replace("}", "").split(",")]
-        if op == "mov.b32":  # {lo, hi} <- a 32-bit register
+        op, rest = line.split(None, 1)
+        args = [t.strip() for t in rest.replace("{", "").replace("}", "").split(",")]
+        if op == "mov.b32" and rest.startswith("{"):  # {lo, hi} <- a 32-bit register
             regs[args[0]], regs[args[1]] = regs[args[2]] & 0xFFFF, regs[args[2]] >> 16
+        elif op == "mov.b32":
+            regs[args[0]] = val(args[1])
+        elif op == "fma.rn.bf16x2":  # per 16-bit lane: a * b + c, rounded once to bf16
+            a, b, c = (val(t) for t in args[1:])
+            regs[args[0]] = sum(_bf16_bits(_bf16(a >> sh) * _bf16(b >> sh) + _bf16(c >> sh)) << sh
+                                for sh in (0, 16))
+        elif op == "add.f32":
+            f = torch.tensor([val(args[1]), val(args[2])], dtype=torch.int64).to(torch.int32).view(torch.float32)
+            regs[args[0]] = (f[0] + f[1]).view(torch.int32).item() & 0xFFFFFFFF
         elif op == "shl.b32":
             regs[args[0]] = (val(args[1]) << val(args[2])) & 0xFFFFFFFF
         elif op == "shr.b32":
@@ -184,6 +220,68 @@ def test_nf4_prmt_assembly_decodes_every_code():
         regs = _run_ptx(asm, {"$8": word, **{f"${9 + i}": p & 0xFFFFFFFF for i, p in enumerate(planes)}})
         got = [regs[f"${i}"] for i in range(8)]
         assert got == [bits[elems[i ^ 1]] for i in range(8)], (elems, got)
+
+
+def test_nf4_hfma_assembly_sums_every_code():
+    """The byte permutes with packed bf16 products, emulated bit for bit on random words of NF4 bytes and random
+    bf16 x: $0 is the fp32 sum of the two lanes of four bf16 FMAs (elements 0, 2, 4, 6 in the low lane, 1, 3, 5,
+    7 in the high, in that order), with the codes rounded to bf16; and that sum lies within a few bf16 roundings
+    of the exact product (measured: printed)."""
+    asm = str(decode_gemv._NF4_HFMA_ASM.value if hasattr(decode_gemv._NF4_HFMA_ASM, "value")
+              else decode_gemv._NF4_HFMA_ASM)
+    table = torch.tensor(NF4_CODE).bfloat16()
+    planes = nf4_planes(table).tolist()
+    code_bits = (table.view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for _ in range(300):
+        elems = torch.randint(0, 16, (8,), generator=g).tolist()
+        word = sum(((elems[2 * b] << 4) | elems[2 * b + 1]) << 8 * b for b in range(4))  # high nibble = even
+        x = (torch.randn(8, generator=g) * 4).bfloat16()
+        x_bits = (x.view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+        pairs = {f"${2 + i}": x_bits[2 * i] | (x_bits[2 * i + 1] << 16) for i in range(4)}  # element 2i low
+        regs = _run_ptx(asm, {"$1": word, **pairs, **{f"${6 + i}": p & 0xFFFFFFFF for i, p in enumerate(planes)}})
+        got = struct.unpack("<f", struct.pack("<I", regs["$0"]))[0]
+        lanes = []
+        for lane in (0, 1):  # the model: each lane's chain of bf16 FMAs, then one fp32 add
+            acc = 0
+            for e in range(lane, 8, 2):
+                acc = _bf16_bits(_bf16(code_bits[elems[e]]) * _bf16(x_bits[e]) + _bf16(acc))
+            lanes.append(torch.tensor(_bf16(acc), dtype=torch.float32))
+        assert got == (lanes[0] + lanes[1]).item(), (elems, x.tolist(), got)
+        exact = sum(NF4_CODE[elems[e]] * float(x[e]) for e in range(8))
+        size = sum(abs(NF4_CODE[elems[e]] * float(x[e])) for e in range(8))
+        worst = max(worst, abs(got - exact) / size)
+    print(f"hfma word sums: worst |sum - exact| / sum |products| = {worst:.2e}")
+    assert worst < 2 ** -6  # a few bf16 roundings (2^-9 each), not a wrong code or order
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_nf4_hfma_bf16():
+    """The byte permutes with packed bf16 products on the GPU at BAGEL-7B's decode shapes (bf16 x, the decoder's
+    dtype; the kernel options really take them): against the product with the bf16-rounded codes, and its
+    deviation from the exact codes' product (printed)."""
+    x1 = torch.empty(1, dtype=torch.bfloat16, device="cuda")
+    assert decode_gemv._nf4_options(dict(hfma=True), x1)[1]["HFMA"]
+    for N, K in ((4608, 3584), (3584, 18944), (40000, 3584), (37, 320)):
+        w, _ = make_weight("nf4", N, K, blocksize=64)
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        with nf4_hfma_on():
+            got = qgemv(x, w, None, True)
+        bf16_ref = qgemv_ref(x.float(), replace(w, table=w.table.bfloat16().float())).to(torch.bfloat16)
+        assert_close(f"nf4 hfma {N}x{K}", bf16_ref, got, 8e-3)
+        exact = qgemv_ref(x.float(), w)
+        dev = ((got.float() - exact).norm() / exact.norm()).item()
+        print(f"nf4 hfma {N}x{K}: rel. L2 vs the exact codes' product {dev:.2e}")
+        assert dev < 1e-2
+    gate, _ = make_weight("nf4", 18944, 3584, blocksize=64, seed=1)
+    up, _ = make_weight("nf4", 18944, 3584, blocksize=64, seed=2)
+    gate, up = swiglu_pair(gate, up)
+    x = torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16)
+    with nf4_hfma_on():
+        got = qgemv_swiglu(x, gate, up, True)
+    assert_close("nf4 hfma gate/up", qgemv_swiglu_ref(x, gate, up), got, 1e-2)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
