@@ -29,6 +29,7 @@ the fused path, SwiGLU rounded once, fp32 online softmax.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ from bagel_rt.quant.decode_gemv import (
     DecodeWeight,
     concat,
     decode_weight,
+    fp8_hfma_on,
     nf4_hfma_on,
     nf4_prmt_on,
     qgemv,
@@ -90,13 +92,23 @@ from .errors import InputError
 #: over column ranges on the FMA kernels instead (decode_gemv.qgemv_parts, summed the same way): an A/B candidate,
 #: not measured on a GPU yet. "triton-prefetch" is "triton" with every GEMV asking L2 for all of its weight lines
 #: before it waits for the previous kernel (bagel_rt.kernels._device.l2_prefetch; bf16 GEMVs too), and
-#: "triton-prmt" is "triton" with NF4 weights decoded by byte permutes (decode_gemv.nf4_prmt_on), "triton-hfma" the
-#: same with the products summed in packed bf16 pairs (decode_gemv.nf4_hfma_on): A/B candidates, not measured on a
-#: GPU yet.
+#: "triton-prmt" is "triton" with NF4 weights decoded by byte permutes (decode_gemv.nf4_prmt_on), "triton-hfma"
+#: with the products of NF4 (byte permutes) and of FP8 weights on the FMA kernels summed in packed bf16 pairs
+#: (decode_gemv.nf4_hfma_on, fp8_hfma_on), "triton-hfma-fma" that with every FP8 weight on the FMA kernels (as
+#: "triton-fma"): A/B candidates, not measured on a GPU yet.
 GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit", "triton-prefetch",
-         "triton-prmt", "triton-hfma")
-#: the variants that are "triton" run inside a context (see GEMVS)
-_VARIANTS = {"triton-prefetch": l2_prefetch_on, "triton-prmt": nf4_prmt_on, "triton-hfma": nf4_hfma_on}
+         "triton-prmt", "triton-hfma", "triton-hfma-fma")
+
+
+@contextlib.contextmanager
+def _hfma_on():
+    with nf4_hfma_on(), fp8_hfma_on():
+        yield
+
+
+#: the variants that are another implementation run inside a context (see GEMVS): name -> (context, base)
+_VARIANTS = {"triton-prefetch": (l2_prefetch_on, "triton"), "triton-prmt": (nf4_prmt_on, "triton"),
+             "triton-hfma": (_hfma_on, "triton"), "triton-hfma-fma": (_hfma_on, "triton-fma")}
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
 #: before it drains, and the GEMVs request their first weight tile before waiting for its output
@@ -269,8 +281,9 @@ def decode_step_kernels(model, cache: KVCache, token: Tensor, pos: Tensor, lengt
     layers = layers if layers is not None else und_layers(model)
     impl = check_gemv(gemv_impl)
     if impl in _VARIANTS:
-        with _VARIANTS[impl]():
-            return decode_step_kernels(model, cache, token, pos, length, layers, num_splits, "triton", pdl, head)
+        context, base = _VARIANTS[impl]
+        with context():
+            return decode_step_kernels(model, cache, token, pos, length, layers, num_splits, base, pdl, head)
     dev, dt = token.device, cache.dtype
     x = lm.model.embed_tokens(token)  # [1, H]
     cos, sin = rope_cos_sin(pos, D, p.rope_theta, dt)  # [1, D] each, rounded to dt like the reference

@@ -348,8 +348,11 @@ QGEMV_CANDIDATES = {  # (BN, BK, num_warps) tried beside the default settings of
 }
 #: the byte-permute NF4 decode with packed bf16 products: settings whose offline sm_90 loops are the shortest
 #: (benchmarks/decode_sass.py; single-warp programs keep the table planes in registers)
-HFMA_CANDIDATES = [(4, 512, 1), (2, 512, 1), (8, 256, 1), (4, 256, 1), (8, 512, 1), (8, 512, 2), (4, 1024, 2),
-                   (16, 512, 4), (8, 1024, 4)]
+HFMA_CANDIDATES = {
+    "nf4": [(4, 512, 1), (2, 512, 1), (8, 256, 1), (4, 256, 1), (8, 512, 1), (8, 512, 2), (4, 1024, 2),
+            (16, 512, 4), (8, 1024, 4)],
+    "fp8": [(8, 512, 1), (16, 512, 1), (4, 512, 1), (8, 1024, 2), (16, 512, 2), (8, 1024, 4)],
+}
 QGEMV_LONG_CANDIDATES = [(2, 1024, 2), (2, 2048, 4), (4, 2048, 4), (2, 1024, 4), (1, 2048, 2)]  # + for K > LONG_K
 MMA_SPLIT_CANDIDATES = [  # (parts, BN, BK, num_warps) of the split-K tensor-core GEMV (o, down; qkv to compare)
     (2, 32, 512, 4), (4, 32, 512, 4), (8, 32, 256, 4), (4, 16, 512, 4), (4, 64, 256, 4), (6, 32, 512, 4),
@@ -396,7 +399,7 @@ def cases_qgemv(K):
             if fmt == "nf4":  # the word-wise and the byte-permute NF4 decodes (decode_gemv._nf4_acc) too
                 out[f"wordwise {bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw, wordwise=True): run(c)
                 out[f"prmt {bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw, prmt=True): run(c)
-        for bn, bk, nw in HFMA_CANDIDATES if fmt == "nf4" else []:
+        for bn, bk, nw in HFMA_CANDIDATES.get(fmt, []):
             out[f"hfma {bn}x{bk}/{nw}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw, hfma=True): run(c)
         return out
 

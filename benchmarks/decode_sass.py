@@ -73,6 +73,18 @@ def main() -> None:
         cfg = dg.SETTINGS["gemv"]
         consts = dict(HAS_BIAS=False, CODE=code, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True)
         cases.append((code, dg._q8_gemv_kernel, q8[code], consts, cfg["num_warps"]))
+    # FP8 with packed bf16 products (words of 4 codes, bf16 x; BAGEL's K are multiples of BK: EVEN_K) at its
+    # settings, GEMV and gate/up + SwiGLU, beside the fp32 products' gate/up + SwiGLU at theirs
+    q8sw = dict(x="*bf16", wg="*u8", wu="*u8", sg="*fp32", su="*fp32", y="*bf16", **io)
+    cfg = dg.SETTINGS["swiglu"]
+    cases.append((f"fp8_native swiglu {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}", dg._q8_gemv_swiglu_kernel, q8sw,
+                  dict(CODE="fp8_native", BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True), cfg["num_warps"]))
+    for kind, fn, sig, extra in (("", dg._q8_gemv_kernel, dict(q8["fp8_native"], w="*i32"), dict(HAS_BIAS=False)),
+                                 (" swiglu", dg._q8_gemv_swiglu_kernel, dict(q8sw, wg="*i32", wu="*i32"), {})):
+        cfg = dg.FP8_HFMA_SETTINGS[kind.strip() or "gemv"]
+        consts = dict(extra, CODE="fp8_native", BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, HFMA=True, EVEN_K=True)
+        cases.append((f"fp8{kind} hfma {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}", fn, sig, consts,
+                      cfg["num_warps"]))
     cfg = dg.NF4_SETTINGS["gemv"]
     for wordwise in (False, True):
         consts = dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, WORDWISE=wordwise)
@@ -117,7 +129,7 @@ def main() -> None:
             print(f"{name:>16}: {total} loop instructions per code; {dict(ops.most_common(6))}; memory {mem}")
         else:
             # weights per thread and loop iteration (gate/up + SwiGLU: two weights' tiles)
-            per_thread = consts["BN"] * consts["BK"] * (2 if "pg" in sig else 1) // (32 * nw)
+            per_thread = consts["BN"] * consts["BK"] * (2 if "pg" in sig or "wg" in sig else 1) // (32 * nw)
             per, unit = total / per_thread, "weight"
             print(f"{name:>16}: {total} loop instructions / {per_thread} weights = {per:.2f} per weight; "
                   f"{dict(ops.most_common(8))}")

@@ -200,12 +200,101 @@ def _code_unit(CODE: tl.constexpr):
         return e4m3_unit(CODE == "fp8_native")
 
 
+# The FP8 (e4m3) decode with packed bf16 products: $0 (f32) = the sum over the 4 codes of word $1 (element i =
+# byte i, little-endian) of code * x * 2^-12, $2 (64 bits) the bf16 x of elements 0..3 times 2^100 (_FP8_X_ASM),
+# as two pairs xa (elements 0, 1) and xb (2, 3), element 2i in the low half. The sm_89+ conversion turns each
+# half word into an f16 pair (exact; the upper byte to the upper half). An e4m3 value is an f16 normal (2^-9 ..
+# 448; 0 -> 0) whose 7 low mantissa bits are zero, so its bits without the sign shifted right by 3, the sign put
+# back (one lop3), are the bf16 of the value times 2^-112, exactly (the 5-bit exponent field read as bf16's 8-bit
+# one: 2^(15 - 127) apart). Two ``fma.rn.bf16x2`` (sm_80+) sum the products per lane in bf16 (elements 0, 2 in
+# the low lane, 1, 3 in the high), the lanes are added in fp32. Per word 14 instructions in the sm_90 loop (2
+# conversions, 6 bit ops, 2 packed FMAs, 3 to unpack, the fp32 accumulate) against ~26 for fp32 products
+# (6.5 per weight). Products stay normal for |x| < 2^27 (x * 2^100 < 2^127). Deviation from the fp32 path:
+# each product rounded to bf16 and one bf16 add per lane (each at most 2^-8 relative, bf16's unit roundoff),
+# far below e4m3's own rounding (2^-4): the bit-exact CPU emulation in tests/test_decode_gemv.py measures at
+# most 5.4e-03 of the sum of |products| of a word (1000 random words of codes, random bf16 x).
+_FP8_HFMA_ASM: tl.constexpr = tl.constexpr(
+    "{\n.reg .b16 lo16, hi16;\n.reg .b32 h0, h1, a0, a1, c0, c1, acc, lo, hi, xa, xb;\n"
+    "mov.b32 {lo16, hi16}, $1;\nmov.b64 {xa, xb}, $2;\n"
+    "cvt.rn.f16x2.e4m3x2 h0, lo16;\n"
+    "cvt.rn.f16x2.e4m3x2 h1, hi16;\n"
+    "and.b32 a0, h0, 0x7FFF7FFF;\nshr.b32 a0, a0, 3;\nlop3.b32 c0, a0, h0, 0x80008000, 0xF8;\n"
+    "and.b32 a1, h1, 0x7FFF7FFF;\nshr.b32 a1, a1, 3;\nlop3.b32 c1, a1, h1, 0x80008000, 0xF8;\n"
+    "mov.b32 acc, 0;\n"
+    "fma.rn.bf16x2 acc, c0, xa, acc;\n"
+    "fma.rn.bf16x2 acc, c1, xb, acc;\n"
+    "shl.b32 lo, acc, 16;\nand.b32 hi, acc, 0xFFFF0000;\nadd.f32 $0, lo, hi;\n}\n")
+# both bf16 lanes of $1 times 2^100 (bf16 bits 0x7180; exact): an FMA with -0.0 added, which keeps the signs
+# of zeros (sm_80+; mul.rn.bf16x2 needs sm_90)
+_FP8_X_ASM: tl.constexpr = tl.constexpr(
+    "{\n.reg .b32 k, z, a, b;\nmov.b32 k, 0x71807180;\nmov.b32 z, 0x80008000;\nmov.b64 {a, b}, $1;\n"
+    "fma.rn.bf16x2 a, a, k, z;\nfma.rn.bf16x2 b, b, k, z;\nmov.b64 $0, {a, b};\n}\n")
+
+
+@triton.jit
+def _fp8_x_words(p_x, k0, K, W: tl.constexpr, EVEN_K: tl.constexpr):
+    # [W] int64: x[k0 + 4j .. k0 + 4j + 3] (the bf16 row p_x read as one int64 per word j), zeros past K. Loaded
+    # as two [W // 4, 2] tiles (words 4i, 4i + 1 and 4i + 2, 4i + 3: one 16-byte load each) joined in registers,
+    # so that a thread holds the x of the 4 words of its 16-byte code load (the word tile's column layout: no
+    # layout conversion; a plain [W] load of 16 bytes per thread goes through shared memory or shuffles)
+    o_t = k0 // 4 + 4 * tl.arange(0, W // 4)[:, None] + tl.arange(0, 2)[None, :]
+    p_x64 = p_x.to(tl.pointer_type(tl.int64))
+    if EVEN_K:
+        xa, xb = tl.load(p_x64 + o_t), tl.load(p_x64 + o_t + 2)
+    else:
+        xa = tl.load(p_x64 + o_t, mask=o_t < K // 4, other=0)
+        xb = tl.load(p_x64 + o_t + 2, mask=o_t + 2 < K // 4, other=0)
+    return tl.reshape(tl.permute(tl.join(xa, xb), (0, 2, 1)), [W])
+
+
+@triton.jit
+def _fp8_x(p_x, k0, K, W: tl.constexpr, EVEN_K: tl.constexpr):
+    # [W] int64: _fp8_x_words, each bf16 times 2^100 (_FP8_X_ASM: once per column, not per row)
+    return tl.inline_asm_elementwise(_FP8_X_ASM, "=l,l", [_fp8_x_words(p_x, k0, K, W, EVEN_K)], dtype=tl.int64,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _fp8_hfma(b_w, xs):
+    # [BN, W] fp32: per word j of b_w [BN, W] (int32 words of 4 e4m3 codes), the sum of its codes times
+    # x[k0 + 4j .. k0 + 4j + 3] * 2^-12 by _FP8_HFMA_ASM (xs: the scaled x of _fp8_x)
+    return tl.inline_asm_elementwise(_FP8_HFMA_ASM, "=r,r,l", [b_w, xs[None, :]], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _q8_tile(p_w, m_n, k0, K, BK: tl.constexpr, HFMA: tl.constexpr, EVEN_K: tl.constexpr = False):
+    # the weight tile of columns [k0, k0 + BK): [BN, BK] one-byte codes, or with HFMA [BN, BK // 4] int32 words
+    # of 4 codes (p_w: int32 rows of K // 4 words, every row valid: no row mask; with EVEN_K no column mask:
+    # a masked load zeroes its registers first, 2 instructions per 16 bytes)
+    if HFMA:
+        o_j = k0 // 4 + tl.arange(0, BK // 4)
+        if EVEN_K:
+            return tl.load(p_w[:, None] + o_j[None, :])
+        else:
+            return tl.load(p_w[:, None] + o_j[None, :], mask=(o_j < K // 4)[None, :], other=0)
+    else:
+        return _w_tile(p_w, m_n, k0, K, BK)
+
+
+@triton.jit
+def _q8_unit(CODE: tl.constexpr, HFMA: tl.constexpr):
+    # the power of two for the per-channel scale (_code_unit; HFMA: the 2^-12 of _FP8_HFMA_ASM's products)
+    if HFMA:
+        return 4096.0
+    else:
+        return _code_unit(CODE)
+
+
 @triton.jit
 def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr, K_PER=0, stride_yp=0,
-                    SPLIT: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                    SPLIT: tl.constexpr = False, PREFETCH: tl.constexpr = False, HFMA: tl.constexpr = False,
+                    EVEN_K: tl.constexpr = False):
     # SPLIT: program (n block, part p, row m) sums columns [p K_PER, (p + 1) K_PER) into fp32 part p of y [P, M, N]
-    # (the bias in part 0); else program (n block, row m) the whole row into y [M, N]
+    # (the bias in part 0); else program (n block, row m) the whole row into y [M, N]. HFMA: FP8 codes as int32
+    # words of 4 (w: int32 [N, K // 4]), bf16 x, packed bf16 products (_fp8_hfma); its rows past N read row
+    # N - 1 (not stored); EVEN_K (HFMA): BK divides the columns of every program, no column masks
     i_n = tl.program_id(0)
     if SPLIT:
         i_p, i_m = tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -217,19 +306,29 @@ def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.cons
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
-    p_w = w + o_n.to(tl.int64) * K
+    if HFMA:  # int32 words of 4 codes
+        p_w = w + tl.minimum(o_n, N - 1).to(tl.int64) * (K // 4)
+    else:
+        p_w = w + o_n.to(tl.int64) * K
     # rotated loop as in bagel_rt.kernels.gemv: the first tile is requested before the wait
-    b_w = _w_tile(p_w, m_n, k_lo, k_hi, BK)
-    l2_prefetch(p_w, m_n, k_lo, k_hi, PREFETCH)  # an A/B option (kernels._device._L2_PREFETCH)
+    b_w = _q8_tile(p_w, m_n, k_lo, k_hi, BK, HFMA, EVEN_K)
+    if HFMA:
+        l2_prefetch(p_w, m_n, k_lo // 4, k_hi // 4, PREFETCH)
+        acc = tl.zeros([BN, BK // 4], dtype=tl.float32)
+    else:
+        l2_prefetch(p_w, m_n, k_lo, k_hi, PREFETCH)  # an A/B option (kernels._device._L2_PREFETCH)
+        acc = tl.zeros([BN, BK], dtype=tl.float32)
     gdc_wait(USE_GDC)
-    acc = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
-        # [BK]
-        b_x = _x_tile(p_x, k0, k_hi, BK)
-        acc += _decode8(b_w, CODE) * b_x[None, :]
-        b_w = _w_tile(p_w, m_n, k0 + BK, k_hi, BK)
+        if HFMA:
+            acc += _fp8_hfma(b_w, _fp8_x(p_x, k0, k_hi, BK // 4, EVEN_K))
+        else:
+            # [BK]
+            b_x = _x_tile(p_x, k0, k_hi, BK)
+            acc += _decode8(b_w, CODE) * b_x[None, :]
+        b_w = _q8_tile(p_w, m_n, k0 + BK, k_hi, BK, HFMA, EVEN_K)
     # [BN]: the per-channel scale, then the bias, on the fp32 sums (one rounding)
-    b_y = tl.sum(acc, axis=1) * (tl.load(s + o_n, mask=m_n, other=0.0) * _code_unit(CODE))
+    b_y = tl.sum(acc, axis=1) * (tl.load(s + o_n, mask=m_n, other=0.0) * _q8_unit(CODE, HFMA))
     if HAS_BIAS:
         b_b = tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
         if SPLIT:  # the bias in part 0 only
@@ -243,28 +342,44 @@ def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.cons
 
 @triton.jit
 def _q8_gemv_swiglu_kernel(x, wg, wu, sg, su, y, N, K, stride_xm, stride_ym, CODE: tl.constexpr, BN: tl.constexpr,
-                           BK: tl.constexpr, USE_GDC: tl.constexpr, PREFETCH: tl.constexpr = False):
+                           BK: tl.constexpr, USE_GDC: tl.constexpr, PREFETCH: tl.constexpr = False,
+                           HFMA: tl.constexpr = False, EVEN_K: tl.constexpr = False):
+    # HFMA, EVEN_K: as in _q8_gemv_kernel (wg, wu: int32 words of 4 FP8 codes)
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
-    rows = o_n.to(tl.int64) * K
+    if HFMA:  # int32 words of 4 codes
+        rows = tl.minimum(o_n, N - 1).to(tl.int64) * (K // 4)
+    else:
+        rows = o_n.to(tl.int64) * K
     # one loop over both weights (twice the bytes in flight), rotated
-    b_g = _w_tile(wg + rows, m_n, 0, K, BK)
-    b_u = _w_tile(wu + rows, m_n, 0, K, BK)
-    l2_prefetch(wg + rows, m_n, 0, K, PREFETCH)
-    l2_prefetch(wu + rows, m_n, 0, K, PREFETCH)
+    b_g = _q8_tile(wg + rows, m_n, 0, K, BK, HFMA, EVEN_K)
+    b_u = _q8_tile(wu + rows, m_n, 0, K, BK, HFMA, EVEN_K)
+    if HFMA:
+        l2_prefetch(wg + rows, m_n, 0, K // 4, PREFETCH)
+        l2_prefetch(wu + rows, m_n, 0, K // 4, PREFETCH)
+        acc_g = tl.zeros([BN, BK // 4], dtype=tl.float32)
+        acc_u = tl.zeros([BN, BK // 4], dtype=tl.float32)
+    else:
+        l2_prefetch(wg + rows, m_n, 0, K, PREFETCH)
+        l2_prefetch(wu + rows, m_n, 0, K, PREFETCH)
+        acc_g = tl.zeros([BN, BK], dtype=tl.float32)
+        acc_u = tl.zeros([BN, BK], dtype=tl.float32)
     gdc_wait(USE_GDC)
-    acc_g = tl.zeros([BN, BK], dtype=tl.float32)
-    acc_u = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        b_x = _x_tile(p_x, k0, K, BK)
-        acc_g += _decode8(b_g, CODE) * b_x[None, :]
-        acc_u += _decode8(b_u, CODE) * b_x[None, :]
-        b_g = _w_tile(wg + rows, m_n, k0 + BK, K, BK)
-        b_u = _w_tile(wu + rows, m_n, k0 + BK, K, BK)
-    g = tl.sum(acc_g, axis=1) * (tl.load(sg + o_n, mask=m_n, other=0.0) * _code_unit(CODE))
-    u = tl.sum(acc_u, axis=1) * (tl.load(su + o_n, mask=m_n, other=0.0) * _code_unit(CODE))
+        if HFMA:
+            xs = _fp8_x(p_x, k0, K, BK // 4, EVEN_K)
+            acc_g += _fp8_hfma(b_g, xs)
+            acc_u += _fp8_hfma(b_u, xs)
+        else:
+            b_x = _x_tile(p_x, k0, K, BK)
+            acc_g += _decode8(b_g, CODE) * b_x[None, :]
+            acc_u += _decode8(b_u, CODE) * b_x[None, :]
+        b_g = _q8_tile(wg + rows, m_n, k0 + BK, K, BK, HFMA, EVEN_K)
+        b_u = _q8_tile(wu + rows, m_n, k0 + BK, K, BK, HFMA, EVEN_K)
+    g = tl.sum(acc_g, axis=1) * (tl.load(sg + o_n, mask=m_n, other=0.0) * _q8_unit(CODE, HFMA))
+    u = tl.sum(acc_u, axis=1) * (tl.load(su + o_n, mask=m_n, other=0.0) * _q8_unit(CODE, HFMA))
     swiglu_store(y + i_m * stride_ym + o_n, g, u, m_n)
 
 
@@ -529,12 +644,28 @@ NF4_HFMA_SETTINGS = {
     "gemv_wide": dict(BN=4, BK=512, num_warps=1, hfma=True),
     "swiglu": dict(BN=2, BK=512, num_warps=1, hfma=True),
 }
+#: the FP8 decode with packed bf16 products (``hfma``: :func:`_fp8_hfma`; bf16 x on sm_89+, else the fp32 decode)
+#: at settings chosen from offline sm_90 SASS (Triton 3.6, ``benchmarks/decode_sass.py``, whole tiles: EVEN_K),
+#: loop instructions per weight: gemv 8 x 512 / 1 warp 3.84 (fp32 products 6.50 at 8 x 512 / 4), gate/up +
+#: SwiGLU 8 x 512 / 1 3.77 (5.77); with masked tiles (K not a multiple of BK) 4.04 / 3.93. Over (4, 8, 16) x
+#: (256, 512, 1024) x (1, 2, 4) warps the GEMV's best is 16 x 512 / 1 at 3.77 (half the programs: 1.7 warps per
+#: SM at N = 3584), most others 3.8-4.2; some layouts move x through shared memory (2 warps at BK = 512, 4 at
+#: 1024) or shuffles (BK = 256), and 8K codes per warp and iteration or more spill (gemv 16 x 1024 / 1, gate/up
+#: 8 x 1024 / 1, 16 x 512 / 1). An A/B candidate (:func:`fp8_hfma_on`), not measured on a GPU yet.
+FP8_HFMA_SETTINGS = {
+    "gemv": dict(BN=8, BK=512, num_warps=1, hfma=True),
+    "gemv_long": dict(BN=8, BK=512, num_warps=1, hfma=True),
+    "swiglu": dict(BN=8, BK=512, num_warps=1, hfma=True),
+}
 _NF4_PRMT = Switch()
 _NF4_HFMA = Switch()
+_FP8_HFMA = Switch()
 #: within the block, NF4 decode GEMVs take the byte-permute decode (:data:`NF4_PRMT_SETTINGS`)
 nf4_prmt_on = _NF4_PRMT.on
 #: within the block, NF4 decode GEMVs take the byte-permute decode with bf16 products (:data:`NF4_HFMA_SETTINGS`)
 nf4_hfma_on = _NF4_HFMA.on
+#: within the block, FP8 decode GEMVs take the packed bf16 products (:data:`FP8_HFMA_SETTINGS`)
+fp8_hfma_on = _FP8_HFMA.on
 LONG_K = 8192
 WIDE_N = 8192  # more output channels than this: lm_head's settings (NF4 here, the tensor-core GEMVs' "wide")
 
@@ -543,6 +674,8 @@ def settings(kind: str, w: DecodeWeight) -> dict:
     """Launch settings of ``kind`` ("gemv" or "swiglu") for ``w`` (every format; NF4's BK at least its block)."""
     if kind == "gemv" and w.shape[1] > LONG_K:
         kind = "gemv_long"
+    if w.fmt == "fp8" and _FP8_HFMA.value:
+        return dict(FP8_HFMA_SETTINGS[kind])
     if w.fmt != "nf4":
         return dict(SETTINGS[kind])
     if kind == "gemv" and w.shape[0] > WIDE_N:
@@ -564,6 +697,23 @@ def _nf4_options(cfg: dict, x: Tensor) -> tuple[dict, dict]:
     if (prmt or hfma) and is_interpreting():
         return c, dict(WORDWISE=False, PRMT=False, HFMA=False)
     return c, dict(WORDWISE=wordwise and not (prmt or hfma), PRMT=prmt and not hfma, HFMA=hfma)
+
+
+def _q8_options(cfg: dict, x: Tensor, *ws: DecodeWeight, native: bool | None = None) -> tuple[dict, bool]:
+    """(launch settings, HFMA) of one-byte settings for activations ``x``: ``hfma`` is a decode, not a launch
+    setting, taken for FP8 weights where it can run: bf16 x, the conversion instruction (sm_89+, as
+    :func:`_code` decides with ``native``), not the interpreter (inline PTX), rows of whole int32 words on 4-byte
+    aligned codes and 8-byte aligned x rows (read as int64); otherwise the exact fp32 decode (:func:`_decode8`)."""
+    c = dict(cfg)
+    hfma = c.pop("hfma", False) and ws[0].fmt == "fp8" and x.dtype == torch.bfloat16 and not is_interpreting()
+    hfma = (hfma and _code(ws[0], x, native) == "fp8_native" and ws[0].shape[1] % 4 == 0 and x.stride(0) % 4 == 0
+            and x.data_ptr() % 8 == 0 and all(w.codes.data_ptr() % 4 == 0 for w in ws))
+    return c, hfma
+
+
+def _q8_codes(w: DecodeWeight, hfma: bool) -> Tensor:
+    # the codes as the one-byte kernels read them: bytes, or with ``hfma`` int32 words of 4 FP8 codes
+    return w.codes.view(torch.uint8).view(torch.int32) if hfma else _codes(w)
 
 
 def _check(x: Tensor, *ws: DecodeWeight) -> tuple[int, int, int]:
@@ -609,8 +759,10 @@ def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, pdl: bool, cfg: dict
         c, opts = _nf4_options(cfg, x)
         _launch(_nf4_gemv_kernel, c, N, args, pdl, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize, **opts)
     else:
-        args = (x, _codes(w), w.scale, b, y, N, K, x.stride(0), y.stride(0), M)
-        _launch(_q8_gemv_kernel, cfg, N, args, pdl, HAS_BIAS=bias is not None, CODE=_code(w, x, native))
+        c, hfma = _q8_options(cfg, x, w, native=native)
+        args = (x, _q8_codes(w, hfma), w.scale, b, y, N, K, x.stride(0), y.stride(0), M)
+        _launch(_q8_gemv_kernel, c, N, args, pdl, HAS_BIAS=bias is not None, CODE=_code(w, x, native), HFMA=hfma,
+                EVEN_K=hfma and K % c["BK"] == 0)
     return y
 
 
@@ -629,8 +781,11 @@ def _qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool, cf
         c, opts = _nf4_options(cfg, x)
         _launch(_nf4_gemv_swiglu_kernel, c, N, args, pdl, BLOCKSIZE=gate.blocksize, **opts)
     else:
-        args = (x, _codes(gate), _codes(up), gate.scale, up.scale, y, N, K, x.stride(0), y.stride(0), M)
-        _launch(_q8_gemv_swiglu_kernel, cfg, N, args, pdl, CODE=_code(gate, x))
+        c, hfma = _q8_options(cfg, x, gate, up)
+        args = (x, _q8_codes(gate, hfma), _q8_codes(up, hfma), gate.scale, up.scale, y, N, K, x.stride(0),
+                y.stride(0), M)
+        _launch(_q8_gemv_swiglu_kernel, c, N, args, pdl, CODE=_code(gate, x), HFMA=hfma,
+                EVEN_K=hfma and K % c["BK"] == 0)
     return y
 
 

@@ -12,6 +12,8 @@ from fractions import Fraction
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from bagel_rt.quant import FP8Linear, Int8Linear, NF4Linear, decode_gemv
 from bagel_rt.quant.decode_gemv import (
     DecodeWeight,
@@ -20,6 +22,7 @@ from bagel_rt.quant.decode_gemv import (
     concat,
     decode_weight,
     dequantize_ref,
+    fp8_hfma_on,
     nf4_hfma_on,
     nf4_planes,
     nf4_prmt_on,
@@ -181,6 +184,15 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
         args = [t.strip() for t in rest.replace("{", "").replace("}", "").split(",")]
         if op == "mov.b32" and rest.startswith("{"):  # {lo, hi} <- a 32-bit register
             regs[args[0]], regs[args[1]] = regs[args[2]] & 0xFFFF, regs[args[2]] >> 16
+        elif op == "mov.b64" and rest.startswith("{"):  # {lo, hi} <- a 64-bit register
+            regs[args[0]], regs[args[1]] = regs[args[2]] & 0xFFFFFFFF, regs[args[2]] >> 32
+        elif op == "mov.b64" and args[1] in regs and len(args) == 3:  # a 64-bit register <- {lo, hi}
+            regs[args[0]] = regs[args[1]] | (regs[args[2]] << 32)
+        elif op == "cvt.rn.f16x2.e4m3x2":  # two e4m3 bytes -> two f16 (exact), the upper byte to the upper half
+            b = val(args[1])
+            h = torch.tensor([b & 0xFF, b >> 8], dtype=torch.uint8).view(FP8).to(torch.float16)
+            lo, hi = (h.view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+            regs[args[0]] = lo | (hi << 16)
         elif op == "mov.b32":
             regs[args[0]] = val(args[1])
         elif op == "fma.rn.bf16x2":  # per 16-bit lane: a * b + c, rounded once to bf16
@@ -392,3 +404,177 @@ def test_qgemv_parts_down_bf16(fmt):
     for cfg in (None, dict(BN=4, BK=1024, num_warps=4, parts=4), dict(BN=8, BK=512, num_warps=4, parts=2)):
         for pdl in (False, True):
             assert_close(f"{fmt} down parts {cfg}", want, qgemv_parts(x, w, None, pdl, cfg).sum(0), 1e-4)
+
+
+def _asm_text(c) -> str:
+    return str(c.value if hasattr(c, "value") else c)
+
+
+def _e4m3(b: int) -> float:
+    """The value of e4m3 bit pattern ``b`` (exactly, as a double)."""
+    return torch.tensor([b], dtype=torch.uint8).view(FP8).double().item()
+
+
+def test_fp8_hfma_f16_to_bf16_every_code():
+    """Every e4m3 code but the NaNs (0x7F, 0xFF) as f16 (the conversion instruction, emulated) is an f16 normal or
+    zero with 7 zero mantissa bits, so ``(h & 0x7FFF) >> 3 | (h & 0x8000)`` is the bf16 of the code times 2^-112,
+    exactly (zeros keep their sign; no f16 subnormal arises); and the emulated assembly, each code alone in a word
+    at each of the 4 byte positions with x = 1, sums exactly code * 2^-12."""
+    asm, x_asm = _asm_text(decode_gemv._FP8_HFMA_ASM), _asm_text(decode_gemv._FP8_X_ASM)
+    ones = _run_ptx(x_asm, {"$1": 0x3F803F803F803F80})["$0"]  # four bf16 1.0, times 2^100
+    for b in range(256):
+        if b & 0x7F == 0x7F:
+            continue
+        h = _run_ptx("cvt.rn.f16x2.e4m3x2 d, $1;", {"$1": b})["d"]
+        assert h >> 16 == 0 and h & 0x7F == 0, (b, h)
+        assert (h & 0x7C00) != 0 or (h & 0x3FF) == 0, f"f16 subnormal for code {b:#x}"
+        c = ((h & 0x7FFF) >> 3) | (h & 0x8000)
+        assert _bf16(c) == _e4m3(b) * 2.0 ** -112, (b, h, c)
+        assert math.copysign(1.0, _bf16(c)) == math.copysign(1.0, _e4m3(b))
+        for e in range(4):
+            got = struct.unpack("<f", struct.pack("<I", _run_ptx(asm, {"$1": b << 8 * e, "$2": ones})["$0"]))[0]
+            assert got == _e4m3(b) * 2.0 ** -12, (hex(b), e, got)
+
+
+def test_fp8_hfma_assembly_sums_every_code():
+    """The FP8 decode with packed bf16 products (decode_gemv._FP8_HFMA_ASM, x scaled by _FP8_X_ASM), emulated bit
+    for bit on random words of e4m3 codes and random bf16 x: the scaled x are x * 2^100 exactly; $0 is the fp32
+    sum of the two lanes of two bf16 FMAs (elements 0, 2 in the low lane, 1, 3 in the high, in that order) of the
+    codes times 2^-112 and the scaled x; and that sum lies within a few bf16 roundings of the exact product code
+    * x * 2^-12 (measured: printed)."""
+    asm, x_asm = _asm_text(decode_gemv._FP8_HFMA_ASM), _asm_text(decode_gemv._FP8_X_ASM)
+    codes = [b for b in range(256) if b & 0x7F != 0x7F]
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for i in range(1000):
+        elems = [codes[j] for j in torch.randint(0, len(codes), (4,), generator=g).tolist()]
+        word = sum(b << 8 * e for e, b in enumerate(elems))
+        x = (torch.randn(4, generator=g) * (4.0 if i % 2 else 1e-3)).bfloat16()
+        if i % 10 == 0:
+            x[i // 10 % 4] = 0.0  # zeros and negative zeros too
+            x[(i // 10 + 1) % 4] = -0.0
+        x_bits = (x.view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+        x64 = sum(xb << 16 * e for e, xb in enumerate(x_bits))  # element 0 in the low bits
+        xs = _run_ptx(x_asm, {"$1": x64})["$0"]
+        xs_bits = [(xs >> 16 * e) & 0xFFFF for e in range(4)]
+        for e in range(4):
+            assert _bf16(xs_bits[e]) == float(x[e]) * 2.0 ** 100, (x.tolist(), hex(xs))
+            assert math.copysign(1.0, _bf16(xs_bits[e])) == math.copysign(1.0, float(x[e]))
+        got = struct.unpack("<f", struct.pack("<I", _run_ptx(asm, {"$1": word, "$2": xs})["$0"]))[0]
+        lanes = []
+        for lane in (0, 1):  # the model: each lane's chain of bf16 FMAs from +0, then one fp32 add
+            acc = 0
+            for e in (lane, lane + 2):
+                acc = _bf16_bits(_e4m3(elems[e]) * 2.0 ** -112 * _bf16(xs_bits[e]) + _bf16(acc))
+            lanes.append(torch.tensor(_bf16(acc), dtype=torch.float32))
+        assert got == (lanes[0] + lanes[1]).item(), ([hex(b) for b in elems], x.tolist(), got)
+        prods = [_e4m3(elems[e]) * float(x[e]) * 2.0 ** -12 for e in range(4)]
+        size = sum(abs(p) for p in prods)
+        if size:
+            worst = max(worst, abs(got - sum(prods)) / size)
+    print(f"fp8 hfma word sums: worst |sum - exact| / sum |products| = {worst:.2e}")
+    assert worst < 2 ** -7  # a few bf16 roundings (2^-9 each), not a wrong code, sign or order
+
+
+@triton.jit
+def _fp8_hfma_operands_kernel(x, w, xo, wo, N, K, k0, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    # what the packed-product GEMV hands _FP8_HFMA_ASM for the tile at k0: x words [BK // 4] and code words
+    # [BN, BK // 4] (its rows past N clamped to N - 1)
+    o_n = tl.arange(0, BN)
+    p_w = w + tl.minimum(o_n, N - 1).to(tl.int64) * (K // 4)
+    tl.store(xo + tl.arange(0, BK // 4), decode_gemv._fp8_x_words(x, k0, K, BK // 4, EVEN_K))
+    o_j = tl.arange(0, BK // 4)
+    b_w = decode_gemv._q8_tile(p_w, o_n < N, k0, K, BK, True, EVEN_K)
+    tl.store(wo + o_n[:, None] * (BK // 4) + o_j[None, :], b_w)
+
+
+@pytest.mark.parametrize("K, k0, even", [(512, 256, True), (320, 256, False), (200, 0, False)])
+def test_fp8_hfma_operands(K, k0, even):
+    """The Triton side of the packed-product decode (no inline PTX, so it runs in the interpreter too): x read as
+    one int64 per word of 4 codes, in word order (two [W // 4, 2] loads joined and permuted), zeros past K; the
+    codes as int32 words of rows clamped to N - 1, zeros past K."""
+    N, BN, BK = 3, 4, 256
+    w, _ = make_weight("fp8", N, K)
+    x = torch.randn(1, K, device=DEV).bfloat16()
+    xo = torch.full((BK // 4,), -1, dtype=torch.int64, device=DEV)
+    wo = torch.full((BN, BK // 4), -1, dtype=torch.int32, device=DEV)
+    words = decode_gemv._q8_codes(w, True)
+    _fp8_hfma_operands_kernel[(1,)](x, words, xo, wo, N, K, k0, BN=BN, BK=BK, EVEN_K=even)
+    n = max(0, min(BK, K - k0)) // 4
+    want_x = torch.zeros(BK // 4, dtype=torch.int64)
+    want_x[:n] = x[0].cpu().view(torch.int64)[k0 // 4:k0 // 4 + n]
+    assert torch.equal(xo.cpu(), want_x)
+    want_w = torch.zeros(BN, BK // 4, dtype=torch.int32)
+    rows = words.cpu()[[min(r, N - 1) for r in range(BN)]]
+    want_w[:, :n] = rows[:, k0 // 4:k0 // 4 + n]
+    assert torch.equal(wo.cpu(), want_w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N, K", [(5, 200), (70, 33), (19, 128)])
+def test_fp8_hfma_fallback(N, K, dtype):
+    """FP8 weights with the packed bf16 products asked for (``hfma`` settings, fp8_hfma_on) but fp32 / fp16 x, or
+    the interpreter (inline PTX): the exact fp32 decode, the same result as the default settings (bit for bit in
+    the interpreter, whose tiles do not depend on the settings), in the GEMV and in gate/up + SwiGLU."""
+    w, bias = make_weight("fp8", N, K, bias=True)
+    x = torch.randn(3, K, device=DEV).to(dtype)
+    with fp8_hfma_on():
+        cfg = settings("gemv", w)
+        assert cfg["hfma"] and settings("swiglu", w)["hfma"]
+        assert "hfma" not in settings("gemv", make_weight("int8", N, K)[0])
+    assert "hfma" not in settings("gemv", w)
+    c, hfma = decode_gemv._q8_options(cfg, x, w)
+    assert not hfma and "hfma" not in c
+    exact = DEV == "cpu"
+    for b in (None, bias.to(dtype)):
+        got = _qgemv(x, w, b, False, cfg)
+        assert_close("fp8 hfma fallback", qgemv_ref(x, w, b), got, tol(dtype))
+        if exact:
+            assert torch.equal(got, qgemv(x, w, b))
+    gate, _ = make_weight("fp8", N, K, seed=1)
+    up, _ = make_weight("fp8", N, K, seed=2)
+    gate, up = swiglu_pair(gate, up)
+    with fp8_hfma_on():
+        got = qgemv_swiglu(x, gate, up)
+    assert_close("fp8 hfma fallback swiglu", qgemv_swiglu_ref(x, gate, up), got, tol(dtype))
+    if exact:
+        assert torch.equal(got, qgemv_swiglu(x, gate, up))
+    if exact:  # bf16 x in the interpreter falls back too
+        xb = x.bfloat16()
+        assert not decode_gemv._q8_options(cfg, xb, w)[1]
+        with fp8_hfma_on():
+            assert torch.equal(qgemv(xb, w), _qgemv(xb, w, None, False, dict(cfg, hfma=False)))
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_fp8_hfma_bf16():
+    """The FP8 decode with packed bf16 products on the GPU (bf16 x; the kernel options really take it): every code
+    alone in its row with x = 1 gives the exact dequantized weight (bit for bit: one product, exact in bf16); at
+    BAGEL-7B's decode shapes, the GEMV (aligned and masked tiles, a bias) and gate/up + SwiGLU against the fp32
+    reference (its deviation printed)."""
+    x1 = torch.ones(1, 96, dtype=torch.bfloat16, device="cuda")
+    w = one_code_per_row("fp8", 96)
+    assert decode_gemv._q8_options(dict(hfma=True), x1, w)[1]
+    with fp8_hfma_on():
+        got = qgemv(x1, w)
+    assert torch.equal(got, dequantize_ref(w).sum(dim=1)[None].to(torch.bfloat16)), (got.float() - dequantize_ref(
+        w).sum(dim=1)[None]).abs().max()
+    for N, K in ((4608, 3584), (3584, 18944), (40000, 3584), (37, 320)):
+        w, bias = make_weight("fp8", N, K, bias=True)
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        for b in (None, bias.to(torch.bfloat16)):
+            with fp8_hfma_on():
+                got = qgemv(x, w, b, True)
+            ref = qgemv_ref(x.float(), w, None if b is None else b.float())
+            assert_close(f"fp8 hfma {N}x{K}", ref.to(torch.bfloat16), got, 8e-3)
+        dev = ((got.float() - ref).norm() / ref.norm()).item()
+        print(f"fp8 hfma {N}x{K}: rel. L2 vs the fp32 product {dev:.2e}")
+    gate, _ = make_weight("fp8", 18944, 3584, seed=1)
+    up, _ = make_weight("fp8", 18944, 3584, seed=2)
+    gate, up = swiglu_pair(gate, up)
+    x = torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16)
+    assert decode_gemv._q8_options(settings("swiglu", gate) | dict(hfma=True), x, gate, up)[1]
+    with fp8_hfma_on():
+        got = qgemv_swiglu(x, gate, up, True)
+    assert_close("fp8 hfma gate/up", qgemv_swiglu_ref(x, gate, up), got, 1e-2)
