@@ -98,7 +98,8 @@ def main() -> None:
             table = dg.NF4_HFMA_SETTINGS if decode == "hfma" else dg.NF4_PRMT_SETTINGS
             cfg = table[kind.strip() or "gemv"]
             consts = dict(extra, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True,
-                          WORDWISE=decode == "wordwise", PRMT=decode == "prmt", HFMA=decode == "hfma")
+                          WORDWISE=decode == "wordwise", PRMT=decode == "prmt", HFMA=decode == "hfma",
+                          EVEN_K=decode == "hfma")  # BAGEL's K are multiples of the hfma settings' BK
             name = f"nf4{kind} {decode} {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}"
             cases.append((name, fn, sig, consts, cfg["num_warps"]))
     if a.mma:

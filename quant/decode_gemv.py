@@ -384,13 +384,37 @@ def _q8_gemv_swiglu_kernel(x, wg, wu, sg, su, y, N, K, stride_xm, stride_ym, COD
 
 
 @triton.jit
-def _nf4_tile(p_p, p_a, m_n, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.constexpr):
+def _nf4_tile(p_p, p_a, m_n, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.constexpr, HFMA: tl.constexpr = False,
+              EVEN_K: tl.constexpr = False):
     # ([BN, BK // 8] int32 words of 8 codes, [BN, BK // BLOCKSIZE] absmax) of columns [k0, k0 + BK); whole
-    # quantization blocks past K read nothing (K is a multiple of BLOCKSIZE >= 32: rows start on a word)
+    # quantization blocks past K read nothing (K is a multiple of BLOCKSIZE >= 32: rows start on a word). HFMA:
+    # every row valid (rows past N clamped by the caller): no row mask; with EVEN_K (BK divides K) no column
+    # mask either (a masked load zeroes its registers first)
     o_j = k0 // 8 + tl.arange(0, BK // 8)
-    b_p = tl.load(p_p[:, None] + o_j[None, :], mask=m_n[:, None] & (o_j < K // 8)[None, :], other=0)
     o_b = k0 // BLOCKSIZE + tl.arange(0, BK // BLOCKSIZE)
-    b_a = tl.load(p_a[:, None] + o_b[None, :], mask=m_n[:, None] & (o_b < K // BLOCKSIZE)[None, :], other=0.0)
+    if HFMA:
+        # the absmax as [BN, NB, BLOCKSIZE // 8] (one per word), already in the code tile's layout: loaded as a
+        # flat [BN * NB * G] tile, one absmax per 16-byte code load (G per block; a flat tile, since Triton lays a
+        # [BN, NB, G] one with a repeated last dim out differently), broadcast in registers (the [BN, NB] tile is
+        # moved there by shuffles, or shared memory with several warps)
+        G: tl.constexpr = BLOCKSIZE // 32 if BLOCKSIZE % 32 == 0 else 1
+        NB: tl.constexpr = BK // BLOCKSIZE
+        BN: tl.constexpr = p_p.shape[0]
+        o_g = o_b[None, :, None] + tl.zeros([BN, 1, G], dtype=tl.int32)
+        q_a = tl.reshape(p_a[:, None, None] + o_g, [BN * NB * G])
+        o_g = tl.reshape(o_g, [BN * NB * G])
+        if EVEN_K:
+            b_p = tl.load(p_p[:, None] + o_j[None, :])
+            b_a = tl.load(q_a)
+        else:
+            b_p = tl.load(p_p[:, None] + o_j[None, :], mask=(o_j < K // 8)[None, :], other=0)
+            b_a = tl.load(q_a, mask=o_g < K // BLOCKSIZE, other=0.0)
+        b_a = tl.reshape(tl.broadcast_to(tl.reshape(b_a, [BN, NB, G, 1]), [BN, NB, G, BLOCKSIZE // 8 // G]),
+                         [BN, NB, BLOCKSIZE // 8])
+    else:
+        b_p = tl.load(p_p[:, None] + o_j[None, :], mask=m_n[:, None] & (o_j < K // 8)[None, :], other=0)
+        b_a = tl.load(p_a[:, None] + o_b[None, :], mask=m_n[:, None] & (o_b < K // BLOCKSIZE)[None, :],
+                      other=0.0)
     return b_p, b_a
 
 
@@ -481,31 +505,85 @@ def _nf4_prmt(b_p, pl):
     return c0, c1, c2, c3, c4, c5, c6, c7
 
 
+# $1 unchanged, as a per-thread value: a prmt of ($1, $1) whose selector depends on the thread (byte 0 or byte 4:
+# the same byte), which ptxas cannot prove warp-uniform. Loaded plainly, the table planes are uniform, and in most
+# settings (1-4 warps) ptxas held some in uniform registers and copied one into a register for each table permute
+# that reads it (about 1 instruction per weight in the loop); this way they stay in registers, at 8 prmt before it.
+_NF4_PER_THREAD_ASM: tl.constexpr = tl.constexpr(
+    "{\n.reg .b32 t;\nmov.u32 t, %tid.x;\nand.b32 t, t, 4;\nor.b32 t, t, 0x3210;\nprmt.b32 $0, $1, $1, t;\n}")
+
+
 @triton.jit
-def _nf4_hfma(b_p, p_x, k0, K, pl):
-    # [BN, W] fp32: per word j of b_p [BN, W], the sum of its 8 codes times x[k0 + 8j .. k0 + 8j + 7] by
-    # _NF4_HFMA_ASM; p_x: the bf16 row of x (read as int32 pairs, four strided loads: a [W] slice each, so the
-    # operands need no layout conversion); pl: the bf16 planes
-    W: tl.constexpr = b_p.shape[1]
-    o_w = k0 // 2 + 4 * tl.arange(0, W)
-    m_w = o_w < K // 2
-    p_w = p_x.to(tl.pointer_type(tl.int32))
-    x0, x1 = tl.load(p_w + o_w, mask=m_w, other=0), tl.load(p_w + o_w + 1, mask=m_w, other=0)
-    x2, x3 = tl.load(p_w + o_w + 2, mask=m_w, other=0), tl.load(p_w + o_w + 3, mask=m_w, other=0)
+def _nf4_per_thread(v):
+    return tl.inline_asm_elementwise(_NF4_PER_THREAD_ASM, "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _nf4_plane_regs(pl):
+    # the 8 planes at pl (_nf4_planes_args) as per-thread values (_NF4_PER_THREAD_ASM)
     p0, p1, p2, p3, p4, p5, p6, p7 = _nf4_planes_args(pl)
+    return (_nf4_per_thread(p0), _nf4_per_thread(p1), _nf4_per_thread(p2), _nf4_per_thread(p3),
+            _nf4_per_thread(p4), _nf4_per_thread(p5), _nf4_per_thread(p6), _nf4_per_thread(p7))
+
+
+@triton.jit
+def _nf4_x_cols(p_x32, o_t, K, EVEN_K: tl.constexpr):
+    # the 4 columns ([Q] each) of the int32 [Q, 4] tile of x at offsets o_t (one 16-byte load per row), zeros
+    # past K (EVEN_K: no mask)
+    if EVEN_K:
+        t = tl.load(p_x32 + o_t)
+    else:
+        t = tl.load(p_x32 + o_t, mask=o_t < K // 2, other=0)
+    a, b = tl.split(tl.reshape(t, [o_t.shape[0], 2, 2]))  # columns (0, 2) and (1, 3)
+    c0, c2 = tl.split(a)
+    c1, c3 = tl.split(b)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _nf4_x_words(p_x, k0, K, R: tl.constexpr, W: tl.constexpr, EVEN_K: tl.constexpr):
+    # the x operands of _NF4_HFMA_ASM for the [R, W] code words of columns [k0, k0 + 8W): 4 x [R, W] int32 (the R
+    # rows equal), x word c of code word j = the bf16 pair x[k0 + 8j + 2c], x[k0 + 8j + 2c + 1] of the bf16 row
+    # p_x (element 2c in the low half), zeros past K. A thread's 16-byte code load holds words 4i .. 4i + 3 of a
+    # row, whose x are the 64 bytes at k0 + 32i: read as four [R * W // 4, 4] tiles (tile v: the x of words
+    # 4i + v, one 16-byte load per row; the R copies of each row as rows of the tile, so that the tile has a row
+    # per thread of the code tile, which a tile of W // 4 rows has not when W // 4 < the threads: Triton would give
+    # it fewer elements per thread), their columns split in registers and joined back in word order: the code
+    # tile's layout, no layout conversion (a [W] slice per x word, strided by 16 bytes, and a [W // 4, 4] tile
+    # are moved there by shuffles). ptxas merges the R copies' loads when a thread holds several rows.
+    o_t = k0 // 2 + 16 * (tl.arange(0, R * W // 4) % (W // 4))[:, None] + tl.arange(0, 4)[None, :]
+    p_x32 = p_x.to(tl.pointer_type(tl.int32))
+    a0, a1, a2, a3 = _nf4_x_cols(p_x32, o_t, K, EVEN_K)  # words 4i
+    b0, b1, b2, b3 = _nf4_x_cols(p_x32, o_t + 4, K, EVEN_K)  # 4i + 1
+    c0, c1, c2, c3 = _nf4_x_cols(p_x32, o_t + 8, K, EVEN_K)  # 4i + 2
+    d0, d1, d2, d3 = _nf4_x_cols(p_x32, o_t + 12, K, EVEN_K)  # 4i + 3
+    # [R * W // 4, 2, 2]: element [r * W // 4 + i, u, v] from the tile of words 4i + 2u + v
+    x0 = tl.reshape(tl.join(tl.join(a0, c0), tl.join(b0, d0)), [R, W])
+    x1 = tl.reshape(tl.join(tl.join(a1, c1), tl.join(b1, d1)), [R, W])
+    x2 = tl.reshape(tl.join(tl.join(a2, c2), tl.join(b2, d2)), [R, W])
+    x3 = tl.reshape(tl.join(tl.join(a3, c3), tl.join(b3, d3)), [R, W])
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _nf4_hfma(b_p, p_x, k0, K, pl, EVEN_K: tl.constexpr = False):
+    # [BN, W] fp32: per word j of b_p [BN, W], the sum of its 8 codes times x[k0 + 8j .. k0 + 8j + 7] by
+    # _NF4_HFMA_ASM; p_x: the bf16 row of x (read as int32 pairs in the code tile's layout: _nf4_x_words); pl:
+    # the bf16 planes (as per-thread values: _nf4_plane_regs). EVEN_K: BK divides K, no masks
+    x0, x1, x2, x3 = _nf4_x_words(p_x, k0, K, b_p.shape[0], b_p.shape[1], EVEN_K)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _nf4_plane_regs(pl)
     return tl.inline_asm_elementwise(
-        _NF4_HFMA_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-        [b_p, x0[None, :], x1[None, :], x2[None, :], x3[None, :], p0, p1, p2, p3, p4, p5, p6, p7],
+        _NF4_HFMA_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r", [b_p, x0, x1, x2, x3, p0, p1, p2, p3, p4, p5, p6, p7],
         dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
 def _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.constexpr, WORDWISE: tl.constexpr,
-             PRMT: tl.constexpr = False, HFMA: tl.constexpr = False):
+             PRMT: tl.constexpr = False, HFMA: tl.constexpr = False, EVEN_K: tl.constexpr = False):
     # acc [BN, NB, BLOCKSIZE // 8] += per block: absmax * sum over the 8 codes of each word of code * x
     BN: tl.constexpr = acc.shape[0]
     if HFMA:  # byte permutes and packed bf16 products (_nf4_hfma; bf16 x, the decoder's dtype)
-        b_s = _nf4_hfma(b_p, p_x, k0, K, pl + 8)
+        b_s = _nf4_hfma(b_p, p_x, k0, K, pl + 8, EVEN_K)
     elif PRMT or WORDWISE:
         # the 8 codes of a word as a last, in-thread dimension: one x load of the tile, the codes of every word in
         # one shot, the products summed by in-thread splits. Word-wise: the nibbles' offsets into the 64-byte
@@ -539,28 +617,39 @@ def _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.c
         for i in tl.static_range(8):
             b_x = tl.load(p_x + o_e + i, mask=m_e, other=0.0).to(tl.float32)
             b_s += _nf4_code(t_bits, b_p, i) * b_x[None, :]
-    return acc + tl.reshape(b_s, [BN, BK // BLOCKSIZE, BLOCKSIZE // 8]) * b_a[:, :, None]
+    if HFMA:  # b_a: [BN, NB, BLOCKSIZE // 8], already broadcast (_nf4_tile)
+        acc = acc + tl.reshape(b_s, [BN, BK // BLOCKSIZE, BLOCKSIZE // 8]) * b_a
+    else:
+        acc = acc + tl.reshape(b_s, [BN, BK // BLOCKSIZE, BLOCKSIZE // 8]) * b_a[:, :, None]
+    return acc
 
 
 @triton.jit
 def _nf4_gemv_kernel(x, p, a, t, pl, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
                      BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
                      WORDWISE: tl.constexpr = False, PREFETCH: tl.constexpr = False, PRMT: tl.constexpr = False,
-                     HFMA: tl.constexpr = False):
+                     HFMA: tl.constexpr = False, EVEN_K: tl.constexpr = False):
+    # HFMA: packed bf16 products (_nf4_hfma); its rows past N read row N - 1 (not stored); EVEN_K (HFMA): BK
+    # divides K, no column masks
     tl.static_assert(BK % BLOCKSIZE == 0)
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
-    p_p = p + o_n.to(tl.int64) * (K // 8)
-    p_a = a + o_n.to(tl.int64) * (K // BLOCKSIZE)
-    b_p, b_a = _nf4_tile(p_p, p_a, m_n, 0, K, BK, BLOCKSIZE)
+    if HFMA:  # rows of (K // BLOCKSIZE) * (BLOCKSIZE // 8) = K // 8 words: Triton sees whole blocks (16-B loads)
+        r_n = tl.minimum(o_n, N - 1).to(tl.int64)
+        p_p = p + r_n * ((K // BLOCKSIZE) * (BLOCKSIZE // 8))
+    else:
+        r_n = o_n.to(tl.int64)
+        p_p = p + r_n * (K // 8)
+    p_a = a + r_n * (K // BLOCKSIZE)
+    b_p, b_a = _nf4_tile(p_p, p_a, m_n, 0, K, BK, BLOCKSIZE, HFMA, EVEN_K)
     l2_prefetch(p_p, m_n, 0, K // 8, PREFETCH)
     gdc_wait(USE_GDC)
     acc = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        acc = _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA)
-        b_p, b_a = _nf4_tile(p_p, p_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
+        acc = _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA, EVEN_K)
+        b_p, b_a = _nf4_tile(p_p, p_a, m_n, k0 + BK, K, BK, BLOCKSIZE, HFMA, EVEN_K)
     b_y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -571,25 +660,32 @@ def _nf4_gemv_kernel(x, p, a, t, pl, b, y, N, K, stride_xm, stride_ym, HAS_BIAS:
 def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, pl, y, N, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
                             WORDWISE: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                            PRMT: tl.constexpr = False, HFMA: tl.constexpr = False):
+                            PRMT: tl.constexpr = False, HFMA: tl.constexpr = False, EVEN_K: tl.constexpr = False):
+    # HFMA, EVEN_K: as in _nf4_gemv_kernel
     tl.static_assert(BK % BLOCKSIZE == 0)
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
-    o_p, o_a = o_n.to(tl.int64) * (K // 8), o_n.to(tl.int64) * (K // BLOCKSIZE)
-    b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, 0, K, BK, BLOCKSIZE)
-    b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, 0, K, BK, BLOCKSIZE)
+    if HFMA:  # as in _nf4_gemv_kernel
+        r_n = tl.minimum(o_n, N - 1).to(tl.int64)
+        o_p = r_n * ((K // BLOCKSIZE) * (BLOCKSIZE // 8))
+    else:
+        r_n = o_n.to(tl.int64)
+        o_p = r_n * (K // 8)
+    o_a = r_n * (K // BLOCKSIZE)
+    b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, 0, K, BK, BLOCKSIZE, HFMA, EVEN_K)
+    b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, 0, K, BK, BLOCKSIZE, HFMA, EVEN_K)
     l2_prefetch(pg + o_p, m_n, 0, K // 8, PREFETCH)
     l2_prefetch(pu + o_p, m_n, 0, K // 8, PREFETCH)
     gdc_wait(USE_GDC)
     acc_g = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     acc_u = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        acc_g = _nf4_acc(acc_g, b_pg, b_ag, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA)
-        acc_u = _nf4_acc(acc_u, b_pu, b_au, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA)
-        b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
-        b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE)
+        acc_g = _nf4_acc(acc_g, b_pg, b_ag, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA, EVEN_K)
+        acc_u = _nf4_acc(acc_u, b_pu, b_au, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA, EVEN_K)
+        b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE, HFMA, EVEN_K)
+        b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE, HFMA, EVEN_K)
     swiglu_store(y + i_m * stride_ym + o_n, tl.sum(tl.sum(acc_g, axis=2), axis=1),
                  tl.sum(tl.sum(acc_u, axis=2), axis=1), m_n)
 
@@ -632,17 +728,23 @@ NF4_PRMT_SETTINGS = {
     "swiglu": dict(BN=8, BK=512, num_warps=2, prmt=True),
 }
 #: the byte-permute decode with packed bf16 products (``hfma``: :func:`_nf4_hfma`; bf16 x, else the byte-permute
-#: decode) at the settings whose offline sm_90 loops (Triton 3.6, ``benchmarks/decode_sass.py``) are the
-#: shortest: single-warp programs, where ptxas keeps the 8 table planes in registers (with 2-4 warps it holds
-#: half of them in uniform registers and copies one per table permute: +1 instruction per weight). Loop
-#: instructions per weight: gemv 4 x 512 / 1 4.97 (byte permutes with fp32 products 6.28 at their settings),
-#: gate/up + SwiGLU 2 x 512 / 1 5.05 (5.91). An A/B candidate (:func:`nf4_hfma_on`, fast_decode "triton-hfma"),
-#: not measured on a GPU yet.
+#: decode) at settings chosen from offline sm_90 SASS (Triton 3.6, ``benchmarks/decode_sass.py``, whole tiles:
+#: EVEN_K, as BAGEL's K = 3584 and 18944 are multiples of 512 but not of 1024), loop instructions per weight: gemv
+#: and gemv_long 8 x 512 / 1 warp 4.02, gemv_wide 16 x 512 / 1 3.93, gate/up + SwiGLU 8 x 512 / 1 3.93 (byte
+#: permutes with fp32 products 6.28 / 5.91 at their settings); with masked tiles 4.70 / 4.65 / 4.41. The loop
+#: reads x in the code tile's layout (_nf4_x_words) and the absmax already broadcast (_nf4_tile): no shuffles or
+#: shared memory, and the planes as per-thread values (_nf4_plane_regs; ptxas copied planes held in uniform
+#: registers into registers once per permute, +1 per weight, in most settings). Over (2, 4, 8, 16) x (256, 512,
+#: 1024) x (1, 2, 4) warps: 3.9-4.5 wherever a thread's code load is 16 bytes (4 words: BN * BK >= 1024 per
+#: warp), 6.5-29 below (x moved by shuffles or shared memory); BK = 1024 gets no lower than 3.92 on whole tiles
+#: and leaves BAGEL's K masked (4.4-5.0). 16 x 512 / 1 is 3.93 for the GEMV too, but at N = 3584 it leaves 1.7
+#: programs per SM (8 x 512: 3.4). Registers: 8 x 512 / 1 ~100, 16 x 512 / 1 and gate/up 8 x 512 / 1 ~180.
+#: An A/B candidate (:func:`nf4_hfma_on`, fast_decode "triton-hfma"), not measured on a GPU yet.
 NF4_HFMA_SETTINGS = {
-    "gemv": dict(BN=4, BK=512, num_warps=1, hfma=True),
-    "gemv_long": dict(BN=4, BK=512, num_warps=1, hfma=True),
-    "gemv_wide": dict(BN=4, BK=512, num_warps=1, hfma=True),
-    "swiglu": dict(BN=2, BK=512, num_warps=1, hfma=True),
+    "gemv": dict(BN=8, BK=512, num_warps=1, hfma=True),
+    "gemv_long": dict(BN=8, BK=512, num_warps=1, hfma=True),
+    "gemv_wide": dict(BN=16, BK=512, num_warps=1, hfma=True),
+    "swiglu": dict(BN=8, BK=512, num_warps=1, hfma=True),
 }
 #: the FP8 decode with packed bf16 products (``hfma``: :func:`_fp8_hfma`; bf16 x on sm_89+, else the fp32 decode)
 #: at settings chosen from offline sm_90 SASS (Triton 3.6, ``benchmarks/decode_sass.py``, whole tiles: EVEN_K),
@@ -757,7 +859,8 @@ def _qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None, pdl: bool, cfg: dict
     if w.fmt == "nf4":
         args = (x, w.codes.view(torch.int32), w.scale, w.table, w.planes, b, y, N, K, x.stride(0), y.stride(0), M)
         c, opts = _nf4_options(cfg, x)
-        _launch(_nf4_gemv_kernel, c, N, args, pdl, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize, **opts)
+        _launch(_nf4_gemv_kernel, c, N, args, pdl, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize, **opts,
+                EVEN_K=opts["HFMA"] and K % c["BK"] == 0)
     else:
         c, hfma = _q8_options(cfg, x, w, native=native)
         args = (x, _q8_codes(w, hfma), w.scale, b, y, N, K, x.stride(0), y.stride(0), M)
@@ -779,7 +882,8 @@ def _qgemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool, cf
         args = (x, gate.codes.view(torch.int32), gate.scale, up.codes.view(torch.int32), up.scale, gate.table,
                 gate.planes, y, N, K, x.stride(0), y.stride(0), M)
         c, opts = _nf4_options(cfg, x)
-        _launch(_nf4_gemv_swiglu_kernel, c, N, args, pdl, BLOCKSIZE=gate.blocksize, **opts)
+        _launch(_nf4_gemv_swiglu_kernel, c, N, args, pdl, BLOCKSIZE=gate.blocksize, **opts,
+                EVEN_K=opts["HFMA"] and K % c["BK"] == 0)
     else:
         c, hfma = _q8_options(cfg, x, gate, up)
         args = (x, _q8_codes(gate, hfma), _q8_codes(up, hfma), gate.scale, up.scale, y, N, K, x.stride(0),

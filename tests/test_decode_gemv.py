@@ -578,3 +578,56 @@ def test_fp8_hfma_bf16():
     with fp8_hfma_on():
         got = qgemv_swiglu(x, gate, up, True)
     assert_close("fp8 hfma gate/up", qgemv_swiglu_ref(x, gate, up), got, 1e-2)
+
+
+@triton.jit
+def _nf4_hfma_operands_kernel(x, p, a, xo, wo, ao, N, K, k0, BN: tl.constexpr, BK: tl.constexpr,
+                              BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr):
+    # what the packed-product NF4 GEMV hands _NF4_HFMA_ASM and the absmax FMA for the tile at k0: the 4 x words
+    # and the code words, [BN, BK // 8] each, and the absmax per word (rows past N clamped to N - 1, as there)
+    W: tl.constexpr = BK // 8
+    o_n = tl.arange(0, BN)
+    r_n = tl.minimum(o_n, N - 1).to(tl.int64)
+    p_p = p + r_n * ((K // BLOCKSIZE) * (BLOCKSIZE // 8))
+    b_p, b_a = decode_gemv._nf4_tile(p_p, a + r_n * (K // BLOCKSIZE), o_n < N, k0, K, BK, BLOCKSIZE, True, EVEN_K)
+    x0, x1, x2, x3 = decode_gemv._nf4_x_words(x, k0, K, BN, W, EVEN_K)
+    o = o_n[:, None] * W + tl.arange(0, W)[None, :]
+    tl.store(xo + o, x0)
+    tl.store(xo + BN * W + o, x1)
+    tl.store(xo + 2 * BN * W + o, x2)
+    tl.store(xo + 3 * BN * W + o, x3)
+    tl.store(wo + o, b_p)
+    tl.store(ao + o, tl.reshape(b_a, [BN, W]))
+
+
+@pytest.mark.parametrize("K, k0, even, blocksize", [(512, 256, True, 64), (320, 256, False, 64),
+                                                    (192, 0, False, 64),
+                                                    (384, 256, False, 32), (512, 0, True, 128)])
+def test_nf4_hfma_operands(K, k0, even, blocksize):
+    """The Triton side of the packed-product NF4 decode (no inline PTX, so it runs in the interpreter too): x word
+    c of code word j is the bf16 pair x[k0 + 8j + 2c], x[k0 + 8j + 2c + 1] as one int32 (four [R * W // 4, 4]
+    loads split and joined), the same in every row, zeros past K; the codes as int32 words of rows clamped to
+    N - 1, zeros past K; each word's absmax (loaded per 16-byte code load and broadcast), zeros past K."""
+    N, BN, BK = 3, 4, 256
+    W = BK // 8
+    w, _ = make_weight("nf4", N, K, blocksize)
+    x = torch.randn(1, K, device=DEV).bfloat16()
+    xo = torch.full((4, BN, W), -1, dtype=torch.int32, device=DEV)
+    wo = torch.full((BN, W), -1, dtype=torch.int32, device=DEV)
+    ao = torch.full((BN, W), -1.0, dtype=torch.float32, device=DEV)
+    _nf4_hfma_operands_kernel[(1,)](x, w.codes.view(torch.int32), w.scale, xo, wo, ao, N, K, k0, BN=BN, BK=BK,
+                                    BLOCKSIZE=blocksize, EVEN_K=even)
+    n = max(0, min(BK, K - k0)) // 8  # code words in range
+    xw = x[0].cpu().view(torch.int32)
+    rows = [min(r, N - 1) for r in range(BN)]
+    want_x = torch.zeros(4, BN, W, dtype=torch.int32)
+    for c in range(4):
+        want_x[c, :, :n] = xw[k0 // 2 + c:k0 // 2 + 4 * n:4]
+    assert torch.equal(xo.cpu(), want_x)
+    want_w = torch.zeros(BN, W, dtype=torch.int32)
+    want_w[:, :n] = w.codes.cpu().view(torch.int32).reshape(N, K // 8)[rows, k0 // 8:k0 // 8 + n]
+    assert torch.equal(wo.cpu(), want_w)
+    want_a = torch.zeros(BN, W)
+    blocks = (k0 + 8 * torch.arange(n)) // blocksize
+    want_a[:, :n] = w.scale.cpu().reshape(N, K // blocksize)[rows][:, blocks]
+    assert torch.equal(ao.cpu(), want_a)
