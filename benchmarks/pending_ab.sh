@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU measurements that issue 12's prepared candidates still wait for, most valuable first, each part
+# sized for one `device` call (under 10 minutes; rows go to $OUT, then into benchmarks/results/*_h200.jsonl).
+#
+#   bash benchmarks/pending_ab.sh COMMIT PART
+#     decode  the decode A/B of every prepared GEMV candidate against "triton" (one process per format set):
+#             packed-bf16 products (triton-hfma: NF4 and FP8; triton-hfma-fma: every FP8 weight on the FMA
+#             kernels), NF4 byte permutes (triton-prmt), L2 prefetch (triton-prefetch); then the GPU tests of
+#             those kernels
+#     df11    DF11 t2i under a 24 GiB budget, the Exp4 resident form, then the Huffman one (each with its bf16
+#             run in the same process: vs_bf16, bit_identical)
+#     kernels the decode GEMVs' candidate settings (CUDA-graph replay), the DF11 decode kernels
+#
+# Winners become the defaults with the measurement in the code comment beside them (decode_gemv settings,
+# fast_decode.DEFAULT_GEMV, df11_resident.DEFAULT_FORM), and the README's issue-12 paragraphs get the rows.
+set -uo pipefail
+c=${1:?commit}; part=${2:?part}
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+out=${OUT:-/tmp}
+t0=$(date +%s)
+case "$part" in
+  decode)
+    timeout 300 python3 benchmarks/compressed_speed.py --formats bf16,int8,fp8,nf4 --tasks decode \
+      --decode-gemvs triton,triton-hfma,triton-hfma-fma,triton-prmt,triton-prefetch --commit "$c" \
+      --out "$out/compressed.jsonl" 2>&1 | grep -v -i warn | tail -n 24
+    echo "decode $(( $(date +%s) - t0 )) s"
+    timeout 150 python3 -m pytest -q -m gpu -s tests/test_decode_gemv.py tests/test_quant_kernels.py \
+      tests/test_fast_decode.py -k "exp4 or prmt or hfma or nf4_decodes or prefetch or parts" 2>&1 \
+      | grep -E "passed|failed|FAIL|Error|hfma|assert" | tail -n 25
+    echo "tests $(( $(date +%s) - t0 )) s" ;;
+  df11)
+    timeout 300 python3 benchmarks/budget_memory.py --df11-form exp4 --runs df11@24:t2i --commit "$c" \
+      --out "$out/budget.jsonl" 2>&1 | tail -n 8
+    echo "df11 exp4 $(( $(date +%s) - t0 )) s"
+    timeout 250 python3 benchmarks/budget_memory.py --runs df11@24:t2i --commit "$c" --out "$out/budget.jsonl" \
+      2>&1 | tail -n 6
+    echo "df11 huffman $(( $(date +%s) - t0 )) s" ;;
+  kernels)
+    timeout 420 python3 benchmarks/bench_kernels.py --only qgemv --graph --no-compile --providers hfma,prmt,fsplit \
+      --commit "$c" --out "$out/kernels.jsonl" 2>&1 | head -n 120
+    timeout 120 python3 benchmarks/bench_kernels.py --only df11 --commit "$c" --out "$out/kernels.jsonl" 2>&1 \
+      | tail -n 10 ;;
+  *) echo "part must be decode, df11 or kernels"; exit 2 ;;
+esac
