@@ -191,7 +191,7 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
         elif op == "cvt.rn.f16x2.e4m3x2":  # two e4m3 bytes -> two f16 (exact), the upper byte to the upper half
             b = val(args[1])
             h = torch.tensor([b & 0xFF, b >> 8], dtype=torch.uint8).view(FP8).to(torch.float16)
-            lo, hi = (h.view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+            lo, hi = _bits16(h)
             regs[args[0]] = lo | (hi << 16)
         elif op == "mov.b32":
             regs[args[0]] = val(args[1])
@@ -217,19 +217,37 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
     return regs
 
 
+def _asm_text(c) -> str:
+    return str(c.value if hasattr(c, "value") else c)
+
+
+def _bits16(t: torch.Tensor) -> list[int]:
+    """The bit patterns of a 16-bit float tensor, as non-negative ints."""
+    return (t.view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+
+
+def _f32(bits: int) -> float:
+    """The fp32 with these 32 bits."""
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _nf4_word(elems: list[int]) -> int:
+    """The int32 word of 8 NF4 codes (element 2b in the high nibble of byte b)."""
+    return sum(((elems[2 * b] << 4) | elems[2 * b + 1]) << 8 * b for b in range(4))
+
+
 def test_nf4_prmt_assembly_decodes_every_code():
     """The byte-permute assembly, emulated bit for bit on random words of NF4 bytes: outputs $0..$7 are the fp16
     codes of elements 1, 0, 3, 2, 5, 4, 7, 6 (what _nf4_prmt reorders)."""
-    asm = str(decode_gemv._NF4_PRMT_ASM.value if hasattr(decode_gemv._NF4_PRMT_ASM, "value")
-              else decode_gemv._NF4_PRMT_ASM)
+    asm = _asm_text(decode_gemv._NF4_PRMT_ASM)
     half = torch.tensor(NF4_CODE).half()
     planes = nf4_planes(half).tolist()
-    bits = (half.view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+    bits = _bits16(half)
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
         elems = torch.randint(0, 16, (8,), generator=g).tolist()
-        word = sum(((elems[2 * b] << 4) | elems[2 * b + 1]) << 8 * b for b in range(4))  # high nibble = even
-        regs = _run_ptx(asm, {"$8": word, **{f"${9 + i}": p & 0xFFFFFFFF for i, p in enumerate(planes)}})
+        operands = {"$8": _nf4_word(elems), **{f"${9 + i}": p & 0xFFFFFFFF for i, p in enumerate(planes)}}
+        regs = _run_ptx(asm, operands)
         got = [regs[f"${i}"] for i in range(8)]
         assert got == [bits[elems[i ^ 1]] for i in range(8)], (elems, got)
 
@@ -239,21 +257,20 @@ def test_nf4_hfma_assembly_sums_every_code():
     bf16 x: $0 is the fp32 sum of the two lanes of four bf16 FMAs (elements 0, 2, 4, 6 in the low lane, 1, 3, 5,
     7 in the high, in that order), with the codes rounded to bf16; and that sum lies within a few bf16 roundings
     of the exact product (measured: printed)."""
-    asm = str(decode_gemv._NF4_HFMA_ASM.value if hasattr(decode_gemv._NF4_HFMA_ASM, "value")
-              else decode_gemv._NF4_HFMA_ASM)
+    asm = _asm_text(decode_gemv._NF4_HFMA_ASM)
     table = torch.tensor(NF4_CODE).bfloat16()
     planes = nf4_planes(table).tolist()
-    code_bits = (table.view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+    code_bits = _bits16(table)
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for _ in range(300):
         elems = torch.randint(0, 16, (8,), generator=g).tolist()
-        word = sum(((elems[2 * b] << 4) | elems[2 * b + 1]) << 8 * b for b in range(4))  # high nibble = even
+        word = _nf4_word(elems)
         x = (torch.randn(8, generator=g) * 4).bfloat16()
-        x_bits = (x.view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+        x_bits = _bits16(x)
         pairs = {f"${2 + i}": x_bits[2 * i] | (x_bits[2 * i + 1] << 16) for i in range(4)}  # element 2i low
         regs = _run_ptx(asm, {"$1": word, **pairs, **{f"${6 + i}": p & 0xFFFFFFFF for i, p in enumerate(planes)}})
-        got = struct.unpack("<f", struct.pack("<I", regs["$0"]))[0]
+        got = _f32(regs["$0"])
         lanes = []
         for lane in (0, 1):  # the model: each lane's chain of bf16 FMAs, then one fp32 add
             acc = 0
@@ -406,10 +423,6 @@ def test_qgemv_parts_down_bf16(fmt):
             assert_close(f"{fmt} down parts {cfg}", want, qgemv_parts(x, w, None, pdl, cfg).sum(0), 1e-4)
 
 
-def _asm_text(c) -> str:
-    return str(c.value if hasattr(c, "value") else c)
-
-
 def _e4m3(b: int) -> float:
     """The value of e4m3 bit pattern ``b`` (exactly, as a double)."""
     return torch.tensor([b], dtype=torch.uint8).view(FP8).double().item()
@@ -432,7 +445,7 @@ def test_fp8_hfma_f16_to_bf16_every_code():
         assert _bf16(c) == _e4m3(b) * 2.0 ** -112, (b, h, c)
         assert math.copysign(1.0, _bf16(c)) == math.copysign(1.0, _e4m3(b))
         for e in range(4):
-            got = struct.unpack("<f", struct.pack("<I", _run_ptx(asm, {"$1": b << 8 * e, "$2": ones})["$0"]))[0]
+            got = _f32(_run_ptx(asm, {"$1": b << 8 * e, "$2": ones})["$0"])
             assert got == _e4m3(b) * 2.0 ** -12, (hex(b), e, got)
 
 
@@ -453,14 +466,14 @@ def test_fp8_hfma_assembly_sums_every_code():
         if i % 10 == 0:
             x[i // 10 % 4] = 0.0  # zeros and negative zeros too
             x[(i // 10 + 1) % 4] = -0.0
-        x_bits = (x.view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+        x_bits = _bits16(x)
         x64 = sum(xb << 16 * e for e, xb in enumerate(x_bits))  # element 0 in the low bits
         xs = _run_ptx(x_asm, {"$1": x64})["$0"]
         xs_bits = [(xs >> 16 * e) & 0xFFFF for e in range(4)]
         for e in range(4):
             assert _bf16(xs_bits[e]) == float(x[e]) * 2.0 ** 100, (x.tolist(), hex(xs))
             assert math.copysign(1.0, _bf16(xs_bits[e])) == math.copysign(1.0, float(x[e]))
-        got = struct.unpack("<f", struct.pack("<I", _run_ptx(asm, {"$1": word, "$2": xs})["$0"]))[0]
+        got = _f32(_run_ptx(asm, {"$1": word, "$2": xs})["$0"])
         lanes = []
         for lane in (0, 1):  # the model: each lane's chain of bf16 FMAs from +0, then one fp32 add
             acc = 0
@@ -631,3 +644,4 @@ def test_nf4_hfma_operands(K, k0, even, blocksize):
     blocks = (k0 + 8 * torch.arange(n)) // blocksize
     want_a[:, :n] = w.scale.cpu().reshape(N, K // blocksize)[rows][:, blocks]
     assert torch.equal(ao.cpu(), want_a)
+
