@@ -87,7 +87,7 @@ class DecodeWeight:
     [16], the table's codes rounded to fp16, then to bf16, as the byte-permute decodes read them
     (:func:`nf4_planes`; made with the weight). Those decodes compute with the rounded codes (NF4's codes lie in
     [-1, 1]: fp16 at most 2^-11 of a code away, below the bf16 rounding of the NF4 modules' own dequantized
-    weights; bf16 2^-9, that rounding itself); every other decode with the exact ones.
+    weights; bf16 at most 2^-8, that rounding itself); every other decode with the exact ones.
     """
 
     fmt: str
@@ -473,12 +473,12 @@ mov.b32 {{${o + 2}, ${o + 3}}}, q;
 
 # The byte-permute decode with packed bf16 products: $0 (f32) = sum over the 8 elements of word $1 of code * x,
 # x the bf16 elements 0..7 of the word as four pairs ($2-$5, element 2i in the low half), codes from bf16 planes
-# ($6-$13). The interleave puts element 2i
-# in the low half of each pair (the x pair's order), and four ``fma.rn.bf16x2`` (sm_80+) sum the products per
-# lane in bf16; the two lanes are added in fp32. Per word: the decode's 23 instructions, 4 packed FMAs and 3 to
-# unpack, against the fp16 codes' 8 conversions, 8 FMAs and 7 adds. bf16 sums of four products carry about
-# 2^-9 of their size (the rounding of the NF4 modules' own bf16 dequantized weights), far below NF4's code
-# spacing (emulated bit for bit in tests/test_decode_gemv.py, which measures it).
+# ($6-$13). The interleave puts element 2i in the low half of each pair (the x pair's order), and four
+# ``fma.rn.bf16x2`` (sm_80+) sum the products per lane in bf16; the two lanes are added in fp32. Per word: the
+# decode's 23 instructions, 4 packed FMAs and 3 to unpack, against the fp16 codes' 8 conversions, 8 FMAs and 7
+# adds. Each bf16 rounding is at most 2^-8 relative (the size of the NF4 modules' own bf16 dequantization), far
+# below NF4's code spacing: the bit-exact CPU emulation in tests/test_decode_gemv.py measures at most 4.6e-3 of
+# a word's sum of |products| (300 random words and x).
 _NF4_HFMA_ASM: tl.constexpr = tl.constexpr(
     "{\n.reg .b32 s, m, w4, la, lb, ha, hb, lo, hi, p, q, acc;\nmov.b32 acc, 0;\n"
     + _nf4_prmt_asm("$1", 6, tuple(f"""prmt.b32 p, lo, hi, 0x4051;
@@ -788,13 +788,20 @@ def settings(kind: str, w: DecodeWeight) -> dict:
     return cfg
 
 
+def _x_words_ok(x: Tensor, nbytes: int) -> bool:
+    """Whether the packed-bf16 decodes can read ``x`` as words of ``nbytes`` (pairs of bf16 and more): bf16, and
+    every row starting on an ``nbytes`` boundary."""
+    return x.dtype == torch.bfloat16 and x.data_ptr() % nbytes == 0 and x.stride(0) * 2 % nbytes == 0
+
+
 def _nf4_options(cfg: dict, x: Tensor) -> tuple[dict, dict]:
     """(launch settings, kernel options) of NF4 settings for activations ``x``: ``wordwise``, ``prmt`` and
-    ``hfma`` are decodes, not launch settings; ``hfma`` reads bf16 x (other dtypes take ``prmt``); the
-    byte-permute decodes (inline PTX) fall back to the per-code gather of the exact codes in the interpreter."""
+    ``hfma`` are decodes, not launch settings; ``hfma`` reads x as int32 pairs of bf16 (:func:`_x_words_ok`;
+    other x take ``prmt``); the byte-permute decodes (inline PTX) fall back to the per-code gather of the exact
+    codes in the interpreter."""
     c = dict(cfg)
     wordwise, prmt, hfma = c.pop("wordwise", False), c.pop("prmt", False), c.pop("hfma", False)
-    if hfma and x.dtype != torch.bfloat16:
+    if hfma and not _x_words_ok(x, 4):
         prmt, hfma = True, False
     if (prmt or hfma) and is_interpreting():
         return c, dict(WORDWISE=False, PRMT=False, HFMA=False)
@@ -807,9 +814,9 @@ def _q8_options(cfg: dict, x: Tensor, *ws: DecodeWeight, native: bool | None = N
     :func:`_code` decides with ``native``), not the interpreter (inline PTX), rows of whole int32 words on 4-byte
     aligned codes and 8-byte aligned x rows (read as int64); otherwise the exact fp32 decode (:func:`_decode8`)."""
     c = dict(cfg)
-    hfma = c.pop("hfma", False) and ws[0].fmt == "fp8" and x.dtype == torch.bfloat16 and not is_interpreting()
-    hfma = (hfma and _code(ws[0], x, native) == "fp8_native" and ws[0].shape[1] % 4 == 0 and x.stride(0) % 4 == 0
-            and x.data_ptr() % 8 == 0 and all(w.codes.data_ptr() % 4 == 0 for w in ws))
+    hfma = c.pop("hfma", False) and ws[0].fmt == "fp8" and _x_words_ok(x, 8) and not is_interpreting()
+    hfma = (hfma and _code(ws[0], x, native) == "fp8_native" and ws[0].shape[1] % 4 == 0
+            and all(w.codes.data_ptr() % 4 == 0 for w in ws))
     return c, hfma
 
 

@@ -645,3 +645,17 @@ def test_nf4_hfma_operands(K, k0, even, blocksize):
     want_a[:, :n] = w.scale.cpu().reshape(N, K // blocksize)[rows][:, blocks]
     assert torch.equal(ao.cpu(), want_a)
 
+
+def test_x_words_ok():
+    """The packed-bf16 decodes read x as words of 4 (NF4) or 8 (FP8) bytes only where every row starts on such a
+    boundary: a bf16 row view at an odd element, a row stride of an odd count, or another dtype is refused (the
+    launchers then take the exact decodes)."""
+    ok = decode_gemv._x_words_ok
+    x = torch.zeros(3, 72, dtype=torch.bfloat16)  # rows of 144 bytes (a fresh allocation: 64-byte aligned)
+    assert ok(x[:, :64], 4) and ok(x[:, :64], 8)
+    assert not ok(x[:, 1:65], 4)  # rows at an odd element
+    assert ok(x[:, 2:66], 4) and not ok(x[:, 2:66], 8)  # 4 bytes in
+    x70 = torch.zeros(3, 70, dtype=torch.bfloat16)[:, :64]  # rows of 140 bytes
+    assert ok(x70, 4) and not ok(x70, 8)
+    assert not ok(torch.zeros(3, 71, dtype=torch.bfloat16)[:, :64], 4)  # rows of 142 bytes
+    assert not ok(x.half(), 4)
