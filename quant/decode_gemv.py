@@ -50,7 +50,14 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from bagel_rt.kernels._device import Switch, gdc_wait, is_interpreting, l2_prefetch, prefetch_kwargs
+from bagel_rt.kernels._device import (
+    Switch,
+    gdc_wait,
+    has_capability,
+    is_interpreting,
+    l2_prefetch,
+    prefetch_kwargs,
+)
 from bagel_rt.kernels.gemv import INTERPRETER_CONFIG, MAX_M, _launch, _w_tile, _x_tile, swiglu_store
 from bagel_rt.kernels.swiglu import swiglu_ref
 from torch import Tensor, nn
@@ -810,12 +817,15 @@ def _nf4_options(cfg: dict, x: Tensor) -> tuple[dict, dict]:
 
 def _q8_options(cfg: dict, x: Tensor, *ws: DecodeWeight, native: bool | None = None) -> tuple[dict, bool]:
     """(launch settings, HFMA) of one-byte settings for activations ``x``: ``hfma`` is a decode, not a launch
-    setting, taken for FP8 weights where it can run: bf16 x, the conversion instruction (sm_89+, as
-    :func:`_code` decides with ``native``), not the interpreter (inline PTX), rows of whole int32 words on 4-byte
-    aligned codes and 8-byte aligned x rows (read as int64); otherwise the exact fp32 decode (:func:`_decode8`)."""
+    setting, taken for FP8 weights where it can run: bf16 x, the conversion instruction (sm_89+; ``native``
+    False forbids it, None asks the GPU — not :data:`fp8_matmul.NATIVE_DEFAULT`, which chooses between the exact
+    decodes and would keep this one off everywhere), not the interpreter (inline PTX), rows of whole int32 words
+    on 4-byte aligned codes and 8-byte aligned x rows (read as int64); otherwise the exact fp32 decode
+    (:func:`_decode8`)."""
     c = dict(cfg)
     hfma = c.pop("hfma", False) and ws[0].fmt == "fp8" and _x_words_ok(x, 8) and not is_interpreting()
-    hfma = (hfma and _code(ws[0], x, native) == "fp8_native" and ws[0].shape[1] % 4 == 0
+    can_convert = native if native is not None else x.device.type == "cuda" and has_capability(8, 9, x.device)
+    hfma = (hfma and can_convert and ws[0].shape[1] % 4 == 0
             and all(w.codes.data_ptr() % 4 == 0 for w in ws))
     return c, hfma
 
