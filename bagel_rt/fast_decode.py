@@ -109,6 +109,12 @@ def _hfma_on():
 #: the variants that are another implementation run inside a context (see GEMVS): name -> (context, base)
 _VARIANTS = {"triton-prefetch": (l2_prefetch_on, "triton"), "triton-prmt": (nf4_prmt_on, "triton"),
              "triton-hfma": (_hfma_on, "triton"), "triton-hfma-fma": (_hfma_on, "triton-fma")}
+#: the weight formats whose decode step a variant changes beyond the one it builds on ("triton", or
+#: "triton-hfma" for "triton-hfma-fma"): an A/B run of it on another format measures the same kernels again
+#: (benchmarks skip it); variants not named here change every format
+VARIANT_FORMATS = {"triton-prmt": {"nf4"}, "triton-hfma": {"nf4", "fp8"}, "triton-hfma-fma": {"fp8"},
+                   "triton-split": {"int8", "fp8"}, "triton-fsplit": {"int8", "fp8"},
+                   "triton-fma": {"int8", "fp8"}, "triton-mma": {"int8", "fp8"}}
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
 #: before it drains, and the GEMVs request their first weight tile before waiting for its output

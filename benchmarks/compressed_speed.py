@@ -35,7 +35,7 @@ from quant_full_size import psnr, track_phase_peaks  # noqa: E402
 
 from bagel_rt.bench import environment, test_image  # noqa: E402
 from bagel_rt.errors import InputError  # noqa: E402
-from bagel_rt.fast_decode import GraphDecoder  # noqa: E402
+from bagel_rt.fast_decode import VARIANT_FORMATS, GraphDecoder  # noqa: E402
 from bagel_rt.quantized import quantize_in_place  # noqa: E402
 from bagel_rt.random_weights import random_bagel  # noqa: E402
 
@@ -202,6 +202,9 @@ def main():
             try:
                 if task == "decode":
                     for impl in a.decode_gemvs.split(","):
+                        if impl in VARIANT_FORMATS and fmt not in VARIANT_FORMATS[impl]:
+                            print(f"{fmt}: {impl} skipped (the same decode kernels: fast_decode.VARIANT_FORMATS)")
+                            continue
                         pipe._decoder = GraphDecoder(pipe.model, gemv=impl)  # the others' graphs freed first
                         rate, p = decode_rate(pipe, prof_tokens=a.profile_steps)
                         r = dict(row, gemv=impl, tokens_per_s=round(rate, 1))

@@ -210,6 +210,17 @@ def test_compressed_decoder_matches_session(tiny_dir, fmt):
     assert und_layers(pipe.model, True, compressed=False)[0].qkv_weight is None  # the modules' own forward
 
 
+def test_variant_formats_name_real_variants():
+    """Every variant benchmarks may skip for a format (fast_decode.VARIANT_FORMATS) is a decode GEMV
+    implementation, and names only formats the decoder packs; the packed-product and byte-permute variants
+    change the formats their kernels take (a variant wrongly listed would drop its A/B row silently)."""
+    from bagel_rt.fast_decode import GEMVS, VARIANT_FORMATS
+
+    assert set(VARIANT_FORMATS) <= set(GEMVS) - {"triton", "cublas"}
+    assert all(fmts and fmts <= {"int8", "fp8", "nf4"} for fmts in VARIANT_FORMATS.values())
+    assert VARIANT_FORMATS["triton-hfma"] == {"nf4", "fp8"} and "nf4" in VARIANT_FORMATS["triton-prmt"]
+
+
 # ---------------------------------------------------------------- GPU: the CUDA graph
 
 
