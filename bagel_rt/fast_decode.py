@@ -53,6 +53,7 @@ from bagel_rt.quant.decode_gemv import (
     concat,
     decode_weight,
     fp8_hfma_on,
+    int8_hfma_on,
     nf4_hfma_on,
     nf4_prmt_on,
     qgemv,
@@ -93,16 +94,16 @@ from .errors import InputError
 #: not measured on a GPU yet. "triton-prefetch" is "triton" with every GEMV asking L2 for all of its weight lines
 #: before it waits for the previous kernel (bagel_rt.kernels._device.l2_prefetch; bf16 GEMVs too), and
 #: "triton-prmt" is "triton" with NF4 weights decoded by byte permutes (decode_gemv.nf4_prmt_on), "triton-hfma"
-#: with the products of NF4 (byte permutes) and of FP8 weights on the FMA kernels summed in packed bf16 pairs
-#: (decode_gemv.nf4_hfma_on, fp8_hfma_on), "triton-hfma-fma" that with every FP8 weight on the FMA kernels (as
-#: "triton-fma"): A/B candidates, not measured on a GPU yet.
+#: with the products of NF4 (byte permutes) and of INT8 / FP8 weights on the FMA kernels summed in packed bf16
+#: pairs (decode_gemv.nf4_hfma_on, int8_hfma_on, fp8_hfma_on), "triton-hfma-fma" that with every INT8 / FP8
+#: weight on the FMA kernels (as "triton-fma"): A/B candidates, not measured on a GPU yet.
 GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit", "triton-prefetch",
          "triton-prmt", "triton-hfma", "triton-hfma-fma")
 
 
 @contextlib.contextmanager
 def _hfma_on():
-    with nf4_hfma_on(), fp8_hfma_on():
+    with nf4_hfma_on(), fp8_hfma_on(), int8_hfma_on():
         yield
 
 
@@ -112,9 +113,9 @@ _VARIANTS = {"triton-prefetch": (l2_prefetch_on, "triton"), "triton-prmt": (nf4_
 #: the weight formats whose decode step a variant changes beyond the one it builds on ("triton", or
 #: "triton-hfma" for "triton-hfma-fma"): an A/B run of it on another format measures the same kernels again
 #: (benchmarks skip it); variants not named here change every format
-VARIANT_FORMATS = {"triton-prmt": {"nf4"}, "triton-hfma": {"nf4", "fp8"}, "triton-hfma-fma": {"fp8"},
-                   "triton-split": {"int8", "fp8"}, "triton-fsplit": {"int8", "fp8"},
-                   "triton-fma": {"int8", "fp8"}, "triton-mma": {"int8", "fp8"}}
+VARIANT_FORMATS = {"triton-prmt": {"nf4"}, "triton-hfma": {"nf4", "fp8", "int8"},
+                   "triton-hfma-fma": {"fp8", "int8"}, "triton-split": {"int8", "fp8"},
+                   "triton-fsplit": {"int8", "fp8"}, "triton-fma": {"int8", "fp8"}, "triton-mma": {"int8", "fp8"}}
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
 #: before it drains, and the GEMVs request their first weight tile before waiting for its output

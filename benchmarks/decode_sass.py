@@ -79,12 +79,14 @@ def main() -> None:
     cfg = dg.SETTINGS["swiglu"]
     cases.append((f"fp8_native swiglu {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}", dg._q8_gemv_swiglu_kernel, q8sw,
                   dict(CODE="fp8_native", BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True), cfg["num_warps"]))
-    for kind, fn, sig, extra in (("", dg._q8_gemv_kernel, dict(q8["fp8_native"], w="*i32"), dict(HAS_BIAS=False)),
-                                 (" swiglu", dg._q8_gemv_swiglu_kernel, dict(q8sw, wg="*i32", wu="*i32"), {})):
-        cfg = dg.FP8_HFMA_SETTINGS[kind.strip() or "gemv"]
-        consts = dict(extra, CODE="fp8_native", BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, HFMA=True, EVEN_K=True)
-        cases.append((f"fp8{kind} hfma {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}", fn, sig, consts,
-                      cfg["num_warps"]))
+    # (INT8 too: the same loop with its own word decode)
+    for code in ("fp8_native", "int8"):
+        for kind, fn, sig, extra in (("", dg._q8_gemv_kernel, dict(q8[code], w="*i32"), dict(HAS_BIAS=False)),
+                                     (" swiglu", dg._q8_gemv_swiglu_kernel, dict(q8sw, wg="*i32", wu="*i32"), {})):
+            cfg = dg.Q8_HFMA_SETTINGS[kind.strip() or "gemv"]
+            consts = dict(extra, CODE=code, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, HFMA=True, EVEN_K=True)
+            cases.append((f"{code[:4]}{kind} hfma {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}", fn, sig, consts,
+                          cfg["num_warps"]))
     cfg = dg.NF4_SETTINGS["gemv"]
     for wordwise in (False, True):
         consts = dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, WORDWISE=wordwise)

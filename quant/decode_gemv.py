@@ -238,6 +238,31 @@ _FP8_X_ASM: tl.constexpr = tl.constexpr(
     "fma.rn.bf16x2 a, a, k, z;\nfma.rn.bf16x2 b, b, k, z;\nmov.b64 $0, {a, b};\n}\n")
 
 
+# The INT8 decode with packed bf16 products: $0, $1, $2 as in _FP8_HFMA_ASM (codes: int8 bytes). The sign bit of
+# each byte flipped (one xor) gives u = q + 128 in 0..255; a byte permute puts two of them under the f16 exponent
+# of 1024 (0x64XX: 1024 + u, exact), one packed f16 subtract leaves u (exact), and as u has at most 8
+# significant bits its f16 has 3 zero low mantissa bits: the word shifted right by 3 (both halves positive, so
+# nothing crosses between them) is the bf16 pair of u * 2^-112, exactly; one bf16 FMA (u * 1 - 128 * 2^-112,
+# exact: q has at most 8 significant bits too) makes it q * 2^-112. The products and the lane sums are
+# _FP8_HFMA_ASM's, with x scaled by _FP8_X_ASM: code * x * 2^-12. Per word 14 instructions in the loop as for
+# FP8 (1 xor, 2 permutes, 2 subtracts, 2 shifts, 2 offset FMAs, 2 packed FMAs, 3 to unpack, the accumulate
+# beside) against ~23 for the fp32 decode (5.84 per weight, benchmarks/decode_sass.py). Deviation: as FP8's
+# (each product rounded to bf16, one bf16 add per lane).
+_INT8_HFMA_ASM: tl.constexpr = tl.constexpr(
+    "{\n.reg .b32 u, p0, p1, c0, c1, acc, lo, hi, xa, xb, e, m, one, off;\n"
+    "mov.b64 {xa, xb}, $2;\n"
+    "mov.b32 e, 0x64646464;\nmov.b32 m, 0x64006400;\nmov.b32 one, 0x3F803F80;\nmov.b32 off, 0x8B008B00;\n"
+    "xor.b32 u, $1, 0x80808080;\n"
+    "prmt.b32 p0, u, e, 0x4140;\n"
+    "prmt.b32 p1, u, e, 0x4342;\n"
+    "sub.rn.f16x2 p0, p0, m;\nshr.b32 p0, p0, 3;\nfma.rn.bf16x2 c0, p0, one, off;\n"
+    "sub.rn.f16x2 p1, p1, m;\nshr.b32 p1, p1, 3;\nfma.rn.bf16x2 c1, p1, one, off;\n"
+    "mov.b32 acc, 0;\n"
+    "fma.rn.bf16x2 acc, c0, xa, acc;\n"
+    "fma.rn.bf16x2 acc, c1, xb, acc;\n"
+    "shl.b32 lo, acc, 16;\nand.b32 hi, acc, 0xFFFF0000;\nadd.f32 $0, lo, hi;\n}\n")
+
+
 @triton.jit
 def _fp8_x_words(p_x, k0, K, W: tl.constexpr, EVEN_K: tl.constexpr):
     # [W] int64: x[k0 + 4j .. k0 + 4j + 3] (the bf16 row p_x read as one int64 per word j), zeros past K. Loaded
@@ -262,11 +287,16 @@ def _fp8_x(p_x, k0, K, W: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _fp8_hfma(b_w, xs):
-    # [BN, W] fp32: per word j of b_w [BN, W] (int32 words of 4 e4m3 codes), the sum of its codes times
-    # x[k0 + 4j .. k0 + 4j + 3] * 2^-12 by _FP8_HFMA_ASM (xs: the scaled x of _fp8_x)
-    return tl.inline_asm_elementwise(_FP8_HFMA_ASM, "=r,r,l", [b_w, xs[None, :]], dtype=tl.float32, is_pure=True,
-                                     pack=1)
+def _q8_hfma(b_w, xs, CODE: tl.constexpr):
+    # [BN, W] fp32: per word j of b_w [BN, W] (int32 words of 4 one-byte codes: "int8", else e4m3), the sum of
+    # its codes times x[k0 + 4j .. k0 + 4j + 3] * 2^-12 by _INT8_HFMA_ASM / _FP8_HFMA_ASM (xs: the scaled x of
+    # _fp8_x)
+    if CODE == "int8":
+        return tl.inline_asm_elementwise(_INT8_HFMA_ASM, "=r,r,l", [b_w, xs[None, :]], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_FP8_HFMA_ASM, "=r,r,l", [b_w, xs[None, :]], dtype=tl.float32,
+                                         is_pure=True, pack=1)
 
 
 @triton.jit
@@ -286,7 +316,7 @@ def _q8_tile(p_w, m_n, k0, K, BK: tl.constexpr, HFMA: tl.constexpr, EVEN_K: tl.c
 
 @triton.jit
 def _q8_unit(CODE: tl.constexpr, HFMA: tl.constexpr):
-    # the power of two for the per-channel scale (_code_unit; HFMA: the 2^-12 of _FP8_HFMA_ASM's products)
+    # the power of two for the per-channel scale (_code_unit; HFMA: the 2^-12 of _q8_hfma's products)
     if HFMA:
         return 4096.0
     else:
@@ -299,8 +329,8 @@ def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.cons
                     SPLIT: tl.constexpr = False, PREFETCH: tl.constexpr = False, HFMA: tl.constexpr = False,
                     EVEN_K: tl.constexpr = False):
     # SPLIT: program (n block, part p, row m) sums columns [p K_PER, (p + 1) K_PER) into fp32 part p of y [P, M, N]
-    # (the bias in part 0); else program (n block, row m) the whole row into y [M, N]. HFMA: FP8 codes as int32
-    # words of 4 (w: int32 [N, K // 4]), bf16 x, packed bf16 products (_fp8_hfma); its rows past N read row
+    # (the bias in part 0); else program (n block, row m) the whole row into y [M, N]. HFMA: the codes as int32
+    # words of 4 (w: int32 [N, K // 4]), bf16 x, packed bf16 products (_q8_hfma); its rows past N read row
     # N - 1 (not stored); EVEN_K (HFMA): BK divides the columns of every program, no column masks
     i_n = tl.program_id(0)
     if SPLIT:
@@ -328,7 +358,7 @@ def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.cons
     gdc_wait(USE_GDC)
     for k0 in range(k_lo, k_hi, BK):
         if HFMA:
-            acc += _fp8_hfma(b_w, _fp8_x(p_x, k0, k_hi, BK // 4, EVEN_K))
+            acc += _q8_hfma(b_w, _fp8_x(p_x, k0, k_hi, BK // 4, EVEN_K), CODE)
         else:
             # [BK]
             b_x = _x_tile(p_x, k0, k_hi, BK)
@@ -351,7 +381,7 @@ def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.cons
 def _q8_gemv_swiglu_kernel(x, wg, wu, sg, su, y, N, K, stride_xm, stride_ym, CODE: tl.constexpr, BN: tl.constexpr,
                            BK: tl.constexpr, USE_GDC: tl.constexpr, PREFETCH: tl.constexpr = False,
                            HFMA: tl.constexpr = False, EVEN_K: tl.constexpr = False):
-    # HFMA, EVEN_K: as in _q8_gemv_kernel (wg, wu: int32 words of 4 FP8 codes)
+    # HFMA, EVEN_K: as in _q8_gemv_kernel (wg, wu: int32 words of 4 codes)
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -377,8 +407,8 @@ def _q8_gemv_swiglu_kernel(x, wg, wu, sg, su, y, N, K, stride_xm, stride_ym, COD
     for k0 in range(0, K, BK):
         if HFMA:
             xs = _fp8_x(p_x, k0, K, BK // 4, EVEN_K)
-            acc_g += _fp8_hfma(b_g, xs)
-            acc_u += _fp8_hfma(b_u, xs)
+            acc_g += _q8_hfma(b_g, xs, CODE)
+            acc_u += _q8_hfma(b_u, xs, CODE)
         else:
             b_x = _x_tile(p_x, k0, K, BK)
             acc_g += _decode8(b_g, CODE) * b_x[None, :]
@@ -753,15 +783,16 @@ NF4_HFMA_SETTINGS = {
     "gemv_wide": dict(BN=16, BK=512, num_warps=1, hfma=True),
     "swiglu": dict(BN=8, BK=512, num_warps=1, hfma=True),
 }
-#: the FP8 decode with packed bf16 products (``hfma``: :func:`_fp8_hfma`; bf16 x on sm_89+, else the fp32 decode)
-#: at settings chosen from offline sm_90 SASS (Triton 3.6, ``benchmarks/decode_sass.py``, whole tiles: EVEN_K),
-#: loop instructions per weight: gemv 8 x 512 / 1 warp 3.84 (fp32 products 6.50 at 8 x 512 / 4), gate/up +
-#: SwiGLU 8 x 512 / 1 3.77 (5.77); with masked tiles (K not a multiple of BK) 4.04 / 3.93. Over (4, 8, 16) x
-#: (256, 512, 1024) x (1, 2, 4) warps the GEMV's best is 16 x 512 / 1 at 3.77 (half the programs: 1.7 warps per
-#: SM at N = 3584), most others 3.8-4.2; some layouts move x through shared memory (2 warps at BK = 512, 4 at
-#: 1024) or shuffles (BK = 256), and 8K codes per warp and iteration or more spill (gemv 16 x 1024 / 1, gate/up
-#: 8 x 1024 / 1, 16 x 512 / 1). An A/B candidate (:func:`fp8_hfma_on`), not measured on a GPU yet.
-FP8_HFMA_SETTINGS = {
+#: the one-byte decodes with packed bf16 products (``hfma``: :func:`_q8_hfma`; bf16 x, for FP8 on sm_89+, else
+#: the fp32 decode) at settings chosen from offline sm_90 SASS (Triton 3.6, ``benchmarks/decode_sass.py``, whole
+#: tiles: EVEN_K), loop instructions per weight: FP8 gemv 8 x 512 / 1 warp 3.84 (fp32 products 6.50 at 8 x 512 /
+#: 4), gate/up + SwiGLU 8 x 512 / 1 3.77 (5.77); with masked tiles (K not a multiple of BK) 4.04 / 3.93. Over (4,
+#: 8, 16) x (256, 512, 1024) x (1, 2, 4) warps the GEMV's best is 16 x 512 / 1 at 3.77 (half the programs: 1.7
+#: warps per SM at N = 3584), most others 3.8-4.2; some layouts move x through shared memory (2 warps at BK =
+#: 512, 4 at 1024) or shuffles (BK = 256), and 8K codes per warp and iteration or more spill (gemv 16 x 1024 / 1,
+#: gate/up 8 x 1024 / 1, 16 x 512 / 1). INT8 at the same settings: gemv 4.12 (fp32 products 5.84), gate/up 4.03.
+#: A/B candidates (:func:`fp8_hfma_on`, :func:`int8_hfma_on`), not measured on a GPU yet.
+Q8_HFMA_SETTINGS = {
     "gemv": dict(BN=8, BK=512, num_warps=1, hfma=True),
     "gemv_long": dict(BN=8, BK=512, num_warps=1, hfma=True),
     "swiglu": dict(BN=8, BK=512, num_warps=1, hfma=True),
@@ -769,12 +800,15 @@ FP8_HFMA_SETTINGS = {
 _NF4_PRMT = Switch()
 _NF4_HFMA = Switch()
 _FP8_HFMA = Switch()
+_INT8_HFMA = Switch()
 #: within the block, NF4 decode GEMVs take the byte-permute decode (:data:`NF4_PRMT_SETTINGS`)
 nf4_prmt_on = _NF4_PRMT.on
 #: within the block, NF4 decode GEMVs take the byte-permute decode with bf16 products (:data:`NF4_HFMA_SETTINGS`)
 nf4_hfma_on = _NF4_HFMA.on
-#: within the block, FP8 decode GEMVs take the packed bf16 products (:data:`FP8_HFMA_SETTINGS`)
+#: within the block, FP8 decode GEMVs take the packed bf16 products (:data:`Q8_HFMA_SETTINGS`)
 fp8_hfma_on = _FP8_HFMA.on
+#: within the block, INT8 decode GEMVs take the packed bf16 products (:data:`Q8_HFMA_SETTINGS`)
+int8_hfma_on = _INT8_HFMA.on
 LONG_K = 8192
 WIDE_N = 8192  # more output channels than this: lm_head's settings (NF4 here, the tensor-core GEMVs' "wide")
 
@@ -783,8 +817,8 @@ def settings(kind: str, w: DecodeWeight) -> dict:
     """Launch settings of ``kind`` ("gemv" or "swiglu") for ``w`` (every format; NF4's BK at least its block)."""
     if kind == "gemv" and w.shape[1] > LONG_K:
         kind = "gemv_long"
-    if w.fmt == "fp8" and _FP8_HFMA.value:
-        return dict(FP8_HFMA_SETTINGS[kind])
+    if (w.fmt == "fp8" and _FP8_HFMA.value) or (w.fmt == "int8" and _INT8_HFMA.value):
+        return dict(Q8_HFMA_SETTINGS[kind])
     if w.fmt != "nf4":
         return dict(SETTINGS[kind])
     if kind == "gemv" and w.shape[0] > WIDE_N:
@@ -817,21 +851,22 @@ def _nf4_options(cfg: dict, x: Tensor) -> tuple[dict, dict]:
 
 def _q8_options(cfg: dict, x: Tensor, *ws: DecodeWeight, native: bool | None = None) -> tuple[dict, bool]:
     """(launch settings, HFMA) of one-byte settings for activations ``x``: ``hfma`` is a decode, not a launch
-    setting, taken for FP8 weights where it can run: bf16 x, the conversion instruction (sm_89+; ``native``
-    False forbids it, None asks the GPU — not :data:`fp8_matmul.NATIVE_DEFAULT`, which chooses between the exact
-    decodes and would keep this one off everywhere), not the interpreter (inline PTX), rows of whole int32 words
-    on 4-byte aligned codes and 8-byte aligned x rows (read as int64); otherwise the exact fp32 decode
-    (:func:`_decode8`)."""
+    setting, taken where it can run: bf16 x; packed bf16 FMAs (sm_80+); for FP8 the conversion instruction too
+    (sm_89+; ``native`` False forbids it, None asks the GPU — not :data:`fp8_matmul.NATIVE_DEFAULT`, which
+    chooses between the exact decodes and would keep this one off everywhere); not the interpreter (inline
+    PTX); rows of whole int32 words on 4-byte aligned codes and 8-byte aligned x rows (read as int64).
+    Otherwise the exact fp32 decode (:func:`_decode8`)."""
     c = dict(cfg)
-    hfma = c.pop("hfma", False) and ws[0].fmt == "fp8" and _x_words_ok(x, 8) and not is_interpreting()
-    can_convert = native if native is not None else x.device.type == "cuda" and has_capability(8, 9, x.device)
-    hfma = (hfma and can_convert and ws[0].shape[1] % 4 == 0
-            and all(w.codes.data_ptr() % 4 == 0 for w in ws))
+    hfma = c.pop("hfma", False) and _x_words_ok(x, 8) and not is_interpreting() and x.device.type == "cuda"
+    if ws[0].fmt == "fp8":
+        hfma = hfma and (native if native is not None else has_capability(8, 9, x.device))
+    hfma = hfma and has_capability(8, 0, x.device)
+    hfma = hfma and ws[0].shape[1] % 4 == 0 and all(w.codes.data_ptr() % 4 == 0 for w in ws)
     return c, hfma
 
 
 def _q8_codes(w: DecodeWeight, hfma: bool) -> Tensor:
-    # the codes as the one-byte kernels read them: bytes, or with ``hfma`` int32 words of 4 FP8 codes
+    # the codes as the one-byte kernels read them: bytes, or with ``hfma`` int32 words of 4 codes
     return w.codes.view(torch.uint8).view(torch.int32) if hfma else _codes(w)
 
 

@@ -23,6 +23,7 @@ from bagel_rt.quant.decode_gemv import (
     decode_weight,
     dequantize_ref,
     fp8_hfma_on,
+    int8_hfma_on,
     nf4_hfma_on,
     nf4_planes,
     nf4_prmt_on,
@@ -40,6 +41,8 @@ from bagel_rt.quant.nf4 import NF4_CODE
 from conftest import requires_cuda
 from test_kernels import assert_close
 from torch import nn
+
+HFMA_ON = {"fp8": fp8_hfma_on, "int8": int8_hfma_on}  # the packed-product switch of each one-byte format
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ("int8", "fp8", "nf4")
@@ -202,6 +205,13 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
         elif op == "add.f32":
             f = torch.tensor([val(args[1]), val(args[2])], dtype=torch.int64).to(torch.int32).view(torch.float32)
             regs[args[0]] = (f[0] + f[1]).view(torch.int32).item() & 0xFFFFFFFF
+        elif op == "xor.b32":
+            regs[args[0]] = val(args[1]) ^ val(args[2])
+        elif op == "sub.rn.f16x2":  # per 16-bit lane: a - b, rounded once to f16
+            a, b = val(args[1]), val(args[2])
+            lanes = [torch.tensor([(v >> sh) & 0xFFFF for v in (a, b)], dtype=torch.int32).to(torch.int16)
+                     .view(torch.float16).double() for sh in (0, 16)]
+            regs[args[0]] = sum(_bits16((t[0] - t[1]).half().view(1))[0] << sh for t, sh in zip(lanes, (0, 16)))
         elif op == "shl.b32":
             regs[args[0]] = (val(args[1]) << val(args[2])) & 0xFFFFFFFF
         elif op == "shr.b32":
@@ -449,14 +459,33 @@ def test_fp8_hfma_f16_to_bf16_every_code():
             assert got == _e4m3(b) * 2.0 ** -12, (hex(b), e, got)
 
 
-def test_fp8_hfma_assembly_sums_every_code():
-    """The FP8 decode with packed bf16 products (decode_gemv._FP8_HFMA_ASM, x scaled by _FP8_X_ASM), emulated bit
-    for bit on random words of e4m3 codes and random bf16 x: the scaled x are x * 2^100 exactly; $0 is the fp32
-    sum of the two lanes of two bf16 FMAs (elements 0, 2 in the low lane, 1, 3 in the high, in that order) of the
-    codes times 2^-112 and the scaled x; and that sum lies within a few bf16 roundings of the exact product code
-    * x * 2^-12 (measured: printed)."""
-    asm, x_asm = _asm_text(decode_gemv._FP8_HFMA_ASM), _asm_text(decode_gemv._FP8_X_ASM)
-    codes = [b for b in range(256) if b & 0x7F != 0x7F]
+def test_int8_hfma_every_code():
+    """Every INT8 code alone in a word, at each of the 4 byte positions, through the emulated assembly
+    (decode_gemv._INT8_HFMA_ASM) with x = 1: exactly code * 2^-12 (the sign flip, the f16 magic, the shift to
+    bf16 and the offset FMA are exact for every byte, -128 and 0 included)."""
+    asm, x_asm = _asm_text(decode_gemv._INT8_HFMA_ASM), _asm_text(decode_gemv._FP8_X_ASM)
+    ones = _run_ptx(x_asm, {"$1": 0x3F803F803F803F80})["$0"]
+    for q in range(-128, 128):
+        for e in range(4):
+            got = _f32(_run_ptx(asm, {"$1": (q & 0xFF) << 8 * e, "$2": ones})["$0"])
+            assert got == q * 2.0 ** -12, (q, e, got)
+
+
+def _q8_value(fmt: str, b: int) -> float:
+    """The value of one-byte code ``b`` of ``fmt`` (INT8: two's complement; FP8: e4m3), exactly."""
+    return float(b - 256 * (b >= 128)) if fmt == "int8" else _e4m3(b)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_q8_hfma_assembly_sums_every_code(fmt):
+    """The one-byte decodes with packed bf16 products (decode_gemv._FP8_HFMA_ASM / _INT8_HFMA_ASM, x scaled by
+    _FP8_X_ASM), emulated bit for bit on random words of codes and random bf16 x: the scaled x are x * 2^100
+    exactly; $0 is the fp32 sum of the two lanes of two bf16 FMAs (elements 0, 2 in the low lane, 1, 3 in the
+    high, in that order) of the codes times 2^-112 and the scaled x; and that sum lies within a few bf16
+    roundings of the exact product code * x * 2^-12 (measured: printed)."""
+    asm = _asm_text(decode_gemv._INT8_HFMA_ASM if fmt == "int8" else decode_gemv._FP8_HFMA_ASM)
+    x_asm = _asm_text(decode_gemv._FP8_X_ASM)
+    codes = list(range(256)) if fmt == "int8" else [b for b in range(256) if b & 0x7F != 0x7F]
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for i in range(1000):
@@ -478,14 +507,14 @@ def test_fp8_hfma_assembly_sums_every_code():
         for lane in (0, 1):  # the model: each lane's chain of bf16 FMAs from +0, then one fp32 add
             acc = 0
             for e in (lane, lane + 2):
-                acc = _bf16_bits(_e4m3(elems[e]) * 2.0 ** -112 * _bf16(xs_bits[e]) + _bf16(acc))
+                acc = _bf16_bits(_q8_value(fmt, elems[e]) * 2.0 ** -112 * _bf16(xs_bits[e]) + _bf16(acc))
             lanes.append(torch.tensor(_bf16(acc), dtype=torch.float32))
         assert got == (lanes[0] + lanes[1]).item(), ([hex(b) for b in elems], x.tolist(), got)
-        prods = [_e4m3(elems[e]) * float(x[e]) * 2.0 ** -12 for e in range(4)]
+        prods = [_q8_value(fmt, elems[e]) * float(x[e]) * 2.0 ** -12 for e in range(4)]
         size = sum(abs(p) for p in prods)
         if size:
             worst = max(worst, abs(got - sum(prods)) / size)
-    print(f"fp8 hfma word sums: worst |sum - exact| / sum |products| = {worst:.2e}")
+    print(f"{fmt} hfma word sums: worst |sum - exact| / sum |products| = {worst:.2e}")
     assert worst < 2 ** -7  # a few bf16 roundings (2^-9 each), not a wrong code, sign or order
 
 
@@ -525,72 +554,77 @@ def test_fp8_hfma_operands(K, k0, even):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("N, K", [(5, 200), (70, 33), (19, 128)])
-def test_fp8_hfma_fallback(N, K, dtype):
-    """FP8 weights with the packed bf16 products asked for (``hfma`` settings, fp8_hfma_on) but fp32 / fp16 x, or
-    the interpreter (inline PTX): the exact fp32 decode, the same result as the default settings (bit for bit in
-    the interpreter, whose tiles do not depend on the settings), in the GEMV and in gate/up + SwiGLU."""
-    w, bias = make_weight("fp8", N, K, bias=True)
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_q8_hfma_fallback(fmt, N, K, dtype):
+    """INT8 / FP8 weights with the packed bf16 products asked for (``hfma`` settings, int8_hfma_on / fp8_hfma_on)
+    but fp32 / fp16 x, or the interpreter (inline PTX): the exact fp32 decode, the same result as the default
+    settings (bit for bit in the interpreter, whose tiles do not depend on the settings), in the GEMV and in
+    gate/up + SwiGLU. Each format's switch leaves the other format's settings as they are."""
+    hfma_on = HFMA_ON[fmt]
+    w, bias = make_weight(fmt, N, K, bias=True)
     x = torch.randn(3, K, device=DEV).to(dtype)
-    with fp8_hfma_on():
+    with hfma_on():
         cfg = settings("gemv", w)
         assert cfg["hfma"] and settings("swiglu", w)["hfma"]
-        assert "hfma" not in settings("gemv", make_weight("int8", N, K)[0])
+        assert "hfma" not in settings("gemv", make_weight("int8" if fmt == "fp8" else "fp8", N, K)[0])
     assert "hfma" not in settings("gemv", w)
     c, hfma = decode_gemv._q8_options(cfg, x, w)
     assert not hfma and "hfma" not in c
     exact = DEV == "cpu"
     for b in (None, bias.to(dtype)):
         got = _qgemv(x, w, b, False, cfg)
-        assert_close("fp8 hfma fallback", qgemv_ref(x, w, b), got, tol(dtype))
+        assert_close(f"{fmt} hfma fallback", qgemv_ref(x, w, b), got, tol(dtype))
         if exact:
             assert torch.equal(got, qgemv(x, w, b))
-    gate, _ = make_weight("fp8", N, K, seed=1)
-    up, _ = make_weight("fp8", N, K, seed=2)
+    gate, _ = make_weight(fmt, N, K, seed=1)
+    up, _ = make_weight(fmt, N, K, seed=2)
     gate, up = swiglu_pair(gate, up)
-    with fp8_hfma_on():
+    with hfma_on():
         got = qgemv_swiglu(x, gate, up)
-    assert_close("fp8 hfma fallback swiglu", qgemv_swiglu_ref(x, gate, up), got, tol(dtype))
+    assert_close(f"{fmt} hfma fallback swiglu", qgemv_swiglu_ref(x, gate, up), got, tol(dtype))
     if exact:
         assert torch.equal(got, qgemv_swiglu(x, gate, up))
     if exact:  # bf16 x in the interpreter falls back too
         xb = x.bfloat16()
         assert not decode_gemv._q8_options(cfg, xb, w)[1]
-        with fp8_hfma_on():
+        with hfma_on():
             assert torch.equal(qgemv(xb, w), _qgemv(xb, w, None, False, dict(cfg, hfma=False)))
 
 
 @requires_cuda
 @pytest.mark.gpu
-def test_fp8_hfma_bf16():
-    """The FP8 decode with packed bf16 products on the GPU (bf16 x; the kernel options really take it): every code
-    alone in its row with x = 1 gives the exact dequantized weight (bit for bit: one product, exact in bf16); at
-    BAGEL-7B's decode shapes, the GEMV (aligned and masked tiles, a bias) and gate/up + SwiGLU against the fp32
-    reference (its deviation printed)."""
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_q8_hfma_bf16(fmt):
+    """The INT8 / FP8 decodes with packed bf16 products on the GPU (bf16 x; the kernel options really take them,
+    with the library's defaults for everything else): every code alone in its row with x = 1 gives the exact
+    dequantized weight (bit for bit: one product, exact in bf16); at BAGEL-7B's decode shapes, the GEMV (aligned
+    and masked tiles, a bias) and gate/up + SwiGLU against the fp32 reference (its deviation printed)."""
+    hfma_on = HFMA_ON[fmt]
     x1 = torch.ones(1, 96, dtype=torch.bfloat16, device="cuda")
-    w = one_code_per_row("fp8", 96)
+    w = one_code_per_row(fmt, 96)
     assert decode_gemv._q8_options(dict(hfma=True), x1, w)[1]
-    with fp8_hfma_on():
+    with hfma_on():
         got = qgemv(x1, w)
     assert torch.equal(got, dequantize_ref(w).sum(dim=1)[None].to(torch.bfloat16)), (got.float() - dequantize_ref(
         w).sum(dim=1)[None]).abs().max()
     for N, K in ((4608, 3584), (3584, 18944), (40000, 3584), (37, 320)):
-        w, bias = make_weight("fp8", N, K, bias=True)
+        w, bias = make_weight(fmt, N, K, bias=True)
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         for b in (None, bias.to(torch.bfloat16)):
-            with fp8_hfma_on():
+            with hfma_on():
                 got = qgemv(x, w, b, True)
             ref = qgemv_ref(x.float(), w, None if b is None else b.float())
-            assert_close(f"fp8 hfma {N}x{K}", ref.to(torch.bfloat16), got, 8e-3)
+            assert_close(f"{fmt} hfma {N}x{K}", ref.to(torch.bfloat16), got, 8e-3)
         dev = ((got.float() - ref).norm() / ref.norm()).item()
-        print(f"fp8 hfma {N}x{K}: rel. L2 vs the fp32 product {dev:.2e}")
-    gate, _ = make_weight("fp8", 18944, 3584, seed=1)
-    up, _ = make_weight("fp8", 18944, 3584, seed=2)
+        print(f"{fmt} hfma {N}x{K}: rel. L2 vs the fp32 product {dev:.2e}")
+    gate, _ = make_weight(fmt, 18944, 3584, seed=1)
+    up, _ = make_weight(fmt, 18944, 3584, seed=2)
     gate, up = swiglu_pair(gate, up)
     x = torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16)
     assert decode_gemv._q8_options(settings("swiglu", gate) | dict(hfma=True), x, gate, up)[1]
-    with fp8_hfma_on():
+    with hfma_on():
         got = qgemv_swiglu(x, gate, up, True)
-    assert_close("fp8 hfma gate/up", qgemv_swiglu_ref(x, gate, up), got, 1e-2)
+    assert_close(f"{fmt} hfma gate/up", qgemv_swiglu_ref(x, gate, up), got, 1e-2)
 
 
 @triton.jit
