@@ -30,6 +30,7 @@ the fused path, SwiGLU rounded once, fp32 online softmax.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -96,24 +97,28 @@ from .errors import InputError
 #: "triton-prmt" is "triton" with NF4 weights decoded by byte permutes (decode_gemv.nf4_prmt_on), "triton-hfma"
 #: with the products of NF4 (byte permutes) and of INT8 / FP8 weights on the FMA kernels summed in packed bf16
 #: pairs (decode_gemv.nf4_hfma_on, int8_hfma_on, fp8_hfma_on), "triton-hfma-fma" that with every INT8 / FP8
-#: weight on the FMA kernels (as "triton-fma"): A/B candidates, not measured on a GPU yet.
+#: weight on the FMA kernels (as "triton-fma"), "triton-hfma-prefetch" "triton-hfma" with the L2 prefetch (the
+#: packed products leave the NF4 / one-byte GEMVs nearer the memory bound, where requests in flight decide): A/B
+#: candidates, not measured on a GPU yet.
 GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit", "triton-prefetch",
-         "triton-prmt", "triton-hfma", "triton-hfma-fma")
+         "triton-prmt", "triton-hfma", "triton-hfma-fma", "triton-hfma-prefetch")
 
 
 @contextlib.contextmanager
-def _hfma_on():
-    with nf4_hfma_on(), fp8_hfma_on(), int8_hfma_on():
+def _hfma_on(prefetch: bool = False):
+    with nf4_hfma_on(), fp8_hfma_on(), int8_hfma_on(), l2_prefetch_on(prefetch):
         yield
 
 
 #: the variants that are another implementation run inside a context (see GEMVS): name -> (context, base)
 _VARIANTS = {"triton-prefetch": (l2_prefetch_on, "triton"), "triton-prmt": (nf4_prmt_on, "triton"),
-             "triton-hfma": (_hfma_on, "triton"), "triton-hfma-fma": (_hfma_on, "triton-fma")}
+             "triton-hfma": (_hfma_on, "triton"), "triton-hfma-fma": (_hfma_on, "triton-fma"),
+             "triton-hfma-prefetch": (functools.partial(_hfma_on, True), "triton")}
 #: the weight formats whose decode step a variant changes beyond the one it builds on ("triton", or
 #: "triton-hfma" for "triton-hfma-fma"): an A/B run of it on another format measures the same kernels again
 #: (benchmarks skip it); variants not named here change every format
 VARIANT_FORMATS = {"triton-prmt": {"nf4"}, "triton-hfma": {"nf4", "fp8", "int8"},
+                   "triton-hfma-prefetch": {"nf4", "fp8", "int8"},
                    "triton-hfma-fma": {"fp8", "int8"}, "triton-split": {"int8", "fp8"},
                    "triton-fsplit": {"int8", "fp8"}, "triton-fma": {"int8", "fp8"}, "triton-mma": {"int8", "fp8"}}
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)

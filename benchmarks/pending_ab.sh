@@ -3,10 +3,10 @@
 # sized for one `device` call (under 10 minutes; rows go to $OUT, then into benchmarks/results/*_h200.jsonl).
 #
 #   bash benchmarks/pending_ab.sh COMMIT PART
-#     decode  the decode A/B of every prepared GEMV candidate against "triton" (one process per format set):
-#             packed-bf16 products (triton-hfma: NF4 and FP8; triton-hfma-fma: every FP8 weight on the FMA
-#             kernels), NF4 byte permutes (triton-prmt), L2 prefetch (triton-prefetch); then the GPU tests of
-#             those kernels
+#     decode  the decode A/B of every prepared GEMV candidate against "triton" (one process):
+#             packed-bf16 products (triton-hfma: NF4, INT8 and FP8; triton-hfma-fma: every INT8 / FP8 weight
+#             on the FMA kernels; triton-hfma-prefetch: with the L2 prefetch), L2 prefetch alone
+#             (triton-prefetch), NF4 byte permutes (triton-prmt); then the GPU tests of those kernels
 #     df11    DF11 t2i under a 24 GiB budget, the Exp4 resident form, then the Huffman one (each with its bf16
 #             run in the same process: vs_bf16, bit_identical)
 #     kernels the decode GEMVs' candidate settings (CUDA-graph replay), the DF11 decode kernels
@@ -24,8 +24,9 @@ case "$part" in
   decode)
     # most wanted first (a timeout keeps the rows written before it); variants that leave a format's kernels as
     # they are skip it (fast_decode.VARIANT_FORMATS)
-    timeout 380 python3 benchmarks/compressed_speed.py --formats bf16,nf4,fp8,int8 --tasks decode \
-      --decode-gemvs triton,triton-hfma,triton-hfma-fma,triton-prefetch,triton-prmt --commit "$c" \
+    timeout 380 python3 benchmarks/compressed_speed.py --formats bf16,nf4,int8,fp8 --tasks decode \
+      --decode-gemvs triton,triton-hfma,triton-hfma-fma,triton-hfma-prefetch,triton-prefetch,triton-prmt \
+      --commit "$c" \
       --out "$out/compressed.jsonl" 2>&1 | grep -v -i warn | tail -n 24
     echo "decode $(( $(date +%s) - t0 )) s"
     timeout 170 python3 -m pytest -q -m gpu -s tests/test_decode_gemv.py tests/test_quant_kernels.py \

@@ -315,16 +315,17 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
                    "full_evaluations.")
 @click.option("--decode-gemv", type=click.Choice(["triton", "triton-fma", "triton-mma", "triton-split",
                                                   "triton-fsplit", "triton-prefetch", "triton-prmt", "triton-hfma",
-                                                  "triton-hfma-fma", "cublas"]),
+                                                  "triton-hfma-fma", "triton-hfma-prefetch", "cublas"]),
               default="triton",
               help="Text decoding's GEMVs: triton (default: INT8/FP8 weights on the tensor cores or the FMA "
                    "kernels, the faster per shape), triton-fma / triton-mma (every INT8/FP8 weight on one kind, "
                    "for A/B), triton-split (triton, with INT8/FP8 o/down split-K on the tensor cores; "
                    "measured slower on the H200, for A/B), triton-fsplit (triton, with INT8/FP8 down split-K on "
                    "the FMA kernels), triton-prefetch (triton, each GEMV asking L2 for its weights before its PDL "
-                   "wait), triton-prmt (triton, NF4 decoded by byte permutes), triton-hfma (triton, NF4 and FP8 "
-                   "products summed in packed bf16 pairs), triton-hfma-fma (that with every FP8 weight on the FMA "
-                   "kernels) — the last five unmeasured, for A/B — or cublas (bf16 weights through F.linear).")
+                   "wait), triton-prmt (triton, NF4 decoded by byte permutes), triton-hfma (triton, NF4, INT8 and "
+                   "FP8 products summed in packed bf16 pairs), triton-hfma-fma (that with every INT8/FP8 weight "
+                   "on the FMA kernels), triton-hfma-prefetch (triton-hfma with the L2 prefetch) — the last six "
+                   "unmeasured, for A/B — or cublas (bf16 weights through F.linear).")
 @parallel_options
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
           device, dtype, compute, attention, weights, taylorseer, decode_gemv, gpus, parallel):
