@@ -7,6 +7,7 @@
 #             packed-bf16 products (triton-hfma: NF4, INT8 and FP8; triton-hfma-fma: every INT8 / FP8 weight
 #             on the FMA kernels; triton-hfma-prefetch: with the L2 prefetch), L2 prefetch alone
 #             (triton-prefetch), NF4 byte permutes (triton-prmt); then the GPU tests of those kernels
+#     lean    the packed-product decode rows and GPU tests alone (a call with ~6 minutes of device time left)
 #     df11    DF11 t2i under a 24 GiB budget, the Exp4 resident form, then the Huffman one (each with its bf16
 #             run in the same process: vs_bf16, bit_identical)
 #     kernels the decode GEMVs' candidate settings (CUDA-graph replay), the DF11 decode kernels
@@ -33,6 +34,14 @@ case "$part" in
       tests/test_fast_decode.py -k "exp4 or prmt or hfma or nf4_decodes or prefetch or parts" 2>&1 \
       | grep -E "passed|failed|FAIL|Error|hfma|assert" | tail -n 25
     echo "tests $(( $(date +%s) - t0 )) s" ;;
+  lean)  # the packed-product decodes alone, for a call with little device time left (~5 minutes)
+    timeout 300 python3 benchmarks/compressed_speed.py --formats bf16,nf4,int8,fp8 --tasks decode \
+      --decode-gemvs triton,triton-hfma,triton-hfma-prefetch,triton-hfma-fma --commit "$c" \
+      --out "$out/compressed.jsonl" 2>&1 | grep -v -i warn | tail -n 16
+    echo "decode $(( $(date +%s) - t0 )) s"
+    timeout 100 python3 -m pytest -q -m gpu -s tests/test_decode_gemv.py -k hfma 2>&1 \
+      | grep -E "passed|failed|FAIL|Error|hfma|assert" | tail -n 20
+    echo "tests $(( $(date +%s) - t0 )) s" ;;
   df11)
     timeout 300 python3 benchmarks/budget_memory.py --df11-form exp4 --runs df11@24:t2i --commit "$c" \
       --out "$out/budget.jsonl" 2>&1 | tail -n 8
@@ -45,5 +54,5 @@ case "$part" in
       --commit "$c" --out "$out/kernels.jsonl" 2>&1 | head -n 120
     timeout 120 python3 benchmarks/bench_kernels.py --only df11 --commit "$c" --out "$out/kernels.jsonl" 2>&1 \
       | tail -n 10 ;;
-  *) echo "part must be decode, df11 or kernels"; exit 2 ;;
+  *) echo "part must be decode, lean, df11 or kernels"; exit 2 ;;
 esac
