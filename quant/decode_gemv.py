@@ -300,6 +300,17 @@ def _q8_hfma(b_w, xs, CODE: tl.constexpr):
 
 
 @triton.jit
+def _next_k(k0, k_hi, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    # the first column of the tile the rotated loops request during the tile at k0: k0 + BK, except that the
+    # unmasked loads of EVEN_K re-read the last tile on the last iteration (never used) instead of reading
+    # [k_hi, k_hi + BK), which runs past the end of the last row's buffer
+    if EVEN_K:
+        return tl.minimum(k0 + BK, k_hi - BK)
+    else:
+        return k0 + BK
+
+
+@triton.jit
 def _q8_tile(p_w, m_n, k0, K, BK: tl.constexpr, HFMA: tl.constexpr, EVEN_K: tl.constexpr = False):
     # the weight tile of columns [k0, k0 + BK): [BN, BK] one-byte codes, or with HFMA [BN, BK // 4] int32 words
     # of 4 codes (p_w: int32 rows of K // 4 words, every row valid: no row mask; with EVEN_K no column mask:
@@ -363,7 +374,7 @@ def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.cons
             # [BK]
             b_x = _x_tile(p_x, k0, k_hi, BK)
             acc += _decode8(b_w, CODE) * b_x[None, :]
-        b_w = _q8_tile(p_w, m_n, k0 + BK, k_hi, BK, HFMA, EVEN_K)
+        b_w = _q8_tile(p_w, m_n, _next_k(k0, k_hi, BK, EVEN_K), k_hi, BK, HFMA, EVEN_K)
     # [BN]: the per-channel scale, then the bias, on the fp32 sums (one rounding)
     b_y = tl.sum(acc, axis=1) * (tl.load(s + o_n, mask=m_n, other=0.0) * _q8_unit(CODE, HFMA))
     if HAS_BIAS:
@@ -413,8 +424,9 @@ def _q8_gemv_swiglu_kernel(x, wg, wu, sg, su, y, N, K, stride_xm, stride_ym, COD
             b_x = _x_tile(p_x, k0, K, BK)
             acc_g += _decode8(b_g, CODE) * b_x[None, :]
             acc_u += _decode8(b_u, CODE) * b_x[None, :]
-        b_g = _q8_tile(wg + rows, m_n, k0 + BK, K, BK, HFMA, EVEN_K)
-        b_u = _q8_tile(wu + rows, m_n, k0 + BK, K, BK, HFMA, EVEN_K)
+        k_next = _next_k(k0, K, BK, EVEN_K)
+        b_g = _q8_tile(wg + rows, m_n, k_next, K, BK, HFMA, EVEN_K)
+        b_u = _q8_tile(wu + rows, m_n, k_next, K, BK, HFMA, EVEN_K)
     g = tl.sum(acc_g, axis=1) * (tl.load(sg + o_n, mask=m_n, other=0.0) * _q8_unit(CODE, HFMA))
     u = tl.sum(acc_u, axis=1) * (tl.load(su + o_n, mask=m_n, other=0.0) * _q8_unit(CODE, HFMA))
     swiglu_store(y + i_m * stride_ym + o_n, g, u, m_n)
@@ -686,7 +698,7 @@ def _nf4_gemv_kernel(x, p, a, t, pl, b, y, N, K, stride_xm, stride_ym, HAS_BIAS:
     acc = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
     for k0 in range(0, K, BK):
         acc = _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA, EVEN_K)
-        b_p, b_a = _nf4_tile(p_p, p_a, m_n, k0 + BK, K, BK, BLOCKSIZE, HFMA, EVEN_K)
+        b_p, b_a = _nf4_tile(p_p, p_a, m_n, _next_k(k0, K, BK, EVEN_K), K, BK, BLOCKSIZE, HFMA, EVEN_K)
     b_y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -721,8 +733,9 @@ def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, pl, y, N, K, stride_xm, stride
     for k0 in range(0, K, BK):
         acc_g = _nf4_acc(acc_g, b_pg, b_ag, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA, EVEN_K)
         acc_u = _nf4_acc(acc_u, b_pu, b_au, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA, EVEN_K)
-        b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE, HFMA, EVEN_K)
-        b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, k0 + BK, K, BK, BLOCKSIZE, HFMA, EVEN_K)
+        k_next = _next_k(k0, K, BK, EVEN_K)
+        b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, k_next, K, BK, BLOCKSIZE, HFMA, EVEN_K)
+        b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, k_next, K, BK, BLOCKSIZE, HFMA, EVEN_K)
     swiglu_store(y + i_m * stride_ym + o_n, tl.sum(tl.sum(acc_g, axis=2), axis=1),
                  tl.sum(tl.sum(acc_u, axis=2), axis=1), m_n)
 

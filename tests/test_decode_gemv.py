@@ -519,6 +519,33 @@ def test_q8_hfma_assembly_sums_every_code(fmt):
 
 
 @triton.jit
+def _next_k_kernel(out, K, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    # the rotated loop of the decode GEMVs: the first tile before the loop, the next one during each iteration;
+    # out[0] = the highest column any tile requests reaches, out[1] = the tiles computed
+    k_next = 0
+    hi = k_next + BK
+    n = 0
+    for k0 in range(0, K, BK):
+        n += 1
+        k_next = decode_gemv._next_k(k0, K, BK, EVEN_K)
+        hi = tl.maximum(hi, k_next + BK)
+    tl.store(out, hi)
+    tl.store(out + 1, n)
+
+
+@pytest.mark.parametrize("K, BK", [(3584, 512), (18944, 512), (512, 512), (1024, 256)])
+def test_rotated_loop_stays_in_the_row(K, BK):
+    """With whole tiles (EVEN_K: unmasked loads) the tile requested during the last iteration is the last one
+    again, so no load reads past column K (past the end of the last row's buffer); masked tiles (EVEN_K off)
+    may ask for [K, K + BK), which their masks drop."""
+    out = torch.zeros(2, dtype=torch.int32, device=DEV)
+    _next_k_kernel[(1,)](out, K, BK=BK, EVEN_K=True)
+    assert out.tolist() == [K, K // BK]
+    _next_k_kernel[(1,)](out, K, BK=BK, EVEN_K=False)
+    assert out.tolist() == [K + BK, K // BK]
+
+
+@triton.jit
 def _fp8_hfma_operands_kernel(x, w, xo, wo, N, K, k0, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
     # what the packed-product GEMV hands _FP8_HFMA_ASM for the tile at k0: x words [BK // 4] and code words
     # [BN, BK // 4] (its rows past N clamped to N - 1)
