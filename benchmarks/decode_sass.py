@@ -85,8 +85,8 @@ def main() -> None:
                                      (" swiglu", dg._q8_gemv_swiglu_kernel, dict(q8sw, wg="*i32", wu="*i32"), {})):
             cfg = dg.Q8_HFMA_SETTINGS[kind.strip() or "gemv"]
             consts = dict(extra, CODE=code, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, HFMA=True, EVEN_K=True)
-            cases.append((f"{code[:4]}{kind} hfma {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}", fn, sig, consts,
-                          cfg["num_warps"]))
+            name = f"{code.split('_')[0]}{kind} hfma {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}"
+            cases.append((name, fn, sig, consts, cfg["num_warps"]))
     cfg = dg.NF4_SETTINGS["gemv"]
     for wordwise in (False, True):
         consts = dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, WORDWISE=wordwise)
