@@ -791,6 +791,7 @@ NF4_PRMT_SETTINGS = {
 #: warp), 6.5-29 below (x moved by shuffles or shared memory); BK = 1024 gets no lower than 3.92 on whole tiles
 #: and leaves BAGEL's K masked (4.4-5.0). 16 x 512 / 1 is 3.93 for the GEMV too, but at N = 3584 it leaves 1.7
 #: programs per SM (8 x 512: 3.4). Registers: 8 x 512 / 1 ~100, 16 x 512 / 1 and gate/up 8 x 512 / 1 ~180.
+#: (The sweep predates _next_k's last-tile clamp: +0.02 per weight, 4.04 / 3.94 at 5b78caa.)
 #: An A/B candidate (:func:`nf4_hfma_on`, fast_decode "triton-hfma"), not measured on a GPU yet.
 NF4_HFMA_SETTINGS = {
     "gemv": dict(BN=8, BK=512, num_warps=1, hfma=True),
@@ -805,7 +806,8 @@ NF4_HFMA_SETTINGS = {
 #: 8, 16) x (256, 512, 1024) x (1, 2, 4) warps the GEMV's best is 16 x 512 / 1 at 3.77 (half the programs: 1.7
 #: warps per SM at N = 3584), most others 3.8-4.2; some layouts move x through shared memory (2 warps at BK =
 #: 512, 4 at 1024) or shuffles (BK = 256), and 8K codes per warp and iteration or more spill (gemv 16 x 1024 / 1,
-#: gate/up 8 x 1024 / 1, 16 x 512 / 1). INT8 at the same settings: gemv 4.12 (fp32 products 5.84), gate/up 4.03.
+#: gate/up 8 x 1024 / 1, 16 x 512 / 1). INT8 at the same settings: gemv 4.15 (fp32 products 5.84), gate/up 4.04;
+#: with _next_k's last-tile clamp FP8 is 3.88 / 3.78 (5b78caa).
 #: A/B candidates (:func:`fp8_hfma_on`, :func:`int8_hfma_on`), not measured on a GPU yet.
 Q8_HFMA_SETTINGS = {
     "gemv": dict(BN=8, BK=512, num_warps=1, hfma=True),
