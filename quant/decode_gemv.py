@@ -793,11 +793,14 @@ NF4_PRMT_SETTINGS = {
 #: programs per SM (8 x 512: 3.4). Registers: 8 x 512 / 1 ~100, 16 x 512 / 1 and gate/up 8 x 512 / 1 ~180.
 #: (The sweep predates _next_k's last-tile clamp: +0.02 per weight, 4.04 / 3.94 at 5b78caa.)
 #: An A/B candidate (:func:`nf4_hfma_on`, fast_decode "triton-hfma"), not measured on a GPU yet.
+#: Measured (H100, ``bench_kernels.py --only qgemv --graph --providers hfma``, 09db864, microseconds, word-wise
+#: default -> these): qkv 9.0 -> 7.1, o 7.5 -> 5.6, down 29.7 -> 25.7, lm_head 191.3 -> 126.7, gate/up + SwiGLU
+#: 51.3 -> 36.2; the offline pick 8 x 512 / 1 was 8.7, 7.6, 38.2, 134.1, 47.2 (too few bytes in flight per SM).
 NF4_HFMA_SETTINGS = {
-    "gemv": dict(BN=8, BK=512, num_warps=1, hfma=True),
-    "gemv_long": dict(BN=8, BK=512, num_warps=1, hfma=True),
-    "gemv_wide": dict(BN=16, BK=512, num_warps=1, hfma=True),
-    "swiglu": dict(BN=8, BK=512, num_warps=1, hfma=True),
+    "gemv": dict(BN=4, BK=512, num_warps=1, hfma=True),
+    "gemv_long": dict(BN=4, BK=1024, num_warps=2, hfma=True),
+    "gemv_wide": dict(BN=4, BK=512, num_warps=1, hfma=True),
+    "swiglu": dict(BN=2, BK=512, num_warps=1, hfma=True),
 }
 #: the one-byte decodes with packed bf16 products (``hfma``: :func:`_q8_hfma`; bf16 x, for FP8 on sm_89+, else
 #: the fp32 decode) at settings chosen from offline sm_90 SASS (Triton 3.6, ``benchmarks/decode_sass.py``, whole
@@ -809,10 +812,14 @@ NF4_HFMA_SETTINGS = {
 #: gate/up 8 x 1024 / 1, 16 x 512 / 1). INT8 at the same settings: gemv 4.15 (fp32 products 5.84), gate/up 4.04;
 #: with _next_k's last-tile clamp FP8 is 3.88 / 3.78 (5b78caa).
 #: A/B candidates (:func:`fp8_hfma_on`, :func:`int8_hfma_on`), not measured on a GPU yet.
+#: Measured for FP8 (H100, ``bench_kernels.py --only qgemv --graph --providers hfma``, 09db864, microseconds,
+#: today's default -> these): qkv 8.5 -> 6.5, o 7.2 -> 4.9, down (split-K on the tensor cores) 30.5 -> 28.6,
+#: lm_head (tensor cores) 211.8 -> 178.0, gate/up + SwiGLU (tensor cores) 59.1 -> 50.1; the offline pick 8 x 512 /
+#: 1 was 8.9, 8.5, 57.9, 184.5, 52.2. INT8 takes the same (not swept).
 Q8_HFMA_SETTINGS = {
-    "gemv": dict(BN=8, BK=512, num_warps=1, hfma=True),
-    "gemv_long": dict(BN=8, BK=512, num_warps=1, hfma=True),
-    "swiglu": dict(BN=8, BK=512, num_warps=1, hfma=True),
+    "gemv": dict(BN=4, BK=512, num_warps=1, hfma=True),
+    "gemv_long": dict(BN=8, BK=1024, num_warps=4, hfma=True),
+    "swiglu": dict(BN=4, BK=512, num_warps=1, hfma=True),
 }
 _NF4_PRMT = Switch()
 _NF4_HFMA = Switch()

@@ -301,7 +301,7 @@ def test_nf4_hfma_bf16():
     """The byte permutes with packed bf16 products on the GPU at BAGEL-7B's decode shapes (bf16 x, the decoder's
     dtype; the kernel options really take them): against the product with the bf16-rounded codes, and its
     deviation from the exact codes' product (printed)."""
-    x1 = torch.empty(1, dtype=torch.bfloat16, device="cuda")
+    x1 = torch.empty(1, 96, dtype=torch.bfloat16, device="cuda")
     assert decode_gemv._nf4_options(dict(hfma=True), x1)[1]["HFMA"]
     for N, K in ((4608, 3584), (3584, 18944), (40000, 3584), (37, 320)):
         w, _ = make_weight("nf4", N, K, blocksize=64)
