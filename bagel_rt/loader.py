@@ -18,6 +18,7 @@ import torch
 from . import validate
 from .checkpoint import check_keys, expected_shapes, load_into, read_header
 from .config import BagelParams, llm_params_from_json, vit_params_from_json
+from .df11_resident import FORMS as DF11_FORMS
 from .errors import CheckpointError, InputError
 from .model import BagelModel
 from .tokenizer import TextTokenizer
@@ -52,7 +53,8 @@ def read_params(path: Path, ae_file: str = AE_FILE) -> BagelParams:
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
          progress: bool = False, backend: str = "auto", weights: str = "auto", df11_resident: bool = False,
          skip: Sequence[str] = (), compute: str = "auto", max_gpu_memory: float | None = None,
-         attention: str = "auto", keep_bf16: bool = False, parallel: str | None = None):
+         attention: str = "auto", keep_bf16: bool = False, parallel: str | None = None,
+         df11_form: str | None = None):
     """Load a BAGEL checkpoint directory.
 
     Args:
@@ -77,6 +79,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
             triton backend's denoiser decodes layer i+1 while layer i computes, inside its CUDA graph; text
             decoding runs on the torch path). Saves ~30 % of the weight memory at the cost of a decode per unit
             per forward; with ``max_gpu_memory`` as many LLM layers as the budget allows stay decoded.
+        df11_form: with ``df11_resident``, the form the units are kept in (:data:`bagel_rt.df11_resident.FORMS`):
+            "exp4" (the default: ~75 % of bf16, decoded at memory speed; a 1024² t2i under 24 GiB 1.08× bf16 on an
+            H100) or "huffman" (DF11's own ~70 %, a serial decode: 1.75×) for budgets only it fits.
         skip: regular expressions of Linear weight names to keep bf16 when quantizing as it loads.
         compute: the generation expert's GEMM precision: "auto" (what the weights compute: FP8 weights in FP8
             on Ada/Hopper, everything else in bf16), "bf16", "fp8" (W8A8 on FP8 tensor cores, approximate; on
@@ -145,6 +150,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
             raise InputError(f"df11_resident needs DFloat11 weights; {path} holds {stored}, loaded as {fmt}")
         if dtype != torch.bfloat16:
             raise InputError(f"df11_resident decodes to bf16; got dtype {dtype}")
+    if df11_form is not None and (not df11_resident or df11_form not in DF11_FORMS):
+        raise InputError(f"df11_form must be one of {', '.join(DF11_FORMS)} and needs df11_resident=True; got "
+                         f"{df11_form!r} with df11_resident={df11_resident}")
     ae = read_header(path / (DF11_VAE if df11 else AE_FILE))
     with torch.device("meta"):
         model = BagelModel(params, tokenizer.special)
@@ -161,7 +169,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         load_into(model, ema, load_device, dtype, bar.update if bar else None)
     else:
         units = load_weights(model, path, stored, fmt, load_device, dtype, skip, bar.update if bar else None,
-                             df11_resident)
+                             df11_resident, df11_form)
     phases["LLM + ViT weights"] = time.perf_counter() - t0 - sum(phases.values())
     load_into(vae, ae, load_device, torch.float32, bar.update if bar else None)
     if bar:

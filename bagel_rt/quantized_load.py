@@ -147,7 +147,8 @@ def _df11_specs(model_shapes: dict[str, tuple[int, ...]], units: dict[str, list[
 
 # -- loading ----------------------------------------------------------------------------------------------------
 def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: torch.device, dtype: torch.dtype,
-                 skip: Sequence[str] = (), progress=None, df11_resident: bool = False) -> ResidentDF11 | None:
+                 skip: Sequence[str] = (), progress=None, df11_resident: bool = False,
+                 df11_form: str | None = None) -> ResidentDF11 | None:
     """Fill ``model`` (built on the meta device) from the checkpoint ``path`` holding ``stored`` weights.
 
     fmt: what the model holds (see :func:`resolve_weights`): "int8"/"nf4"/"fp8"/"fp8-gen-nf4-und" swap the
@@ -205,7 +206,7 @@ def load_weights(model: nn.Module, path: Path, stored: str, fmt: str, device: to
         setattr(model.get_submodule(parent), attr, new)
 
     to_quantize = {} if stored in LINEAR_FORMATS else {f"{x}.weight": x for x in swaps}
-    resident = ResidentDF11(device) if df11_resident else None
+    resident = ResidentDF11(device, df11_form) if df11_resident else None
     state: dict[str, Tensor] = {}
     for key, t in _stream(found, units, shapes, device, progress, resident, model):
         if key in to_quantize:

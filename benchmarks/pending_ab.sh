@@ -46,7 +46,8 @@ case "$part" in
     timeout 300 python3 benchmarks/budget_memory.py --df11-form exp4 --runs df11@24:t2i --commit "$c" \
       --out "$out/budget.jsonl" 2>&1 | tail -n 8
     echo "df11 exp4 $(( $(date +%s) - t0 )) s"
-    timeout 250 python3 benchmarks/budget_memory.py --runs df11@24:t2i --commit "$c" --out "$out/budget.jsonl" \
+    timeout 250 python3 benchmarks/budget_memory.py --df11-form huffman --runs df11@24:t2i --commit "$c" \
+      --out "$out/budget.jsonl" \
       2>&1 | tail -n 6
     echo "df11 huffman $(( $(date +%s) - t0 )) s" ;;
   kernels)

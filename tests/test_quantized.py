@@ -162,13 +162,13 @@ def test_df11_is_bit_identical(conv, ref, tiny):
     same_state(bagel_rt.load(conv["df11"], device="cpu", weights="bf16").model, pipe0.model)
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_df11_resident_is_bit_identical(conv, ref, form, monkeypatch):
-    """Either resident form (DF11's Huffman buffers, or transcoded to Exp4 when loaded): bit-identical results."""
-    monkeypatch.setattr(df11_resident, "DEFAULT_FORM", form)
+@pytest.mark.parametrize("form", [None, *FORMS])
+def test_df11_resident_is_bit_identical(conv, ref, form):
+    """Either resident form (DF11's Huffman buffers, or transcoded to Exp4 when loaded; Exp4 by default, load's
+    ``df11_form`` picks): bit-identical results."""
     _, r0, u0 = ref
-    pipe = bagel_rt.load(conv["df11"], device="cpu", df11_resident=True)
-    assert {is_exp4(u.buffers) for u in pipe.df11.units.values()} == {form == "exp4"}
+    pipe = bagel_rt.load(conv["df11"], device="cpu", df11_resident=True, df11_form=form)
+    assert {is_exp4(u.buffers) for u in pipe.df11.units.values()} == {(form or "exp4") == "exp4"}
     lm = pipe.model.language_model
     assert "weight" not in lm.lm_head._parameters  # compressed: decoded on use into the shared buffer
     assert not any(k.endswith("q_proj.weight") for k in pipe.model.state_dict())
@@ -253,6 +253,10 @@ def test_df11_resident_errors(conv):
                    "needs DFloat11 weights")
     one_line_error(InputError, lambda: bagel_rt.load(conv["df11"], device="cpu", dtype=torch.float32,
                                                      df11_resident=True), "bf16")
+    one_line_error(InputError, lambda: bagel_rt.load(conv["df11"], device="cpu", df11_resident=True,
+                                                     df11_form="exp5"), "df11_form must be one of huffman, exp4")
+    one_line_error(InputError, lambda: bagel_rt.load(conv["df11"], device="cpu", df11_form="huffman"),
+                   "needs df11_resident=True")
 
 
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
