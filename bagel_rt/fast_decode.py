@@ -99,7 +99,10 @@ from .errors import InputError
 #: pairs (decode_gemv.nf4_hfma_on, int8_hfma_on, fp8_hfma_on), "triton-hfma-fma" that with every INT8 / FP8
 #: weight on the FMA kernels (as "triton-fma"), "triton-hfma-prefetch" "triton-hfma" with the L2 prefetch (the
 #: packed products leave the NF4 / one-byte GEMVs nearer the memory bound, where requests in flight decide): A/B
-#: candidates, not measured on a GPU yet.
+#: candidates. Measured slower at their first settings (decode, one process, H100, 09db864, tok/s, "triton" /
+#: "triton-hfma" / "triton-hfma-prefetch" / "triton-hfma-fma"): NF4 288.2 / 237.2 / 220.9 / -, INT8 299.4 / 257.4 /
+#: 214.6 / 216.3, FP8 282.9 / 274.3 / 224.2 / 214.1 (bf16 191.3); their settings were then retuned from a kernel
+#: sweep (decode_gemv.NF4_HFMA_SETTINGS, Q8_HFMA_SETTINGS), not yet measured in the decoder.
 GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit", "triton-prefetch",
          "triton-prmt", "triton-hfma", "triton-hfma-fma", "triton-hfma-prefetch")
 

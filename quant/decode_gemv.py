@@ -792,7 +792,8 @@ NF4_PRMT_SETTINGS = {
 #: and leaves BAGEL's K masked (4.4-5.0). 16 x 512 / 1 is 3.93 for the GEMV too, but at N = 3584 it leaves 1.7
 #: programs per SM (8 x 512: 3.4). Registers: 8 x 512 / 1 ~100, 16 x 512 / 1 and gate/up 8 x 512 / 1 ~180.
 #: (The sweep predates _next_k's last-tile clamp: +0.02 per weight, 4.04 / 3.94 at 5b78caa.)
-#: An A/B candidate (:func:`nf4_hfma_on`, fast_decode "triton-hfma"), not measured on a GPU yet.
+#: An A/B candidate (:func:`nf4_hfma_on`, fast_decode "triton-hfma"): the settings below are measured per kernel,
+#: the decoder with them not yet (with 8 x 512 / 1 everywhere it was slower: see fast_decode.GEMVS).
 #: Measured (H100, ``bench_kernels.py --only qgemv --graph --providers hfma``, 09db864, microseconds, word-wise
 #: default -> these): qkv 9.0 -> 7.1, o 7.5 -> 5.6, down 29.7 -> 25.7, lm_head 191.3 -> 126.7, gate/up + SwiGLU
 #: 51.3 -> 36.2; the offline pick 8 x 512 / 1 was 8.7, 7.6, 38.2, 134.1, 47.2 (too few bytes in flight per SM).
@@ -811,7 +812,8 @@ NF4_HFMA_SETTINGS = {
 #: 512, 4 at 1024) or shuffles (BK = 256), and 8K codes per warp and iteration or more spill (gemv 16 x 1024 / 1,
 #: gate/up 8 x 1024 / 1, 16 x 512 / 1). INT8 at the same settings: gemv 4.15 (fp32 products 5.84), gate/up 4.04;
 #: with _next_k's last-tile clamp FP8 is 3.88 / 3.78 (5b78caa).
-#: A/B candidates (:func:`fp8_hfma_on`, :func:`int8_hfma_on`), not measured on a GPU yet.
+#: A/B candidates (:func:`fp8_hfma_on`, :func:`int8_hfma_on`): the settings below are measured per kernel (FP8),
+#: the decoder with them not yet (with 8 x 512 / 1 everywhere it was slower: see fast_decode.GEMVS).
 #: Measured for FP8 (H100, ``bench_kernels.py --only qgemv --graph --providers hfma``, 09db864, microseconds,
 #: today's default -> these): qkv 8.5 -> 6.5, o 7.2 -> 4.9, down (split-K on the tensor cores) 30.5 -> 28.6,
 #: lm_head (tensor cores) 211.8 -> 178.0, gate/up + SwiGLU (tensor cores) 59.1 -> 50.1; the offline pick 8 x 512 /
