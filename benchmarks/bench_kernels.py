@@ -352,6 +352,8 @@ HFMA_CANDIDATES = {
     "nf4": [(4, 512, 1), (2, 512, 1), (8, 256, 1), (4, 256, 1), (8, 512, 1), (8, 512, 2), (4, 1024, 2),
             (16, 512, 4), (8, 1024, 4)],
     "fp8": [(8, 512, 1), (16, 512, 1), (4, 512, 1), (8, 1024, 2), (16, 512, 2), (8, 1024, 4)],
+    # INT8 (added after the H100 sweep of 09db864, which had NF4 and FP8 only): the FP8 winners and neighbours
+    "int8": [(4, 512, 1), (2, 512, 1), (8, 512, 2), (8, 1024, 4), (4, 1024, 2), (16, 512, 4)],
 }
 QGEMV_LONG_CANDIDATES = [(2, 1024, 2), (2, 2048, 4), (4, 2048, 4), (2, 1024, 4), (1, 2048, 2)]  # + for K > LONG_K
 MMA_SPLIT_CANDIDATES = [  # (parts, BN, BK, num_warps) of the split-K tensor-core GEMV (o, down; qkv to compare)
