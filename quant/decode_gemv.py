@@ -208,7 +208,7 @@ def _code_unit(CODE: tl.constexpr):
 
 
 # The FP8 (e4m3) decode with packed bf16 products: $0 (f32) = the sum over the 4 codes of word $1 (element i =
-# byte i, little-endian) of code * x * 2^-12, $2 (64 bits) the bf16 x of elements 0..3 times 2^100 (_FP8_X_ASM),
+# byte i, little-endian) of code * x * 2^-12, $2 (64 bits) the bf16 x of elements 0..3 times 2^100 (_Q8_X_ASM),
 # as two pairs xa (elements 0, 1) and xb (2, 3), element 2i in the low half. The sm_89+ conversion turns each
 # half word into an f16 pair (exact; the upper byte to the upper half). An e4m3 value is an f16 normal (2^-9 ..
 # 448; 0 -> 0) whose 7 low mantissa bits are zero, so its bits without the sign shifted right by 3, the sign put
@@ -232,8 +232,8 @@ _FP8_HFMA_ASM: tl.constexpr = tl.constexpr(
     "fma.rn.bf16x2 acc, c1, xb, acc;\n"
     "shl.b32 lo, acc, 16;\nand.b32 hi, acc, 0xFFFF0000;\nadd.f32 $0, lo, hi;\n}\n")
 # both bf16 lanes of $1 times 2^100 (bf16 bits 0x7180; exact): an FMA with -0.0 added, which keeps the signs
-# of zeros (sm_80+; mul.rn.bf16x2 needs sm_90)
-_FP8_X_ASM: tl.constexpr = tl.constexpr(
+# of zeros (sm_80+; mul.rn.bf16x2 needs sm_90). The x of both one-byte packed-product decodes
+_Q8_X_ASM: tl.constexpr = tl.constexpr(
     "{\n.reg .b32 k, z, a, b;\nmov.b32 k, 0x71807180;\nmov.b32 z, 0x80008000;\nmov.b64 {a, b}, $1;\n"
     "fma.rn.bf16x2 a, a, k, z;\nfma.rn.bf16x2 b, b, k, z;\nmov.b64 $0, {a, b};\n}\n")
 
@@ -244,7 +244,7 @@ _FP8_X_ASM: tl.constexpr = tl.constexpr(
 # significant bits its f16 has 3 zero low mantissa bits: the word shifted right by 3 (both halves positive, so
 # nothing crosses between them) is the bf16 pair of u * 2^-112, exactly; one bf16 FMA (u * 1 - 128 * 2^-112,
 # exact: q has at most 8 significant bits too) makes it q * 2^-112. The products and the lane sums are
-# _FP8_HFMA_ASM's, with x scaled by _FP8_X_ASM: code * x * 2^-12. Per word 14 instructions in the loop as for
+# _FP8_HFMA_ASM's, with x scaled by _Q8_X_ASM: code * x * 2^-12. Per word 14 instructions in the loop as for
 # FP8 (1 xor, 2 permutes, 2 subtracts, 2 shifts, 2 offset FMAs, 2 packed FMAs, 3 to unpack, the accumulate
 # beside) against ~23 for the fp32 decode (5.84 per weight, benchmarks/decode_sass.py). Deviation: as FP8's
 # (each product rounded to bf16, one bf16 add per lane).
@@ -264,7 +264,7 @@ _INT8_HFMA_ASM: tl.constexpr = tl.constexpr(
 
 
 @triton.jit
-def _fp8_x_words(p_x, k0, K, W: tl.constexpr, EVEN_K: tl.constexpr):
+def _q8_x_words(p_x, k0, K, W: tl.constexpr, EVEN_K: tl.constexpr):
     # [W] int64: x[k0 + 4j .. k0 + 4j + 3] (the bf16 row p_x read as one int64 per word j), zeros past K. Loaded
     # as two [W // 4, 2] tiles (words 4i, 4i + 1 and 4i + 2, 4i + 3: one 16-byte load each) joined in registers,
     # so that a thread holds the x of the 4 words of its 16-byte code load (the word tile's column layout: no
@@ -280,9 +280,9 @@ def _fp8_x_words(p_x, k0, K, W: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _fp8_x(p_x, k0, K, W: tl.constexpr, EVEN_K: tl.constexpr):
-    # [W] int64: _fp8_x_words, each bf16 times 2^100 (_FP8_X_ASM: once per column, not per row)
-    return tl.inline_asm_elementwise(_FP8_X_ASM, "=l,l", [_fp8_x_words(p_x, k0, K, W, EVEN_K)], dtype=tl.int64,
+def _q8_x(p_x, k0, K, W: tl.constexpr, EVEN_K: tl.constexpr):
+    # [W] int64: _q8_x_words, each bf16 times 2^100 (_Q8_X_ASM: once per column, not per row)
+    return tl.inline_asm_elementwise(_Q8_X_ASM, "=l,l", [_q8_x_words(p_x, k0, K, W, EVEN_K)], dtype=tl.int64,
                                      is_pure=True, pack=1)
 
 
@@ -290,13 +290,9 @@ def _fp8_x(p_x, k0, K, W: tl.constexpr, EVEN_K: tl.constexpr):
 def _q8_hfma(b_w, xs, CODE: tl.constexpr):
     # [BN, W] fp32: per word j of b_w [BN, W] (int32 words of 4 one-byte codes: "int8", else e4m3), the sum of
     # its codes times x[k0 + 4j .. k0 + 4j + 3] * 2^-12 by _INT8_HFMA_ASM / _FP8_HFMA_ASM (xs: the scaled x of
-    # _fp8_x)
-    if CODE == "int8":
-        return tl.inline_asm_elementwise(_INT8_HFMA_ASM, "=r,r,l", [b_w, xs[None, :]], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise(_FP8_HFMA_ASM, "=r,r,l", [b_w, xs[None, :]], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+    # _q8_x)
+    ASM: tl.constexpr = _INT8_HFMA_ASM if CODE == "int8" else _FP8_HFMA_ASM
+    return tl.inline_asm_elementwise(ASM, "=r,r,l", [b_w, xs[None, :]], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -328,6 +324,35 @@ def _q8_tile(p_w, m_n, k0, K, BK: tl.constexpr, HFMA: tl.constexpr, EVEN_K: tl.c
 
 
 @triton.jit
+def _q8_rows(o_n, N, K, HFMA: tl.constexpr):
+    # [BN] int64: where rows o_n start in the codes as the kernels read them: bytes, or with HFMA int32 words of 4
+    # (then rows past N read row N - 1, not stored: no row masks)
+    if HFMA:
+        return tl.minimum(o_n, N - 1).to(tl.int64) * (K // 4)
+    else:
+        return o_n.to(tl.int64) * K
+
+
+@triton.jit
+def _q8_x_operand(p_x, k0, K, BK: tl.constexpr, HFMA: tl.constexpr, EVEN_K: tl.constexpr):
+    # x of columns [k0, k0 + BK) as _q8_products takes it: [BK] fp32, or with HFMA the scaled words of _q8_x
+    if HFMA:
+        return _q8_x(p_x, k0, K, BK // 4, EVEN_K)
+    else:
+        return _x_tile(p_x, k0, K, BK)
+
+
+@triton.jit
+def _q8_products(b_w, x_op, CODE: tl.constexpr, HFMA: tl.constexpr):
+    # the products of a weight tile (_q8_tile) with x (_q8_x_operand), to sum into the fp32 accumulator:
+    # [BN, BK] exact ones, or with HFMA [BN, BK // 4] word sums (_q8_hfma)
+    if HFMA:
+        return _q8_hfma(b_w, x_op, CODE)
+    else:
+        return _decode8(b_w, CODE) * x_op[None, :]
+
+
+@triton.jit
 def _q8_unit(CODE: tl.constexpr, HFMA: tl.constexpr):
     # the power of two for the per-channel scale (_code_unit; HFMA: the 2^-12 of _q8_hfma's products)
     if HFMA:
@@ -353,29 +378,18 @@ def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.cons
     else:
         i_p, i_m = 0, tl.program_id(1).to(tl.int64)
         k_lo, k_hi = 0, K
+    CW: tl.constexpr = 4 if HFMA else 1  # codes per element of w
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
-    if HFMA:  # int32 words of 4 codes
-        p_w = w + tl.minimum(o_n, N - 1).to(tl.int64) * (K // 4)
-    else:
-        p_w = w + o_n.to(tl.int64) * K
+    p_w = w + _q8_rows(o_n, N, K, HFMA)
     # rotated loop as in bagel_rt.kernels.gemv: the first tile is requested before the wait
     b_w = _q8_tile(p_w, m_n, k_lo, k_hi, BK, HFMA, EVEN_K)
-    if HFMA:
-        l2_prefetch(p_w, m_n, k_lo // 4, k_hi // 4, PREFETCH)
-        acc = tl.zeros([BN, BK // 4], dtype=tl.float32)
-    else:
-        l2_prefetch(p_w, m_n, k_lo, k_hi, PREFETCH)  # an A/B option (kernels._device._L2_PREFETCH)
-        acc = tl.zeros([BN, BK], dtype=tl.float32)
+    l2_prefetch(p_w, m_n, k_lo // CW, k_hi // CW, PREFETCH)  # an A/B option (kernels._device._L2_PREFETCH)
+    acc = tl.zeros([BN, BK // CW], dtype=tl.float32)
     gdc_wait(USE_GDC)
     for k0 in range(k_lo, k_hi, BK):
-        if HFMA:
-            acc += _q8_hfma(b_w, _fp8_x(p_x, k0, k_hi, BK // 4, EVEN_K), CODE)
-        else:
-            # [BK]
-            b_x = _x_tile(p_x, k0, k_hi, BK)
-            acc += _decode8(b_w, CODE) * b_x[None, :]
+        acc += _q8_products(b_w, _q8_x_operand(p_x, k0, k_hi, BK, HFMA, EVEN_K), CODE, HFMA)
         b_w = _q8_tile(p_w, m_n, _next_k(k0, k_hi, BK, EVEN_K), k_hi, BK, HFMA, EVEN_K)
     # [BN]: the per-channel scale, then the bias, on the fp32 sums (one rounding)
     b_y = tl.sum(acc, axis=1) * (tl.load(s + o_n, mask=m_n, other=0.0) * _q8_unit(CODE, HFMA))
@@ -396,36 +410,23 @@ def _q8_gemv_swiglu_kernel(x, wg, wu, sg, su, y, N, K, stride_xm, stride_ym, COD
                            HFMA: tl.constexpr = False, EVEN_K: tl.constexpr = False):
     # HFMA, EVEN_K: as in _q8_gemv_kernel (wg, wu: int32 words of 4 codes)
     i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    CW: tl.constexpr = 4 if HFMA else 1  # codes per element of wg, wu
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
-    if HFMA:  # int32 words of 4 codes
-        rows = tl.minimum(o_n, N - 1).to(tl.int64) * (K // 4)
-    else:
-        rows = o_n.to(tl.int64) * K
+    rows = _q8_rows(o_n, N, K, HFMA)
     # one loop over both weights (twice the bytes in flight), rotated
     b_g = _q8_tile(wg + rows, m_n, 0, K, BK, HFMA, EVEN_K)
     b_u = _q8_tile(wu + rows, m_n, 0, K, BK, HFMA, EVEN_K)
-    if HFMA:
-        l2_prefetch(wg + rows, m_n, 0, K // 4, PREFETCH)
-        l2_prefetch(wu + rows, m_n, 0, K // 4, PREFETCH)
-        acc_g = tl.zeros([BN, BK // 4], dtype=tl.float32)
-        acc_u = tl.zeros([BN, BK // 4], dtype=tl.float32)
-    else:
-        l2_prefetch(wg + rows, m_n, 0, K, PREFETCH)
-        l2_prefetch(wu + rows, m_n, 0, K, PREFETCH)
-        acc_g = tl.zeros([BN, BK], dtype=tl.float32)
-        acc_u = tl.zeros([BN, BK], dtype=tl.float32)
+    l2_prefetch(wg + rows, m_n, 0, K // CW, PREFETCH)
+    l2_prefetch(wu + rows, m_n, 0, K // CW, PREFETCH)
+    acc_g = tl.zeros([BN, BK // CW], dtype=tl.float32)
+    acc_u = tl.zeros([BN, BK // CW], dtype=tl.float32)
     gdc_wait(USE_GDC)
     for k0 in range(0, K, BK):
-        if HFMA:
-            xs = _fp8_x(p_x, k0, K, BK // 4, EVEN_K)
-            acc_g += _q8_hfma(b_g, xs, CODE)
-            acc_u += _q8_hfma(b_u, xs, CODE)
-        else:
-            b_x = _x_tile(p_x, k0, K, BK)
-            acc_g += _decode8(b_g, CODE) * b_x[None, :]
-            acc_u += _decode8(b_u, CODE) * b_x[None, :]
+        x_op = _q8_x_operand(p_x, k0, K, BK, HFMA, EVEN_K)  # once for both weights
+        acc_g += _q8_products(b_g, x_op, CODE, HFMA)
+        acc_u += _q8_products(b_u, x_op, CODE, HFMA)
         k_next = _next_k(k0, K, BK, EVEN_K)
         b_g = _q8_tile(wg + rows, m_n, k_next, K, BK, HFMA, EVEN_K)
         b_u = _q8_tile(wu + rows, m_n, k_next, K, BK, HFMA, EVEN_K)

@@ -443,7 +443,7 @@ def test_fp8_hfma_f16_to_bf16_every_code():
     zero with 7 zero mantissa bits, so ``(h & 0x7FFF) >> 3 | (h & 0x8000)`` is the bf16 of the code times 2^-112,
     exactly (zeros keep their sign; no f16 subnormal arises); and the emulated assembly, each code alone in a word
     at each of the 4 byte positions with x = 1, sums exactly code * 2^-12."""
-    asm, x_asm = _asm_text(decode_gemv._FP8_HFMA_ASM), _asm_text(decode_gemv._FP8_X_ASM)
+    asm, x_asm = _asm_text(decode_gemv._FP8_HFMA_ASM), _asm_text(decode_gemv._Q8_X_ASM)
     ones = _run_ptx(x_asm, {"$1": 0x3F803F803F803F80})["$0"]  # four bf16 1.0, times 2^100
     for b in range(256):
         if b & 0x7F == 0x7F:
@@ -463,7 +463,7 @@ def test_int8_hfma_every_code():
     """Every INT8 code alone in a word, at each of the 4 byte positions, through the emulated assembly
     (decode_gemv._INT8_HFMA_ASM) with x = 1: exactly code * 2^-12 (the sign flip, the f16 magic, the shift to
     bf16 and the offset FMA are exact for every byte, -128 and 0 included)."""
-    asm, x_asm = _asm_text(decode_gemv._INT8_HFMA_ASM), _asm_text(decode_gemv._FP8_X_ASM)
+    asm, x_asm = _asm_text(decode_gemv._INT8_HFMA_ASM), _asm_text(decode_gemv._Q8_X_ASM)
     ones = _run_ptx(x_asm, {"$1": 0x3F803F803F803F80})["$0"]
     for q in range(-128, 128):
         for e in range(4):
@@ -479,12 +479,12 @@ def _q8_value(fmt: str, b: int) -> float:
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 def test_q8_hfma_assembly_sums_every_code(fmt):
     """The one-byte decodes with packed bf16 products (decode_gemv._FP8_HFMA_ASM / _INT8_HFMA_ASM, x scaled by
-    _FP8_X_ASM), emulated bit for bit on random words of codes and random bf16 x: the scaled x are x * 2^100
+    _Q8_X_ASM), emulated bit for bit on random words of codes and random bf16 x: the scaled x are x * 2^100
     exactly; $0 is the fp32 sum of the two lanes of two bf16 FMAs (elements 0, 2 in the low lane, 1, 3 in the
     high, in that order) of the codes times 2^-112 and the scaled x; and that sum lies within a few bf16
     roundings of the exact product code * x * 2^-12 (measured: printed)."""
     asm = _asm_text(decode_gemv._INT8_HFMA_ASM if fmt == "int8" else decode_gemv._FP8_HFMA_ASM)
-    x_asm = _asm_text(decode_gemv._FP8_X_ASM)
+    x_asm = _asm_text(decode_gemv._Q8_X_ASM)
     codes = list(range(256)) if fmt == "int8" else [b for b in range(256) if b & 0x7F != 0x7F]
     g = torch.Generator().manual_seed(0)
     worst = 0.0
@@ -546,19 +546,19 @@ def test_rotated_loop_stays_in_the_row(K, BK):
 
 
 @triton.jit
-def _fp8_hfma_operands_kernel(x, w, xo, wo, N, K, k0, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
-    # what the packed-product GEMV hands _FP8_HFMA_ASM for the tile at k0: x words [BK // 4] and code words
+def _q8_hfma_operands_kernel(x, w, xo, wo, N, K, k0, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    # what the packed-product GEMV hands _q8_hfma for the tile at k0: x words [BK // 4] and code words
     # [BN, BK // 4] (its rows past N clamped to N - 1)
     o_n = tl.arange(0, BN)
     p_w = w + tl.minimum(o_n, N - 1).to(tl.int64) * (K // 4)
-    tl.store(xo + tl.arange(0, BK // 4), decode_gemv._fp8_x_words(x, k0, K, BK // 4, EVEN_K))
+    tl.store(xo + tl.arange(0, BK // 4), decode_gemv._q8_x_words(x, k0, K, BK // 4, EVEN_K))
     o_j = tl.arange(0, BK // 4)
     b_w = decode_gemv._q8_tile(p_w, o_n < N, k0, K, BK, True, EVEN_K)
     tl.store(wo + o_n[:, None] * (BK // 4) + o_j[None, :], b_w)
 
 
 @pytest.mark.parametrize("K, k0, even", [(512, 256, True), (320, 256, False), (200, 0, False)])
-def test_fp8_hfma_operands(K, k0, even):
+def test_q8_hfma_operands(K, k0, even):
     """The Triton side of the packed-product decode (no inline PTX, so it runs in the interpreter too): x read as
     one int64 per word of 4 codes, in word order (two [W // 4, 2] loads joined and permuted), zeros past K; the
     codes as int32 words of rows clamped to N - 1, zeros past K."""
@@ -568,7 +568,7 @@ def test_fp8_hfma_operands(K, k0, even):
     xo = torch.full((BK // 4,), -1, dtype=torch.int64, device=DEV)
     wo = torch.full((BN, BK // 4), -1, dtype=torch.int32, device=DEV)
     words = decode_gemv._q8_codes(w, True)
-    _fp8_hfma_operands_kernel[(1,)](x, words, xo, wo, N, K, k0, BN=BN, BK=BK, EVEN_K=even)
+    _q8_hfma_operands_kernel[(1,)](x, words, xo, wo, N, K, k0, BN=BN, BK=BK, EVEN_K=even)
     n = max(0, min(BK, K - k0)) // 4
     want_x = torch.zeros(BK // 4, dtype=torch.int64)
     want_x[:n] = x[0].cpu().view(torch.int64)[k0 // 4:k0 // 4 + n]
