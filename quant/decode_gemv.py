@@ -677,6 +677,19 @@ def _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK: tl.constexpr, BLOCKSIZE: tl.c
 
 
 @triton.jit
+def _nf4_rows(o_n, N, K, BLOCKSIZE: tl.constexpr, HFMA: tl.constexpr):
+    # ([BN] int64, [BN] int64): where rows o_n start in the int32 code words and in the absmax. HFMA: rows past N
+    # read row N - 1 (not stored: no row masks), and a row's K // 8 words written as (K // BLOCKSIZE) *
+    # (BLOCKSIZE // 8), so that Triton sees whole blocks (16-byte loads)
+    if HFMA:
+        r_n = tl.minimum(o_n, N - 1).to(tl.int64)
+        return r_n * ((K // BLOCKSIZE) * (BLOCKSIZE // 8)), r_n * (K // BLOCKSIZE)
+    else:
+        r_n = o_n.to(tl.int64)
+        return r_n * (K // 8), r_n * (K // BLOCKSIZE)
+
+
+@triton.jit
 def _nf4_gemv_kernel(x, p, a, t, pl, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
                      BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
                      WORDWISE: tl.constexpr = False, PREFETCH: tl.constexpr = False, PRMT: tl.constexpr = False,
@@ -688,13 +701,8 @@ def _nf4_gemv_kernel(x, p, a, t, pl, b, y, N, K, stride_xm, stride_ym, HAS_BIAS:
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
-    if HFMA:  # rows of (K // BLOCKSIZE) * (BLOCKSIZE // 8) = K // 8 words: Triton sees whole blocks (16-B loads)
-        r_n = tl.minimum(o_n, N - 1).to(tl.int64)
-        p_p = p + r_n * ((K // BLOCKSIZE) * (BLOCKSIZE // 8))
-    else:
-        r_n = o_n.to(tl.int64)
-        p_p = p + r_n * (K // 8)
-    p_a = a + r_n * (K // BLOCKSIZE)
+    o_p, o_a = _nf4_rows(o_n, N, K, BLOCKSIZE, HFMA)
+    p_p, p_a = p + o_p, a + o_a
     b_p, b_a = _nf4_tile(p_p, p_a, m_n, 0, K, BK, BLOCKSIZE, HFMA, EVEN_K)
     l2_prefetch(p_p, m_n, 0, K // 8, PREFETCH)
     gdc_wait(USE_GDC)
@@ -719,13 +727,7 @@ def _nf4_gemv_swiglu_kernel(x, pg, ag, pu, au, t, pl, y, N, K, stride_xm, stride
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
-    if HFMA:  # as in _nf4_gemv_kernel
-        r_n = tl.minimum(o_n, N - 1).to(tl.int64)
-        o_p = r_n * ((K // BLOCKSIZE) * (BLOCKSIZE // 8))
-    else:
-        r_n = o_n.to(tl.int64)
-        o_p = r_n * (K // 8)
-    o_a = r_n * (K // BLOCKSIZE)
+    o_p, o_a = _nf4_rows(o_n, N, K, BLOCKSIZE, HFMA)
     b_pg, b_ag = _nf4_tile(pg + o_p, ag + o_a, m_n, 0, K, BK, BLOCKSIZE, HFMA, EVEN_K)
     b_pu, b_au = _nf4_tile(pu + o_p, au + o_a, m_n, 0, K, BK, BLOCKSIZE, HFMA, EVEN_K)
     l2_prefetch(pg + o_p, m_n, 0, K // 8, PREFETCH)
