@@ -325,7 +325,8 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
                    "wait), triton-prmt (triton, NF4 decoded by byte permutes), triton-hfma (triton, NF4, INT8 and "
                    "FP8 products summed in packed bf16 pairs), triton-hfma-fma (that with every INT8/FP8 weight "
                    "on the FMA kernels), triton-hfma-prefetch (triton-hfma with the L2 prefetch) — the last six "
-                   "unmeasured, for A/B — or cublas (bf16 weights through F.linear).")
+                   "for A/B (the hfma ones measured slower on an H100 at their first settings, since retuned) "
+                   "— or cublas (bf16 weights through F.linear).")
 @parallel_options
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
           device, dtype, compute, attention, weights, taylorseer, decode_gemv, gpus, parallel):

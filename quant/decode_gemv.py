@@ -783,23 +783,17 @@ NF4_PRMT_SETTINGS = {
     "swiglu": dict(BN=8, BK=512, num_warps=2, prmt=True),
 }
 #: the byte-permute decode with packed bf16 products (``hfma``: :func:`_nf4_hfma`; bf16 x, else the byte-permute
-#: decode) at settings chosen from offline sm_90 SASS (Triton 3.6, ``benchmarks/decode_sass.py``, whole tiles:
-#: EVEN_K, as BAGEL's K = 3584 and 18944 are multiples of 512 but not of 1024), loop instructions per weight: gemv
-#: and gemv_long 8 x 512 / 1 warp 4.02, gemv_wide 16 x 512 / 1 3.93, gate/up + SwiGLU 8 x 512 / 1 3.93 (byte
-#: permutes with fp32 products 6.28 / 5.91 at their settings); with masked tiles 4.70 / 4.65 / 4.41. The loop
-#: reads x in the code tile's layout (_nf4_x_words) and the absmax already broadcast (_nf4_tile): no shuffles or
-#: shared memory, and the planes as per-thread values (_nf4_plane_regs; ptxas copied planes held in uniform
-#: registers into registers once per permute, +1 per weight, in most settings). Over (2, 4, 8, 16) x (256, 512,
-#: 1024) x (1, 2, 4) warps: 3.9-4.5 wherever a thread's code load is 16 bytes (4 words: BN * BK >= 1024 per
-#: warp), 6.5-29 below (x moved by shuffles or shared memory); BK = 1024 gets no lower than 3.92 on whole tiles
-#: and leaves BAGEL's K masked (4.4-5.0). 16 x 512 / 1 is 3.93 for the GEMV too, but at N = 3584 it leaves 1.7
-#: programs per SM (8 x 512: 3.4). Registers: 8 x 512 / 1 ~100, 16 x 512 / 1 and gate/up 8 x 512 / 1 ~180.
-#: (The sweep predates _next_k's last-tile clamp: +0.02 per weight, 4.04 / 3.94 at 5b78caa.)
-#: An A/B candidate (:func:`nf4_hfma_on`, fast_decode "triton-hfma"): the settings below are measured per kernel,
-#: the decoder with them not yet (with 8 x 512 / 1 everywhere it was slower: see fast_decode.GEMVS).
-#: Measured (H100, ``bench_kernels.py --only qgemv --graph --providers hfma``, 09db864, microseconds, word-wise
-#: default -> these): qkv 9.0 -> 7.1, o 7.5 -> 5.6, down 29.7 -> 25.7, lm_head 191.3 -> 126.7, gate/up + SwiGLU
-#: 51.3 -> 36.2; the offline pick 8 x 512 / 1 was 8.7, 7.6, 38.2, 134.1, 47.2 (too few bytes in flight per SM).
+#: decode) at settings from a kernel sweep (H100, ``bench_kernels.py --only qgemv --graph --providers hfma``,
+#: 09db864, microseconds, today's word-wise default -> these): qkv 9.0 -> 7.1, o 7.5 -> 5.6, down 29.7 -> 25.7,
+#: lm_head 191.3 -> 126.7, gate/up + SwiGLU 51.3 -> 36.2. The first pick, 8 x 512 / 1 warp (lm_head 16 x 512),
+#: had the fewest loop instructions offline (sm_90 SASS, Triton 3.6, ``benchmarks/decode_sass.py``, whole
+#: tiles: 4.04 per weight, gate/up 3.94; the fp32-product byte permutes 6.28 / 5.91, the word-wise default 9.50 /
+#: 7.23) but too few bytes in flight per SM: 8.7, 7.6, 38.2, 134.1 (lm_head at 8 x 512), 47.2 µs, and the
+#: decoder slower (H100, 237.2 vs 288.2 tok/s; see fast_decode.GEMVS). The loop reads x in the code tile's layout
+#: (_nf4_x_words) and the absmax already broadcast (_nf4_tile): no shuffles or shared memory where a thread's
+#: code load is 16 bytes, and the planes as per-thread values (_nf4_plane_regs: ptxas had copied planes held in
+#: uniform registers into registers once per permute, +1 per weight). An A/B candidate (:func:`nf4_hfma_on`,
+#: fast_decode "triton-hfma"); the decoder with these settings is not measured yet.
 NF4_HFMA_SETTINGS = {
     "gemv": dict(BN=4, BK=512, num_warps=1, hfma=True),
     "gemv_long": dict(BN=4, BK=1024, num_warps=2, hfma=True),
@@ -807,20 +801,14 @@ NF4_HFMA_SETTINGS = {
     "swiglu": dict(BN=2, BK=512, num_warps=1, hfma=True),
 }
 #: the one-byte decodes with packed bf16 products (``hfma``: :func:`_q8_hfma`; bf16 x, for FP8 on sm_89+, else
-#: the fp32 decode) at settings chosen from offline sm_90 SASS (Triton 3.6, ``benchmarks/decode_sass.py``, whole
-#: tiles: EVEN_K), loop instructions per weight: FP8 gemv 8 x 512 / 1 warp 3.84 (fp32 products 6.50 at 8 x 512 /
-#: 4), gate/up + SwiGLU 8 x 512 / 1 3.77 (5.77); with masked tiles (K not a multiple of BK) 4.04 / 3.93. Over (4,
-#: 8, 16) x (256, 512, 1024) x (1, 2, 4) warps the GEMV's best is 16 x 512 / 1 at 3.77 (half the programs: 1.7
-#: warps per SM at N = 3584), most others 3.8-4.2; some layouts move x through shared memory (2 warps at BK =
-#: 512, 4 at 1024) or shuffles (BK = 256), and 8K codes per warp and iteration or more spill (gemv 16 x 1024 / 1,
-#: gate/up 8 x 1024 / 1, 16 x 512 / 1). INT8 at the same settings: gemv 4.15 (fp32 products 5.84), gate/up 4.04;
-#: with _next_k's last-tile clamp FP8 is 3.88 / 3.78 (5b78caa).
-#: A/B candidates (:func:`fp8_hfma_on`, :func:`int8_hfma_on`): the settings below are measured per kernel (FP8),
-#: the decoder with them not yet (with 8 x 512 / 1 everywhere it was slower: see fast_decode.GEMVS).
-#: Measured for FP8 (H100, ``bench_kernels.py --only qgemv --graph --providers hfma``, 09db864, microseconds,
-#: today's default -> these): qkv 8.5 -> 6.5, o 7.2 -> 4.9, down (split-K on the tensor cores) 30.5 -> 28.6,
-#: lm_head (tensor cores) 211.8 -> 178.0, gate/up + SwiGLU (tensor cores) 59.1 -> 50.1; the offline pick 8 x 512 /
-#: 1 was 8.9, 8.5, 57.9, 184.5, 52.2. INT8 takes the same (not swept).
+#: the fp32 decode) at settings from a kernel sweep of FP8 (H100, ``bench_kernels.py --only qgemv --graph
+#: --providers hfma``, 09db864, microseconds, today's default -> these): qkv 8.5 -> 6.5, o 7.2 -> 4.9, down
+#: (split-K on the tensor cores) 30.5 -> 28.6, gate/up + SwiGLU (tensor cores) 59.1 -> 50.1, lm_head (tensor
+#: cores, gemv settings) 211.8 -> 178.0. The first pick, 8 x 512 / 1 warp, had the fewest loop instructions
+#: offline (FP8 3.88 per weight, gate/up 3.78, against the fp32 decode's 6.50 / 5.77; INT8 4.15 / 4.04 against
+#: 5.84) but too few bytes in flight: 8.9, 8.5, 57.9, 52.2, 184.5 µs, and the decoder slower (see
+#: fast_decode.GEMVS). INT8 takes FP8's settings (its kernels were not in that sweep). A/B candidates
+#: (:func:`fp8_hfma_on`, :func:`int8_hfma_on`); the decoder with these settings is not measured yet.
 Q8_HFMA_SETTINGS = {
     "gemv": dict(BN=4, BK=512, num_warps=1, hfma=True),
     "gemv_long": dict(BN=8, BK=1024, num_warps=4, hfma=True),
