@@ -70,9 +70,11 @@ def phase_tracker() -> dict:
 
 
 def df11_pipe(task: str, size: int, steps: int, form: str):
-    """(pipe, bf16 reference (seconds, latents)): the random model with each LLM layer a copy of layer 0, timed in
-    bf16 first, then kept as resident DF11 units (one compression serves all layers; DF11 is lossless, so the
-    latents must come out bit-identical); ``form``: the units' resident form (bagel_rt.df11_resident.FORMS)."""
+    """(pipe, bf16 reference (seconds, latents), seconds to add the 28 units): the random model with each LLM
+    layer a copy of layer 0, timed in bf16 first, then kept as resident DF11 units (one compression serves all
+    layers; DF11 is lossless, so the latents must come out bit-identical); ``form``: the units' resident form
+    (bagel_rt.df11_resident.FORMS).
+    The last value is what a load pays on the GPU for the form (Exp4: each unit decoded and transcoded once)."""
     from bagel_rt.quant import compress_units
 
     from bagel_rt.df11_resident import ResidentDF11
@@ -93,16 +95,21 @@ def df11_pipe(task: str, size: int, steps: int, form: str):
     print(f"compressed one layer in {time.perf_counter() - t0:.1f} s", flush=True)
     split = torch.tensor([a * b for a, b in shapes]).cumsum(0)[:-1].tolist()
     store = ResidentDF11(pipe.device, form)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     for i in range(len(layers)):
         unit = {k: v.to(pipe.device) for k, v in buffers.items()}
         unit["split_positions"] = torch.tensor(split, dtype=torch.int64, device=pipe.device)
         names = [(f"language_model.model.layers.{i}.{n}.weight", s) for n, s in zip(_LLM_LINEARS, shapes)]
         store.add(pipe.model, f"language_model.model.layers.{i}", names, unit, split)
     store.layout()
+    torch.cuda.synchronize()
+    build = time.perf_counter() - t0
+    print(f"added {len(layers)} resident units ({form}) in {build:.2f} s", flush=True)
     pipe.df11 = store
     gc.collect()
     torch.cuda.empty_cache()
-    return pipe, ref
+    return pipe, ref, build
 
 
 def ours(filename: str, benchmarks: bool = False) -> bool:
@@ -192,9 +199,9 @@ def main() -> None:
         task, _, mode = task.partition("+")  # "+eager": without CUDA graphs
         fmt, _, gib = spec.partition("@")
         gib = float(gib or 0)
-        ref = None
+        ref = build = None
         if fmt == "df11":
-            pipe, ref = df11_pipe(task, a.size, a.steps, a.df11_form)
+            pipe, ref, build = df11_pipe(task, a.size, a.steps, a.df11_form)
         else:
             pipe = make_pipe(fmt)
         if mode == "eager":
@@ -202,7 +209,8 @@ def main() -> None:
         row = dict(diag="budget_memory", weights=fmt, budget_gib=gib or None, task=task, height=a.size,
                    width=a.size, num_timesteps=a.steps, uncapped=a.uncapped, use_graphs=pipe.use_graphs,
                    expandable_start=not a.late_expandable, df11_wide=a.df11_wide,
-                   **(dict(df11_form=a.df11_form) if fmt == "df11" else {}), **env)
+                   **(dict(df11_form=a.df11_form, units_added_s=round(build, 3)) if fmt == "df11" else {}),
+                   **env)
         row["setup_gib"] = memory_gib()
         try:
             if gib:
