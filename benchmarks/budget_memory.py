@@ -40,9 +40,13 @@ from bagel_rt.memory_plan import request_transients  # noqa: E402
 GIB = 2**30
 
 
+#: when the current phase began (time.perf_counter; :func:`timed` sets it as a request starts)
+PHASE_START = [0.0]
+
+
 def phase_tracker() -> dict:
-    """Wraps the calls that separate a request's phases; fills {phase: (peak allocated GiB, peak reserved GiB)}
-    of the last request (the peaks are reset at each phase start)."""
+    """Wraps the calls that separate a request's phases; fills {phase: (peak allocated GiB, peak reserved GiB,
+    seconds)} of the last request (the peaks are reset and the clock restarted at each phase start)."""
     import bagel_rt.fast as fast
     import bagel_rt.session as session
 
@@ -50,8 +54,10 @@ def phase_tracker() -> dict:
 
     def mark(name: str) -> None:
         torch.cuda.synchronize()
+        now = time.perf_counter()
         peaks[name] = (round(torch.cuda.max_memory_allocated() / GIB, 2),
-                       round(torch.cuda.max_memory_reserved() / GIB, 2))
+                       round(torch.cuda.max_memory_reserved() / GIB, 2), round(now - PHASE_START[0], 3))
+        PHASE_START[0] = now
         torch.cuda.reset_peak_memory_stats()
 
     def phase(name, fn, before: str | None = None):
@@ -155,6 +161,7 @@ def timed(pipe, task: str, size: int, steps: int, seed: int = 0):
     """(seconds, final latents) of one app-defaults request, the allocator's peaks reset first."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    PHASE_START[0] = time.perf_counter()
     return request(pipe, task, size, steps, seed)[:2]
 
 
@@ -228,6 +235,7 @@ def main() -> None:
                        cuda_graphs=pipe.use_graphs and not pipe.graphs_refused,  # False: a capture did not fit
                        phase_peak_gib={k: v[0] for k, v in peaks.items()},
                        phase_reserved_gib={k: v[1] for k, v in peaks.items()},
+                       phase_seconds={k: v[2] for k, v in peaks.items()},
                        peak_gib=max(v[0] for v in peaks.values()),
                        reserved_peak_gib=max(v[1] for v in peaks.values()),
                        predicted_gib={k: round(resident + v / GIB, 2) for k, v in plan.items()})

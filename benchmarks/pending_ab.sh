@@ -11,6 +11,8 @@
 #     df11    DF11 t2i under a 24 GiB budget, the Exp4 resident form, then the Huffman one (each with its bf16
 #             run in the same process: vs_bf16, bit_identical)
 #     kernels the decode GEMVs' candidate settings (CUDA-graph replay), the DF11 decode kernels
+#     budget  FP8 t2i / edit and the FP8-gen/NF4-und t2i uncapped, then under their card budgets (15.5, 12 GiB),
+#             with each phase's seconds and peaks: where the budget's extra seconds go
 #
 # Winners become the defaults with the measurement in the code comment beside them (decode_gemv settings,
 # fast_decode.DEFAULT_GEMV, df11_resident.DEFAULT_FORM), and the README's issue-12 paragraphs get the rows.
@@ -55,5 +57,9 @@ case "$part" in
       --commit "$c" --out "$out/kernels.jsonl" 2>&1 | head -n 120
     timeout 120 python3 benchmarks/bench_kernels.py --only df11 --commit "$c" --out "$out/kernels.jsonl" 2>&1 \
       | tail -n 10 ;;
-  *) echo "part must be decode, lean, df11 or kernels"; exit 2 ;;
+  budget)
+    timeout 560 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
+      --runs fp8:t2i,fp8@15.5:t2i,fp8-gen-nf4-und:t2i,fp8-gen-nf4-und@12:t2i,fp8:edit,fp8@15.5:edit 2>&1 \
+      | grep -v -i warn | tail -n 14 ;;
+  *) echo "part must be decode, lean, df11, kernels or budget"; exit 2 ;;
 esac
