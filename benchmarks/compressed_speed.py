@@ -93,9 +93,10 @@ def kernel_groups(p) -> dict:
                 kernel_total_ms=round(sum(groups.values()), 1), top_kernels=sorted(top, reverse=True)[:15])
 
 
-def decode_rate(pipe, tokens: int = 256, prof_tokens: int = 0):
-    """Greedy decode tokens/s (after a warm-up that captures the graphs), and with ``prof_tokens`` the
-    profiler of a decode of that many tokens (None otherwise)."""
+def decode_rate(pipe, tokens: int = 256, prof_tokens: int = 0, repeats: int = 3):
+    """Greedy decode tokens/s, the median of ``repeats`` timed decodes after a warm-up that captures the graphs
+    (runs of one decode moved by +-2.5 % on the H200, as much as the gaps an A/B looks for), every run's rate,
+    and with ``prof_tokens`` the profiler of a decode of that many tokens (None otherwise)."""
     from torch.profiler import ProfilerActivity, profile
 
     def once(n=tokens):
@@ -104,17 +105,20 @@ def decode_rate(pipe, tokens: int = 256, prof_tokens: int = 0):
         return s.gen_text(n)
 
     once()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    r = once()
-    torch.cuda.synchronize()
-    rate = len(r.token_ids) / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = once()
+        torch.cuda.synchronize()
+        rates.append(len(r.token_ids) / (time.perf_counter() - t0))
+    rate = sorted(rates)[len(rates) // 2]
     if not prof_tokens:
-        return rate, None
+        return rate, rates, None
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         once(prof_tokens)
         torch.cuda.synchronize()
-    return rate, p
+    return rate, rates, p
 
 
 def micro(formats: list[str], rows: int = 8196) -> list[dict]:
@@ -160,6 +164,8 @@ def main():
     ap.add_argument("--taylorseer", action="store_true",
                     help="every image request (bf16 included) with the official TaylorSeer step cache, so vs_bf16 "
                          "compares cached with cached")
+    ap.add_argument("--decode-repeats", type=int, default=3,
+                    help="timed decodes per row (tokens_per_s is their median; each run in runs_tokens_per_s)")
     ap.add_argument("--decode-gemvs", default="triton",
                     help="comma-separated decode GEMV implementations (bagel_rt.fast_decode.GEMVS) each decode "
                          "row is measured with, in this process (e.g. triton,triton-mma: the tensor-core GEMVs)")
@@ -206,8 +212,9 @@ def main():
                             print(f"{fmt}: {impl} skipped (the same decode kernels: fast_decode.VARIANT_FORMATS)")
                             continue
                         pipe._decoder = GraphDecoder(pipe.model, gemv=impl)  # the others' graphs freed first
-                        rate, p = decode_rate(pipe, prof_tokens=a.profile_steps)
-                        r = dict(row, gemv=impl, tokens_per_s=round(rate, 1))
+                        rate, rates, p = decode_rate(pipe, prof_tokens=a.profile_steps, repeats=a.decode_repeats)
+                        r = dict(row, gemv=impl, tokens_per_s=round(rate, 1),
+                                 runs_tokens_per_s=[round(x, 1) for x in rates])
                         if p is not None:
                             r.update(profile_tokens=a.profile_steps, **kernel_groups(p))
                         if spec == "bf16" and "decode" not in ref:

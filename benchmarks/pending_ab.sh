@@ -37,7 +37,7 @@ case "$part" in
       | grep -E "passed|failed|FAIL|Error|hfma|assert" | tail -n 25
     echo "tests $(( $(date +%s) - t0 )) s" ;;
   lean)  # the packed-product decodes alone, for a call with little device time left (~5 minutes)
-    timeout 250 python3 benchmarks/compressed_speed.py --formats bf16,nf4,int8,fp8 --tasks decode \
+    timeout 290 python3 benchmarks/compressed_speed.py --formats bf16,nf4,int8,fp8 --tasks decode \
       --decode-gemvs triton,triton-hfma,triton-hfma-prefetch,triton-hfma-fma --commit "$c" \
       --out "$out/compressed.jsonl" 2>&1 | grep -v -i warn | tail -n 16
     echo "decode $(( $(date +%s) - t0 )) s"
