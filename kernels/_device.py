@@ -94,11 +94,11 @@ def gdc_wait(USE_GDC: tl.constexpr):
 
 
 class Switch:
-    """An on/off option that kernel launchers read when they launch (an A/B experiment), off unless a block
-    turns it on with :meth:`on`."""
+    """An on/off option that kernel launchers read when they launch (an A/B experiment): ``default`` unless a
+    block sets it with :meth:`on` (``on(False)`` turns a default-on option off for the A/B's other side)."""
 
-    def __init__(self) -> None:
-        self.value = False
+    def __init__(self, default: bool = False) -> None:
+        self.value = default
 
     @contextlib.contextmanager
     def on(self, value: bool = True):
