@@ -93,36 +93,30 @@ from .errors import InputError
 #: 32 x 512, since retuned to 64 x 256). "triton-fsplit" is "triton" with the INT8 / FP8 down projections split
 #: over column ranges on the FMA kernels instead (decode_gemv.qgemv_parts, summed the same way): an A/B candidate,
 #: not measured on a GPU yet. "triton-prefetch" is "triton" with every GEMV asking L2 for all of its weight lines
-#: before it waits for the previous kernel (bagel_rt.kernels._device.l2_prefetch; bf16 GEMVs too), and
-#: "triton-prmt" is "triton" with NF4 weights decoded by byte permutes (decode_gemv.nf4_prmt_on), "triton-hfma"
-#: with the products of NF4 (byte permutes) and of INT8 / FP8 weights on the FMA kernels summed in packed bf16
-#: pairs (decode_gemv.nf4_hfma_on, int8_hfma_on, fp8_hfma_on), "triton-hfma-fma" that with every INT8 / FP8
-#: weight on the FMA kernels (as "triton-fma"), "triton-hfma-prefetch" "triton-hfma" with the L2 prefetch (the
-#: packed products leave the NF4 / one-byte GEMVs nearer the memory bound, where requests in flight decide): A/B
-#: candidates. Measured slower at their first settings (decode, one process, H100, 09db864, tok/s, "triton" /
-#: "triton-hfma" / "triton-hfma-prefetch" / "triton-hfma-fma"): NF4 288.2 / 237.2 / 220.9 / -, INT8 299.4 / 257.4 /
-#: 214.6 / 216.3, FP8 282.9 / 274.3 / 224.2 / 214.1 (bf16 191.3); their settings were then retuned from a kernel
-#: sweep (decode_gemv.NF4_HFMA_SETTINGS, Q8_HFMA_SETTINGS), not yet measured in the decoder.
+#: before it waits for the previous kernel (bagel_rt.kernels._device.l2_prefetch; bf16 GEMVs too): with the packed
+#: products slower (decode, one process, H100, 1ff1e2e, tok/s, without / with: NF4 321.9 / 300.7, INT8 302.7 /
+#: 239.0, FP8 269.4 / 237.2). Under "triton" the FMA kernels of NF4, INT8 and FP8 weights sum their products in
+#: packed bf16 pairs (decode_gemv.nf4_hfma_on, int8_hfma_on, fp8_hfma_on: NF4 decoded by byte permutes; the
+#: default since the fifteenth stop; measured, one process, H100, 1ff1e2e, median of 5, tok/s, fp32 products ->
+#: packed: NF4 279.7 -> 337.3, INT8 297.7 -> 303.4, FP8 280.6 -> 283.2, bf16 190.0); "triton-fp32" keeps the fp32
+#: products (NF4's word-wise decode, the one-byte formats' exact fp32 decode) for A/B runs, and "triton-prmt" is
+#: that with NF4 decoded by byte permutes into fp32 products (decode_gemv.nf4_prmt_on).
 GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit", "triton-prefetch",
-         "triton-prmt", "triton-hfma", "triton-hfma-fma", "triton-hfma-prefetch")
+         "triton-fp32", "triton-prmt")
 
 
 @contextlib.contextmanager
-def _hfma_on(prefetch: bool = False):
-    with nf4_hfma_on(), fp8_hfma_on(), int8_hfma_on(), l2_prefetch_on(prefetch):
+def _fp32_products(prmt: bool = False):
+    with nf4_hfma_on(False), fp8_hfma_on(False), int8_hfma_on(False), nf4_prmt_on(prmt):
         yield
 
 
 #: the variants that are another implementation run inside a context (see GEMVS): name -> (context, base)
-_VARIANTS = {"triton-prefetch": (l2_prefetch_on, "triton"), "triton-prmt": (nf4_prmt_on, "triton"),
-             "triton-hfma": (_hfma_on, "triton"), "triton-hfma-fma": (_hfma_on, "triton-fma"),
-             "triton-hfma-prefetch": (functools.partial(_hfma_on, True), "triton")}
-#: the weight formats whose decode step a variant changes beyond the one it builds on ("triton", or
-#: "triton-hfma" for "triton-hfma-fma"): an A/B run of it on another format measures the same kernels again
-#: (benchmarks skip it); variants not named here change every format
-VARIANT_FORMATS = {"triton-prmt": {"nf4"}, "triton-hfma": {"nf4", "fp8", "int8"},
-                   "triton-hfma-prefetch": {"nf4", "fp8", "int8"},
-                   "triton-hfma-fma": {"fp8", "int8"}, "triton-split": {"int8", "fp8"},
+_VARIANTS = {"triton-prefetch": (l2_prefetch_on, "triton"), "triton-fp32": (_fp32_products, "triton"),
+             "triton-prmt": (functools.partial(_fp32_products, True), "triton")}
+#: the weight formats whose decode step a variant changes beyond "triton": an A/B run of it on another format
+#: measures the same kernels again (benchmarks skip it); variants not named here change every format
+VARIANT_FORMATS = {"triton-prmt": {"nf4"}, "triton-fp32": {"nf4", "fp8", "int8"}, "triton-split": {"int8", "fp8"},
                    "triton-fsplit": {"int8", "fp8"}, "triton-fma": {"int8", "fp8"}, "triton-mma": {"int8", "fp8"}}
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one

@@ -83,7 +83,8 @@ def main() -> None:
     for code in ("fp8_native", "int8"):
         for kind, fn, sig, extra in (("", dg._q8_gemv_kernel, dict(q8[code], w="*i32"), dict(HAS_BIAS=False)),
                                      (" swiglu", dg._q8_gemv_swiglu_kernel, dict(q8sw, wg="*i32", wu="*i32"), {})):
-            cfg = dg.Q8_HFMA_SETTINGS[kind.strip() or "gemv"]
+            table = dg.INT8_HFMA_SETTINGS if code == "int8" else dg.FP8_HFMA_SETTINGS
+            cfg = table[kind.strip() or "gemv"]
             consts = dict(extra, CODE=code, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, HFMA=True, EVEN_K=True)
             name = f"{code.split('_')[0]}{kind} hfma {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}"
             cases.append((name, fn, sig, consts, cfg["num_warps"]))

@@ -3,11 +3,12 @@
 # sized for one `device` call (under 10 minutes; rows go to $OUT, then into benchmarks/results/*_h200.jsonl).
 #
 #   bash benchmarks/pending_ab.sh COMMIT PART
-#     decode  the decode A/B of every prepared GEMV candidate against "triton" (one process):
-#             packed-bf16 products (triton-hfma: NF4, INT8 and FP8; triton-hfma-fma: every INT8 / FP8 weight
-#             on the FMA kernels; triton-hfma-prefetch: with the L2 prefetch), L2 prefetch alone
-#             (triton-prefetch), NF4 byte permutes (triton-prmt); then the GPU tests of those kernels
-#     lean    the packed-product decode rows and GPU tests alone (a call with ~6 minutes of device time left)
+#     decode  the decode A/B of "triton" (packed bf16 products for NF4, INT8, FP8) against the fp32 products it
+#             replaced (triton-fp32) and the candidates still unmeasured or measured on an H100 only: every
+#             INT8 / FP8 weight on the FMA kernels (triton-fma), INT8 / FP8 down split-K on them
+#             (triton-fsplit), the L2 prefetch (triton-prefetch); then the GPU tests of those kernels
+#     lean    "triton" against "triton-fp32" and "triton-fma", and the packed products' GPU tests (a call with
+#             ~5 minutes of device time left)
 #     df11    DF11 t2i under a 24 GiB budget, the Exp4 resident form, then the Huffman one (each with its bf16
 #             run in the same process: vs_bf16, bit_identical)
 #     kernels the decode GEMVs' candidate settings (CUDA-graph replay), the DF11 decode kernels
@@ -28,7 +29,7 @@ case "$part" in
     # most wanted first (a timeout keeps the rows written before it); variants that leave a format's kernels as
     # they are skip it (fast_decode.VARIANT_FORMATS)
     timeout 380 python3 benchmarks/compressed_speed.py --formats bf16,nf4,int8,fp8 --tasks decode \
-      --decode-gemvs triton,triton-hfma,triton-hfma-fma,triton-hfma-prefetch,triton-prefetch,triton-prmt \
+      --decode-gemvs triton,triton-fp32,triton-fma,triton-fsplit,triton-prefetch \
       --commit "$c" \
       --out "$out/compressed.jsonl" 2>&1 | grep -v -i warn | tail -n 24
     echo "decode $(( $(date +%s) - t0 )) s"
@@ -36,9 +37,9 @@ case "$part" in
       tests/test_fast_decode.py -k "exp4 or prmt or hfma or nf4_decodes or prefetch or parts" 2>&1 \
       | grep -E "passed|failed|FAIL|Error|hfma|assert" | tail -n 25
     echo "tests $(( $(date +%s) - t0 )) s" ;;
-  lean)  # the packed-product decodes alone, for a call with little device time left (~5 minutes)
+  lean)  # the default against the fp32 products, for a call with little device time left (~5 minutes)
     timeout 290 python3 benchmarks/compressed_speed.py --formats bf16,nf4,int8,fp8 --tasks decode \
-      --decode-gemvs triton,triton-hfma,triton-hfma-prefetch,triton-hfma-fma --commit "$c" \
+      --decode-gemvs triton,triton-fp32,triton-fma --commit "$c" \
       --out "$out/compressed.jsonl" 2>&1 | grep -v -i warn | tail -n 16
     echo "decode $(( $(date +%s) - t0 )) s"
     timeout 80 python3 -m pytest -q -m gpu -s tests/test_decode_gemv.py -k hfma 2>&1 \

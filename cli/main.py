@@ -314,19 +314,18 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
               help="Image tasks with step caching (official TaylorSeer settings); rows carry step_cache and "
                    "full_evaluations.")
 @click.option("--decode-gemv", type=click.Choice(["triton", "triton-fma", "triton-mma", "triton-split",
-                                                  "triton-fsplit", "triton-prefetch", "triton-prmt", "triton-hfma",
-                                                  "triton-hfma-fma", "triton-hfma-prefetch", "cublas"]),
+                                                  "triton-fsplit", "triton-prefetch", "triton-fp32", "triton-prmt",
+                                                  "cublas"]),
               default="triton",
               help="Text decoding's GEMVs: triton (default: INT8/FP8 weights on the tensor cores or the FMA "
-                   "kernels, the faster per shape), triton-fma / triton-mma (every INT8/FP8 weight on one kind, "
-                   "for A/B), triton-split (triton, with INT8/FP8 o/down split-K on the tensor cores; "
-                   "measured slower on the H200, for A/B), triton-fsplit (triton, with INT8/FP8 down split-K on "
-                   "the FMA kernels), triton-prefetch (triton, each GEMV asking L2 for its weights before its PDL "
-                   "wait), triton-prmt (triton, NF4 decoded by byte permutes), triton-hfma (triton, NF4, INT8 and "
-                   "FP8 products summed in packed bf16 pairs), triton-hfma-fma (that with every INT8/FP8 weight "
-                   "on the FMA kernels), triton-hfma-prefetch (triton-hfma with the L2 prefetch) — the last six "
-                   "for A/B (the hfma ones measured slower on an H100 at their first settings, since retuned) "
-                   "— or cublas (bf16 weights through F.linear).")
+                   "kernels, the faster per shape; the FMA kernels of NF4/INT8/FP8 sum in packed bf16 pairs), "
+                   "triton-fma / triton-mma (every INT8/FP8 weight on one kind), triton-split (triton, with "
+                   "INT8/FP8 o/down split-K on the tensor cores; measured slower on the H200), triton-fsplit "
+                   "(triton, with INT8/FP8 down split-K on the FMA kernels), triton-prefetch (triton, each GEMV "
+                   "asking L2 for its weights before its PDL wait; measured slower on an H100), triton-fp32 "
+                   "(triton with fp32 products: the default until the fifteenth stop), triton-prmt (triton-fp32 "
+                   "with NF4 decoded by byte permutes) — the alternatives are for A/B runs — or cublas (bf16 "
+                   "weights through F.linear).")
 @parallel_options
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
           device, dtype, compute, attention, weights, taylorseer, decode_gemv, gpus, parallel):

@@ -110,8 +110,8 @@ class Switch:
             self.value = old
 
 
-#: An A/B experiment of the decode GEMVs (``bagel_rt.fast_decode`` "triton-prefetch"; alone not measured on a GPU
-#: yet, with the packed products it made the decode slower: "triton-hfma-prefetch", H100, 09db864):
+#: An A/B experiment of the decode GEMVs (``bagel_rt.fast_decode`` "triton-prefetch"; on top of the packed-product
+#: decodes it made the decode slower: H100, 09db864 and 1ff1e2e, see fast_decode.GEMVS; bf16 alone not measured):
 #: before a GEMV program waits for the previous kernel (PDL), it asks L2 for every weight line it will stream
 #: (:func:`l2_prefetch`), not only its first tile, so that the DRAM keeps busy through the short kernels between
 #: the GEMVs (norms, RoPE, attention; ~0.3 ms of a ~3.9 ms bf16 token on the H200). Read at launch by

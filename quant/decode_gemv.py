@@ -759,7 +759,9 @@ SETTINGS = {
     "gemv_long": dict(BN=4, BK=1024, num_warps=4),  # K > 8192 (down): fewer channels, longer rows per program
     "swiglu": dict(BN=8, BK=512, num_warps=4),
 }
-#: NF4 takes the word-wise decode (``_nf4_acc``), by shape. Measured (same sweep, 9c4a67a, microseconds, the
+#: NF4 with fp32 products (the packed products off: ``nf4_hfma_on(False)``, ``fast_decode`` "triton-fp32") takes
+#: the word-wise decode (``_nf4_acc``), by shape; it was the default until the packed products
+#: (:data:`NF4_HFMA_SETTINGS`) replaced it. Measured (same sweep, 9c4a67a, microseconds, the
 #: per-code loop at its best settings -> word-wise at these): qkv 16.2 -> 8.9, o 13.4 -> 7.5, down 61.3 -> 28.5
 #: (4 x 2048, c1fb778; 4 x 1024: 29.9), gate/up + SwiGLU 98.7 -> 51.2, lm_head 415.8 -> 193.0 (bf16 GEMV: 7.9, 6.3,
 #: 34.2, 64.5, 242.5); greedy decode 140.6 -> 269.3 tok/s (bf16 251.1, ``compressed_speed.py --tasks decode``,
@@ -783,48 +785,66 @@ NF4_PRMT_SETTINGS = {
     "swiglu": dict(BN=8, BK=512, num_warps=2, prmt=True),
 }
 #: the byte-permute decode with packed bf16 products (``hfma``: :func:`_nf4_hfma`; bf16 x, else the byte-permute
-#: decode) at settings from a kernel sweep (H100, ``bench_kernels.py --only qgemv --graph --providers hfma``,
-#: 09db864, microseconds, today's word-wise default -> these): qkv 9.0 -> 7.1, o 7.5 -> 5.6, down 29.7 -> 25.7,
-#: lm_head 191.3 -> 126.7, gate/up + SwiGLU 51.3 -> 36.2. The first pick, 8 x 512 / 1 warp (lm_head 16 x 512),
-#: had the fewest loop instructions offline (sm_90 SASS, Triton 3.6, ``benchmarks/decode_sass.py``, whole
-#: tiles: 4.04 per weight, gate/up 3.94; the fp32-product byte permutes 6.28 / 5.91, the word-wise default 9.50 /
-#: 7.23) but too few bytes in flight per SM: 8.7, 7.6, 38.2, 134.1 (lm_head at 8 x 512), 47.2 µs, and the
-#: decoder slower (H100, 237.2 vs 288.2 tok/s; see fast_decode.GEMVS). The loop reads x in the code tile's layout
-#: (_nf4_x_words) and the absmax already broadcast (_nf4_tile): no shuffles or shared memory where a thread's
-#: code load is 16 bytes, and the planes as per-thread values (_nf4_plane_regs: ptxas had copied planes held in
-#: uniform registers into registers once per permute, +1 per weight). An A/B candidate (:func:`nf4_hfma_on`,
-#: fast_decode "triton-hfma"); the decoder with these settings is not measured yet.
+#: decode): the default since the fifteenth stop. Settings from a kernel sweep (H100, ``bench_kernels.py --only
+#: qgemv --graph --providers hfma``, 09db864 and again at 1ff1e2e, microseconds, the word-wise decode
+#: (NF4_SETTINGS) -> these): qkv 9.0 -> 7.1, o 7.5 -> 5.6, down 29.9 -> 25.3, lm_head 198.8 -> 128.2, gate/up +
+#: SwiGLU 51.3 -> 36.2; greedy decode (``compressed_speed.py --tasks decode``, one process, H100, 1ff1e2e, median
+#: of 5) 279.7 -> 337.3 tok/s (1.472x -> 1.775x bf16's 190.0; 283.3 -> 321.9 in another process). The first
+#: pick, 8 x 512 / 1 warp (lm_head 16 x 512), had the fewest loop instructions offline (sm_90 SASS, Triton 3.6,
+#: ``benchmarks/decode_sass.py``, whole tiles: 4.04 per weight, gate/up 3.94; the fp32-product byte permutes 6.28
+#: / 5.91, the word-wise decode 9.50 / 7.23) but too few bytes in flight per SM: 8.7, 7.6, 38.2, 134.1, 47.2 µs,
+#: and the decoder slower (H100, 237.2 vs 288.2 tok/s, 09db864). The loop reads x in the code tile's layout
+#: (_nf4_x_words) and the absmax already broadcast (_nf4_tile): no shuffles or shared memory where a thread's code
+#: load is 16 bytes, and the planes as per-thread values (_nf4_plane_regs: ptxas had copied planes held in uniform
+#: registers into registers once per permute, +1 per weight). Products and sums in bf16 pairs: rel. L2 3.2-4.1e-3
+#: against the exact codes' fp32 product at BAGEL's shapes (GPU test ``test_nf4_hfma_bf16``), where NF4's own
+#: rounding of the weights is ~1e-1 (fast_decode "triton-fp32" keeps the word-wise fp32 decode for A/B runs).
 NF4_HFMA_SETTINGS = {
     "gemv": dict(BN=4, BK=512, num_warps=1, hfma=True),
     "gemv_long": dict(BN=4, BK=1024, num_warps=2, hfma=True),
     "gemv_wide": dict(BN=4, BK=512, num_warps=1, hfma=True),
     "swiglu": dict(BN=2, BK=512, num_warps=1, hfma=True),
 }
-#: the one-byte decodes with packed bf16 products (``hfma``: :func:`_q8_hfma`; bf16 x, for FP8 on sm_89+, else
-#: the fp32 decode) at settings from a kernel sweep of FP8 (H100, ``bench_kernels.py --only qgemv --graph
-#: --providers hfma``, 09db864, microseconds, today's default -> these): qkv 8.5 -> 6.5, o 7.2 -> 4.9, down
-#: (split-K on the tensor cores) 30.5 -> 28.6, gate/up + SwiGLU (tensor cores) 59.1 -> 50.1, lm_head (tensor
-#: cores, gemv settings) 211.8 -> 178.0. The first pick, 8 x 512 / 1 warp, had the fewest loop instructions
-#: offline (FP8 3.88 per weight, gate/up 3.78, against the fp32 decode's 6.50 / 5.77; INT8 4.15 / 4.04 against
-#: 5.84) but too few bytes in flight: 8.9, 8.5, 57.9, 52.2, 184.5 µs, and the decoder slower (see
-#: fast_decode.GEMVS). INT8 takes FP8's settings (its kernels were not in that sweep). A/B candidates
-#: (:func:`fp8_hfma_on`, :func:`int8_hfma_on`); the decoder with these settings is not measured yet.
-Q8_HFMA_SETTINGS = {
+#: FP8 with packed bf16 products (``hfma``: :func:`_q8_hfma`; bf16 x on sm_89+, else the fp32 decode): the default
+#: since the fifteenth stop, at settings from a kernel sweep (H100, ``bench_kernels.py --only qgemv --graph
+#: --providers hfma``, 09db864 / 1ff1e2e, microseconds, the fp32 decode -> these): qkv 8.5 -> 6.5, o 7.2 -> 4.8,
+#: down 30.5 -> 28.6 (the decoder keeps FP8 down split-K on the tensor cores: decode_mma.prefers_split), gate/up +
+#: SwiGLU (FMA kernel, fast_decode "triton-fma") 59.1 -> 50.2, lm_head (FMA kernel) 211.9 -> 177.9. Greedy decode
+#: (one process, H100, 1ff1e2e, median of 5): 280.6 -> 283.2 tok/s (three A/Bs: +0.9 to +3.0 %). The first pick,
+#: 8 x 512 / 1 warp, had the fewest loop instructions offline (3.88 per weight, gate/up 3.78, against the fp32
+#: decode's 6.50 / 5.77) but too few bytes in flight (down 57.9 µs). Rel. L2 2.5-3.2e-3 against the fp32 product
+#: (GPU test ``test_q8_hfma_bf16``).
+FP8_HFMA_SETTINGS = {
     "gemv": dict(BN=4, BK=512, num_warps=1, hfma=True),
     "gemv_long": dict(BN=8, BK=1024, num_warps=4, hfma=True),
     "swiglu": dict(BN=4, BK=512, num_warps=1, hfma=True),
 }
+#: INT8 with packed bf16 products (bf16 x on sm_80+), the default since the fifteenth stop, from the same sweep
+#: (H100, 1ff1e2e, microseconds, the fp32 decode -> these): qkv 6.3 -> 5.3, o 5.4 -> 4.5, gate/up + SwiGLU (FMA
+#: kernel) 52.3 -> 48.5, lm_head (FMA kernel) 190.9 -> 177.5; down keeps the fp32 decode (27.1 against 27.3 at the
+#: best packed setting, 4 x 1024 / 2). Greedy decode (one process, H100, 1ff1e2e, median of 5, at FP8's gemv
+#: settings 4 x 512 / 1 and packed down 8 x 1024 / 4): 297.7 -> 303.4 tok/s (three A/Bs: +0.8 to +1.9 %); these
+#: settings measured per kernel only. Rel. L2 2.5-2.6e-3 against the fp32 product (``test_q8_hfma_bf16``).
+INT8_HFMA_SETTINGS = {
+    "gemv": dict(BN=2, BK=512, num_warps=1, hfma=True),
+    "gemv_long": dict(SETTINGS["gemv_long"]),
+    "swiglu": dict(BN=4, BK=512, num_warps=1, hfma=True),
+}
 _NF4_PRMT = Switch()
-_NF4_HFMA = Switch()
-_FP8_HFMA = Switch()
-_INT8_HFMA = Switch()
-#: within the block, NF4 decode GEMVs take the byte-permute decode (:data:`NF4_PRMT_SETTINGS`)
+_NF4_HFMA = Switch(True)
+_FP8_HFMA = Switch(True)
+_INT8_HFMA = Switch(True)
+#: within the block, NF4 decode GEMVs take the byte-permute decode (:data:`NF4_PRMT_SETTINGS`) where the packed
+#: products are off (``nf4_hfma_on(False)``)
 nf4_prmt_on = _NF4_PRMT.on
-#: within the block, NF4 decode GEMVs take the byte-permute decode with bf16 products (:data:`NF4_HFMA_SETTINGS`)
+#: NF4 decode GEMVs take the byte-permute decode with bf16 products (:data:`NF4_HFMA_SETTINGS`; on by default, off
+#: within ``nf4_hfma_on(False)``: the word-wise fp32 decode, :data:`NF4_SETTINGS`)
 nf4_hfma_on = _NF4_HFMA.on
-#: within the block, FP8 decode GEMVs take the packed bf16 products (:data:`Q8_HFMA_SETTINGS`)
+#: FP8 decode GEMVs take the packed bf16 products (:data:`FP8_HFMA_SETTINGS`; on by default, off within
+#: ``fp8_hfma_on(False)``: :data:`SETTINGS`)
 fp8_hfma_on = _FP8_HFMA.on
-#: within the block, INT8 decode GEMVs take the packed bf16 products (:data:`Q8_HFMA_SETTINGS`)
+#: INT8 decode GEMVs take the packed bf16 products (:data:`INT8_HFMA_SETTINGS`; on by default, off within
+#: ``int8_hfma_on(False)``: :data:`SETTINGS`)
 int8_hfma_on = _INT8_HFMA.on
 LONG_K = 8192
 WIDE_N = 8192  # more output channels than this: lm_head's settings (NF4 here, the tensor-core GEMVs' "wide")
@@ -834,8 +854,10 @@ def settings(kind: str, w: DecodeWeight) -> dict:
     """Launch settings of ``kind`` ("gemv" or "swiglu") for ``w`` (every format; NF4's BK at least its block)."""
     if kind == "gemv" and w.shape[1] > LONG_K:
         kind = "gemv_long"
-    if (w.fmt == "fp8" and _FP8_HFMA.value) or (w.fmt == "int8" and _INT8_HFMA.value):
-        return dict(Q8_HFMA_SETTINGS[kind])
+    if w.fmt == "fp8" and _FP8_HFMA.value:
+        return dict(FP8_HFMA_SETTINGS[kind])
+    if w.fmt == "int8" and _INT8_HFMA.value:
+        return dict(INT8_HFMA_SETTINGS[kind])
     if w.fmt != "nf4":
         return dict(SETTINGS[kind])
     if kind == "gemv" and w.shape[0] > WIDE_N:

@@ -43,6 +43,8 @@ from test_kernels import assert_close
 from torch import nn
 
 HFMA_ON = {"fp8": fp8_hfma_on, "int8": int8_hfma_on}  # the packed-product switch of each one-byte format
+#: the NF4 decodes with fp32 products, as kernel options over any settings (the default: packed bf16 products)
+NF4_FP32_DECODES = {"per-code": dict(wordwise=False, hfma=False), "word-wise": dict(wordwise=True, hfma=False)}
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ("int8", "fp8", "nf4")
@@ -96,12 +98,12 @@ def test_qgemv_swiglu(fmt, N, K, dtype):
 @pytest.mark.parametrize("N, K, blocksize", [(37, 96, 32), (9, 320, 64), (16, 64, 64)])
 @pytest.mark.parametrize("decode", ["wordwise", "per-code", "prmt", "hfma"])
 def test_nf4_decodes(N, K, blocksize, dtype, decode):
-    """The NF4 decodes — word-wise (the 8 codes of a word as an in-thread dimension; the default settings), the
-    per-code loop and the byte permutes (inline PTX on a GPU, with the codes rounded to fp16; in the interpreter
-    the per-code gather; "hfma" takes them for fp32 / fp16 x, see test_nf4_hfma_bf16) — against the fp32
-    product, in the GEMV and in gate/up + SwiGLU, with a bias and three rows."""
+    """The NF4 decodes — word-wise (the 8 codes of a word as an in-thread dimension; the fp32 products'
+    settings), the per-code loop and the byte permutes (inline PTX on a GPU, with the codes rounded to fp16; in
+    the interpreter the per-code gather; "hfma", the default, takes them for fp32 / fp16 x, see
+    test_nf4_hfma_bf16) — against the fp32 product, in the GEMV and in gate/up + SwiGLU, with a bias and three
+    rows; and the decoder's switches pick each decode's settings."""
     w, bias = make_weight("nf4", N, K, blocksize=blocksize, bias=True)
-    assert settings("gemv", w)["wordwise"] and settings("swiglu", w)["wordwise"]
     opts = dict(wordwise=decode == "wordwise", prmt=decode == "prmt", hfma=decode == "hfma")
     # the reference of the byte permutes on a GPU: the same product with the fp16 codes they read
     fp16_codes = decode in ("prmt", "hfma") and DEV == "cuda"
@@ -115,11 +117,13 @@ def test_nf4_decodes(N, K, blocksize, dtype, decode):
     gate, up = swiglu_pair(gate, up)
     got = _qgemv_swiglu(x, gate, up, False, dict(settings("swiglu", gate), **opts))
     assert_close(f"nf4 {decode} swiglu", qgemv_swiglu_ref(x, ref_of(gate), ref_of(up)), got, tol(dtype))
-    with nf4_prmt_on():  # the decoder's A/B switches pick the byte-permute settings
-        assert settings("gemv", w)["prmt"] and settings("swiglu", gate)["prmt"]
-    with nf4_hfma_on():
-        assert settings("gemv", w)["hfma"] and settings("swiglu", gate)["hfma"]
-    assert "prmt" not in settings("gemv", w) and "hfma" not in settings("gemv", w)
+    assert settings("gemv", w)["hfma"] and settings("swiglu", gate)["hfma"]  # the default: packed products
+    with nf4_hfma_on(False):  # the decoder's A/B switches ("triton-fp32", "triton-prmt")
+        assert settings("gemv", w)["wordwise"] and settings("swiglu", gate)["wordwise"]
+        assert "prmt" not in settings("gemv", w) and "hfma" not in settings("gemv", w)
+        with nf4_prmt_on():
+            assert settings("gemv", w)["prmt"] and settings("swiglu", gate)["prmt"]
+    assert settings("gemv", w)["hfma"]
 
 
 def test_nf4_planes():
@@ -390,16 +394,18 @@ def test_decode_shapes_bf16(fmt):
         xk = x if K == 3584 else torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         for pdl in (False, True):
             assert_close(f"{fmt} {N}x{K}", qgemv_ref(xk, w), qgemv(xk, w, None, pdl), 1e-2)
-        if fmt == "nf4":  # the per-code loop (the default is word-wise), compiled for the GPU
-            got = _qgemv(xk, w, None, True, dict(settings("gemv", w), wordwise=False))
-            assert_close(f"nf4 per-code {N}x{K}", qgemv_ref(xk, w), got, 1e-2)
+        if fmt == "nf4":  # the fp32-product decodes (the default sums packed bf16 products), compiled for the GPU
+            for name, opts in NF4_FP32_DECODES.items():
+                got = _qgemv(xk, w, None, True, dict(settings("gemv", w), **opts))
+                assert_close(f"nf4 {name} {N}x{K}", qgemv_ref(xk, w), got, 1e-2)
     gate, _ = make_weight(fmt, 18944, 3584, blocksize=64, seed=1)
     up, _ = make_weight(fmt, 18944, 3584, blocksize=64, seed=2)
     gate, up = swiglu_pair(gate, up)
     assert_close(f"{fmt} gate/up", qgemv_swiglu_ref(x, gate, up), qgemv_swiglu(x, gate, up, True), 1e-2)
     if fmt == "nf4":
-        got = _qgemv_swiglu(x, gate, up, True, dict(settings("swiglu", gate), wordwise=False))
-        assert_close("nf4 per-code gate/up", qgemv_swiglu_ref(x, gate, up), got, 1e-2)
+        for name, opts in NF4_FP32_DECODES.items():
+            got = _qgemv_swiglu(x, gate, up, True, dict(settings("swiglu", gate), **opts))
+            assert_close(f"nf4 {name} gate/up", qgemv_swiglu_ref(x, gate, up), got, 1e-2)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
@@ -583,18 +589,20 @@ def test_q8_hfma_operands(K, k0, even):
 @pytest.mark.parametrize("N, K", [(5, 200), (70, 33), (19, 128)])
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 def test_q8_hfma_fallback(fmt, N, K, dtype):
-    """INT8 / FP8 weights with the packed bf16 products asked for (``hfma`` settings, int8_hfma_on / fp8_hfma_on)
-    but fp32 / fp16 x, or the interpreter (inline PTX): the exact fp32 decode, the same result as the default
-    settings (bit for bit in the interpreter, whose tiles do not depend on the settings), in the GEMV and in
-    gate/up + SwiGLU. Each format's switch leaves the other format's settings as they are."""
+    """INT8 / FP8 weights with the packed bf16 products asked for (``hfma`` settings: the default; off within
+    int8_hfma_on(False) / fp8_hfma_on(False)) but fp32 / fp16 x, or the interpreter (inline PTX): the exact fp32
+    decode, the same result as the fp32 products' settings (bit for bit in the interpreter, whose tiles do not
+    depend on the settings), in the GEMV and in gate/up + SwiGLU. Each format's switch leaves the other format's
+    settings as they are."""
     hfma_on = HFMA_ON[fmt]
     w, bias = make_weight(fmt, N, K, bias=True)
     x = torch.randn(3, K, device=DEV).to(dtype)
-    with hfma_on():
-        cfg = settings("gemv", w)
-        assert cfg["hfma"] and settings("swiglu", w)["hfma"]
-        assert "hfma" not in settings("gemv", make_weight("int8" if fmt == "fp8" else "fp8", N, K)[0])
-    assert "hfma" not in settings("gemv", w)
+    cfg = settings("gemv", w)
+    assert cfg["hfma"] and settings("swiglu", w)["hfma"]
+    other = make_weight("int8" if fmt == "fp8" else "fp8", N, K)[0]
+    with hfma_on(False):
+        assert "hfma" not in settings("gemv", w) and "hfma" not in settings("swiglu", w)
+        assert settings("gemv", other)["hfma"]
     c, hfma = decode_gemv._q8_options(cfg, x, w)
     assert not hfma and "hfma" not in c
     exact = DEV == "cpu"
@@ -602,15 +610,16 @@ def test_q8_hfma_fallback(fmt, N, K, dtype):
         got = _qgemv(x, w, b, False, cfg)
         assert_close(f"{fmt} hfma fallback", qgemv_ref(x, w, b), got, tol(dtype))
         if exact:
-            assert torch.equal(got, qgemv(x, w, b))
+            with hfma_on(False):
+                assert torch.equal(got, qgemv(x, w, b))
     gate, _ = make_weight(fmt, N, K, seed=1)
     up, _ = make_weight(fmt, N, K, seed=2)
     gate, up = swiglu_pair(gate, up)
-    with hfma_on():
-        got = qgemv_swiglu(x, gate, up)
+    got = qgemv_swiglu(x, gate, up)
     assert_close(f"{fmt} hfma fallback swiglu", qgemv_swiglu_ref(x, gate, up), got, tol(dtype))
     if exact:
-        assert torch.equal(got, qgemv_swiglu(x, gate, up))
+        with hfma_on(False):
+            assert torch.equal(got, qgemv_swiglu(x, gate, up))
     if exact:  # bf16 x in the interpreter falls back too
         xb = x.bfloat16()
         assert not decode_gemv._q8_options(cfg, xb, w)[1]
@@ -720,3 +729,13 @@ def test_x_words_ok():
     assert ok(x70, 4) and not ok(x70, 8)
     assert not ok(torch.zeros(3, 71, dtype=torch.bfloat16)[:, :64], 4)  # rows of 142 bytes
     assert not ok(x.half(), 4)
+
+
+def test_packed_product_settings_by_shape():
+    """The packed products' settings as measured (decode_gemv.*_HFMA_SETTINGS): INT8's long rows (down) keep the
+    fp32 decode, which the packed one did not beat there; FP8's take the packed products; NF4's every shape."""
+    long_k = decode_gemv.LONG_K + 512
+    assert "hfma" not in settings("gemv", make_weight("int8", 2, long_k)[0])
+    assert settings("gemv", make_weight("int8", 2, 512)[0])["hfma"]
+    assert settings("gemv", make_weight("fp8", 2, long_k)[0])["hfma"]
+    assert settings("gemv", make_weight("nf4", 2, long_k, blocksize=64)[0])["hfma"]

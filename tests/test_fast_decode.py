@@ -212,13 +212,13 @@ def test_compressed_decoder_matches_session(tiny_dir, fmt):
 
 def test_variant_formats_name_real_variants():
     """Every variant benchmarks may skip for a format (fast_decode.VARIANT_FORMATS) is a decode GEMV
-    implementation, and names only formats the decoder packs; the packed-product and byte-permute variants
+    implementation, and names only formats the decoder packs; the fp32-product and byte-permute variants
     change the formats their kernels take (a variant wrongly listed would drop its A/B row silently)."""
     from bagel_rt.fast_decode import GEMVS, VARIANT_FORMATS
 
     assert set(VARIANT_FORMATS) <= set(GEMVS) - {"triton", "cublas"}
     assert all(fmts and fmts <= {"int8", "fp8", "nf4"} for fmts in VARIANT_FORMATS.values())
-    assert VARIANT_FORMATS["triton-hfma"] == {"nf4", "fp8", "int8"} and "nf4" in VARIANT_FORMATS["triton-prmt"]
+    assert VARIANT_FORMATS["triton-fp32"] == {"nf4", "fp8", "int8"} and "nf4" in VARIANT_FORMATS["triton-prmt"]
 
 
 # ---------------------------------------------------------------- GPU: the CUDA graph
