@@ -21,6 +21,14 @@ from torch import Tensor
 _ROUND = 256  # capacity granularity in tokens
 
 
+def _moved(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; from CUDA to the CPU into pinned memory (waited for), so that the copy back to the
+    GPU does not block and both run at pinned-transfer speed rather than through pageable staging."""
+    if t.device.type == "cuda" and device.type == "cpu":
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+    return t.to(device, non_blocking=t.device.type == "cpu" and t.is_pinned())
+
+
 class KVCache:
     """Keys/values of one context. ``length`` rows are valid; rows beyond are scratch.
 
@@ -60,7 +68,7 @@ class KVCache:
         (an edit's conditional and text-unconditional caches are ~0.5 GiB each at 1024^2)."""
         device = torch.device(device)
         if device != self.device:
-            self.k, self.v = self.k.to(device), self.v.to(device)
+            self.k, self.v = _moved(self.k, device), _moved(self.v, device)
             self.device = device
         return self
 

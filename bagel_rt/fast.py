@@ -310,20 +310,26 @@ class PackedDenoiser:
             dense = {id(m): m.dense_weight(self.dtype) for m in mods if weight_only(m)}
             hs = h.tensor_split(n) if h is not None else [None] * n
             hqs = zip(hq[0].tensor_split(n), hq[1].tensor_split(n)) if hq is not None else [None] * n
-            return torch.cat([self._mlp_rows(mlp, c, cq, r, dense)
-                              for c, cq, r in zip(hs, hqs, res.tensor_split(n))])
+            out = torch.empty_like(res)  # each chunk adds into its rows (a concatenation would copy them again)
+            for c, cq, r, o in zip(hs, hqs, res.tensor_split(n), out.tensor_split(n)):
+                self._mlp_rows(mlp, c, cq, r, dense, o)
+            return out
         return self._mlp_rows(mlp, h, hq, res)
 
-    def _mlp_rows(self, mlp, h: Tensor | None, hq: tuple | None, res: Tensor, dense: dict | None = None) -> Tensor:
-        """``res + mlp(h)``; ``dense``: dequantized weights by ``id(module)`` to use instead of the modules'."""
+    def _mlp_rows(self, mlp, h: Tensor | None, hq: tuple | None, res: Tensor, dense: dict | None = None,
+                  out: Tensor | None = None) -> Tensor:
+        """``res + mlp(h)`` (into ``out`` if given); ``dense``: dequantized weights by ``id(module)`` to use
+        instead of the modules'."""
         if hq is None:
             hq = quantized_rows((mlp.gate_proj, mlp.up_proj), h)
         g, u = self._linear(mlp.gate_proj, h, hq, dense), self._linear(mlp.up_proj, h, hq, dense)
         down = mlp.down_proj
         if act_format([down]) == "fp8":  # the SwiGLU writes the FP8 rows the down projection reads
-            return res + self._linear(down, None, self.k_ops.swiglu_fp8(g, u))
-        act = self.k_ops.swiglu(g, u)
-        return res + self._linear(down, act, quantized_rows([down], act), dense)
+            y = self._linear(down, None, self.k_ops.swiglu_fp8(g, u))
+        else:
+            act = self.k_ops.swiglu(g, u)
+            y = self._linear(down, act, quantized_rows([down], act), dense)
+        return res + y if out is None else torch.add(res, y, out=out)
 
     def _linear(self, mod, x: Tensor | None, xq=None, dense: dict | None = None) -> Tensor:
         """A Linear of the model: cuBLAS for plain bf16 (or on its weight already dequantized in ``dense``, by

@@ -33,17 +33,64 @@ def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
+def _tensor_slots(module: nn.Module):
+    """(owner module, name, is_parameter, tensor) of every parameter and buffer under ``module``; a tensor held
+    by several modules (tied weights) appears once per holder, as the same object."""
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                yield m, name, True, p
+        for name, b in m._buffers.items():
+            if b is not None:
+                yield m, name, False, b
+
+
+def _set_slot(m: nn.Module, name: str, is_param: bool, t: torch.Tensor) -> None:
+    if is_param:
+        m._parameters[name].data = t  # the Parameter object stays (optimizers, tied weights, caches keyed by it)
+    else:
+        m._buffers[name] = t
+
+
+def _device_copy(home: torch.Tensor, device: torch.device, non_blocking: bool) -> torch.Tensor:
+    """A visit's copy of a home tensor on ``device`` (from pinned memory it does not block the host)."""
+    return home.to(device, non_blocking=non_blocking)
+
+
 @contextmanager
 def visiting(module: nn.Module, device: torch.device, enabled: bool):
-    """Move ``module`` to ``device`` for the ``with`` block and back to the CPU afterwards (if enabled)."""
+    """``module`` on ``device`` for the ``with`` block, back home on the CPU afterwards (if enabled).
+
+    A visit copies the CPU tensors (the home copies: pinned on their first visit to a CUDA device) to the device
+    without blocking, and leaving points the module back at them: nothing is copied back, as inference never
+    writes weights. ``module.to(device)`` there and ``module.to("cpu")`` back copied twice through pageable
+    memory: the VAE's visit for each decode cost ~0.08 s of an FP8 t2i under a 15.5 GiB budget (H100, 1ff1e2e:
+    its decode phase 0.284 s against 0.202 s uncapped), an edit's ViT, VAE encode and decode visits more."""
     if not enabled:
         yield module
         return
-    module.to(device)
+    slots = list(_tensor_slots(module))
+    pin = device.type == "cuda"
+    # by the id of the Parameter / buffer object (a tied one is seen once per holder): its home, its copy
+    home_of: dict[int, torch.Tensor] = {}
+    copies: dict[int, torch.Tensor] = {}
+    homes = []
     try:
+        for m, name, is_param, t in slots:
+            if id(t) not in home_of:
+                home = t.data if is_param else t
+                if home.device.type != "cpu":  # already resident (e.g. not offloaded): leave it where it is
+                    continue
+                if pin and not home.is_pinned():  # once: the home copy itself becomes pinned memory
+                    home = home.pin_memory()
+                home_of[id(t)], copies[id(t)] = home, _device_copy(home, device, pin)
+            homes.append((m, name, is_param, home_of[id(t)]))
+            _set_slot(m, name, is_param, copies[id(t)])
         yield module
     finally:
-        module.to("cpu")
+        for m, name, is_param, home in homes:
+            _set_slot(m, name, is_param, home)
+        copies.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

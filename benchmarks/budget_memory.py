@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from compressed_speed import make_pipe, release_gpu, request  # noqa: E402
 from diagnose import emit  # noqa: E402
 
+from bagel_rt import placement  # noqa: E402
 from bagel_rt.bench import environment  # noqa: E402
 from bagel_rt.df11_resident import DEFAULT_FORM, FORMS  # noqa: E402
 from bagel_rt.errors import InputError  # noqa: E402
@@ -42,6 +43,18 @@ GIB = 2**30
 
 #: when the current phase began (time.perf_counter; :func:`timed` sets it as a request starts)
 PHASE_START = [0.0]
+
+
+PLACEMENT_CHUNKS = placement.mlp_chunks
+
+
+def chunk_counter(n: int | None, used: list[int]):
+    """A stand-in for ``placement.mlp_chunks``: ``n`` row chunks under a budget (None: placement's choice),
+    each count it gives appended to ``used``."""
+    def count(bagel, rows: int) -> int:
+        used.append(PLACEMENT_CHUNKS(bagel, rows) if n is None or not bagel.offload else n)
+        return used[-1]
+    return count
 
 
 def phase_tracker() -> dict:
@@ -170,7 +183,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default=None)
     ap.add_argument("--runs", default="int8@16:edit,fp8@15.5:edit,nf4@12:edit,fp8-gen-nf4-und@12:t2i,df11@24:t2i",
-                    help="comma-separated FORMAT@GIB:TASK (GIB 0: no budget)")
+                    help="comma-separated FORMAT@GIB:TASK[+eager][+chunksN] (GIB 0: no budget; eager: without "
+                         "CUDA graphs; chunksN: the denoiser's MLPs in N row chunks under the budget, instead of "
+                         "placement.mlp_chunks' choice)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--uncapped", action="store_true", help="place for the budget but lift the cap")
@@ -203,7 +218,10 @@ def main() -> None:
     for run in a.runs.split(","):
         peaks.clear()
         spec, _, task = run.partition(":")
-        task, _, mode = task.partition("+")  # "+eager": without CUDA graphs
+        task, *modes = task.split("+")  # "+eager": without CUDA graphs; "+chunksN": N denoiser MLP row chunks
+        chunks = next((int(m[len("chunks"):]) for m in modes if m.startswith("chunks")), None)
+        used_chunks: list[int] = []
+        placement.mlp_chunks = chunk_counter(chunks, used_chunks)  # the session imports it at each request
         fmt, _, gib = spec.partition("@")
         gib = float(gib or 0)
         ref = build = None
@@ -211,7 +229,7 @@ def main() -> None:
             pipe, ref, build = df11_pipe(task, a.size, a.steps, a.df11_form)
         else:
             pipe = make_pipe(fmt)
-        if mode == "eager":
+        if "eager" in modes:
             pipe.use_graphs = False
         row = dict(diag="budget_memory", weights=fmt, budget_gib=gib or None, task=task, height=a.size,
                    width=a.size, num_timesteps=a.steps, uncapped=a.uncapped, use_graphs=pipe.use_graphs,
@@ -236,6 +254,7 @@ def main() -> None:
                        phase_peak_gib={k: v[0] for k, v in peaks.items()},
                        phase_reserved_gib={k: v[1] for k, v in peaks.items()},
                        phase_seconds={k: v[2] for k, v in peaks.items()},
+                       mlp_chunks=used_chunks[-1] if used_chunks else None,
                        peak_gib=max(v[0] for v in peaks.values()),
                        reserved_peak_gib=max(v[1] for v in peaks.values()),
                        predicted_gib={k: round(resident + v / GIB, 2) for k, v in plan.items()})
@@ -253,6 +272,7 @@ def main() -> None:
                        at_failure_gib=memory_gib(),
                        at_failure=memory_at_failure())
         emit(row, a.out)
+        placement.mlp_chunks = PLACEMENT_CHUNKS
         del pipe
         release_gpu()
 

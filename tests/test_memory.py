@@ -106,12 +106,27 @@ def test_budget_sends_the_caches_to_the_cpu_and_back(tiny, monkeypatch):
 
 def _record_head(pipe, monkeypatch):
     """Record lm_head's moves and each decode (torch step / graph-decoder request) of ``pipe`` in order."""
+    from contextlib import contextmanager
+
+    from bagel_rt import placement
     from bagel_rt.fast_decode import GraphDecoder
 
     events = []
     head = pipe.model.language_model.lm_head
-    real_to, real_step, real_gen = head.to, pipe.model.decode_step, GraphDecoder.generate
-    monkeypatch.setattr(head, "to", lambda d: events.append(f"to {d}") or real_to(d))
+    real_visit, real_step, real_gen = placement.visiting, pipe.model.decode_step, GraphDecoder.generate
+
+    @contextmanager
+    def visiting(module, device, enabled):
+        with real_visit(module, device, enabled) as m:
+            if module is head and enabled:
+                events.append("visit")
+            try:
+                yield m
+            finally:
+                if module is head and enabled:
+                    events.append("home")
+
+    monkeypatch.setattr(placement, "visiting", visiting)
     monkeypatch.setattr(pipe.model, "decode_step", lambda *a: events.append("decode") or real_step(*a))
     monkeypatch.setattr(GraphDecoder, "generate", lambda *a, **k: events.append("decode") or real_gen(*a, **k))
     return events
@@ -154,10 +169,10 @@ def test_budget_brings_lm_head_for_text_only(tiny, monkeypatch, backend):
         return [think, *answers], think_events, events
 
     ref, ref_think, ref_und = run(False)
-    assert "to cpu" not in ref_think + ref_und
+    assert "visit" not in ref_think + ref_und
     res, think_events, und_events = run(True)
-    assert _collapse(think_events) == ["to cpu", "decode", "to cpu"]  # to the model's device, decode, back
-    assert _collapse(und_events) == ["to cpu", "decode", "to cpu"] * 2
+    assert _collapse(think_events) == ["visit", "decode", "home"]  # to the model's device, decode, back
+    assert _collapse(und_events) == ["visit", "decode", "home"] * 2
     for a, b in zip(res, ref):
         assert a.token_ids == b.token_ids and a.text == b.text
         assert torch.equal(a.logits, b.logits)
@@ -175,3 +190,32 @@ def test_compressed_linears_move_every_tensor():
         assert [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)] == [], cls.__name__
         assert {t.device.type for t in m.buffers()} == {"meta"}, cls.__name__
         assert m.weight.device.type == "meta"
+
+
+def test_visiting_moves_and_points_back_without_copying(monkeypatch):
+    """A visit gives every parameter and buffer (tied ones once) its device copy; leaving points the same
+    Parameter objects back at their home tensors (the very storage: nothing copied back), and a visit that fails
+    inside leaves the module at home too. Off CUDA the "device copy" is a CPU clone here (no pinning)."""
+    from bagel_rt import placement
+
+    made = []
+    monkeypatch.setattr(placement, "_device_copy", lambda t, device, nb: made.append(t.clone()) or made[-1])
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 4))
+    net[2].weight = net[0].weight  # tied
+    net.register_buffer("table", torch.arange(5.0))
+    homes = {n: (p, p.data_ptr()) for n, p in net.named_parameters(remove_duplicate=False)}
+    before = {n: t.clone() for n, t in net.state_dict().items()}
+    with placement.visiting(net, torch.device("cpu"), True):
+        assert len(made) == 6  # the tied weight once, two biases, LayerNorm's two, the buffer
+        visiting = {n: p.data_ptr() for n, p in net.named_parameters(remove_duplicate=False)}
+        assert all(visiting[n] != ptr for n, (_, ptr) in homes.items())
+        assert visiting["0.weight"] == visiting["2.weight"]  # the tie holds on the device
+        assert net.table.data_ptr() in {t.data_ptr() for t in made}
+    assert {n: (p, p.data_ptr()) for n, p in net.named_parameters(remove_duplicate=False)} == homes
+    assert all(torch.equal(t, before[n]) for n, t in net.state_dict().items())
+    with pytest.raises(RuntimeError, match="inside"), placement.visiting(net, torch.device("cpu"), True):
+        raise RuntimeError("inside")
+    assert {n: (p, p.data_ptr()) for n, p in net.named_parameters(remove_duplicate=False)} == homes
+    made.clear()
+    with placement.visiting(net, torch.device("cpu"), False):  # not offloaded: untouched
+        assert not made
