@@ -27,6 +27,9 @@ def test_budget_offloads_and_keeps_results(tmp_path):
         res = pipe.edit(img, "make it red", num_timesteps=3, seed=0)
         assert torch.equal(res.latents, ref.latents)  # placement moves data, never changes results
         assert next(pipe.vae.parameters()).device.type == "cpu"  # back after its phase
+        assert all(p.is_pinned() for p in pipe.vae.parameters())  # its home copies, pinned at the first visit
+        res = pipe.edit(img, "make it red", num_timesteps=3, seed=0)  # the visits from the pinned homes
+        assert torch.equal(res.latents, ref.latents)
         for _ in range(2):  # lm_head visits for each answer (the graph decoder rebuilt around it)
             text = pipe.understand(img, "What is this?", max_think_token_n=8, record=True)
             assert text.token_ids == ref_text.token_ids and torch.equal(text.logits, ref_text.logits)
