@@ -13,7 +13,8 @@
 #             run in the same process: vs_bf16, bit_identical)
 #     kernels the decode GEMVs' candidate settings (CUDA-graph replay), the DF11 decode kernels
 #     budget  FP8 t2i / edit and the FP8-gen/NF4-und t2i uncapped, then under their card budgets (15.5, 12 GiB),
-#             with each phase's seconds and peaks: where the budget's extra seconds go
+#             with each phase's seconds and peaks: where the budget's extra seconds go; FP8 also with the
+#             denoiser's MLPs in 2 row chunks instead of placement's 4 (what the chunks cost, what they save)
 #
 # Winners become the defaults with the measurement in the code comment beside them (decode_gemv settings,
 # fast_decode.DEFAULT_GEMV, df11_resident.DEFAULT_FORM), and the README's issue-12 paragraphs get the rows.
@@ -60,7 +61,7 @@ case "$part" in
       | tail -n 10 ;;
   budget)
     timeout 560 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
-      --runs fp8:t2i,fp8@15.5:t2i,fp8-gen-nf4-und:t2i,fp8-gen-nf4-und@12:t2i,fp8:edit,fp8@15.5:edit 2>&1 \
-      | grep -v -i warn | tail -n 14 ;;
+      --runs fp8:t2i,fp8@15.5:t2i,fp8@15.5:t2i+chunks2,fp8-gen-nf4-und:t2i,fp8-gen-nf4-und@12:t2i,fp8:edit,fp8@15.5:edit,fp8@15.5:edit+chunks2 2>&1 \
+      | grep -v -i warn | tail -n 18 ;;
   *) echo "part must be decode, lean, df11, kernels or budget"; exit 2 ;;
 esac
