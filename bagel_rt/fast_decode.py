@@ -67,11 +67,13 @@ from bagel_rt.quant.decode_mma import (
     SPLIT_MIN_K,
     Digits,
     add_rms_norm_digits,
+    digit_kind,
     mma_gemv,
     mma_gemv_parts,
     mma_gemv_swiglu,
     prefers_mma,
     prefers_split,
+    wgmma_on,
 )
 
 from .cache import Context, KVCache
@@ -100,9 +102,12 @@ from .errors import InputError
 #: default since the fifteenth stop; measured, one process, H100, 1ff1e2e, median of 5, tok/s, fp32 products ->
 #: packed: NF4 279.7 -> 337.3, INT8 297.7 -> 303.4, FP8 280.6 -> 283.2, bf16 190.0); "triton-fp32" keeps the fp32
 #: products (NF4's word-wise decode, the one-byte formats' exact fp32 decode) for A/B runs, and "triton-prmt" is
-#: that with NF4 decoded by byte permutes into fp32 products (decode_gemv.nf4_prmt_on).
+#: that with NF4 decoded by byte permutes into fp32 products (decode_gemv.nf4_prmt_on). "triton-wgmma" and
+#: "triton-wgmma-split" are "triton" and "triton-split" with the INT8 / FP8 tensor-core GEMVs putting the weight
+#: tile first (Hopper's wgmma from shared memory; FP8 weights undecoded against e4m3 digits: decode_mma.wgmma_on):
+#: A/B candidates, not measured on a GPU yet.
 GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit", "triton-prefetch",
-         "triton-fp32", "triton-prmt")
+         "triton-fp32", "triton-prmt", "triton-wgmma", "triton-wgmma-split")
 
 
 @contextlib.contextmanager
@@ -113,11 +118,13 @@ def _fp32_products(prmt: bool = False):
 
 #: the variants that are another implementation run inside a context (see GEMVS): name -> (context, base)
 _VARIANTS = {"triton-prefetch": (l2_prefetch_on, "triton"), "triton-fp32": (_fp32_products, "triton"),
-             "triton-prmt": (functools.partial(_fp32_products, True), "triton")}
+             "triton-prmt": (functools.partial(_fp32_products, True), "triton"),
+             "triton-wgmma": (wgmma_on, "triton"), "triton-wgmma-split": (wgmma_on, "triton-split")}
 #: the weight formats whose decode step a variant changes beyond "triton": an A/B run of it on another format
 #: measures the same kernels again (benchmarks skip it); variants not named here change every format
 VARIANT_FORMATS = {"triton-prmt": {"nf4"}, "triton-fp32": {"nf4", "fp8", "int8"}, "triton-split": {"int8", "fp8"},
-                   "triton-fsplit": {"int8", "fp8"}, "triton-fma": {"int8", "fp8"}, "triton-mma": {"int8", "fp8"}}
+                   "triton-fsplit": {"int8", "fp8"}, "triton-fma": {"int8", "fp8"}, "triton-mma": {"int8", "fp8"},
+                   "triton-wgmma": {"int8", "fp8"}, "triton-wgmma-split": {"int8", "fp8"}}
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
 #: before it drains, and the GEMVs request their first weight tile before waiting for its output
@@ -203,7 +210,7 @@ def _add_norm(delta: Tensor, residual: Tensor, weight: Tensor, eps: float, pdl: 
     # the residual add + RMSNorm after a block: its output as one row block, or as split-K parts [P, 1, H]; under
     # "triton-split", when the normed rows feed a tensor-core GEMV (``consumer``), written as its digits
     if impl == "triton-split" and consumer is not None and _on_mma(consumer, impl):
-        return add_rms_norm_digits(delta, residual, weight, eps, "int8" if consumer.fmt == "int8" else "fp16", pdl)
+        return add_rms_norm_digits(delta, residual, weight, eps, digit_kind(consumer), pdl)
     if delta.dim() == 3:
         return add_rms_norm_parts(delta, residual, weight, eps, pdl)
     return add_rms_norm(delta, residual, weight, eps, pdl)

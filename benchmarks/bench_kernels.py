@@ -367,13 +367,22 @@ MMA_CANDIDATES = [  # (BN, BK, num_warps, num_stages) tried beside bagel_rt.quan
     (64, 256, 4, 3), (64, 512, 8, 3), (128, 256, 8, 3),
 ]
 
+WGMMA_CANDIDATES = [  # (BN, BK, num_warps, num_stages) of the weights-first GEMVs (decode_mma.wgmma_on)
+    (64, 128, 4, 3), (64, 128, 4, 5), (64, 256, 4, 3), (64, 256, 4, 4), (64, 512, 4, 2), (128, 128, 8, 3),
+    (128, 256, 8, 3),
+]
+WGMMA_SPLIT_CANDIDATES = [  # (parts, BN, BK, num_warps) of their split-K form (o, down)
+    (2, 64, 256, 4), (4, 64, 256, 4), (4, 64, 128, 4), (8, 64, 128, 4), (8, 64, 256, 4), (16, 64, 128, 4),
+]
+
 
 def cases_qgemv(K):
     """Compressed-weight decode GEMVs (bagel_rt.quant.decode_gemv: INT8 / FP8 / NF4, q/k/v as one, gate/up +
     SwiGLU as one) at the decode shapes, against each module's own forward (the path they replace) and the bf16
     GEMV; the extra providers are candidate launch settings (BN x BK / warps) and, for INT8 / FP8, the
     tensor-core GEMVs (``mma``: bagel_rt.quant.decode_mma, digits launch included; ``split<P>``: split-K into P
-    fp32 parts, for the narrow projections). Rate: the compressed bytes."""
+    fp32 parts, for the narrow projections; ``wgmma``: the weights-first kernels, FP8 against e4m3 digits,
+    ``wsplit<P>`` their split-K form). Rate: the compressed bytes."""
     from bagel_rt.quant import FP8Linear, Int8Linear, NF4Linear
     from bagel_rt.quant.decode_gemv import (
         LONG_K,
@@ -385,7 +394,18 @@ def cases_qgemv(K):
         settings,
         swiglu_pair,
     )
-    from bagel_rt.quant.decode_mma import MMA_FORMATS, MMA_MIN_N, mma_gemv, mma_gemv_parts, mma_gemv_swiglu
+    from bagel_rt.quant.decode_mma import (
+        MMA_FORMATS,
+        MMA_MIN_N,
+        mma_gemv,
+        mma_gemv_parts,
+        mma_gemv_swiglu,
+        wgmma_on,
+    )
+
+    def on_wgmma(fn, c):
+        with wgmma_on():
+            return fn(c)
 
     convert = {"int8": Int8Linear.from_linear, "fp8": FP8Linear.from_linear, "nf4": NF4Linear.from_linear}
 
@@ -411,6 +431,10 @@ def cases_qgemv(K):
         out = {"mma": lambda: run(None)}
         for bn, bk, nw, ns in MMA_CANDIDATES:
             out[f"mma {bn}x{bk}/{nw}/{ns}"] = lambda c=dict(BN=bn, BK=bk, num_warps=nw, num_stages=ns): run(c)
+        out["wgmma"] = lambda: on_wgmma(run, None)
+        for bn, bk, nw, ns in WGMMA_CANDIDATES:
+            c = dict(BN=bn, BK=bk, num_warps=nw, num_stages=ns, W_A=True)
+            out[f"wgmma {bn}x{bk}/{nw}/{ns}"] = lambda c=c: on_wgmma(run, c)
         return out
 
     def swiglu_case(fmt, per_weight):
@@ -439,6 +463,10 @@ def cases_qgemv(K):
                 for pp, bn, bk, nw in MMA_SPLIT_CANDIDATES:
                     cfg = dict(parts=pp, BN=bn, BK=bk, num_warps=nw)
                     mma[f"split{pp} {bn}x{bk}/{nw}"] = lambda x=x, w=w, c=cfg: mma_gemv_parts(x, w, cfg=c)
+                for pp, bn, bk, nw in WGMMA_SPLIT_CANDIDATES:  # ... the weights-first kernels
+                    cfg = dict(parts=pp, BN=bn, BK=bk, num_warps=nw, W_A=True)
+                    mma[f"wsplit{pp} {bn}x{bk}/{nw}"] = lambda x=x, w=w, c=cfg: on_wgmma(
+                        lambda c: mma_gemv_parts(x, w, cfg=c), c)
                 if Kd > LONG_K:  # ... and on the FMA kernels (decode_gemv.qgemv_parts)
                     for pp, bn, bk, nw in FMA_SPLIT_CANDIDATES:
                         cfg = dict(parts=pp, BN=bn, BK=bk, num_warps=nw)

@@ -37,6 +37,9 @@ DIVISIBLE = ("N", "K", "stride_xm", "stride_ym", "K_PER", "stride_yp")
 
 
 def loop_ops(fn, signature: dict, constexprs: dict, num_warps: int, arch: int) -> collections.Counter:
+    # parameters left out take their defaults as constants (Triton 3.9 wants every parameter named)
+    constexprs = {**{p.name: p.default for p in fn.params
+                     if p.name not in signature and p.name not in constexprs and p.has_default}, **constexprs}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
              if t.startswith("*") or n in DIVISIBLE}
     signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
@@ -115,6 +118,15 @@ def main() -> None:
                     sig.update(y="*fp32", K_PER="i32", stride_yp="i32")
                     consts["SPLIT"] = True
                 cases.append((f"mma {fmt} {width}", dm._mma_gemv_kernel, sig, consts, cfg["num_warps"]))
+        # the weights-first (wgmma) kernels: INT8 with its digits, FP8 undecoded against e4m3 digits
+        for fmt, code, wt, dt in (("int8", "int8", "*i8", "*i8"), ("fp8", "e4m3", "*u8", "*u8")):
+            for width, cfg in dm.WGMMA_SETTINGS.items():
+                sig = dict(dg=dt, un="*fp32", w=wt, s="*fp32", b="*fp32", y="*bf16", **mio)
+                consts = dict(HAS_BIAS=False, CODE=code, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, W_A=True)
+                if width == "split":
+                    sig.update(y="*fp32", K_PER="i32", stride_yp="i32")
+                    consts["SPLIT"] = True
+                cases.append((f"wgmma {fmt} {width}", dm._mma_gemv_kernel, sig, consts, cfg["num_warps"]))
     if a.df11:  # the resident store's per-step decode (window counts given), with and without the joined level
         sig = dict(luts_ptr="*u8", codes_ptr="*u8", sm_ptr="*u8", pos_ptr="*i32", gaps_ptr="*u8", cnt_ptr="*u8",
                    first_ptr="*i32", out_ptr="*i16", n_luts="i32", n_bytes="i32", n_elements="i32",

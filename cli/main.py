@@ -315,7 +315,7 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
                    "full_evaluations.")
 @click.option("--decode-gemv", type=click.Choice(["triton", "triton-fma", "triton-mma", "triton-split",
                                                   "triton-fsplit", "triton-prefetch", "triton-fp32", "triton-prmt",
-                                                  "cublas"]),
+                                                  "triton-wgmma", "triton-wgmma-split", "cublas"]),
               default="triton",
               help="Text decoding's GEMVs: triton (default: INT8/FP8 weights on the tensor cores or the FMA "
                    "kernels, the faster per shape; the FMA kernels of NF4/INT8/FP8 sum in packed bf16 pairs), "
@@ -324,7 +324,9 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
                    "(triton, with INT8/FP8 down split-K on the FMA kernels), triton-prefetch (triton, each GEMV "
                    "asking L2 for its weights before its PDL wait; measured slower on an H100), triton-fp32 "
                    "(triton with fp32 products: the default until the fifteenth stop), triton-prmt (triton-fp32 "
-                   "with NF4 decoded by byte permutes) — the alternatives are for A/B runs — or cublas (bf16 "
+                   "with NF4 decoded by byte permutes), triton-wgmma / triton-wgmma-split (triton / triton-split "
+                   "with the INT8/FP8 tensor-core GEMVs on Hopper's wgmma, FP8 undecoded against e4m3 digits) — "
+                   "the alternatives are for A/B runs — or cublas (bf16 "
                    "weights through F.linear).")
 @parallel_options
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,

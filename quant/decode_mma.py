@@ -17,6 +17,15 @@ rows carry *digits* of the activation rows instead of padding:
   fp16 rows (fp16 holds their 8 / 11 significant bits in range), fp32 rows to ~22 bits; fp16 x fp16 products
   are exact in the fp32 accumulators.
 
+* With :func:`wgmma_on` (an A/B candidate, Hopper): the weight tile is the MMA's first operand (64 channels, so
+  Triton issues Hopper's asynchronous ``wgmma`` from shared memory, loads pipelined) and the digits the second.
+  INT8 keeps its digits; FP8 takes four e4m3 digits of ``x / 2^(E_m - 8)`` (each the rounded remainder of the
+  last, times 16: units ``2^(E_m - 8 - 4 d)``), so the e4m3 weights multiply undecoded on the FP8 tensor cores
+  (``wgmma ... e4m3.e4m3``; Triton's MMAv2 path converts FP8 to fp16 first on sm_90). The rounding of each
+  digit leaves at most 2^-4 of the remainder, so the row is carried to ~2^-16 of its largest element (values
+  below 2^-6 of a digit's range wait for the next digit); the tensor cores sum FP8 products with less than fp32
+  precision (Hopper's FP8 accumulation, ~2^-14 relative), far below bf16's 2^-9.
+
 Row ``4 m + d`` of the digit operand holds digit d of row m (unused rows are zero with unit 0).
 :func:`x_digits` computes them once per call (one small launch); the GEMV's loop then only streams weight
 tiles into the MMA: 0.85-1.84 sm_90 loop instructions per INT8 weight and 2.3-3.3 per FP8 weight, against 5.7
@@ -38,7 +47,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from bagel_rt.kernels._device import gdc_wait, is_interpreting, l2_prefetch, pdl_kwargs, prefetch_kwargs
+from bagel_rt.kernels._device import Switch, gdc_wait, is_interpreting, l2_prefetch, pdl_kwargs, prefetch_kwargs
 from bagel_rt.kernels.gemv import MAX_M, swiglu_store
 from bagel_rt.kernels.rms_norm import _added_row, _rms_norm_row, add_rms_norm_parts_ref, add_rms_norm_ref
 from bagel_rt.kernels.swiglu import swiglu_ref
@@ -48,7 +57,8 @@ from torch import Tensor
 from .decode_gemv import WIDE_N, DecodeWeight, _check, _codes, _part_columns, _parts_ref
 from .fp8_matmul import e4m3_to_f32, e4m3_unit
 
-__all__ = ["MMA_FORMATS", "Digits", "prefers_mma", "prefers_split", "x_digits", "x_digits_ref",
+__all__ = ["MMA_FORMATS", "Digits", "digit_kind", "prefers_mma", "prefers_split", "wgmma_on", "x_digits",
+           "x_digits_ref",
            "add_rms_norm_digits", "add_rms_norm_digits_ref", "mma_gemv", "mma_gemv_ref", "mma_gemv_parts",
            "mma_gemv_parts_ref", "mma_gemv_swiglu", "mma_gemv_swiglu_ref"]
 
@@ -85,6 +95,45 @@ MMA_MIN_N = 8192
 #: 5.3; qkv no better. The parts cost no launch: the residual add that follows sums them.
 SPLIT_MIN_K = 8192
 INTERPRETER_SETTINGS = dict(BN=16, BK=64, num_warps=4)
+#: the settings of the weights-first (wgmma) kernels, by kind: 64 channels (one warpgroup's wgmma rows) per
+#: program; the split cuts o and down into column ranges so that 3584 channels fill the SMs. Not measured on a GPU
+#: yet (``bench_kernels.py --only qgemv --graph --providers wgmma`` sweeps them).
+WGMMA_SETTINGS = {"narrow": dict(BN=64, BK=256, num_warps=4, num_stages=3),
+                  "wide": dict(BN=64, BK=256, num_warps=4, num_stages=3),
+                  "swiglu": dict(BN=64, BK=128, num_warps=4, num_stages=3),
+                  "split": dict(BN=64, BK=256, num_warps=4, num_stages=3, parts=4)}
+INTERPRETER_WGMMA_SETTINGS = dict(BN=64, BK=64, num_warps=4)
+_WGMMA = Switch()
+#: within the block, the INT8 / FP8 tensor-core GEMVs put the weight tile first (wgmma; FP8 with e4m3 digits:
+#: see the module docstring), an A/B candidate (fast_decode "triton-wgmma")
+wgmma_on = _WGMMA.on
+#: the digit kinds: int8 (INT8 weights), fp16 (FP8 weights converted to fp16), e4m3 (FP8 weights undecoded)
+DIGIT_KINDS = ("int8", "fp16", "e4m3")
+_KIND = {k: i for i, k in enumerate(DIGIT_KINDS)}
+_DIGIT_DTYPE = {"int8": torch.int8, "fp16": torch.float16, "e4m3": torch.uint8}  # e4m3: the codes' bytes
+
+
+def digit_kind(w: DecodeWeight) -> str:
+    """The digits a tensor-core GEMV of ``w`` reads now (INT8: int8; FP8: e4m3 under :func:`wgmma_on`, else
+    fp16)."""
+    if w.fmt == "int8":
+        return "int8"
+    return "e4m3" if _WGMMA.value else "fp16"
+
+
+def _e4m3_codes_ref(v: Tensor) -> Tensor:
+    """fp32 values (|v| <= 2^8) -> e4m3 codes (uint8): rounded half up in magnitude to 3 mantissa bits, values
+    below 2^-6 (e4m3's subnormals) flushed to a signed zero. Integer operations, as the kernels do them."""
+    b = v.view(torch.int32)
+    mag = (b & 0x7FFFFFFF) + (1 << 19)
+    e = (mag >> 23) - 127
+    code = torch.where(e >= -6, ((e + 7) << 3) | ((mag >> 20) & 7), torch.zeros_like(e))
+    return (code | ((b >> 24) & 0x80)).to(torch.uint8)
+
+
+def _e4m3_values(codes: Tensor) -> Tensor:
+    """uint8 e4m3 codes -> their fp32 values (exact)."""
+    return codes.view(torch.float8_e4m3fn).float()
 
 
 # -- the digits of the activation rows --------------------------------------------------------------------------
@@ -100,14 +149,13 @@ def _pow2(e: Tensor) -> Tensor:
 
 
 def x_digits_ref(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    """Reference. x [M, K] (M <= 4) -> (digits [16, K] int8 ("int8") or fp16 ("fp16"), units [16] fp32):
-    ``x[m] ~= sum_d units[4 m + d] * digits[4 m + d]`` (see the module docstring)."""
+    """Reference. x [M, K] (M <= 4) -> (digits [16, K] int8 ("int8"), fp16 ("fp16") or uint8 e4m3 codes
+    ("e4m3"), units [16] fp32): ``x[m] ~= sum_d units[4 m + d] * digits[4 m + d]`` (see the module docstring)."""
     M, K = x.shape
     xf = x.float()
     amax = xf.abs().amax(dim=1) if K else torch.zeros(M, device=x.device)
     E = _exponent(amax)
-    dt = torch.int8 if kind == "int8" else torch.float16
-    digits = torch.zeros(ROWS, K, dtype=dt, device=x.device)
+    digits = torch.zeros(ROWS, K, dtype=_DIGIT_DTYPE[kind], device=x.device)
     units = torch.zeros(ROWS, dtype=torch.float32, device=x.device)
     for m in range(M):
         if kind == "int8":
@@ -118,6 +166,13 @@ def x_digits_ref(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
                 digits[DIGITS * m + d] = (r - 128 * prev).to(torch.int8)
                 units[DIGITS * m + d] = u
                 prev = r
+        elif kind == "e4m3":
+            v = xf[m] * _pow2(8 - E[m])
+            for d in range(DIGITS):
+                code = _e4m3_codes_ref(v)
+                digits[DIGITS * m + d] = code
+                units[DIGITS * m + d] = _pow2(E[m] - 8 - 4 * d)
+                v = (v - _e4m3_values(code)) * 16.0
         else:
             u = _pow2(E[m] - 14)
             v = xf[m] / u
@@ -141,11 +196,31 @@ def _row_exponent(a):
 
 
 @triton.jit
-def _store_digits(b_x, e, live, p_d, p_u, o_k, m_k, K, first, INT8: tl.constexpr):
+def _e4m3_code(v):
+    # _e4m3_codes_ref: fp32 (|v| <= 2^8) -> e4m3 code (uint8), rounded half up in magnitude, below 2^-6 flushed
+    b = v.to(tl.int32, bitcast=True)
+    mag = (b & 0x7FFFFFFF) + (1 << 19)
+    e = (mag >> 23) - 127
+    code = tl.where(e >= -6, ((e + 7) << 3) | ((mag >> 20) & 7), 0)
+    return (code | ((b >> 24) & 0x80)).to(tl.uint8)
+
+
+@triton.jit
+def _store_digits(b_x, e, live, p_d, p_u, o_k, m_k, K, first, KIND: tl.constexpr):
     # the digits of the values b_x (fp32, zeros for a dead row) at columns o_k of one row slot, written to its
-    # four digit rows at p_d (K columns each); ``first``: this program also writes the slot's four units at p_u
+    # four digit rows at p_d (K columns each); ``first``: this program also writes the slot's four units at p_u.
+    # KIND: the index of the digit kind in DIGIT_KINDS (int8, fp16, e4m3)
     o_d = tl.arange(0, 4)
-    if INT8:
+    if KIND == 2:
+        # four e4m3 digits of x / 2^(E - 8), each the rounded remainder of the last times 16
+        if first:
+            tl.store(p_u + o_d, tl.where(live, _pow2_f32(e - 8 - 4 * o_d), 0.0))
+        v = b_x * _pow2_f32(8 - e)
+        for d in tl.static_range(4):
+            c = _e4m3_code(v)
+            tl.store(p_d + d * K + o_k, c, mask=m_k)
+            v = (v - e4m3_to_f32(c, False) * 256.0) * 16.0  # the bit-move decode is value * 2^-8, exactly
+    elif KIND == 0:
         # units 2^(E - 7 - 7 d); R_d = trunc(x / u_d); digit d = R_d - 128 R_{d-1}
         if first:
             tl.store(p_u + o_d, tl.where(live, _pow2_f32(e - 7 - 7 * o_d), 0.0))
@@ -169,7 +244,7 @@ def _store_digits(b_x, e, live, p_d, p_u, o_k, m_k, K, first, INT8: tl.constexpr
 
 
 @triton.jit
-def _x_digits_kernel(x, dg, un, M, K, stride_xm, INT8: tl.constexpr, BK: tl.constexpr, BKA: tl.constexpr,
+def _x_digits_kernel(x, dg, un, M, K, stride_xm, KIND: tl.constexpr, BK: tl.constexpr, BKA: tl.constexpr,
                      USE_GDC: tl.constexpr):
     # program (m, j): row m's largest magnitude (each program reads the whole row: a few KB from L2), then the
     # digits of its columns [j BK, (j + 1) BK) into rows 4m .. 4m + 3; rows m >= M get zeros (no memset launch)
@@ -186,22 +261,22 @@ def _x_digits_kernel(x, dg, un, M, K, stride_xm, INT8: tl.constexpr, BK: tl.cons
     e = _row_exponent(tl.max(amax, axis=0))
     o_k = i_k * BK + tl.arange(0, BK)
     b_x = tl.load(p_x + o_k, mask=o_k < K_live, other=0.0).to(tl.float32)
-    _store_digits(b_x, e, live, dg + (4 * i_m).to(tl.int64) * K, un + 4 * i_m, o_k, o_k < K, K, i_k == 0, INT8)
+    _store_digits(b_x, e, live, dg + (4 * i_m).to(tl.int64) * K, un + 4 * i_m, o_k, o_k < K, K, i_k == 0, KIND)
 
 
 def x_digits(x: Tensor, kind: str, pdl: bool = False) -> tuple[Tensor, Tensor]:
     """Triton :func:`x_digits_ref`: a program per row slot and column tile (``pdl``: programmatic dependent
     launch, as :func:`bagel_rt.kernels._device.pdl_kwargs`)."""
     M, K = x.shape
-    assert M <= MAX_M and x.stride(-1) == 1 and kind in ("int8", "fp16"), (x.shape, kind)
-    dt = torch.int8 if kind == "int8" else torch.float16
+    assert M <= MAX_M and x.stride(-1) == 1 and kind in DIGIT_KINDS, (x.shape, kind)
+    dt = _DIGIT_DTYPE[kind]
     if M == 0 or K == 0:
         return torch.zeros(ROWS, K, dtype=dt, device=x.device), torch.zeros(ROWS, device=x.device)
     # every row slot written by the kernel (rows past M: zero digits and units)
     digits = torch.empty(ROWS, K, dtype=dt, device=x.device)
     units = torch.empty(ROWS, dtype=torch.float32, device=x.device)
     BK, BKA = (64, 64) if is_interpreting() else (1024, 4096)
-    _x_digits_kernel[(MAX_M, triton.cdiv(K, BK))](x, digits, units, M, K, x.stride(0), INT8=kind == "int8", BK=BK,
+    _x_digits_kernel[(MAX_M, triton.cdiv(K, BK))](x, digits, units, M, K, x.stride(0), KIND=_KIND[kind], BK=BK,
                                                   BKA=BKA, num_warps=8, **pdl_kwargs(pdl, x.device))
     return digits, units
 
@@ -219,7 +294,7 @@ class Digits(NamedTuple):
 
 @triton.jit
 def _add_rms_norm_digits_kernel(x, r, w, r_out, dg, un, M, N, stride_x, stride_r, stride_ro, eps, stride_xp,
-                                PARTS: tl.constexpr, INT8: tl.constexpr, BLOCK_N: tl.constexpr,
+                                PARTS: tl.constexpr, KIND: tl.constexpr, BLOCK_N: tl.constexpr,
                                 USE_GDC: tl.constexpr):
     # program m (of MAX_M): kernels.rms_norm's residual add + RMSNorm of row m (x: the block output, or PARTS
     # fp32 split-K parts summed in order and rounded), then the digits of the normed row, rounded to the residual
@@ -234,7 +309,7 @@ def _add_rms_norm_digits_kernel(x, r, w, r_out, dg, un, M, N, stride_x, stride_r
     tl.store(r_out + m * stride_ro + o_n, b_h, mask=o_n < tl.where(live, N, 0))  # live rows only
     b_y = tl.where(live, _rms_norm_row(b_h.to(tl.float32), w, o_n, m_n, N, eps).to(tl.float32), 0.0)
     e = _row_exponent(tl.max(tl.abs(b_y), axis=0))
-    _store_digits(b_y, e, live, dg + (4 * i_m).to(tl.int64) * N, un + 4 * i_m, o_n, m_n, N, True, INT8)
+    _store_digits(b_y, e, live, dg + (4 * i_m).to(tl.int64) * N, un + 4 * i_m, o_n, m_n, N, True, KIND)
 
 
 def add_rms_norm_digits(x: Tensor, residual: Tensor, weight: Tensor, eps: float, kind: str,
@@ -244,7 +319,8 @@ def add_rms_norm_digits(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
 
     Args:
         x: [M, N] block output in the residual's dtype, or fp32 split-K parts [P, M, N]. residual: [M, N],
-            M <= 4. weight: [N]. eps: the norm's. kind: "int8" or "fp16" (the weights' digit kind).
+            M <= 4. weight: [N]. eps: the norm's. kind: one of DIGIT_KINDS (the weights' digits:
+            :func:`digit_kind`).
         pdl: programmatic dependent launch.
     Returns:
         (:class:`Digits` of ``rms_norm(x + residual)``, the new residual [M, N]): bit for bit the digits of the
@@ -252,12 +328,11 @@ def add_rms_norm_digits(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
     """
     M, N = residual.shape
     parts = x.dim() == 3
-    assert M <= MAX_M and residual.stride(-1) == 1 and x.stride(-1) == 1 and kind in ("int8", "fp16")
+    assert M <= MAX_M and residual.stride(-1) == 1 and x.stride(-1) == 1 and kind in DIGIT_KINDS
     assert weight.shape == (N,) and weight.dtype == residual.dtype, (weight.shape, weight.dtype)
     assert (x.dtype == torch.float32 and x.shape[1:] == (M, N)) if parts else (x.shape == (M, N)
                                                                                 and x.dtype == residual.dtype)
-    dt = torch.int8 if kind == "int8" else torch.float16
-    digits = torch.empty(ROWS, N, dtype=dt, device=residual.device)
+    digits = torch.empty(ROWS, N, dtype=_DIGIT_DTYPE[kind], device=residual.device)
     units = torch.empty(ROWS, dtype=torch.float32, device=residual.device)
     r_out = torch.empty((M, N), dtype=residual.dtype, device=residual.device)
     if M == 0:
@@ -265,7 +340,7 @@ def add_rms_norm_digits(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
     block_n = triton.next_power_of_2(N)
     _add_rms_norm_digits_kernel[(MAX_M,)](
         x, residual, weight, r_out, digits, units, M, N, x.stride(-2), residual.stride(0), r_out.stride(0), eps,
-        x.stride(0) if parts else 0, PARTS=x.shape[0] if parts else 0, INT8=kind == "int8", BLOCK_N=block_n,
+        x.stride(0) if parts else 0, PARTS=x.shape[0] if parts else 0, KIND=_KIND[kind], BLOCK_N=block_n,
         num_warps=16 if block_n >= 16384 else 8, **pdl_kwargs(pdl, residual.device))
     return Digits(digits, units, M, residual.dtype), r_out
 
@@ -280,25 +355,69 @@ def add_rms_norm_digits_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: fl
 
 # -- the GEMVs --------------------------------------------------------------------------------------------------
 @triton.jit
-def _w_operand(p_w_rows, m_n, k0, K, BK: tl.constexpr, CODE: tl.constexpr):
-    # [BK, BN] MMA operand of weight columns [k0, k0 + BK): int8 as stored, e4m3 as exact fp16
+def _w_rows(p_w_rows, m_n, k0, K, BK: tl.constexpr, CODE: tl.constexpr):
+    # [BN, BK] weight columns [k0, k0 + BK) as an MMA operand: int8 as stored, e4m3 undecoded ("e4m3") or as
+    # exact fp16
     o_k = k0 + tl.arange(0, BK)
     b_w = tl.load(p_w_rows[:, None] + o_k[None, :], mask=m_n[:, None] & (o_k < K)[None, :], other=0)
     if CODE == "int8":
         b = b_w
+    elif CODE == "e4m3":
+        b = b_w.to(tl.float8e4nv, bitcast=True)
     elif CODE == "fp8_native":
         b = b_w.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     else:  # bit moves (the interpreter): value * 2^-8, times 256 exactly in fp32, then fp16 (exact)
         b = (e4m3_to_f32(b_w, False) * e4m3_unit(False)).to(tl.float16)
-    return tl.trans(b)
+    return b
 
 
 @triton.jit
-def _d_operand(dg, k0, K, BK: tl.constexpr):
-    # [16, BK] digit rows of columns [k0, k0 + BK)
+def _w_operand(p_w_rows, m_n, k0, K, BK: tl.constexpr, CODE: tl.constexpr):
+    # [BK, BN]: the second MMA operand (digits first)
+    return tl.trans(_w_rows(p_w_rows, m_n, k0, K, BK, CODE))
+
+
+@triton.jit
+def _d_operand(dg, k0, K, BK: tl.constexpr, CODE: tl.constexpr = "int8"):
+    # [16, BK] digit rows of columns [k0, k0 + BK) (e4m3 codes as fp8 for the "e4m3" weights)
     o_k = k0 + tl.arange(0, BK)
     o_r = tl.arange(0, 16)
-    return tl.load(dg + o_r[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0)
+    b_d = tl.load(dg + o_r[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0)
+    if CODE == "e4m3":
+        b_d = b_d.to(tl.float8e4nv, bitcast=True)
+    return b_d
+
+
+@triton.jit
+def _dot(acc, dg, p_w_rows, m_n, k0, K, BK: tl.constexpr, CODE: tl.constexpr, W_A: tl.constexpr):
+    # acc += digits x weights^T for columns [k0, k0 + BK): [16, BN], or with W_A the weights first, [BN, 16]
+    # (one return per helper: the compiler rejects a return inside a constexpr branch)
+    ACC: tl.constexpr = tl.int32 if CODE == "int8" else tl.float32
+    if W_A:
+        acc = tl.dot(_w_rows(p_w_rows, m_n, k0, K, BK, CODE), tl.trans(_d_operand(dg, k0, K, BK, CODE)), acc,
+                     out_dtype=ACC)
+    else:
+        acc = tl.dot(_d_operand(dg, k0, K, BK, CODE), _w_operand(p_w_rows, m_n, k0, K, BK, CODE), acc,
+                     out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _acc_init(BN: tl.constexpr, CODE: tl.constexpr, W_A: tl.constexpr):
+    ACC: tl.constexpr = tl.int32 if CODE == "int8" else tl.float32
+    if W_A:
+        acc = tl.zeros([BN, 16], dtype=ACC)
+    else:
+        acc = tl.zeros([16, BN], dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _digit_sums(acc, W_A: tl.constexpr):
+    # [16, BN] digit sums (the weights-first accumulator transposed once, after the loop)
+    if W_A:
+        acc = tl.trans(acc)
+    return acc
 
 
 @triton.jit
@@ -313,7 +432,7 @@ def _combine(acc, un, s, o_n, m_n):
 @triton.jit
 def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.constexpr, CODE: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr, K_PER=0, stride_yp=0,
-                     SPLIT: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                     SPLIT: tl.constexpr = False, PREFETCH: tl.constexpr = False, W_A: tl.constexpr = False):
     # SPLIT: program (n, p) sums columns [p K_PER, (p + 1) K_PER) only and stores its fp32 partial rows at
     # y + p stride_yp (the bias in part 0); the consumer adds the parts (kernels.add_rms_norm_parts)
     i_n = tl.program_id(0)
@@ -326,12 +445,11 @@ def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.conste
         k_hi = k_lo + K_PER
     l2_prefetch(p_w, m_n, k_lo, tl.minimum(k_hi, K), PREFETCH)  # an A/B option (kernels._device._L2_PREFETCH)
     gdc_wait(USE_GDC)  # the digits are the previous kernel's output
-    ACC: tl.constexpr = tl.int32 if CODE == "int8" else tl.float32
-    acc = tl.zeros([16, BN], dtype=ACC)
+    acc = _acc_init(BN, CODE, W_A)
     for k0 in range(k_lo, k_hi, BK):
-        # out_dtype spelled out: Triton 3.6 checks an int32 accumulator against the float32 default
-        acc = tl.dot(_d_operand(dg, k0, K, BK), _w_operand(p_w, m_n, k0, K, BK, CODE), acc, out_dtype=ACC)
-    b_y = _combine(acc, un, s, o_n, m_n)
+        # out_dtype spelled out (in _dot): Triton 3.6 checks an int32 accumulator against the float32 default
+        acc = _dot(acc, dg, p_w, m_n, k0, K, BK, CODE, W_A)
+    b_y = _combine(_digit_sums(acc, W_A), un, s, o_n, m_n)
     if HAS_BIAS:
         b_b = tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
         if SPLIT:
@@ -348,7 +466,7 @@ def _mma_gemv_kernel(dg, un, w, s, b, y, N, K, M, stride_ym, HAS_BIAS: tl.conste
 @triton.jit
 def _mma_gemv_swiglu_kernel(dg, un, wg, wu, sg, su, y, N, K, M, stride_ym, CODE: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
-                            PREFETCH: tl.constexpr = False):
+                            PREFETCH: tl.constexpr = False, W_A: tl.constexpr = False):
     i_n = tl.program_id(0)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -356,15 +474,13 @@ def _mma_gemv_swiglu_kernel(dg, un, wg, wu, sg, su, y, N, K, M, stride_ym, CODE:
     l2_prefetch(wg + rows, m_n, 0, K, PREFETCH)
     l2_prefetch(wu + rows, m_n, 0, K, PREFETCH)
     gdc_wait(USE_GDC)
-    ACC: tl.constexpr = tl.int32 if CODE == "int8" else tl.float32
-    acc_g = tl.zeros([16, BN], dtype=ACC)
-    acc_u = tl.zeros([16, BN], dtype=ACC)
+    acc_g = _acc_init(BN, CODE, W_A)
+    acc_u = _acc_init(BN, CODE, W_A)
     for k0 in range(0, K, BK):
-        b_d = _d_operand(dg, k0, K, BK)
-        acc_g = tl.dot(b_d, _w_operand(wg + rows, m_n, k0, K, BK, CODE), acc_g, out_dtype=ACC)
-        acc_u = tl.dot(b_d, _w_operand(wu + rows, m_n, k0, K, BK, CODE), acc_u, out_dtype=ACC)
-    g = _combine(acc_g, un, sg, o_n, m_n)
-    u = _combine(acc_u, un, su, o_n, m_n)
+        acc_g = _dot(acc_g, dg, wg + rows, m_n, k0, K, BK, CODE, W_A)
+        acc_u = _dot(acc_u, dg, wu + rows, m_n, k0, K, BK, CODE, W_A)
+    g = _combine(_digit_sums(acc_g, W_A), un, sg, o_n, m_n)
+    u = _combine(_digit_sums(acc_u, W_A), un, su, o_n, m_n)
     o_m = tl.arange(0, 4)
     swiglu_store(y + o_m[:, None] * stride_ym + o_n[None, :], g, u, (o_m < M)[:, None] & m_n[None, :])
 
@@ -372,8 +488,9 @@ def _mma_gemv_swiglu_kernel(dg, un, wg, wu, sg, su, y, N, K, M, stride_ym, CODE:
 def _code(w: DecodeWeight) -> tuple[str, str]:
     """(the weight operand's decode, the digit kind)."""
     assert w.fmt in ("int8", "fp8"), f"the MMA decode GEMVs take int8 / fp8 weights, not {w.fmt}"
-    if w.fmt == "int8":
-        return "int8", "int8"
+    kind = digit_kind(w)
+    if kind in ("int8", "e4m3"):
+        return kind, kind
     return ("fp8" if is_interpreting() else "fp8_native"), "fp16"
 
 
@@ -388,16 +505,18 @@ def prefers_split(w: DecodeWeight) -> bool:
 
 
 def settings(w: DecodeWeight, kind: str = "gemv") -> dict:
-    """The launch settings of ``w`` for ``kind`` ("gemv", "swiglu" or "split"; see :data:`SETTINGS`)."""
-    if kind in ("swiglu", "split"):
-        return dict(SETTINGS[w.fmt][kind])
-    return dict(SETTINGS[w.fmt]["wide" if w.shape[0] > WIDE_N else "narrow"])
+    """The launch settings of ``w`` for ``kind`` ("gemv", "swiglu" or "split"; see :data:`SETTINGS`, and
+    :data:`WGMMA_SETTINGS` under :func:`wgmma_on`, which add ``W_A=True``)."""
+    table = WGMMA_SETTINGS if _WGMMA.value else SETTINGS[w.fmt]
+    c = dict(table[kind] if kind in ("swiglu", "split") else table["wide" if w.shape[0] > WIDE_N else "narrow"])
+    return dict(c, W_A=True) if _WGMMA.value else c
 
 
 def _settings(w: DecodeWeight, cfg: dict | None, kind: str) -> dict:
-    if is_interpreting():  # small tiles (the interpreter's time), the split's parts as asked
-        return dict(INTERPRETER_SETTINGS, **({"parts": (cfg or settings(w, kind))["parts"]} if kind == "split"
-                                              else {}))
+    if is_interpreting():  # small tiles (the interpreter's time), the split's parts and the orientation as asked
+        c = cfg or settings(w, kind)
+        tiles = INTERPRETER_WGMMA_SETTINGS if c.get("W_A") else INTERPRETER_SETTINGS
+        return dict(tiles, **{k: c[k] for k in ("parts", "W_A") if k in c})
     return dict(cfg or settings(w, kind))
 
 
@@ -407,10 +526,10 @@ def _launch(kernel, x: Tensor | Digits, w: DecodeWeight, weight_args: tuple, pdl
     weights' ``weight_args``, then y, N, K, M, y's row stride) over the digits of ``x`` (made here, or given as
     :class:`Digits`; w: the first weight, for the format and the settings of ``kind``; kind "split": [P, M, N]
     fp32 partial sums over P column ranges)."""
-    code, digit_kind = _code(w)
+    code, kind_of_digits = _code(w)
     if isinstance(x, Digits):
         M, K, dtype, device = x.rows, x.digits.shape[1], x.dtype, x.digits.device
-        assert x.digits.dtype == (torch.int8 if digit_kind == "int8" else torch.float16), "digits of another kind"
+        assert x.digits.dtype == _DIGIT_DTYPE[kind_of_digits], "digits of another kind"
     else:
         M, K, dtype, device = x.shape[0], x.shape[1], x.dtype, x.device
     N = w.shape[0]
@@ -426,7 +545,7 @@ def _launch(kernel, x: Tensor | Digits, w: DecodeWeight, weight_args: tuple, pdl
         y = torch.empty((M, N), dtype=dtype, device=device)
     if M == 0 or N == 0:
         return y.zero_()
-    dg, un = (x.digits, x.units) if isinstance(x, Digits) else x_digits(x, digit_kind, pdl)
+    dg, un = (x.digits, x.units) if isinstance(x, Digits) else x_digits(x, kind_of_digits, pdl)
     kernel[grid](dg, un, *weight_args, y, N, K, M, y.stride(-2), CODE=code, num_warps=nw, **c, **split, **kw,
                  **prefetch_kwargs(pdl, device))
     return y
@@ -491,10 +610,11 @@ def mma_gemv_swiglu(x: Tensor, gate: DecodeWeight, up: DecodeWeight, pdl: bool =
 def _ref_rows(x: Tensor, w: DecodeWeight, lo: int = 0, hi: int | None = None) -> Tensor:
     # the digits' products summed in fp64 (exact for int8 digits, to fp64 for fp16), combined as the kernel does;
     # columns [lo, hi) only (a split-K part: the digits are still those of the whole row)
-    kind = "int8" if w.fmt == "int8" else "fp16"
+    kind = digit_kind(w)
     dg, un = x_digits_ref(x, kind)
+    dv = _e4m3_values(dg) if kind == "e4m3" else dg  # the digits' values
     codes = w.codes.double() if w.fmt == "int8" else w.codes.float().double()  # the codes' values
-    sums = dg[:, lo:hi].double() @ codes[:, lo:hi].T  # [16, N]
+    sums = dv[:, lo:hi].double() @ codes[:, lo:hi].T  # [16, N]
     rows = (sums * un.double()[:, None]).reshape(MAX_M, DIGITS, -1).sum(dim=1)[: x.shape[0]]
     return rows * w.scale.double()[None, :]
 

@@ -13,12 +13,14 @@ from bagel_rt.quant.decode_gemv import qgemv_ref, qgemv_swiglu_ref, swiglu_pair
 from bagel_rt.quant.decode_mma import (
     add_rms_norm_digits,
     add_rms_norm_digits_ref,
+    digit_kind,
     mma_gemv,
     mma_gemv_parts,
     mma_gemv_parts_ref,
     mma_gemv_ref,
     mma_gemv_swiglu,
     mma_gemv_swiglu_ref,
+    wgmma_on,
     x_digits,
     x_digits_ref,
 )
@@ -50,23 +52,32 @@ def rows(M: int, K: int, dtype) -> torch.Tensor:
     return x.to(DEV, dtype)
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp16"])
+def digit_values(d: torch.Tensor) -> torch.Tensor:
+    """Digits as fp64 values (e4m3 digits are stored as their codes' bytes)."""
+    return (d.view(torch.float8_e4m3fn).float() if d.dtype == torch.uint8 else d).double()
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp16", "e4m3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M, K", [(1, 1), (1, 333), (3, 130), (4, 64)])
 def test_x_digits(kind, dtype, M, K):
     """The kernel's digits and units equal the reference's bit for bit, and they reconstruct the rows: INT8 to
-    below 2^-26 of each row's largest magnitude, fp16 digits exactly for fp16 rows (hi + lo for fp32)."""
+    below 2^-26 of each row's largest magnitude, fp16 digits exactly for fp16 rows (hi + lo for fp32), the four
+    e4m3 digits to 2^-15 of it (each digit leaves at most 2^-4 of its remainder, or a value below 2^-6)."""
     x = rows(M, K, dtype)
     d, u = x_digits(x, kind)
     dr, ur = x_digits_ref(x, kind)
-    assert d.dtype == (torch.int8 if kind == "int8" else torch.float16) and d.shape == (16, K)
+    assert d.dtype == {"int8": torch.int8, "fp16": torch.float16, "e4m3": torch.uint8}[kind] and d.shape == (16, K)
     assert torch.equal(u, ur) and torch.equal(d, dr)
-    back = (d.double() * u.double()[:, None]).reshape(4, 4, K).sum(dim=1)[:M]
+    back = (digit_values(d) * u.double()[:, None]).reshape(4, 4, K).sum(dim=1)[:M]
     err = (back - x.double()).abs().amax(dim=1)
     amax = x.double().abs().amax(dim=1)
     if kind == "int8":
         assert (d.int().abs() <= 127).all()
         assert (err <= amax * 2.0**-26).all(), (err / amax.clamp_min(1e-300)).max()
+    elif kind == "e4m3":
+        assert not ((d & 0x7F) == 0x7F).any()  # no NaN codes
+        assert (err <= amax * 2.0**-15).all(), (err / amax.clamp_min(1e-300)).max()
     elif dtype == torch.float16:
         assert (err == 0).all(), err.max()
     else:
@@ -74,29 +85,39 @@ def test_x_digits(kind, dtype, M, K):
     assert (u[4 * M:] == 0).all() and (d[4 * M:] == 0).all()  # rows past M: nothing
 
 
-def tol(dtype):
-    return 1e-5 if dtype == torch.float32 else 2e-3
+def tol(dtype, e4m3: bool = False):
+    """Against the fp32 product; e4m3 digits (FP8 under wgmma_on) carry the rows to ~2^-16, not exactly."""
+    return (1e-4 if e4m3 else 1e-5) if dtype == torch.float32 else 2e-3
 
 
+@pytest.mark.parametrize("wgmma", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M", [1, 4])
 @pytest.mark.parametrize("fmt, N, K", [("int8", 37, 123), ("fp8", 5, 200), ("int8", 130, 64), ("fp8", 70, 33)])
-def test_mma_gemv(fmt, N, K, M, dtype):
-    """Against its reference and against the fp32 product of the dequantized weight (the FMA kernels' ref)."""
+def test_mma_gemv(fmt, N, K, M, dtype, wgmma):
+    """Against its reference and against the fp32 product of the dequantized weight (the FMA kernels' ref);
+    ``wgmma``: the weights-first kernels (64-channel tiles, FP8 against e4m3 digits)."""
     w, bias = make_weight(fmt, N, K, bias=True)
     x = rows(M, K, dtype)
-    for b in (None, bias.to(dtype)):
-        got = mma_gemv(x, w, b)
-        assert_close(f"{fmt} mma_gemv vs ref", mma_gemv_ref(x, w, b), got, tol(dtype))
-        assert_close(f"{fmt} mma_gemv vs fp32", qgemv_ref(x, w, b), got, tol(dtype))
+    with wgmma_on(wgmma):
+        for b in (None, bias.to(dtype)):
+            got = mma_gemv(x, w, b)
+            assert_close(f"{fmt} mma_gemv vs ref", mma_gemv_ref(x, w, b), got, tol(dtype))
+            assert_close(f"{fmt} mma_gemv vs fp32", qgemv_ref(x, w, b), got, tol(dtype, wgmma and fmt == "fp8"))
 
 
+@pytest.mark.parametrize("wgmma", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("parts", [1, 3, 4])
 @pytest.mark.parametrize("fmt, N, K", [("int8", 37, 300), ("fp8", 21, 200), ("int8", 40, 64)])
-def test_mma_gemv_parts(fmt, N, K, parts, dtype):
+def test_mma_gemv_parts(fmt, N, K, parts, dtype, wgmma):
     """Split-K: each part against its reference (same column ranges, the whole row's digits), the parts'
     sum against the unsplit kernel and the fp32 product; the bias lands in part 0 only."""
+    with wgmma_on(wgmma):
+        _check_parts(fmt, N, K, parts, dtype, tol(dtype, wgmma and fmt == "fp8"))
+
+
+def _check_parts(fmt, N, K, parts, dtype, tol_fp32):
     from bagel_rt.kernels.rms_norm import add_rms_norm_parts, add_rms_norm_parts_ref
 
     w, bias = make_weight(fmt, N, K, bias=True)
@@ -112,7 +133,7 @@ def test_mma_gemv_parts(fmt, N, K, parts, dtype):
         assert_close(f"{fmt} parts sum vs unsplit", mma_gemv(x.float(), w, b if b is None else b.float()), total,
                      1e-5)
         assert_close(f"{fmt} parts sum vs fp32", qgemv_ref(x.float(), w, b if b is None else b.float()), total,
-                     tol(dtype))
+                     tol_fp32)
         if b is not None:
             assert torch.equal(mma_gemv_parts(x, w, b, cfg=dict(parts=parts))[1:],
                                mma_gemv_parts(x, w, None, cfg=dict(parts=parts))[1:])
@@ -139,22 +160,24 @@ def test_add_rms_norm_digits(M, N, parts, dtype):
     res = torch.randn(M, N, generator=g).to(DEV, dtype)
     w = (torch.rand(N, generator=g) + 0.5).to(DEV, dtype)
     h = (add_rms_norm_parts(x, res, w, 1e-6) if parts else add_rms_norm(x, res, w, 1e-6))[0]
-    for kind in ("int8", "fp16"):
+    for kind in ("int8", "fp16", "e4m3"):
         d, r = add_rms_norm_digits(x, res, w, 1e-6, kind)
         dr, rr = add_rms_norm_digits_ref(x, res, w, 1e-6, kind)
         assert torch.equal(r, rr) and d.rows == M and d.dtype == dtype
         # the Triton chain (same norm arithmetic) bit for bit; the PyTorch reference to its norm's rounding
         chain = x_digits(h, kind)
         assert torch.equal(d.digits, chain[0]) and torch.equal(d.units, chain[1]), kind
-        back = [(v.digits.double() * v.units.double()[:, None]).reshape(4, 4, N).sum(dim=1)[:M] for v in (d, dr)]
+        back = [(digit_values(v.digits) * v.units.double()[:, None]).reshape(4, 4, N).sum(dim=1)[:M]
+                for v in (d, dr)]
         assert_close(f"{kind} digits vs reference", back[1], back[0], tol(dtype))
-    for fmt in ("int8", "fp8"):
+    for fmt, wgmma in (("int8", False), ("fp8", False), ("fp8", True)):
         gate, _ = make_weight(fmt, 24, N, seed=1)
         up, _ = make_weight(fmt, 24, N, seed=2)
         gate, up = swiglu_pair(gate, up)
-        d, _ = add_rms_norm_digits(x, res, w, 1e-6, "int8" if fmt == "int8" else "fp16")
-        assert torch.equal(mma_gemv_swiglu(d, gate, up), mma_gemv_swiglu(h, gate, up)), fmt
-        assert torch.equal(mma_gemv(d, gate), mma_gemv(h, gate)), fmt
+        with wgmma_on(wgmma):
+            d, _ = add_rms_norm_digits(x, res, w, 1e-6, digit_kind(gate))
+            assert torch.equal(mma_gemv_swiglu(d, gate, up), mma_gemv_swiglu(h, gate, up)), fmt
+            assert torch.equal(mma_gemv(d, gate), mma_gemv(h, gate)), fmt
 
 
 @requires_cuda
@@ -167,36 +190,42 @@ def test_add_rms_norm_digits_bf16():
     w = torch.rand(3584, device="cuda", dtype=torch.bfloat16) + 0.5
     for x in (torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16), torch.randn(4, 1, 3584, device="cuda")):
         h = (add_rms_norm_parts(x, res, w, 1e-6) if x.dim() == 3 else add_rms_norm(x, res, w, 1e-6))[0]
-        for kind in ("int8", "fp16"):
+        for kind in ("int8", "fp16", "e4m3"):
             d, _ = add_rms_norm_digits(x, res, w, 1e-6, kind, True)
             chain = x_digits(h, kind)
             assert torch.equal(d.digits, chain[0]) and torch.equal(d.units, chain[1]), kind
 
 
+@pytest.mark.parametrize("wgmma", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fmt, N, K", [("int8", 45, 77), ("fp8", 19, 130)])
-def test_mma_gemv_swiglu(fmt, N, K, dtype):
+def test_mma_gemv_swiglu(fmt, N, K, dtype, wgmma):
     gate, _ = make_weight(fmt, N, K, seed=1)
     up, _ = make_weight(fmt, N, K, seed=2)
     gate, up = swiglu_pair(gate, up)
     x = rows(2, K, dtype)
-    got = mma_gemv_swiglu(x, gate, up)
-    assert_close(f"{fmt} swiglu vs ref", mma_gemv_swiglu_ref(x, gate, up), got, tol(dtype))
-    assert_close(f"{fmt} swiglu vs fp32", qgemv_swiglu_ref(x, gate, up), got, tol(dtype))
+    with wgmma_on(wgmma):
+        got = mma_gemv_swiglu(x, gate, up)
+        assert_close(f"{fmt} swiglu vs ref", mma_gemv_swiglu_ref(x, gate, up), got, tol(dtype))
+    assert_close(f"{fmt} swiglu vs fp32", qgemv_swiglu_ref(x, gate, up), got, tol(dtype, wgmma and fmt == "fp8"))
 
 
+@pytest.mark.parametrize("wgmma", [False, True])
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_every_code_exact(fmt):
+def test_every_code_exact(fmt, wgmma):
     """Every code of the format alone in its row, times a ones row: each output is that code times its scale,
-    rounded once — the tensor-core path sees the codes exactly (no fp16 rounding of e4m3, no int8 loss)."""
+    rounded once — the tensor-core path sees the codes exactly (no fp16 rounding of e4m3, no int8 loss; ones are
+    exact e4m3 digits)."""
     w = one_code_per_row(fmt, 96)
     x = torch.ones(1, 96, device=DEV)
     want = qgemv_ref(x, w)
-    assert torch.equal(mma_gemv(x, w), want)
+    with wgmma_on(wgmma):
+        assert torch.equal(mma_gemv(x, w), want)
 
 
 @pytest.mark.parametrize("gemv, min_n", [("triton-mma", None), ("triton-split", None), ("triton-split", 0),
-                                         ("triton", "split"), ("triton-fsplit", "fsplit")])
+                                         ("triton", "split"), ("triton-fsplit", "fsplit"),
+                                         ("triton-wgmma-split", 0)])
 def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv, min_n, monkeypatch):
     """gemv="triton-mma" / "triton-split" (o and down split-K, summed by the residual add; with every weight
     "wide" (min_n 0), gate/up and lm_head fed digits by the norms before them), and the default "triton" with
@@ -231,7 +260,8 @@ def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv, min_n, monkeypat
         assert ids == res.token_ids, fmt
         assert rel_l2(logits, res.logits) < 1e-3, fmt
     if min_n is not None:  # per step: one per layer (gate/up) and one for lm_head, INT8 and FP8 runs only
-        assert set(fused) == {"int8", "fp16"} and len(fused) % (pipe.model.params.llm.num_layers + 1) == 0
+        kinds = {"int8", "e4m3" if gemv == "triton-wgmma-split" else "fp16"}
+        assert set(fused) == kinds and len(fused) % (pipe.model.params.llm.num_layers + 1) == 0
     if gemv == "triton":  # o and down of every layer, FP8 only
         assert set(split) == {"fp8"} and len(split) % (2 * pipe.model.params.llm.num_layers) == 0
     if gemv == "triton-fsplit":  # o and down of every layer, INT8 and FP8
@@ -240,18 +270,28 @@ def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv, min_n, monkeypat
 
 @requires_cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("wgmma", [False, True])
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_mma_decode_shapes_bf16(fmt):
-    """bf16 rows at BAGEL-7B's decode shapes, against the FMA kernels' reference."""
-    for N, K in ((4608, 3584), (3584, 3584), (3584, 18944), (40000, 3584)):
-        w, _ = make_weight(fmt, N, K)
-        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        assert_close(f"{fmt} {N}x{K}", qgemv_ref(x, w), mma_gemv(x, w), 1e-2)
-    gate, _ = make_weight(fmt, 18944, 3584, seed=1)
-    up, _ = make_weight(fmt, 18944, 3584, seed=2)
-    gate, up = swiglu_pair(gate, up)
-    x = torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16)
-    assert_close(f"{fmt} gate/up", qgemv_swiglu_ref(x, gate, up), mma_gemv_swiglu(x, gate, up), 1e-2)
+def test_mma_decode_shapes_bf16(fmt, wgmma):
+    """bf16 rows at BAGEL-7B's decode shapes, against the FMA kernels' reference (``wgmma``: the weights-first
+    kernels, split-K too, against the fp64 reference of the same digits as well)."""
+    if wgmma and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("wgmma is Hopper's")
+    with wgmma_on(wgmma):
+        for N, K in ((4608, 3584), (3584, 3584), (3584, 18944), (40000, 3584)):
+            w, _ = make_weight(fmt, N, K)
+            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            got = mma_gemv(x, w)
+            assert_close(f"{fmt} {N}x{K}", qgemv_ref(x, w), got, 1e-2)
+            if wgmma:
+                assert_close(f"{fmt} {N}x{K} vs its digits", mma_gemv_ref(x, w), got, 1e-2)
+                assert_close(f"{fmt} {N}x{K} parts", qgemv_ref(x.float(), w),
+                             mma_gemv_parts(x, w).sum(dim=0), 1e-4)
+        gate, _ = make_weight(fmt, 18944, 3584, seed=1)
+        up, _ = make_weight(fmt, 18944, 3584, seed=2)
+        gate, up = swiglu_pair(gate, up)
+        x = torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16)
+        assert_close(f"{fmt} gate/up", qgemv_swiglu_ref(x, gate, up), mma_gemv_swiglu(x, gate, up), 1e-2)
 
 
 @requires_cuda
@@ -263,8 +303,9 @@ def test_mma_greedy_matches_fma_bf16(tiny_dir, fmt):
     s = prompted(pipe)
     runs = {g: GraphDecoder(pipe.model, num_splits=4, gemv=g).generate(s.gen.fork(extra=24), 24, record=True,
                                                                         stop_tokens=())
-            for g in ("triton-fma", "triton-mma", "triton-split", "triton-fsplit")}
-    for g in ("triton-mma", "triton-split", "triton-fsplit"):
+            for g in ("triton-fma", "triton-mma", "triton-split", "triton-fsplit", "triton-wgmma",
+                      "triton-wgmma-split")}
+    for g in ("triton-mma", "triton-split", "triton-fsplit", "triton-wgmma", "triton-wgmma-split"):
         assert rel_l2(runs[g][1], runs["triton-fma"][1]) < 2e-2, g
 
 
