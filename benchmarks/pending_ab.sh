@@ -7,6 +7,9 @@
 #             replaced (triton-fp32) and the candidates still unmeasured or measured on an H100 only: every
 #             INT8 / FP8 weight on the FMA kernels (triton-fma), INT8 / FP8 down split-K on them
 #             (triton-fsplit), the L2 prefetch (triton-prefetch); then the GPU tests of those kernels
+#     wgmma   the weights-first tensor-core GEMVs (decode_mma.wgmma_on): the GPU tests, then the decode A/B of
+#             "triton" against "triton-wgmma", "triton-wgmma-split" and "triton-fp32"
+#     wkernels the weights-first GEMVs' launch settings beside today's kernels (CUDA-graph replay)
 #     lean    "triton" against "triton-fp32" and "triton-fma", and the packed products' GPU tests (a call with
 #             ~5 minutes of device time left)
 #     df11    DF11 t2i under a 24 GiB budget, the Exp4 resident form, then the Huffman one (each with its bf16
@@ -38,6 +41,17 @@ case "$part" in
       tests/test_fast_decode.py -k "exp4 or prmt or hfma or nf4_decodes or prefetch or parts" 2>&1 \
       | grep -E "passed|failed|FAIL|Error|hfma|assert" | tail -n 25
     echo "tests $(( $(date +%s) - t0 )) s" ;;
+  wgmma)  # the weights-first tensor-core GEMVs: their GPU tests, then the decode A/B against "triton"
+    timeout 230 python3 -m pytest -q -m gpu tests/test_decode_mma.py tests/test_fast_decode.py \
+      tests/test_decode_gemv.py tests/test_placement.py 2>&1 | grep -E "passed|failed|FAIL|Error|assert" | tail -n 20
+    echo "tests $(( $(date +%s) - t0 )) s"
+    timeout 330 python3 benchmarks/compressed_speed.py --formats bf16,int8,fp8,nf4 --tasks decode \
+      --decode-gemvs triton,triton-wgmma,triton-wgmma-split,triton-fp32 --commit "$c" \
+      --out "$out/compressed.jsonl" 2>&1 | grep -v -i warn | tail -n 16
+    echo "decode $(( $(date +%s) - t0 )) s" ;;
+  wkernels)  # their launch settings (CUDA-graph replay) beside today's tensor-core and FMA kernels
+    timeout 560 python3 benchmarks/bench_kernels.py --only qgemv --graph --no-compile --providers wgmma,wsplit,mma \
+      --commit "$c" --out "$out/kernels.jsonl" 2>&1 | grep -v -i warn | head -n 150 ;;
   lean)  # the default against the fp32 products, for a call with little device time left (~5 minutes)
     timeout 290 python3 benchmarks/compressed_speed.py --formats bf16,nf4,int8,fp8 --tasks decode \
       --decode-gemvs triton,triton-fp32,triton-fma --commit "$c" \
@@ -63,5 +77,5 @@ case "$part" in
     timeout 560 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
       --runs fp8:t2i,fp8@15.5:t2i,fp8@15.5:t2i+chunks2,fp8-gen-nf4-und:t2i,fp8-gen-nf4-und@12:t2i,fp8:edit,fp8@15.5:edit,fp8@15.5:edit+chunks2 2>&1 \
       | grep -v -i warn | tail -n 18 ;;
-  *) echo "part must be decode, lean, df11, kernels or budget"; exit 2 ;;
+  *) echo "part must be decode, wgmma, wkernels, lean, df11, kernels or budget"; exit 2 ;;
 esac
