@@ -506,7 +506,8 @@ def main() -> int:
                              "e.g. down,lm_head")
     parser.add_argument("--providers", default=None,
                         help="comma-separated substrings: only the providers whose name holds one of them (the "
-                             "first, the candidate, always runs), e.g. hfma,prmt")
+                             "first, the candidate, always runs), e.g. hfma,prmt; =NAME: that provider only, "
+                             "e.g. =mma")
     parser.add_argument("--graph", action="store_true",
                         help="time CUDA-graph replays (excludes launch overhead; matters for small shapes)")
     args = parser.parse_args()
@@ -533,7 +534,8 @@ def main() -> int:
             if args.providers:
                 first = next(iter(providers))
                 providers = {p: fn for p, fn in providers.items()
-                             if p == first or any(s in p for s in args.providers.split(","))}
+                             if p == first or any(p == s[1:] if s.startswith("=") else s in p
+                                                  for s in args.providers.split(","))}
             ms = {p: try_bench(fn, args.graph) for p, fn in providers.items()}
             ours = next(iter(ms))  # the first provider is the candidate; the rest are alternatives
             others = [t for p, t in ms.items() if p != ours and t is not None]
