@@ -50,7 +50,7 @@ case "$part" in
       --out "$out/compressed.jsonl" 2>&1 | grep -v -i warn | tail -n 16
     echo "decode $(( $(date +%s) - t0 )) s" ;;
   wkernels)  # their launch settings (CUDA-graph replay) beside today's tensor-core and FMA kernels
-    timeout 560 python3 benchmarks/bench_kernels.py --only qgemv --graph --no-compile --providers wgmma,wsplit,=mma,=module \
+    timeout 560 python3 benchmarks/bench_kernels.py --only qgemv --graph --no-compile --providers wgmma,wsplit,=mma \
       --commit "$c" --out "$out/kernels.jsonl" 2>&1 | grep -v -i warn | head -n 150 ;;
   lean)  # the default against the fp32 products, for a call with little device time left (~5 minutes)
     timeout 290 python3 benchmarks/compressed_speed.py --formats bf16,nf4,int8,fp8 --tasks decode \
