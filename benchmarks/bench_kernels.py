@@ -504,6 +504,8 @@ def main() -> int:
     parser.add_argument("--shapes", default=None,
                         help="comma-separated substrings: only the cases whose shape (as JSON) holds one of them, "
                              "e.g. down,lm_head")
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated substrings: only the cases whose name holds one of them, e.g. qgemv_fp8")
     parser.add_argument("--providers", default=None,
                         help="comma-separated substrings: only the providers whose name holds one of them (the "
                              "first, the candidate, always runs), e.g. hfma,prmt; =NAME: that provider only, "
@@ -528,6 +530,8 @@ def main() -> int:
     for group in args.only.split(","):
         for name, shape, providers, work in GROUPS[group](K):
             if args.shapes and not any(s in json.dumps(shape) for s in args.shapes.split(",")):
+                continue
+            if args.cases and not any(s in name for s in args.cases.split(",")):
                 continue
             if args.no_compile:
                 providers.pop("compile", None)

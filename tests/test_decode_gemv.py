@@ -643,7 +643,8 @@ def test_q8_hfma_bf16(fmt):
         got = qgemv(x1, w)
     assert torch.equal(got, dequantize_ref(w).sum(dim=1)[None].to(torch.bfloat16)), (got.float() - dequantize_ref(
         w).sum(dim=1)[None]).abs().max()
-    for N, K in ((4608, 3584), (3584, 18944), (40000, 3584), (37, 320)):
+    # BAGEL's shapes, then masked tiles: the tiny checkpoint's (K 64 and 160, shorter than a tile)
+    for N, K in ((4608, 3584), (3584, 18944), (40000, 3584), (37, 320), (128, 64), (64, 160), (512, 64)):
         w, bias = make_weight(fmt, N, K, bias=True)
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         for b in (None, bias.to(torch.bfloat16)):
@@ -653,14 +654,15 @@ def test_q8_hfma_bf16(fmt):
             assert_close(f"{fmt} hfma {N}x{K}", ref.to(torch.bfloat16), got, 8e-3)
         dev = ((got.float() - ref).norm() / ref.norm()).item()
         print(f"{fmt} hfma {N}x{K}: rel. L2 vs the fp32 product {dev:.2e}")
-    gate, _ = make_weight(fmt, 18944, 3584, seed=1)
-    up, _ = make_weight(fmt, 18944, 3584, seed=2)
-    gate, up = swiglu_pair(gate, up)
-    x = torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16)
-    assert decode_gemv._q8_options(settings("swiglu", gate) | dict(hfma=True), x, gate, up)[1]
-    with hfma_on():
-        got = qgemv_swiglu(x, gate, up, True)
-    assert_close(f"{fmt} hfma gate/up", qgemv_swiglu_ref(x, gate, up), got, 1e-2)
+    for N, K in ((18944, 3584), (160, 64)):
+        gate, _ = make_weight(fmt, N, K, seed=1)
+        up, _ = make_weight(fmt, N, K, seed=2)
+        gate, up = swiglu_pair(gate, up)
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        assert decode_gemv._q8_options(settings("swiglu", gate) | dict(hfma=True), x, gate, up)[1]
+        with hfma_on():
+            got = qgemv_swiglu(x, gate, up, True)
+        assert_close(f"{fmt} hfma gate/up {N}x{K}", qgemv_swiglu_ref(x, gate, up), got, 1e-2)
 
 
 @triton.jit
