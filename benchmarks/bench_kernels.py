@@ -505,7 +505,8 @@ def main() -> int:
                         help="comma-separated substrings: only the cases whose shape (as JSON) holds one of them, "
                              "e.g. down,lm_head")
     parser.add_argument("--cases", default=None,
-                        help="comma-separated substrings: only the cases whose name holds one of them, e.g. qgemv_fp8")
+                        help="comma-separated substrings: only the cases whose name holds one of them, "
+                             "e.g. qgemv_fp8")
     parser.add_argument("--providers", default=None,
                         help="comma-separated substrings: only the providers whose name holds one of them (the "
                              "first, the candidate, always runs), e.g. hfma,prmt; =NAME: that provider only, "
