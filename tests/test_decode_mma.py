@@ -285,8 +285,10 @@ def test_mma_decode_shapes_bf16(fmt, wgmma):
             assert_close(f"{fmt} {N}x{K}", qgemv_ref(x, w), got, 1e-2)
             if wgmma:
                 assert_close(f"{fmt} {N}x{K} vs its digits", mma_gemv_ref(x, w), got, 1e-2)
+                # fp32 parts: Hopper sums FP8 products with less than fp32 precision (5.1e-4 measured at 4608 x
+                # 3584, H100, a0527a6), still 4x below the bf16 rounding of the unsplit output
                 assert_close(f"{fmt} {N}x{K} parts", qgemv_ref(x.float(), w),
-                             mma_gemv_parts(x, w).sum(dim=0), 1e-4)
+                             mma_gemv_parts(x, w).sum(dim=0), 2e-3)
         gate, _ = make_weight(fmt, 18944, 3584, seed=1)
         up, _ = make_weight(fmt, 18944, 3584, seed=2)
         gate, up = swiglu_pair(gate, up)

@@ -218,7 +218,8 @@ def test_variant_formats_name_real_variants():
 
     assert set(VARIANT_FORMATS) <= set(GEMVS) - {"triton", "cublas"}
     assert all(fmts and fmts <= {"int8", "fp8", "nf4"} for fmts in VARIANT_FORMATS.values())
-    assert VARIANT_FORMATS["triton-fp32"] == {"nf4", "fp8", "int8"} and "nf4" in VARIANT_FORMATS["triton-prmt"]
+    assert VARIANT_FORMATS["triton-fp32"] == {"nf4", "fp8"} and "nf4" in VARIANT_FORMATS["triton-prmt"]
+    assert VARIANT_FORMATS["triton-int8-packed"] == {"int8"}  # INT8's packed products are off by default
 
 
 # ---------------------------------------------------------------- GPU: the CUDA graph
