@@ -71,26 +71,26 @@ def visiting(module: nn.Module, device: torch.device, enabled: bool):
         return
     slots = list(_tensor_slots(module))
     pin = device.type == "cuda"
-    # by the id of the Parameter / buffer object (a tied one is seen once per holder): its home, its copy
-    home_of: dict[int, torch.Tensor] = {}
-    copies: dict[int, torch.Tensor] = {}
+    # by the id of the Parameter / buffer object (a tied one is seen once per holder): (its home, its copy)
+    moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     homes = []
     try:
         for m, name, is_param, t in slots:
-            if id(t) not in home_of:
+            if id(t) not in moved:
                 home = t.data if is_param else t
                 if home.device.type != "cpu":  # already resident (e.g. not offloaded): leave it where it is
                     continue
                 if pin and not home.is_pinned():  # once: the home copy itself becomes pinned memory
                     home = home.pin_memory()
-                home_of[id(t)], copies[id(t)] = home, _device_copy(home, device, pin)
-            homes.append((m, name, is_param, home_of[id(t)]))
-            _set_slot(m, name, is_param, copies[id(t)])
+                moved[id(t)] = home, _device_copy(home, device, pin)
+            home, copy = moved[id(t)]
+            homes.append((m, name, is_param, home))
+            _set_slot(m, name, is_param, copy)
         yield module
     finally:
         for m, name, is_param, home in homes:
             _set_slot(m, name, is_param, home)
-        copies.clear()
+        moved.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -96,8 +96,9 @@ MMA_MIN_N = 8192
 SPLIT_MIN_K = 8192
 INTERPRETER_SETTINGS = dict(BN=16, BK=64, num_warps=4)
 #: the settings of the weights-first (wgmma) kernels, by kind: 64 channels (one warpgroup's wgmma rows) per
-#: program; the split cuts o and down into column ranges so that 3584 channels fill the SMs. Not measured on a GPU
-#: yet (``bench_kernels.py --only qgemv --graph --providers wgmma`` sweeps them).
+#: program; the split cuts o and down into column ranges so that 3584 channels fill the SMs. Per kernel not
+#: measured yet (``bench_kernels.py --only qgemv --graph --providers wgmma,wsplit`` sweeps them); the decoder with
+#: them is no faster (see fast_decode.GEMVS "triton-wgmma").
 WGMMA_SETTINGS = {"narrow": dict(BN=64, BK=256, num_warps=4, num_stages=3),
                   "wide": dict(BN=64, BK=256, num_warps=4, num_stages=3),
                   "swiglu": dict(BN=64, BK=128, num_warps=4, num_stages=3),
