@@ -4,11 +4,11 @@ A request's peak is the resident weights plus the largest transient of its phase
 transients up from the model's sizes, the image size and the prompt length, the way the runtime allocates them
 under a budget (:mod:`bagel_rt.placement`: ViT, VAE and embedding visit the GPU for their phase only; the
 contexts' KV caches wait on the CPU while the denoiser's arena holds their copies; prefill and denoiser MLPs in
-row chunks; the graph pool released before the VAE decode). It is what :func:`bagel_rt.placement.
-keep_layers_decoded` leaves room for, and what ``benchmarks/budget_memory.py`` prints beside the allocator's
-measured peaks. The KV-cache and arena terms are exact (tests/test_memory.py checks them against a request);
-the activation terms count the tensors alive at the widest point of each phase and ignore allocator rounding
-and library workspaces (cuBLAS, cuDNN: tens of MiB).
+row chunks; the graph pool released before the VAE decode where the two do not fit together). It is what
+:func:`bagel_rt.placement.keep_layers_decoded` leaves room for, and what ``benchmarks/budget_memory.py``
+prints beside the allocator's measured peaks. The KV-cache and arena terms are exact (tests/test_memory.py
+checks them against a request); the activation terms count the tensors alive at the widest point of each phase
+and ignore allocator rounding and library workspaces (cuBLAS, cuDNN: tens of MiB).
 
 Phases (bytes):
 
@@ -21,7 +21,10 @@ Phases (bytes):
 * ``denoise``: the arena (every computed branch's cache + its query block, all layers) and one packed forward's
   activations (residual streams, q/attention output, the MLP intermediates of one row chunk, the chunks'
   shared dequantized weights for weight-only formats), the graph pool holding about one forward.
-* ``vae_decode``: the VAE's weights and its streamed decode (1087 MiB at 1024^2, measured).
+* ``vae_decode``: the VAE's weights and its streamed decode (1087 MiB at 1024^2, measured). The denoiser (arena
+  and graph pool) stays through it where both fit the budget (:func:`bagel_rt.placement.vae_fits`), so the next
+  request of the same layout replays its graphs instead of capturing them again; the prediction takes the
+  conservative case (released).
 """
 
 from __future__ import annotations
@@ -95,6 +98,12 @@ def arena_bytes(params: BagelParams, task: str, height: int, width: int, text_to
     return sum(rows[b] + block for b in branches(task)) * kv_row_bytes(params, itemsize)
 
 
+def vae_decode_bytes(height: int, width: int) -> int:
+    """Predicted GPU bytes of a visiting VAE decoding a height x width image: its fp32 weights and the streamed
+    decode's peak, scaled from the measured 1024^2 one by the pixel count."""
+    return 4 * VAE_PARAMS + int(VAE_DECODE_1024 * height * width / 1024**2)
+
+
 def request_transients(params: BagelParams, task: str, height: int, width: int, itemsize: int = 2,
                        text_tokens: int = 32, weight_only: bool = False, prefill_rows: int | None = None,
                        mlp_chunks: int = 4) -> dict[str, int]:
@@ -133,6 +142,6 @@ def request_transients(params: BagelParams, task: str, height: int, width: int, 
     R = len(branches(task)) * (vae_rows(params, height, width) - 2)
     act = 6 * R * H * b + 3 * math.ceil(R / mlp_chunks) * inter * b + (3 * dense if weight_only else 0)
     out["denoise"] = arena_bytes(params, task, height, width, text_tokens, b) + act
-    out["vae_decode"] = 4 * VAE_PARAMS + int(VAE_DECODE_1024 * area)
+    out["vae_decode"] = vae_decode_bytes(height, width)
     out["peak"] = max(out.values())
     return out

@@ -120,6 +120,7 @@ def text_phase(bagel, embeddings: bool = False):
     head = head_offloaded(bagel)
     table = embeddings and bagel.offload
     device = bagel.model.device
+    release_denoiser(bagel)
     with visiting(bagel.model.language_model.lm_head, device, head), \
             visiting(bagel.model.language_model.model.embed_tokens, device, table):
         try:
@@ -310,6 +311,32 @@ def mlp_chunks(bagel, rows: int) -> int:
     if not free:
         return MIN_MLP_CHUNKS
     return max(MIN_MLP_CHUNKS, math.ceil(rows * _mlp_row_bytes(bagel) / (MLP_SHARE * free)))
+
+
+#: bytes the budget must leave beyond the VAE decode's predicted need (allocator rounding, cuDNN workspaces) for
+#: the denoiser to stay through it
+VAE_SLACK = 512 * 2**20
+
+
+def release_denoiser(bagel) -> None:
+    """Under a budget, drop the denoiser kept from the last image (its arena, captured graphs and their pool) and
+    return the cached memory, before a phase that needs the room: an input image's ViT and VAE encode, a text
+    phase, a VAE decode that does not fit beside it (:func:`vae_fits`). A no-op without a budget."""
+    if bagel.offload and bagel.fast_cache:
+        bagel.fast_cache.clear()
+        torch.cuda.empty_cache()
+
+
+def vae_fits(bagel, height: int, width: int) -> bool:
+    """Whether the VAE can decode a height x width image beside what is allocated now (the denoiser's arena and
+    graph pool among it): always without a budget. Under one, a denoiser released before each VAE decode is
+    built and captured again by the next request — one eager forward and one capture per branch set, every
+    request. An FP8 t2i under 15.5 GiB leaves room for both (resident ~12.3 GiB, denoiser ~1 GiB, VAE decode
+    ~1.4 GiB); an edit (arena of three branches, 1.66 GiB) does not."""
+    from .memory_plan import vae_decode_bytes
+
+    free = _headroom(bagel)
+    return free is None or free >= vae_decode_bytes(height, width) + VAE_SLACK
 
 
 #: bytes left aside for what the allocator holds beyond the predicted tensors (CUDA-graph pools, rounding):

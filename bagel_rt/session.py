@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from . import validate
+from . import placement, validate
 from .batch import ImageJob
 from .cache import Context
 from .errors import InputError
@@ -138,6 +138,7 @@ class Session:
             raise InputError(f"expected a PIL image, got {type(image).__name__}")
         img = resize_image(to_rgb(image), *VAE_RESIZE)
         vit_img = resize_image(img, *VIT_RESIZE)
+        placement.release_denoiser(self.bagel)  # under a budget: room for the ViT and the VAE encode
         self._images += 1
         key = self._images
         # room for both blocks and a text at once: growing the cache block by block would copy it each time and,
@@ -295,14 +296,27 @@ class Session:
         """Final latents [h*w, 64] (token layout) -> PIL image of (16h, 16w) via the VAE (fp32)."""
         p = self.model.params
         z = unpatchify(latents.float(), h, w, p.latent_patch_size, p.latent_channels)
-        vae = self.bagel.vae
-        if self.bagel.offload:  # under a budget, the denoiser's arena and graph pool make room for the VAE
-            self.bagel.fast_cache.clear()
-            torch.cuda.empty_cache()
-        with visiting(vae, self.model.device, self.bagel.offload):
-            img = vae.decode(z[None].to(self.model.device, torch.float32))
+        bagel = self.bagel
+        kept = bagel.offload and bool(bagel.fast_cache)  # under a budget: a denoiser still holds GPU memory
+        if kept and not placement.vae_fits(bagel, 16 * h, 16 * w):
+            placement.release_denoiser(bagel)  # its arena and graph pool make room for the VAE
+            kept = False
+        img = None
+        try:
+            img = self._vae_decode(z)
+        except torch.cuda.OutOfMemoryError:
+            if not kept:
+                raise
+        if img is None:  # the predicted room was not there: again without the denoiser (outside the except: its
+            placement.release_denoiser(bagel)  # traceback would keep the failed decode's memory alive)
+            img = self._vae_decode(z)
         validate.finite(img, "the decoded image", validate.NON_FINITE_HINT)
         return tensor_to_image(img[0].cpu())
+
+    def _vae_decode(self, z: Tensor) -> Tensor:
+        """The VAE's decode of latents z [C, h, w] on the model's device (visiting it under a budget)."""
+        with visiting(self.bagel.vae, self.model.device, self.bagel.offload):
+            return self.bagel.vae.decode(z[None].to(self.model.device, torch.float32))
 
 
 def gen_images(sessions: list[Session], image_shapes: list, cfg: CFGSettings | None = None,

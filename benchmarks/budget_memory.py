@@ -11,7 +11,8 @@ task up with a 3-step request and then runs the app-defaults request, recording 
 VAE decode) the allocator's peak (``max_memory_allocated``) and reserved peak (``max_memory_reserved``: what the
 budget caps). ``predicted_gib`` is :func:`bagel_rt.memory_plan.request_transients` on top of the resident
 weights. ``--uncapped`` places the model for the budget but lifts the cap, to see what a request needs where it
-does not fit; a task ending in ``+eager`` (``int8@16:edit+eager``) runs without CUDA graphs. A failed run
+does not fit; a task ending in ``+eager`` (``int8@16:edit+eager``) runs without CUDA graphs, ``+chunksN`` with the
+denoiser's MLPs in N row chunks, ``+drop`` with the denoiser released before every VAE decode. A failed run
 records the phase it failed in and the allocator's pools then (``--history``: with the code that holds the
 CUDA-graph pools' live blocks). DF11 runs also time the request against bf16 in the same process
 (``vs_bf16``; the target is 1.25x) and check the bits (``bit_identical``).
@@ -46,6 +47,7 @@ PHASE_START = [0.0]
 
 
 PLACEMENT_CHUNKS = placement.mlp_chunks
+PLACEMENT_VAE_FITS = placement.vae_fits
 
 
 def chunk_counter(n: int | None, used: list[int]):
@@ -183,9 +185,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default=None)
     ap.add_argument("--runs", default="int8@16:edit,fp8@15.5:edit,nf4@12:edit,fp8-gen-nf4-und@12:t2i,df11@24:t2i",
-                    help="comma-separated FORMAT@GIB:TASK[+eager][+chunksN] (GIB 0: no budget; eager: without "
-                         "CUDA graphs; chunksN: the denoiser's MLPs in N row chunks under the budget, instead of "
-                         "placement.mlp_chunks' choice)")
+                    help="comma-separated FORMAT@GIB:TASK[+eager][+chunksN][+drop] (GIB 0: no budget; eager: "
+                         "without CUDA graphs; chunksN: the denoiser's MLPs in N row chunks under the budget, "
+                         "instead of placement.mlp_chunks' choice; drop: the denoiser released before every VAE "
+                         "decode, captured again by the next request, as before placement.vae_fits)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--uncapped", action="store_true", help="place for the budget but lift the cap")
@@ -222,6 +225,7 @@ def main() -> None:
         chunks = next((int(m[len("chunks"):]) for m in modes if m.startswith("chunks")), None)
         used_chunks: list[int] = []
         placement.mlp_chunks = chunk_counter(chunks, used_chunks)  # the session imports it at each request
+        placement.vae_fits = (lambda *_: False) if "drop" in modes else PLACEMENT_VAE_FITS
         fmt, _, gib = spec.partition("@")
         gib = float(gib or 0)
         ref = build = None
@@ -231,9 +235,9 @@ def main() -> None:
             pipe = make_pipe(fmt)
         if "eager" in modes:
             pipe.use_graphs = False
-        row = dict(diag="budget_memory", weights=fmt, budget_gib=gib or None, task=task, height=a.size,
-                   width=a.size, num_timesteps=a.steps, uncapped=a.uncapped, use_graphs=pipe.use_graphs,
-                   expandable_start=not a.late_expandable, df11_wide=a.df11_wide,
+        row = dict(diag="budget_memory", weights=fmt, budget_gib=gib or None, task=task, modes=modes,
+                   height=a.size, width=a.size, num_timesteps=a.steps, uncapped=a.uncapped,
+                   use_graphs=pipe.use_graphs, expandable_start=not a.late_expandable, df11_wide=a.df11_wide,
                    **(dict(df11_form=a.df11_form, units_added_s=round(build, 3)) if fmt == "df11" else {}),
                    **env)
         row["setup_gib"] = memory_gib()
@@ -251,6 +255,7 @@ def main() -> None:
             plan = request_transients(pipe.model.params, task, a.size, a.size, weight_only=weight_only)
             row.update(seconds=round(sec, 3), resident_gib=round(resident, 2),
                        cuda_graphs=pipe.use_graphs and not pipe.graphs_refused,  # False: a capture did not fit
+                       denoiser_kept=bool(pipe.fast_cache),  # through the VAE decode (placement.vae_fits)
                        phase_peak_gib={k: v[0] for k, v in peaks.items()},
                        phase_reserved_gib={k: v[1] for k, v in peaks.items()},
                        phase_seconds={k: v[2] for k, v in peaks.items()},
@@ -272,7 +277,7 @@ def main() -> None:
                        at_failure_gib=memory_gib(),
                        at_failure=memory_at_failure())
         emit(row, a.out)
-        placement.mlp_chunks = PLACEMENT_CHUNKS
+        placement.mlp_chunks, placement.vae_fits = PLACEMENT_CHUNKS, PLACEMENT_VAE_FITS
         del pipe
         release_gpu()
 
