@@ -18,9 +18,11 @@
 #     df11    DF11 t2i under a 24 GiB budget, the Exp4 resident form, then the Huffman one (each with its bf16
 #             run in the same process: vs_bf16, bit_identical)
 #     kernels the decode GEMVs' candidate settings (CUDA-graph replay), the DF11 decode kernels
-#     budget  FP8 t2i / edit and the FP8-gen/NF4-und t2i uncapped, then under their card budgets (15.5, 12 GiB),
-#             with each phase's seconds and peaks: where the budget's extra seconds go; FP8 also with the
-#             denoiser's MLPs in 2 row chunks instead of placement's 4 (what the chunks cost, what they save)
+#     budget  FP8 t2i and the FP8-gen/NF4-und t2i uncapped, then under their card budgets (15.5, 12 GiB), with
+#             each phase's seconds and peaks (where the budget's extra seconds go), and with the denoiser released
+#             before each VAE decode (+drop, the behaviour before placement.vae_fits)
+#     budget-edit the FP8 edit uncapped and under 15.5 GiB, also with the denoiser's MLPs in 2 row chunks
+#             instead of placement's 4 (what the chunks cost, what they save)
 #
 # Winners become the defaults with the measurement in the code comment beside them (decode_gemv settings,
 # fast_decode.DEFAULT_GEMV, df11_resident.DEFAULT_FORM), and the README's issue-12 paragraphs get the rows.
@@ -77,9 +79,13 @@ case "$part" in
       --commit "$c" --out "$out/kernels.jsonl" 2>&1 | head -n 120
     timeout 120 python3 benchmarks/bench_kernels.py --only df11 --commit "$c" --out "$out/kernels.jsonl" 2>&1 \
       | tail -n 10 ;;
-  budget)
+  budget)  # t2i: FP8 under 15.5 GiB, the FP8-gen/NF4-und recipe under 12, each beside its uncapped run and
+    # with the denoiser released before the VAE decode (+drop: captured again by every request, as before)
     timeout 560 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
-      --runs fp8:t2i,fp8@15.5:t2i,fp8@15.5:t2i+chunks2,fp8-gen-nf4-und:t2i,fp8-gen-nf4-und@12:t2i,fp8:edit,fp8@15.5:edit,fp8@15.5:edit+chunks2 2>&1 \
+      --runs fp8:t2i,fp8@15.5:t2i,fp8@15.5:t2i+drop,fp8-gen-nf4-und:t2i,fp8-gen-nf4-und@12:t2i,fp8-gen-nf4-und@12:t2i+drop 2>&1 \
       | grep -v -i warn | tail -n 18 ;;
-  *) echo "part must be decode, wgmma, wkernels, lean, df11, kernels or budget"; exit 2 ;;
+  budget-edit)  # the FP8 edit uncapped, under 15.5 GiB, and with 2 MLP row chunks instead of 4
+    timeout 560 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
+      --runs fp8:edit,fp8@15.5:edit,fp8@15.5:edit+chunks2 2>&1 | grep -v -i warn | tail -n 12 ;;
+  *) echo "part must be decode, wgmma, wkernels, lean, df11, kernels, budget or budget-edit"; exit 2 ;;
 esac
