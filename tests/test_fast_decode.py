@@ -365,10 +365,12 @@ def test_greedy_matches_torch_bf16(pipe_cuda):
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["int8", "fp8", "nf4"])
-def test_compressed_greedy_matches_torch_bf16(tiny_dir, fmt):
+@pytest.mark.parametrize("fmt, gemv", [("int8", "triton"), ("int8", "triton-int8-packed"), ("fp8", "triton"),
+                                       ("nf4", "triton")])
+def test_compressed_greedy_matches_torch_bf16(tiny_dir, fmt, gemv):
     """Compressed weights in bf16 on the GPU: the graph decoder's greedy ids follow the torch backend (up to a
-    near-tie), PDL leaves them and the logits bit-identical, and the fused GEMVs match the modules' forward."""
+    near-tie), PDL leaves them and the logits bit-identical, and the fused GEMVs match the modules' forward.
+    INT8's packed bf16 products (off by default) too: the candidate default."""
     pipe = quantized_pipe(tiny_dir, fmt, torch.bfloat16, "cuda")
     model = pipe.model
     s = prompted(pipe)
@@ -380,7 +382,7 @@ def test_compressed_greedy_matches_torch_bf16(tiny_dir, fmt):
         want.append(tok)
     runs = {}
     for pdl, compressed in ((True, True), (False, True), (True, False)):
-        dec = GraphDecoder(model, num_splits=4, pdl=pdl, compressed=compressed)
+        dec = GraphDecoder(model, num_splits=4, pdl=pdl, compressed=compressed, gemv=gemv)
         runs[pdl, compressed] = dec.generate(s.gen.fork(extra=24), 24, record=True, stop_tokens=())
     ids = runs[True, True][0]
     for i, (a, b) in enumerate(zip(ids, want)):
