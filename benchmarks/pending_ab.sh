@@ -21,6 +21,7 @@
 #     budget  FP8 t2i and the FP8-gen/NF4-und t2i uncapped, then under their card budgets (15.5, 12 GiB), with
 #             each phase's seconds and peaks (where the budget's extra seconds go), and with the denoiser released
 #             before each VAE decode (+drop, the behaviour before placement.vae_fits)
+#     budget-few the most wanted of both, for a call with little device time
 #     budget-edit the FP8 edit uncapped and under 15.5 GiB, also with the denoiser's MLPs in 2 row chunks
 #             instead of placement's 4 (what the chunks cost, what they save)
 #
@@ -84,8 +85,12 @@ case "$part" in
     timeout 560 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
       --runs fp8:t2i,fp8@15.5:t2i,fp8@15.5:t2i+drop,fp8-gen-nf4-und:t2i,fp8-gen-nf4-und@12:t2i,fp8-gen-nf4-und@12:t2i+drop 2>&1 \
       | grep -v -i warn | tail -n 18 ;;
+  budget-few)  # the most wanted budget rows first, for a call with little device time (rows kept on a timeout)
+    timeout 520 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
+      --runs fp8@15.5:t2i,fp8@15.5:t2i+drop,fp8@15.5:edit,fp8-gen-nf4-und@12:t2i,fp8:edit,fp8:t2i 2>&1 \
+      | grep -v -i warn | tail -n 14 ;;
   budget-edit)  # the FP8 edit uncapped, under 15.5 GiB, and with 2 MLP row chunks instead of 4
     timeout 560 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
       --runs fp8:edit,fp8@15.5:edit,fp8@15.5:edit+chunks2 2>&1 | grep -v -i warn | tail -n 12 ;;
-  *) echo "part must be decode, wgmma, wkernels, lean, df11, kernels, budget or budget-edit"; exit 2 ;;
+  *) echo "part must be decode, wgmma, wkernels, lean, df11, kernels, budget, budget-few or budget-edit"; exit 2 ;;
 esac
