@@ -100,16 +100,16 @@ from .errors import InputError
 #: 239.0, FP8 269.4 / 237.2). Under "triton" the FMA kernels of NF4, INT8 and FP8 weights sum their products in
 #: packed bf16 pairs (decode_gemv.nf4_hfma_on, int8_hfma_on, fp8_hfma_on: NF4 decoded by byte permutes; the
 #: default since the fifteenth stop; measured, one process, H100, 1ff1e2e, median of 5, tok/s, fp32 products ->
-#: packed: NF4 279.7 -> 337.3, INT8 297.7 -> 303.4, FP8 280.6 -> 283.2, bf16 190.0; INT8's are off by default
-#: again: see decode_gemv.INT8_HFMA_SETTINGS, and "triton-int8-packed" for them); "triton-fp32" keeps the fp32
-#: products (NF4's word-wise decode, FP8's exact fp32 decode) for A/B runs, and "triton-prmt" is
-#: that with NF4 decoded by byte permutes into fp32 products (decode_gemv.nf4_prmt_on). "triton-wgmma" and
-#: "triton-wgmma-split" are "triton" and "triton-split" with the INT8 / FP8 tensor-core GEMVs putting the weight
-#: tile first (Hopper's wgmma from shared memory; FP8 weights undecoded against e4m3 digits: decode_mma.wgmma_on):
-#: A/B candidates, no faster in the decoder (one process, H100, a0527a6, median of 3, tok/s, "triton" / "triton-
-#: wgmma" / "triton-wgmma-split": FP8 288.8 / 285.9 / 283.1, INT8 318.8 / 314.2 / 304.2).
+#: packed: NF4 279.7 -> 337.3, INT8 297.7 -> 303.4, FP8 280.6 -> 283.2, bf16 190.0; INT8's were off for a stop:
+#: see decode_gemv.INT8_HFMA_SETTINGS); "triton-fp32" keeps the fp32 products (NF4's word-wise decode, the exact
+#: fp32 decodes of INT8 and FP8) for A/B runs, and "triton-prmt" is that with NF4 decoded by byte permutes into
+#: fp32 products (decode_gemv.nf4_prmt_on). "triton-wgmma" and "triton-wgmma-split" are "triton" and
+#: "triton-split" with the INT8 / FP8 tensor-core GEMVs putting the weight tile first (Hopper's wgmma from shared
+#: memory; FP8 weights undecoded against e4m3 digits: decode_mma.wgmma_on): A/B candidates, no faster in the
+#: decoder (one process, H100, a0527a6, median of 3, tok/s, "triton" / "triton-wgmma" / "triton-wgmma-split":
+#: FP8 288.8 / 285.9 / 283.1, INT8 318.8 / 314.2 / 304.2).
 GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit", "triton-prefetch",
-         "triton-fp32", "triton-prmt", "triton-wgmma", "triton-wgmma-split", "triton-int8-packed")
+         "triton-fp32", "triton-prmt", "triton-wgmma", "triton-wgmma-split")
 
 
 @contextlib.contextmanager
@@ -121,11 +121,10 @@ def _fp32_products(prmt: bool = False):
 #: the variants that are another implementation run inside a context (see GEMVS): name -> (context, base)
 _VARIANTS = {"triton-prefetch": (l2_prefetch_on, "triton"), "triton-fp32": (_fp32_products, "triton"),
              "triton-prmt": (functools.partial(_fp32_products, True), "triton"),
-             "triton-wgmma": (wgmma_on, "triton"), "triton-wgmma-split": (wgmma_on, "triton-split"),
-             "triton-int8-packed": (int8_hfma_on, "triton")}
+             "triton-wgmma": (wgmma_on, "triton"), "triton-wgmma-split": (wgmma_on, "triton-split")}
 #: the weight formats whose decode step a variant changes beyond "triton": an A/B run of it on another format
 #: measures the same kernels again (benchmarks skip it); variants not named here change every format
-VARIANT_FORMATS = {"triton-prmt": {"nf4"}, "triton-fp32": {"nf4", "fp8"}, "triton-int8-packed": {"int8"},
+VARIANT_FORMATS = {"triton-prmt": {"nf4"}, "triton-fp32": {"nf4", "fp8", "int8"},
                    "triton-split": {"int8", "fp8"},
                    "triton-fsplit": {"int8", "fp8"}, "triton-fma": {"int8", "fp8"}, "triton-mma": {"int8", "fp8"},
                    "triton-wgmma": {"int8", "fp8"}, "triton-wgmma-split": {"int8", "fp8"}}

@@ -22,6 +22,7 @@
 #             each phase's seconds and peaks (where the budget's extra seconds go), and with the denoiser released
 #             before each VAE decode (+drop, the behaviour before placement.vae_fits)
 #     budget-few the most wanted of both, for a call with little device time
+#     targets issue 12's budget targets alone (FP8 t2i / edit under 15.5 GiB, the 12 GB recipe), ~4 minutes
 #     budget-edit the FP8 edit uncapped and under 15.5 GiB, also with the denoiser's MLPs in 2 row chunks
 #             instead of placement's 4 (what the chunks cost, what they save)
 #
@@ -89,8 +90,13 @@ case "$part" in
     timeout 520 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
       --runs fp8@15.5:t2i,fp8@15.5:t2i+drop,fp8@15.5:edit,fp8-gen-nf4-und@12:t2i,fp8:edit,fp8:t2i 2>&1 \
       | grep -v -i warn | tail -n 14 ;;
+  targets)  # issue 12's budget targets alone (FP8 t2i / edit under 15.5 GiB, the 12 GB recipe), ~4 minutes
+    timeout 250 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
+      --runs fp8@15.5:t2i,fp8@15.5:edit,fp8-gen-nf4-und@12:t2i,fp8:edit 2>&1 | grep -v -i warn \
+      | grep -o '"weights": "[^"]*"\|"budget_gib": [0-9.a-z]*\|"task": "[a-z0-9]*"\|"seconds": [0-9.]*\|"peak_gib": [0-9.]*' \
+      | paste - - - - - ;;
   budget-edit)  # the FP8 edit uncapped, under 15.5 GiB, and with 2 MLP row chunks instead of 4
     timeout 560 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
       --runs fp8:edit,fp8@15.5:edit,fp8@15.5:edit+chunks2 2>&1 | grep -v -i warn | tail -n 12 ;;
-  *) echo "part must be decode, wgmma, wkernels, lean, df11, kernels, budget, budget-few or budget-edit"; exit 2 ;;
+  *) echo "part must be decode, wgmma, wkernels, lean, df11, kernels, budget, budget-few, targets or budget-edit"; exit 2 ;;
 esac

@@ -315,19 +315,17 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
                    "full_evaluations.")
 @click.option("--decode-gemv", type=click.Choice(["triton", "triton-fma", "triton-mma", "triton-split",
                                                   "triton-fsplit", "triton-prefetch", "triton-fp32", "triton-prmt",
-                                                  "triton-wgmma", "triton-wgmma-split", "triton-int8-packed",
-                                                  "cublas"]),
+                                                  "triton-wgmma", "triton-wgmma-split", "cublas"]),
               default="triton",
               help="Text decoding's GEMVs: triton (default: INT8/FP8 weights on the tensor cores or the FMA "
-                   "kernels, the faster per shape; the FMA kernels of NF4/FP8 sum in packed bf16 pairs), "
+                   "kernels, the faster per shape; the FMA kernels of NF4/INT8/FP8 sum in packed bf16 pairs), "
                    "triton-fma / triton-mma (every INT8/FP8 weight on one kind), triton-split (triton, with "
                    "INT8/FP8 o/down split-K on the tensor cores; measured slower on the H200), triton-fsplit "
                    "(triton, with INT8/FP8 down split-K on the FMA kernels), triton-prefetch (triton, each GEMV "
                    "asking L2 for its weights before its PDL wait; measured slower on an H100), triton-fp32 "
                    "(triton with fp32 products: the default until the fifteenth stop), triton-prmt (triton-fp32 "
                    "with NF4 decoded by byte permutes), triton-wgmma / triton-wgmma-split (triton / triton-split "
-                   "with the INT8/FP8 tensor-core GEMVs on Hopper's wgmma, FP8 undecoded against e4m3 digits), "
-                   "triton-int8-packed (triton with INT8's packed bf16 products) — "
+                   "with the INT8/FP8 tensor-core GEMVs on Hopper's wgmma, FP8 undecoded against e4m3 digits) — "
                    "the alternatives are for A/B runs — or cublas (bf16 "
                    "weights through F.linear).")
 @parallel_options

@@ -824,15 +824,15 @@ FP8_HFMA_SETTINGS = {
 #: kernel) 52.3 -> 48.5, lm_head (FMA kernel) 190.9 -> 177.5; down keeps the fp32 decode (27.1 against 27.3 at the
 #: best packed setting, 4 x 1024 / 2). Greedy decode (one process, H100, 1ff1e2e, median of 5, at FP8's gemv
 #: settings 4 x 512 / 1 and packed down 8 x 1024 / 4): 297.7 -> 303.4 tok/s (three A/Bs: +0.8 to +1.9 %); these
-#: settings measured per kernel only. Rel. L2 2.5-2.6e-3 against the fp32 product (``test_q8_hfma_bf16``). Not the
-#: default: with it on, the tiny checkpoint's INT8 greedy decode in bf16 diverged from the modules' forward on an
-#: H100 (logits rel. L2 0.72 in ``test_compressed_greedy_matches_torch_bf16[int8]`` and against the FMA decoder in
-#: ``test_mma_greedy_matches_fma_bf16[int8]``, a0527a6) while the kernel tests at BAGEL's shapes passed. The
-#: kernels at the tiny checkpoint's shapes then passed too (rel. L2 2.44-2.53e-3, as FP8's 2.51-2.84e-3; H100,
-#: b195568), so the likely cause is a near-tie flip of the tiny model's greedy ids, after which those tests
-#: compared every later logit of two different prefixes; they now compare the shared prefix only
-#: (``conftest.same_prefix_rel_l2``), not yet run on a GPU. Until they pass with these products on, an A/B option
-#: (fast_decode "triton-int8-packed"), worth +2 % (decode, H100, a0527a6: 318.8 vs 312.4 tok/s).
+#: settings measured per kernel only. Rel. L2 2.5-2.6e-3 against the fp32 product (``test_q8_hfma_bf16``).
+#: The default since 2026-12-07. It was off for a stop: with it on, the tiny checkpoint's INT8 greedy decode in
+#: bf16 diverged from the modules' forward on an H100 (logits rel. L2 0.72,
+#: ``test_compressed_greedy_matches_torch_bf16``, a0527a6) while the kernel tests passed, at BAGEL's shapes and the
+#: tiny checkpoint's (rel. L2 2.44-2.53e-3, as FP8's 2.51-2.84e-3; b195568): a near-tie flip of the tiny model's
+#: greedy ids, after which the test compared every later logit of two different prefixes. Comparing the shared
+#: prefix only (``conftest.same_prefix_rel_l2``), the test passes with these products (H100, 2e7b1d6). Worth +2 %
+#: (decode, one process, H100, a0527a6, median of 3: 318.8 vs 312.4 tok/s); ``fast_decode`` "triton-fp32" keeps
+#: the fp32 products for A/B runs.
 INT8_HFMA_SETTINGS = {
     "gemv": dict(BN=2, BK=512, num_warps=1, hfma=True),
     "gemv_long": dict(SETTINGS["gemv_long"]),
@@ -841,7 +841,7 @@ INT8_HFMA_SETTINGS = {
 _NF4_PRMT = Switch()
 _NF4_HFMA = Switch(True)
 _FP8_HFMA = Switch(True)
-_INT8_HFMA = Switch()
+_INT8_HFMA = Switch(True)
 #: within the block, NF4 decode GEMVs take the byte-permute decode (:data:`NF4_PRMT_SETTINGS`) where the packed
 #: products are off (``nf4_hfma_on(False)``)
 nf4_prmt_on = _NF4_PRMT.on
@@ -851,8 +851,8 @@ nf4_hfma_on = _NF4_HFMA.on
 #: FP8 decode GEMVs take the packed bf16 products (:data:`FP8_HFMA_SETTINGS`; on by default, off within
 #: ``fp8_hfma_on(False)``: :data:`SETTINGS`)
 fp8_hfma_on = _FP8_HFMA.on
-#: within the block, INT8 decode GEMVs take the packed bf16 products (:data:`INT8_HFMA_SETTINGS`; off by default:
-#: :data:`SETTINGS`)
+#: INT8 decode GEMVs take the packed bf16 products (:data:`INT8_HFMA_SETTINGS`; on by default, off within
+#: ``int8_hfma_on(False)``: :data:`SETTINGS`)
 int8_hfma_on = _INT8_HFMA.on
 LONG_K = 8192
 WIDE_N = 8192  # more output channels than this: lm_head's settings (NF4 here, the tensor-core GEMVs' "wide")

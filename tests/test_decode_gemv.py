@@ -593,9 +593,8 @@ def test_q8_hfma_fallback(fmt, N, K, dtype):
     int8_hfma_on(False) / fp8_hfma_on(False)) but fp32 / fp16 x, or the interpreter (inline PTX): the exact fp32
     decode, the same result as the fp32 products' settings (bit for bit in the interpreter, whose tiles do not
     depend on the settings), in the GEMV and in gate/up + SwiGLU. Each format's switch leaves the other format's
-    settings as they are. (INT8's are off by default: both switches are on here.)"""
-    with fp8_hfma_on(), int8_hfma_on():
-        _check_hfma_fallback(fmt, N, K, dtype)
+    settings as they are."""
+    _check_hfma_fallback(fmt, N, K, dtype)
 
 
 def _check_hfma_fallback(fmt, N, K, dtype):
@@ -742,9 +741,9 @@ def test_packed_product_settings_by_shape():
     """The packed products' settings as measured (decode_gemv.*_HFMA_SETTINGS): INT8's long rows (down) keep the
     fp32 decode, which the packed one did not beat there; FP8's take the packed products; NF4's every shape."""
     long_k = decode_gemv.LONG_K + 512
-    assert "hfma" not in settings("gemv", make_weight("int8", 2, 512)[0])  # INT8's are an A/B option
-    with int8_hfma_on():
-        assert "hfma" not in settings("gemv", make_weight("int8", 2, long_k)[0])
-        assert settings("gemv", make_weight("int8", 2, 512)[0])["hfma"]
+    assert "hfma" not in settings("gemv", make_weight("int8", 2, long_k)[0])
+    assert settings("gemv", make_weight("int8", 2, 512)[0])["hfma"]
+    with int8_hfma_on(False):
+        assert "hfma" not in settings("gemv", make_weight("int8", 2, 512)[0])
     assert settings("gemv", make_weight("fp8", 2, long_k)[0])["hfma"]
     assert settings("gemv", make_weight("nf4", 2, long_k, blocksize=64)[0])["hfma"]

@@ -239,8 +239,7 @@ def test_variant_formats_name_real_variants():
 
     assert set(VARIANT_FORMATS) <= set(GEMVS) - {"triton", "cublas"}
     assert all(fmts and fmts <= {"int8", "fp8", "nf4"} for fmts in VARIANT_FORMATS.values())
-    assert VARIANT_FORMATS["triton-fp32"] == {"nf4", "fp8"} and "nf4" in VARIANT_FORMATS["triton-prmt"]
-    assert VARIANT_FORMATS["triton-int8-packed"] == {"int8"}  # INT8's packed products are off by default
+    assert VARIANT_FORMATS["triton-fp32"] == {"nf4", "fp8", "int8"} and "nf4" in VARIANT_FORMATS["triton-prmt"]
 
 
 # ---------------------------------------------------------------- GPU: the CUDA graph
@@ -365,12 +364,12 @@ def test_greedy_matches_torch_bf16(pipe_cuda):
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt, gemv", [("int8", "triton"), ("int8", "triton-int8-packed"), ("fp8", "triton"),
+@pytest.mark.parametrize("fmt, gemv", [("int8", "triton"), ("int8", "triton-fp32"), ("fp8", "triton"),
                                        ("nf4", "triton")])
 def test_compressed_greedy_matches_torch_bf16(tiny_dir, fmt, gemv):
     """Compressed weights in bf16 on the GPU: the graph decoder's greedy ids follow the torch backend (up to a
     near-tie), PDL leaves them and the logits bit-identical, and the fused GEMVs match the modules' forward.
-    INT8's packed bf16 products (off by default) too: the candidate default."""
+    INT8 with the fp32 products too (its packed bf16 products are the default since the seventeenth stop)."""
     pipe = quantized_pipe(tiny_dir, fmt, torch.bfloat16, "cuda")
     model = pipe.model
     s = prompted(pipe)
