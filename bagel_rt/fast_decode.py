@@ -92,8 +92,9 @@ from .errors import InputError
 #: norms before gate/up and lm_head writing the digits their tensor-core GEMVs read (decode_mma.
 #: add_rms_norm_digits: 29 digit launches fewer per token). An experiment, slower than "triton" on the H200
 #: (decode, one process, 9c4a67a: INT8 338.1 vs 363.4 tok/s, FP8 283.7 vs 304.3; its split settings were then
-#: 32 x 512, since retuned to 64 x 256). "triton-fsplit" is "triton" with the INT8 / FP8 down projections split
-#: over column ranges on the FMA kernels instead (decode_gemv.qgemv_parts, summed the same way): an A/B candidate,
+#: 32 x 512, since retuned to 64 x 256). "triton-fsplit" is "triton" with the INT8 / FP8 / NF4 down projections
+#: split over column ranges on the FMA kernels instead (decode_gemv.qgemv_parts, summed the same way; NF4 with its
+#: packed products, 2 parts, the candidate for its latency-bound down): an A/B candidate,
 #: not measured on a GPU yet. "triton-prefetch" is "triton" with every GEMV asking L2 for all of its weight lines
 #: before it waits for the previous kernel (bagel_rt.kernels._device.l2_prefetch; bf16 GEMVs too): with the packed
 #: products slower (decode, one process, H100, 1ff1e2e, tok/s, without / with: NF4 321.9 / 300.7, INT8 302.7 /
@@ -125,8 +126,8 @@ _VARIANTS = {"triton-prefetch": (l2_prefetch_on, "triton"), "triton-fp32": (_fp3
 #: the weight formats whose decode step a variant changes beyond "triton": an A/B run of it on another format
 #: measures the same kernels again (benchmarks skip it); variants not named here change every format
 VARIANT_FORMATS = {"triton-prmt": {"nf4"}, "triton-fp32": {"nf4", "fp8", "int8"},
-                   "triton-split": {"int8", "fp8"},
-                   "triton-fsplit": {"int8", "fp8"}, "triton-fma": {"int8", "fp8"}, "triton-mma": {"int8", "fp8"},
+                   "triton-split": {"int8", "fp8"}, "triton-fsplit": {"int8", "fp8", "nf4"},
+                   "triton-fma": {"int8", "fp8"}, "triton-mma": {"int8", "fp8"},
                    "triton-wgmma": {"int8", "fp8"}, "triton-wgmma-split": {"int8", "fp8"}}
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
 #: programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel launches while the one
@@ -228,11 +229,11 @@ def _on_mma(w: DecodeWeight, impl: str) -> bool:
 
 def _split(w: DecodeWeight, impl: str) -> str | None:
     # for a compressed weight whose output a residual add sums: the split-K GEMV it takes, "mma" (tensor cores)
-    # or "fma" (triton-fsplit, long rows), or None (unsplit)
-    if impl in ("triton-fma", "triton-mma") or w.fmt not in MMA_FORMATS:
-        return None
+    # or "fma" (triton-fsplit, long rows of every compressed format), or None (unsplit)
     if impl == "triton-fsplit" and w.shape[1] > SPLIT_MIN_K:
         return "fma"
+    if impl in ("triton-fma", "triton-mma") or w.fmt not in MMA_FORMATS:
+        return None
     return "mma" if impl == "triton-split" or prefers_split(w) else None
 
 

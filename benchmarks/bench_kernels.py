@@ -362,6 +362,9 @@ MMA_SPLIT_CANDIDATES = [  # (parts, BN, BK, num_warps) of the split-K tensor-cor
 FMA_SPLIT_CANDIDATES = [  # (parts, BN, BK, num_warps) of the split-K FMA GEMV (down)
     (2, 4, 1024, 4), (3, 4, 1024, 4), (4, 4, 1024, 4), (2, 8, 512, 4), (4, 8, 512, 4), (2, 2, 1024, 2),
 ]
+NF4_SPLIT_CANDIDATES = [  # (parts, BN, BK, num_warps) of NF4's split-K FMA GEMV (down, packed products)
+    (2, 4, 512, 1), (3, 4, 512, 1), (4, 4, 512, 1), (2, 4, 1024, 2), (2, 2, 512, 1), (4, 8, 512, 2),
+]
 MMA_CANDIDATES = [  # (BN, BK, num_warps, num_stages) tried beside bagel_rt.quant.decode_mma's settings
     (16, 256, 4, 3), (16, 1024, 4, 3), (16, 1024, 8, 3), (16, 512, 4, 5), (32, 512, 4, 3), (32, 256, 4, 4),
     (64, 256, 4, 3), (64, 512, 8, 3), (128, 256, 8, 3),
@@ -471,6 +474,10 @@ def cases_qgemv(K):
                     for pp, bn, bk, nw in FMA_SPLIT_CANDIDATES:
                         cfg = dict(parts=pp, BN=bn, BK=bk, num_warps=nw)
                         mma[f"fsplit{pp} {bn}x{bk}/{nw}"] = lambda x=x, w=w, c=cfg: qgemv_parts(x, w, cfg=c)
+            if fmt == "nf4" and Kd > LONG_K:  # NF4's down split-K on its packed-product FMA kernel
+                for pp, bn, bk, nw in NF4_SPLIT_CANDIDATES:
+                    cfg = dict(parts=pp, BN=bn, BK=bk, num_warps=nw, hfma=True)
+                    mma[f"fsplit{pp} {bn}x{bk}/{nw}"] = lambda x=x, w=w, c=cfg: qgemv_parts(x, w, cfg=c)
             yield f"qgemv_{fmt}", {"proj": name, "N": N, "K": Kd}, {
                 **candidates(fmt, w, lambda c, x=x, w=w: _qgemv(x, w, None, False, c), "gemv"), **mma,
                 "module": lambda x=x, mods=mods: [m(x) for m in mods],

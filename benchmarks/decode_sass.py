@@ -108,6 +108,12 @@ def main() -> None:
                           EVEN_K=decode == "hfma")  # BAGEL's K are multiples of the hfma settings' BK
             name = f"nf4{kind} {decode} {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}"
             cases.append((name, fn, sig, consts, cfg["num_warps"]))
+    # NF4's split-K candidate (fast_decode "triton-fsplit": fp32 parts, packed products) at its settings
+    cfg = dict(dg.NF4_PARTS_SETTINGS)
+    consts = dict(HAS_BIAS=False, BLOCKSIZE=64, BN=cfg["BN"], BK=cfg["BK"], USE_GDC=True, HFMA=True, EVEN_K=True,
+                  SPLIT=True)
+    cases.append((f"nf4 split{cfg['parts']} hfma {cfg['BN']}x{cfg['BK']}/{cfg['num_warps']}", dg._nf4_gemv_kernel,
+                  dict(nf4, y="*fp32", K_PER="i32", stride_yp="i32"), consts, cfg["num_warps"]))
     if a.mma:
         mio = dict(N="i32", K="i32", M="i32", stride_ym="i32")
         for fmt, code, wt, dt in (("int8", "int8", "*i8", "*i8"), ("fp8", "fp8_native", "*u8", "*fp16")):

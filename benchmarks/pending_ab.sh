@@ -3,18 +3,16 @@
 # sized for one `device` call (under 10 minutes; rows go to $OUT, then into benchmarks/results/*_h200.jsonl).
 #
 #   bash benchmarks/pending_ab.sh COMMIT PART
-#     decode  the decode A/B of "triton" (packed bf16 products for NF4 and FP8) against the fp32 products it
-#             replaced (triton-fp32), INT8's packed products (triton-int8-packed, off by default: the tiny
-#             checkpoint's bf16 greedy decode diverged with them) and the candidates still unmeasured or measured
-#             on an H100 only: every
-#             INT8 / FP8 weight on the FMA kernels (triton-fma), INT8 / FP8 down split-K on them
-#             (triton-fsplit), the L2 prefetch (triton-prefetch); then the GPU tests of those kernels
+#     decode  the decode A/B of "triton" (packed bf16 products for NF4, INT8 and FP8) against the fp32 products
+#             it replaced (triton-fp32) and the candidates still unmeasured or measured on an H100 only: NF4 /
+#             INT8 / FP8 down split-K on the FMA kernels (triton-fsplit; NF4's is the candidate for its
+#             latency-bound down), every INT8 / FP8 weight on the FMA kernels (triton-fma), the L2 prefetch
+#             (triton-prefetch); then the GPU tests of those kernels
 #     wgmma   the weights-first tensor-core GEMVs (decode_mma.wgmma_on): the GPU tests, then the decode A/B of
 #             "triton" against "triton-wgmma", "triton-wgmma-split" and "triton-fp32"
 #     wkernels the weights-first GEMVs' launch settings beside today's kernels (CUDA-graph replay)
-#     lean    "triton" against "triton-fp32", "triton-int8-packed" and "triton-fma", and the packed products' GPU
-#             tests (the tiny checkpoint's masked shapes too: where INT8's went wrong; a call with
-#             ~5 minutes of device time left)
+#     lean    "triton" against "triton-fp32", "triton-fsplit" and "triton-fma", and the packed products' and
+#             split-K GPU tests (a call with ~5 minutes of device time left)
 #     df11    DF11 t2i under a 24 GiB budget, the Exp4 resident form, then the Huffman one (each with its bf16
 #             run in the same process: vs_bf16, bit_identical)
 #     kernels the decode GEMVs' candidate settings (CUDA-graph replay), the DF11 decode kernels
@@ -40,7 +38,7 @@ case "$part" in
     # most wanted first (a timeout keeps the rows written before it); variants that leave a format's kernels as
     # they are skip it (fast_decode.VARIANT_FORMATS)
     timeout 380 python3 benchmarks/compressed_speed.py --formats bf16,nf4,int8,fp8 --tasks decode \
-      --decode-gemvs triton,triton-fp32,triton-int8-packed,triton-fma,triton-fsplit,triton-prefetch \
+      --decode-gemvs triton,triton-fsplit,triton-fp32,triton-fma,triton-prefetch \
       --commit "$c" \
       --out "$out/compressed.jsonl" 2>&1 | grep -v -i warn | tail -n 24
     echo "decode $(( $(date +%s) - t0 )) s"
@@ -61,11 +59,11 @@ case "$part" in
       --commit "$c" --out "$out/kernels.jsonl" 2>&1 | grep -v -i warn | head -n 150 ;;
   lean)  # the default against the fp32 products, for a call with little device time left (~5 minutes)
     timeout 290 python3 benchmarks/compressed_speed.py --formats bf16,nf4,int8,fp8 --tasks decode \
-      --decode-gemvs triton,triton-fp32,triton-int8-packed,triton-fma --commit "$c" \
+      --decode-gemvs triton,triton-fsplit,triton-fp32,triton-fma --commit "$c" \
       --out "$out/compressed.jsonl" 2>&1 | grep -v -i warn | tail -n 16
     echo "decode $(( $(date +%s) - t0 )) s"
     timeout 110 python3 -m pytest -q -m gpu -s tests/test_decode_gemv.py tests/test_fast_decode.py \
-      -k "hfma or greedy_matches_torch_bf16" 2>&1 \
+      -k "hfma or greedy_matches_torch_bf16 or parts" 2>&1 \
       | grep -E "passed|failed|FAIL|Error|hfma|assert" | tail -n 20
     echo "tests $(( $(date +%s) - t0 )) s" ;;
   df11)

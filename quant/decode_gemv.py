@@ -693,27 +693,43 @@ def _nf4_rows(o_n, N, K, BLOCKSIZE: tl.constexpr, HFMA: tl.constexpr):
 def _nf4_gemv_kernel(x, p, a, t, pl, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
                      BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr,
                      WORDWISE: tl.constexpr = False, PREFETCH: tl.constexpr = False, PRMT: tl.constexpr = False,
-                     HFMA: tl.constexpr = False, EVEN_K: tl.constexpr = False):
+                     HFMA: tl.constexpr = False, EVEN_K: tl.constexpr = False, K_PER=0, stride_yp=0,
+                     SPLIT: tl.constexpr = False):
     # HFMA: packed bf16 products (_nf4_hfma); its rows past N read row N - 1 (not stored); EVEN_K (HFMA): BK
-    # divides K, no column masks
+    # divides the columns of every program, no column masks. SPLIT: program (n block, part p, row m) sums columns
+    # [p K_PER, (p + 1) K_PER) (K_PER a multiple of BK) into fp32 part p of y [P, M, N], the bias in part 0
     tl.static_assert(BK % BLOCKSIZE == 0)
-    i_n, i_m = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_n = tl.program_id(0)
+    if SPLIT:
+        i_p, i_m = tl.program_id(1), tl.program_id(2).to(tl.int64)
+        k_lo = i_p * K_PER
+        k_hi = tl.minimum(k_lo + K_PER, K)
+    else:
+        i_p, i_m = 0, tl.program_id(1).to(tl.int64)
+        k_lo, k_hi = 0, K
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
     o_p, o_a = _nf4_rows(o_n, N, K, BLOCKSIZE, HFMA)
     p_p, p_a = p + o_p, a + o_a
-    b_p, b_a = _nf4_tile(p_p, p_a, m_n, 0, K, BK, BLOCKSIZE, HFMA, EVEN_K)
-    l2_prefetch(p_p, m_n, 0, K // 8, PREFETCH)
+    # columns past k_hi (the part's end) are masked like columns past K
+    b_p, b_a = _nf4_tile(p_p, p_a, m_n, k_lo, k_hi, BK, BLOCKSIZE, HFMA, EVEN_K)
+    l2_prefetch(p_p, m_n, k_lo // 8, k_hi // 8, PREFETCH)
     gdc_wait(USE_GDC)
     acc = tl.zeros([BN, BK // BLOCKSIZE, BLOCKSIZE // 8], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        acc = _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, K, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA, EVEN_K)
-        b_p, b_a = _nf4_tile(p_p, p_a, m_n, _next_k(k0, K, BK, EVEN_K), K, BK, BLOCKSIZE, HFMA, EVEN_K)
+    for k0 in range(k_lo, k_hi, BK):
+        acc = _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, k_hi, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA, EVEN_K)
+        b_p, b_a = _nf4_tile(p_p, p_a, m_n, _next_k(k0, k_hi, BK, EVEN_K), k_hi, BK, BLOCKSIZE, HFMA, EVEN_K)
     b_y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
-        b_y += tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
-    tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+        b_b = tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
+        if SPLIT:  # the bias in part 0 only
+            b_b = tl.where(i_p == 0, b_b, 0.0)
+        b_y += b_b
+    if SPLIT:
+        tl.store(y + i_p * stride_yp + i_m * stride_ym + o_n, b_y, mask=m_n)
+    else:
+        tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
 
 
 @triton.jit
@@ -1011,13 +1027,26 @@ def qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = Fa
 #: A/B candidate for the long down projection (K = 18944, 3.1 TB/s unsplit at 4 x 1024 / 4 on the H200: its 896
 #: programs leave SMs with 6 or 7, a one-program tail); not measured on a GPU yet
 PARTS_SETTINGS = dict(BN=4, BK=1024, num_warps=4, parts=2)
+#: NF4's (packed bf16 products, as its unsplit default): its down projection streamed at ~1.4 TB/s on an H100
+#: (25.3 µs for 36 MB, 1ff1e2e profile) while bf16's GEMVs reach ~2.9 TB/s — too few bytes in flight per SM: the
+#: 896 programs of 4 channels hold one tile each, ~14 KB per SM at 1024 columns. Two parts double the programs
+#: (and the bytes in flight); 512 columns keep every part's loop on whole tiles (18944 = 37 x 512), so the
+#: packed products need no column masks. Not measured on a GPU yet (``bench_kernels.py --only qgemv``
+#: ``fsplit`` providers, ``fast_decode`` "triton-fsplit").
+NF4_PARTS_SETTINGS = dict(BN=4, BK=512, num_warps=1, parts=2, hfma=True)
 
 
-def _parts_settings(cfg: dict | None) -> tuple[dict, int]:
-    # (launch settings, parts asked for): the interpreter's small tiles with the parts of ``cfg``
-    c = dict(cfg or PARTS_SETTINGS)
+def _parts_plan(w: DecodeWeight, K: int, cfg: dict | None) -> tuple[dict, int]:
+    # (launch settings, columns per part) of a split-K FMA GEMV of ``w``: ``cfg`` (default: the format's
+    # settings above) with the interpreter's small tiles there, NF4's BK at least its block; whole BK tiles per
+    # part, so every part's loop runs whole tiles but the last (at most ``parts`` parts, fewer for short rows)
+    c = dict(cfg or (NF4_PARTS_SETTINGS if w.fmt == "nf4" else PARTS_SETTINGS))
     parts = c.pop("parts")
-    return (dict(INTERPRETER_CONFIG) if is_interpreting() else c), parts
+    if is_interpreting():
+        c = dict(INTERPRETER_CONFIG)
+    if w.fmt == "nf4":
+        c["BK"] = max(c["BK"], w.blocksize)
+    return c, _part_columns(K, c["BK"], parts)
 
 
 def _part_columns(K: int, BK: int, parts: int) -> int:
@@ -1040,24 +1069,29 @@ def _parts_ref(K: int, per: int, part, bias: Tensor | None) -> Tensor:
 
 def qgemv_parts(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = False,
                 cfg: dict | None = None) -> Tensor:
-    """:func:`qgemv` of an INT8 / FP8 weight split over column ranges (split-K): the fp32 partial products
-    [P, M, N] whose sum (in order) is ``x @ dequantize(w).T (+ bias, in part 0)``; ``bagel_rt.kernels.
-    add_rms_norm_parts`` sums them in the residual add that follows, so the split costs no launch of its own.
-    ``cfg``: launch settings plus ``parts`` (the ranges asked for; P may come out smaller for short rows;
-    default :data:`PARTS_SETTINGS`)."""
-    assert w.fmt in ("int8", "fp8"), f"qgemv_parts takes INT8 / FP8 weights, got {w.fmt}"
+    """:func:`qgemv` split over column ranges (split-K): the fp32 partial products [P, M, N] whose sum (in order)
+    is ``x @ dequantize(w).T (+ bias, in part 0)``; ``bagel_rt.kernels.add_rms_norm_parts`` sums them in the
+    residual add that follows, so the split costs no launch of its own. ``cfg``: launch settings plus ``parts``
+    (the ranges asked for; P may come out smaller for short rows; default :data:`PARTS_SETTINGS`, NF4
+    :data:`NF4_PARTS_SETTINGS`: its packed bf16 products where bf16 x allows, as :func:`qgemv`)."""
     M, N, K = _check(x, w)
-    c, parts = _parts_settings(cfg)
-    per = _part_columns(K, c["BK"], parts)
+    c, per = _parts_plan(w, K, cfg)
     P = max(1, triton.cdiv(K, per))
     y = torch.empty((P, M, N), dtype=torch.float32, device=x.device)
     if M == 0 or N == 0:
         return y.zero_()
     b = bias if bias is not None else w.scale
-    _q8_gemv_kernel[(triton.cdiv(N, c["BN"]), P, M)](x, _codes(w), w.scale, b, y, N, K, x.stride(0), y.stride(1),
-                                                     HAS_BIAS=bias is not None, CODE=_code(w, x), K_PER=per,
-                                                     stride_yp=y.stride(0), SPLIT=True, **c,
-                                                     **prefetch_kwargs(pdl, x.device))
+    grid = (triton.cdiv(N, c["BN"]), P, M)
+    split = dict(HAS_BIAS=bias is not None, K_PER=per, stride_yp=y.stride(0), SPLIT=True,
+                 **prefetch_kwargs(pdl, x.device))
+    if w.fmt == "nf4":
+        c, opts = _nf4_options(c, x)
+        even = opts["HFMA"] and K % c["BK"] == 0
+        _nf4_gemv_kernel[grid](x, w.codes.view(torch.int32), w.scale, w.table, w.planes, b, y, N, K, x.stride(0),
+                               y.stride(1), BLOCKSIZE=w.blocksize, **opts, EVEN_K=even, **split, **c)
+    else:
+        _q8_gemv_kernel[grid](x, _codes(w), w.scale, b, y, N, K, x.stride(0), y.stride(1), CODE=_code(w, x),
+                              **split, **c)
     return y
 
 
@@ -1066,8 +1100,7 @@ def qgemv_parts_ref(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl:
     """Reference of :func:`qgemv_parts`: the same column ranges, each range's product in fp64 (the bias in part
     0), as fp32 [P, M, N] (``pdl`` unused)."""
     K = x.shape[1]
-    c, parts = _parts_settings(cfg)
-    per = _part_columns(K, c["BK"], parts)
+    per = _parts_plan(w, K, cfg)[1]
     wd, xd = dequantize_ref(w).double(), x.double()
     return _parts_ref(K, per, lambda lo, hi: xd[:, lo:hi] @ wd[:, lo:hi].T, bias)
 

@@ -408,12 +408,13 @@ def test_decode_shapes_bf16(fmt):
             assert_close(f"nf4 {name} gate/up", qgemv_swiglu_ref(x, gate, up), got, 1e-2)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "nf4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("N, K, parts", [(37, 200, 2), (9, 640, 3), (16, 64, 4), (5, 1000, 1)])
+@pytest.mark.parametrize("N, K, parts", [(37, 192, 2), (9, 640, 3), (16, 64, 4), (5, 1024, 1), (11, 448, 2)])
 def test_qgemv_parts(fmt, dtype, N, K, parts):
     """The split-K FMA GEMV against its reference (the same column ranges in fp64), with a bias and three rows,
-    and its parts' sum against the whole product; a part count the row cannot fill gives fewer parts."""
+    and its parts' sum against the whole product; a part count the row cannot fill gives fewer parts. NF4 in
+    blocks of 32 (parts start on 64-column tiles in the interpreter: 448 ends on a half tile)."""
     w, bias = make_weight(fmt, N, K, bias=True)
     x = torch.randn(3, K, device=DEV).to(dtype)
     cfg = dict(BN=4, BK=128, num_warps=4, parts=parts)
@@ -428,15 +429,22 @@ def test_qgemv_parts(fmt, dtype, N, K, parts):
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "nf4"])
 def test_qgemv_parts_down_bf16(fmt):
-    """bf16 at BAGEL-7B's down projection (3584 x 18944), at the default and a few candidate settings."""
-    w, _ = make_weight(fmt, 3584, 18944)
+    """bf16 at BAGEL-7B's down projection (3584 x 18944), at the default and a few candidate settings (NF4 in
+    blocks of 64 with its packed bf16 products: within their rounding of the exact codes' product, as the
+    unsplit GEMV in ``test_nf4_hfma_bf16``)."""
+    w, _ = make_weight(fmt, 3584, 18944, blocksize=64)
     x = torch.randn(1, 18944, device="cuda", dtype=torch.bfloat16)
     want = qgemv_ref(x.float(), w)
-    for cfg in (None, dict(BN=4, BK=1024, num_warps=4, parts=4), dict(BN=8, BK=512, num_warps=4, parts=2)):
+    cfgs = (None, dict(BN=4, BK=1024, num_warps=4, parts=4), dict(BN=8, BK=512, num_warps=4, parts=2))
+    if fmt == "nf4":
+        cfgs = (None, dict(BN=4, BK=512, num_warps=1, parts=4, hfma=True),
+                dict(BN=4, BK=1024, num_warps=2, parts=2))
+    for cfg in cfgs:
         for pdl in (False, True):
-            assert_close(f"{fmt} down parts {cfg}", want, qgemv_parts(x, w, None, pdl, cfg).sum(0), 1e-4)
+            assert_close(f"{fmt} down parts {cfg}", want, qgemv_parts(x, w, None, pdl, cfg).sum(0),
+                         1e-2 if fmt == "nf4" else 1e-4)
 
 
 def _e4m3(b: int) -> float:
