@@ -296,6 +296,33 @@ def _q8_hfma(b_w, xs, CODE: tl.constexpr):
 
 
 @triton.jit
+def _row_part(K, K_PER, SPLIT: tl.constexpr):
+    # (part p, row m, first column, end column) of this program of a decode GEMV whose grid is (n blocks, rows)
+    # or, with SPLIT, (n blocks, parts, rows): part p sums columns [p K_PER, (p + 1) K_PER), the last one to K
+    if SPLIT:
+        i_p = tl.program_id(1)
+        k_lo = i_p * K_PER
+        return i_p, tl.program_id(2).to(tl.int64), k_lo, tl.minimum(k_lo + K_PER, K)
+    else:
+        return 0, tl.program_id(1).to(tl.int64), 0, K
+
+
+@triton.jit
+def _store_row(y, b, b_y, o_n, m_n, i_p, i_m, stride_ym, stride_yp, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    # the fp32 sums b_y [BN] of channels o_n plus the bias (in part 0 only, with SPLIT): into fp32 part i_p of
+    # y [P, M, N] with SPLIT, else rounded once into y [M, N]
+    if HAS_BIAS:
+        b_b = tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
+        if SPLIT:
+            b_b = tl.where(i_p == 0, b_b, 0.0)
+        b_y += b_b
+    if SPLIT:
+        tl.store(y + i_p * stride_yp + i_m * stride_ym + o_n, b_y, mask=m_n)
+    else:
+        tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+
+
+@triton.jit
 def _next_k(k0, k_hi, BK: tl.constexpr, EVEN_K: tl.constexpr):
     # the first column of the tile the rotated loops request during the tile at k0: k0 + BK, except that the
     # unmasked loads of EVEN_K re-read the last tile on the last iteration (never used) instead of reading
@@ -371,13 +398,7 @@ def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.cons
     # words of 4 (w: int32 [N, K // 4]), bf16 x, packed bf16 products (_q8_hfma); its rows past N read row
     # N - 1 (not stored); EVEN_K (HFMA): BK divides the columns of every program, no column masks
     i_n = tl.program_id(0)
-    if SPLIT:
-        i_p, i_m = tl.program_id(1), tl.program_id(2).to(tl.int64)
-        k_lo = i_p * K_PER
-        k_hi = tl.minimum(k_lo + K_PER, K)
-    else:
-        i_p, i_m = 0, tl.program_id(1).to(tl.int64)
-        k_lo, k_hi = 0, K
+    i_p, i_m, k_lo, k_hi = _row_part(K, K_PER, SPLIT)
     CW: tl.constexpr = 4 if HFMA else 1  # codes per element of w
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -393,15 +414,7 @@ def _q8_gemv_kernel(x, w, s, b, y, N, K, stride_xm, stride_ym, HAS_BIAS: tl.cons
         b_w = _q8_tile(p_w, m_n, _next_k(k0, k_hi, BK, EVEN_K), k_hi, BK, HFMA, EVEN_K)
     # [BN]: the per-channel scale, then the bias, on the fp32 sums (one rounding)
     b_y = tl.sum(acc, axis=1) * (tl.load(s + o_n, mask=m_n, other=0.0) * _q8_unit(CODE, HFMA))
-    if HAS_BIAS:
-        b_b = tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
-        if SPLIT:  # the bias in part 0 only
-            b_b = tl.where(i_p == 0, b_b, 0.0)
-        b_y += b_b
-    if SPLIT:
-        tl.store(y + i_p * stride_yp + i_m * stride_ym + o_n, b_y, mask=m_n)
-    else:
-        tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+    _store_row(y, b, b_y, o_n, m_n, i_p, i_m, stride_ym, stride_yp, HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -700,13 +713,7 @@ def _nf4_gemv_kernel(x, p, a, t, pl, b, y, N, K, stride_xm, stride_ym, HAS_BIAS:
     # [p K_PER, (p + 1) K_PER) (K_PER a multiple of BK) into fp32 part p of y [P, M, N], the bias in part 0
     tl.static_assert(BK % BLOCKSIZE == 0)
     i_n = tl.program_id(0)
-    if SPLIT:
-        i_p, i_m = tl.program_id(1), tl.program_id(2).to(tl.int64)
-        k_lo = i_p * K_PER
-        k_hi = tl.minimum(k_lo + K_PER, K)
-    else:
-        i_p, i_m = 0, tl.program_id(1).to(tl.int64)
-        k_lo, k_hi = 0, K
+    i_p, i_m, k_lo, k_hi = _row_part(K, K_PER, SPLIT)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_x = x + i_m * stride_xm
@@ -721,15 +728,7 @@ def _nf4_gemv_kernel(x, p, a, t, pl, b, y, N, K, stride_xm, stride_ym, HAS_BIAS:
         acc = _nf4_acc(acc, b_p, b_a, t, pl, p_x, k0, k_hi, BK, BLOCKSIZE, WORDWISE, PRMT, HFMA, EVEN_K)
         b_p, b_a = _nf4_tile(p_p, p_a, m_n, _next_k(k0, k_hi, BK, EVEN_K), k_hi, BK, BLOCKSIZE, HFMA, EVEN_K)
     b_y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if HAS_BIAS:
-        b_b = tl.load(b + o_n, mask=m_n, other=0.0).to(tl.float32)
-        if SPLIT:  # the bias in part 0 only
-            b_b = tl.where(i_p == 0, b_b, 0.0)
-        b_y += b_b
-    if SPLIT:
-        tl.store(y + i_p * stride_yp + i_m * stride_ym + o_n, b_y, mask=m_n)
-    else:
-        tl.store(y + i_m * stride_ym + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+    _store_row(y, b, b_y, o_n, m_n, i_p, i_m, stride_ym, stride_yp, HAS_BIAS, SPLIT)
 
 
 @triton.jit
