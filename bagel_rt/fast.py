@@ -173,6 +173,11 @@ class PackedDenoiser:
         self.derivatives: PackedDerivatives | None = None
 
     @property
+    def arena_nbytes(self) -> int:
+        """Bytes of the arena's keys and values (all of this process's layers)."""
+        return self.k.nbytes + self.v.nbytes
+
+    @property
     def key(self) -> tuple:
         """What this denoiser's arena and graphs depend on (:func:`denoiser_key`)."""
         return self.layout.key
@@ -306,12 +311,13 @@ class PackedDenoiser:
         rows = h.shape[0] if h is not None else hq[0].shape[0]
         n = self.mlp_chunks
         mods = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if n > 1 and rows >= 2 * n and all(hasattr(m, "dense_weight") for m in mods if weight_only(m)):
+        sizes = row_chunks(rows, n)
+        if len(sizes) > 1 and all(hasattr(m, "dense_weight") for m in mods if weight_only(m)):
             dense = {id(m): m.dense_weight(self.dtype) for m in mods if weight_only(m)}
-            hs = h.tensor_split(n) if h is not None else [None] * n
-            hqs = zip(hq[0].tensor_split(n), hq[1].tensor_split(n)) if hq is not None else [None] * n
+            hs = h.split(sizes) if h is not None else [None] * len(sizes)
+            hqs = zip(hq[0].split(sizes), hq[1].split(sizes)) if hq is not None else [None] * len(sizes)
             out = torch.empty_like(res)  # each chunk adds into its rows (a concatenation would copy them again)
-            for c, cq, r, o in zip(hs, hqs, res.tensor_split(n), out.tensor_split(n)):
+            for c, cq, r, o in zip(hs, hqs, res.split(sizes), out.split(sizes)):
                 self._mlp_rows(mlp, c, cq, r, dense, o)
             return out
         return self._mlp_rows(mlp, h, hq, res)
@@ -526,6 +532,19 @@ def act_format(mods) -> str | None:
     out_dtype)``; a plain ``nn.Linear`` has neither. Modules sharing an input share its quantized rows."""
     fmts = {getattr(m, "act_format", None) for m in mods}
     return fmts.pop() if len(fmts) == 1 else None
+
+
+#: the denoiser MLP's row chunks start at multiples of this many rows: cuBLASLt's FP8 GEMM refuses per-row scales
+#: that do not start 16-byte aligned (CUBLAS_STATUS_NOT_SUPPORTED for the second of two 2-row chunks of the
+#: marker rows, H200, 7b1c684), and so few rows gain nothing from chunking anyway
+CHUNK_ALIGN = 16
+
+
+def row_chunks(rows: int, n: int) -> list[int]:
+    """Sizes of about ``n`` row chunks of ``rows`` rows, each but the last a multiple of :data:`CHUNK_ALIGN`
+    (fewer where the rows are few: ``[rows]`` for at most ``CHUNK_ALIGN`` rows, e.g. the marker rows)."""
+    size = -(-rows // (n * CHUNK_ALIGN)) * CHUNK_ALIGN
+    return [min(size, rows - s) for s in range(0, rows, size)] if n > 1 else [rows]
 
 
 def weight_only(mod) -> bool:

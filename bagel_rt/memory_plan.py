@@ -98,6 +98,18 @@ def arena_bytes(params: BagelParams, task: str, height: int, width: int, text_to
     return sum(rows[b] + block for b in branches(task)) * kv_row_bytes(params, itemsize)
 
 
+def denoise_activation_bytes(params: BagelParams, rows: int, mlp_chunks: int, itemsize: int = 2,
+                             weight_only: bool = False) -> int:
+    """Predicted bytes of one packed denoiser forward's activations over ``rows`` latent rows (all branches):
+    the residual streams, q and the attention output (6 x [rows, hidden]), the MLP's gate, up and SwiGLU of one
+    of ``mlp_chunks`` row chunks, and for weight-only generation experts the dequantized MLP weights (three
+    shared by the chunks, one at a time unchunked)."""
+    p = params.llm
+    H, inter, b = p.hidden_size, p.intermediate_size, itemsize
+    dense = (3 if mlp_chunks > 1 else 1) * inter * H * b if weight_only else 0
+    return 6 * rows * H * b + 3 * math.ceil(rows / mlp_chunks) * inter * b + dense
+
+
 def vae_decode_bytes(height: int, width: int) -> int:
     """Predicted GPU bytes of a visiting VAE decoding a height x width image: its fp32 weights and the streamed
     decode's peak, scaled from the measured 1024^2 one by the pixel count."""
@@ -140,7 +152,7 @@ def request_transients(params: BagelParams, task: str, height: int, width: int, 
         prefill += _round_up(rows["text"]) * kv  # the text-unconditional fork of the conditional context
     out["prefill"] = prefill
     R = len(branches(task)) * (vae_rows(params, height, width) - 2)
-    act = 6 * R * H * b + 3 * math.ceil(R / mlp_chunks) * inter * b + (3 * dense if weight_only else 0)
+    act = denoise_activation_bytes(params, R, mlp_chunks, b, weight_only)
     out["denoise"] = arena_bytes(params, task, height, width, text_tokens, b) + act
     out["vae_decode"] = vae_decode_bytes(height, width)
     out["peak"] = max(out.values())

@@ -266,12 +266,18 @@ def lean_modules(bagel, budget_bytes: float) -> None:
         layer.mlp.max_rows = layer.mlp_moe_gen.max_rows = rows
 
 
-#: the share of the memory a budget leaves above the resident weights that the MLP intermediates of one row
-#: chunk may take (prefill and denoiser alike): a quarter leaves room for the KV caches, the denoiser's arena and
-#: the rest of the activations
+#: the share of the memory a budget leaves above the resident weights that the MLP intermediates of one prefill
+#: row chunk may take: a quarter leaves room for the KV caches and the rest of the activations
 MLP_SHARE = 0.25
-#: fewest row chunks of the denoiser's MLPs under a budget (the setting of the measured budget runs)
-MIN_MLP_CHUNKS = 4
+#: row chunks of the denoiser's MLPs under a budget whose headroom cannot be read (no CUDA budget: the CPU tests)
+FALLBACK_MLP_CHUNKS = 4
+#: bytes a budget keeps free beyond the denoiser's predicted peak when :func:`mlp_chunks` picks the row chunks:
+#: the FP8 edit under 15.5 GiB peaked 0.13 GiB above its prediction (14.95 vs 14.82 GiB, H200, 7b1c684), and
+#: issue 12's peak target (15.0 GiB under 15.5) leaves half a GiB of the budget to the allocator's rounding
+DENOISE_SLACK = 640 * 2**20
+#: most row chunks of the denoiser's MLPs (a 1024^2 t2i's 8188 rows in chunks of 512: smaller GEMMs would cost
+#: more than they save)
+MAX_MLP_CHUNKS = 16
 
 
 def _mlp_row_bytes(bagel) -> int:
@@ -301,16 +307,34 @@ def prefill_mlp_rows(bagel, budget_bytes: float) -> int | None:
     return max(ROW_ALIGN, rows // ROW_ALIGN * ROW_ALIGN)
 
 
-def mlp_chunks(bagel, rows: int) -> int:
-    """Row chunks of the packed denoiser's MLPs for a forward of ``rows`` latent rows: 1 without a budget;
-    under one, enough that a chunk's intermediates take at most :data:`MLP_SHARE` of the headroom the budget
-    leaves now, and at least :data:`MIN_MLP_CHUNKS`."""
+def mlp_chunks(bagel, rows: int, arena_rows: int = 0) -> int:
+    """Row chunks of the packed denoiser's MLPs for a forward of ``rows`` latent rows (all branches) over an arena
+    of ``arena_rows`` rows (the branches' caches and query blocks): 1 without a budget; under one, the fewest
+    whose predicted denoise peak (the arena and one forward's activations,
+    :func:`bagel_rt.memory_plan.denoise_activation_bytes`) leaves :data:`DENOISE_SLACK` of the budget free.
+    A denoiser kept from the last request counts as free (the next one reuses or replaces it), so repeated
+    requests of one layout get the same count and keep their captured graphs.
+
+    Each chunk costs launches and smaller GEMMs: an FP8 t2i under 15.5 GiB took 6.26 s with one chunk against
+    6.33-6.42 s with four (denoising 5.91 vs 6.03 s; H200, 7b1c684, ``budget_memory.py --runs
+    fp8@15.5:t2i+chunks1,fp8@15.5:t2i``), which the fixed four of before spent where one fits."""
     if not bagel.offload:
         return 1
     free = _headroom(bagel)
     if not free:
-        return MIN_MLP_CHUNKS
-    return max(MIN_MLP_CHUNKS, math.ceil(rows * _mlp_row_bytes(bagel) / (MLP_SHARE * free)))
+        return FALLBACK_MLP_CHUNKS
+    from .fast import weight_only
+    from .memory_plan import denoise_activation_bytes, kv_row_bytes
+
+    model = bagel.model
+    kept = (bagel.fast_cache or {}).get("denoiser")
+    if kept is not None:
+        free += kept.arena_nbytes
+    itemsize = model.dtype.itemsize
+    room = free - arena_rows * kv_row_bytes(model.params, itemsize) - DENOISE_SLACK
+    wo = weight_only(model.language_model.model.layers[0].mlp_moe_gen.gate_proj)
+    return next((n for n in range(1, MAX_MLP_CHUNKS)
+                 if denoise_activation_bytes(model.params, rows, n, itemsize, wo) <= room), MAX_MLP_CHUNKS)
 
 
 #: bytes the budget must leave beyond the VAE decode's predicted need (allocator rounding, cuDNN workspaces) for

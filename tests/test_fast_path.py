@@ -57,10 +57,10 @@ def test_packed_t2i_dedup_and_denoiser_reuse(pipes):
 def test_mlp_row_chunks_under_a_budget_match(pipes):
     """Under a memory budget the packed MLP runs in row chunks; the result does not change."""
     _, fast_pipe = pipes
-    a = fast_pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=3, seed=5)
+    a = fast_pipe.generate("A red bagel", image_shapes=(128, 128), num_timesteps=3, seed=5)
     fast_pipe.offload = True  # what limit_gpu_memory sets (placement itself is a no-op on one device)
     try:
-        b = fast_pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=3, seed=5)
+        b = fast_pipe.generate("A red bagel", image_shapes=(128, 128), num_timesteps=3, seed=5)
         assert fast_pipe.fast_cache["denoiser"].mlp_chunks > 1  # kept through the decode (test_kept_denoiser)
     finally:
         fast_pipe.offload = False
@@ -74,15 +74,15 @@ def test_weight_only_mlp_chunks_dequantize_once_per_layer(tmp_path, monkeypatch)
 
     d = write_tiny_checkpoint(tmp_path / "tiny")
     pipe = bagel_rt.load(d, device=DEV, dtype=torch.float32, backend="triton", weights="int8")
-    a = pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=3, seed=5)
+    a = pipe.generate("A red bagel", image_shapes=(128, 128), num_timesteps=3, seed=5)
     calls = []
     real = Int8Linear.dense_weight
     monkeypatch.setattr(Int8Linear, "dense_weight", lambda self, dt: calls.append(id(self)) or real(self, dt))
     pipe.offload = True
-    b = pipe.generate("A red bagel", image_shapes=(32, 48), num_timesteps=3, seed=5)
+    b = pipe.generate("A red bagel", image_shapes=(128, 128), num_timesteps=3, seed=5)
     layers = pipe.model.params.llm.num_layers
-    # 3 MLP Linears x layers x 2 forwards (3 timesteps = 2 steps): the gen rows are chunked (12 rows >= 8),
-    # the 2-4 marker rows are not
+    # 3 MLP Linears x layers x 2 forwards (3 timesteps = 2 steps): the 128 gen rows are chunked (4 x 32), the
+    # 4 marker rows are not (fast.row_chunks)
     assert len(calls) == 3 * layers * 2, len(calls)
     assert len(set(calls)) == 3 * layers  # the gen expert's gate/up/down of each layer
     assert rel_l2(b.latents, a.latents) < TOL

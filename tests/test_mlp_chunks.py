@@ -1,0 +1,88 @@
+"""The denoiser MLP's row chunks under a budget: the fewest whose predicted denoise peak fits
+(placement.mlp_chunks), chunk boundaries aligned for cuBLASLt's FP8 row scales (fast.row_chunks), and the
+result of a chunked forward equal to the unchunked one (CPU: Triton interpreter, fp32)."""
+
+import pytest
+import torch
+from conftest import rel_l2
+
+import bagel_rt
+from bagel_rt import placement
+from bagel_rt.fast import CHUNK_ALIGN, row_chunks
+from bagel_rt.memory_plan import denoise_activation_bytes, kv_row_bytes
+from bagel_rt.tiny import write_tiny_checkpoint
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-4 if DEV == "cpu" else 5e-3
+
+
+@pytest.mark.parametrize("rows,n", [(4, 2), (6, 3), (16, 4), (31, 2), (128, 4), (8188, 3), (8188, 4), (12282, 5)])
+def test_row_chunks_are_aligned_and_cover_the_rows(rows, n):
+    sizes = row_chunks(rows, n)
+    assert sum(sizes) == rows and all(s > 0 for s in sizes)
+    assert all(s % CHUNK_ALIGN == 0 for s in sizes[:-1])  # each chunk starts at a multiple of CHUNK_ALIGN rows
+    assert len(sizes) <= n
+    if rows <= CHUNK_ALIGN:
+        assert sizes == [rows]  # the marker rows (2 per branch) are never split
+    if rows >= 2 * n * CHUNK_ALIGN:
+        assert len(sizes) == n
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    d = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny")
+    return bagel_rt.load(d, device=DEV, dtype=torch.float32, backend="triton")
+
+
+def _with_headroom(monkeypatch, pipe, free: float):
+    monkeypatch.setattr(pipe, "offload", True)
+    monkeypatch.setattr(placement, "_headroom", lambda bagel, budget_bytes=None: free)
+
+
+def test_fewest_chunks_whose_predicted_peak_fits(pipe, monkeypatch):
+    p, b = pipe.model.params, pipe.model.dtype.itemsize
+    rows, arena_rows = 128, 300
+    fixed = arena_rows * kv_row_bytes(p, b) + placement.DENOISE_SLACK
+    for n in (1, 2, 3, 5):
+        need = denoise_activation_bytes(p, rows, n, b)
+        _with_headroom(monkeypatch, pipe, fixed + need)  # exactly room for n chunks
+        assert placement.mlp_chunks(pipe, rows, arena_rows) == n
+        _with_headroom(monkeypatch, pipe, fixed + need - 1)  # a byte less: more chunks
+        assert placement.mlp_chunks(pipe, rows, arena_rows) > n
+    _with_headroom(monkeypatch, pipe, 1.0)  # nothing fits: the most chunks, not an endless search
+    assert placement.mlp_chunks(pipe, rows, arena_rows) == placement.MAX_MLP_CHUNKS
+    _with_headroom(monkeypatch, pipe, None)  # no CUDA budget to read
+    assert placement.mlp_chunks(pipe, rows, arena_rows) == placement.FALLBACK_MLP_CHUNKS
+    monkeypatch.setattr(pipe, "offload", False)  # no budget at all
+    assert placement.mlp_chunks(pipe, rows, arena_rows) == 1
+
+
+def test_a_kept_denoiser_counts_as_free(pipe, monkeypatch):
+    """The kept denoiser's arena is allocated while the next request picks its chunks: counted as free, so a
+    repeated request gets the count of the first and reuses the captured graphs."""
+    p, b = pipe.model.params, pipe.model.dtype.itemsize
+    rows, arena_rows = 128, 300
+    free = arena_rows * kv_row_bytes(p, b) + placement.DENOISE_SLACK + denoise_activation_bytes(p, rows, 2, b)
+    _with_headroom(monkeypatch, pipe, free)
+    first = placement.mlp_chunks(pipe, rows, arena_rows)
+
+    class Kept:
+        arena_nbytes = 10**6
+
+    monkeypatch.setitem(pipe.fast_cache, "denoiser", Kept())
+    _with_headroom(monkeypatch, pipe, free - Kept.arena_nbytes)  # its arena is allocated now
+    assert placement.mlp_chunks(pipe, rows, arena_rows) == first == 2
+
+
+def test_chunked_denoiser_matches_unchunked(pipe, monkeypatch):
+    """Three chunks of a 128-row forward (48 + 48 + 32 rows, aligned) give the unchunked result, and the
+    denoiser records the count it was built with."""
+    shape = (128, 128)  # 8 x 8 latents: 64 rows per branch, 128 for a t2i's two computed branches
+    pipe.fast_cache.clear()
+    ref = pipe.generate("A red bagel", image_shapes=shape, num_timesteps=3, seed=5)
+    assert pipe.fast_cache["denoiser"].mlp_chunks == 1
+    monkeypatch.setattr(pipe, "offload", True)
+    monkeypatch.setattr(placement, "mlp_chunks", lambda bagel, rows, arena_rows=0: 3)
+    res = pipe.generate("A red bagel", image_shapes=shape, num_timesteps=3, seed=5)
+    assert pipe.fast_cache["denoiser"].mlp_chunks == 3
+    assert rel_l2(res.latents, ref.latents) < TOL
