@@ -16,7 +16,6 @@ fit raises :class:`bagel_rt.errors.InputError` saying what was resident and what
 from __future__ import annotations
 
 import gc
-import math
 import warnings
 from contextlib import contextmanager
 

@@ -373,8 +373,8 @@ def gen_images(sessions: list[Session], image_shapes: list, cfg: CFGSettings | N
                 xs = fast.denoise_batch(model, jobs, num_timesteps, timestep_shift, cfg,
                                         use_graphs=bagel.use_graphs and not bagel.graphs_refused,
                                         on_step=batch_step, cache=bagel.fast_cache,
-                                        mlp_chunks=mlp_chunks(bagel, rows, arena_rows), df11=bagel.df11, lean=bagel.offload,
-                                        attention=bagel.attention)
+                                        mlp_chunks=mlp_chunks(bagel, rows, arena_rows), df11=bagel.df11,
+                                        lean=bagel.offload, attention=bagel.attention)
                 bagel.graphs_refused |= fast.graphs_refused(bagel.fast_cache)
             else:
                 xs = _denoise_lockstep(model, jobs, num_timesteps, timestep_shift, cfg, batch_step)
