@@ -276,6 +276,7 @@ def main() -> None:
             row.update(error=str(e).splitlines()[0][:1000], failed_in=failed, failed_at=frames[-6:],
                        at_failure_gib=memory_gib(),
                        at_failure=memory_at_failure())
+            del cause  # its traceback's frames hold the failed request's tensors: the next run would find them
         emit(row, a.out)
         placement.mlp_chunks, placement.vae_fits = PLACEMENT_CHUNKS, PLACEMENT_VAE_FITS
         del pipe
