@@ -80,35 +80,35 @@ from .cache import Context, KVCache
 from .embeddings import rope_cos_sin
 from .errors import InputError
 
-#: the decode step's matrix-vector products: "cublas" (F.linear) or "triton" (bagel_rt.kernels.gemv, with the
-#: MLP's gate/up/SwiGLU fused) for plain bf16 nn.Linear weights. Compressed weights take a decode GEMV either
-#: way: under "triton" and "cublas" the faster one for their shape (bagel_rt.quant.decode_mma.prefers_mma: INT8 /
-#: FP8 gate/up and lm_head on the tensor cores, FP8 down split-K on them (decode_mma.prefers_split), the rest on
-#: the FMA kernels of bagel_rt.quant.decode_gemv, as measured per shape); "triton-fma" and "triton-mma" force one
-#: kind everywhere it applies, for A/B runs;
-#: "triton-split" is "triton" with the o and down projections of INT8 / FP8 weights on the tensor cores split
-#: over column ranges (decode_mma.mma_gemv_parts), their fp32 parts summed by the residual add that follows
-#: (kernels.add_rms_norm_parts) — for the 3584-channel projections, which fill too few SMs unsplit — and the
-#: norms before gate/up and lm_head writing the digits their tensor-core GEMVs read (decode_mma.
-#: add_rms_norm_digits: 29 digit launches fewer per token). An experiment, slower than "triton" on the H200
-#: (decode, one process, 9c4a67a: INT8 338.1 vs 363.4 tok/s, FP8 283.7 vs 304.3; its split settings were then
-#: 32 x 512, since retuned to 64 x 256). "triton-fsplit" is "triton" with the INT8 / FP8 / NF4 down projections
-#: split over column ranges on the FMA kernels instead (decode_gemv.qgemv_parts, summed the same way; NF4 with its
-#: packed products, 2 parts, the candidate for its latency-bound down): an A/B candidate,
-#: not measured on a GPU yet. "triton-prefetch" is "triton" with every GEMV asking L2 for all of its weight lines
-#: before it waits for the previous kernel (bagel_rt.kernels._device.l2_prefetch; bf16 GEMVs too): with the packed
-#: products slower (decode, one process, H100, 1ff1e2e, tok/s, without / with: NF4 321.9 / 300.7, INT8 302.7 /
-#: 239.0, FP8 269.4 / 237.2). Under "triton" the FMA kernels of NF4, INT8 and FP8 weights sum their products in
-#: packed bf16 pairs (decode_gemv.nf4_hfma_on, int8_hfma_on, fp8_hfma_on: NF4 decoded by byte permutes; the
-#: default since the fifteenth stop; measured, one process, H100, 1ff1e2e, median of 5, tok/s, fp32 products ->
-#: packed: NF4 279.7 -> 337.3, INT8 297.7 -> 303.4, FP8 280.6 -> 283.2, bf16 190.0; INT8's were off for a stop:
-#: see decode_gemv.INT8_HFMA_SETTINGS); "triton-fp32" keeps the fp32 products (NF4's word-wise decode, the exact
-#: fp32 decodes of INT8 and FP8) for A/B runs, and "triton-prmt" is that with NF4 decoded by byte permutes into
-#: fp32 products (decode_gemv.nf4_prmt_on). "triton-wgmma" and "triton-wgmma-split" are "triton" and
-#: "triton-split" with the INT8 / FP8 tensor-core GEMVs putting the weight tile first (Hopper's wgmma from shared
-#: memory; FP8 weights undecoded against e4m3 digits: decode_mma.wgmma_on): A/B candidates, no faster in the
-#: decoder (one process, H100, a0527a6, median of 3, tok/s, "triton" / "triton-wgmma" / "triton-wgmma-split":
-#: FP8 288.8 / 285.9 / 283.1, INT8 318.8 / 314.2 / 304.2).
+#: the decode step's matrix-vector products: "cublas" (F.linear) or "triton" (bagel_rt.kernels.gemv, with the MLP's
+#: gate/up/SwiGLU fused) for plain bf16 nn.Linear weights. Compressed weights take a decode GEMV either way: under
+#: "triton" and "cublas" the faster one for their shape (bagel_rt.quant.decode_mma.prefers_mma: INT8 / FP8 gate/up
+#: and lm_head on the tensor cores, FP8 down split-K on them (decode_mma.prefers_split), the rest on the FMA
+#: kernels of bagel_rt.quant.decode_gemv, as measured per shape); "triton-fma" and "triton-mma" force one kind
+#: everywhere it applies, for A/B runs; "triton-split" is "triton" with the o and down projections of INT8 / FP8
+#: weights on the tensor cores split over column ranges (decode_mma.mma_gemv_parts), their fp32 parts summed by the
+#: residual add that follows (kernels.add_rms_norm_parts) — for the 3584-channel projections, which fill too few
+#: SMs unsplit — and the norms before gate/up and lm_head writing the digits their tensor-core GEMVs read
+#: (decode_mma. add_rms_norm_digits: 29 digit launches fewer per token). An experiment, slower than "triton" on the
+#: H200 (decode, one process, 9c4a67a: INT8 338.1 vs 363.4 tok/s, FP8 283.7 vs 304.3; its split settings were then
+#: 32 x 512, since retuned to 64 x 256). NF4's down projection is split over column ranges on its FMA kernel under
+#: every name (decode_gemv.qgemv_parts, 2 parts, summed the same way): its 3584 rows leave the SMs a latency-bound
+#: tail unsplit (decode, one process, H200, 7b1c684, tok/s: NF4 339.2 unsplit, 354.8 split; bf16 252.5).
+#: "triton-fsplit" is "triton" with the INT8 / FP8 down projections split that way too: slower there (INT8 383.1 vs
+#: 387.1, FP8 331.8 vs 344.3, same run). "triton-prefetch" is "triton" with every GEMV asking L2 for all of its
+#: weight lines before it waits for the previous kernel (bagel_rt.kernels._device.l2_prefetch; bf16 GEMVs too):
+#: with the packed products slower (decode, one process, H100, 1ff1e2e, tok/s, without / with: NF4 321.9 / 300.7,
+#: INT8 302.7 / 239.0, FP8 269.4 / 237.2). Under "triton" the FMA kernels of NF4, INT8 and FP8 weights sum their
+#: products in packed bf16 pairs (decode_gemv.nf4_hfma_on, int8_hfma_on, fp8_hfma_on: NF4 decoded by byte permutes;
+#: the default since the fifteenth stop; measured, one process, H100, 1ff1e2e, median of 5, tok/s, fp32 products ->
+#: packed: NF4 279.7 -> 337.3, INT8 297.7 -> 303.4, FP8 280.6 -> 283.2, bf16 190.0; INT8's were off for a stop: see
+#: decode_gemv.INT8_HFMA_SETTINGS); "triton-fp32" keeps the fp32 products (NF4's word-wise decode, the exact fp32
+#: decodes of INT8 and FP8) for A/B runs, and "triton-prmt" is that with NF4 decoded by byte permutes into fp32
+#: products (decode_gemv.nf4_prmt_on). "triton-wgmma" and "triton-wgmma-split" are "triton" and "triton-split" with
+#: the INT8 / FP8 tensor-core GEMVs putting the weight tile first (Hopper's wgmma from shared memory; FP8 weights
+#: undecoded against e4m3 digits: decode_mma.wgmma_on): A/B candidates, no faster in the decoder (one process,
+#: H100, a0527a6, median of 3, tok/s, "triton" / "triton-wgmma" / "triton-wgmma-split": FP8 288.8 / 285.9 / 283.1,
+#: INT8 318.8 / 314.2 / 304.2).
 GEMVS = ("cublas", "triton", "triton-fma", "triton-mma", "triton-split", "triton-fsplit", "triton-prefetch",
          "triton-fp32", "triton-prmt", "triton-wgmma", "triton-wgmma-split")
 
@@ -126,7 +126,7 @@ _VARIANTS = {"triton-prefetch": (l2_prefetch_on, "triton"), "triton-fp32": (_fp3
 #: the weight formats whose decode step a variant changes beyond "triton": an A/B run of it on another format
 #: measures the same kernels again (benchmarks skip it); variants not named here change every format
 VARIANT_FORMATS = {"triton-prmt": {"nf4"}, "triton-fp32": {"nf4", "fp8", "int8"},
-                   "triton-split": {"int8", "fp8"}, "triton-fsplit": {"int8", "fp8", "nf4"},
+                   "triton-split": {"int8", "fp8"}, "triton-fsplit": {"int8", "fp8"},
                    "triton-fma": {"int8", "fp8"}, "triton-mma": {"int8", "fp8"},
                    "triton-wgmma": {"int8", "fp8"}, "triton-wgmma-split": {"int8", "fp8"}}
 DEFAULT_GEMV = "triton"  # measured faster on the H200 (see bagel_rt.kernels.gemv)
@@ -229,8 +229,8 @@ def _on_mma(w: DecodeWeight, impl: str) -> bool:
 
 def _split(w: DecodeWeight, impl: str) -> str | None:
     # for a compressed weight whose output a residual add sums: the split-K GEMV it takes, "mma" (tensor cores)
-    # or "fma" (triton-fsplit, long rows of every compressed format), or None (unsplit)
-    if impl == "triton-fsplit" and w.shape[1] > SPLIT_MIN_K:
+    # or "fma" (NF4's long rows always, INT8 / FP8 ones under triton-fsplit), or None (unsplit)
+    if (w.fmt == "nf4" or impl == "triton-fsplit") and w.shape[1] > SPLIT_MIN_K:
         return "fma"
     if impl in ("triton-fma", "triton-mma") or w.fmt not in MMA_FORMATS:
         return None

@@ -135,7 +135,8 @@ class Bagel:
         """The triton backend's text-decoding GEMVs: "triton" (default; INT8 / FP8 weights on the tensor cores or
         the FMA kernels, whichever measured faster for their shape), "cublas" (bf16 weights through ``F.linear``),
         "triton-fma" / "triton-mma" (every INT8 / FP8 weight on one kind, for A/B runs), "triton-split" /
-        "triton-fsplit" (A/B experiments: INT8 / FP8 projections split-K on the tensor cores / the FMA kernels;
+        "triton-fsplit" (A/B experiments: INT8 / FP8 projections split-K on the tensor cores / the FMA kernels, as
+        NF4's down always is;
         see :data:`bagel_rt.fast_decode.GEMVS`). Setting it rebuilds the decoder at its next use."""
         return self._decode_gemv
 

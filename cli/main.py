@@ -321,13 +321,13 @@ def quantize(src: Path, dst: Path, fmt: str, skip: tuple[str, ...], double_quant
                    "kernels, the faster per shape; the FMA kernels of NF4/INT8/FP8 sum in packed bf16 pairs), "
                    "triton-fma / triton-mma (every INT8/FP8 weight on one kind), triton-split (triton, with "
                    "INT8/FP8 o/down split-K on the tensor cores; measured slower on the H200), triton-fsplit "
-                   "(triton, with NF4/INT8/FP8 down split-K on the FMA kernels), triton-prefetch (triton, each "
-                   "GEMV asking L2 for its weights before its PDL wait; measured slower on an H100), triton-fp32 "
-                   "(triton with fp32 products: the default until the fifteenth stop), triton-prmt (triton-fp32 "
-                   "with NF4 decoded by byte permutes), triton-wgmma / triton-wgmma-split (triton / triton-split "
-                   "with the INT8/FP8 tensor-core GEMVs on Hopper's wgmma, FP8 undecoded against e4m3 digits) — "
-                   "the alternatives are for A/B runs — or cublas (bf16 "
-                   "weights through F.linear).")
+                   "(triton, with INT8/FP8 down split-K on the FMA kernels, as NF4's always is), triton-prefetch "
+                   "(triton, each GEMV asking L2 for its weights before its PDL wait; measured slower on an "
+                   "H100), triton-fp32 (triton with fp32 products: the default until the fifteenth stop), "
+                   "triton-prmt (triton-fp32 with NF4 decoded by byte permutes), triton-wgmma / "
+                   "triton-wgmma-split (triton / triton-split with the INT8/FP8 tensor-core GEMVs on Hopper's "
+                   "wgmma, FP8 undecoded against e4m3 digits) — the alternatives are for A/B runs — or cublas "
+                   "(bf16 weights through F.linear).")
 @parallel_options
 def bench(model_dir, random_weights, backend, tasks, size, steps, runs, warmup, tokens, compare_torch, out, commit,
           device, dtype, compute, attention, weights, taylorseer, decode_gemv, gpus, parallel):

@@ -1024,14 +1024,15 @@ def qgemv(x: Tensor, w: DecodeWeight, bias: Tensor | None = None, pdl: bool = Fa
 
 #: split-K settings of the one-byte formats' FMA GEMV (:func:`qgemv_parts`): the part count and the launch. An
 #: A/B candidate for the long down projection (K = 18944, 3.1 TB/s unsplit at 4 x 1024 / 4 on the H200: its 896
-#: programs leave SMs with 6 or 7, a one-program tail); not measured on a GPU yet
+#: programs leave SMs with 6 or 7, a one-program tail); slower in the decoder, so "triton-fsplit" only (one
+#: process, H200, 7b1c684, tok/s, unsplit / split: INT8 387.1 / 383.1, FP8 344.3 / 331.8)
 PARTS_SETTINGS = dict(BN=4, BK=1024, num_warps=4, parts=2)
 #: NF4's (packed bf16 products, as its unsplit default): its down projection streamed at ~1.4 TB/s on an H100
 #: (25.3 µs for 36 MB, 1ff1e2e profile) while bf16's GEMVs reach ~2.9 TB/s — too few bytes in flight per SM: the
 #: 896 programs of 4 channels hold one tile each, ~14 KB per SM at 1024 columns. Two parts double the programs
 #: (and the bytes in flight); 512 columns keep every part's loop on whole tiles (18944 = 37 x 512), so the
-#: packed products need no column masks. Not measured on a GPU yet (``bench_kernels.py --only qgemv``
-#: ``fsplit`` providers, ``fast_decode`` "triton-fsplit").
+#: packed products need no column masks. The decoder's default for NF4's down since it measured faster in the
+#: decoder (one process, H200, 7b1c684: NF4 decode 339.2 -> 354.8 tok/s; see ``fast_decode.GEMVS``).
 NF4_PARTS_SETTINGS = dict(BN=4, BK=512, num_warps=1, parts=2, hfma=True)
 
 

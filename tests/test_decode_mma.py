@@ -243,6 +243,10 @@ def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv, min_n, monkeypat
         min_n = None
     if min_n == "split":
         monkeypatch.setattr(dm, "SPLIT_MIN_K", 0)
+        monkeypatch.setattr(fd, "SPLIT_MIN_K", 0)
+        fsplit = []
+        real_fsplit = fd.qgemv_parts
+        monkeypatch.setattr(fd, "qgemv_parts", lambda x, w, *a: fsplit.append(w.fmt) or real_fsplit(x, w, *a))
         split = []
         real_parts = fd.mma_gemv_parts
         monkeypatch.setattr(fd, "mma_gemv_parts", lambda x, w, *a: split.append(w.fmt) or real_parts(x, w, *a))
@@ -264,6 +268,7 @@ def test_decoder_with_mma_gemvs_matches_session(tiny_dir, gemv, min_n, monkeypat
         assert set(fused) == kinds and len(fused) % (pipe.model.params.llm.num_layers + 1) == 0
     if gemv == "triton":  # o and down of every layer, FP8 only
         assert set(split) == {"fp8"} and len(split) % (2 * pipe.model.params.llm.num_layers) == 0
+        assert set(fsplit) == {"nf4"}  # NF4's down split on its FMA kernel by default
     if gemv == "triton-fsplit":  # o and down of every layer, INT8, FP8 and NF4
         assert set(fsplit) == {"int8", "fp8", "nf4"} and len(fsplit) % (2 * pipe.model.params.llm.num_layers) == 0
 
@@ -329,8 +334,9 @@ def test_default_gemvs_choose_by_shape():
 
 def test_default_split_by_shape():
     """"triton" splits FP8 weights of more than SPLIT_MIN_K columns (down) over K on the tensor cores; INT8 and
-    NF4 keep their kernels; "triton-split" splits every one-byte weight it is given on the tensor cores,
-    "triton-fsplit" the long ones of every format on the FMA kernels; "triton-fma" / "triton-mma" never split."""
+    NF4 keep their kernels (NF4's long rows split on its FMA kernel under every name); "triton-split" splits every
+    one-byte weight it is given on the tensor cores, "triton-fsplit" the long ones of INT8 / FP8 on the FMA
+    kernels too; "triton-fma" / "triton-mma" never split one-byte weights."""
     from bagel_rt.quant.decode_mma import SPLIT_MIN_K
 
     from bagel_rt.fast_decode import _split
@@ -344,8 +350,10 @@ def test_default_split_by_shape():
     assert _split(long_int8, "triton-fsplit") == _split(long8, "triton-fsplit") == "fma"
     assert _split(short8, "triton-fsplit") is None
     long_nf4, _ = make_weight("nf4", 16, SPLIT_MIN_K + 64)
-    assert not any(_split(long_nf4, g) for g in ("triton", "triton-split", "triton-fma"))
-    assert _split(long_nf4, "triton-fsplit") == "fma"  # NF4 has no tensor-core GEMV, but a split FMA one
+    short_nf4, _ = make_weight("nf4", 16, 128)
+    # NF4 has no tensor-core GEMV, but a split FMA one, its default for long rows (the down projection)
+    assert all(_split(long_nf4, g) == "fma" for g in ("triton", "triton-split", "triton-fma", "triton-fsplit"))
+    assert not any(_split(short_nf4, g) for g in ("triton", "triton-fsplit"))
 
 
 def test_unknown_gemv_is_refused(tiny_dir):
