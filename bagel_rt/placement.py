@@ -16,6 +16,7 @@ fit raises :class:`bagel_rt.errors.InputError` saying what was resident and what
 from __future__ import annotations
 
 import gc
+import math
 import warnings
 from contextlib import contextmanager
 
@@ -265,18 +266,15 @@ def lean_modules(bagel, budget_bytes: float) -> None:
         layer.mlp.max_rows = layer.mlp_moe_gen.max_rows = rows
 
 
-#: the share of the memory a budget leaves above the resident weights that the MLP intermediates of one prefill
-#: row chunk may take: a quarter leaves room for the KV caches and the rest of the activations
+#: the share of the memory a budget leaves above the resident weights that the MLP intermediates of one row
+#: chunk may take (prefill and denoiser alike): a quarter leaves room for the KV caches, the denoiser's arena and
+#: the rest of the activations
 MLP_SHARE = 0.25
-#: row chunks of the denoiser's MLPs under a budget whose headroom cannot be read (no CUDA budget: the CPU tests)
-FALLBACK_MLP_CHUNKS = 4
-#: bytes a budget keeps free beyond the denoiser's predicted peak when :func:`mlp_chunks` picks the row chunks:
-#: the FP8 edit under 15.5 GiB peaked 0.13 GiB above its prediction (14.95 vs 14.82 GiB, H200, 7b1c684), and
-#: issue 12's peak target (15.0 GiB under 15.5) leaves half a GiB of the budget to the allocator's rounding
-DENOISE_SLACK = 640 * 2**20
-#: most row chunks of the denoiser's MLPs (a 1024^2 t2i's 8188 rows in chunks of 512: smaller GEMMs would cost
-#: more than they save)
-MAX_MLP_CHUNKS = 16
+#: fewest row chunks of the denoiser's MLPs under a budget (the setting of the measured budget runs)
+MIN_MLP_CHUNKS = 4
+#: fewest row chunks where they let the denoiser stay through the VAE decode (:func:`mlp_chunks`): with one, the
+#: graph pool of an FP8 t2i under 15.5 GiB held so much that the decode ran out of memory beside it (H100, b5a3a77)
+MIN_KEPT_CHUNKS = 2
 
 
 def _mlp_row_bytes(bagel) -> int:
@@ -306,22 +304,27 @@ def prefill_mlp_rows(bagel, budget_bytes: float) -> int | None:
     return max(ROW_ALIGN, rows // ROW_ALIGN * ROW_ALIGN)
 
 
-def mlp_chunks(bagel, rows: int, arena_rows: int = 0) -> int:
+def mlp_chunks(bagel, rows: int, arena_rows: int = 0, decode_bytes: int = 0) -> int:
     """Row chunks of the packed denoiser's MLPs for a forward of ``rows`` latent rows (all branches) over an arena
-    of ``arena_rows`` rows (the branches' caches and query blocks): 1 without a budget; under one, the fewest
-    whose predicted denoise peak (the arena and one forward's activations,
-    :func:`bagel_rt.memory_plan.denoise_activation_bytes`) leaves :data:`DENOISE_SLACK` of the budget free.
-    A denoiser kept from the last request counts as free (the next one reuses or replaces it), so repeated
-    requests of one layout get the same count and keep their captured graphs.
+    of ``arena_rows`` rows (the branches' caches and query blocks), followed by a VAE decode of ``decode_bytes``
+    (:func:`bagel_rt.memory_plan.vae_decode_bytes`): 1 without a budget. Under one, the fewest (at least
+    :data:`MIN_KEPT_CHUNKS`) with which the denoiser can stay through that decode — its arena, the graph pool's one
+    forward of activations (:func:`bagel_rt.memory_plan.denoise_activation_bytes`) and the decode within the
+    budget, less :data:`VAE_SLACK`, as :func:`vae_fits` asks afterwards — so the next request replays its graphs;
+    where no count allows that, enough that a chunk's intermediates take at most :data:`MLP_SHARE` of the
+    headroom, and at least :data:`MIN_MLP_CHUNKS`. A denoiser kept from the last request counts as free (the
+    next one reuses or replaces it), so repeated requests of one layout get the same count.
 
-    Each chunk costs launches and smaller GEMMs: an FP8 t2i under 15.5 GiB took 6.26 s with one chunk against
-    6.33-6.42 s with four (denoising 5.91 vs 6.03 s; H200, 7b1c684, ``budget_memory.py --runs
-    fp8@15.5:t2i+chunks1,fp8@15.5:t2i``), which the fixed four of before spent where one fits."""
+    An FP8 t2i under 15.5 GiB, one process each (``budget_memory.py --runs fp8@15.5:t2i+chunksN``): H100,
+    b5a3a77, 2 chunks 6.366 s (denoising 5.95 s, the denoiser kept), 4 chunks 6.565 s (6.16 s), 1 chunk 6.681 s
+    (denoising 6.11 s, but the decode ran out of memory beside the bigger graph pool and ran again without it);
+    H200, 7b1c684, 1 chunk 6.264 s (kept, 15.44 of 15.5 GiB reserved), 4 chunks 6.33-6.42 s. That t2i now gets
+    2; an edit's three-branch arena never leaves room for the decode under 15.5 GiB: 4, as before."""
     if not bagel.offload:
         return 1
     free = _headroom(bagel)
     if not free:
-        return FALLBACK_MLP_CHUNKS
+        return MIN_MLP_CHUNKS
     from .fast import weight_only
     from .memory_plan import denoise_activation_bytes, kv_row_bytes
 
@@ -329,11 +332,14 @@ def mlp_chunks(bagel, rows: int, arena_rows: int = 0) -> int:
     kept = (bagel.fast_cache or {}).get("denoiser")
     if kept is not None:
         free += kept.arena_nbytes
+    fallback = max(MIN_MLP_CHUNKS, math.ceil(rows * _mlp_row_bytes(bagel) / (MLP_SHARE * free)))
+    if not decode_bytes:
+        return fallback
     itemsize = model.dtype.itemsize
-    room = free - arena_rows * kv_row_bytes(model.params, itemsize) - DENOISE_SLACK
+    room = free - arena_rows * kv_row_bytes(model.params, itemsize) - decode_bytes - VAE_SLACK
     wo = weight_only(model.language_model.model.layers[0].mlp_moe_gen.gate_proj)
-    return next((n for n in range(1, MAX_MLP_CHUNKS)
-                 if denoise_activation_bytes(model.params, rows, n, itemsize, wo) <= room), MAX_MLP_CHUNKS)
+    return next((n for n in range(MIN_KEPT_CHUNKS, fallback)
+                 if denoise_activation_bytes(model.params, rows, n, itemsize, wo) <= room), fallback)
 
 
 #: bytes the budget must leave beyond the VAE decode's predicted need (allocator rounding, cuDNN workspaces) for

@@ -27,7 +27,7 @@ from . import placement, validate
 from .batch import ImageJob
 from .cache import Context
 from .errors import InputError
-from .memory_plan import TEXT_ROOM, vae_rows, vit_rows
+from .memory_plan import TEXT_ROOM, vae_decode_bytes, vae_rows, vit_rows
 from .placement import text_phase, visiting
 from .sampler import CFGSettings, denoise_steps
 from .serial import serialized
@@ -370,10 +370,12 @@ def gen_images(sessions: list[Session], image_shapes: list, cfg: CFGSettings | N
                 arena_rows = rows + sum(job.ctxs[b].length for job in jobs for b, same in
                                         (("cond", False), ("text", job.text_is_cond), ("img", job.img_is_cond))
                                         if not same)
+                ds = model.params.latent_downsample
+                decode = max(vae_decode_bytes(ds * job.h, ds * job.w) for job in jobs)  # the largest image's
                 xs = fast.denoise_batch(model, jobs, num_timesteps, timestep_shift, cfg,
                                         use_graphs=bagel.use_graphs and not bagel.graphs_refused,
                                         on_step=batch_step, cache=bagel.fast_cache,
-                                        mlp_chunks=mlp_chunks(bagel, rows, arena_rows), df11=bagel.df11,
+                                        mlp_chunks=mlp_chunks(bagel, rows, arena_rows, decode), df11=bagel.df11,
                                         lean=bagel.offload, attention=bagel.attention)
                 bagel.graphs_refused |= fast.graphs_refused(bagel.fast_cache)
             else:

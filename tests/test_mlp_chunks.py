@@ -39,39 +39,55 @@ def _with_headroom(monkeypatch, pipe, free: float):
     monkeypatch.setattr(placement, "_headroom", lambda bagel, budget_bytes=None: free)
 
 
-def test_fewest_chunks_whose_predicted_peak_fits(pipe, monkeypatch):
+ROWS, ARENA_ROWS, DECODE = 128, 300, 5 * 2**20
+
+
+def _keep_room(pipe, n: int) -> int:
+    """Headroom with exactly room for the arena, n chunks' forward and the decode beside them."""
     p, b = pipe.model.params, pipe.model.dtype.itemsize
-    rows, arena_rows = 128, 300
-    fixed = arena_rows * kv_row_bytes(p, b) + placement.DENOISE_SLACK
-    for n in (1, 2, 3, 5):
-        need = denoise_activation_bytes(p, rows, n, b)
-        _with_headroom(monkeypatch, pipe, fixed + need)  # exactly room for n chunks
-        assert placement.mlp_chunks(pipe, rows, arena_rows) == n
-        _with_headroom(monkeypatch, pipe, fixed + need - 1)  # a byte less: more chunks
-        assert placement.mlp_chunks(pipe, rows, arena_rows) > n
-    _with_headroom(monkeypatch, pipe, 1.0)  # nothing fits: the most chunks, not an endless search
-    assert placement.mlp_chunks(pipe, rows, arena_rows) == placement.MAX_MLP_CHUNKS
+    return (ARENA_ROWS * kv_row_bytes(p, b) + denoise_activation_bytes(p, ROWS, n, b) + DECODE
+            + placement.VAE_SLACK)
+
+
+def test_without_room_for_the_decode_the_share_rule(pipe, monkeypatch):
+    row = 3 * pipe.model.params.llm.intermediate_size * pipe.model.dtype.itemsize
+    _with_headroom(monkeypatch, pipe, 10 * 2**30)  # plenty: the fewest of the share rule
+    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS) == placement.MIN_MLP_CHUNKS
+    free = ROWS * row / (placement.MLP_SHARE * 6)  # a chunk of a sixth of the rows takes MLP_SHARE of it
+    _with_headroom(monkeypatch, pipe, free)
+    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS) == 6
+    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, 10 * 2**30) == 6  # a decode no count leaves room for
     _with_headroom(monkeypatch, pipe, None)  # no CUDA budget to read
-    assert placement.mlp_chunks(pipe, rows, arena_rows) == placement.FALLBACK_MLP_CHUNKS
+    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) == placement.MIN_MLP_CHUNKS
     monkeypatch.setattr(pipe, "offload", False)  # no budget at all
-    assert placement.mlp_chunks(pipe, rows, arena_rows) == 1
+    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) == 1
+
+
+def test_fewest_chunks_that_keep_the_denoiser_through_the_decode(pipe, monkeypatch):
+    """With a VAE decode to follow, the fewest chunks (from MIN_KEPT_CHUNKS) whose forward leaves room for it
+    beside the arena: the denoiser then stays and the next request replays its graphs."""
+    for n in range(placement.MIN_KEPT_CHUNKS, placement.MIN_MLP_CHUNKS):
+        _with_headroom(monkeypatch, pipe, _keep_room(pipe, n))
+        assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) == n
+        _with_headroom(monkeypatch, pipe, _keep_room(pipe, n) - 1)  # a byte less: more chunks
+        assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) > n
+    _with_headroom(monkeypatch, pipe, _keep_room(pipe, 1))  # room for one chunk: still MIN_KEPT_CHUNKS
+    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) == placement.MIN_KEPT_CHUNKS
 
 
 def test_a_kept_denoiser_counts_as_free(pipe, monkeypatch):
     """The kept denoiser's arena is allocated while the next request picks its chunks: counted as free, so a
     repeated request gets the count of the first and reuses the captured graphs."""
-    p, b = pipe.model.params, pipe.model.dtype.itemsize
-    rows, arena_rows = 128, 300
-    free = arena_rows * kv_row_bytes(p, b) + placement.DENOISE_SLACK + denoise_activation_bytes(p, rows, 2, b)
+    free = _keep_room(pipe, 2)
     _with_headroom(monkeypatch, pipe, free)
-    first = placement.mlp_chunks(pipe, rows, arena_rows)
+    first = placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE)
 
     class Kept:
         arena_nbytes = 10**6
 
     monkeypatch.setitem(pipe.fast_cache, "denoiser", Kept())
     _with_headroom(monkeypatch, pipe, free - Kept.arena_nbytes)  # its arena is allocated now
-    assert placement.mlp_chunks(pipe, rows, arena_rows) == first == 2
+    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) == first == 2
 
 
 def test_chunked_denoiser_matches_unchunked(pipe, monkeypatch):
@@ -82,7 +98,7 @@ def test_chunked_denoiser_matches_unchunked(pipe, monkeypatch):
     ref = pipe.generate("A red bagel", image_shapes=shape, num_timesteps=3, seed=5)
     assert pipe.fast_cache["denoiser"].mlp_chunks == 1
     monkeypatch.setattr(pipe, "offload", True)
-    monkeypatch.setattr(placement, "mlp_chunks", lambda bagel, rows, arena_rows=0: 3)
+    monkeypatch.setattr(placement, "mlp_chunks", lambda bagel, *sizes: 3)
     res = pipe.generate("A red bagel", image_shapes=shape, num_timesteps=3, seed=5)
     assert pipe.fast_cache["denoiser"].mlp_chunks == 3
     assert rel_l2(res.latents, ref.latents) < TOL
