@@ -253,7 +253,8 @@ def main() -> None:
             peaks.clear()  # the phases of the measured request only
             sec, lat = timed(pipe, task, a.size, a.steps)
             weight_only = fmt in ("int8", "nf4")
-            plan = request_transients(pipe.model.params, task, a.size, a.size, weight_only=weight_only)
+            plan = request_transients(pipe.model.params, task, a.size, a.size, weight_only=weight_only,
+                                      mlp_chunks=used_chunks[-1] if used_chunks else 1)
             row.update(seconds=round(sec, 3), resident_gib=round(resident, 2),
                        cuda_graphs=pipe.use_graphs and not pipe.graphs_refused,  # False: a capture did not fit
                        denoiser_kept=bool(pipe.fast_cache),  # through the VAE decode (placement.vae_fits)
