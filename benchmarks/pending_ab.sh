@@ -21,6 +21,8 @@
 #     budget-few the most wanted of both, for a call with little device time
 #     targets issue 12's budget targets alone (FP8 t2i / edit under 15.5 GiB, the 12 GB recipe, the FP8 uncapped
 #             runs for their ratios), ~5 minutes
+#     caps    INT8 under 16 GiB and NF4 under 12 beside bf16 in one process (vs_bf16, t2i and edit): the chunk
+#             rule of df405e2 gives them fewer chunks and a kept denoiser, not yet measured (~7 minutes)
 #     budget-edit the FP8 edit uncapped and under 15.5 GiB, also with the denoiser's MLPs in 2 row chunks
 #             instead of placement's 4 (what the chunks cost, what they save)
 #
@@ -94,8 +96,14 @@ case "$part" in
       --runs fp8@15.5:t2i,fp8@15.5:t2i,fp8@15.5:edit,fp8-gen-nf4-und@12:t2i,fp8:t2i,fp8:edit 2>&1 | grep -v -i warn \
       | grep -o '"weights": "[^"]*"\|"budget_gib": [0-9.a-z]*\|"task": "[a-z0-9]*"\|"seconds": [0-9.]*\|"peak_gib": [0-9.]*' \
       | paste - - - - - ;;
+  caps)  # the weight-only formats under their card budgets, each beside bf16 in the same process
+    timeout 560 python3 benchmarks/compressed_speed.py --cap --formats bf16,int8,nf4 --tasks t2i,edit --commit "$c" \
+      --out "$out/compressed.jsonl" 2>&1 | grep -v -i warn \
+      | grep -o '"weights": "[^"]*"\|"task": "[a-z0-9]*"\|"cap_gib": [0-9.a-z]*\|"seconds": [0-9.]*\|"vs_bf16": [0-9.]*' \
+      | paste -s -d' ' | sed 's/"weights"/\n"weights"/g' ;;
   budget-edit)  # the FP8 edit uncapped, under 15.5 GiB, and with 2 MLP row chunks instead of 4
     timeout 560 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
       --runs fp8:edit,fp8@15.5:edit,fp8@15.5:edit+chunks2 2>&1 | grep -v -i warn | tail -n 12 ;;
-  *) echo "part must be decode, wgmma, wkernels, lean, df11, kernels, budget, budget-few, targets or budget-edit"; exit 2 ;;
+  *) echo "part must be decode, wgmma, wkernels, lean, df11, kernels, budget, budget-few, targets, caps or budget-edit"
+     exit 2 ;;
 esac
