@@ -612,8 +612,7 @@ def denoise_batch(model, jobs: list[ImageJob], num_timesteps: int, timestep_shif
         each image's [h*w, 64] float32 final latents.
     """
     k_ops = _kernels()
-    ts = schedule(num_timesteps, timestep_shift)
-    steps = [(float(ts[i]), float(ts[i] - ts[i + 1])) for i in range(num_timesteps - 1)]
+    steps = _steps(num_timesteps, timestep_shift)
     settings = (use_graphs, mlp_chunks, df11, lean, attention, options)
     if model.parallel is not None and model.parallel.mode == "cfg":
         # CFG-parallel spreads one image's branches over the ranks: a batch's images run one after another
@@ -697,6 +696,19 @@ def _denoise_cfg_parallel(model, job: ImageJob, steps: list[tuple[float, float]]
         if on_step is not None:
             on_step(i)
     return x
+
+
+def _steps(num_timesteps: int, timestep_shift: float) -> list[tuple[float, float]]:
+    """(t, dt) of each step of the schedule."""
+    ts = schedule(num_timesteps, timestep_shift)
+    return [(float(ts[i]), float(ts[i] - ts[i + 1])) for i in range(num_timesteps - 1)]
+
+
+def arena_rows(jobs: list[ImageJob], cfg: CFGSettings, num_timesteps: int, timestep_shift: float) -> int:
+    """Rows of the arena :func:`denoise_batch` builds for ``jobs`` (:class:`bagel_rt.arena.ArenaLayout`: each
+    branch some step evaluates holds its cache, 2 marker rows and its image's latent rows)."""
+    steps = _steps(num_timesteps, timestep_shift)
+    return sum(job.ctxs[b].length + 2 + job.h * job.w for job in jobs for b in _branches_ever(job, cfg, steps))
 
 
 def _branches_ever(job: ImageJob, cfg: CFGSettings, steps: list[tuple[float, float]]) -> list[str]:

@@ -367,16 +367,13 @@ def gen_images(sessions: list[Session], image_shapes: list, cfg: CFGSettings | N
                         for c in job.ctxs.values():
                             c.cache.to("cpu")
                 rows = sum((3 - job.text_is_cond - job.img_is_cond) * job.h * job.w for job in jobs)
-                arena_rows = rows + sum(job.ctxs[b].length for job in jobs for b, same in
-                                        (("cond", False), ("text", job.text_is_cond), ("img", job.img_is_cond))
-                                        if not same)
                 ds = model.params.latent_downsample
                 decode = max(vae_decode_bytes(ds * job.h, ds * job.w) for job in jobs)  # the largest image's
+                chunks = mlp_chunks(bagel, rows, fast.arena_rows(jobs, cfg, num_timesteps, timestep_shift), decode)
                 xs = fast.denoise_batch(model, jobs, num_timesteps, timestep_shift, cfg,
                                         use_graphs=bagel.use_graphs and not bagel.graphs_refused,
-                                        on_step=batch_step, cache=bagel.fast_cache,
-                                        mlp_chunks=mlp_chunks(bagel, rows, arena_rows, decode), df11=bagel.df11,
-                                        lean=bagel.offload, attention=bagel.attention)
+                                        on_step=batch_step, cache=bagel.fast_cache, mlp_chunks=chunks,
+                                        df11=bagel.df11, lean=bagel.offload, attention=bagel.attention)
                 bagel.graphs_refused |= fast.graphs_refused(bagel.fast_cache)
             else:
                 xs = _denoise_lockstep(model, jobs, num_timesteps, timestep_shift, cfg, batch_step)

@@ -98,7 +98,10 @@ def test_chunked_denoiser_matches_unchunked(pipe, monkeypatch):
     ref = pipe.generate("A red bagel", image_shapes=shape, num_timesteps=3, seed=5)
     assert pipe.fast_cache["denoiser"].mlp_chunks == 1
     monkeypatch.setattr(pipe, "offload", True)
-    monkeypatch.setattr(placement, "mlp_chunks", lambda bagel, *sizes: 3)
+    asked = []
+    monkeypatch.setattr(placement, "mlp_chunks", lambda bagel, *sizes: asked.append(sizes) or 3)
     res = pipe.generate("A red bagel", image_shapes=shape, num_timesteps=3, seed=5)
-    assert pipe.fast_cache["denoiser"].mlp_chunks == 3
+    den = pipe.fast_cache["denoiser"]
+    assert den.mlp_chunks == 3
+    assert asked[-1][1] == den.layout.starts[-1]  # the arena rows the count was asked for are the arena's
     assert rel_l2(res.latents, ref.latents) < TOL
