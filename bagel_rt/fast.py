@@ -136,7 +136,7 @@ class PackedDenoiser:
         (self.Hq, self.Hk), self.D, self.eps = model.local_heads, p.head_dim, p.rms_norm_eps
         if grids is None:
             grids, image_of = [(h, w)], [0] * len(ctxs)
-        self.layout = ArenaLayout([c.length for c in ctxs], [c.rope for c in ctxs], image_of, grids)
+        self.layout = ArenaLayout.of_contexts(ctxs, image_of, grids)
         self.B = len(ctxs)
         #: latent tokens per branch when every image has one grid size (None for a batch of mixed sizes)
         self.N = self.layout.rows[0] if len(set(self.layout.rows)) == 1 else None
@@ -145,7 +145,7 @@ class PackedDenoiser:
         # the arena holds this process's decoder layers (all, or its range under a layer split)
         layers = model.local_layers
         self.first = layers.start
-        self.k = torch.empty(len(layers), self.layout.starts[-1], self.Hk, self.D, device=dev, dtype=dt)
+        self.k = torch.empty(len(layers), self.layout.total, self.Hk, self.D, device=dev, dtype=dt)
         self.v = torch.empty_like(self.k)
         self.refill(ctxs)
         self.sm_scale = 1.0 / math.sqrt(self.D)
@@ -190,9 +190,11 @@ class PackedDenoiser:
 
     def refill(self, ctxs: list[Context]) -> None:
         """Copy the contexts' caches into the arena (at construction, and to reuse this denoiser and its
-        captured graphs for new contexts of the same layout key)."""
+        captured graphs for new contexts of the same layout key). A branch sharing its parent's prefix
+        (:func:`bagel_rt.arena.shared_prefixes`) reads the parent's rows: nothing to copy."""
         assert denoiser_key(ctxs, self.layout.image_of, self.layout.grids) == self.key
-        for b, c in enumerate(ctxs):
+        for b in self.layout.copied():
+            c = ctxs[b]
             a0, a1 = self.layout.cache_range(b)
             self.k[:, a0:a1] = c.cache.k[:, : c.length]
             self.v[:, a0:a1] = c.cache.v[:, : c.length]
@@ -219,7 +221,8 @@ class PackedDenoiser:
         with self._on_side():
             if gen_kv is not None:
                 self.side.wait_event(gen_kv)
-            ou = self.k_ops.varlen_attention(qu, K, V, m["cu_qu"], m["cu_k"], False, self.sm_scale, 2, m["max_k"])
+            ou = self.k_ops.varlen_attention(qu, K, V, m["cu_qu"], m["cu_k"], False, self.sm_scale, 2, m["max_k"],
+                                             seqused_k=m["used_k"])
             xu = self._attn_out_mlp(layer, "", xu, ou)
         return self._attn_out_mlp(layer, "_moe_gen", xg, og), xu
 
@@ -269,7 +272,7 @@ class PackedDenoiser:
         if self.attention == "cudnn":
             return self._attention_cudnn(q, K, V, m["q_ranges"], m["k_ranges"])
         return self.k_ops.varlen_attention(q, K, V, m["cu_qg"], m["cu_k"], False, self.sm_scale, m["max_qg"],
-                                           m["max_k"])
+                                           m["max_k"], seqused_k=m["used_k"])
 
     def _attention_cudnn(self, q: Tensor, K: Tensor, V: Tensor, q_ranges: list, k_ranges: list) -> Tensor:
         """Latent-query attention through cuDNN: the j-th branch's queries q[q_ranges[j]] [n, Hq, D] attend to
@@ -569,8 +572,8 @@ def quantized_rows(mods, x: Tensor):
 
 def denoiser_key(ctxs: list[Context], image_of: list[int], grids: list[tuple[int, int]]) -> tuple:
     """What a captured denoiser depends on: each image's grid and each branch's image, cache length and RoPE
-    position (:attr:`bagel_rt.arena.ArenaLayout.key`)."""
-    return ArenaLayout([c.length for c in ctxs], [c.rope for c in ctxs], image_of, grids).key
+    position, and which branches share a cached prefix (:attr:`bagel_rt.arena.ArenaLayout.key`)."""
+    return ArenaLayout.of_contexts(ctxs, image_of, grids).key
 
 
 @torch.no_grad()
@@ -620,13 +623,7 @@ def denoise_batch(model, jobs: list[ImageJob], num_timesteps: int, timestep_shif
                                       settings) for job in jobs]
     caching = {job.step_cache is not None for job in jobs}
     assert len(caching) == 1, "step caching is on for every image of a batch or for none"
-    # the branches each image ever computes, in arena order (each image's together, conditional first)
-    ctxs, image_of, names = [], [], []
-    for k, job in enumerate(jobs):
-        for b in _branches_ever(job, cfg, steps):
-            ctxs.append(job.ctxs[b])
-            image_of.append(k)
-            names.append(b)
+    ctxs, image_of, names = _arena_branches(jobs, cfg, steps)
     arena = {(k, b): a for a, (k, b) in enumerate(zip(image_of, names))}
     den = _cached_denoiser(cache, "denoiser", model, ctxs, image_of, [(job.h, job.w) for job in jobs], *settings)
     if caching == {True}:
@@ -706,9 +703,21 @@ def _steps(num_timesteps: int, timestep_shift: float) -> list[tuple[float, float
 
 def arena_rows(jobs: list[ImageJob], cfg: CFGSettings, num_timesteps: int, timestep_shift: float) -> int:
     """Rows of the arena :func:`denoise_batch` builds for ``jobs`` (:class:`bagel_rt.arena.ArenaLayout`: each
-    branch some step evaluates holds its cache, 2 marker rows and its image's latent rows)."""
-    steps = _steps(num_timesteps, timestep_shift)
-    return sum(job.ctxs[b].length + 2 + job.h * job.w for job in jobs for b in _branches_ever(job, cfg, steps))
+    branch some step evaluates holds its cache, unless it shares it, 2 marker rows and its image's latent rows)."""
+    ctxs, image_of, _ = _arena_branches(jobs, cfg, _steps(num_timesteps, timestep_shift))
+    return ArenaLayout.of_contexts(ctxs, image_of, [(job.h, job.w) for job in jobs]).total
+
+
+def _arena_branches(jobs: list[ImageJob], cfg: CFGSettings, steps: list[tuple[float, float]]) -> tuple:
+    """(contexts, image of each, branch names) of the branches each image ever computes, in arena order (each
+    image's together, conditional first)."""
+    ctxs, image_of, names = [], [], []
+    for k, job in enumerate(jobs):
+        for b in _branches_ever(job, cfg, steps):
+            ctxs.append(job.ctxs[b])
+            image_of.append(k)
+            names.append(b)
+    return ctxs, image_of, names
 
 
 def _branches_ever(job: ImageJob, cfg: CFGSettings, steps: list[tuple[float, float]]) -> list[str]:

@@ -311,15 +311,19 @@ def mlp_chunks(bagel, rows: int, arena_rows: int = 0, decode_bytes: int = 0) -> 
     :data:`MIN_KEPT_CHUNKS`) with which the denoiser can stay through that decode — its arena, the graph pool's one
     forward of activations (:func:`bagel_rt.memory_plan.denoise_activation_bytes`) and the decode within the
     budget, less :data:`VAE_SLACK`, as :func:`vae_fits` asks afterwards — so the next request replays its graphs;
-    where no count allows that, enough that a chunk's intermediates take at most :data:`MLP_SHARE` of the
-    headroom, and at least :data:`MIN_MLP_CHUNKS`. A denoiser kept from the last request counts as free (the
-    next one reuses or replaces it), so repeated requests of one layout get the same count.
+    where no count allows that, the fewest (from :data:`MIN_KEPT_CHUNKS` again) whose forward fits beside the arena
+    with :data:`DENOISE_SLACK` to spare (the denoiser is then released before the decode); where none does,
+    enough that a chunk's intermediates take at most :data:`MLP_SHARE` of the headroom, and at least
+    :data:`MIN_MLP_CHUNKS`. A denoiser kept from the last request counts as free (the next one reuses or replaces
+    it), so repeated requests of one layout get the same count.
 
     An FP8 t2i under 15.5 GiB, one process each (``budget_memory.py --runs fp8@15.5:t2i+chunksN``): H100,
     b5a3a77, 2 chunks 6.366 s (denoising 5.95 s, the denoiser kept), 4 chunks 6.565 s (6.16 s), 1 chunk 6.681 s
     (denoising 6.11 s, but the decode ran out of memory beside the bigger graph pool and ran again without it);
     H200, 7b1c684, 1 chunk 6.264 s (kept, 15.44 of 15.5 GiB reserved), 4 chunks 6.33-6.42 s. That t2i now gets
-    2; an edit's three-branch arena never leaves room for the decode under 15.5 GiB: 4, as before."""
+    2. An FP8 edit at 1024^2 under 15.5 GiB (arena 1.14 GiB with the shared prefix of :mod:`bagel_rt.arena`, one
+    forward 1.14 GiB at 2 chunks, the decode 1.37 GiB, ~3.2 GiB of headroom) cannot keep its denoiser: 2 chunks,
+    predicted denoise peak ~14.7 GiB (with 4 chunks and the prefix copied twice: 14.89 measured, H200 7b1c684)."""
     if not bagel.offload:
         return 1
     free = _headroom(bagel)
@@ -336,15 +340,22 @@ def mlp_chunks(bagel, rows: int, arena_rows: int = 0, decode_bytes: int = 0) -> 
     if not decode_bytes:
         return fallback
     itemsize = model.dtype.itemsize
-    room = free - arena_rows * kv_row_bytes(model.params, itemsize) - decode_bytes - VAE_SLACK
+    arena = arena_rows * kv_row_bytes(model.params, itemsize)
     wo = weight_only(model.language_model.model.layers[0].mlp_moe_gen.gate_proj)
-    return next((n for n in range(MIN_KEPT_CHUNKS, fallback)
-                 if denoise_activation_bytes(model.params, rows, n, itemsize, wo) <= room), fallback)
+    counts = range(MIN_KEPT_CHUNKS, fallback)
+    need = {n: denoise_activation_bytes(model.params, rows, n, itemsize, wo) for n in counts}
+    kept = next((n for n in counts if need[n] <= free - arena - decode_bytes - VAE_SLACK), None)
+    return kept or next((n for n in counts if need[n] <= free - arena - DENOISE_SLACK), fallback)
 
 
 #: bytes the budget must leave beyond the VAE decode's predicted need (allocator rounding, cuDNN workspaces) for
 #: the denoiser to stay through it
 VAE_SLACK = 512 * 2**20
+#: bytes the budget must leave beyond the denoise phase's predicted need (arena and one forward,
+#: :func:`bagel_rt.memory_plan.denoise_activation_bytes`) for a chunk count chosen without the decode beside it:
+#: the measured phase peaks ran 0.13 GiB above the prediction (FP8 edit under 15.5 GiB, H200, 7b1c684: 14.89
+#: against 14.76), and a capture that runs out falls back to eager forwards (``PackedDenoiser._refuse_graphs``)
+DENOISE_SLACK = 512 * 2**20
 
 
 def release_denoiser(bagel) -> None:
@@ -361,7 +372,7 @@ def vae_fits(bagel, height: int, width: int) -> bool:
     graph pool among it): always without a budget. Under one, a denoiser released before each VAE decode is
     built and captured again by the next request — one eager forward and one capture per branch set, every
     request. An FP8 t2i under 15.5 GiB leaves room for both (resident ~12.3 GiB, denoiser ~1 GiB, VAE decode
-    ~1.4 GiB); an edit (arena of three branches, 1.66 GiB) does not."""
+    ~1.4 GiB); an edit (arena of three branches, 1.14 GiB at 1024^2 with their shared prefix) does not."""
     from .memory_plan import vae_decode_bytes
 
     free = _headroom(bagel)

@@ -12,7 +12,9 @@ VAE decode) the allocator's peak (``max_memory_allocated``) and reserved peak (`
 budget caps). ``predicted_gib`` is :func:`bagel_rt.memory_plan.request_transients` on top of the resident
 weights. ``--uncapped`` places the model for the budget but lifts the cap, to see what a request needs where it
 does not fit; a task ending in ``+eager`` (``int8@16:edit+eager``) runs without CUDA graphs, ``+chunksN`` with the
-denoiser's MLPs in N row chunks, ``+drop`` with the denoiser released before every VAE decode. A failed run
+denoiser's MLPs in N row chunks, ``+drop`` with the denoiser released before every VAE decode, ``+copied`` with
+every branch's cache copied into the arena (no shared prefixes, :mod:`bagel_rt.arena`: the layout before it).
+A failed run
 records the phase it failed in and the allocator's pools then (``--history``: with the code that holds the
 CUDA-graph pools' live blocks). DF11 runs also time the request against bf16 in the same process
 (``vs_bf16``; the target is 1.25x) and check the bits (``bit_identical``).
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from compressed_speed import make_pipe, release_gpu, request  # noqa: E402
 from diagnose import emit  # noqa: E402
 
-from bagel_rt import placement  # noqa: E402
+from bagel_rt import arena, placement  # noqa: E402
 from bagel_rt.bench import environment  # noqa: E402
 from bagel_rt.df11_resident import DEFAULT_FORM, FORMS  # noqa: E402
 from bagel_rt.errors import InputError  # noqa: E402
@@ -48,6 +50,12 @@ PHASE_START = [0.0]
 
 PLACEMENT_CHUNKS = placement.mlp_chunks
 PLACEMENT_VAE_FITS = placement.vae_fits
+SHARED_PREFIXES = arena.shared_prefixes
+
+
+def no_shared_prefixes(histories: list, lens: list[int], image_of: list[int]) -> list[None]:
+    """A stand-in for ``arena.shared_prefixes``: every branch's cache copied into the arena."""
+    return [None] * len(lens)
 
 
 def chunk_counter(n: int | None, used: list[int]):
@@ -186,10 +194,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default=None)
     ap.add_argument("--runs", default="int8@16:edit,fp8@15.5:edit,nf4@12:edit,fp8-gen-nf4-und@12:t2i,df11@24:t2i",
-                    help="comma-separated FORMAT@GIB:TASK[+eager][+chunksN][+drop] (GIB 0: no budget; eager: "
-                         "without CUDA graphs; chunksN: the denoiser's MLPs in N row chunks under the budget, "
-                         "instead of placement.mlp_chunks' choice; drop: the denoiser released before every VAE "
-                         "decode, captured again by the next request, as before placement.vae_fits)")
+                    help="comma-separated FORMAT@GIB:TASK[+eager][+chunksN][+drop][+copied] (GIB 0: no budget; "
+                         "eager: without CUDA graphs; chunksN: the denoiser's MLPs in N row chunks under the "
+                         "budget, instead of placement.mlp_chunks' choice; drop: the denoiser released before "
+                         "every VAE decode, captured again by the next request, as before placement.vae_fits; "
+                         "copied: no shared prefixes in the arena)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--uncapped", action="store_true", help="place for the budget but lift the cap")
@@ -227,6 +236,7 @@ def main() -> None:
         used_chunks: list[int] = []
         placement.mlp_chunks = chunk_counter(chunks, used_chunks)  # the session imports it at each request
         placement.vae_fits = (lambda *_: False) if "drop" in modes else PLACEMENT_VAE_FITS
+        arena.shared_prefixes = no_shared_prefixes if "copied" in modes else SHARED_PREFIXES
         fmt, _, gib = spec.partition("@")
         gib = float(gib or 0)
         ref = build = None
@@ -281,6 +291,7 @@ def main() -> None:
             del cause  # its traceback's frames hold the failed request's tensors: the next run would find them
         emit(row, a.out)
         placement.mlp_chunks, placement.vae_fits = PLACEMENT_CHUNKS, PLACEMENT_VAE_FITS
+        arena.shared_prefixes = SHARED_PREFIXES
         del pipe
         release_gpu()
 

@@ -1,6 +1,8 @@
 """Variable-length packed attention (FlashAttention-2 style forward) with GQA and bottom-right causal masks.
 
-Sequence b's queries ``q[cu_q[b]:cu_q[b+1]]`` attend to its keys ``k[cu_k[b]:cu_k[b+1]]``. With ``causal``
+Sequence b's queries ``q[cu_q[b]:cu_q[b+1]]`` attend to its keys ``k[cu_k[b]:cu_k[b+1]]``, or with
+``seqused_k`` to ``k[cu_k[b]:cu_k[b] + seqused_k[b]]`` (then cu_k holds starts only: key ranges may overlap or
+leave gaps, as the denoiser's arena does where two CFG branches share a cached prefix). With ``causal``
 the mask is aligned bottom-right: query i of a sequence with Lq queries and Lk keys sees keys
 j <= Lk - Lq + i (text prefill against a KV cache in front of it). Non-causal is full attention (image
 blocks, denoising forwards).
@@ -64,18 +66,21 @@ def varlen_attention_ref(
     max_seqlen_k: int | None = None,
     num_splits: int | None = None,
     pdl: bool = False,
+    seqused_k: Tensor | None = None,
 ) -> Tensor:
     """Reference: per-sequence explicit softmax in fp32. Same arguments as :func:`varlen_attention`.
 
-    The last four arguments only steer the kernel and are ignored. Query rows that see no key give zeros.
+    ``max_seqlen_*``, ``num_splits`` and ``pdl`` only steer the kernel and are ignored. Query rows that see no
+    key give zeros.
     """
     Hq, Hk = q.shape[1], k.shape[1]
     out = torch.zeros_like(q)
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    ends = cu_k[1:] if seqused_k is None else [s + n for s, n in zip(cu_k, seqused_k.tolist())]
     for b in range(len(cu_q) - 1):
         qb = q[cu_q[b]:cu_q[b + 1]].float()  # [Lq, Hq, D]
-        kb = k[cu_k[b]:cu_k[b + 1]].float().repeat_interleave(Hq // Hk, dim=1)  # [Lk, Hq, D]
-        vb = v[cu_k[b]:cu_k[b + 1]].float().repeat_interleave(Hq // Hk, dim=1)
+        kb = k[cu_k[b]:ends[b]].float().repeat_interleave(Hq // Hk, dim=1)  # [Lk, Hq, D]
+        vb = v[cu_k[b]:ends[b]].float().repeat_interleave(Hq // Hk, dim=1)
         Lq, Lk = qb.shape[0], kb.shape[0]
         scores = torch.einsum("qhd,khd->hqk", qb, kb) * sm_scale  # [Hq, Lq, Lk]
         visible = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
@@ -90,11 +95,16 @@ def varlen_attention_ref(
 
 
 @triton.jit
-def seq_bounds(cu_q, cu_k, i_b):
-    """Sequence ``i_b``'s first query row, query count, first key row and key count from the cu_seqlens."""
+def seq_bounds(cu_q, cu_k, i_b, used_k=None, HAS_USED: tl.constexpr = False):
+    """Sequence ``i_b``'s first query row, query count, first key row and key count from the cu_seqlens (the
+    key count from ``used_k`` [B] where HAS_USED: key ranges that overlap)."""
     bos_q = tl.load(cu_q + i_b)
     bos_k = tl.load(cu_k + i_b)
-    return bos_q, tl.load(cu_q + i_b + 1) - bos_q, bos_k, tl.load(cu_k + i_b + 1) - bos_k
+    if HAS_USED:
+        Lk = tl.load(used_k + i_b)
+    else:
+        Lk = tl.load(cu_k + i_b + 1) - bos_k
+    return bos_q, tl.load(cu_q + i_b + 1) - bos_q, bos_k, Lk
 
 
 @triton.jit
@@ -153,18 +163,18 @@ def _attn_block(acc, m_i, l_i, b_q, k, v, start_n, bos_k, Lk, diag, o_qi, o_n, o
 
 @triton.jit
 def _attn_fwd_kernel(
-    q, k, v, o, o_part, lse_part, cu_q, cu_k,
+    q, k, v, o, o_part, lse_part, cu_q, cu_k, used_k,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
     sm_scale, Mq, NUM_SPLITS, ROWS_BUCKET,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, SPLIT: tl.constexpr, USE_GDC: tl.constexpr = False,
+    CAUSAL: tl.constexpr, SPLIT: tl.constexpr, HAS_USED: tl.constexpr = False, USE_GDC: tl.constexpr = False,
 ):
     # grid: (query-row blocks, kv heads, sequences * NUM_SPLITS); ROWS_BUCKET only keys the autotuner
     gdc_wait(USE_GDC)  # programmatic dependent launch
     i_m, i_hk, i_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bs // NUM_SPLITS
     i_s = i_bs % NUM_SPLITS
-    bos_q, Lq, bos_k, Lk = seq_bounds(cu_q, cu_k, i_b)
+    bos_q, Lq, bos_k, Lk = seq_bounds(cu_q, cu_k, i_b, used_k, HAS_USED)
     if i_m * BLOCK_M >= Lq * G:
         return
     # [BLOCK_M, D] packed rows: query o_qi, q head o_h
@@ -262,6 +272,7 @@ def varlen_attention(
     max_seqlen_k: int | None = None,
     num_splits: int | None = None,
     pdl: bool = False,
+    seqused_k: Tensor | None = None,
 ) -> Tensor:
     """Packed variable-length attention with GQA, online softmax in fp32.
 
@@ -278,6 +289,9 @@ def varlen_attention(
         num_splits: split the keys into this many slices (flash-decoding); None = heuristic, 1 = never.
         pdl: launch the split path's kernels with programmatic dependent launch (Hopper+, see
             ``_device.pdl_kwargs``; decode). The autotuned plain path ignores it.
+        seqused_k: [B] int32 or None: sequence b's keys are rows ``cu_k[b] .. cu_k[b] + seqused_k[b]`` (cu_k's
+            last entry unused; ranges may overlap). The denoiser's arena lets an edit's text-unconditional branch
+            read its cache inside the conditional branch's (``bagel_rt.arena``). ``max_seqlen_k`` bounds these.
     Returns:
         [Mq, Hq, D] in q.dtype, contiguous. Query rows that see no key (Lk = 0, or causal with Lk < Lq)
         give zeros. fp32 inputs use TF32 tensor-core dots on the GPU (bf16 is the intended dtype).
@@ -298,6 +312,9 @@ def varlen_attention(
     assert cu_seqlens_q.shape == cu_seqlens_k.shape and cu_seqlens_q.dim() == 1
     assert cu_seqlens_q.device == q.device and cu_seqlens_k.device == q.device
     B = cu_seqlens_q.shape[0] - 1
+    if seqused_k is not None:
+        assert seqused_k.dtype == torch.int32 and seqused_k.shape == (B,) and seqused_k.device == q.device
+    used = {"HAS_USED": seqused_k is not None}
     G = Hq // Hk
     o = torch.empty((Mq, Hq, D), dtype=q.dtype, device=q.device)
     if B == 0 or Mq == 0:
@@ -310,7 +327,8 @@ def varlen_attention(
         sms = num_sms(q.device)
         if sms is not None and triton.cdiv(rows, 128) * Hk * B < sms:  # the plain grid cannot fill the GPU
             if max_seqlen_k is None:
-                max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+                lk = cu_seqlens_k[1:] - cu_seqlens_k[:-1] if seqused_k is None else seqused_k
+                max_seqlen_k = int(lk.max())
             num_splits = _choose_splits(rows, Hk, B, max_seqlen_k, sms)
     assert num_splits >= 1
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -322,8 +340,8 @@ def varlen_attention(
         def grid(meta):
             return (triton.cdiv(rows, meta["BLOCK_M"]), Hk, B)
 
-        _attn_fwd_kernel_tuned[grid](q, k, v, o, o, o, cu_seqlens_q, cu_seqlens_k, *strides, sm_scale, Mq, 1,
-                                     bucket, G=G, D=D, CAUSAL=causal, SPLIT=False)
+        _attn_fwd_kernel_tuned[grid](q, k, v, o, o, o, cu_seqlens_q, cu_seqlens_k, seqused_k, *strides, sm_scale,
+                                     Mq, 1, bucket, G=G, D=D, CAUSAL=causal, SPLIT=False, **used)
         return o
 
     if is_interpreting():
@@ -334,14 +352,15 @@ def varlen_attention(
                                           **pdl_kwargs(pdl, q.device)}
     grid = (triton.cdiv(rows, block_m), Hk, B * num_splits)
     if num_splits == 1:
-        _attn_fwd_kernel[grid](q, k, v, o, o, o, cu_seqlens_q, cu_seqlens_k, *strides, sm_scale, Mq, 1, 0,
-                               G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, SPLIT=False, **launch)
+        _attn_fwd_kernel[grid](q, k, v, o, o, o, cu_seqlens_q, cu_seqlens_k, seqused_k, *strides, sm_scale, Mq, 1,
+                               0, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, SPLIT=False, **used,
+                               **launch)
         return o
     o_part = torch.empty((num_splits, Mq, Hq, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((num_splits, Mq, Hq), dtype=torch.float32, device=q.device)
-    _attn_fwd_kernel[grid](q, k, v, o, o_part, lse_part, cu_seqlens_q, cu_seqlens_k, *strides, sm_scale, Mq,
-                           num_splits, 0, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, SPLIT=True,
-                           **launch)
+    _attn_fwd_kernel[grid](q, k, v, o, o_part, lse_part, cu_seqlens_q, cu_seqlens_k, seqused_k, *strides,
+                           sm_scale, Mq, num_splits, 0, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+                           SPLIT=True, **used, **launch)
     _attn_combine_kernel[(Mq * Hq,)](o_part, lse_part, o, o.stride(0), o.stride(1), Mq * Hq, Hq, num_splits,
                                      D=D, BLOCK_S=triton.next_power_of_2(num_splits), **pdl_kwargs(pdl, q.device))
     return o

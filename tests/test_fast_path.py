@@ -122,7 +122,7 @@ def test_cudnn_latent_attention_matches_triton_bf16(tmp_path):
         m = den.branch_meta((0, 1, 2))
         outs[impl] = den._latent_attention(q, den.k[0], den.v[0], m)
     ref = varlen_attention_ref(
-        q, den.k[0], den.v[0], m["cu_qg"], m["cu_k"], False, den.sm_scale)
+        q, den.k[0], den.v[0], m["cu_qg"], m["cu_k"], False, den.sm_scale, seqused_k=m["used_k"])
     assert rel_l2(outs["cudnn"], ref) < 1e-2 and rel_l2(outs["triton"], ref) < 1e-2
 
     # one packed forward of all three branches (no CFG combination to amplify bf16 noise)

@@ -287,6 +287,33 @@ def test_varlen_attention_bagel_group_size(causal):
     assert_close("varlen_attention.g7", varlen_attention_ref(*args), varlen_attention(*args), TOL[torch.float16])
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_varlen_attention_overlapping_key_ranges(causal, num_splits):
+    """``seqused_k``: each sequence reads keys [cu_k[b], cu_k[b] + seqused_k[b]) — overlapping ranges (the arena's
+    shared prefix: the second sequence's keys sit inside the first's), a gap, an empty range. Checked against
+    the reference and against each sequence run alone on a copy of its keys."""
+    torch.manual_seed(14)
+    Hq, Hk, D = 6, 2, 16
+    Lq = (3, 17, 2, 5)
+    starts, used = (9, 0, 40, 31), (30, 25, 0, 9)  # [9, 39) and [0, 25) overlap; [31, 40) inside the first
+    q = randn(sum(Lq), Hq, D, dtype=torch.float16)
+    k, v = randn(45, Hk, D, dtype=torch.float16, scale=2.0), randn(45, Hk, D, dtype=torch.float16)
+    cu_k = torch.tensor([*starts, 45], dtype=torch.int32, device=DEVICE)
+    seq = torch.tensor(used, dtype=torch.int32, device=DEVICE)
+    args = (q, k, v, cu_seqlens(Lq), cu_k, causal, 1 / math.sqrt(D))
+    out = varlen_attention(*args, num_splits=num_splits, seqused_k=seq)
+    ref = varlen_attention_ref(*args, seqused_k=seq)
+    assert_close("varlen_attention.seqused", ref, out, TOL[torch.float16])
+    assert (out[20:22] == 0).all(), "an empty key range gives zeros"
+    cq = cu_seqlens(Lq).tolist()
+    for b in range(len(Lq)):  # the reference's ranges: each sequence alone on a contiguous copy of its keys
+        kb, vb = k[starts[b]: starts[b] + used[b]].clone(), v[starts[b]: starts[b] + used[b]].clone()
+        alone = varlen_attention_ref(q[cq[b]: cq[b + 1]], kb, vb, cu_seqlens([Lq[b]]), cu_seqlens([used[b]]),
+                                     causal, 1 / math.sqrt(D))
+        assert torch.equal(alone, ref[cq[b]: cq[b + 1]])
+
+
 # ---------------------------------------------------------------- FP8 row quantization
 
 

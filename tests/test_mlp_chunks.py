@@ -56,7 +56,7 @@ def test_without_room_for_the_decode_the_share_rule(pipe, monkeypatch):
     free = ROWS * row / (placement.MLP_SHARE * 6)  # a chunk of a sixth of the rows takes MLP_SHARE of it
     _with_headroom(monkeypatch, pipe, free)
     assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS) == 6
-    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, 10 * 2**30) == 6  # a decode no count leaves room for
+    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, 10 * 2**30) == 6  # nothing fits beside the slack
     _with_headroom(monkeypatch, pipe, None)  # no CUDA budget to read
     assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) == placement.MIN_MLP_CHUNKS
     monkeypatch.setattr(pipe, "offload", False)  # no budget at all
@@ -65,7 +65,9 @@ def test_without_room_for_the_decode_the_share_rule(pipe, monkeypatch):
 
 def test_fewest_chunks_that_keep_the_denoiser_through_the_decode(pipe, monkeypatch):
     """With a VAE decode to follow, the fewest chunks (from MIN_KEPT_CHUNKS) whose forward leaves room for it
-    beside the arena: the denoiser then stays and the next request replays its graphs."""
+    beside the arena: the denoiser then stays and the next request replays its graphs (the rule without the decode
+    switched off here: no count fits beside its slack)."""
+    monkeypatch.setattr(placement, "DENOISE_SLACK", 2**50)
     for n in range(placement.MIN_KEPT_CHUNKS, placement.MIN_MLP_CHUNKS):
         _with_headroom(monkeypatch, pipe, _keep_room(pipe, n))
         assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) == n
@@ -73,6 +75,21 @@ def test_fewest_chunks_that_keep_the_denoiser_through_the_decode(pipe, monkeypat
         assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) > n
     _with_headroom(monkeypatch, pipe, _keep_room(pipe, 1))  # room for one chunk: still MIN_KEPT_CHUNKS
     assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) == placement.MIN_KEPT_CHUNKS
+
+
+def test_without_room_to_keep_it_the_fewest_whose_forward_fits(pipe, monkeypatch):
+    """Where no count lets the denoiser stay through the decode: the fewest (from MIN_KEPT_CHUNKS) whose forward
+    fits beside the arena with DENOISE_SLACK to spare (released before the decode), else the share rule."""
+    p, b = pipe.model.params, pipe.model.dtype.itemsize
+    big = 10 * 2**30  # a decode no count leaves room for
+    for n in range(placement.MIN_KEPT_CHUNKS, placement.MIN_MLP_CHUNKS):
+        run = ARENA_ROWS * kv_row_bytes(p, b) + denoise_activation_bytes(p, ROWS, n, b) + placement.DENOISE_SLACK
+        _with_headroom(monkeypatch, pipe, run)
+        assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, big) == n
+        _with_headroom(monkeypatch, pipe, run - 1)  # a byte less: more chunks
+        assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, big) > n
+    _with_headroom(monkeypatch, pipe, placement.DENOISE_SLACK)  # no count fits: at least MIN_MLP_CHUNKS
+    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, big) >= placement.MIN_MLP_CHUNKS
 
 
 def test_a_kept_denoiser_counts_as_free(pipe, monkeypatch):
@@ -103,5 +120,5 @@ def test_chunked_denoiser_matches_unchunked(pipe, monkeypatch):
     res = pipe.generate("A red bagel", image_shapes=shape, num_timesteps=3, seed=5)
     den = pipe.fast_cache["denoiser"]
     assert den.mlp_chunks == 3
-    assert asked[-1][1] == den.layout.starts[-1]  # the arena rows the count was asked for are the arena's
+    assert asked[-1][1] == den.layout.total  # the arena rows the count was asked for are the arena's
     assert rel_l2(res.latents, ref.latents) < TOL
