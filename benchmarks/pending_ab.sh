@@ -23,8 +23,8 @@
 #             runs for their ratios), ~5 minutes
 #     caps    INT8 under 16 GiB and NF4 under 12 beside bf16 in one process (vs_bf16, t2i and edit): the chunk
 #             rule of df405e2 gives them fewer chunks and a kept denoiser, not yet measured (~7 minutes)
-#     budget-edit the FP8 edit uncapped and under 15.5 GiB, also with the denoiser's MLPs in 2 row chunks
-#             instead of placement's 4 (what the chunks cost, what they save)
+#     budget-edit the FP8 edit under 15.5 GiB with the arena's shared prefix (bagel_rt.arena) and placement's chunks,
+#             without the sharing (+copied), with 4 chunks as before, and uncapped (~8 minutes)
 #
 # Winners become the defaults with the measurement in the code comment beside them (decode_gemv settings,
 # fast_decode.DEFAULT_GEMV, df11_resident.DEFAULT_FORM), and the README's issue-12 paragraphs get the rows.
@@ -101,9 +101,17 @@ case "$part" in
       --out "$out/compressed.jsonl" 2>&1 | grep -v -i warn \
       | grep -o '"weights": "[^"]*"\|"task": "[a-z0-9]*"\|"cap_gib": [0-9.a-z]*\|"seconds": [0-9.]*\|"vs_bf16": [0-9.]*' \
       | paste -s -d' ' | sed 's/"weights"/\n"weights"/g' ;;
-  budget-edit)  # the FP8 edit uncapped, under 15.5 GiB, and with 2 MLP row chunks instead of 4
-    timeout 560 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
-      --runs fp8:edit,fp8@15.5:edit,fp8@15.5:edit+chunks2 2>&1 | grep -v -i warn | tail -n 12 ;;
+  budget-edit)  # the FP8 edit under 15.5 GiB with the shared prefix (placement's chunks; the first run twice: a fresh
+    # machine's first run is slow), the 12 GB recipe's edit, uncapped, then without the sharing (+copied) and with 4
+    # chunks as before (rows kept on a timeout)
+    timeout 570 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
+      --runs fp8@15.5:edit,fp8@15.5:edit,fp8-gen-nf4-und@12:edit,fp8:edit,fp8@15.5:edit+copied,fp8@15.5:edit+chunks4,fp8@15.5:edit+copied+chunks4 \
+      >/dev/null 2>&1
+    python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(r["weights"], r["budget_gib"], r["task"], "+".join(r["modes"]), r.get("seconds"), r.get("mlp_chunks"),
+          r.get("peak_gib"), r.get("denoiser_kept"), (r.get("error") or "")[:120])' "$out/budget.jsonl" ;;
   *) echo "part must be decode, wgmma, wkernels, lean, df11, kernels, budget, budget-few, targets, caps or budget-edit"
      exit 2 ;;
 esac
