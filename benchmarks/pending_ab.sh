@@ -102,10 +102,11 @@ case "$part" in
       | grep -o '"weights": "[^"]*"\|"task": "[a-z0-9]*"\|"cap_gib": [0-9.a-z]*\|"seconds": [0-9.]*\|"vs_bf16": [0-9.]*' \
       | paste -s -d' ' | sed 's/"weights"/\n"weights"/g' ;;
   budget-edit)  # the FP8 edit under 15.5 GiB with the shared prefix (placement's chunks; the first run twice: a fresh
-    # machine's first run is slow), the 12 GB recipe's edit, uncapped, then without the sharing (+copied) and with 4
-    # chunks as before (rows kept on a timeout)
+    # machine's first run is slow), the 12 GB recipe's edit, uncapped, then without the sharing (+copied), without
+    # CUDA graphs (the denoiser is rebuilt per request there: is the capture worth it?) and with 4 chunks as before
+    # (rows kept on a timeout)
     timeout 570 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
-      --runs fp8@15.5:edit,fp8@15.5:edit,fp8-gen-nf4-und@12:edit,fp8:edit,fp8@15.5:edit+copied,fp8@15.5:edit+chunks4,fp8@15.5:edit+copied+chunks4 \
+      --runs fp8@15.5:edit,fp8@15.5:edit,fp8-gen-nf4-und@12:edit,fp8:edit,fp8@15.5:edit+copied,fp8@15.5:edit+eager,fp8@15.5:edit+chunks4,fp8@15.5:edit+copied+chunks4 \
       >/dev/null 2>&1
     python3 -c 'import json, sys
 for line in open(sys.argv[1]):
