@@ -272,6 +272,10 @@ def lean_modules(bagel, budget_bytes: float) -> None:
 MLP_SHARE = 0.25
 #: fewest row chunks of the denoiser's MLPs under a budget (the setting of the measured budget runs)
 MIN_MLP_CHUNKS = 4
+#: most row chunks :func:`mlp_chunks` looks at for a forward that fits beside the arena: the 12 GB recipe's edit
+#: (FP8 gen, NF4 und) ran out of memory at 11.79 GiB allocated with the share rule's 4 (H100, 1382226); its
+#: residual streams (~0.5 GiB at 1024^2) do not shrink with more, and 16 chunks of an edit keep 768 rows each
+MAX_MLP_CHUNKS = 16
 #: fewest row chunks where they let the denoiser stay through the VAE decode (:func:`mlp_chunks`): with one, the
 #: graph pool of an FP8 t2i under 15.5 GiB held so much that the decode ran out of memory beside it (H100, b5a3a77)
 MIN_KEPT_CHUNKS = 2
@@ -311,19 +315,21 @@ def mlp_chunks(bagel, rows: int, arena_rows: int = 0, decode_bytes: int = 0) -> 
     :data:`MIN_KEPT_CHUNKS`) with which the denoiser can stay through that decode — its arena, the graph pool's one
     forward of activations (:func:`bagel_rt.memory_plan.denoise_activation_bytes`) and the decode within the
     budget, less :data:`VAE_SLACK`, as :func:`vae_fits` asks afterwards — so the next request replays its graphs;
-    where no count allows that, the fewest (from :data:`MIN_KEPT_CHUNKS` again) whose forward fits beside the arena
-    with :data:`DENOISE_SLACK` to spare (the denoiser is then released before the decode); where none does,
-    enough that a chunk's intermediates take at most :data:`MLP_SHARE` of the headroom, and at least
-    :data:`MIN_MLP_CHUNKS`. A denoiser kept from the last request counts as free (the next one reuses or replaces
-    it), so repeated requests of one layout get the same count.
+    where no count allows that, the fewest (from :data:`MIN_KEPT_CHUNKS` again, up to :data:`MAX_MLP_CHUNKS`) whose
+    forward fits beside the arena with :data:`DENOISE_SLACK` to spare (the denoiser is then released before the
+    decode); where none does, enough that a chunk's intermediates take at most :data:`MLP_SHARE` of the headroom,
+    and at least :data:`MIN_MLP_CHUNKS`. A denoiser kept from the last request counts as free (the next one reuses
+    or replaces it), so repeated requests of one layout get the same count.
 
     An FP8 t2i under 15.5 GiB, one process each (``budget_memory.py --runs fp8@15.5:t2i+chunksN``): H100,
     b5a3a77, 2 chunks 6.366 s (denoising 5.95 s, the denoiser kept), 4 chunks 6.565 s (6.16 s), 1 chunk 6.681 s
     (denoising 6.11 s, but the decode ran out of memory beside the bigger graph pool and ran again without it);
     H200, 7b1c684, 1 chunk 6.264 s (kept, 15.44 of 15.5 GiB reserved), 4 chunks 6.33-6.42 s. That t2i now gets
     2. An FP8 edit at 1024^2 under 15.5 GiB (arena 1.14 GiB with the shared prefix of :mod:`bagel_rt.arena`, one
-    forward 1.14 GiB at 2 chunks, the decode 1.37 GiB, ~3.2 GiB of headroom) cannot keep its denoiser: 2 chunks,
-    predicted denoise peak ~14.7 GiB (with 4 chunks and the prefix copied twice: 14.89 measured, H200 7b1c684)."""
+    forward 1.14 GiB at 2 chunks, the decode 1.37 GiB, ~3.2 GiB of headroom) cannot keep its denoiser: 2 chunks.
+    Measured (H100, 1382226, one process, ``budget_memory.py --runs fp8@15.5:edit,fp8@15.5:edit+copied+chunks4,
+    fp8@15.5:edit+chunks4``): **13.081 s**, peak 14.67 GiB, against 13.252 s, 14.92 GiB as before (prefix copied,
+    4 chunks) and 13.123 s, 14.51 GiB (shared, 4 chunks)."""
     if not bagel.offload:
         return 1
     free = _headroom(bagel)
@@ -342,9 +348,9 @@ def mlp_chunks(bagel, rows: int, arena_rows: int = 0, decode_bytes: int = 0) -> 
     itemsize = model.dtype.itemsize
     arena = arena_rows * kv_row_bytes(model.params, itemsize)
     wo = weight_only(model.language_model.model.layers[0].mlp_moe_gen.gate_proj)
-    counts = range(MIN_KEPT_CHUNKS, fallback)
+    counts = range(MIN_KEPT_CHUNKS, max(fallback, MAX_MLP_CHUNKS) + 1)
     need = {n: denoise_activation_bytes(model.params, rows, n, itemsize, wo) for n in counts}
-    kept = next((n for n in counts if need[n] <= free - arena - decode_bytes - VAE_SLACK), None)
+    kept = next((n for n in counts if n < fallback and need[n] <= free - arena - decode_bytes - VAE_SLACK), None)
     return kept or next((n for n in counts if need[n] <= free - arena - DENOISE_SLACK), fallback)
 
 

@@ -88,7 +88,12 @@ def test_without_room_to_keep_it_the_fewest_whose_forward_fits(pipe, monkeypatch
         assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, big) == n
         _with_headroom(monkeypatch, pipe, run - 1)  # a byte less: more chunks
         assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, big) > n
-    _with_headroom(monkeypatch, pipe, placement.DENOISE_SLACK)  # no count fits: at least MIN_MLP_CHUNKS
+    # the share rule's count (MIN_MLP_CHUNKS here) does not fit, a larger one does: that one
+    n = placement.MAX_MLP_CHUNKS - 1
+    run = ARENA_ROWS * kv_row_bytes(p, b) + denoise_activation_bytes(p, ROWS, n, b) + placement.DENOISE_SLACK
+    _with_headroom(monkeypatch, pipe, run)
+    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, big) == n > placement.MIN_MLP_CHUNKS
+    _with_headroom(monkeypatch, pipe, placement.DENOISE_SLACK)  # no count fits: the share rule, at least 4
     assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, big) >= placement.MIN_MLP_CHUNKS
 
 
