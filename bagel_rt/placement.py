@@ -339,9 +339,9 @@ def mlp_chunks(bagel, rows: int, arena_rows: int = 0, decode_bytes: int = 0) -> 
     from .memory_plan import denoise_activation_bytes, kv_row_bytes
 
     model = bagel.model
-    kept = (bagel.fast_cache or {}).get("denoiser")
-    if kept is not None:
-        free += kept.arena_nbytes
+    last = (bagel.fast_cache or {}).get("denoiser")
+    if last is not None:
+        free += last.arena_nbytes
     fallback = max(MIN_MLP_CHUNKS, math.ceil(rows * _mlp_row_bytes(bagel) / (MLP_SHARE * free)))
     if not decode_bytes:
         return fallback

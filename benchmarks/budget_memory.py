@@ -14,9 +14,8 @@ weights. ``--uncapped`` places the model for the budget but lifts the cap, to se
 does not fit; a task ending in ``+eager`` (``int8@16:edit+eager``) runs without CUDA graphs, ``+chunksN`` with the
 denoiser's MLPs in N row chunks, ``+drop`` with the denoiser released before every VAE decode, ``+copied`` with
 every branch's cache copied into the arena (no shared prefixes, :mod:`bagel_rt.arena`: the layout before it).
-A failed run
-records the phase it failed in and the allocator's pools then (``--history``: with the code that holds the
-CUDA-graph pools' live blocks). DF11 runs also time the request against bf16 in the same process
+A failed run records the phase it failed in and the allocator's pools then (``--history``: with the code that
+holds the CUDA-graph pools' live blocks). DF11 runs also time the request against bf16 in the same process
 (``vs_bf16``; the target is 1.25x) and check the bits (``bit_identical``).
 """
 
