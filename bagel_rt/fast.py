@@ -708,6 +708,14 @@ def arena_rows(jobs: list[ImageJob], cfg: CFGSettings, num_timesteps: int, times
     return ArenaLayout.of_contexts(ctxs, image_of, [(job.h, job.w) for job in jobs]).total
 
 
+def latent_rows(jobs: list[ImageJob], cfg: CFGSettings, num_timesteps: int, timestep_shift: float) -> int:
+    """Latent rows of the largest packed forward :func:`denoise_batch` runs for ``jobs``: each image's latent rows
+    once per branch some step evaluates (a branch that the exact-skip rules never run counts for nothing: an edit
+    with ``cfg_img_scale=1`` computes two, a t2i with ``cfg_text_scale=1`` one)."""
+    steps = _steps(num_timesteps, timestep_shift)
+    return sum(len(_branches_ever(job, cfg, steps)) * job.h * job.w for job in jobs)
+
+
 def _arena_branches(jobs: list[ImageJob], cfg: CFGSettings, steps: list[tuple[float, float]]) -> tuple:
     """(contexts, image of each, branch names) of the branches each image ever computes, in arena order (each
     image's together, conditional first)."""

@@ -366,7 +366,7 @@ def gen_images(sessions: list[Session], image_shapes: list, cfg: CFGSettings | N
                     for job in jobs:
                         for c in job.ctxs.values():
                             c.cache.to("cpu")
-                rows = sum((3 - job.text_is_cond - job.img_is_cond) * job.h * job.w for job in jobs)
+                rows = fast.latent_rows(jobs, cfg, num_timesteps, timestep_shift)
                 ds = model.params.latent_downsample
                 decode = max(vae_decode_bytes(ds * job.h, ds * job.w) for job in jobs)  # the largest image's
                 chunks = mlp_chunks(bagel, rows, fast.arena_rows(jobs, cfg, num_timesteps, timestep_shift), decode)

@@ -126,4 +126,7 @@ def test_chunked_denoiser_matches_unchunked(pipe, monkeypatch):
     den = pipe.fast_cache["denoiser"]
     assert den.mlp_chunks == 3
     assert asked[-1][1] == den.layout.total  # the arena rows the count was asked for are the arena's
+    assert asked[-1][0] == 128  # and the forward's latent rows: two branches of 64
     assert rel_l2(res.latents, ref.latents) < TOL
+    pipe.generate("A red bagel", image_shapes=shape, num_timesteps=3, seed=5, cfg_text_scale=1.0)
+    assert asked[-1][0] == 64  # without text guidance only the conditional branch runs
