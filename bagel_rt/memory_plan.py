@@ -18,10 +18,10 @@ Phases (bytes):
 * ``prefill``: the context's KV cache (reserved once for the whole image) plus one layer's activations of the
   largest block: the residual stream, q/k/v, the GQA-expanded keys/values of the context, the MLP's three
   intermediates of one row chunk and, for weight-only formats, one dequantized weight.
-* ``denoise``: the arena (every computed branch's cache, shared prefixes once, + its query block, all layers)
-  and one packed forward's activations (residual streams, q/attention output, the MLP intermediates of one row
-  chunk, the chunks' shared dequantized weights for weight-only formats), the graph pool holding about one
-  forward.
+* ``denoise``: the arena (every computed branch's cache in every layer, shared prefixes once; two one-layer
+  arenas of those caches and the query blocks) and one packed forward's activations (residual streams,
+  q/attention output, the MLP intermediates of one row chunk, the chunks' shared dequantized weights for
+  weight-only formats), the graph pool holding about one forward.
 * ``vae_decode``: the VAE's weights and its streamed decode (1087 MiB at 1024^2, measured). The denoiser (arena
   and graph pool) stays through it where both fit the budget (:func:`bagel_rt.placement.vae_fits`), so the next
   request of the same layout replays its graphs instead of capturing them again; the prediction takes the
@@ -92,13 +92,16 @@ def branches(task: str) -> tuple[str, ...]:
 
 def arena_bytes(params: BagelParams, task: str, height: int, width: int, text_tokens: int, itemsize: int,
                 output: tuple[int, int] | None = None) -> int:
-    """The packed denoiser's arena: each computed branch's cache followed by its query block (``output``: the
+    """The packed denoiser's cache store and arenas (:mod:`bagel_rt.arena`): each computed branch's cache in
+    every layer, and two one-layer arenas of every branch's cache followed by its query block (``output``: the
     generated image's (height, width), default the input's); an edit's text-unconditional cache is the start of
-    the conditional one and is not copied (:mod:`bagel_rt.arena`, shared prefixes)."""
+    the conditional one and is held once (shared prefixes)."""
     rows = context_rows(params, task, height, width, text_tokens)
     block = vae_rows(params, *(output or (height, width)))
     shared = rows["text"] if task == "edit" else 0
-    return (sum(rows[b] + block for b in branches(task)) - shared) * kv_row_bytes(params, itemsize)
+    caches = sum(rows[b] for b in branches(task)) - shared
+    kv = kv_row_bytes(params, itemsize)
+    return caches * kv + 2 * (caches + len(branches(task)) * block) * kv // params.llm.num_layers
 
 
 def denoise_activation_bytes(params: BagelParams, rows: int, mlp_chunks: int, itemsize: int = 2,

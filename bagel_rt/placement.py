@@ -308,9 +308,10 @@ def prefill_mlp_rows(bagel, budget_bytes: float) -> int | None:
     return max(ROW_ALIGN, rows // ROW_ALIGN * ROW_ALIGN)
 
 
-def mlp_chunks(bagel, rows: int, arena_rows: int = 0, decode_bytes: int = 0) -> int:
+def mlp_chunks(bagel, rows: int, arena_bytes: int = 0, decode_bytes: int = 0) -> int:
     """Row chunks of the packed denoiser's MLPs for a forward of ``rows`` latent rows (all branches) over an arena
-    of ``arena_rows`` rows (the branches' caches and query blocks), followed by a VAE decode of ``decode_bytes``
+    of ``arena_bytes`` (the branches' caches and query blocks, :func:`bagel_rt.fast.arena_bytes`), followed by a
+    VAE decode of ``decode_bytes``
     (:func:`bagel_rt.memory_plan.vae_decode_bytes`): 1 without a budget. Under one, the fewest (at least
     :data:`MIN_KEPT_CHUNKS`) with which the denoiser can stay through that decode — its arena, the graph pool's one
     forward of activations (:func:`bagel_rt.memory_plan.denoise_activation_bytes`) and the decode within the
@@ -325,8 +326,9 @@ def mlp_chunks(bagel, rows: int, arena_rows: int = 0, decode_bytes: int = 0) -> 
     b5a3a77, 2 chunks 6.366 s (denoising 5.95 s, the denoiser kept), 4 chunks 6.565 s (6.16 s), 1 chunk 6.681 s
     (denoising 6.11 s, but the decode ran out of memory beside the bigger graph pool and ran again without it);
     H200, 7b1c684, 1 chunk 6.264 s (kept, 15.44 of 15.5 GiB reserved), 4 chunks 6.33-6.42 s. That t2i now gets
-    2. An FP8 edit at 1024^2 under 15.5 GiB (arena 1.14 GiB with the shared prefix of :mod:`bagel_rt.arena`, one
-    forward 1.14 GiB at 2 chunks, the decode 1.37 GiB, ~3.2 GiB of headroom) cannot keep its denoiser: 2 chunks.
+    2. An FP8 edit at 1024^2 under 15.5 GiB (arena 0.57 GiB with the shared prefix and one layer of query blocks,
+    :mod:`bagel_rt.arena`; 1.14 GiB with blocks in every layer; 1.62 before the sharing; one forward 1.14 GiB at 2
+    chunks, the decode 1.37 GiB, ~3.1 GiB of headroom) cannot keep its denoiser below 4 chunks: 2 chunks.
     Measured (H100, 1382226, one process, ``budget_memory.py --runs fp8@15.5:edit,fp8@15.5:edit+copied+chunks4,
     fp8@15.5:edit+chunks4``): **13.081 s**, peak 14.67 GiB, against 13.252 s, 14.92 GiB as before (prefix copied,
     4 chunks) and 13.123 s, 14.51 GiB (shared, 4 chunks)."""
@@ -336,7 +338,7 @@ def mlp_chunks(bagel, rows: int, arena_rows: int = 0, decode_bytes: int = 0) -> 
     if not free:
         return MIN_MLP_CHUNKS
     from .fast import weight_only
-    from .memory_plan import denoise_activation_bytes, kv_row_bytes
+    from .memory_plan import denoise_activation_bytes
 
     model = bagel.model
     last = (bagel.fast_cache or {}).get("denoiser")
@@ -345,13 +347,12 @@ def mlp_chunks(bagel, rows: int, arena_rows: int = 0, decode_bytes: int = 0) -> 
     fallback = max(MIN_MLP_CHUNKS, math.ceil(rows * _mlp_row_bytes(bagel) / (MLP_SHARE * free)))
     if not decode_bytes:
         return fallback
-    itemsize = model.dtype.itemsize
-    arena = arena_rows * kv_row_bytes(model.params, itemsize)
     wo = weight_only(model.language_model.model.layers[0].mlp_moe_gen.gate_proj)
     counts = range(MIN_KEPT_CHUNKS, max(fallback, MAX_MLP_CHUNKS) + 1)
-    need = {n: denoise_activation_bytes(model.params, rows, n, itemsize, wo) for n in counts}
-    kept = next((n for n in counts if n < fallback and need[n] <= free - arena - decode_bytes - VAE_SLACK), None)
-    return kept or next((n for n in counts if need[n] <= free - arena - DENOISE_SLACK), fallback)
+    need = {n: denoise_activation_bytes(model.params, rows, n, model.dtype.itemsize, wo) for n in counts}
+    room = free - arena_bytes
+    kept = next((n for n in counts if n < fallback and need[n] <= room - decode_bytes - VAE_SLACK), None)
+    return kept or next((n for n in counts if need[n] <= room - DENOISE_SLACK), fallback)
 
 
 #: bytes the budget must leave beyond the VAE decode's predicted need (allocator rounding, cuDNN workspaces) for
@@ -378,7 +379,7 @@ def vae_fits(bagel, height: int, width: int) -> bool:
     graph pool among it): always without a budget. Under one, a denoiser released before each VAE decode is
     built and captured again by the next request — one eager forward and one capture per branch set, every
     request. An FP8 t2i under 15.5 GiB leaves room for both (resident ~12.3 GiB, denoiser ~1 GiB, VAE decode
-    ~1.4 GiB); an edit (arena of three branches, 1.14 GiB at 1024^2 with their shared prefix) does not."""
+    ~1.4 GiB); an edit (arena of three branches, 0.57 GiB at 1024^2, and a larger forward) does not."""
     from .memory_plan import vae_decode_bytes
 
     free = _headroom(bagel)

@@ -369,7 +369,8 @@ def gen_images(sessions: list[Session], image_shapes: list, cfg: CFGSettings | N
                 rows = fast.latent_rows(jobs, cfg, num_timesteps, timestep_shift)
                 ds = model.params.latent_downsample
                 decode = max(vae_decode_bytes(ds * job.h, ds * job.w) for job in jobs)  # the largest image's
-                chunks = mlp_chunks(bagel, rows, fast.arena_rows(jobs, cfg, num_timesteps, timestep_shift), decode)
+                chunks = mlp_chunks(bagel, rows, fast.arena_bytes(model, jobs, cfg, num_timesteps, timestep_shift),
+                                    decode)
                 xs = fast.denoise_batch(model, jobs, num_timesteps, timestep_shift, cfg,
                                         use_graphs=bagel.use_graphs and not bagel.graphs_refused,
                                         on_step=batch_step, cache=bagel.fast_cache, mlp_chunks=chunks,

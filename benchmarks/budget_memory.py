@@ -60,8 +60,8 @@ def no_shared_prefixes(histories: list, lens: list[int], image_of: list[int]) ->
 def chunk_counter(n: int | None, used: list[int]):
     """A stand-in for ``placement.mlp_chunks``: ``n`` row chunks under a budget (None: placement's choice),
     each count it gives appended to ``used``."""
-    def count(bagel, rows: int, arena_rows: int = 0, decode_bytes: int = 0) -> int:
-        used.append(PLACEMENT_CHUNKS(bagel, rows, arena_rows, decode_bytes)
+    def count(bagel, rows: int, arena_bytes: int = 0, decode_bytes: int = 0) -> int:
+        used.append(PLACEMENT_CHUNKS(bagel, rows, arena_bytes, decode_bytes)
                     if n is None or not bagel.offload else n)
         return used[-1]
     return count

@@ -232,9 +232,9 @@ def attention_ab(pipe, size, rounds: int = 1):
             nb, m = den.B, den.branch_meta(tuple(range(den.B)))
             g = torch.Generator(device="cuda").manual_seed(0)
             q = torch.randn(nb * den.N, den.Hq, den.D, device="cuda", dtype=den.dtype, generator=g)
-            den.k[0].normal_(generator=g)
-            den.v[0].normal_(generator=g)
-            K, V = den.k[0], den.v[0]
+            den.arena_k[0].normal_(generator=g)
+            den.arena_v[0].normal_(generator=g)
+            K, V = den.arena_k[0], den.arena_v[0]
             for _ in range(3):
                 outs[impl] = den._latent_attention(q, K, V, m)
             torch.cuda.synchronize()

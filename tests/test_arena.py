@@ -58,6 +58,23 @@ def test_layout_gives_each_branch_one_key_range_over_its_cache_and_block(shares)
         inside = owner[k0:k1]
         assert (inside == b).sum() == rows + 2 and (inside == 10 + parent).sum() == lens[b]
         assert lay.cache_start[b] == lay.cache_start[parent] and k0 <= c0 and c1 <= k1
+    # the store: the copied caches one after another, a sharing branch inside its parent's; cache_rows sends
+    # each store row to its row of the one-layer arena
+    assert lay.store_total == sum(lens) - saved
+    stored = torch.full((lay.store_total,), -1)
+    for b in lay.copied():
+        s0, s1 = lay.store_range(b)
+        assert (stored[s0:s1] == -1).all()
+        stored[s0:s1] = b
+    assert (stored >= 0).all()
+    rows_of = lay.cache_rows()
+    assert rows_of.shape == (lay.store_total,) and len(set(rows_of.tolist())) == lay.store_total
+    for b in range(3):
+        parent = b if shares[b] is None else shares[b]
+        s0, s1 = lay.store_range(b)
+        assert lay.store_start[b] == lay.store_start[parent]
+        assert rows_of[s0:s1].tolist() == list(range(*lay.cache_range(b)))
+    assert lay.nbytes(3, 28) == 3 * (28 * lay.store_total + 2 * lay.total)
     m = lay.meta((1, 2), 8, 10000.0, torch.device("cpu"), torch.float32)
     assert m["cu_k"][:-1].tolist() == [lay.key_range[b][0] for b in (1, 2)]
     assert m["used_k"].tolist() == [lay.key_range[b][1] - lay.key_range[b][0] for b in (1, 2)]
@@ -92,5 +109,17 @@ def test_shared_prefix_forward_matches_separate_copies(tmp_path, monkeypatch):
     copied, den_c, _ = edit()
     assert den_c.layout.shares == [None, None, None]
     assert den_c.layout.total - den.layout.total == s.cfg_text.length > 0
+    assert den_c.layout.store_total - den.layout.store_total == s.cfg_text.length
+    # the store holds each copied branch's cache of every layer, the one-layer arena that layer's caches
+    L = len(pipe.model.local_layers)
+    assert den.k.shape[:2] == (L, den.layout.store_total) and den.arena_k.shape[:2] == (2, den.layout.total)
+    for b in den.layout.copied():
+        s0, s1 = den.layout.store_range(b)
+        c = [s.gen, s.cfg_text, s.cfg_img][b].cache
+        assert torch.equal(den.k[:, s0:s1], c.k[:, : s1 - s0]) and torch.equal(den.v[:, s0:s1], c.v[:, : s1 - s0])
+    K, V = den.layer_arena(L - 1)
+    c0, c1 = den.layout.cache_range(0)
+    assert torch.equal(K[c0:c1], s.gen.cache.k[L - 1, : c1 - c0])
+    assert torch.equal(V[c0:c1], s.gen.cache.v[L - 1, : c1 - c0])
     assert rel_l2(shared.velocities, copied.velocities) < 1e-5
     assert rel_l2(shared.latents, copied.latents) < 1e-5

@@ -117,12 +117,12 @@ def test_cudnn_latent_attention_matches_triton_bf16(tmp_path):
         den = PackedDenoiser(pipe.model, ctxs, 3, 4, use_graphs=False, attention=impl)
         g = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(3 * den.N, den.Hq, den.D, device="cuda", dtype=torch.bfloat16, generator=g)
-        den.k[0].normal_(generator=g)
-        den.v[0].normal_(generator=g)
+        den.arena_k[0].normal_(generator=g)
+        den.arena_v[0].normal_(generator=g)
         m = den.branch_meta((0, 1, 2))
-        outs[impl] = den._latent_attention(q, den.k[0], den.v[0], m)
+        outs[impl] = den._latent_attention(q, den.arena_k[0], den.arena_v[0], m)
     ref = varlen_attention_ref(
-        q, den.k[0], den.v[0], m["cu_qg"], m["cu_k"], False, den.sm_scale, seqused_k=m["used_k"])
+        q, den.arena_k[0], den.arena_v[0], m["cu_qg"], m["cu_k"], False, den.sm_scale, seqused_k=m["used_k"])
     assert rel_l2(outs["cudnn"], ref) < 1e-2 and rel_l2(outs["triton"], ref) < 1e-2
 
     # one packed forward of all three branches (no CFG combination to amplify bf16 noise)

@@ -77,7 +77,7 @@ def test_image_cache_grows_once_and_the_plan_counts_it(tiny):
     assert s.gen.cache.nbytes() == cache_rows(p, "edit", H, W, text) * kv  # the text fit: no growth
     # the packed denoiser of a small output over all three branches (edit defaults: interval (0, 1))
     den = PackedDenoiser(pipe.model, [s.gen, s.cfg_text, s.cfg_img], 2, 3, use_graphs=False)
-    assert den.k.nbytes + den.v.nbytes == arena_bytes(p, "edit", H, W, text, 4, output=(32, 48))
+    assert den.arena_nbytes == arena_bytes(p, "edit", H, W, text, 4, output=(32, 48))
     plan = request_transients(p, "edit", H, W, itemsize=4, text_tokens=text)
     assert plan["peak"] == max(v for k, v in plan.items() if k != "peak")
     assert plan["denoise"] > arena_bytes(p, "edit", H, W, text, 4) and plan["prefill"] > s.gen.cache.nbytes()

@@ -9,7 +9,7 @@ from conftest import rel_l2
 import bagel_rt
 from bagel_rt import placement
 from bagel_rt.fast import CHUNK_ALIGN, row_chunks
-from bagel_rt.memory_plan import denoise_activation_bytes, kv_row_bytes
+from bagel_rt.memory_plan import denoise_activation_bytes
 from bagel_rt.tiny import write_tiny_checkpoint
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,28 +39,28 @@ def _with_headroom(monkeypatch, pipe, free: float):
     monkeypatch.setattr(placement, "_headroom", lambda bagel, budget_bytes=None: free)
 
 
-ROWS, ARENA_ROWS, DECODE = 128, 300, 5 * 2**20
+ROWS, ARENA, DECODE = 128, 3 * 2**20, 5 * 2**20  # latent rows, arena bytes, decode bytes
 
 
 def _keep_room(pipe, n: int) -> int:
     """Headroom with exactly room for the arena, n chunks' forward and the decode beside them."""
     p, b = pipe.model.params, pipe.model.dtype.itemsize
-    return (ARENA_ROWS * kv_row_bytes(p, b) + denoise_activation_bytes(p, ROWS, n, b) + DECODE
+    return (ARENA + denoise_activation_bytes(p, ROWS, n, b) + DECODE
             + placement.VAE_SLACK)
 
 
 def test_without_room_for_the_decode_the_share_rule(pipe, monkeypatch):
     row = 3 * pipe.model.params.llm.intermediate_size * pipe.model.dtype.itemsize
     _with_headroom(monkeypatch, pipe, 10 * 2**30)  # plenty: the fewest of the share rule
-    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS) == placement.MIN_MLP_CHUNKS
+    assert placement.mlp_chunks(pipe, ROWS, ARENA) == placement.MIN_MLP_CHUNKS
     free = ROWS * row / (placement.MLP_SHARE * 6)  # a chunk of a sixth of the rows takes MLP_SHARE of it
     _with_headroom(monkeypatch, pipe, free)
-    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS) == 6
-    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, 10 * 2**30) == 6  # nothing fits beside the slack
+    assert placement.mlp_chunks(pipe, ROWS, ARENA) == 6
+    assert placement.mlp_chunks(pipe, ROWS, ARENA, 10 * 2**30) == 6  # nothing fits beside the slack
     _with_headroom(monkeypatch, pipe, None)  # no CUDA budget to read
-    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) == placement.MIN_MLP_CHUNKS
+    assert placement.mlp_chunks(pipe, ROWS, ARENA, DECODE) == placement.MIN_MLP_CHUNKS
     monkeypatch.setattr(pipe, "offload", False)  # no budget at all
-    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) == 1
+    assert placement.mlp_chunks(pipe, ROWS, ARENA, DECODE) == 1
 
 
 def test_fewest_chunks_that_keep_the_denoiser_through_the_decode(pipe, monkeypatch):
@@ -70,11 +70,11 @@ def test_fewest_chunks_that_keep_the_denoiser_through_the_decode(pipe, monkeypat
     monkeypatch.setattr(placement, "DENOISE_SLACK", 2**50)
     for n in range(placement.MIN_KEPT_CHUNKS, placement.MIN_MLP_CHUNKS):
         _with_headroom(monkeypatch, pipe, _keep_room(pipe, n))
-        assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) == n
+        assert placement.mlp_chunks(pipe, ROWS, ARENA, DECODE) == n
         _with_headroom(monkeypatch, pipe, _keep_room(pipe, n) - 1)  # a byte less: more chunks
-        assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) > n
+        assert placement.mlp_chunks(pipe, ROWS, ARENA, DECODE) > n
     _with_headroom(monkeypatch, pipe, _keep_room(pipe, 1))  # room for one chunk: still MIN_KEPT_CHUNKS
-    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) == placement.MIN_KEPT_CHUNKS
+    assert placement.mlp_chunks(pipe, ROWS, ARENA, DECODE) == placement.MIN_KEPT_CHUNKS
 
 
 def test_without_room_to_keep_it_the_fewest_whose_forward_fits(pipe, monkeypatch):
@@ -83,18 +83,18 @@ def test_without_room_to_keep_it_the_fewest_whose_forward_fits(pipe, monkeypatch
     p, b = pipe.model.params, pipe.model.dtype.itemsize
     big = 10 * 2**30  # a decode no count leaves room for
     for n in range(placement.MIN_KEPT_CHUNKS, placement.MIN_MLP_CHUNKS):
-        run = ARENA_ROWS * kv_row_bytes(p, b) + denoise_activation_bytes(p, ROWS, n, b) + placement.DENOISE_SLACK
+        run = ARENA + denoise_activation_bytes(p, ROWS, n, b) + placement.DENOISE_SLACK
         _with_headroom(monkeypatch, pipe, run)
-        assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, big) == n
+        assert placement.mlp_chunks(pipe, ROWS, ARENA, big) == n
         _with_headroom(monkeypatch, pipe, run - 1)  # a byte less: more chunks
-        assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, big) > n
+        assert placement.mlp_chunks(pipe, ROWS, ARENA, big) > n
     # the share rule's count (MIN_MLP_CHUNKS here) does not fit, a larger one does: that one
     n = placement.MAX_MLP_CHUNKS - 1
-    run = ARENA_ROWS * kv_row_bytes(p, b) + denoise_activation_bytes(p, ROWS, n, b) + placement.DENOISE_SLACK
+    run = ARENA + denoise_activation_bytes(p, ROWS, n, b) + placement.DENOISE_SLACK
     _with_headroom(monkeypatch, pipe, run)
-    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, big) == n > placement.MIN_MLP_CHUNKS
+    assert placement.mlp_chunks(pipe, ROWS, ARENA, big) == n > placement.MIN_MLP_CHUNKS
     _with_headroom(monkeypatch, pipe, placement.DENOISE_SLACK)  # no count fits: the share rule, at least 4
-    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, big) >= placement.MIN_MLP_CHUNKS
+    assert placement.mlp_chunks(pipe, ROWS, ARENA, big) >= placement.MIN_MLP_CHUNKS
 
 
 def test_a_kept_denoiser_counts_as_free(pipe, monkeypatch):
@@ -102,14 +102,14 @@ def test_a_kept_denoiser_counts_as_free(pipe, monkeypatch):
     repeated request gets the count of the first and reuses the captured graphs."""
     free = _keep_room(pipe, 2)
     _with_headroom(monkeypatch, pipe, free)
-    first = placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE)
+    first = placement.mlp_chunks(pipe, ROWS, ARENA, DECODE)
 
     class Kept:
         arena_nbytes = 10**6
 
     monkeypatch.setitem(pipe.fast_cache, "denoiser", Kept())
     _with_headroom(monkeypatch, pipe, free - Kept.arena_nbytes)  # its arena is allocated now
-    assert placement.mlp_chunks(pipe, ROWS, ARENA_ROWS, DECODE) == first == 2
+    assert placement.mlp_chunks(pipe, ROWS, ARENA, DECODE) == first == 2
 
 
 def test_chunked_denoiser_matches_unchunked(pipe, monkeypatch):
@@ -125,7 +125,7 @@ def test_chunked_denoiser_matches_unchunked(pipe, monkeypatch):
     res = pipe.generate("A red bagel", image_shapes=shape, num_timesteps=3, seed=5)
     den = pipe.fast_cache["denoiser"]
     assert den.mlp_chunks == 3
-    assert asked[-1][1] == den.layout.total  # the arena rows the count was asked for are the arena's
+    assert asked[-1][1] == den.arena_nbytes  # the arena bytes the count was asked for are the arena's
     assert asked[-1][0] == 128  # and the forward's latent rows: two branches of 64
     assert rel_l2(res.latents, ref.latents) < TOL
     pipe.generate("A red bagel", image_shapes=shape, num_timesteps=3, seed=5, cfg_text_scale=1.0)
