@@ -13,7 +13,9 @@ budget caps). ``predicted_gib`` is :func:`bagel_rt.memory_plan.request_transient
 weights. ``--uncapped`` places the model for the budget but lifts the cap, to see what a request needs where it
 does not fit; a task ending in ``+eager`` (``int8@16:edit+eager``) runs without CUDA graphs, ``+chunksN`` with the
 denoiser's MLPs in N row chunks, ``+drop`` with the denoiser released before every VAE decode, ``+copied`` with
-every branch's cache copied into the arena (no shared prefixes, :mod:`bagel_rt.arena`: the layout before it).
+every branch's cache copied into the arena (no shared prefixes, :mod:`bagel_rt.arena`: the layout before it),
+``+layered`` with the query blocks in every layer's arena and no per-layer copy of the caches (the arena before
+the cache store: the chunk count is still chosen for today's smaller arena).
 A failed run records the phase it failed in and the allocator's pools then (``--history``: with the code that
 holds the CUDA-graph pools' live blocks). DF11 runs also time the request against bf16 in the same process
 (``vs_bf16``; the target is 1.25x) and check the bits (``bit_identical``).
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from compressed_speed import make_pipe, release_gpu, request  # noqa: E402
 from diagnose import emit  # noqa: E402
 
-from bagel_rt import arena, placement  # noqa: E402
+from bagel_rt import arena, fast, placement  # noqa: E402
 from bagel_rt.bench import environment  # noqa: E402
 from bagel_rt.df11_resident import DEFAULT_FORM, FORMS  # noqa: E402
 from bagel_rt.errors import InputError  # noqa: E402
@@ -55,6 +57,33 @@ SHARED_PREFIXES = arena.shared_prefixes
 def no_shared_prefixes(histories: list, lens: list[int], image_of: list[int]) -> list[None]:
     """A stand-in for ``arena.shared_prefixes``: every branch's cache copied into the arena."""
     return [None] * len(lens)
+
+
+LAYER_ARENA = fast.PackedDenoiser.layer_arena
+REFILL = fast.PackedDenoiser.refill
+
+
+def _layered_refill(self, ctxs: list) -> None:
+    """``+layered``: the caches copied once into a [layers, total] arena (no store)."""
+    L = self.k.shape[0]
+    if self.arena_k.shape[0] != L:
+        self.k = torch.empty(L, 0, self.Hk, self.D, device=self.device, dtype=self.dtype)
+        self.v = torch.empty_like(self.k)
+        self.arena_k = torch.empty(L, self.layout.total, self.Hk, self.D, device=self.device, dtype=self.dtype)
+        self.arena_v = torch.empty_like(self.arena_k)
+    for b in self.layout.copied():
+        c = ctxs[b]
+        a0, a1 = self.layout.cache_range(b)
+        self.arena_k[:, a0:a1] = c.cache.k[:, : c.length]
+        self.arena_v[:, a0:a1] = c.cache.v[:, : c.length]
+
+
+def layered_arena(on: bool) -> None:
+    """The denoiser's arena with every layer's query blocks (``+layered``) or as today (a cache store and two
+    one-layer arenas)."""
+    fast.PackedDenoiser.refill = _layered_refill if on else REFILL
+    fast.PackedDenoiser.layer_arena = (lambda self, i: (self.arena_k[i - self.first], self.arena_v[i - self.first])
+                                       ) if on else LAYER_ARENA
 
 
 def chunk_counter(n: int | None, used: list[int]):
@@ -236,6 +265,7 @@ def main() -> None:
         placement.mlp_chunks = chunk_counter(chunks, used_chunks)  # the session imports it at each request
         placement.vae_fits = (lambda *_: False) if "drop" in modes else PLACEMENT_VAE_FITS
         arena.shared_prefixes = no_shared_prefixes if "copied" in modes else SHARED_PREFIXES
+        layered_arena("layered" in modes)
         fmt, _, gib = spec.partition("@")
         gib = float(gib or 0)
         ref = build = None
