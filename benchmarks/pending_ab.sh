@@ -25,6 +25,8 @@
 #             rule of df405e2 gives them fewer chunks and a kept denoiser, not yet measured (~7 minutes)
 #     budget-edit the FP8 edit under 15.5 GiB with the arena's shared prefix (bagel_rt.arena) and placement's chunks,
 #             without the sharing (+copied), with 4 chunks as before, and uncapped (~8 minutes)
+#     store   the cache store and one-layer arenas (bagel_rt.arena) against the arena with every layer's query blocks
+#             (+layered), uncapped and under 15.5 GiB, then the FP8 / 12 GB recipe budget targets (~6 minutes)
 #
 # Winners become the defaults with the measurement in the code comment beside them (decode_gemv settings,
 # fast_decode.DEFAULT_GEMV, df11_resident.DEFAULT_FORM), and the README's issue-12 paragraphs get the rows.
@@ -113,6 +115,15 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     print(r["weights"], r["budget_gib"], r["task"], "+".join(r["modes"]), r.get("seconds"), r.get("mlp_chunks"),
           r.get("peak_gib"), r.get("denoiser_kept"), (r.get("error") or "")[:120])' "$out/budget.jsonl" ;;
-  *) echo "part must be decode, wgmma, wkernels, lean, df11, kernels, budget, budget-few, targets, caps or budget-edit"
+  store)  # what the per-layer copy of the caches costs (uncapped: the copy alone), then the budget targets
+    timeout 560 python3 benchmarks/budget_memory.py --commit "$c" --out "$out/budget.jsonl" \
+      --runs fp8:edit,fp8:edit+layered,fp8@15.5:edit,fp8@15.5:edit+layered,fp8:edit,fp8:edit+layered,fp8@15.5:t2i,fp8-gen-nf4-und@12:t2i,fp8-gen-nf4-und@12:edit,fp8:t2i \
+      >/dev/null 2>&1
+    python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(r["weights"], r["budget_gib"], r["task"], "+".join(r["modes"]), r.get("seconds"), r.get("mlp_chunks"),
+          r.get("peak_gib"), r.get("denoiser_kept"), r.get("phase_seconds"), (r.get("error") or "")[:120])' "$out/budget.jsonl" ;;
+  *) echo "part must be decode, wgmma, wkernels, lean, df11, kernels, budget, budget-few, targets, caps, budget-edit or store"
      exit 2 ;;
 esac
