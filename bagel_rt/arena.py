@@ -28,9 +28,11 @@ and before a layer attends its caches are copied into a working arena of one lay
 cache_rows`: one ``index_copy_`` for the keys, one for the values). The blocks took 28 layers of rows: an
 edit's three blocks of 4098 rows at 1024^2 are 0.66 GiB of the arena's 1.14, a t2i's two 0.44 of 0.45; with
 one layer of them (two working arenas, alternating by layer, so that the marker stream's attention of one layer
-may still read its arena while the next layer fills the other) the edit's arena is 0.56 GiB and the t2i's
-0.04. The copy moves the caches' rows once per layer and step (an edit's ~9000 rows, 18 MB per layer), ~0.1 %
-of the step's time at HBM bandwidth.
+may still read its arena while the next layer fills the other) the edit's arena is 0.57 GiB and the t2i's
+0.03. The copy moves the caches' rows once per layer and step (an edit's ~9000 rows, 18 MB per layer), ~0.1 %
+of the step's time at HBM bandwidth (estimated: its A/B, ``budget_memory.py ...+layered``, is not yet run). With
+it the 12 GB recipe's edit fits under 12 GiB (H100, 93cbf89: 13.76 s, peak 11.46 GiB; it ran out of memory in the
+denoiser before).
 
 The static latent input ``x_in`` holds each image's rows once, ``[h0*w0 rows of image 0 | h1*w1 of image 1
 | ...]``; a branch's latent rows in the packed residual stream are a gather of its image's rows (every branch

@@ -5,7 +5,7 @@ construction it copies the KV caches of the branches that will ever be computed 
 then text-unconditional, then image-unconditional) into a store of every layer's caches; before each layer
 attends, its caches are copied into a one-layer *arena*, each branch's cache followed by room for its query block
 (:mod:`bagel_rt.arena`: each image has its own grid, each branch its own cache length and RoPE position; the
-query blocks need one layer only, which keeps an edit's arena at 0.56 GiB instead of 1.14 at 1024^2):
+query blocks need one layer only, which keeps an edit's arena at 0.57 GiB instead of 1.14 at 1024^2):
 
     arena rows: [ cond cache | cond block ][ text cache | text block ][ img cache | img block ] [ image 1 ...
 
