@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 
+from .arena import ArenaLayout
 from .cache import _round_up
 from .config import BagelParams
 from .transforms import VIT_RESIZE, resize_dims
@@ -97,11 +98,14 @@ def arena_bytes(params: BagelParams, task: str, height: int, width: int, text_to
     generated image's (height, width), default the input's); an edit's text-unconditional cache is the start of
     the conditional one and is held once (shared prefixes)."""
     rows = context_rows(params, task, height, width, text_tokens)
-    block = vae_rows(params, *(output or (height, width)))
-    shared = rows["text"] if task == "edit" else 0
-    caches = sum(rows[b] for b in branches(task)) - shared
-    kv = kv_row_bytes(params, itemsize)
-    return caches * kv + 2 * (caches + len(branches(task)) * block) * kv // params.llm.num_layers
+    names = branches(task)
+    ds = params.latent_downsample
+    H, W = output or (height, width)
+    shares = [names.index("cond") if task == "edit" and b == "text" else None for b in names]
+    layout = ArenaLayout([rows[b] for b in names], [0] * len(names), [0] * len(names), [(H // ds, W // ds)],
+                         shares)
+    layers = params.llm.num_layers
+    return layout.nbytes(kv_row_bytes(params, itemsize) // layers, layers)
 
 
 def denoise_activation_bytes(params: BagelParams, rows: int, mlp_chunks: int, itemsize: int = 2,
